@@ -1,0 +1,84 @@
+"""What goes into the sans-I/O core and what comes out of it.
+
+Drivers (the asyncio runtime, the discrete-event simulator, tests) call the core's methods with
+the current time and what happened (an execution finished, a GPU reading arrived ...) and get
+back a list of :data:`Decision` objects to carry out: start an execution, cancel one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from gpu_request_router.models.request import Placement, Request
+
+__all__ = [
+    "CancelExecution",
+    "Decision",
+    "Dispatch",
+    "ExecutionResult",
+    "Failure",
+    "FailureKind",
+]
+
+
+class FailureKind(StrEnum):
+    """Why an execution failed, as far as the router can tell."""
+
+    CLIENT_ERROR = "client_error"  # the backend rejected the input: retrying cannot help
+    BACKEND_ERROR = "backend_error"  # the backend failed (5xx, crash): retry elsewhere
+    UNREACHABLE = "unreachable"  # the backend could not be reached: retry elsewhere
+    OUT_OF_MEMORY = "gpu_out_of_memory"  # the GPU ran out of memory: grow the estimate, retry
+    WORKER_LOST = "worker_lost"  # the worker died or stopped heartbeating: retry elsewhere
+    TIMEOUT = "timeout"  # the deadline passed: the request expires
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionResult:
+    """A finished execution: the backend's output and what it used, where it reports that."""
+
+    output: Any = None
+    gpu_seconds: float | None = None
+    peak_memory_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed execution: its kind, a message, and the peak memory where the backend reports it."""
+
+    kind: FailureKind
+    message: str = ""
+    peak_memory_mb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Decision: start attempt ``attempt`` of a request on ``placement``.
+
+    ``request`` is a snapshot taken at dispatch; ``reservations`` is the memory reserved on each
+    GPU of the placement; the execution must not outlive ``deadline``.
+    """
+
+    request: Request
+    execution_id: str
+    attempt: int
+    backend: str
+    placement: Placement
+    reservations: Mapping[str, int]
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelExecution:
+    """Decision: tell the backend to stop an execution (cancelled, expired or superseded)."""
+
+    request_id: str
+    execution_id: str
+    backend: str
+    worker: str
+    reason: str
+
+
+Decision = Dispatch | CancelExecution

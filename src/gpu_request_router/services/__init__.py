@@ -1,0 +1,1 @@
+"""Integrations: GPU monitoring sources, backend clients, the simulated fleet."""

@@ -1,0 +1,150 @@
+"""The state-store interface: requests, GPU memory reservations and quota counters.
+
+Every operation that decides something is atomic in the store, so several router processes can
+share one store (SQLite, Redis) without double-claiming a request or over-committing a GPU:
+
+- a status change is a guarded write: it succeeds only if the stored request still has the
+  status and attempt the writer saw (claiming a queued request is ``queued -> dispatching``);
+- a reservation is a check-and-add against a limit, per GPU;
+- a rate-limit admission is a check-and-record in a sliding window.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from gpu_request_router.exceptions import InvalidRequest
+from gpu_request_router.models.request import Request, RequestStatus
+
+__all__ = ["Page", "RequestQuery", "StateStore", "decode_cursor", "encode_cursor"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestQuery:
+    """A filtered page of requests, newest first."""
+
+    user: str | None = None
+    statuses: frozenset[RequestStatus] | None = None
+    model: str | None = None
+    priority: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+    def matches(self, request: Request) -> bool:
+        """Whether ``request`` passes the filters (the cursor aside)."""
+        return (
+            (self.user is None or request.user == self.user)
+            and (self.statuses is None or request.status in self.statuses)
+            and (self.model is None or request.model == self.model)
+            and (self.priority is None or request.priority == self.priority)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing and the cursor of the next (``None`` on the last page)."""
+
+    items: list[Request]
+    next_cursor: str | None
+
+
+def encode_cursor(request: Request) -> str:
+    """An opaque cursor pointing just after ``request`` in newest-first order."""
+    raw = json.dumps([request.created_at, request.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) position a cursor points after.
+
+    Raises:
+        InvalidRequest: the cursor was not made by :func:`encode_cursor`.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, request_id = json.loads(raw)
+        if not isinstance(request_id, str) or not isinstance(created_at, int | float):
+            raise TypeError
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidRequest("cursor", "not a cursor returned by a previous page") from exc
+    return float(created_at), request_id
+
+
+class StateStore(ABC):
+    """Where requests, reservations and quota counters live.
+
+    Implementations return copies: changing a returned request does not change the store.
+    """
+
+    # Requests ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def add_request(self, request: Request) -> Request:
+        """Store a new request, or return the stored one with the same user and idempotency key."""
+
+    @abstractmethod
+    def get_request(self, request_id: str) -> Request | None:
+        """The stored request, or ``None``."""
+
+    @abstractmethod
+    def transition(self, request: Request, from_status: RequestStatus, attempt: int) -> bool:
+        """Write ``request`` only if the stored one still has ``from_status`` and ``attempt``.
+
+        Returns whether the write happened. Claiming a queued request is this with
+        ``from_status=queued``.
+        """
+
+    @abstractmethod
+    def list_requests(self, query: RequestQuery) -> Page:
+        """Requests matching ``query``, newest first, one page at a time."""
+
+    @abstractmethod
+    def unfinished_requests(self) -> list[Request]:
+        """Every request not yet in a terminal status, oldest first (for recovery)."""
+
+    # GPU memory reservations -----------------------------------------------------------------
+
+    @abstractmethod
+    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
+        """Reserve ``memory_mb`` on a GPU for ``holder`` unless the total would pass ``limit_mb``.
+
+        Returns the GPU's new reserved total, or ``None`` when refused (nothing changes).
+        """
+
+    @abstractmethod
+    def release(self, holder: str) -> dict[str, int]:
+        """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
+
+    @abstractmethod
+    def reserved_mb(self, gpu_id: str) -> int:
+        """The memory reserved on a GPU right now."""
+
+    # Quota counters ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def admit_rate(self, user: str, now: float, window_s: float, limit: int) -> float | None:
+        """Record an admission unless ``limit`` were passed within the last ``window_s``.
+
+        Returns ``None`` when recorded, else the seconds until the oldest admission leaves the
+        window.
+        """
+
+    @abstractmethod
+    def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
+        """How many admissions of ``user`` fall within the last ``window_s``."""
+
+    @abstractmethod
+    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
+        """Charge GPU-seconds at time ``at``; charging the same ``charge_id`` again replaces it."""
+
+    @abstractmethod
+    def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
+        """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
+
+    @abstractmethod
+    def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
+        """The time of the oldest charge still in the window (when usage next drops)."""

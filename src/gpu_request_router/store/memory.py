@@ -1,0 +1,191 @@
+"""An in-memory :class:`StateStore`: fast and exact, for tests, simulation and single runs."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.store.base import (
+    Page,
+    RequestQuery,
+    StateStore,
+    decode_cursor,
+    encode_cursor,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class _Entry:
+    """One timestamped amount in a window; its amount can be corrected in place."""
+
+    __slots__ = ("amount", "at", "entry_id")
+
+    def __init__(self, at: float, entry_id: str, amount: float) -> None:
+        self.at = at
+        self.entry_id = entry_id
+        self.amount = amount
+
+
+class _Window:
+    """A sliding window of entries (oldest first) with a running total."""
+
+    __slots__ = ("entries", "total")
+
+    def __init__(self) -> None:
+        self.entries: deque[_Entry] = deque()
+        self.total = 0.0
+
+    def add(self, at: float, entry_id: str, amount: float) -> _Entry:
+        entry = _Entry(at, entry_id, amount)
+        self.entries.append(entry)
+        self.total += amount
+        return entry
+
+    def prune(self, cutoff: float) -> list[str]:
+        """Drop entries at or before ``cutoff``; return their ids."""
+        dropped = []
+        entries = self.entries
+        while entries and entries[0].at <= cutoff:
+            entry = entries.popleft()
+            self.total -= entry.amount
+            dropped.append(entry.entry_id)
+        return dropped
+
+    def oldest(self) -> float | None:
+        return self.entries[0].at if self.entries else None
+
+
+class MemoryStore(StateStore):
+    """Keeps everything in dictionaries; nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, Request] = {}
+        self._by_key: dict[tuple[str, str], str] = {}
+        self._unfinished: OrderedDict[str, None] = OrderedDict()
+        self._reserved: dict[str, dict[str, int]] = {}
+        self._held: dict[str, set[str]] = {}
+        self._admissions: dict[str, _Window] = {}
+        self._charges: dict[str, _Window] = {}
+        self._charge_index: dict[tuple[str, str], _Entry] = {}
+
+    # Requests ------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> Request:
+        """Store a new request, or return the stored one with the same user and idempotency key."""
+        if request.idempotency_key is not None:
+            key = (request.user, request.idempotency_key)
+            existing = self._by_key.get(key)
+            if existing is not None:
+                return self._requests[existing].snapshot()
+            self._by_key[key] = request.id
+        self._requests[request.id] = request.snapshot()
+        if not request.status.terminal:
+            self._unfinished[request.id] = None
+        return request.snapshot()
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The stored request, or ``None``."""
+        stored = self._requests.get(request_id)
+        return None if stored is None else stored.snapshot()
+
+    def transition(self, request: Request, from_status: RequestStatus, attempt: int) -> bool:
+        """Write ``request`` only if the stored one still has ``from_status`` and ``attempt``."""
+        stored = self._requests.get(request.id)
+        if stored is None or stored.status is not from_status or stored.attempts != attempt:
+            return False
+        self._requests[request.id] = request.snapshot()
+        if request.status.terminal:
+            self._unfinished.pop(request.id, None)
+        return True
+
+    def list_requests(self, query: RequestQuery) -> Page:
+        """Requests matching ``query``, newest first, one page at a time."""
+        after = decode_cursor(query.cursor) if query.cursor else None
+        candidates: Iterable[Request] = (r for r in self._requests.values() if query.matches(r))
+        ordered = sorted(candidates, key=lambda r: (r.created_at, r.id), reverse=True)
+        if after is not None:
+            ordered = [r for r in ordered if (r.created_at, r.id) < after]
+        items = [r.snapshot() for r in ordered[: query.limit]]
+        more = len(ordered) > query.limit
+        return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
+
+    def unfinished_requests(self) -> list[Request]:
+        """Every request not yet in a terminal status, oldest first."""
+        return [self._requests[request_id].snapshot() for request_id in self._unfinished]
+
+    # GPU memory reservations -----------------------------------------------------------------
+
+    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
+        """Reserve memory on a GPU unless the total would pass ``limit_mb``."""
+        if memory_mb < 0:
+            raise ValueError("a reservation cannot be negative")
+        on_gpu = self._reserved.setdefault(gpu_id, {})
+        total = sum(on_gpu.values()) - on_gpu.get(holder, 0) + memory_mb
+        if total > limit_mb:
+            return None
+        on_gpu[holder] = memory_mb
+        self._held.setdefault(holder, set()).add(gpu_id)
+        return total
+
+    def release(self, holder: str) -> dict[str, int]:
+        """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
+        totals = {}
+        for gpu_id in self._held.pop(holder, ()):
+            on_gpu = self._reserved[gpu_id]
+            on_gpu.pop(holder, None)
+            totals[gpu_id] = sum(on_gpu.values())
+        return totals
+
+    def reserved_mb(self, gpu_id: str) -> int:
+        """The memory reserved on a GPU right now."""
+        return sum(self._reserved.get(gpu_id, {}).values())
+
+    # Quota counters ----------------------------------------------------------------------------
+
+    def admit_rate(self, user: str, now: float, window_s: float, limit: int) -> float | None:
+        """Record an admission unless ``limit`` were passed within the last ``window_s``."""
+        window = self._admissions.setdefault(user, _Window())
+        window.prune(now - window_s)
+        if len(window.entries) >= limit:
+            oldest = window.oldest()
+            assert oldest is not None
+            return oldest + window_s - now
+        window.add(now, "", 1.0)
+        return None
+
+    def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
+        """How many admissions of ``user`` fall within the last ``window_s``."""
+        window = self._admissions.get(user)
+        if window is None:
+            return 0
+        window.prune(now - window_s)
+        return len(window.entries)
+
+    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
+        """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it."""
+        window = self._charges.setdefault(user, _Window())
+        entry = self._charge_index.get((user, charge_id))
+        if entry is not None:
+            window.total += gpu_seconds - entry.amount
+            entry.amount = gpu_seconds
+            return
+        self._charge_index[(user, charge_id)] = window.add(at, charge_id, gpu_seconds)
+
+    def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
+        """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
+        window = self._charges_pruned(user, now - window_s)
+        return 0.0 if window is None else max(0.0, window.total)
+
+    def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
+        """The time of the oldest charge still in the window."""
+        window = self._charges_pruned(user, now - window_s)
+        return None if window is None else window.oldest()
+
+    def _charges_pruned(self, user: str, cutoff: float) -> _Window | None:
+        window = self._charges.get(user)
+        if window is not None:
+            for charge_id in window.prune(cutoff):
+                self._charge_index.pop((user, charge_id), None)
+        return window
