@@ -1,4 +1,4 @@
-"""Typed settings: packaged defaults, then a user YAML file, then ``GPUROUTER_*`` environment variables.
+"""Typed settings: packaged defaults, then a user YAML file, then ``GPUROUTER_*`` variables.
 
 Sources apply in this order, later ones winning (SPEC §7):
 
@@ -55,7 +55,9 @@ __all__ = [
 ]
 
 POLICIES = ("balanced", "best_fit", "least_loaded", "power_of_two", "round_robin", "random")
-PolicyName = Literal["balanced", "best_fit", "least_loaded", "power_of_two", "round_robin", "random"]
+PolicyName = Literal[
+    "balanced", "best_fit", "least_loaded", "power_of_two", "round_robin", "random"
+]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
 

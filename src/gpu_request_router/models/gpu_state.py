@@ -65,9 +65,10 @@ class GPUReading:
 class GPUState:
     """The router's live view of one GPU: the latest reading plus router-side state.
 
-    ``room_mb`` (memory free for placement: total − safety margin − router reservations − memory
-    used by others), ``free_slots`` and ``schedulable`` are kept current by the GPU state monitor
-    so that placement reads plain attributes.
+    ``running`` maps each execution placed here to the memory reserved for it. ``room_mb``
+    (memory free for placement: total − safety margin − router reservations − memory used by
+    others), ``free_slots`` and ``schedulable`` are kept current by the GPU state monitor so that
+    placement reads plain attributes.
     """
 
     reading: GPUReading
@@ -80,7 +81,7 @@ class GPUState:
     room_mb: int = 0
     free_slots: int = 0
     schedulable: bool = False
-    failures: int = 0
+    circuit_open: bool = False
 
     @property
     def id(self) -> str:

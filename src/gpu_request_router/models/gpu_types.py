@@ -42,7 +42,9 @@ def gpu_type(name: str, memory_mb: int | None = None) -> GPUType:
     """
     known = BUILTIN_GPU_TYPES.get(name)
     if known is not None:
-        return known if memory_mb is None else GPUType(name, memory_mb, known.tflops, known.bandwidth_gbs)
+        if memory_mb is None:
+            return known
+        return GPUType(name, memory_mb, known.tflops, known.bandwidth_gbs)
     if memory_mb is None:
         raise KeyError(name)
     return GPUType(name, memory_mb, _REFERENCE.tflops, _REFERENCE.bandwidth_gbs)

@@ -91,6 +91,10 @@ class StateStore(ABC):
         """The stored request, or ``None``."""
 
     @abstractmethod
+    def find_idempotent(self, user: str, key: str) -> Request | None:
+        """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
+
+    @abstractmethod
     def transition(self, request: Request, from_status: RequestStatus, attempt: int) -> bool:
         """Write ``request`` only if the stored one still has ``from_status`` and ``attempt``.
 

@@ -90,6 +90,11 @@ class MemoryStore(StateStore):
         stored = self._requests.get(request_id)
         return None if stored is None else stored.snapshot()
 
+    def find_idempotent(self, user: str, key: str) -> Request | None:
+        """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
+        request_id = self._by_key.get((user, key))
+        return None if request_id is None else self._requests[request_id].snapshot()
+
     def transition(self, request: Request, from_status: RequestStatus, attempt: int) -> bool:
         """Write ``request`` only if the stored one still has ``from_status`` and ``attempt``."""
         stored = self._requests.get(request.id)

@@ -1,0 +1,267 @@
+"""The live GPU inventory: readings merged with router reservations, health, cordon and drain.
+
+No I/O: monitoring sources (``services/gpu_monitoring.py``) read GPUs and hand the readings in.
+
+**Room for placement** on a GPU is ``total − safety margin − router reservations − memory used by
+others``, where *memory used by others* is the reading's used memory minus what the reporting
+worker attributes to the router's executions. A source that cannot attribute memory (plain NVML,
+dcgm-exporter) reports everything as used by others, which double-counts the router's own running
+work: placement is then conservative, never over-committed (SPEC §2 I2).
+
+**Health**, per GPU, from the latest reading: the source's own verdict; uncorrected ECC errors make
+it ``unhealthy``; a temperature at or above ``max_temperature_c`` makes it ``degraded`` (still used,
+placed on last). Per worker, over time: no reading for ``stale_after_s`` makes its GPUs
+``unknown``; failing to answer for ``stale_after_s`` makes them ``unhealthy``; a GPU missing from
+its worker's complete report is ``unhealthy``. Only ``healthy`` and ``degraded`` GPUs that are not
+cordoned and whose circuit is closed are schedulable. Work on a GPU that turns ``unhealthy`` is
+lost; work on an ``unknown`` one may still finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from gpu_request_router.exceptions import NotFound
+from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
+from gpu_request_router.store.base import StateStore
+
+__all__ = ["GPUStateMonitor"]
+
+_USABLE = (GPUHealth.HEALTHY, GPUHealth.DEGRADED)
+
+
+@dataclass(slots=True)
+class _Worker:
+    """When a worker last reported, and since when its reports have been failing."""
+
+    last_reading: float
+    failing_since: float | None = None
+    lost: bool = False
+
+
+class GPUStateMonitor:
+    """Holds every known GPU's state and decides its health and room for placement.
+
+    Example::
+
+        monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+        monitor.apply(readings, now, worker="node-a")
+        monitor.reserve("node-a:0", "exe_1", 20_000)
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        stale_after_s: float,
+        safety_margin_mb: int,
+        max_temperature_c: float = 90.0,
+    ) -> None:
+        self._store = store
+        self._stale_after_s = stale_after_s
+        self._margin = safety_margin_mb
+        self._max_temperature = max_temperature_c
+        self._gpus: dict[str, GPUState] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._by_worker: dict[str, list[GPUState]] = {}
+        self._schedulable: dict[str, GPUState] = {}
+        self._holders: dict[str, list[str]] = {}
+
+    # Views ---------------------------------------------------------------------------------------
+
+    @property
+    def gpus(self) -> Mapping[str, GPUState]:
+        """Every known GPU by id."""
+        return self._gpus
+
+    @property
+    def schedulable(self) -> Mapping[str, GPUState]:
+        """The GPUs that may take new work now, by id."""
+        return self._schedulable
+
+    def get(self, gpu_id: str) -> GPUState:
+        """The GPU with this id.
+
+        Raises:
+            NotFound: no such GPU is known.
+        """
+        state = self._gpus.get(gpu_id)
+        if state is None:
+            raise NotFound("gpu", gpu_id)
+        return state
+
+    def on_worker(self, worker: str) -> Sequence[GPUState]:
+        """The GPUs of one worker, in index order."""
+        return self._by_worker.get(worker, ())
+
+    def limit_mb(self, state: GPUState) -> int:
+        """The most the router may reserve on a GPU in all: total − margin − used by others."""
+        return state.memory_total_mb - self._margin - state.reading.external_used_mb
+
+    # Readings and health -------------------------------------------------------------------------
+
+    def apply(
+        self, readings: Iterable[GPUReading], now: float, *, worker: str | None = None
+    ) -> list[str]:
+        """Take in readings; with ``worker``, they are that worker's complete report.
+
+        Returns the ids of GPUs that became unhealthy (their running work is lost).
+        """
+        lost: list[str] = []
+        reported: set[str] = set()
+        for reading in readings:
+            reported.add(reading.gpu_id)
+            self._touch_worker(reading.worker, now)
+            state = self._gpus.get(reading.gpu_id)
+            if state is None:
+                state = GPUState(reading=reading, last_seen=now)
+                self._gpus[state.id] = state
+                self._by_worker.setdefault(state.worker, []).append(state)
+                self._by_worker[state.worker].sort(key=lambda gpu: gpu.reading.index)
+            was_usable = state.health in _USABLE or state.health is GPUHealth.UNKNOWN
+            state.reading = reading
+            state.last_seen = now
+            state.health = self._health_of(reading)
+            if was_usable and state.health is GPUHealth.UNHEALTHY:
+                lost.append(state.id)
+            self._recompute(state)
+        if worker is not None:
+            self._touch_worker(worker, now)
+            for state in self._by_worker.get(worker, ()):
+                if state.id not in reported and state.health is not GPUHealth.UNHEALTHY:
+                    state.health = GPUHealth.UNHEALTHY
+                    lost.append(state.id)
+                    self._recompute(state)
+        return lost
+
+    def source_failed(self, worker: str, now: float) -> None:
+        """Note that reading ``worker`` failed; silent for ``stale_after_s`` makes it unhealthy."""
+        record = self._workers.setdefault(worker, _Worker(last_reading=now))
+        if record.failing_since is None:
+            record.failing_since = now
+
+    def refresh(self, now: float) -> list[str]:
+        """Apply the passing of time (staleness, silent workers); return GPUs that became lost."""
+        lost: list[str] = []
+        for name, record in self._workers.items():
+            silent = record.failing_since is not None and (
+                now - record.failing_since >= self._stale_after_s
+            )
+            stale = now - record.last_reading >= self._stale_after_s
+            for state in self._by_worker.get(name, ()):
+                if silent and state.health is not GPUHealth.UNHEALTHY:
+                    state.health = GPUHealth.UNHEALTHY
+                    lost.append(state.id)
+                elif stale and state.health in _USABLE:
+                    state.health = GPUHealth.UNKNOWN
+                else:
+                    continue
+                self._recompute(state)
+        return lost
+
+    def next_change(self) -> float | None:
+        """The earliest time :meth:`refresh` could change a GPU's health, or ``None``."""
+        times = []
+        for name, record in self._workers.items():
+            states = self._by_worker.get(name, ())
+            if any(state.health in _USABLE for state in states):
+                times.append(record.last_reading + self._stale_after_s)
+            if record.failing_since is not None and any(
+                state.health is not GPUHealth.UNHEALTHY for state in states
+            ):
+                times.append(record.failing_since + self._stale_after_s)
+        return min(times, default=None)
+
+    def _touch_worker(self, worker: str, now: float) -> None:
+        record = self._workers.get(worker)
+        if record is None:
+            self._workers[worker] = _Worker(last_reading=now)
+        else:
+            record.last_reading = now
+            record.failing_since = None
+
+    def _health_of(self, reading: GPUReading) -> GPUHealth:
+        if reading.health is GPUHealth.UNHEALTHY or reading.ecc_uncorrected > 0:
+            return GPUHealth.UNHEALTHY
+        hot = reading.temperature_c is not None and reading.temperature_c >= self._max_temperature
+        if hot and reading.health is GPUHealth.HEALTHY:
+            return GPUHealth.DEGRADED
+        return reading.health
+
+    # Operator actions ----------------------------------------------------------------------------
+
+    def cordon(self, gpu_id: str) -> GPUState:
+        """Stop placing new work on a GPU (running work continues)."""
+        state = self.get(gpu_id)
+        state.cordoned = True
+        self._recompute(state)
+        return state
+
+    def uncordon(self, gpu_id: str) -> GPUState:
+        """Resume placing work on a GPU (also ends a drain)."""
+        state = self.get(gpu_id)
+        state.cordoned = False
+        state.draining = False
+        self._recompute(state)
+        return state
+
+    def drain(self, gpu_id: str) -> GPUState:
+        """Cordon a GPU and mark it draining until its running work has finished."""
+        state = self.cordon(gpu_id)
+        state.draining = bool(state.running)
+        return state
+
+    def set_circuit(self, gpu_id: str, is_open: bool) -> None:
+        """Record whether the GPU's circuit breaker is open (open: no new work)."""
+        state = self._gpus.get(gpu_id)
+        if state is not None and state.circuit_open != is_open:
+            state.circuit_open = is_open
+            self._recompute(state)
+
+    # Reservations --------------------------------------------------------------------------------
+
+    def reserve(self, gpu_id: str, holder: str, memory_mb: int) -> bool:
+        """Reserve memory and a slot on a GPU for execution ``holder``; False if it does not fit."""
+        state = self.get(gpu_id)
+        if state.free_slots <= 0:
+            return False
+        total = self._store.reserve(gpu_id, holder, memory_mb, self.limit_mb(state))
+        if total is None:
+            return False
+        state.reserved_mb = total
+        state.running[holder] = memory_mb
+        self._holders.setdefault(holder, []).append(gpu_id)
+        self._recompute(state)
+        return True
+
+    def release(self, holder: str) -> list[str]:
+        """Release every reservation of execution ``holder``; return the GPUs it was on."""
+        gpu_ids = self._holders.pop(holder, [])
+        if not gpu_ids:
+            return []
+        totals = self._store.release(holder)
+        for gpu_id in gpu_ids:
+            state = self._gpus[gpu_id]
+            state.running.pop(holder, None)
+            state.reserved_mb = totals.get(gpu_id, 0)
+            if state.draining and not state.running:
+                state.draining = False
+            self._recompute(state)
+        return gpu_ids
+
+    def holders_on(self, gpu_id: str) -> list[str]:
+        """The executions holding reservations on a GPU."""
+        return list(self.get(gpu_id).running)
+
+    def _recompute(self, state: GPUState) -> None:
+        """Refresh the derived placement attributes of one GPU."""
+        state.room_mb = self.limit_mb(state) - state.reserved_mb
+        state.free_slots = state.slots - len(state.running)
+        state.schedulable = (
+            state.health in _USABLE and not state.cordoned and not state.circuit_open
+        )
+        if state.schedulable:
+            self._schedulable[state.id] = state
+        else:
+            self._schedulable.pop(state.id, None)

@@ -1,0 +1,272 @@
+"""The queue: priority classes with aging, fair share between users, O(log n) operations.
+
+**Order.** A queued request ``r`` of class rank ``k`` (0 = highest) submitted at ``t0`` has, at
+time ``t``, the *effective level* ``k - floor((t - t0) / aging_s)``: every full ``aging_s`` of
+waiting lifts it one class. Lower levels go first. Because
+``level = ceil((key - t) / aging_s)`` with the static ``key = k * aging_s + t0``, the order of
+levels never needs re-sorting as time passes: a heap on ``key`` serves all times.
+
+**Fair share.** Within one level, users take turns by a virtual counter (VTC, Sheng et al.,
+OSDI 2024): the user with the smallest counter goes first, and each dispatch adds the request's
+estimated GPU cost to its user's counter. A user who becomes backlogged again is lifted to the
+smallest counter among the backlogged users (or, when none is, to the counter of the user served
+last), so idle time banks no credit and a heavy user cannot starve a light one. A user's own
+requests keep their ``key`` order.
+
+**Cost.** ``push``, ``dispatched`` and ``remove`` are O(log n). ``candidates()`` yields the queue
+in dispatch order lazily, O(log n) per item, so a dispatch pass that looks at ``d`` requests costs
+O(d log n) however deep the queue is.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from gpu_request_router.models.request import Request
+
+__all__ = ["PriorityManager"]
+
+_HeapItem = tuple[float, int, str]
+
+
+def _ascending(heap: list[_HeapItem]) -> Iterator[_HeapItem]:
+    """Yield a heap's items in ascending order without changing the heap."""
+    if not heap:
+        return
+    size = len(heap)
+    frontier: list[tuple[_HeapItem, int]] = [(heap[0], 0)]
+    while frontier:
+        item, index = heapq.heappop(frontier)
+        yield item
+        for child in (2 * index + 1, 2 * index + 2):
+            if child < size:
+                heapq.heappush(frontier, (heap[child], child))
+
+
+@dataclass(slots=True)
+class _UserQueue:
+    """One user's queued requests (a heap on key, with lazily removed entries) and counter."""
+
+    heap: list[_HeapItem] = field(default_factory=list)
+    live: int = 0
+    counter: float = 0.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    request: Request
+    key: float
+    seq: int
+    cost: float
+
+
+class PriorityManager:
+    """Orders queued requests by aged priority, then fair share between users.
+
+    Example::
+
+        queue = PriorityManager(["high", "normal", "batch"], aging_s=60)
+        queue.push(request, cost=12.0)
+        for candidate in queue.candidates(now):
+            if fits(candidate):
+                queue.dispatched(candidate.id)
+    """
+
+    def __init__(self, classes: Sequence[str], aging_s: float) -> None:
+        if aging_s <= 0:
+            raise ValueError("aging_s must be positive")
+        self._rank = {name: rank for rank, name in enumerate(classes)}
+        self._aging_s = aging_s
+        self._entries: dict[str, _Entry] = {}
+        self._users: dict[str, _UserQueue] = {}
+        self._heads: list[_HeapItem] = []
+        self._counters: list[_HeapItem] = []
+        self._depth = dict.fromkeys(classes, 0)
+        self._seq = itertools.count()
+        self._virtual_time = 0.0
+        self._generation = 0
+        self._removed = 0
+        self._backlogged = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._entries
+
+    # Keys and levels ---------------------------------------------------------------------------
+
+    def key(self, request: Request) -> float:
+        """The static sort key: class rank × aging period + submission time."""
+        return self._rank[request.priority] * self._aging_s + request.created_at
+
+    def level(self, request: Request, now: float) -> int:
+        """The effective class of ``request`` at ``now`` (lower goes first; may be negative)."""
+        return self._level(self.key(request), now)
+
+    def _level(self, key: float, now: float) -> int:
+        return math.ceil((key - now) / self._aging_s - 1e-9)
+
+    # Mutations -----------------------------------------------------------------------------------
+
+    def push(self, request: Request, cost: float) -> None:
+        """Queue ``request``; ``cost`` is charged to its user's counter when it is dispatched."""
+        if request.id in self._entries:
+            raise ValueError(f"request {request.id} is queued already")
+        if request.priority not in self._rank:
+            raise ValueError(f"unknown priority class {request.priority!r}")
+        self._generation += 1
+        user = self._users.get(request.user)
+        if user is None:
+            user = self._users[request.user] = _UserQueue()
+        if user.live == 0:
+            self._backlogged += 1
+            user.counter = max(user.counter, self._lift_floor())
+            heapq.heappush(self._counters, (user.counter, next(self._seq), request.user))
+        key = self.key(request)
+        seq = next(self._seq)
+        entry = _Entry(request, key, seq, cost)
+        self._entries[request.id] = entry
+        head = self._head(user)
+        heapq.heappush(user.heap, (key, seq, request.id))
+        user.live += 1
+        if head is None or (key, seq) < head[:2]:
+            heapq.heappush(self._heads, (key, seq, request.user))
+        self._depth[request.priority] += 1
+        self._compact()
+
+    def dispatched(self, request_id: str) -> Request:
+        """Take a request out of the queue because it was dispatched; charge its user's counter."""
+        entry = self._take(request_id)
+        user = self._users[entry.request.user]
+        self._virtual_time = max(self._virtual_time, user.counter)
+        user.counter += entry.cost
+        if user.live:
+            heapq.heappush(self._counters, (user.counter, next(self._seq), entry.request.user))
+        return entry.request
+
+    def remove(self, request_id: str) -> Request | None:
+        """Take a request out without charging (cancelled, expired); ``None`` if absent."""
+        if request_id not in self._entries:
+            return None
+        return self._take(request_id).request
+
+    def _take(self, request_id: str) -> _Entry:
+        entry = self._entries.pop(request_id)
+        user = self._users[entry.request.user]
+        user.live -= 1
+        if user.live == 0:
+            self._backlogged -= 1
+        self._depth[entry.request.priority] -= 1
+        self._removed += 1
+        return entry
+
+    def _lift_floor(self) -> float:
+        """The counter a user returning from idle is lifted to."""
+        counters = self._counters
+        while counters:
+            counter, _, name = counters[0]
+            user = self._users[name]
+            if user.live and user.counter == counter:
+                return counter
+            heapq.heappop(counters)
+        return self._virtual_time
+
+    def _head(self, user: _UserQueue) -> _HeapItem | None:
+        """The user's first live entry, dropping removed ones from the top of its heap."""
+        heap = user.heap
+        while heap and heap[0][2] not in self._entries:
+            heapq.heappop(heap)
+            self._removed -= 1
+        return heap[0] if heap else None
+
+    def _compact(self) -> None:
+        """Rebuild a heap once its stale entries outnumber its live ones (amortised O(1))."""
+        backlogged = self._backlogged
+        if len(self._heads) > 2 * backlogged + 64:
+            heads = []
+            for name, user in self._users.items():
+                head = self._head(user)
+                if head is not None:
+                    heads.append((head[0], head[1], name))
+            heapq.heapify(heads)
+            self._heads = heads
+        if len(self._counters) > 2 * backlogged + 64:
+            self._counters = [
+                (user.counter, next(self._seq), name)
+                for name, user in self._users.items()
+                if user.live
+            ]
+            heapq.heapify(self._counters)
+        if self._removed > len(self._entries) + 64:
+            for user in self._users.values():
+                user.heap = [item for item in user.heap if item[2] in self._entries]
+                heapq.heapify(user.heap)
+            self._removed = 0
+
+    # Reading -------------------------------------------------------------------------------------
+
+    def candidates(self, now: float) -> Iterator[Request]:
+        """Yield queued requests in dispatch order at time ``now``.
+
+        The consumer may call :meth:`dispatched` or :meth:`remove` between items (the order of the
+        rest adapts to the charged counter), but must not :meth:`push` until it is done.
+        """
+        generation = self._generation
+        entries = self._entries
+        heads = (item for item in _ascending(self._heads) if self._users[item[2]].live)
+        pending = next(heads, None)
+        seen: set[str] = set()
+        merge: list[tuple[int, float, float, int, str, Iterator[_HeapItem]]] = []
+        tiebreak = itertools.count()
+
+        def advance(name: str, cursor: Iterator[_HeapItem]) -> None:
+            for key, _, request_id in cursor:
+                if request_id in entries:
+                    counter = self._users[name].counter
+                    item = (self._level(key, now), counter, key, next(tiebreak), request_id, cursor)
+                    heapq.heappush(merge, item)
+                    return
+
+        while True:
+            while pending is not None and (
+                not merge or self._level(pending[0], now) <= merge[0][0]
+            ):
+                name = pending[2]
+                if name not in seen:
+                    seen.add(name)
+                    advance(name, _ascending(self._users[name].heap))
+                pending = next(heads, None)
+            if not merge:
+                return
+            _, _, _, _, request_id, cursor = heapq.heappop(merge)
+            if request_id not in entries:
+                continue
+            request = entries[request_id].request
+            yield request
+            if self._generation != generation:
+                raise RuntimeError("the queue changed while it was being iterated")
+            advance(request.user, cursor)
+
+    def depths(self) -> dict[str, int]:
+        """Queued requests per priority class."""
+        return dict(self._depth)
+
+    def queued(self, user: str) -> int:
+        """How many requests ``user`` has in the queue."""
+        queue = self._users.get(user)
+        return queue.live if queue is not None else 0
+
+    def counter(self, user: str) -> float:
+        """The fair-share counter of ``user`` (GPU cost charged so far, after lifts)."""
+        queue = self._users.get(user)
+        return queue.counter if queue is not None else 0.0
+
+    def get(self, request_id: str) -> Request | None:
+        """The queued request with this id, or ``None``."""
+        entry = self._entries.get(request_id)
+        return entry.request if entry is not None else None

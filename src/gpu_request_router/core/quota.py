@@ -1,0 +1,148 @@
+"""Quota enforcement: the admission checks at submit and the eligibility check at dispatch.
+
+At submit (:meth:`QuotaEnforcer.admit`): priority above ``max_priority`` and memory above
+``max_gpu_memory_mb`` are refused for good (waiting never helps); ``max_queued``,
+``gpu_seconds_per_hour`` already used up, and ``requests_per_minute`` are refused with the time
+after which a retry can succeed. The rate check is the last one and records the admission in the
+same atomic store step, so a refused request never counts.
+
+At dispatch (:meth:`QuotaEnforcer.blocks_dispatch`): a request waits while its user has
+``max_concurrent`` requests dispatching or running, or while its estimated GPU-seconds would take
+the user over ``gpu_seconds_per_hour`` in the last hour. GPU-seconds are charged on the estimate
+at dispatch and reconciled with the observed time at the end, so the hour's total can pass the
+limit by at most what running requests take beyond their estimates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gpu_request_router.config.config_loader import QuotaSettings
+from gpu_request_router.exceptions import QuotaExceeded, QuotaForbidden
+from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
+from gpu_request_router.store.base import StateStore
+
+__all__ = ["HOUR_S", "MINUTE_S", "QuotaEnforcer"]
+
+MINUTE_S = 60.0
+HOUR_S = 3600.0
+
+
+class QuotaEnforcer:
+    """Applies each user's :class:`UserQuota`, with counters kept in the state store."""
+
+    def __init__(self, settings: QuotaSettings, classes: Sequence[str], store: StateStore) -> None:
+        self._settings = settings
+        self._rank = {name: rank for rank, name in enumerate(classes)}
+        self._store = store
+        self._cache: dict[str, UserQuota] = {}
+
+    def quota_for(self, user: str) -> UserQuota:
+        """The effective quota of ``user`` (defaults merged with their overrides)."""
+        quota = self._cache.get(user)
+        if quota is None:
+            quota = self._cache[user] = self._settings.for_user(user)
+        return quota
+
+    def admit(
+        self,
+        user: str,
+        *,
+        priority: str,
+        memory_mb: int,
+        gpu_seconds: float,
+        queued: int,
+        now: float,
+        queue_retry_after_s: float,
+    ) -> None:
+        """Check a submission against the user's quota and record it.
+
+        Args:
+            user: who submits.
+            priority: the class asked for.
+            memory_mb: the estimated memory per GPU.
+            gpu_seconds: the estimated GPU-seconds of the request.
+            queued: how many requests the user has waiting now.
+            now: the current time.
+            queue_retry_after_s: when a place in the user's queue is expected to free up.
+
+        Raises:
+            QuotaForbidden: the request exceeds a limit that waiting never lifts.
+            QuotaExceeded: the user is over a limit for now (``retry_after_s`` says how long).
+        """
+        quota = self.quota_for(user)
+        if self._rank[priority] < self._rank[quota.max_priority]:
+            raise QuotaForbidden(
+                "max_priority",
+                f"priority {priority!r} is above your highest allowed class {quota.max_priority!r}",
+            )
+        if quota.max_gpu_memory_mb is not None and memory_mb > quota.max_gpu_memory_mb:
+            raise QuotaForbidden(
+                "max_gpu_memory_mb",
+                f"the request needs {memory_mb} MiB per GPU; your limit is "
+                f"{quota.max_gpu_memory_mb} MiB",
+            )
+        if quota.gpu_seconds_per_hour is not None:
+            if gpu_seconds > quota.gpu_seconds_per_hour:
+                raise QuotaForbidden(
+                    "gpu_seconds_per_hour",
+                    f"the request is estimated at {gpu_seconds:.0f} GPU-seconds; your hourly "
+                    f"limit is {quota.gpu_seconds_per_hour:.0f}",
+                )
+            used = self._store.gpu_seconds_in_window(user, now, HOUR_S)
+            if used >= quota.gpu_seconds_per_hour:
+                oldest = self._store.oldest_charge_in_window(user, now, HOUR_S)
+                retry = (oldest + HOUR_S - now) if oldest is not None else HOUR_S
+                raise QuotaExceeded(
+                    "gpu_seconds_per_hour",
+                    f"you used {used:.0f} of {quota.gpu_seconds_per_hour:.0f} GPU-seconds "
+                    "in the last hour",
+                    retry_after_s=max(retry, 0.001),
+                )
+        if quota.max_queued is not None and queued >= quota.max_queued:
+            raise QuotaExceeded(
+                "max_queued",
+                f"you have {queued} requests waiting; your limit is {quota.max_queued}",
+                retry_after_s=max(queue_retry_after_s, 0.001),
+            )
+        if quota.requests_per_minute is not None:
+            retry_after = self._store.admit_rate(user, now, MINUTE_S, quota.requests_per_minute)
+            if retry_after is not None:
+                raise QuotaExceeded(
+                    "requests_per_minute",
+                    f"more than {quota.requests_per_minute} requests in a minute",
+                    retry_after_s=max(retry_after, 0.001),
+                )
+
+    def blocks_dispatch(self, user: str, active: int, gpu_seconds: float, now: float) -> str | None:
+        """The quota that keeps a request of ``user`` from starting now, or ``None``.
+
+        ``active`` is how many of the user's requests are dispatching or running.
+        """
+        quota = self.quota_for(user)
+        if quota.max_concurrent is not None and active >= quota.max_concurrent:
+            return "max_concurrent"
+        if quota.gpu_seconds_per_hour is not None:
+            used = self._store.gpu_seconds_in_window(user, now, HOUR_S)
+            if used + gpu_seconds > quota.gpu_seconds_per_hour:
+                return "gpu_seconds_per_hour"
+        return None
+
+    def gpu_seconds_frees_at(self, user: str, now: float) -> float | None:
+        """When the user's oldest GPU-seconds charge leaves the hour window, or ``None``."""
+        oldest = self._store.oldest_charge_in_window(user, now, HOUR_S)
+        return None if oldest is None else oldest + HOUR_S
+
+    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
+        """Charge (or re-charge, reconciling) GPU-seconds for one execution."""
+        self._store.charge(user, charge_id, at, gpu_seconds)
+
+    def usage(self, user: str, *, queued: int, concurrent: int, now: float) -> QuotaUsage:
+        """The user's live usage."""
+        return QuotaUsage(
+            user=user,
+            requests_last_minute=self._store.admissions_in_window(user, now, MINUTE_S),
+            concurrent=concurrent,
+            queued=queued,
+            gpu_seconds_last_hour=self._store.gpu_seconds_in_window(user, now, HOUR_S),
+        )

@@ -1,0 +1,632 @@
+"""The dispatch loop as a sans-I/O state machine: events in, decisions out.
+
+Drivers call one method per event, always with the current time, and carry out the
+:data:`~gpu_request_router.core.events.Decision` list that comes back:
+
+- :meth:`RequestRouter.enqueue` — a request was admitted (by the request receiver);
+- :meth:`~RequestRouter.started`, :meth:`~RequestRouter.finished`, :meth:`~RequestRouter.failed`
+  — what a backend said about an execution;
+- :meth:`~RequestRouter.readings`, :meth:`~RequestRouter.source_failed` — GPU monitoring;
+- :meth:`~RequestRouter.cancel`, :meth:`~RequestRouter.cordon`, :meth:`~RequestRouter.uncordon`,
+  :meth:`~RequestRouter.drain` — users and operators;
+- :meth:`~RequestRouter.tick` — time passed (call it at :meth:`~RequestRouter.next_wakeup`).
+
+After every event a *dispatch pass* walks the queue in priority order and places what fits. A
+request that fits nowhere does not block the ones behind it (backfill), but once it has waited
+``placement.starvation_bound_s`` the GPUs where it would fit once drained are *held*: nothing of
+lower order is placed there, so it starts as soon as their running work ends. A pass looks at no
+more than ``placement.backfill_depth`` requests that cannot start, and stops early when no GPU has
+a free slot.
+
+Every status change is a guarded write to the state store (SPEC §2, RELIABILITY §1.1 rule 4),
+every reservation a check-and-add in the store, so the invariants hold by construction:
+I1 (one terminal state), I2 (reservations within each GPU's room), I3 (one live execution per
+request: results of superseded executions are ignored), I4 (quotas at admission and dispatch),
+I6 (dispatch in effective-priority order among requests that fit).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.error_handler import Action, ErrorHandler
+from gpu_request_router.core.events import (
+    CancelExecution,
+    Decision,
+    Dispatch,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+)
+from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
+from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit
+from gpu_request_router.core.metric_collector import MetricCollector
+from gpu_request_router.core.priority_manager import PriorityManager
+from gpu_request_router.core.quota import QuotaEnforcer
+from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.exceptions import AlreadyTerminal, NotFound, StateConflict
+from gpu_request_router.models.gpu_state import GPUReading, GPUState
+from gpu_request_router.models.request import (
+    ErrorInfo,
+    Placement,
+    Request,
+    RequestStatus,
+)
+from gpu_request_router.store.base import StateStore
+
+__all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds"]
+
+_log = structlog.get_logger(__name__)
+_S = RequestStatus
+
+
+def gpu_seconds(request: Request) -> float:
+    """The GPU-seconds a request is estimated to take (typical duration × GPUs)."""
+    return request.estimate.typical_duration_s * request.gpu_count
+
+
+def fair_share_cost(request: Request) -> float:
+    """What a dispatch charges to its user's fair-share counter: estimated GiB × seconds × GPUs."""
+    return gpu_seconds(request) * max(request.estimate.gpu_memory_mb, 1) / 1024
+
+
+@dataclass(slots=True)
+class _Execution:
+    """A live execution: which attempt of which request, where."""
+
+    request_id: str
+    attempt: int
+    backend: str
+    worker: str
+    gpu_ids: tuple[str, ...]
+    dispatched_at: float
+
+
+class RequestRouter:
+    """Queues, places, tracks and finishes requests; see the module docstring for the events."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: StateStore,
+        monitor: GPUStateMonitor,
+        estimator: ResourceEstimator,
+        balancer: LoadBalancer,
+        errors: ErrorHandler,
+        quotas: QuotaEnforcer,
+        metrics: MetricCollector,
+        perf_counter: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._settings = settings
+        self.store = store
+        self.monitor = monitor
+        self.estimator = estimator
+        self.balancer = balancer
+        self.errors = errors
+        self.quotas = quotas
+        self.metrics = metrics
+        self.queue = PriorityManager(settings.priorities.classes, settings.priorities.aging_seconds)
+        self._perf = perf_counter
+        self._requests: dict[str, Request] = {}
+        self._executions: dict[str, _Execution] = {}
+        self._current: dict[str, str] = {}
+        self._active: Counter[str] = Counter()
+        self._queued: Counter[str] = Counter()
+        self._deadlines: list[tuple[float, str]] = []
+        self._backoff: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._avoid: dict[str, set[str]] = {}
+        self._quota_wakeup: float | None = None
+        self._margin = settings.placement.memory_safety_margin_mb
+
+    # Views ---------------------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> Request | None:
+        """The live (not yet finished) request with this id, or ``None``."""
+        return self._requests.get(request_id)
+
+    @property
+    def live(self) -> Mapping[str, Request]:
+        """Every request not yet in a terminal status, by id."""
+        return self._requests
+
+    def execution_of(self, request_id: str) -> str | None:
+        """The id of the request's live execution, or ``None``."""
+        return self._current.get(request_id)
+
+    def active_count(self, user: str) -> int:
+        """How many requests of ``user`` are dispatching or running."""
+        return self._active[user]
+
+    def queued_count(self, user: str) -> int:
+        """How many requests of ``user`` are waiting (including those backing off to retry)."""
+        return self._queued[user]
+
+    def need_of(self, request: Request, *, avoid: Iterable[str] = ()) -> Need:
+        """What ``request`` needs from the fleet."""
+        estimate = request.estimate
+        return Need(
+            model=request.model,
+            memory_mb=estimate.gpu_memory_mb,
+            weights_mb=estimate.weights_mb,
+            gpu_count=request.gpu_count,
+            gpu_type=request.resources.gpu_type,
+            avoid=frozenset(avoid),
+        )
+
+    def could_ever_fit(self, need: Need) -> bool:
+        """Whether a worker of the fleet could hold ``need`` when idle (True if none is known)."""
+        gpus = self.monitor.gpus
+        if not gpus:
+            return True
+        per_worker: Counter[str] = Counter()
+        for gpu in gpus.values():
+            if need.gpu_type is not None and gpu.type != need.gpu_type:
+                continue
+            if not gpu.serves(need.model):
+                continue
+            if need.memory_on(gpu) <= gpu.memory_total_mb - self._margin:
+                per_worker[gpu.worker] += 1
+        return any(count >= need.gpu_count for count in per_worker.values())
+
+    def fitting_gpus(self, need: Need) -> list[str]:
+        """GPUs that could take ``need`` right now (single-GPU view; for the estimate dry run)."""
+        return [
+            gpu.id
+            for gpu in self.monitor.schedulable.values()
+            if gpu.free_slots > 0
+            and gpu.serves(need.model)
+            and (need.gpu_type is None or gpu.type == need.gpu_type)
+            and need.memory_on(gpu) <= gpu.room_mb
+        ]
+
+    def queue_retry_after(self, now: float) -> float:
+        """Seconds until the running request expected to finish first does so (at least 1 s)."""
+        soonest: float | None = None
+        for execution in self._executions.values():
+            request = self._requests[execution.request_id]
+            gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
+            end = execution.dispatched_at + request.estimate.duration_on(gpu_type)
+            if soonest is None or end < soonest:
+                soonest = end
+        return max(1.0, (soonest - now) if soonest is not None else 1.0)
+
+    # Events: admission and recovery ------------------------------------------------------------
+
+    def enqueue(self, request: Request, now: float) -> list[Decision]:
+        """Queue an admitted request (already in the store) and dispatch what fits."""
+        if request.status is not _S.QUEUED:
+            raise ValueError(f"request {request.id} is {request.status}, not queued")
+        self._track(request)
+        self.queue.push(request, fair_share_cost(request))
+        return self._pass(now)
+
+    def recover(self, now: float) -> list[Decision]:
+        """Rebuild the queue from the store after a restart.
+
+        Queued requests are queued again; dispatching or running ones, whose outcome is unknown,
+        are retried (their next dispatch is attempt + 1); terminal ones stay as they are.
+        """
+        for stored in self.store.unfinished_requests():
+            if stored.id in self._requests:
+                continue
+            if stored.status.active:
+                before, attempt = stored.status, stored.attempts
+                stored.transition(
+                    _S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown")
+                )
+                self._write(stored, before, attempt)
+            self._track(stored)
+            self.queue.push(stored, fair_share_cost(stored))
+        return self._pass(now)
+
+    def _track(self, request: Request) -> None:
+        self._requests[request.id] = request
+        self._queued[request.user] += 1
+        heapq.heappush(self._deadlines, (request.deadline, request.id))
+
+    # Events: executions ---------------------------------------------------------------------------
+
+    def started(self, execution_id: str, now: float) -> list[Decision]:
+        """The backend accepted an execution and is running it."""
+        execution = self._executions.get(execution_id)
+        if execution is None:
+            return []
+        request = self._requests[execution.request_id]
+        if request.status is _S.DISPATCHING:
+            self._set(request, _S.RUNNING, now)
+        return []
+
+    def finished(self, execution_id: str, result: ExecutionResult, now: float) -> list[Decision]:
+        """An execution succeeded; results of superseded or unknown executions are ignored."""
+        execution = self._executions.get(execution_id)
+        if execution is None:
+            _log.debug("stale_result_ignored", execution_id=execution_id)
+            return []
+        request = self._requests[execution.request_id]
+        duration: float | None = None
+        if result.gpu_seconds is not None:
+            duration = result.gpu_seconds / len(execution.gpu_ids)
+        elif request.started_at is not None:
+            duration = now - request.started_at
+        if request.status is _S.DISPATCHING:
+            self._set(request, _S.RUNNING, now)
+        self._end_execution(execution_id, request, now, result.gpu_seconds)
+        if duration is not None:
+            gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
+            self.estimator.observe(
+                request.model,
+                gpu_type,
+                request.estimate,
+                duration,
+                result.peak_memory_mb,
+                shape=request.shape,
+                hints=request.resources,
+            )
+            for (model, kind), ratio in self.estimator.error_ratios().items():
+                if model == request.model:
+                    self.metrics.estimate_error(model, kind, ratio)
+        self._circuit_success(execution)
+        self._set(request, _S.SUCCEEDED, now, result=result.output)
+        return self._pass(now)
+
+    def failed(self, execution_id: str, failure: Failure, now: float) -> list[Decision]:
+        """An execution failed: fail, retry (elsewhere, after a backoff) or expire the request."""
+        execution = self._executions.get(execution_id)
+        if execution is None:
+            _log.debug("stale_failure_ignored", execution_id=execution_id)
+            return []
+        decisions = self._fail(execution_id, execution, failure, now)
+        return decisions + self._pass(now)
+
+    def _fail(
+        self, execution_id: str, execution: _Execution, failure: Failure, now: float
+    ) -> list[Decision]:
+        request = self._requests[execution.request_id]
+        self._end_execution(execution_id, request, now, None)
+        if self.errors.counts_against_circuit(failure):
+            self._circuit_failure(execution, now)
+        verdict = self.errors.judge(failure, request.attempts, now)
+        error = ErrorInfo(failure.kind.value, failure.message or failure.kind.value)
+        if verdict.action is Action.EXPIRE:
+            self._set(request, _S.EXPIRED, now, error=error)
+            return []
+        if verdict.action is Action.GROW_AND_RETRY:
+            request.estimate = self.estimator.grow_after_oom(
+                request.model,
+                request.estimate,
+                self._settings.retries.oom_growth,
+                failure.peak_memory_mb,
+                shape=request.shape,
+                hints=request.resources,
+            )
+            if not self.could_ever_fit(self.need_of(request)):
+                message = (
+                    f"out of GPU memory; {request.estimate.gpu_memory_mb} MiB per GPU "
+                    "fits no GPU of the fleet"
+                )
+                self._set(request, _S.FAILED, now, error=ErrorInfo(error.type, message))
+                return []
+        if verdict.action is Action.FAIL:
+            if verdict.reason in ("max_attempts", "retry_budget_exhausted"):
+                error = ErrorInfo(
+                    error.type, f"{error.message} (gave up: {verdict.reason.replace('_', ' ')})"
+                )
+            self._set(request, _S.FAILED, now, error=error)
+            return []
+        self.metrics.retry(verdict.reason)
+        self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
+        self._set(request, _S.QUEUED, now, error=error)
+        if verdict.delay_s > 0:
+            heapq.heappush(self._backoff, (now + verdict.delay_s, next(self._seq), request.id))
+        else:
+            self.queue.push(request, fair_share_cost(request))
+        return []
+
+    def _end_execution(
+        self, execution_id: str, request: Request, now: float, used_gpu_seconds: float | None
+    ) -> None:
+        """Forget an execution: free its reservations, its user's slot, and settle its charge."""
+        execution = self._executions.pop(execution_id)
+        self._current.pop(request.id, None)
+        touched = self.monitor.release(execution_id)
+        for gpu_id in touched:
+            self.metrics.gpu(self.monitor.gpus[gpu_id])
+        if used_gpu_seconds is None:
+            started = request.started_at if request.started_at is not None else now
+            used_gpu_seconds = max(0.0, now - started) * len(execution.gpu_ids)
+        self.quotas.charge(request.user, execution_id, execution.dispatched_at, used_gpu_seconds)
+
+    # Events: users and operators ---------------------------------------------------------------
+
+    def cancel(self, request_id: str, now: float) -> list[Decision]:
+        """Cancel a request; a running one's execution is told to stop.
+
+        Raises:
+            NotFound: no such request.
+            AlreadyTerminal: it has finished already.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            stored = self.store.get_request(request_id)
+            if stored is None:
+                raise NotFound("request", request_id)
+            raise AlreadyTerminal(request_id, stored.status.value, _S.CANCELLED.value)
+        decisions = self._stop(request, _S.CANCELLED, now, ErrorInfo("cancelled", "cancelled"))
+        return decisions + self._pass(now)
+
+    def _stop(
+        self, request: Request, to: RequestStatus, now: float, error: ErrorInfo | None
+    ) -> list[Decision]:
+        """End a live request as cancelled or expired, stopping its execution if it has one."""
+        decisions: list[Decision] = []
+        execution_id = self._current.get(request.id)
+        if execution_id is not None:
+            execution = self._executions[execution_id]
+            self._end_execution(execution_id, request, now, None)
+            decisions.append(
+                CancelExecution(
+                    request_id=request.id,
+                    execution_id=execution_id,
+                    backend=execution.backend,
+                    worker=execution.worker,
+                    reason=to.value,
+                )
+            )
+        self.queue.remove(request.id)
+        self._set(request, to, now, error=None if to is _S.CANCELLED else error)
+        return decisions
+
+    def cordon(self, gpu_id: str, now: float) -> list[Decision]:
+        """Stop placing work on a GPU."""
+        self.metrics.gpu(self.monitor.cordon(gpu_id))
+        return self._pass(now)
+
+    def uncordon(self, gpu_id: str, now: float) -> list[Decision]:
+        """Resume placing work on a GPU."""
+        self.metrics.gpu(self.monitor.uncordon(gpu_id))
+        return self._pass(now)
+
+    def drain(self, gpu_id: str, now: float) -> list[Decision]:
+        """Cordon a GPU and let its running work finish."""
+        self.metrics.gpu(self.monitor.drain(gpu_id))
+        return self._pass(now)
+
+    # Events: monitoring and time ---------------------------------------------------------------
+
+    def readings(
+        self, readings: Iterable[GPUReading], now: float, *, worker: str | None = None
+    ) -> list[Decision]:
+        """New GPU readings (with ``worker``: that worker's complete report)."""
+        readings = list(readings)
+        lost = self.monitor.apply(readings, now, worker=worker)
+        for reading in readings:
+            self.metrics.gpu(self.monitor.gpus[reading.gpu_id])
+        decisions = self._fail_over(lost, now)
+        return decisions + self._pass(now)
+
+    def source_failed(self, worker: str, now: float) -> list[Decision]:
+        """Reading ``worker`` failed (its GPUs go unhealthy if it stays silent)."""
+        self.monitor.source_failed(worker, now)
+        return []
+
+    def tick(self, now: float) -> list[Decision]:
+        """Apply the passing of time: expiry, staleness, backoffs ending, circuits half-opening."""
+        decisions = self._fail_over(self.monitor.refresh(now), now)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            request = self._requests.get(request_id)
+            if request is not None and request.deadline <= now:
+                error = ErrorInfo("timeout", f"not finished within {request.timeout_s:g} s")
+                decisions += self._stop(request, _S.EXPIRED, now, error)
+        while self._backoff and self._backoff[0][0] <= now:
+            _, _, request_id = heapq.heappop(self._backoff)
+            request = self._requests.get(request_id)
+            if request is not None and request.status is _S.QUEUED and request_id not in self.queue:
+                self.queue.push(request, fair_share_cost(request))
+        for key in self.errors.circuits.advance(now):
+            self._refresh_circuit(key)
+        return decisions + self._pass(now)
+
+    def next_wakeup(self) -> float | None:
+        """When :meth:`tick` next has something to do, or ``None``."""
+        while self._deadlines and self._deadlines[0][1] not in self._requests:
+            heapq.heappop(self._deadlines)
+        times = [
+            self._deadlines[0][0] if self._deadlines else None,
+            self._backoff[0][0] if self._backoff else None,
+            self.monitor.next_change(),
+            self.errors.circuits.next_change(),
+            self._quota_wakeup,
+        ]
+        return min((t for t in times if t is not None), default=None)
+
+    def _fail_over(self, lost_gpus: Iterable[str], now: float) -> list[Decision]:
+        """Retry elsewhere the work of GPUs that were lost, and tell their executions to stop."""
+        decisions: list[Decision] = []
+        for gpu_id in lost_gpus:
+            self.metrics.gpu(self.monitor.gpus[gpu_id])
+            for execution_id in self.monitor.holders_on(gpu_id):
+                execution = self._executions.get(execution_id)
+                if execution is None:
+                    continue
+                decisions.append(
+                    CancelExecution(
+                        request_id=execution.request_id,
+                        execution_id=execution_id,
+                        backend=execution.backend,
+                        worker=execution.worker,
+                        reason="gpu_lost",
+                    )
+                )
+                failure = Failure(FailureKind.WORKER_LOST, f"GPU {gpu_id} was lost")
+                decisions += self._fail(execution_id, execution, failure, now)
+        return decisions
+
+    # Circuit breakers --------------------------------------------------------------------------
+
+    def _circuit_keys(self, execution: _Execution) -> list[str]:
+        return [f"backend:{execution.backend}"] + [f"gpu:{gpu}" for gpu in execution.gpu_ids]
+
+    def _circuit_failure(self, execution: _Execution, now: float) -> None:
+        for key in self._circuit_keys(execution):
+            if self.errors.circuits.failure(key, now):
+                _log.warning("circuit_opened", circuit=key)
+            self._refresh_circuit(key)
+
+    def _circuit_success(self, execution: _Execution) -> None:
+        for key in self._circuit_keys(execution):
+            if self.errors.circuits.success(key):
+                _log.info("circuit_closed", circuit=key)
+                self._refresh_circuit(key)
+
+    def _refresh_circuit(self, key: str) -> None:
+        """Push a circuit's state to the GPUs it covers (and the backend gauge)."""
+        kind, _, name = key.partition(":")
+        circuits = self.errors.circuits
+        if kind == "backend":
+            self.metrics.circuit(name, circuits.blocked(key))
+            gpus: Iterable[GPUState] = [
+                gpu for gpu in self.monitor.gpus.values() if gpu.reading.backend == name
+            ]
+        else:
+            gpus = [self.monitor.gpus[name]] if name in self.monitor.gpus else []
+        for gpu in gpus:
+            blocked = circuits.blocked(f"gpu:{gpu.id}") or circuits.blocked(
+                f"backend:{gpu.reading.backend}"
+            )
+            self.monitor.set_circuit(gpu.id, blocked)
+
+    # The dispatch pass ----------------------------------------------------------------------------
+
+    def _pass(self, now: float) -> list[Decision]:
+        """Place queued requests in priority order while they fit (see the module docstring)."""
+        if not len(self.queue):
+            self.metrics.set_queue_depth(self._depths())
+            return []
+        started = self._perf()
+        decisions: list[Decision] = []
+        held: set[str] = set()
+        misses = 0
+        depth = self._settings.placement.backfill_depth
+        bound = self._settings.placement.starvation_bound_s
+        self._quota_wakeup = None
+        schedulable = self.monitor.schedulable
+        for request in self.queue.candidates(now):
+            if misses >= depth:
+                break
+            waiting_for = self.quotas.blocks_dispatch(
+                request.user, self._active[request.user], gpu_seconds(request), now
+            )
+            if waiting_for is not None:
+                misses += 1
+                if waiting_for == "gpu_seconds_per_hour":
+                    self._note_quota_wait(request.user, now)
+                continue
+            need = self.need_of(request, avoid=self._avoid.get(request.id, ()))
+            chosen = self.balancer.place(need, schedulable.values(), held)
+            if isinstance(chosen, NoFit):
+                misses += 1
+                if now - request.created_at >= bound:
+                    prospect = self.balancer.prospect(need, schedulable.values())
+                    if prospect is not None and held.isdisjoint(prospect):
+                        held.update(prospect)
+                if not chosen.free_slots:
+                    break
+                continue
+            decisions.append(self._dispatch(request, chosen, now))
+        self.metrics.decision(self._perf() - started)
+        self.metrics.set_queue_depth(self._depths())
+        return decisions
+
+    def _note_quota_wait(self, user: str, now: float) -> None:
+        frees = self.quotas.gpu_seconds_frees_at(user, now)
+        if frees is None or frees <= now:
+            return
+        if self._quota_wakeup is None or frees < self._quota_wakeup:
+            self._quota_wakeup = frees
+
+    def _dispatch(self, request: Request, chosen: Chosen, now: float) -> Dispatch:
+        attempt = request.attempts + 1
+        execution_id = f"exe_{request.id}_{attempt}"
+        for gpu_id, memory_mb in chosen.reservations.items():
+            if not self.monitor.reserve(gpu_id, execution_id, memory_mb):
+                self.monitor.release(execution_id)
+                raise StateConflict(request.id, f"room for {memory_mb} MiB on {gpu_id}")
+        for gpu_id in chosen.gpu_ids:
+            self.metrics.gpu(self.monitor.gpus[gpu_id])
+        self.queue.dispatched(request.id)
+        placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
+        wait = now - request.queued_at
+        self._set(request, _S.DISPATCHING, now, placement=placement)
+        backend = self.monitor.gpus[chosen.gpu_ids[0]].reading.backend
+        execution = _Execution(request.id, attempt, backend, chosen.worker, chosen.gpu_ids, now)
+        self._executions[execution_id] = execution
+        self._current[request.id] = execution_id
+        self.quotas.charge(request.user, execution_id, now, gpu_seconds(request))
+        if attempt == 1:
+            self.errors.budget.first_attempt(now)
+        for key in self._circuit_keys(execution):
+            self.errors.circuits.probe(key)
+            self._refresh_circuit(key)
+        self.metrics.request_dispatched(request, wait)
+        return Dispatch(
+            request=request.snapshot(),
+            execution_id=execution_id,
+            attempt=attempt,
+            backend=backend,
+            placement=placement,
+            reservations=dict(chosen.reservations),
+            deadline=request.deadline,
+        )
+
+    def _depths(self) -> dict[str, int]:
+        depths = self.queue.depths()
+        for _, _, request_id in self._backoff:
+            request = self._requests.get(request_id)
+            if request is not None and request.status is _S.QUEUED and request_id not in self.queue:
+                depths[request.priority] += 1
+        return depths
+
+    # Status changes ------------------------------------------------------------------------------
+
+    def _set(
+        self,
+        request: Request,
+        to: RequestStatus,
+        now: float,
+        *,
+        placement: Placement | None = None,
+        result: object = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        """Move a request to ``to``: guarded store write, per-user counts, terminal bookkeeping."""
+        before, attempt = request.status, request.attempts
+        request.transition(to, now, placement=placement, result=result, error=error)
+        self._write(request, before, attempt)
+        if before is _S.QUEUED:
+            self._queued[request.user] -= 1
+        elif before.active and not to.active:
+            self._active[request.user] -= 1
+        if to is _S.QUEUED:
+            self._queued[request.user] += 1
+        elif to.active and not before.active:
+            self._active[request.user] += 1
+        if to.terminal:
+            del self._requests[request.id]
+            self._avoid.pop(request.id, None)
+            self.metrics.request_finished(request, now)
+
+    def _write(self, request: Request, before: RequestStatus, attempt: int) -> None:
+        """Write a changed request to the store, guarded by the status and attempt it had."""
+        if not self.store.transition(request, before, attempt):
+            raise StateConflict(request.id, f"{before.value} (attempt {attempt})")

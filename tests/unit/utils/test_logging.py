@@ -1,0 +1,116 @@
+"""Tests for the process-wide structlog configuration."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from gpu_request_router.config.config_loader import LoggingSettings
+from gpu_request_router.utils.logging import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Leave structlog and the contextvars as they were for the other tests."""
+    structlog.contextvars.clear_contextvars()
+    yield
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def test_events_and_contextvars_arrive() -> None:
+    """Logged events carry their own fields and the fields bound in the context."""
+    configure_logging(LoggingSettings(level="debug", format="json"))
+    structlog.contextvars.bind_contextvars(request_id="req_1", user="alice")
+    log = structlog.get_logger()
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        log.info("dispatched", gpu="w:0")
+        structlog.contextvars.unbind_contextvars("user")
+        log.debug("probe")
+    assert logs == [
+        {
+            "event": "dispatched",
+            "log_level": "info",
+            "gpu": "w:0",
+            "request_id": "req_1",
+            "user": "alice",
+        },
+        {"event": "probe", "log_level": "debug", "request_id": "req_1"},
+    ]
+
+
+def test_level_filter_applies_under_capture() -> None:
+    """Events below the configured level never reach the processors."""
+    configure_logging(LoggingSettings(level="warning", format="json"))
+    log = structlog.get_logger()
+    with capture_logs() as logs:
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+    assert [entry["event"] for entry in logs] == ["w", "e"]
+
+
+def test_json_lines_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    """With json and warning: info is dropped, a warning is one JSON line on stderr."""
+    configure_logging(LoggingSettings(level="warning", format="json"))
+    structlog.contextvars.bind_contextvars(request_id="req_7")
+    log = structlog.get_logger()
+    log.info("not shown")
+    log.warning("queue full", depth=12)
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "queue full"
+    assert event["level"] == "warning"
+    assert event["depth"] == 12
+    assert event["request_id"] == "req_7"
+    stamp = datetime.fromisoformat(event["timestamp"])
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=5)
+
+
+def test_json_exceptions_are_serialised(capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception logged in JSON mode stays one parseable line."""
+    configure_logging(LoggingSettings(level="info", format="json"))
+    log = structlog.get_logger()
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "failed"
+    assert "RuntimeError" in json.dumps(event["exception"])
+
+
+def test_console_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """The console renderer writes human-readable lines (no colours when not a terminal)."""
+    configure_logging(LoggingSettings(level="info", format="console"))
+    structlog.get_logger().info("started", port=8080)
+    err = capsys.readouterr().err
+    assert "started" in err
+    assert "port=8080" in err
+    assert "\x1b[" not in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err.splitlines()[0])
+
+
+def test_configure_twice_is_fine(capsys: pytest.CaptureFixture[str]) -> None:
+    """A second call replaces the first; loggers made before it follow the new settings."""
+    configure_logging(LoggingSettings(level="error", format="json"))
+    log = structlog.get_logger()
+    configure_logging(LoggingSettings(level="info", format="json"))
+    configure_logging(LoggingSettings(level="info", format="json"))
+    log.info("once")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["once"]
