@@ -124,11 +124,13 @@ class CircuitBreaker:
         del self._circuits[key]
         return not was_closed
 
-    def probe(self, key: str) -> None:
-        """Note that work was sent through a half-open circuit: it is the probe."""
+    def probe(self, key: str) -> bool:
+        """Note work sent through a circuit; True if it was half-open (the work is its probe)."""
         circuit = self._circuits.get(key)
-        if circuit is not None and circuit.state is CircuitState.HALF_OPEN:
-            circuit.probing = True
+        if circuit is None or circuit.state is not CircuitState.HALF_OPEN or circuit.probing:
+            return False
+        circuit.probing = True
+        return True
 
     def advance(self, now: float) -> list[str]:
         """Move circuits whose open period has ended to half-open; return their keys."""

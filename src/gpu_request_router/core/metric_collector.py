@@ -211,7 +211,7 @@ class MetricCollector:
         self._rejected_counts: dict[str, int] = {}
         self._retry_counts: dict[str, int] = {}
         self._depths: dict[str, int] = {}
-        self._gpus: set[str] = set()
+        self._gpus: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._queue_waits: deque[float] = deque(maxlen=max_samples)
         self._latencies: deque[float] = deque(maxlen=max_samples)
         self._completions: deque[float] = deque(maxlen=max_samples)
@@ -253,8 +253,9 @@ class MetricCollector:
             self._queue_depth.labels(priority).set(0)
             self._depths[priority] = 0
         for priority, depth in depths.items():
-            self._queue_depth.labels(priority).set(depth)
-            self._depths[priority] = depth
+            if self._depths.get(priority) != depth:
+                self._queue_depth.labels(priority).set(depth)
+                self._depths[priority] = depth
 
     def retry(self, reason: str) -> None:
         """Count a request put back in the queue for ``reason``."""
@@ -270,20 +271,26 @@ class MetricCollector:
     def gpu(self, state: GPUState) -> None:
         """Publish one GPU's memory in use, reservations, utilisation and health."""
         gpu_id = state.id
+        series = self._gpus.get(gpu_id)
+        if series is None:
+            series = self._gpus[gpu_id] = (
+                self._gpu_used.labels(gpu_id),
+                self._gpu_reserved.labels(gpu_id),
+                self._gpu_util.labels(gpu_id),
+                self._gpu_healthy.labels(gpu_id),
+            )
+        used, reserved, utilization, healthy = series
         reading = state.reading
         util = reading.utilization_pct
-        self._gpu_used.labels(gpu_id).set(reading.memory_used_mb * _MIB)
-        self._gpu_reserved.labels(gpu_id).set(state.reserved_mb * _MIB)
-        self._gpu_util.labels(gpu_id).set(0.0 if util is None else util / 100.0)
-        healthy = state.health in (GPUHealth.HEALTHY, GPUHealth.DEGRADED)
-        self._gpu_healthy.labels(gpu_id).set(1 if healthy else 0)
-        self._gpus.add(gpu_id)
+        used.set(reading.memory_used_mb * _MIB)
+        reserved.set(state.reserved_mb * _MIB)
+        utilization.set(0.0 if util is None else util / 100.0)
+        healthy.set(1 if state.health in (GPUHealth.HEALTHY, GPUHealth.DEGRADED) else 0)
 
     def forget_gpu(self, gpu_id: str) -> None:
         """Remove a GPU's series (it left the fleet); unknown ids are ignored."""
-        if gpu_id not in self._gpus:
+        if self._gpus.pop(gpu_id, None) is None:
             return
-        self._gpus.discard(gpu_id)
         for gauge in (self._gpu_used, self._gpu_reserved, self._gpu_util, self._gpu_healthy):
             gauge.remove(gpu_id)
 

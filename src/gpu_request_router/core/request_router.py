@@ -11,6 +11,9 @@ Drivers call one method per event, always with the current time, and carry out t
   :meth:`~RequestRouter.drain` — users and operators;
 - :meth:`~RequestRouter.tick` — time passed (call it at :meth:`~RequestRouter.next_wakeup`).
 
+Every status change is also announced to the callables in ``listeners`` (the request and the
+status it left), for audit trails and waiting clients.
+
 After every event a *dispatch pass* walks the queue in priority order and places what fits. A
 request that fits nowhere does not block the ones behind it (backfill), but once it has waited
 ``placement.starvation_bound_s`` the GPUs where it would fit once drained are *held*: nothing of
@@ -127,6 +130,7 @@ class RequestRouter:
         self._avoid: dict[str, set[str]] = {}
         self._quota_wakeup: float | None = None
         self._margin = settings.placement.memory_safety_margin_mb
+        self.listeners: list[Callable[[Request, RequestStatus], None]] = []
 
     # Views ---------------------------------------------------------------------------------------
 
@@ -576,8 +580,8 @@ class RequestRouter:
         if attempt == 1:
             self.errors.budget.first_attempt(now)
         for key in self._circuit_keys(execution):
-            self.errors.circuits.probe(key)
-            self._refresh_circuit(key)
+            if self.errors.circuits.probe(key):
+                self._refresh_circuit(key)
         self.metrics.request_dispatched(request, wait)
         return Dispatch(
             request=request.snapshot(),
@@ -625,6 +629,8 @@ class RequestRouter:
             del self._requests[request.id]
             self._avoid.pop(request.id, None)
             self.metrics.request_finished(request, now)
+        for listener in self.listeners:
+            listener(request, before)
 
     def _write(self, request: Request, before: RequestStatus, attempt: int) -> None:
         """Write a changed request to the store, guarded by the status and attempt it had."""

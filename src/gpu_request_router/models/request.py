@@ -262,4 +262,10 @@ class Request:
 
     def snapshot(self) -> Request:
         """A copy that later transitions of this object do not change."""
-        return dataclasses.replace(self)
+        copy = object.__new__(Request)
+        for name in _FIELDS:
+            object.__setattr__(copy, name, getattr(self, name))
+        return copy
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(Request))

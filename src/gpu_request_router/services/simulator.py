@@ -1,0 +1,358 @@
+"""A simulated GPU fleet (SPEC §6 "Simulated execution"), free of time and I/O.
+
+It models GPUs of real types (their real memory), accounts memory for real (an execution holds
+its peak memory on each of its GPUs while it runs), limits concurrency by slots, and answers
+like a real backend: OpenAI-shaped output for chat, completion and embedding, an out-of-memory
+failure when an execution does not fit beside what already runs. Both drivers use it: the
+discrete-event :class:`~gpu_request_router.simulation.Simulation` in virtual time, and the
+asyncio ``simulated`` backend client in real time.
+
+By default an execution takes the estimated duration on its GPU type and uses the memory the
+router reserved for it. A request's ``input`` may carry ``simulate`` to override that::
+
+    {"simulate": {"duration_s": 0.5, "peak_memory_mb": 2000,
+                  "failure": "error" | "oom" | "hang", "fail_attempts": 1, "output": {...}}}
+
+``failure`` applies to the first ``fail_attempts`` attempts (default: all); ``hang`` never
+finishes by itself; ``output`` is returned as the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_request_router.config.config_loader import BackendSettings
+from gpu_request_router.core.events import Dispatch, ExecutionResult, Failure, FailureKind
+from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, gpu_id_for
+from gpu_request_router.models.gpu_types import gpu_type
+from gpu_request_router.models.request import Request, Task
+
+__all__ = ["Plan", "SimulatedFleet", "openai_output", "plan_execution"]
+
+# Board power (W) of the built-in types, for plausible power readings.
+_POWER_W = {"H100-80GB": 700.0, "A100-80GB": 400.0, "H200-141GB": 700.0, "L4-24GB": 72.0}
+_WORDS = (
+    "the", "router", "placed", "this", "request", "on", "a", "GPU", "with", "room",
+    "for", "it", "and", "backend", "answered", "in", "deterministic", "words",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How one execution will go: its duration (``None``: hangs), memory, failure and output."""
+
+    duration_s: float | None
+    peak_memory_mb: Mapping[str, int]
+    failure: Failure | None
+    output: Any
+
+
+def _simulate_spec(request: Request) -> dict[str, Any]:
+    spec = request.input.get("simulate") if isinstance(request.input, Mapping) else None
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise ValueError("input.simulate must be an object")
+    allowed = {"duration_s", "peak_memory_mb", "failure", "fail_attempts", "output"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"input.simulate: unknown field(s) {', '.join(sorted(unknown))}")
+    for name in ("duration_s", "peak_memory_mb", "fail_attempts"):
+        value = spec.get(name)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"input.simulate.{name} must be a non-negative number")
+    if spec.get("failure") not in (None, "error", "oom", "hang"):
+        raise ValueError("input.simulate.failure must be error, oom or hang")
+    return dict(spec)
+
+
+def plan_execution(dispatch: Dispatch, gpu_types: Mapping[str, str]) -> Plan:
+    """Decide how ``dispatch`` will run on the simulated GPUs of types ``gpu_types`` (by id)."""
+    request = dispatch.request
+    try:
+        spec = _simulate_spec(request)
+    except ValueError as exc:
+        return Plan(0.0, {}, Failure(FailureKind.CLIENT_ERROR, str(exc)), None)
+    first_type = gpu_types[dispatch.placement.gpu_id]
+    duration = spec.get("duration_s")
+    if duration is None:
+        duration = request.estimate.duration_on(first_type)
+    peak_override = spec.get("peak_memory_mb")
+    peaks = {
+        gpu_id: int(peak_override) if peak_override is not None else reserved
+        for gpu_id, reserved in dispatch.reservations.items()
+    }
+    failure: Failure | None = None
+    mode = spec.get("failure")
+    fail_attempts = spec.get("fail_attempts")
+    if mode is not None and (fail_attempts is None or dispatch.attempt <= fail_attempts):
+        if mode == "hang":
+            return Plan(None, peaks, None, None)
+        if mode == "oom":
+            needed = max(peaks.values(), default=0)
+            failure = Failure(
+                FailureKind.OUT_OF_MEMORY,
+                f"CUDA out of memory: tried to allocate {needed} MiB (simulated)",
+                peak_memory_mb=needed,
+            )
+        else:
+            failure = Failure(FailureKind.BACKEND_ERROR, "simulated backend error")
+    output = spec["output"] if "output" in spec else openai_output(request)
+    return Plan(float(duration), peaks, failure, output)
+
+
+def _words(seed: str, count: int) -> str:
+    start = hashlib.sha256(seed.encode()).digest()[0]
+    size = len(_WORDS)
+    return " ".join([_WORDS[(start + i) % size] for i in range(count)])
+
+
+def _embedding(seed: str, dimensions: int = 8) -> list[float]:
+    digest = hashlib.sha256(seed.encode()).digest()
+    raw = [(byte - 127.5) / 127.5 for byte in digest[:dimensions]]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
+def openai_output(request: Request) -> Any:
+    """A well-formed OpenAI-style answer for the request's task (deterministic)."""
+    shape = request.shape
+    created = int(request.created_at)
+    usage_in = shape.batch_size * shape.input_tokens
+    usage_out = shape.batch_size * shape.output_tokens
+    usage = {
+        "prompt_tokens": usage_in,
+        "completion_tokens": usage_out,
+        "total_tokens": usage_in + usage_out,
+    }
+    if request.task is Task.CHAT:
+        return {
+            "id": f"chatcmpl-{request.id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": request.model,
+            "choices": [
+                {
+                    "index": index,
+                    "message": {
+                        "role": "assistant",
+                        "content": _words(f"{request.id}:{index}", shape.output_tokens),
+                    },
+                    "finish_reason": "length",
+                }
+                for index in range(shape.batch_size)
+            ],
+            "usage": usage,
+        }
+    if request.task is Task.COMPLETION:
+        return {
+            "id": f"cmpl-{request.id}",
+            "object": "text_completion",
+            "created": created,
+            "model": request.model,
+            "choices": [
+                {
+                    "index": index,
+                    "text": _words(f"{request.id}:{index}", shape.output_tokens),
+                    "finish_reason": "length",
+                    "logprobs": None,
+                }
+                for index in range(shape.batch_size)
+            ],
+            "usage": usage,
+        }
+    if request.task is Task.EMBEDDING:
+        return {
+            "object": "list",
+            "model": request.model,
+            "data": [
+                {
+                    "object": "embedding",
+                    "index": index,
+                    "embedding": _embedding(f"{request.id}:{index}"),
+                }
+                for index in range(shape.batch_size)
+            ],
+            "usage": {"prompt_tokens": usage_in, "total_tokens": usage_in},
+        }
+    return {"status": "ok", "model": request.model}
+
+
+@dataclass(slots=True)
+class _SimGPU:
+    worker: str
+    index: int
+    type: str
+    backend: str
+    memory_total_mb: int
+    slots: int
+    models: tuple[str, ...]
+    models_loaded: tuple[str, ...]
+    resident_mb: int
+    running: dict[str, int] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
+    lost: bool = False
+    ecc_uncorrected: int = 0
+
+    @property
+    def used_mb(self) -> int:
+        return self.resident_mb + sum(self.running.values())
+
+
+class SimulatedFleet:
+    """The GPUs of the ``simulated`` backends of a configuration, with real memory accounting.
+
+    Each backend is one worker named after it; its GPUs are ``<backend>:<index>``.
+    ``weights_mb`` gives the weights of each model in ``models_loaded`` (resident on every GPU
+    of that backend, counted as memory used by others).
+    """
+
+    def __init__(
+        self, backends: Sequence[BackendSettings], weights_mb: Mapping[str, int] | None = None
+    ) -> None:
+        self._gpus: dict[str, _SimGPU] = {}
+        self._executions: dict[str, tuple[str, ...]] = {}
+        weights = weights_mb or {}
+        for backend in backends:
+            if backend.kind != "simulated":
+                continue
+            resident = sum(weights.get(model, 0) for model in backend.models_loaded)
+            index = 0
+            for group in backend.gpus:
+                kind = gpu_type(group.type, group.memory_mb)
+                for _ in range(group.count):
+                    gpu = _SimGPU(
+                        worker=backend.name,
+                        index=index,
+                        type=kind.name,
+                        backend=backend.name,
+                        memory_total_mb=kind.memory_mb,
+                        slots=backend.slots_per_gpu,
+                        models=tuple(backend.models),
+                        models_loaded=tuple(backend.models_loaded),
+                        resident_mb=resident,
+                    )
+                    self._gpus[gpu_id_for(backend.name, index)] = gpu
+                    index += 1
+
+    @property
+    def workers(self) -> list[str]:
+        """The simulated workers (one per simulated backend)."""
+        return sorted({gpu.worker for gpu in self._gpus.values()})
+
+    @property
+    def gpu_types(self) -> dict[str, str]:
+        """The type of each simulated GPU, by id."""
+        return {gpu_id: gpu.type for gpu_id, gpu in self._gpus.items()}
+
+    def readings(self, worker: str) -> list[GPUReading]:
+        """What a monitor reading ``worker`` sees now (lost GPUs are missing)."""
+        return [
+            self._reading(gpu)
+            for gpu in self._gpus.values()
+            if gpu.worker == worker and not gpu.lost
+        ]
+
+    def _reading(self, gpu: _SimGPU) -> GPUReading:
+        busy = len(gpu.running)
+        utilization = 0.0 if busy == 0 else min(100.0, 40.0 + 60.0 * busy / gpu.slots)
+        board = _POWER_W.get(gpu.type, 700.0)
+        return GPUReading(
+            worker=gpu.worker,
+            index=gpu.index,
+            type=gpu.type,
+            memory_total_mb=gpu.memory_total_mb,
+            memory_used_mb=gpu.used_mb,
+            memory_reserved_mb=sum(gpu.reserved.values()),
+            backend=gpu.backend,
+            name=f"Simulated {gpu.type}",
+            uuid=f"GPU-sim-{gpu.worker}-{gpu.index}",
+            utilization_pct=utilization,
+            temperature_c=30.0 + 0.45 * utilization,
+            power_w=round(board * (0.1 + 0.9 * utilization / 100.0), 1),
+            health=GPUHealth.HEALTHY,
+            ecc_uncorrected=gpu.ecc_uncorrected,
+            slots=gpu.slots,
+            models=gpu.models,
+            models_loaded=gpu.models_loaded,
+        )
+
+    def plan(self, dispatch: Dispatch) -> Plan:
+        """How ``dispatch`` will go (see :func:`plan_execution`)."""
+        return plan_execution(dispatch, self.gpu_types)
+
+    def start(self, dispatch: Dispatch, plan: Plan) -> Failure | None:
+        """Begin an execution: hold its memory and slots, or say why it cannot run.
+
+        A GPU without room for the execution's peak memory answers out-of-memory (nothing is
+        held); a lost GPU is unreachable; a repeated execution id is not started twice.
+        """
+        if dispatch.execution_id in self._executions:
+            return None
+        if plan.failure is not None and plan.failure.kind is FailureKind.CLIENT_ERROR:
+            return plan.failure
+        gpus = [self._gpus[gpu_id] for gpu_id in dispatch.placement.gpu_ids]
+        for gpu in gpus:
+            if gpu.lost:
+                return Failure(FailureKind.UNREACHABLE, f"GPU {gpu.worker}:{gpu.index} is gone")
+            if len(gpu.running) >= gpu.slots:
+                return Failure(FailureKind.BACKEND_ERROR, "no free slot (simulated)")
+        for gpu_id, gpu in zip(dispatch.placement.gpu_ids, gpus, strict=True):
+            peak = plan.peak_memory_mb.get(gpu_id, 0)
+            if gpu.used_mb + peak > gpu.memory_total_mb:
+                return Failure(
+                    FailureKind.OUT_OF_MEMORY,
+                    f"CUDA out of memory: tried to allocate {peak} MiB with "
+                    f"{gpu.memory_total_mb - gpu.used_mb} MiB free (simulated)",
+                    peak_memory_mb=peak,
+                )
+        for gpu_id, gpu in zip(dispatch.placement.gpu_ids, gpus, strict=True):
+            gpu.running[dispatch.execution_id] = plan.peak_memory_mb.get(gpu_id, 0)
+            gpu.reserved[dispatch.execution_id] = dispatch.reservations.get(gpu_id, 0)
+        self._executions[dispatch.execution_id] = dispatch.placement.gpu_ids
+        return None
+
+    def running(self, execution_id: str) -> bool:
+        """Whether the execution holds GPUs now."""
+        return execution_id in self._executions
+
+    def finish(self, execution_id: str, plan: Plan, duration_s: float) -> ExecutionResult:
+        """End an execution that ran ``duration_s``: free its GPUs and report what it used."""
+        gpu_ids = self.stop(execution_id)
+        peak = max((plan.peak_memory_mb.get(gpu_id, 0) for gpu_id in gpu_ids), default=0)
+        return ExecutionResult(
+            output=plan.output, gpu_seconds=duration_s * len(gpu_ids), peak_memory_mb=peak
+        )
+
+    def stop(self, execution_id: str) -> tuple[str, ...]:
+        """Free an execution's GPUs (finished, failed or cancelled); return them."""
+        gpu_ids = self._executions.pop(execution_id, ())
+        for gpu_id in gpu_ids:
+            gpu = self._gpus[gpu_id]
+            gpu.running.pop(execution_id, None)
+            gpu.reserved.pop(execution_id, None)
+        return gpu_ids
+
+    def lose_gpu(self, gpu_id: str) -> list[str]:
+        """The GPU disappears (falls off the bus); return the executions that died with it."""
+        gpu = self._gpus[gpu_id]
+        gpu.lost = True
+        dead = [
+            execution_id for execution_id, gpu_ids in self._executions.items() if gpu_id in gpu_ids
+        ]
+        for execution_id in dead:
+            self.stop(execution_id)
+        return dead
+
+    def restore_gpu(self, gpu_id: str) -> None:
+        """A lost GPU comes back, empty."""
+        self._gpus[gpu_id].lost = False
