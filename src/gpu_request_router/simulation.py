@@ -28,13 +28,10 @@ from gpu_request_router.core.events import CancelExecution, Decision, Dispatch
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
 from gpu_request_router.models.request import Request, RequestStatus
-from gpu_request_router.services.simulator import Plan, SimulatedFleet
+from gpu_request_router.services.simulator import FAILS_AFTER, Plan, SimulatedFleet
 from gpu_request_router.utils.clock import VirtualClock
 
 __all__ = ["Rejection", "RequestRecord", "Simulation", "SimulationReport"]
-
-# Share of its duration after which a failing execution reports its failure.
-_FAILS_AFTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +54,11 @@ class RequestRecord:
     queue_wait_s: float
     error: str | None
     gpu_memory_mb: int
+    retried_after: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, request: Request) -> RequestRecord:
-        """The record of a request in its current state."""
+    def of(cls, request: Request, retried_after: tuple[str, ...] = ()) -> RequestRecord:
+        """The record of a request in its current state (and the failures it was retried after)."""
         placement = request.placement
         return cls(
             id=request.id,
@@ -79,6 +77,7 @@ class RequestRecord:
             queue_wait_s=request.queue_wait_s,
             error=request.error.type if request.error else None,
             gpu_memory_mb=request.estimate.gpu_memory_mb,
+            retried_after=retried_after,
         )
 
 
@@ -134,6 +133,7 @@ class Simulation:
         self._seq = itertools.count()
         self._plans: dict[str, tuple[Plan, float]] = {}
         self._ended: dict[str, RequestRecord] = {}
+        self._retries: dict[str, list[str]] = {}
         self._rejections: list[Rejection] = []
         self._arrivals = 0
         self._tick_at: float | None = None
@@ -181,7 +181,8 @@ class Simulation:
             self._apply(self._handle(event))
             self._schedule_tick()
         records = list(self._ended.values()) + [
-            RequestRecord.of(request) for request in self.router.live.values()
+            RequestRecord.of(request, tuple(self._retries.get(request.id, ())))
+            for request in self.router.live.values()
         ]
         records.sort(key=lambda record: (record.created_at, record.id))
         return SimulationReport(records, list(self._rejections), self.clock.now(), self._events)
@@ -264,7 +265,7 @@ class Simulation:
         if plan.duration_s is None:
             return
         if plan.failure is not None:
-            self._push(now + plan.duration_s * _FAILS_AFTER, "fail", (execution_id, plan.failure))
+            self._push(now + plan.duration_s * FAILS_AFTER, "fail", (execution_id, plan.failure))
         else:
             self._push(now + plan.duration_s, "finish", execution_id)
 
@@ -278,5 +279,8 @@ class Simulation:
         self._push(self._tick_at, "tick", None)
 
     def _on_transition(self, request: Request, before: RequestStatus) -> None:
-        if request.status.terminal:
-            self._ended[request.id] = RequestRecord.of(request)
+        if request.status is RequestStatus.QUEUED and request.error is not None:
+            self._retries.setdefault(request.id, []).append(request.error.type)
+        elif request.status.terminal:
+            retried = tuple(self._retries.pop(request.id, ()))
+            self._ended[request.id] = RequestRecord.of(request, retried)

@@ -31,7 +31,10 @@ from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, gpu_id_fo
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import Request, Task
 
-__all__ = ["Plan", "SimulatedFleet", "openai_output", "plan_execution"]
+__all__ = ["FAILS_AFTER", "Plan", "SimulatedFleet", "openai_output", "plan_execution"]
+
+# Share of its duration after which an execution set to fail reports its failure.
+FAILS_AFTER = 0.1
 
 # Board power (W) of the built-in types, for plausible power readings.
 _POWER_W = {"H100-80GB": 700.0, "A100-80GB": 400.0, "H200-141GB": 700.0, "L4-24GB": 72.0}

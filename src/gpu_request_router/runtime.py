@@ -1,0 +1,261 @@
+"""The asyncio driver: the core in real time, against real (or simulated) backends.
+
+It owns the I/O the core does not: a timer loop that calls
+:meth:`~gpu_request_router.core.request_router.RequestRouter.tick` at
+:meth:`~gpu_request_router.core.request_router.RequestRouter.next_wakeup`, one polling loop per
+GPU source, and one task per execution that awaits the backend client and feeds the outcome back.
+The core is synchronous and the event loop single-threaded, so no locks are needed.
+
+Example::
+
+    async with Runtime.simulated(load_settings()) as runtime:
+        request = await runtime.submit(Submission(model="llama-3-8b"), Caller("alice"))
+        done = await runtime.wait(request.id, timeout_s=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+import structlog
+
+from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.engine import Engine
+from gpu_request_router.core.events import (
+    CancelExecution,
+    Decision,
+    Dispatch,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+)
+from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.exceptions import NotFound
+from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.services.ai_orchestrator import BackendClient, SimulatedBackend
+from gpu_request_router.services.gpu_monitoring import GpuSource, SimulatedSource
+from gpu_request_router.services.simulator import SimulatedFleet
+from gpu_request_router.utils.clock import Clock, SystemClock
+
+__all__ = ["Runtime"]
+
+_log = structlog.get_logger(__name__)
+
+# How long a backend gets to acknowledge a cancellation before the router stops waiting.
+_CANCEL_TIMEOUT_S = 5.0
+
+
+class Runtime:
+    """Runs an :class:`Engine` under asyncio; use it as an async context manager."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clients: Mapping[str, BackendClient],
+        sources: Sequence[GpuSource],
+        clock: Clock | None = None,
+    ) -> None:
+        self.engine = engine
+        self.router = engine.router
+        self.clock = clock if clock is not None else SystemClock()
+        self._clients = dict(clients)
+        self._sources = list(sources)
+        self._poll_s = engine.settings.monitor.poll_interval_s
+        self._wake = asyncio.Event()
+        self._executions: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self.router.listeners.append(self._on_transition)
+
+    @classmethod
+    def simulated(
+        cls, settings: Settings, *, clock: Clock | None = None, seed: int | None = None
+    ) -> Runtime:
+        """A runtime whose ``simulated`` backends run on an in-process fleet in real time."""
+        engine = Engine.build(settings, seed=seed)
+        clock = clock if clock is not None else SystemClock()
+        weights = {
+            name: -(-engine.router.estimator.profile(name).weights_bytes // 2**20)
+            for name in settings.models
+        }
+        fleet = SimulatedFleet(settings.backends, weights)
+        clients: dict[str, BackendClient] = {
+            backend.name: SimulatedBackend(backend.name, fleet, clock)
+            for backend in settings.backends
+            if backend.kind == "simulated"
+        }
+        sources = [SimulatedSource(fleet, worker) for worker in fleet.workers]
+        return cls(engine, clients=clients, sources=sources, clock=clock)
+
+    # Lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Read every source once, recover stored work, then start the loops."""
+        for source in self._sources:
+            await self._poll_once(source)
+        self._apply(self.router.recover(self.clock.now()))
+        self._loops.append(asyncio.create_task(self._timer_loop()))
+        self._loops.extend(asyncio.create_task(self._poll_loop(source)) for source in self._sources)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop the loops and the executions in flight (the store keeps their state)."""
+        tasks = [*self._loops, *self._executions.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loops.clear()
+        for client in self._clients.values():
+            await client.aclose()
+
+    # Requests ------------------------------------------------------------------------------------
+
+    async def submit(self, submission: Submission, caller: Caller) -> Request:
+        """Admit a submission (raises ``RequestRejected`` subclasses); return it as stored."""
+        admission = self.engine.receiver.submit(submission, caller, self.clock.now())
+        self._apply(admission.decisions)
+        self._wake.set()
+        return admission.request.snapshot()
+
+    async def cancel(self, request_id: str) -> Request:
+        """Cancel a request (``NotFound``, ``AlreadyTerminal`` as the router raises them)."""
+        self._apply(self.router.cancel(request_id, self.clock.now()))
+        self._wake.set()
+        return self.get(request_id)
+
+    def get(self, request_id: str) -> Request:
+        """The request as it is now.
+
+        Raises:
+            NotFound: no such request.
+        """
+        live = self.router.get(request_id)
+        if live is not None:
+            return live.snapshot()
+        stored = self.engine.store.get_request(request_id)
+        if stored is None:
+            raise NotFound("request", request_id)
+        return stored
+
+    async def wait(self, request_id: str, timeout_s: float) -> Request:
+        """The request once it is terminal, or as it is when ``timeout_s`` has passed."""
+        request = self.get(request_id)
+        if request.status.terminal or timeout_s <= 0:
+            return request
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(request_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(request_id, None)
+        return self.get(request_id)
+
+    def _on_transition(self, request: Request, before: RequestStatus) -> None:
+        if not request.status.terminal:
+            return
+        for future in self._waiters.pop(request.id, []):
+            if not future.done():
+                future.set_result(None)
+
+    # Decisions -----------------------------------------------------------------------------------
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            if isinstance(decision, Dispatch):
+                task = asyncio.create_task(self._execute(decision))
+                self._executions[decision.execution_id] = task
+            else:
+                self._stop(decision)
+
+    def _stop(self, decision: CancelExecution) -> None:
+        task = self._executions.pop(decision.execution_id, None)
+        if task is not None:
+            task.cancel()
+        client = self._clients.get(decision.backend)
+        if client is None:
+            return
+        notice = asyncio.create_task(self._tell_cancel(client, decision.execution_id))
+        self._background.add(notice)
+        notice.add_done_callback(self._background.discard)
+
+    async def _tell_cancel(self, client: BackendClient, execution_id: str) -> None:
+        try:
+            async with asyncio.timeout(_CANCEL_TIMEOUT_S):
+                await client.cancel(execution_id)
+        except Exception as exc:  # a backend that cannot be told is retried by nobody: log it
+            _log.warning("cancel_not_delivered", execution_id=execution_id, error=repr(exc))
+
+    async def _execute(self, dispatch: Dispatch) -> None:
+        execution_id = dispatch.execution_id
+        client = self._clients.get(dispatch.backend)
+
+        def started() -> None:
+            self._apply(self.router.started(execution_id, self.clock.now()))
+
+        outcome: ExecutionResult | Failure
+        try:
+            if client is None:
+                outcome = Failure(
+                    FailureKind.UNREACHABLE, f"no client for backend {dispatch.backend!r}"
+                )
+            else:
+                outcome = await client.execute(dispatch, started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a client bug must not take the router down: fail the attempt
+            _log.exception("backend_client_error", execution_id=execution_id)
+            outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
+        finally:
+            self._executions.pop(execution_id, None)
+        now = self.clock.now()
+        if isinstance(outcome, Failure):
+            decisions = self.router.failed(execution_id, outcome, now)
+        else:
+            decisions = self.router.finished(execution_id, outcome, now)
+        self._apply(decisions)
+        self._wake.set()
+
+    # Loops ---------------------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            wakeup = self.router.next_wakeup()
+            delay = None if wakeup is None else max(0.0, wakeup - self.clock.now())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            if wakeup is not None and self.clock.now() >= wakeup:
+                self._apply(self.router.tick(self.clock.now()))
+
+    async def _poll_loop(self, source: GpuSource) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            await self._poll_once(source)
+
+    async def _poll_once(self, source: GpuSource) -> None:
+        try:
+            async with asyncio.timeout(self._poll_s * 2):
+                readings = await source.read()
+        except Exception as exc:  # any failure to read counts as the worker not answering
+            _log.warning("gpu_source_failed", worker=source.worker, error=repr(exc))
+            self.router.source_failed(source.worker, self.clock.now())
+            return
+        self._apply(self.router.readings(readings, self.clock.now(), worker=source.worker))
+        self._wake.set()

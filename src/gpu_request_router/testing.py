@@ -1,0 +1,139 @@
+"""Helpers for testing the router and integrations built on it: settings, readings, submissions.
+
+They build real objects (no mocks): an :class:`Engine` on a memory store, GPU readings as a
+monitoring source would report them, chat submissions with ``simulate`` overrides.
+
+Example::
+
+    settings = make_settings(gpus=[("H100-80GB", 2)])
+    engine = Engine.build(settings, seed=1)
+    engine.router.readings(readings_for(settings), now=0.0, worker="sim")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gpu_request_router.config.config_loader import Settings, load_settings
+from gpu_request_router.core.request_receiver import Submission
+from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
+from gpu_request_router.models.gpu_types import gpu_type
+from gpu_request_router.models.request import ResourceHints, Shape, Task
+
+__all__ = ["UNLIMITED_QUOTA", "chat", "reading", "readings_for", "make_settings"]
+
+UNLIMITED_QUOTA: dict[str, Any] = {
+    "requests_per_minute": None,
+    "max_concurrent": None,
+    "max_queued": None,
+    "gpu_seconds_per_hour": None,
+    "max_priority": "critical",
+    "max_gpu_memory_mb": None,
+}
+
+
+def make_settings(
+    *,
+    gpus: Sequence[tuple[str, int]] = (("H100-80GB", 2),),
+    slots: int = 8,
+    worker: str = "sim",
+    quota: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Settings:
+    """Packaged defaults with one simulated worker and unlimited quotas unless overridden.
+
+    ``sections`` are merged over the defaults, e.g. ``placement={"policy": "best_fit"}``.
+    """
+    overrides: dict[str, Any] = {
+        "auth": {"enabled": False},
+        "state": {"backend": "memory"},
+        "quotas": {"default": {**UNLIMITED_QUOTA, **(quota or {})}},
+        "backends": [
+            {
+                "name": worker,
+                "kind": "simulated",
+                "gpus": [{"type": kind, "count": count} for kind, count in gpus],
+                "slots_per_gpu": slots,
+            }
+        ],
+    }
+    overrides.update(sections)
+    return load_settings(overrides=overrides)
+
+
+def reading(
+    worker: str,
+    index: int,
+    kind: str = "H100-80GB",
+    *,
+    used_mb: int = 0,
+    reserved_mb: int = 0,
+    slots: int = 8,
+    health: GPUHealth = GPUHealth.HEALTHY,
+    **fields: Any,
+) -> GPUReading:
+    """A reading of GPU ``index`` of ``worker`` with the built-in memory of ``kind``."""
+    return GPUReading(
+        worker=worker,
+        index=index,
+        type=kind,
+        memory_total_mb=fields.pop("memory_total_mb", gpu_type(kind).memory_mb),
+        memory_used_mb=used_mb,
+        memory_reserved_mb=reserved_mb,
+        backend=fields.pop("backend", worker),
+        slots=slots,
+        health=health,
+        **fields,
+    )
+
+
+def readings_for(settings: Settings) -> list[GPUReading]:
+    """Idle readings of every GPU of the simulated backends of ``settings``."""
+    result = []
+    for backend in settings.backends:
+        index = 0
+        for group in backend.gpus:
+            for _ in range(group.count):
+                result.append(
+                    reading(
+                        backend.name,
+                        index,
+                        group.type,
+                        memory_total_mb=gpu_type(group.type, group.memory_mb).memory_mb,
+                        slots=backend.slots_per_gpu,
+                    )
+                )
+                index += 1
+    return result
+
+
+def chat(
+    model: str = "llama-3-8b",
+    *,
+    text: str = "hello",
+    max_tokens: int = 16,
+    priority: str | None = None,
+    shape: Shape | None = None,
+    resources: ResourceHints | None = None,
+    timeout_s: float | None = None,
+    idempotency_key: str | None = None,
+    **simulate: Any,
+) -> Submission:
+    """A chat submission; keyword arguments beyond the named ones go to ``input.simulate``."""
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+    }
+    if simulate:
+        body["simulate"] = simulate
+    return Submission(
+        model=model,
+        task=Task.CHAT,
+        input=body,
+        shape=shape,
+        priority=priority,
+        resources=resources or ResourceHints(),
+        timeout_s=timeout_s,
+        idempotency_key=idempotency_key,
+    )
