@@ -21,7 +21,7 @@ from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import ResourceHints, Shape, Task
 
-__all__ = ["UNLIMITED_QUOTA", "chat", "reading", "readings_for", "make_settings"]
+__all__ = ["UNLIMITED_QUOTA", "chat", "make_settings", "reading", "readings_for"]
 
 UNLIMITED_QUOTA: dict[str, Any] = {
     "requests_per_minute": None,
