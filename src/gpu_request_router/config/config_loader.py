@@ -6,7 +6,7 @@ Sources apply in this order, later ones winning (SPEC §7):
 2. the user's file (``--config``): mappings merge key by key, lists replace;
 3. environment variables ``GPUROUTER_<SECTION>__<KEY>[__<KEY>...]``, e.g.
    ``GPUROUTER_PLACEMENT__POLICY=best_fit`` or ``GPUROUTER_QUOTAS__DEFAULT__MAX_CONCURRENT=4``
-   (lists as JSON).
+   (lists and mappings as JSON, ``null`` for unlimited).
 
 Invalid configuration fails at load time with :class:`~gpu_request_router.exceptions.ConfigError`
 naming the dotted key. Example::
@@ -24,7 +24,12 @@ from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
@@ -310,6 +315,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GPUROUTER_",
         env_nested_delimiter="__",
+        env_parse_none_str="null",
         extra="forbid",
         frozen=True,
     )
@@ -418,6 +424,14 @@ def load_settings(
         data = _deep_merge(data, overrides)
     try:
         return Settings(**data)
+    except SettingsError as exc:
+        # An environment value that should be JSON (a list, a mapping) but is not.
+        found = re.search(r'field "([^"]+)"', str(exc))
+        key = found.group(1) if found else "config"
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise ConfigError(
+            key, f"cannot parse the GPUROUTER_{key.upper()}* environment variable{cause}"
+        ) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         message = first["msg"].removeprefix("Value error, ")

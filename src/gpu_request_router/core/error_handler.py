@@ -26,6 +26,7 @@ through; the probe's success closes it, its failure opens it again.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -174,7 +175,9 @@ class RetryBudget:
         for window in (self._firsts, self._retries):
             while window and window[0] <= cutoff:
                 window.popleft()
-        allowed = max(self._minimum, int(self._ratio * len(self._firsts)))
+        # The relative epsilon keeps e.g. 0.7 × 90 = 62.999… (float rounding) from flooring to 62.
+        share = math.floor(self._ratio * len(self._firsts) * (1 + 1e-12))
+        allowed = max(self._minimum, share)
         if len(self._retries) >= allowed:
             return False
         self._retries.append(now)

@@ -232,7 +232,7 @@ class LoadBalancer:
     ) -> Chosen | NoFit:
         """Choose GPUs for ``need`` among ``gpus`` (schedulable ones), skipping ``held`` GPUs."""
         fitting: dict[str, list[tuple[GPUState, int]]] = {}
-        avoided: dict[str, list[tuple[GPUState, int]]] = {}
+        feasible: dict[str, list[tuple[GPUState, int]]] = {}
         free_slots = False
         model, gpu_type, avoid = need.model, need.gpu_type, need.avoid
         for gpu in gpus:
@@ -246,9 +246,11 @@ class LoadBalancer:
             memory = need.memory_on(gpu)
             if memory > gpu.room_mb:
                 continue
-            bucket = avoided if gpu.id in avoid else fitting
-            bucket.setdefault(gpu.worker, []).append((gpu, memory))
-        candidates = self._candidates(fitting, need) or self._candidates(avoided, need)
+            feasible.setdefault(gpu.worker, []).append((gpu, memory))
+            if gpu.id not in avoid:
+                fitting.setdefault(gpu.worker, []).append((gpu, memory))
+        # Avoided GPUs only when nothing fits without them; a multi-GPU group may then mix both.
+        candidates = self._candidates(fitting, need) or self._candidates(feasible, need)
         if not candidates:
             return NoFit(free_slots=free_slots)
         chosen, reason = self.policy.choose(candidates)
@@ -271,8 +273,14 @@ class LoadBalancer:
             if count == 1:
                 groups = [[option] for option in options]
             else:
-                # The tightest-fitting GPUs of the worker, so that a group leaves big holes intact.
-                groups = [sorted(options, key=lambda o: (o[0].room_mb - o[1], o[0].id))[:count]]
+                # The tightest-fitting GPUs of the worker, so that a group leaves big holes intact
+                # (GPUs the request should avoid last).
+                groups = [
+                    sorted(
+                        options,
+                        key=lambda o: (o[0].id in need.avoid, o[0].room_mb - o[1], o[0].id),
+                    )[:count]
+                ]
             for group in groups:
                 gpus = tuple(gpu for gpu, _ in group)
                 candidates.append(

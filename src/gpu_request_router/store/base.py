@@ -34,6 +34,10 @@ class RequestQuery:
     limit: int = 50
     cursor: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise InvalidRequest("limit", "a page holds at least one request")
+
     def matches(self, request: Request) -> bool:
         """Whether ``request`` passes the filters (the cursor aside)."""
         return (
@@ -143,7 +147,11 @@ class StateStore(ABC):
 
     @abstractmethod
     def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
-        """Charge GPU-seconds at time ``at``; charging the same ``charge_id`` again replaces it."""
+        """Charge GPU-seconds at time ``at``; charging the same ``charge_id`` again replaces it.
+
+        A replacement settles the amount of a charge still in the window (which keeps its time);
+        a charge dated before the window counts for nothing.
+        """
 
     @abstractmethod
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:

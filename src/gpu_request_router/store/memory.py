@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
@@ -28,6 +30,10 @@ class _Entry:
         self.amount = amount
 
 
+def _at(entry: _Entry) -> float:
+    return entry.at
+
+
 class _Window:
     """A sliding window of entries (oldest first) with a running total."""
 
@@ -38,8 +44,13 @@ class _Window:
         self.total = 0.0
 
     def add(self, at: float, entry_id: str, amount: float) -> _Entry:
+        """Add an entry in time order (usually at the end), so that pruning stays exact."""
         entry = _Entry(at, entry_id, amount)
-        self.entries.append(entry)
+        entries = self.entries
+        if not entries or entries[-1].at <= at:
+            entries.append(entry)
+        else:
+            entries.insert(bisect.bisect_right(entries, at, key=_at), entry)
         self.total += amount
         return entry
 
@@ -118,7 +129,9 @@ class MemoryStore(StateStore):
 
     def unfinished_requests(self) -> list[Request]:
         """Every request not yet in a terminal status, oldest first."""
-        return [self._requests[request_id].snapshot() for request_id in self._unfinished]
+        unfinished = (self._requests[request_id] for request_id in self._unfinished)
+        ordered = sorted(unfinished, key=lambda r: (r.created_at, r.id))
+        return [request.snapshot() for request in ordered]
 
     # GPU memory reservations -----------------------------------------------------------------
 
@@ -156,7 +169,12 @@ class MemoryStore(StateStore):
         if len(window.entries) >= limit:
             oldest = window.oldest()
             assert oldest is not None
-            return oldest + window_s - now
+            # The first time at which the oldest admission has left the window; stepping past
+            # float rounding keeps the answer positive and true (never "retry now" to a refusal).
+            free_at = now + (oldest + window_s - now)
+            while free_at - window_s < oldest:
+                free_at = math.nextafter(free_at, math.inf)
+            return free_at - now
         window.add(now, "", 1.0)
         return None
 

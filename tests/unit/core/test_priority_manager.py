@@ -1,0 +1,235 @@
+"""The queue: aged priority levels, fair share between users, lazy ordered iteration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpu_request_router.core.priority_manager import PriorityManager
+from gpu_request_router.models.request import Estimate, Request, Task
+
+CLASSES = ["critical", "high", "normal", "low", "batch"]
+_ESTIMATE = Estimate(
+    gpu_memory_mb=1, weights_mb=0, kv_cache_mb=1, activations_mb=0, duration_s={"H100-80GB": 1.0}
+)
+_ids = iter(range(10**9))
+
+
+def _request(user: str = "u", priority: str = "normal", created_at: float = 0.0) -> Request:
+    return Request(
+        id=f"req_{next(_ids):06d}",
+        user=user,
+        model="m",
+        task=Task.GENERIC,
+        priority=priority,
+        estimate=_ESTIMATE,
+        created_at=created_at,
+    )
+
+
+def _order(queue: PriorityManager, now: float) -> list[str]:
+    return [request.id for request in queue.candidates(now)]
+
+
+def test_higher_class_first_then_submission_order() -> None:
+    """Without waiting, classes go highest first and a user's requests keep their order."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    low = _request(priority="low", created_at=0)
+    first = _request(created_at=1)
+    second = _request(created_at=2)
+    critical = _request(priority="critical", created_at=3)
+    for request in (low, second, first, critical):
+        queue.push(request, cost=1)
+    assert _order(queue, now=3) == [critical.id, first.id, second.id, low.id]
+
+
+def test_each_full_aging_period_lifts_a_request_one_class() -> None:
+    """A batch request ranks below a fresh high one until it has waited three aging periods."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    old_batch = _request(user="a", priority="batch", created_at=0)
+    queue.push(old_batch, cost=1)
+    assert queue.level(old_batch, now=0) == 4
+    assert queue.level(old_batch, now=59.9) == 4
+    assert queue.level(old_batch, now=60) == 3
+    assert queue.level(old_batch, now=240) == 0
+    early_high = _request(user="b", priority="high", created_at=170)
+    queue.push(early_high, cost=1)
+    assert _order(queue, now=179) == [early_high.id, old_batch.id]
+    queue.remove(early_high.id)
+    late_high = _request(user="b", priority="high", created_at=185)
+    queue.push(late_high, cost=1)
+    assert queue.level(old_batch, 185) == queue.level(late_high, 185) == 1
+    assert _order(queue, now=185) == [old_batch.id, late_high.id]
+
+
+@given(
+    rank=st.integers(0, 4),
+    created=st.floats(0, 10_000, allow_nan=False),
+    waited=st.floats(0, 10_000, allow_nan=False),
+    aging=st.floats(1, 600, allow_nan=False),
+)
+def test_level_matches_the_definition(
+    rank: int, created: float, waited: float, aging: float
+) -> None:
+    """The level is rank − floor(waiting / aging_s), for any times (within float rounding)."""
+    queue = PriorityManager(CLASSES, aging_s=aging)
+    request = _request(priority=CLASSES[rank], created_at=created)
+    expected = rank - math.floor(waited / aging)
+    assert queue.level(request, created + waited) in (expected, expected + 1, expected - 1)
+    if abs(waited / aging - round(waited / aging)) > 1e-6:
+        assert queue.level(request, created + waited) == expected
+
+
+def test_users_take_turns_by_charged_cost() -> None:
+    """Within a level, the user with the smallest counter goes next; dispatch charges the cost."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    heavy = [_request(user="heavy", created_at=t) for t in range(10)]
+    light = _request(user="light", created_at=20)
+    for request in [*heavy, light]:
+        queue.push(request, cost=5)
+    first = next(iter(queue.candidates(30)))
+    assert first.id == heavy[0].id
+    queue.dispatched(first.id)
+    assert queue.counter("heavy") == 5
+    assert _order(queue, 30)[0] == light.id
+
+
+def test_counters_adapt_during_one_iteration() -> None:
+    """Dispatching while iterating re-ranks the charged user for the rest of the pass."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    for t in range(3):
+        queue.push(_request(user="ann", created_at=t), cost=1)
+        queue.push(_request(user="bob", created_at=t + 0.5), cost=1)
+    users = []
+    for request in queue.candidates(10):
+        users.append(request.user)
+        queue.dispatched(request.id)
+    assert users == ["ann", "bob", "ann", "bob", "ann", "bob"]
+    assert len(queue) == 0
+
+
+def test_user_returning_from_idle_banks_no_credit() -> None:
+    """A user who was idle is lifted to the smallest backlogged counter, not left below it."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    for t in range(5):
+        request = _request(user="busy", created_at=t)
+        queue.push(request, cost=10)
+    for request in list(queue.candidates(5))[:3]:
+        queue.dispatched(request.id)
+    assert queue.counter("busy") == 30
+    returning = _request(user="idle", created_at=6)
+    queue.push(returning, cost=10)
+    assert queue.counter("idle") == 30
+
+
+def test_user_returning_when_nobody_waits_is_lifted_to_the_last_served() -> None:
+    """With an empty queue a returning user starts from the counter of the user served last."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    busy = _request(user="busy")
+    queue.push(busy, cost=7)
+    queue.dispatched(busy.id)
+    again = _request(user="busy", created_at=1)
+    queue.push(again, cost=7)
+    queue.dispatched(again.id)
+    assert queue.counter("busy") == 14
+    newcomer = _request(user="new", created_at=2)
+    queue.push(newcomer, cost=1)
+    assert queue.counter("new") == 7
+
+
+def test_remove_and_depths() -> None:
+    """Removing takes a request out without charging; depths count per class."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    a = _request(priority="high")
+    b = _request(priority="batch")
+    queue.push(a, cost=3)
+    queue.push(b, cost=3)
+    assert queue.depths() == {"critical": 0, "high": 1, "normal": 0, "low": 0, "batch": 1}
+    assert queue.remove(a.id) is a
+    assert queue.remove(a.id) is None
+    assert queue.counter("u") == 0
+    assert a.id not in queue and b.id in queue
+    assert queue.queued("u") == 1
+    assert _order(queue, 0) == [b.id]
+
+
+def test_bad_pushes_are_refused() -> None:
+    """A duplicate id or an unknown class is an error and changes nothing."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    request = _request()
+    queue.push(request, cost=1)
+    with pytest.raises(ValueError, match="queued already"):
+        queue.push(request, cost=1)
+    with pytest.raises(ValueError, match="unknown priority"):
+        queue.push(_request(priority="vip"), cost=1)
+    assert len(queue) == 1
+    with pytest.raises(ValueError, match="positive"):
+        PriorityManager(CLASSES, aging_s=0)
+
+
+def test_pushing_while_iterating_is_an_error() -> None:
+    """The order of an iteration cannot silently go stale: pushing mid-iteration raises."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    queue.push(_request(created_at=0), cost=1)
+    queue.push(_request(created_at=1), cost=1)
+    iterator = queue.candidates(5)
+    next(iterator)
+    queue.push(_request(created_at=2), cost=1)
+    with pytest.raises(RuntimeError, match="changed"):
+        next(iterator)
+
+
+def test_long_churn_keeps_internal_heaps_bounded() -> None:
+    """Many push/dispatch cycles leave no unbounded garbage behind (lazy deletion compacts)."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    for step in range(20_000):
+        request = _request(user=f"u{step % 7}", created_at=step)
+        queue.push(request, cost=1)
+        if step % 3:
+            head = next(iter(queue.candidates(step)))
+            queue.dispatched(head.id)
+    live = len(queue)
+    assert live == 20_000 - sum(1 for step in range(20_000) if step % 3)
+    assert len(queue._heads) <= 2 * 7 + 64
+    assert sum(len(user.heap) for user in queue._users.values()) <= 2 * live + 64 + 7
+    assert len(_order(queue, 20_000)) == live
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["push", "push", "push", "remove", "dispatch"]),
+            st.sampled_from(["ann", "bob", "cat"]),
+            st.sampled_from(CLASSES),
+            st.floats(0, 500, allow_nan=False),
+        ),
+        max_size=60,
+    ),
+    now=st.floats(500, 1000, allow_nan=False),
+)
+def test_iteration_order_is_level_then_counter_then_key(
+    ops: list[tuple[str, str, str, float]], now: float
+) -> None:
+    """Without dispatches, candidates() yields the whole queue sorted by (level, counter, key)."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    live: dict[str, Request] = {}
+    for op, user, priority, created in ops:
+        if op == "push":
+            request = _request(user, priority, created)
+            queue.push(request, cost=created % 7 + 1)
+            live[request.id] = request
+        elif live:
+            victim = sorted(live)[int(created) % len(live)]
+            if op == "remove":
+                queue.remove(victim)
+            else:
+                queue.dispatched(victim)
+            del live[victim]
+    order = list(queue.candidates(now))
+    assert sorted(r.id for r in order) == sorted(live)
+    keys = [(queue.level(r, now), queue.counter(r.user), queue.key(r)) for r in order]
+    assert keys == sorted(keys)

@@ -1,0 +1,228 @@
+"""Admission: validation, idempotency, quota checks; a refused request changes nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import Harness
+
+from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.exceptions import (
+    IdempotencyConflict,
+    InvalidRequest,
+    QuotaExceeded,
+    QuotaForbidden,
+    UnknownModel,
+    Unschedulable,
+)
+from gpu_request_router.models.request import ResourceHints, Shape, Task
+from gpu_request_router.store.base import RequestQuery
+from gpu_request_router.testing import chat, make_settings
+
+
+def _nothing_stored(h: Harness) -> bool:
+    return h.store.list_requests(RequestQuery(limit=500)).items == []
+
+
+def _rejected(h: Harness, reason: str) -> float | None:
+    return h.engine.registry.get_sample_value(
+        "gpurouter_requests_rejected_total", {"reason": reason}
+    )
+
+
+@pytest.mark.parametrize(
+    ("submission", "field"),
+    [
+        (chat(priority="vip"), "priority"),
+        (chat(timeout_s=0), "timeout_s"),
+        (chat(timeout_s=-1), "timeout_s"),
+        (chat(timeout_s=math.nan), "timeout_s"),
+        (chat(timeout_s=10**12), "timeout_s"),
+        (chat(resources=ResourceHints(gpu_count=0)), "resources.gpu_count"),
+        (chat(resources=ResourceHints(gpu_count=65)), "resources.gpu_count"),
+        (chat(resources=ResourceHints(gpu_memory_mb=0)), "resources.gpu_memory_mb"),
+        (chat(shape=Shape(0, 10, 10)), "shape.batch_size"),
+        (chat(shape=Shape(1, -1, 10)), "shape"),
+        (chat(shape=Shape(1, 8000, 8000)), "shape"),
+        (chat(idempotency_key=""), "idempotency_key"),
+        (chat(idempotency_key="k" * 256), "idempotency_key"),
+        (Submission(model="llama-3-8b", task=Task.EMBEDDING, input={"input": "x"}), "task"),
+        (Submission(model="llama-3-8b", input={"messages": "hi"}), "input.messages"),
+        (Submission(model="llama-3-8b", metadata={f"k{i}": "v" for i in range(33)}), "metadata"),
+        (Submission(model="llama-3-8b", metadata={"k": "v" * 513}), "metadata.k"),
+    ],
+)
+def test_invalid_submissions_are_refused_with_the_field_named(
+    harness_for, submission: Submission, field: str
+) -> None:
+    """Bad input gets InvalidRequest naming the field, and nothing is stored or queued."""
+    h: Harness = harness_for()
+    with pytest.raises(InvalidRequest) as info:
+        h.engine.receiver.submit(submission, Caller("alice"), h.now)
+    assert info.value.field == field
+    assert _nothing_stored(h)
+    assert h.dispatches == []
+    assert _rejected(h, info.value.reason) == 1
+
+
+def test_unknown_model_lists_the_known_ones(harness_for) -> None:
+    """An unknown model is refused and the message names the catalog."""
+    h: Harness = harness_for()
+    with pytest.raises(UnknownModel, match="llama-3-8b"):
+        h.engine.receiver.submit(Submission(model="gpt-9"), Caller("alice"), h.now)
+    assert _nothing_stored(h)
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        ResourceHints(gpu_type="A100-80GB"),
+        ResourceHints(gpu_count=3),
+        ResourceHints(gpu_memory_mb=90_000),
+    ],
+)
+def test_requests_no_gpu_of_the_fleet_could_hold_are_unschedulable(
+    harness_for, resources: ResourceHints
+) -> None:
+    """Wrong GPU type, more GPUs than a worker has, or more memory than a GPU: refused at once."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)])
+    with pytest.raises(Unschedulable):
+        h.submit(chat(resources=resources))
+    assert _nothing_stored(h)
+
+
+def test_request_that_fits_the_fleet_but_not_now_is_queued(harness_for) -> None:
+    """A request too big for the free room now, but not for the fleet, waits instead."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    h.submit(chat(resources=ResourceHints(gpu_memory_mb=60_000)))
+    waiting = h.submit(chat(resources=ResourceHints(gpu_memory_mb=60_000)))
+    assert h.status(waiting) == "queued"
+
+
+def test_idempotency_key_returns_the_first_request(harness_for) -> None:
+    """The same key and body give the same request; another body with the key is a conflict."""
+    h: Harness = harness_for()
+    first = h.submit(chat(idempotency_key="k1"))
+    again = h.engine.receiver.submit(chat(idempotency_key="k1"), Caller("alice"), h.now + 1)
+    assert not again.created and again.request.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        h.submit(chat(text="other", idempotency_key="k1"))
+    theirs = h.submit(chat(idempotency_key="k1"), user="bob")
+    assert theirs.id != first.id
+    assert len(h.store.list_requests(RequestQuery(limit=10)).items) == 2
+
+
+def test_priority_above_the_users_maximum_is_forbidden(harness_for) -> None:
+    """Asking for a class above max_priority is 403-like: waiting never helps."""
+    h: Harness = harness_for(quota={"max_priority": "normal"})
+    with pytest.raises(QuotaForbidden) as info:
+        h.submit(chat(priority="high"))
+    assert info.value.quota == "max_priority"
+    assert h.submit(chat(priority="low")).priority == "low"
+
+
+def test_memory_above_the_users_maximum_is_forbidden(harness_for) -> None:
+    """A request needing more memory per GPU than max_gpu_memory_mb is refused for good."""
+    h: Harness = harness_for(quota={"max_gpu_memory_mb": 20_000})
+    with pytest.raises(QuotaForbidden) as info:
+        h.submit(chat(resources=ResourceHints(gpu_memory_mb=30_000)))
+    assert info.value.quota == "max_gpu_memory_mb"
+    assert _nothing_stored(h)
+
+
+def test_rate_limit_admits_exactly_n_per_minute_with_a_correct_retry_after(harness_for) -> None:
+    """The rate limit admits N in any 60 s window; the next gets the time until a slot frees."""
+    h: Harness = harness_for(quota={"requests_per_minute": 3})
+    start = h.now
+    for offset in (0, 10, 20):
+        h.now = start + offset
+        h.submit(chat())
+    h.now = start + 30
+    with pytest.raises(QuotaExceeded) as info:
+        h.submit(chat())
+    assert info.value.quota == "requests_per_minute"
+    assert info.value.retry_after_s == pytest.approx(30.0)
+    h.now = start + 60.001
+    h.submit(chat())
+    assert h.submit(chat(), user="bob") is not None, "limits are per user"
+
+
+def test_max_queued_refuses_with_retry_after(harness_for) -> None:
+    """A user with max_queued requests waiting is refused until one is dispatched."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1, quota={"max_queued": 2})
+    h.submit(chat(max_tokens=900))
+    h.submit(chat())
+    h.submit(chat())
+    with pytest.raises(QuotaExceeded) as info:
+        h.submit(chat())
+    assert info.value.quota == "max_queued"
+    assert info.value.retry_after_s >= 1.0
+    assert h.router.queued_count("alice") == 2
+
+
+def test_gpu_seconds_quota_refuses_once_the_hour_is_used_up(harness_for) -> None:
+    """A user whose hour of GPU-seconds is spent is refused until the oldest charge ages out."""
+    h: Harness = harness_for(quota={"gpu_seconds_per_hour": 30})
+    first = h.submit(chat(shape=Shape(1, 100, 2000)))
+    duration = first.estimate.typical_duration_s
+    assert 20 < duration < 30
+    h.finish(first, gpu_seconds=30.0)
+    with pytest.raises(QuotaExceeded) as info:
+        h.submit(chat())
+    assert info.value.quota == "gpu_seconds_per_hour"
+    assert info.value.retry_after_s == pytest.approx(3600.0, abs=1)
+    with pytest.raises(QuotaForbidden):
+        h.submit(chat(shape=Shape(1, 100, 4000)), user="bob")
+
+
+def test_gpu_seconds_quota_holds_requests_in_the_queue_at_dispatch(harness_for) -> None:
+    """A request whose estimate would pass the hour's budget waits until the budget frees."""
+    h: Harness = harness_for(quota={"gpu_seconds_per_hour": 40})
+    first = h.submit(chat(shape=Shape(1, 100, 2000)))
+    second = h.submit(chat(shape=Shape(1, 100, 2000)))
+    assert h.status(first) == "dispatching"
+    assert h.status(second) == "queued"
+    wakeup = h.router.next_wakeup()
+    assert wakeup is not None and wakeup <= first.created_at + 3600
+    h.advance(3601)
+    assert h.status(second) in ("dispatching", "expired")
+
+
+def test_estimate_dry_run_stores_nothing_and_lists_fitting_gpus(harness_for) -> None:
+    """The dry run validates and estimates, names the GPUs that could take it, queues nothing."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1), ("L4-24GB", 1)])
+    report = h.engine.receiver.estimate(chat(shape=Shape(1, 2000, 500)), Caller("alice"), h.now)
+    assert report.estimate.gpu_memory_mb > report.estimate.weights_mb
+    assert report.fits_now == ["sim:0", "sim:1"]
+    big = h.engine.receiver.estimate(chat(shape=Shape(8, 6000, 1000)), Caller("alice"), h.now)
+    assert big.fits_now == ["sim:0"]
+    assert _nothing_stored(h)
+    assert h.store.admissions_in_window("alice", h.now, 60) == 0
+
+
+def test_refused_request_does_not_count_against_the_rate(harness_for) -> None:
+    """A request refused for another reason leaves the user's rate window untouched."""
+    h: Harness = harness_for(quota={"requests_per_minute": 1, "max_priority": "normal"})
+    with pytest.raises(QuotaForbidden):
+        h.submit(chat(priority="critical"))
+    assert h.store.admissions_in_window("alice", h.now, 60) == 0
+    h.submit(chat())
+
+
+def test_embedding_and_completion_defaults(harness_for) -> None:
+    """The model's own task applies when none is given, and its shape is counted from the input."""
+    h: Harness = harness_for()
+    embedding = h.submit(Submission(model="all-minilm-l6-v2", input={"input": ["a", "bb"]}))
+    assert embedding.task is Task.EMBEDDING and embedding.shape.batch_size == 2
+    completion = h.submit(Submission(model="tinyllama-1.1b", input={"prompt": "hi"}))
+    assert completion.task is Task.COMPLETION
+
+
+def test_settings_default_priority_and_timeout_apply() -> None:
+    """A request naming no class or timeout gets the configured defaults."""
+    settings = make_settings(priorities={"default": "low"}, server={"default_timeout_s": 99})
+    h = Harness(settings)
+    request = h.submit(chat())
+    assert request.priority == "low"
+    assert request.timeout_s == 99

@@ -1,0 +1,370 @@
+"""Scenario tests of the dispatch loop: fairness, aging, backfill, retries, expiry, cancel."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from conftest import Harness
+
+from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
+from gpu_request_router.core.request_receiver import Submission
+from gpu_request_router.exceptions import AlreadyTerminal, NotFound
+from gpu_request_router.models.gpu_state import GPUHealth
+from gpu_request_router.models.request import RequestStatus, ResourceHints, Shape
+from gpu_request_router.testing import chat, make_settings, reading
+
+
+def _sized(memory_mb: int, **kwargs: Any) -> Submission:
+    """A chat submission that asks for exactly ``memory_mb`` per GPU (a hint above its weights)."""
+    return chat(resources=ResourceHints(gpu_memory_mb=memory_mb), **kwargs)
+
+
+def test_light_user_is_served_among_the_first_two_once_a_slot_frees(harness_for) -> None:
+    """A user with one request is not starved by a user with 100 queued at the same priority."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    blocker = h.submit(chat(), user="carol")
+    heavy = [h.submit(chat(), user="heavy") for _ in range(100)]
+    h.now += 1
+    light = h.submit(chat(), user="light")
+    assert h.dispatched_ids() == [blocker.id]
+    h.finish(blocker)
+    h.finish(h.router.get(h.dispatched_ids()[-1]) or heavy[0])
+    first_two = h.dispatched_ids()[1:3]
+    assert light.id in first_two
+    assert first_two[0] in {heavy[0].id, light.id}
+
+
+def test_fair_share_alternates_between_backlogged_users(harness_for) -> None:
+    """Two backlogged users of equal requests take turns rather than first come, first served."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    blocker = h.submit(chat(), user="carol")
+    for _ in range(5):
+        h.submit(chat(), user="ann")
+    for _ in range(5):
+        h.submit(chat(), user="bob")
+    h.finish(blocker)
+    for _ in range(6):
+        h.finish(h.router.get(h.dispatched_ids()[-1]))
+    users = [h.store.get_request(rid).user for rid in h.dispatched_ids()[1:7]]
+    assert users.count("ann") == 3 and users.count("bob") == 3
+    assert all(a != b for a, b in itertools.pairwise(users))
+
+
+def test_higher_priority_goes_first(harness_for) -> None:
+    """Among queued requests the higher class is dispatched first when a slot frees."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    blocker = h.submit(chat())
+    low = h.submit(chat(priority="low"), user="ann")
+    high = h.submit(chat(priority="high"), user="bob")
+    h.finish(blocker)
+    assert h.dispatched_ids()[1] == high.id
+    h.finish(high)
+    assert h.dispatched_ids()[2] == low.id
+
+
+def test_batch_request_is_dispatched_within_its_aging_bound_under_continuous_high_load() -> None:
+    """A batch request ages one class per aging period and starts before fresher high ones."""
+    settings = make_settings(gpus=[("H100-80GB", 1)], slots=1, priorities={"aging_seconds": 60})
+    h = Harness(settings)
+    blocker = h.submit(chat(priority="high"), user="hog")
+    batch = h.submit(chat(priority="batch"), user="patient")
+    running = blocker
+    started_at = None
+    # A new high request arrives every 10 s and each runs for 10 s: the GPU is never idle.
+    for _ in range(40):
+        h.submit(chat(priority="high"), user="hog")
+        h.now += 10
+        h.finish(running)
+        running = h.router.get(h.dispatched_ids()[-1])
+        if running.id == batch.id:
+            started_at = h.now
+            break
+    assert started_at is not None, "the batch request starved"
+    waited = started_at - batch.created_at
+    bound = (4 - 1) * 60  # from class batch (rank 4) up to class high (rank 1)
+    assert bound - 10 < waited <= bound + 10
+
+
+def test_small_request_backfills_while_a_large_one_waits_and_the_large_one_still_starts() -> None:
+    """Backfill places what fits, and after the starvation bound the large one's GPU is held."""
+    settings = make_settings(gpus=[("H100-80GB", 1)], placement={"starvation_bound_s": 30})
+    h = Harness(settings)
+    running = h.submit(_sized(40_000), user="a")
+    large = h.submit(_sized(60_000), user="b")
+    small = h.submit(_sized(20_000), user="c")
+    assert h.dispatched_ids() == [running.id, small.id], "the small one backfills at once"
+    h.finish(small)
+    h.now += 31  # the large one is now past the starvation bound
+    late_small = h.submit(_sized(30_000), user="c")
+    assert late_small.id not in h.dispatched_ids(), "the GPU is held for the starving request"
+    h.finish(running)
+    assert h.dispatched_ids()[2] == large.id
+    assert h.status(late_small) == "queued"
+    h.finish(large)
+    assert h.dispatched_ids()[-1] == late_small.id
+
+
+def test_request_that_fits_nowhere_now_does_not_block_others_behind_it(harness_for) -> None:
+    """Head-of-line blocking is avoided: a big request waiting leaves room for later small ones."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)])
+    first = h.submit(_sized(45_000), user="a")
+    second = h.submit(_sized(45_000), user="a")
+    big = h.submit(_sized(70_000, priority="high"), user="b")
+    small = [h.submit(_sized(16_000), user="c") for _ in range(4)]
+    assert set(h.dispatched_ids()) == {first.id, second.id, *(r.id for r in small)}
+    assert h.status(big) == "queued"
+
+
+def test_out_of_memory_raises_the_estimate_and_retries_on_another_gpu(harness_for) -> None:
+    """An OOM puts the request back with a bigger estimate, retried after a backoff elsewhere."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)])
+    request = h.submit(chat())
+    first = h.dispatch_of(request)
+    h.fail(request, FailureKind.OUT_OF_MEMORY, message="CUDA out of memory", peak_memory_mb=None)
+    assert h.status(request) == "queued"
+    assert h.store.get_request(request.id).error.type == "gpu_out_of_memory"
+    h.advance(2.0)
+    second = h.dispatch_of(request)
+    assert second.attempt == 2
+    grown = second.request.estimate.gpu_memory_mb
+    assert grown >= int(first.request.estimate.gpu_memory_mb * 1.5)
+    assert second.placement.gpu_ids != first.placement.gpu_ids
+    assert sum(second.reservations.values()) == grown
+
+
+def test_oom_estimate_growing_past_every_gpu_fails_the_request(harness_for) -> None:
+    """When the grown estimate fits no GPU of the fleet the request fails instead of waiting."""
+    h: Harness = harness_for(gpus=[("L4-24GB", 2)])
+    request = h.submit(_sized(20_000))
+    h.fail(request, FailureKind.OUT_OF_MEMORY, peak_memory_mb=None)
+    stored = h.store.get_request(request.id)
+    assert stored.status is RequestStatus.FAILED
+    assert "fits no GPU" in stored.error.message
+
+
+def test_failing_every_attempt_fails_after_max_attempts(harness_for) -> None:
+    """A poison pill fails with max_attempts after exactly retries.max_attempts attempts."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 3)])
+    request = h.submit(chat())
+    for attempt in range(1, 4):
+        assert h.dispatch_of(request).attempt == attempt
+        h.fail(request, FailureKind.BACKEND_ERROR, message="boom")
+        h.advance(5.0)
+    stored = h.store.get_request(request.id)
+    assert stored.status is RequestStatus.FAILED
+    assert stored.attempts == 3
+    assert "max attempts" in stored.error.message
+
+
+def test_client_error_fails_without_retry(harness_for) -> None:
+    """A client error is final: no second attempt."""
+    h: Harness = harness_for()
+    request = h.submit(chat())
+    h.fail(request, FailureKind.CLIENT_ERROR, message="bad prompt")
+    h.advance(5.0)
+    assert h.status(request) == "failed"
+    assert len([d for d in h.dispatches if d.request.id == request.id]) == 1
+
+
+def test_queued_request_expires_at_its_deadline(harness_for) -> None:
+    """A request still waiting when its timeout passes expires with a timeout error."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    h.submit(chat())
+    waiting = h.submit(chat(timeout_s=5))
+    h.advance(4.0)
+    assert h.status(waiting) == "queued"
+    h.advance(2.0)
+    stored = h.store.get_request(waiting.id)
+    assert stored.status is RequestStatus.EXPIRED
+    assert stored.error.type == "timeout"
+    assert h.router.queue.depths()["normal"] == 0
+
+
+def test_running_request_expires_and_its_execution_is_cancelled(harness_for) -> None:
+    """A hanging execution is stopped at the deadline and its reservation released."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    request = h.submit(chat(timeout_s=3))
+    dispatch = h.dispatch_of(request)
+    h.apply(h.router.started(dispatch.execution_id, h.now))
+    h.advance(4.0)
+    assert h.status(request) == "expired"
+    assert [c.execution_id for c in h.cancelled] == [dispatch.execution_id]
+    assert h.router.monitor.gpus["sim:0"].reserved_mb == 0
+
+
+def test_cancel_queued_request_removes_it_from_the_queue(harness_for) -> None:
+    """Cancelling a queued request ends it and leaves nothing behind in the queue."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    h.submit(chat())
+    queued = h.submit(chat())
+    assert h.router.queue.depths()["normal"] == 1
+    assert h.apply(h.router.cancel(queued.id, h.now)) == []
+    assert h.status(queued) == "cancelled"
+    assert h.router.queue.depths()["normal"] == 0
+    assert h.router.queued_count("alice") == 0
+
+
+def test_cancel_running_request_releases_its_reservation_and_stops_the_execution(
+    harness_for,
+) -> None:
+    """Cancelling running work tells the backend, frees the GPU at once, ignores late results."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    running = h.submit(chat())
+    waiting = h.submit(chat())
+    dispatch = h.dispatch_of(running)
+    gpu = h.router.monitor.gpus["sim:0"]
+    assert gpu.reserved_mb > 0
+    decisions = h.apply(h.router.cancel(running.id, h.now))
+    assert isinstance(decisions[0], CancelExecution)
+    assert decisions[0].execution_id == dispatch.execution_id
+    assert isinstance(decisions[1], Dispatch) and decisions[1].request.id == waiting.id
+    assert gpu.reserved_mb == decisions[1].reservations["sim:0"]
+    h.finish(running)  # a late answer of the cancelled execution
+    assert h.status(running) == "cancelled"
+
+
+def test_cancel_twice_and_unknown_ids(harness_for) -> None:
+    """Cancelling a finished request says so; an unknown id is not found."""
+    h: Harness = harness_for()
+    request = h.submit(chat())
+    h.router.cancel(request.id, h.now)
+    with pytest.raises(AlreadyTerminal) as info:
+        h.router.cancel(request.id, h.now)
+    assert info.value.status == "cancelled"
+    with pytest.raises(NotFound):
+        h.router.cancel("req_nope", h.now)
+
+
+def test_multi_gpu_request_takes_gpus_of_one_worker_or_waits() -> None:
+    """gpu_count 2 gets two GPUs of one worker at once; two workers of one GPU each do not do."""
+    settings = make_settings(
+        backends=[
+            {"name": "w1", "kind": "simulated", "gpus": [{"type": "H100-80GB", "count": 1}]},
+            {"name": "w2", "kind": "simulated", "gpus": [{"type": "H100-80GB", "count": 1}]},
+            {"name": "w3", "kind": "simulated", "gpus": [{"type": "H100-80GB", "count": 2}]},
+        ]
+    )
+    h = Harness(settings)
+    big_pair = ResourceHints(gpu_count=2, gpu_memory_mb=60_000)
+    blocker = h.submit(chat(resources=big_pair), user="a")
+    assert h.dispatch_of(blocker).placement.gpu_ids == ("w3:0", "w3:1")
+    pair = h.submit(chat(resources=big_pair), user="b")
+    single = h.submit(chat(), user="c")
+    assert h.status(single) == "dispatching"
+    h.finish(single)
+    assert h.status(pair) == "queued", "one GPU on each of two workers is not a pair"
+    h.finish(blocker)
+    assert h.dispatch_of(pair).placement.worker == "w3"
+
+
+def test_max_concurrent_keeps_extra_requests_queued(harness_for) -> None:
+    """A user at max_concurrent waits in the queue while others' work is placed."""
+    h: Harness = harness_for(quota={"max_concurrent": 1})
+    first = h.submit(chat(), user="ann")
+    second = h.submit(chat(), user="ann")
+    other = h.submit(chat(), user="bob")
+    assert h.dispatched_ids() == [first.id, other.id]
+    h.finish(first)
+    assert h.dispatched_ids()[-1] == second.id
+
+
+def test_lost_gpu_work_is_retried_elsewhere_and_late_results_are_ignored() -> None:
+    """A GPU missing from its worker's report loses its work, which runs again on another GPU."""
+    settings = make_settings(gpus=[("H100-80GB", 2)])
+    h = Harness(settings)
+    request = h.submit(chat())
+    first = h.dispatch_of(request)
+    lost_gpu = first.placement.gpu_id
+    remaining = [r for r in (reading("sim", 0), reading("sim", 1)) if r.gpu_id != lost_gpu]
+    decisions = h.apply(h.router.readings(remaining, h.now, worker="sim"))
+    assert any(isinstance(d, CancelExecution) for d in decisions)
+    assert h.router.monitor.gpus[lost_gpu].health is GPUHealth.UNHEALTHY
+    h.now += 2
+    h.apply(h.router.readings(remaining, h.now, worker="sim"))
+    h.apply(h.router.tick(h.now))
+    second = h.dispatch_of(request)
+    assert second.attempt == 2 and second.placement.gpu_id != lost_gpu
+    h.apply(h.router.finished(first.execution_id, ExecutionResult(output="stale"), h.now))
+    assert h.status(request) == "dispatching", "the lost execution's result changes nothing"
+    h.finish(request, output="fresh")
+    assert h.store.get_request(request.id).result == "fresh"
+
+
+def test_circuit_opens_after_repeated_backend_failures_and_half_opens_after_reset() -> None:
+    """Five backend errors open the GPU's circuit; after reset_s one probe is let through."""
+    settings = make_settings(
+        gpus=[("H100-80GB", 1)],
+        retries={"max_attempts": 1, "circuit_breaker": {"failure_threshold": 5, "reset_s": 30}},
+    )
+    h = Harness(settings)
+    for _ in range(5):
+        request = h.submit(chat())
+        h.fail(request, FailureKind.BACKEND_ERROR)
+    gpu = h.router.monitor.gpus["sim:0"]
+    assert gpu.circuit_open and not gpu.schedulable
+    waiting = [h.submit(chat()) for _ in range(2)]
+    assert all(h.status(r) == "queued" for r in waiting)
+    h.advance(31)
+    assert h.status(waiting[0]) == "dispatching", "the probe"
+    assert h.status(waiting[1]) == "queued", "only one probe while half-open"
+    h.finish(waiting[0])
+    assert not gpu.circuit_open
+    assert h.status(waiting[1]) == "dispatching"
+
+
+def test_drain_lets_running_work_finish_and_places_nothing_new(harness_for) -> None:
+    """A drained GPU keeps its running work, takes no new work, and stops draining when empty."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    running = h.submit(chat())
+    h.apply(h.router.drain("sim:0", h.now))
+    gpu = h.router.monitor.gpus["sim:0"]
+    assert gpu.cordoned and gpu.draining
+    waiting = h.submit(chat())
+    assert h.status(waiting) == "queued"
+    h.finish(running)
+    assert not gpu.draining and gpu.cordoned
+    assert h.status(waiting) == "queued"
+    h.apply(h.router.uncordon("sim:0", h.now))
+    assert h.status(waiting) == "dispatching"
+
+
+def test_restart_recovers_queued_and_retries_in_flight_work() -> None:
+    """A new router on the same store queues again what waited and retries what was in flight."""
+    settings = make_settings(gpus=[("H100-80GB", 1)], slots=1)
+    h = Harness(settings)
+    running = h.submit(chat())
+    waiting = h.submit(chat())
+    done = h.submit(chat(), user="bob")
+    h.router.cancel(done.id, h.now)
+    restarted = Harness(settings, store=h.store)
+    restarted.apply(restarted.router.recover(restarted.now))
+    again = restarted.dispatch_of(running)
+    assert again.attempt == 2
+    assert restarted.store.get_request(running.id).error.type == "router_restarted"
+    assert restarted.router.get(waiting.id) is not None
+    assert restarted.status(done) == "cancelled"
+    restarted.finish(running)
+    assert restarted.dispatch_of(waiting).attempt == 1
+
+
+def test_gpu_type_request_only_lands_on_that_type() -> None:
+    """resources.gpu_type restricts placement to GPUs of that type."""
+    settings = make_settings(gpus=[("H100-80GB", 1), ("L4-24GB", 1)])
+    h = Harness(settings)
+    request = h.submit(chat(resources=ResourceHints(gpu_type="L4-24GB")))
+    assert h.router.monitor.gpus[h.dispatch_of(request).placement.gpu_id].type == "L4-24GB"
+
+
+def test_model_loaded_gpu_reserves_no_weights() -> None:
+    """A GPU whose backend has the model resident needs only the KV cache and activations."""
+    settings = make_settings(gpus=[("H100-80GB", 1)])
+    h = Harness(settings)
+    resident = reading("sim", 0, models_loaded=("llama-3-8b",), used_mb=15317)
+    h.apply(h.router.readings([resident], h.now, worker="sim"))
+    request = h.submit(chat(shape=Shape(1, 1000, 1000)))
+    dispatch = h.dispatch_of(request)
+    estimate = dispatch.request.estimate
+    assert dispatch.reservations["sim:0"] == estimate.gpu_memory_mb - estimate.weights_mb
+    assert "model loaded" in dispatch.placement.reason
