@@ -1,0 +1,36 @@
+"""The package's public surface and the README's quickstart."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gpu_request_router
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_public_name_is_importable_and_documented() -> None:
+    """Each name in __all__ exists and, where it is a class or function, has a docstring."""
+    assert len(gpu_request_router.__all__) == len(set(gpu_request_router.__all__))
+    for name in gpu_request_router.__all__:
+        value = getattr(gpu_request_router, name)
+        if callable(value):
+            assert value.__doc__, f"{name} has no docstring"
+
+
+def test_version_matches_pyproject() -> None:
+    """The package version is the one pyproject.toml declares."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'version = "{gpu_request_router.__version__}"' in pyproject
+
+
+def test_readme_quickstart_runs_as_printed(capsys, monkeypatch) -> None:
+    """The Python quickstart in the README runs and prints a succeeded request."""
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks, "the README has a Python quickstart"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("succeeded ('sim:")
