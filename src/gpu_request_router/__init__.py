@@ -30,8 +30,8 @@ from gpu_request_router.simulation import Simulation, SimulationReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "CancelExecution",
     "Caller",
+    "CancelExecution",
     "Decision",
     "Dispatch",
     "Engine",

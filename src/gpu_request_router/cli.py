@@ -50,9 +50,16 @@ def demo(
     except ConfigError as exc:
         console.print(f"[red]invalid configuration[/red] {exc}")
         raise typer.Exit(2) from exc
+    simulated = [backend for backend in settings.backends if backend.kind == "simulated"]
+    if not simulated:
+        console.print(
+            "[red]invalid configuration[/red] backends: the demo runs on simulated backends "
+            "and this configuration has none"
+        )
+        raise typer.Exit(2)
     report = run_demo(settings, seed=seed)
     fleet = ", ".join(
-        f"{group.count}×{group.type}" for backend in settings.backends for group in backend.gpus
+        f"{group.count}×{group.type}" for backend in simulated for group in backend.gpus
     )
     console.print(
         f"[bold]Simulated fleet[/bold]: {fleet}; policy [bold]{settings.placement.policy}"
@@ -95,3 +102,7 @@ def demo(
         console.print(
             f"[red]rejected[/red] {rejection.user}: {rejection.reason}: {rejection.message}"
         )
+
+
+if __name__ == "__main__":
+    app()

@@ -156,7 +156,8 @@ class Runtime:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(request_id, []).append(future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(future)
         except TimeoutError:
             pass
         finally:
@@ -238,8 +239,11 @@ class Runtime:
         while True:
             wakeup = self.router.next_wakeup()
             delay = None if wakeup is None else max(0.0, wakeup - self.clock.now())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # arrives as the event is set, and the loop would then outlive its runtime.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
             if wakeup is not None and self.clock.now() >= wakeup:
                 self._apply(self.router.tick(self.clock.now()))

@@ -136,6 +136,7 @@ class Simulation:
         self._retries: dict[str, list[str]] = {}
         self._rejections: list[Rejection] = []
         self._arrivals = 0
+        self._actions = 0
         self._tick_at: float | None = None
         self._polling = False
         self._events = 0
@@ -145,7 +146,7 @@ class Simulation:
     # Scheduling inputs ------------------------------------------------------------------------
 
     def submit(self, at: float, submission: Submission, caller: Caller) -> None:
-        """Schedule a submission ``at`` seconds after the start."""
+        """Schedule a submission ``at`` virtual seconds from now (before a run: from the start)."""
         self._arrivals += 1
         self._push(self.clock.now() + at, "submit", (submission, caller))
         if not self._polling:
@@ -153,15 +154,18 @@ class Simulation:
             self._push(self.clock.now() + self._poll_s, "poll", None)
 
     def lose_gpu(self, at: float, gpu_id: str) -> None:
-        """Schedule a GPU to fall off the bus (its executions die with it)."""
+        """Schedule a GPU to fall off the bus ``at`` seconds from now (its executions die)."""
+        self._actions += 1
         self._push(self.clock.now() + at, "lose", gpu_id)
 
     def restore_gpu(self, at: float, gpu_id: str) -> None:
-        """Schedule a lost GPU to come back."""
+        """Schedule a lost GPU to come back ``at`` seconds from now."""
+        self._actions += 1
         self._push(self.clock.now() + at, "restore", gpu_id)
 
     def at(self, at: float, action: Callable[[Simulation], list[Decision]]) -> None:
-        """Schedule any action on the simulation (cancel, cordon ...) returning decisions."""
+        """Schedule an action (cancel, cordon ...) ``at`` seconds from now; it returns decisions."""
+        self._actions += 1
         self._push(self.clock.now() + at, "call", action)
 
     def _push(self, at: float, kind: str, payload: Any) -> None:
@@ -170,7 +174,12 @@ class Simulation:
     # Running ------------------------------------------------------------------------------------
 
     def run(self, until: float | None = None) -> SimulationReport:
-        """Process events in time order until none is left (or virtual time passes ``until``)."""
+        """Process events in time order until none is left (or virtual time passes ``until``).
+
+        The run ends with the last event that could matter: once no request is live and no
+        arrival or action is scheduled, what is left (polls, timer ticks, the ends of executions
+        that were cancelled) is dropped, so ``end_time`` is when the work ended.
+        """
         heap = self._heap
         while heap:
             if until is not None and heap[0].at > until:
@@ -180,6 +189,8 @@ class Simulation:
             self._events += 1
             self._apply(self._handle(event))
             self._schedule_tick()
+            if not (self.router.live or self._arrivals or self._actions):
+                self._settle()
         records = list(self._ended.values()) + [
             RequestRecord.of(request, tuple(self._retries.get(request.id, ())))
             for request in self.router.live.values()
@@ -187,10 +198,19 @@ class Simulation:
         records.sort(key=lambda record: (record.created_at, record.id))
         return SimulationReport(records, list(self._rejections), self.clock.now(), self._events)
 
+    def _settle(self) -> None:
+        """Nothing is live or scheduled: drop the leftover events; the next submission restarts."""
+        self._heap.clear()
+        self._plans.clear()
+        self._polling = False
+        self._tick_at = None
+
     def _handle(self, event: _Event) -> list[Decision]:
         now = self.clock.now()
         router = self.router
         kind = event.kind
+        if kind in ("lose", "restore", "call"):
+            self._actions -= 1
         if kind == "finish":
             execution_id = event.payload
             if not self.fleet.running(execution_id):

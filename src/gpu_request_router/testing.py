@@ -92,6 +92,8 @@ def readings_for(settings: Settings) -> list[GPUReading]:
     """Idle readings of every GPU of the simulated backends of ``settings``."""
     result = []
     for backend in settings.backends:
+        if backend.kind != "simulated":
+            continue
         index = 0
         for group in backend.gpus:
             for _ in range(group.count):
@@ -102,6 +104,7 @@ def readings_for(settings: Settings) -> list[GPUReading]:
                         group.type,
                         memory_total_mb=gpu_type(group.type, group.memory_mb).memory_mb,
                         slots=backend.slots_per_gpu,
+                        models=tuple(backend.models),
                     )
                 )
                 index += 1

@@ -13,7 +13,7 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 - ``best_fit``: the least memory left over;
 - ``least_loaded``: the fewest busy slots, then the most room;
 - ``power_of_two``: two random candidates, the less loaded of them;
-- ``round_robin``: the next candidate after the last one chosen, in GPU id order;
+- ``round_robin``: the next candidate after the last one chosen, in GPU order;
 - ``random``: any candidate.
 
 One decision costs O(GPUs).
@@ -169,19 +169,25 @@ class PowerOfTwoPolicy(Policy):
         return best, f"power_of_two: {_describe(best)}"
 
 
+def _position(candidate: Candidate) -> tuple[str, int]:
+    """Where a candidate stands in GPU order: worker name, then GPU index as a number."""
+    first = candidate.gpus[0]
+    return first.worker, first.reading.index
+
+
 class RoundRobinPolicy(Policy):
-    """The next candidate after the last one chosen, in GPU id order."""
+    """The next candidate after the last one chosen, in GPU order (worker, then index)."""
 
     name = "round_robin"
 
     def __init__(self) -> None:
-        self._last = ""
+        self._last: tuple[str, int] = ("", -1)
 
     def choose(self, candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
-        """Pick the first candidate whose first GPU id sorts after the previous choice."""
-        ordered = sorted(candidates, key=lambda c: c.gpus[0].id)
-        best = next((c for c in ordered if c.gpus[0].id > self._last), ordered[0])
-        self._last = best.gpus[0].id
+        """Pick the first candidate whose first GPU comes after the previous choice."""
+        ordered = sorted(candidates, key=_position)
+        best = next((c for c in ordered if _position(c) > self._last), ordered[0])
+        self._last = _position(best)
         return best, f"round_robin: {_describe(best)}"
 
 

@@ -224,6 +224,8 @@ class RequestRouter:
             if stored.id in self._requests:
                 continue
             if stored.status.active:
+                # The execution died with the previous process: free what it held.
+                self.store.release(stored.execution_id)
                 before, attempt = stored.status, stored.attempts
                 stored.transition(
                     _S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown")
@@ -514,17 +516,22 @@ class RequestRouter:
 
     def _pass(self, now: float) -> list[Decision]:
         """Place queued requests in priority order while they fit (see the module docstring)."""
-        if not len(self.queue):
+        schedulable = self.monitor.schedulable
+        rooms = [gpu.room_mb for gpu in schedulable.values() if gpu.free_slots > 0]
+        if not len(self.queue) or not rooms:
             self.metrics.set_queue_depth(self._depths())
             return []
         started = self._perf()
         decisions: list[Decision] = []
         held: set[str] = set()
+        # Room only shrinks during a pass, so a need that did not fit will not fit later in it,
+        # and the largest room at the start bounds every GPU's room until the end.
+        no_fit: dict[tuple[object, ...], NoFit] = {}
+        most_room = max(rooms)
         misses = 0
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
         self._quota_wakeup = None
-        schedulable = self.monitor.schedulable
         for request in self.queue.candidates(now):
             if misses >= depth:
                 break
@@ -537,8 +544,14 @@ class RequestRouter:
                     self._note_quota_wait(request.user, now)
                 continue
             need = self.need_of(request, avoid=self._avoid.get(request.id, ()))
-            chosen = self.balancer.place(need, schedulable.values(), held)
+            shape = (need.model, need.memory_mb, need.weights_mb, need.gpu_count, need.gpu_type)
+            chosen: Chosen | NoFit | None = no_fit.get(shape)
+            if chosen is None and need.memory_mb - need.weights_mb > most_room:
+                chosen = NoFit(free_slots=True)
+            if chosen is None:
+                chosen = self.balancer.place(need, schedulable.values(), held)
             if isinstance(chosen, NoFit):
+                no_fit[shape] = chosen
                 misses += 1
                 if now - request.created_at >= bound:
                     prospect = self.balancer.prospect(need, schedulable.values())

@@ -276,6 +276,14 @@ def test_round_robin_cycles_in_id_order() -> None:
     assert picks == ["a:0", "a:1", "b:0", "a:0", "a:1", "b:0", "a:0"]
 
 
+def test_round_robin_orders_gpu_indexes_as_numbers() -> None:
+    """GPU a:10 comes after a:2, not before it as the strings would sort."""
+    monitor = fleet(*(reading("a", index) for index in (10, 2, 1)))
+    balancer = LoadBalancer(make_policy("round_robin"))
+    picks = [chosen_ids(balancer.place(need(), monitor.schedulable.values()))[0] for _ in range(4)]
+    assert picks == ["a:1", "a:2", "a:10", "a:1"]
+
+
 def test_round_robin_skips_gpus_that_no_longer_fit() -> None:
     """round_robin moves to the next candidate after the last pick, among those that fit now."""
     monitor = fleet(reading("a", 0), reading("a", 1), reading("a", 2))

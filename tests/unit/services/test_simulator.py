@@ -1,4 +1,4 @@
-"""Tests for the simulated GPU fleet: memory accounting, execution plans and OpenAI-shaped output."""
+"""Tests for the simulated GPU fleet: memory accounting, execution plans, OpenAI-shaped output."""
 
 from __future__ import annotations
 
@@ -108,6 +108,36 @@ def test_each_simulated_backend_is_a_worker_and_others_are_skipped() -> None:
     (custom,) = fleet.readings("b")
     assert (custom.type, custom.memory_total_mb, custom.slots) == ("custom", 12345, 3)
     assert fleet.readings("remote") == []
+
+
+def test_testing_readings_match_an_idle_fleet() -> None:
+    """testing.readings_for gives the readings an idle simulated fleet reports (and no others)."""
+    settings = make_settings(
+        backends=[
+            {
+                "name": "a",
+                "kind": "simulated",
+                "gpus": [{"type": "L4-24GB", "count": 1}, {"type": "H200-141GB", "count": 1}],
+                "slots_per_gpu": 4,
+                "models": ["llama-3-8b"],
+            },
+            {"name": "b", "kind": "simulated", "gpus": [{"type": "A100-80GB", "count": 1}]},
+            {
+                "name": "remote",
+                "kind": "agent",
+                "url": "http://127.0.0.1:9",
+                "gpus": [{"type": "H100-80GB", "count": 2}],
+            },
+        ]
+    )
+    fleet = SimulatedFleet(settings.backends)
+
+    def key(r: GPUReading) -> tuple[Any, ...]:
+        return (r.gpu_id, r.type, r.memory_total_mb, r.memory_used_mb, r.slots, r.backend, r.models)
+
+    expected = [key(r) for worker in fleet.workers for r in fleet.readings(worker)]
+    assert [key(r) for r in readings_for(settings)] == expected
+    assert [row[0] for row in expected] == ["a:0", "a:1", "b:0"]
 
 
 def test_loaded_model_weights_count_as_used_memory() -> None:
@@ -340,8 +370,7 @@ def test_plan_failure_only_for_the_first_fail_attempts() -> None:
     router, fleet = one_gpu()
     dispatch = router.dispatch(chat(failure="error", fail_attempts=2))
     kinds = [
-        fleet.plan(dataclasses.replace(dispatch, attempt=attempt)).failure
-        for attempt in (1, 2, 3)
+        fleet.plan(dataclasses.replace(dispatch, attempt=attempt)).failure for attempt in (1, 2, 3)
     ]
     assert kinds[0] is not None and kinds[1] is not None
     assert kinds[2] is None
