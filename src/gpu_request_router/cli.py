@@ -40,6 +40,8 @@ def demo(
 ) -> None:
     """Run a short simulated workload in virtual time and show where each request went and why."""
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))  # a pipe or log: keep rows whole
     overrides: dict[str, object] = {"auth": {"enabled": False}, "state": {"backend": "memory"}}
     if config is None:
         overrides["backends"] = DEMO_BACKENDS
