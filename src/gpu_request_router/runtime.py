@@ -80,11 +80,7 @@ class Runtime:
         """A runtime whose ``simulated`` backends run on an in-process fleet in real time."""
         engine = Engine.build(settings, seed=seed)
         clock = clock if clock is not None else SystemClock()
-        weights = {
-            name: -(-engine.router.estimator.profile(name).weights_bytes // 2**20)
-            for name in settings.models
-        }
-        fleet = SimulatedFleet(settings.backends, weights)
+        fleet = SimulatedFleet.for_engine(settings, engine.router.estimator)
         clients: dict[str, BackendClient] = {
             backend.name: SimulatedBackend(backend.name, fleet, clock)
             for backend in settings.backends

@@ -123,11 +123,7 @@ class Simulation:
         self.clock = VirtualClock(start_time)
         self.engine = Engine.build(settings, seed=seed)
         self.router = self.engine.router
-        weights = {
-            name: -(-self.router.estimator.profile(name).weights_bytes // 2**20)
-            for name in settings.models
-        }
-        self.fleet = SimulatedFleet(settings.backends, weights)
+        self.fleet = SimulatedFleet.for_engine(settings, self.router.estimator)
         self._poll_s = settings.monitor.poll_interval_s
         self._heap: list[_Event] = []
         self._seq = itertools.count()

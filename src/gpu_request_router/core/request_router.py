@@ -93,6 +93,16 @@ class _Execution:
     dispatched_at: float
 
 
+def _cancel(execution_id: str, execution: _Execution, reason: str) -> CancelExecution:
+    return CancelExecution(
+        request_id=execution.request_id,
+        execution_id=execution_id,
+        backend=execution.backend,
+        worker=execution.worker,
+        reason=reason,
+    )
+
+
 class RequestRouter:
     """Queues, places, tracks and finishes requests; see the module docstring for the events."""
 
@@ -379,15 +389,7 @@ class RequestRouter:
         if execution_id is not None:
             execution = self._executions[execution_id]
             self._end_execution(execution_id, request, now, None)
-            decisions.append(
-                CancelExecution(
-                    request_id=request.id,
-                    execution_id=execution_id,
-                    backend=execution.backend,
-                    worker=execution.worker,
-                    reason=to.value,
-                )
-            )
+            decisions.append(_cancel(execution_id, execution, to.value))
         self.queue.remove(request.id)
         self._set(request, to, now, error=None if to is _S.CANCELLED else error)
         return decisions
@@ -465,15 +467,7 @@ class RequestRouter:
                 execution = self._executions.get(execution_id)
                 if execution is None:
                     continue
-                decisions.append(
-                    CancelExecution(
-                        request_id=execution.request_id,
-                        execution_id=execution_id,
-                        backend=execution.backend,
-                        worker=execution.worker,
-                        reason="gpu_lost",
-                    )
-                )
+                decisions.append(_cancel(execution_id, execution, "gpu_lost"))
                 failure = Failure(FailureKind.WORKER_LOST, f"GPU {gpu_id} was lost")
                 decisions += self._fail(execution_id, execution, failure, now)
         return decisions

@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu_request_router.config.config_loader import BackendSettings
+from gpu_request_router.config.config_loader import BackendSettings, Settings
 from gpu_request_router.core.events import Dispatch, ExecutionResult, Failure, FailureKind
+from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, gpu_id_for
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import Request, Task
@@ -246,6 +247,14 @@ class SimulatedFleet:
                     )
                     self._gpus[gpu_id_for(backend.name, index)] = gpu
                     index += 1
+
+    @classmethod
+    def for_engine(cls, settings: Settings, estimator: ResourceEstimator) -> SimulatedFleet:
+        """The fleet of ``settings``' simulated backends, with model weights from ``estimator``."""
+        weights = {
+            name: -(-estimator.profile(name).weights_bytes // 2**20) for name in settings.models
+        }
+        return cls(settings.backends, weights)
 
     @property
     def workers(self) -> list[str]:
