@@ -15,7 +15,8 @@ its context as attributes, never only inside the message::
     ├── NotFound                     no such request or GPU (``resource_id``)
     ├── InvalidTransition            the status machine forbids the move
     │   └── AlreadyTerminal          the request has already finished (``status``)
-    └── StateConflict                a guarded store write lost a race
+    ├── StateConflict                a guarded store write lost a race
+    └── StoreUnavailable             the state store cannot be written or read now
 
 ``core/`` never speaks HTTP: the API layer maps these base classes to status codes in one place.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "QuotaForbidden",
     "RequestRejected",
     "StateConflict",
+    "StoreUnavailable",
     "UnknownModel",
     "Unschedulable",
 ]
@@ -157,3 +159,12 @@ class StateConflict(GpuRouterError):
         super().__init__(f"request {request_id}: expected {expected} in the store, found otherwise")
         self.request_id = request_id
         self.expected = expected
+
+
+class StoreUnavailable(GpuRouterError):
+    """The state store cannot be used right now (disk full, locked, unreachable)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s

@@ -35,7 +35,7 @@ from gpu_request_router.core.events import (
 )
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import NotFound
-from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.models.request import Request, Transition
 from gpu_request_router.services.ai_orchestrator import BackendClient, SimulatedBackend
 from gpu_request_router.services.gpu_monitoring import GpuSource, SimulatedSource
 from gpu_request_router.services.simulator import SimulatedFleet
@@ -164,7 +164,7 @@ class Runtime:
                 self._waiters.pop(request_id, None)
         return self.get(request_id)
 
-    def _on_transition(self, request: Request, before: RequestStatus) -> None:
+    def _on_transition(self, request: Request, change: Transition) -> None:
         if not request.status.terminal:
             return
         for future in self._waiters.pop(request.id, []):

@@ -27,7 +27,7 @@ from gpu_request_router.core.engine import Engine
 from gpu_request_router.core.events import CancelExecution, Decision, Dispatch
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
-from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.services.simulator import FAILS_AFTER, Plan, SimulatedFleet
 from gpu_request_router.utils.clock import VirtualClock
 
@@ -294,7 +294,7 @@ class Simulation:
         self._tick_at = max(wakeup, self.clock.now())
         self._push(self._tick_at, "tick", None)
 
-    def _on_transition(self, request: Request, before: RequestStatus) -> None:
+    def _on_transition(self, request: Request, change: Transition) -> None:
         if request.status is RequestStatus.QUEUED and request.error is not None:
             self._retries.setdefault(request.id, []).append(request.error.type)
         elif request.status.terminal:

@@ -16,7 +16,7 @@ from typing import Any
 
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.events import Decision
-from gpu_request_router.core.request_router import RequestRouter, gpu_seconds
+from gpu_request_router.core.request_router import RequestRouter, gpu_seconds, transition_of
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
@@ -159,7 +159,8 @@ class RequestReceiver:
             now=now,
             queue_retry_after_s=self._router.queue_retry_after(now),
         )
-        stored = self._router.store.add_request(request)
+        created = transition_of(request, None, caller.user, now)
+        stored = self._router.store.add_request(request, created)
         if stored.id != request.id:
             if stored.fingerprint != fingerprint:
                 raise IdempotencyConflict(submission.idempotency_key or "", stored.id)

@@ -11,8 +11,9 @@ Drivers call one method per event, always with the current time, and carry out t
   :meth:`~RequestRouter.drain` — users and operators;
 - :meth:`~RequestRouter.tick` — time passed (call it at :meth:`~RequestRouter.next_wakeup`).
 
-Every status change is also announced to the callables in ``listeners`` (the request and the
-status it left), for audit trails and waiting clients.
+Every status change is written to the store with its audit entry (a
+:class:`~gpu_request_router.models.request.Transition`: who, from which status, when) and
+announced to the callables in ``listeners``, for logs and waiting clients.
 
 After every event a *dispatch pass* walks the queue in priority order and places what fits. A
 request that fits nowhere does not block the ones behind it (backfill), but once it has waited
@@ -62,10 +63,11 @@ from gpu_request_router.models.request import (
     Placement,
     Request,
     RequestStatus,
+    Transition,
 )
 from gpu_request_router.store.base import StateStore
 
-__all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds"]
+__all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds", "transition_of"]
 
 _log = structlog.get_logger(__name__)
 _S = RequestStatus
@@ -140,7 +142,7 @@ class RequestRouter:
         self._avoid: dict[str, set[str]] = {}
         self._quota_wakeup: float | None = None
         self._margin = settings.placement.memory_safety_margin_mb
-        self.listeners: list[Callable[[Request, RequestStatus], None]] = []
+        self.listeners: list[Callable[[Request, Transition], None]] = []
 
     # Views ---------------------------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ class RequestRouter:
                 stored.transition(
                     _S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown")
                 )
-                self._write(stored, before, attempt)
+                self._write(stored, before, attempt, "router", now)
             self._track(stored)
             self.queue.push(stored, fair_share_cost(stored))
         return self._pass(now)
@@ -259,7 +261,7 @@ class RequestRouter:
             return []
         request = self._requests[execution.request_id]
         if request.status is _S.DISPATCHING:
-            self._set(request, _S.RUNNING, now)
+            self._set(request, _S.RUNNING, now, actor=f"backend:{execution.backend}")
         return []
 
     def finished(self, execution_id: str, result: ExecutionResult, now: float) -> list[Decision]:
@@ -274,8 +276,9 @@ class RequestRouter:
             duration = result.gpu_seconds / len(execution.gpu_ids)
         elif request.started_at is not None:
             duration = now - request.started_at
+        actor = f"backend:{execution.backend}"
         if request.status is _S.DISPATCHING:
-            self._set(request, _S.RUNNING, now)
+            self._set(request, _S.RUNNING, now, actor=actor)
         self._end_execution(execution_id, request, now, result.gpu_seconds)
         if duration is not None:
             gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
@@ -292,7 +295,7 @@ class RequestRouter:
                 if model == request.model:
                     self.metrics.estimate_error(model, kind, ratio)
         self._circuit_success(execution)
-        self._set(request, _S.SUCCEEDED, now, result=result.output)
+        self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
         return self._pass(now)
 
     def failed(self, execution_id: str, failure: Failure, now: float) -> list[Decision]:
@@ -301,11 +304,12 @@ class RequestRouter:
         if execution is None:
             _log.debug("stale_failure_ignored", execution_id=execution_id)
             return []
-        decisions = self._fail(execution_id, execution, failure, now)
+        actor = f"backend:{execution.backend}"
+        decisions = self._fail(execution_id, execution, failure, now, actor)
         return decisions + self._pass(now)
 
     def _fail(
-        self, execution_id: str, execution: _Execution, failure: Failure, now: float
+        self, execution_id: str, execution: _Execution, failure: Failure, now: float, actor: str
     ) -> list[Decision]:
         request = self._requests[execution.request_id]
         self._end_execution(execution_id, request, now, None)
@@ -314,7 +318,7 @@ class RequestRouter:
         verdict = self.errors.judge(failure, request.attempts, now)
         error = ErrorInfo(failure.kind.value, failure.message or failure.kind.value)
         if verdict.action is Action.EXPIRE:
-            self._set(request, _S.EXPIRED, now, error=error)
+            self._set(request, _S.EXPIRED, now, actor=actor, error=error)
             return []
         if verdict.action is Action.GROW_AND_RETRY:
             request.estimate = self.estimator.grow_after_oom(
@@ -330,18 +334,20 @@ class RequestRouter:
                     f"out of GPU memory; {request.estimate.gpu_memory_mb} MiB per GPU "
                     "fits no GPU of the fleet"
                 )
-                self._set(request, _S.FAILED, now, error=ErrorInfo(error.type, message))
+                self._set(
+                    request, _S.FAILED, now, actor=actor, error=ErrorInfo(error.type, message)
+                )
                 return []
         if verdict.action is Action.FAIL:
             if verdict.reason in ("max_attempts", "retry_budget_exhausted"):
                 error = ErrorInfo(
                     error.type, f"{error.message} (gave up: {verdict.reason.replace('_', ' ')})"
                 )
-            self._set(request, _S.FAILED, now, error=error)
+            self._set(request, _S.FAILED, now, actor=actor, error=error)
             return []
         self.metrics.retry(verdict.reason)
         self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
-        self._set(request, _S.QUEUED, now, error=error)
+        self._set(request, _S.QUEUED, now, actor=actor, error=error)
         if verdict.delay_s > 0:
             heapq.heappush(self._backoff, (now + verdict.delay_s, next(self._seq), request.id))
         else:
@@ -364,8 +370,8 @@ class RequestRouter:
 
     # Events: users and operators ---------------------------------------------------------------
 
-    def cancel(self, request_id: str, now: float) -> list[Decision]:
-        """Cancel a request; a running one's execution is told to stop.
+    def cancel(self, request_id: str, now: float, actor: str = "user") -> list[Decision]:
+        """Cancel a request on behalf of ``actor``; a running one's execution is told to stop.
 
         Raises:
             NotFound: no such request.
@@ -377,11 +383,16 @@ class RequestRouter:
             if stored is None:
                 raise NotFound("request", request_id)
             raise AlreadyTerminal(request_id, stored.status.value, _S.CANCELLED.value)
-        decisions = self._stop(request, _S.CANCELLED, now, ErrorInfo("cancelled", "cancelled"))
+        decisions = self._stop(request, _S.CANCELLED, now, None, actor)
         return decisions + self._pass(now)
 
     def _stop(
-        self, request: Request, to: RequestStatus, now: float, error: ErrorInfo | None
+        self,
+        request: Request,
+        to: RequestStatus,
+        now: float,
+        error: ErrorInfo | None,
+        actor: str = "router",
     ) -> list[Decision]:
         """End a live request as cancelled or expired, stopping its execution if it has one."""
         decisions: list[Decision] = []
@@ -391,7 +402,7 @@ class RequestRouter:
             self._end_execution(execution_id, request, now, None)
             decisions.append(_cancel(execution_id, execution, to.value))
         self.queue.remove(request.id)
-        self._set(request, to, now, error=None if to is _S.CANCELLED else error)
+        self._set(request, to, now, actor=actor, error=error)
         return decisions
 
     def cordon(self, gpu_id: str, now: float) -> list[Decision]:
@@ -469,7 +480,7 @@ class RequestRouter:
                     continue
                 decisions.append(_cancel(execution_id, execution, "gpu_lost"))
                 failure = Failure(FailureKind.WORKER_LOST, f"GPU {gpu_id} was lost")
-                decisions += self._fail(execution_id, execution, failure, now)
+                decisions += self._fail(execution_id, execution, failure, now, "router")
         return decisions
 
     # Circuit breakers --------------------------------------------------------------------------
@@ -578,7 +589,7 @@ class RequestRouter:
         self.queue.dispatched(request.id)
         placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
         wait = now - request.queued_at
-        self._set(request, _S.DISPATCHING, now, placement=placement)
+        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement)
         backend = self.monitor.gpus[chosen.gpu_ids[0]].reading.backend
         execution = _Execution(request.id, attempt, backend, chosen.worker, chosen.gpu_ids, now)
         self._executions[execution_id] = execution
@@ -616,6 +627,7 @@ class RequestRouter:
         to: RequestStatus,
         now: float,
         *,
+        actor: str,
         placement: Placement | None = None,
         result: object = None,
         error: ErrorInfo | None = None,
@@ -623,7 +635,7 @@ class RequestRouter:
         """Move a request to ``to``: guarded store write, per-user counts, terminal bookkeeping."""
         before, attempt = request.status, request.attempts
         request.transition(to, now, placement=placement, result=result, error=error)
-        self._write(request, before, attempt)
+        change = self._write(request, before, attempt, actor, now)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
         elif before.active and not to.active:
@@ -637,9 +649,36 @@ class RequestRouter:
             self._avoid.pop(request.id, None)
             self.metrics.request_finished(request, now)
         for listener in self.listeners:
-            listener(request, before)
+            listener(request, change)
 
-    def _write(self, request: Request, before: RequestStatus, attempt: int) -> None:
-        """Write a changed request to the store, guarded by the status and attempt it had."""
-        if not self.store.transition(request, before, attempt):
+    def _write(
+        self, request: Request, before: RequestStatus, attempt: int, actor: str, now: float
+    ) -> Transition:
+        """Write a changed request and its audit entry, guarded by the status and attempt it had."""
+        change = transition_of(request, before, actor, now)
+        if not self.store.transition(request, before, attempt, change):
             raise StateConflict(request.id, f"{before.value} (attempt {attempt})")
+        return change
+
+
+def transition_of(
+    request: Request, before: RequestStatus | None, actor: str, at: float
+) -> Transition:
+    """The audit entry of the change that brought ``request`` to its status at time ``at``."""
+    if request.status is _S.DISPATCHING and request.placement is not None:
+        placement = request.placement
+        detail = f"on {', '.join(placement.gpu_ids)}: {placement.reason}"
+    elif request.error is not None and request.status is not _S.SUCCEEDED:
+        detail = f"{request.error.type}: {request.error.message}"
+    else:
+        detail = ""
+    return Transition(
+        request_id=request.id,
+        seq=request.version,
+        from_status=before,
+        to_status=request.status,
+        at=at,
+        attempt=request.attempts,
+        actor=actor,
+        detail=detail,
+    )

@@ -32,6 +32,7 @@ __all__ = [
     "ResourceHints",
     "Shape",
     "Task",
+    "Transition",
 ]
 
 
@@ -157,6 +158,26 @@ class ErrorInfo:
 
     type: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One entry of a request's audit trail: who moved it from which status to which, when.
+
+    ``seq`` is the request's ``version`` after the move (0 for its creation), so a request's
+    transitions are numbered 0, 1, 2 ... in order. ``from_status`` is ``None`` at creation.
+    ``actor`` is the user, ``router`` or ``backend:<name>``; ``detail`` says where it was placed
+    or why it failed.
+    """
+
+    request_id: str
+    seq: int
+    from_status: RequestStatus | None
+    to_status: RequestStatus
+    at: float
+    attempt: int
+    actor: str
+    detail: str = ""
 
 
 @dataclass(slots=True, eq=False)

@@ -1,4 +1,4 @@
-"""The state-store interface: requests, GPU memory reservations and quota counters.
+"""The state-store interface: requests and their audit trail, reservations, quota counters.
 
 Every operation that decides something is atomic in the store, so several router processes can
 share one store (SQLite, Redis) without double-claiming a request or over-committing a GPU:
@@ -7,6 +7,11 @@ share one store (SQLite, Redis) without double-claiming a request or over-commit
   status and attempt the writer saw (claiming a queued request is ``queued -> dispatching``);
 - a reservation is a check-and-add against a limit, per GPU;
 - a rate-limit admission is a check-and-record in a sliding window.
+
+Each status change is written together with its audit-trail entry (:class:`Transition`), so
+the trail never misses or invents a change. Implementations raise
+:class:`~gpu_request_router.exceptions.StoreUnavailable` when they cannot be used (disk full,
+locked database, lost connection); nothing is half-written then.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import binascii
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from gpu_request_router.exceptions import InvalidRequest
-from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.models.request import Request, RequestStatus, Transition
 
 __all__ = ["Page", "RequestQuery", "StateStore", "decode_cursor", "encode_cursor"]
 
@@ -87,8 +93,12 @@ class StateStore(ABC):
     # Requests ------------------------------------------------------------------------------
 
     @abstractmethod
-    def add_request(self, request: Request) -> Request:
-        """Store a new request, or return the stored one with the same user and idempotency key."""
+    def add_request(self, request: Request, created: Transition) -> Request:
+        """Store a new request and its creation entry, atomically.
+
+        Returns the stored one instead (writing nothing) when the user already has a request
+        with the same idempotency key.
+        """
 
     @abstractmethod
     def get_request(self, request_id: str) -> Request | None:
@@ -99,12 +109,18 @@ class StateStore(ABC):
         """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
 
     @abstractmethod
-    def transition(self, request: Request, from_status: RequestStatus, attempt: int) -> bool:
-        """Write ``request`` only if the stored one still has ``from_status`` and ``attempt``.
+    def transition(
+        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+    ) -> bool:
+        """Write ``request`` and its audit entry if the stored one has ``from_status``, ``attempt``.
 
         Returns whether the write happened. Claiming a queued request is this with
         ``from_status=queued``.
         """
+
+    @abstractmethod
+    def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
+        """The request's audit trail, oldest first, from the entry after ``seq`` ``after``."""
 
     @abstractmethod
     def list_requests(self, query: RequestQuery) -> Page:
@@ -113,6 +129,25 @@ class StateStore(ABC):
     @abstractmethod
     def unfinished_requests(self) -> list[Request]:
         """Every request not yet in a terminal status, oldest first (for recovery)."""
+
+    # Quota overrides set at run time ----------------------------------------------------------
+
+    @abstractmethod
+    def quota_overrides(self) -> dict[str, dict[str, Any]]:
+        """Per-user quota overrides set through the API (they win over the configuration)."""
+
+    @abstractmethod
+    def set_quota_override(self, user: str, values: dict[str, Any]) -> None:
+        """Replace ``user``'s run-time quota override (``None`` values mean unlimited)."""
+
+    # Health and lifetime ------------------------------------------------------------------------
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Return if the store can be used, else raise ``StoreUnavailable``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
+        """Release connections and files."""
 
     # GPU memory reservations -----------------------------------------------------------------
 

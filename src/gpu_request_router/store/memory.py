@@ -6,8 +6,9 @@ import bisect
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
+from typing import Any
 
-from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.store.base import (
     Page,
     RequestQuery,
@@ -80,11 +81,13 @@ class MemoryStore(StateStore):
         self._admissions: dict[str, _Window] = {}
         self._charges: dict[str, _Window] = {}
         self._charge_index: dict[tuple[str, str], _Entry] = {}
+        self._trails: dict[str, list[Transition]] = {}
+        self._overrides: dict[str, dict[str, Any]] = {}
 
     # Requests ------------------------------------------------------------------------------
 
-    def add_request(self, request: Request) -> Request:
-        """Store a new request, or return the stored one with the same user and idempotency key."""
+    def add_request(self, request: Request, created: Transition) -> Request:
+        """Store a new request and its creation entry, or return the one with its key."""
         if request.idempotency_key is not None:
             key = (request.user, request.idempotency_key)
             existing = self._by_key.get(key)
@@ -92,6 +95,7 @@ class MemoryStore(StateStore):
                 return self._requests[existing].snapshot()
             self._by_key[key] = request.id
         self._requests[request.id] = request.snapshot()
+        self._trails[request.id] = [created]
         if not request.status.terminal:
             self._unfinished[request.id] = None
         return request.snapshot()
@@ -106,15 +110,22 @@ class MemoryStore(StateStore):
         request_id = self._by_key.get((user, key))
         return None if request_id is None else self._requests[request_id].snapshot()
 
-    def transition(self, request: Request, from_status: RequestStatus, attempt: int) -> bool:
-        """Write ``request`` only if the stored one still has ``from_status`` and ``attempt``."""
+    def transition(
+        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+    ) -> bool:
+        """Write ``request`` and its entry if the stored one has ``from_status``, ``attempt``."""
         stored = self._requests.get(request.id)
         if stored is None or stored.status is not from_status or stored.attempts != attempt:
             return False
         self._requests[request.id] = request.snapshot()
+        self._trails[request.id].append(change)
         if request.status.terminal:
             self._unfinished.pop(request.id, None)
         return True
+
+    def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
+        """The request's audit trail, oldest first, after entry ``after``."""
+        return [entry for entry in self._trails.get(request_id, ()) if entry.seq > after]
 
     def list_requests(self, query: RequestQuery) -> Page:
         """Requests matching ``query``, newest first, one page at a time."""
@@ -132,6 +143,19 @@ class MemoryStore(StateStore):
         unfinished = (self._requests[request_id] for request_id in self._unfinished)
         ordered = sorted(unfinished, key=lambda r: (r.created_at, r.id))
         return [request.snapshot() for request in ordered]
+
+    # Quota overrides --------------------------------------------------------------------------
+
+    def quota_overrides(self) -> dict[str, dict[str, Any]]:
+        """Per-user quota overrides set at run time."""
+        return {user: dict(values) for user, values in self._overrides.items()}
+
+    def set_quota_override(self, user: str, values: dict[str, Any]) -> None:
+        """Replace ``user``'s run-time quota override."""
+        self._overrides[user] = dict(values)
+
+    def ping(self) -> None:
+        """Always usable."""
 
     # GPU memory reservations -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import (
     Estimate,
@@ -28,6 +29,20 @@ PLACEMENT = Placement("w", ("w:0",))
 ESTIMATE = Estimate(
     gpu_memory_mb=1000, weights_mb=500, kv_cache_mb=500, activations_mb=0, duration_s={}
 )
+
+
+def add(store: MemoryStore, request: Request) -> Request:
+    """Store a new request with its creation entry, as the receiver does."""
+    return store.add_request(
+        request, transition_of(request, None, request.user, request.created_at)
+    )
+
+
+def move(store: MemoryStore, request: Request, from_status: RequestStatus, attempt: int) -> bool:
+    """Write a changed request with its audit entry, as the router does."""
+    return store.transition(
+        request, from_status, attempt, transition_of(request, from_status, "router", T0)
+    )
 
 
 def make_request(
@@ -81,7 +96,7 @@ def test_add_then_get_returns_an_equal_copy() -> None:
     """A stored request comes back equal but as a distinct object."""
     store = MemoryStore()
     request = make_request("r1")
-    returned = store.add_request(request)
+    returned = add(store, request)
     fetched = store.get_request("r1")
     assert fetched is not None
     assert fetched is not request
@@ -93,7 +108,7 @@ def test_changing_a_returned_request_does_not_change_the_store() -> None:
     """Transitions on the caller's object, the returned copy or a fetched copy stay outside."""
     store = MemoryStore()
     request = make_request("r1")
-    returned = store.add_request(request)
+    returned = add(store, request)
     request.transition(S.CANCELLED, T0 + 1)
     returned.transition(S.EXPIRED, T0 + 1)
     fetched = store.get_request("r1")
@@ -113,8 +128,8 @@ def test_get_unknown_is_none() -> None:
 def test_same_user_and_key_returns_the_stored_request() -> None:
     """A second add with the same user and idempotency key returns the first, storing nothing."""
     store = MemoryStore()
-    first = store.add_request(make_request("r1", key="k", created_at=T0))
-    second = store.add_request(make_request("r2", key="k", created_at=T0 + 5))
+    first = add(store, make_request("r1", key="k", created_at=T0))
+    second = add(store, make_request("r2", key="k", created_at=T0 + 5))
     assert second.id == first.id == "r1"
     assert store.get_request("r2") is None
     found = store.find_idempotent("alice", "k")
@@ -125,8 +140,8 @@ def test_same_user_and_key_returns_the_stored_request() -> None:
 def test_another_user_may_reuse_the_key() -> None:
     """Idempotency keys are per user: bob's "k" is not alice's."""
     store = MemoryStore()
-    store.add_request(make_request("r1", key="k"))
-    bobs = store.add_request(make_request("r2", user="bob", key="k"))
+    add(store, make_request("r1", key="k"))
+    bobs = add(store, make_request("r2", user="bob", key="k"))
     assert bobs.id == "r2"
     found = store.find_idempotent("bob", "k")
     assert found is not None
@@ -137,18 +152,18 @@ def test_another_user_may_reuse_the_key() -> None:
 def test_idempotent_lookup_sees_the_latest_state() -> None:
     """The request found by key reflects transitions written since it was added."""
     store = MemoryStore()
-    request = store.add_request(make_request("r1", key="k"))
+    request = add(store, make_request("r1", key="k"))
     request.transition(S.CANCELLED, T0 + 1)
-    assert store.transition(request, S.QUEUED, 0)
-    again = store.add_request(make_request("r9", key="k"))
+    assert move(store, request, S.QUEUED, 0)
+    again = add(store, make_request("r9", key="k"))
     assert again.status is S.CANCELLED
 
 
 def test_requests_without_a_key_are_all_stored() -> None:
     """Without an idempotency key every add stores a new request."""
     store = MemoryStore()
-    store.add_request(make_request("r1"))
-    store.add_request(make_request("r2"))
+    add(store, make_request("r1"))
+    add(store, make_request("r2"))
     assert store.get_request("r1") is not None
     assert store.get_request("r2") is not None
 
@@ -159,9 +174,9 @@ def test_requests_without_a_key_are_all_stored() -> None:
 def test_transition_with_the_seen_status_and_attempt_is_written() -> None:
     """A write guarded by the stored status and attempt succeeds and is visible."""
     store = MemoryStore()
-    request = store.add_request(make_request("r1"))
+    request = add(store, make_request("r1"))
     request.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
-    assert store.transition(request, S.QUEUED, 0)
+    assert move(store, request, S.QUEUED, 0)
     stored = store.get_request("r1")
     assert stored is not None
     assert stored.status is S.DISPATCHING
@@ -172,13 +187,13 @@ def test_transition_with_the_seen_status_and_attempt_is_written() -> None:
 def test_transition_with_a_stale_status_is_refused() -> None:
     """A writer that saw an old status loses: nothing is written."""
     store = MemoryStore()
-    request = store.add_request(make_request("r1"))
+    request = add(store, make_request("r1"))
     winner = request.snapshot()
     winner.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
-    assert store.transition(winner, S.QUEUED, 0)
+    assert move(store, winner, S.QUEUED, 0)
     loser = request.snapshot()
     loser.transition(S.CANCELLED, T0 + 2)
-    assert not store.transition(loser, S.QUEUED, 0)
+    assert not move(store, loser, S.QUEUED, 0)
     stored = store.get_request("r1")
     assert stored is not None
     assert stored.status is S.DISPATCHING
@@ -187,23 +202,23 @@ def test_transition_with_a_stale_status_is_refused() -> None:
 def test_transition_with_a_stale_attempt_is_refused() -> None:
     """The attempt guards too: a write about attempt 1 cannot land on attempt 2."""
     store = MemoryStore()
-    request = store.add_request(make_request("r1"))
+    request = add(store, make_request("r1"))
     request.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
-    assert store.transition(request, S.QUEUED, 0)
+    assert move(store, request, S.QUEUED, 0)
     request.transition(S.QUEUED, T0 + 2)
-    assert store.transition(request, S.DISPATCHING, 1)
+    assert move(store, request, S.DISPATCHING, 1)
     request.transition(S.DISPATCHING, T0 + 3, placement=PLACEMENT)
-    assert store.transition(request, S.QUEUED, 1)
+    assert move(store, request, S.QUEUED, 1)
     late = request.snapshot()
     late.transition(S.RUNNING, T0 + 4)
-    assert not store.transition(late, S.DISPATCHING, 1)
-    assert store.transition(late, S.DISPATCHING, 2)
+    assert not move(store, late, S.DISPATCHING, 1)
+    assert move(store, late, S.DISPATCHING, 2)
 
 
 def test_transition_of_an_unknown_request_is_refused() -> None:
     """A guarded write of a request that was never added does nothing."""
     store = MemoryStore()
-    assert not store.transition(make_request("ghost"), S.QUEUED, 0)
+    assert not move(store, make_request("ghost"), S.QUEUED, 0)
     assert store.get_request("ghost") is None
 
 
@@ -214,15 +229,15 @@ def test_unfinished_requests_oldest_first_without_terminal_ones() -> None:
     """Recovery sees every unfinished request, oldest first, and none that finished."""
     store = MemoryStore()
     for index in range(5):
-        store.add_request(make_request(f"r{index}", created_at=T0 + index))
+        add(store, make_request(f"r{index}", created_at=T0 + index))
     finished = store.get_request("r2")
     assert finished is not None
     finished.transition(S.CANCELLED, T0 + 10)
-    assert store.transition(finished, S.QUEUED, 0)
+    assert move(store, finished, S.QUEUED, 0)
     running = store.get_request("r3")
     assert running is not None
     running.transition(S.DISPATCHING, T0 + 10, placement=PLACEMENT)
-    assert store.transition(running, S.QUEUED, 0)
+    assert move(store, running, S.QUEUED, 0)
     unfinished = store.unfinished_requests()
     assert [r.id for r in unfinished] == ["r0", "r1", "r3", "r4"]
     assert unfinished[2].status is S.DISPATCHING
@@ -231,9 +246,9 @@ def test_unfinished_requests_oldest_first_without_terminal_ones() -> None:
 def test_unfinished_requests_are_ordered_by_creation_not_insertion() -> None:
     """Oldest first means by creation time, even when added out of order."""
     store = MemoryStore()
-    store.add_request(make_request("late", created_at=T0 + 50))
-    store.add_request(make_request("early", created_at=T0))
-    store.add_request(make_request("middle", created_at=T0 + 20))
+    add(store, make_request("late", created_at=T0 + 50))
+    add(store, make_request("early", created_at=T0))
+    add(store, make_request("middle", created_at=T0 + 20))
     assert [r.id for r in store.unfinished_requests()] == ["early", "middle", "late"]
 
 
@@ -242,7 +257,7 @@ def test_a_request_added_finished_is_not_unfinished() -> None:
     store = MemoryStore()
     request = make_request("done")
     request.transition(S.CANCELLED, T0 + 1)
-    store.add_request(request)
+    add(store, request)
     assert store.unfinished_requests() == []
 
 
@@ -253,7 +268,7 @@ def test_list_is_newest_first() -> None:
     """Requests list newest first; equal creation times order by id, descending."""
     store = MemoryStore()
     for rid, at in [("a", T0), ("b", T0 + 2), ("c", T0 + 1), ("d", T0 + 2)]:
-        store.add_request(make_request(rid, created_at=at))
+        add(store, make_request(rid, created_at=at))
     page = store.list_requests(RequestQuery())
     assert [r.id for r in page.items] == ["d", "b", "c", "a"]
     assert page.next_cursor is None
@@ -262,13 +277,13 @@ def test_list_is_newest_first() -> None:
 def test_list_filters() -> None:
     """Each filter keeps only the requests that match it, and filters combine."""
     store = MemoryStore()
-    store.add_request(make_request("a1", user="alice", model="m1", priority="high"))
-    store.add_request(make_request("a2", user="alice", model="m2", created_at=T0 + 1))
-    store.add_request(make_request("b1", user="bob", model="m1", created_at=T0 + 2))
+    add(store, make_request("a1", user="alice", model="m1", priority="high"))
+    add(store, make_request("a2", user="alice", model="m2", created_at=T0 + 1))
+    add(store, make_request("b1", user="bob", model="m1", created_at=T0 + 2))
     cancelled = store.get_request("a2")
     assert cancelled is not None
     cancelled.transition(S.CANCELLED, T0 + 3)
-    assert store.transition(cancelled, S.QUEUED, 0)
+    assert move(store, cancelled, S.QUEUED, 0)
 
     def ids(**filters: Any) -> list[str]:
         return [r.id for r in store.list_requests(RequestQuery(**filters)).items]
@@ -286,7 +301,7 @@ def test_pages_follow_each_other() -> None:
     """Pages of two walk the list without overlap; the last one has no cursor."""
     store = MemoryStore()
     for index in range(5):
-        store.add_request(make_request(f"r{index}", created_at=T0 + index))
+        add(store, make_request(f"r{index}", created_at=T0 + index))
     pages = all_pages(store, RequestQuery(limit=2))
     assert [[r.id for r in page] for page in pages] == [["r4", "r3"], ["r2", "r1"], ["r0"]]
 
@@ -295,7 +310,7 @@ def test_exactly_full_last_page_has_no_cursor() -> None:
     """When the requests fill the page exactly there is no next page."""
     store = MemoryStore()
     for index in range(4):
-        store.add_request(make_request(f"r{index}", created_at=T0 + index))
+        add(store, make_request(f"r{index}", created_at=T0 + index))
     first = store.list_requests(RequestQuery(limit=2))
     second = store.list_requests(RequestQuery(limit=2, cursor=first.next_cursor))
     assert [r.id for r in second.items] == ["r1", "r0"]
@@ -306,9 +321,9 @@ def test_cursor_stays_valid_when_newer_requests_arrive() -> None:
     """Requests added after the first page do not shift the pages that follow."""
     store = MemoryStore()
     for index in range(4):
-        store.add_request(make_request(f"r{index}", created_at=T0 + index))
+        add(store, make_request(f"r{index}", created_at=T0 + index))
     first = store.list_requests(RequestQuery(limit=2))
-    store.add_request(make_request("new", created_at=T0 + 100))
+    add(store, make_request("new", created_at=T0 + 100))
     second = store.list_requests(RequestQuery(limit=2, cursor=first.next_cursor))
     assert [r.id for r in second.items] == ["r1", "r0"]
 
@@ -316,7 +331,7 @@ def test_cursor_stays_valid_when_newer_requests_arrive() -> None:
 def test_listed_requests_are_copies() -> None:
     """Changing a listed request leaves the store as it was."""
     store = MemoryStore()
-    store.add_request(make_request("r1"))
+    add(store, make_request("r1"))
     (listed,) = store.list_requests(RequestQuery()).items
     listed.transition(S.CANCELLED, T0 + 1)
     stored = store.get_request("r1")
@@ -361,7 +376,7 @@ def test_pagination_has_no_duplicates_or_gaps(
         )
         if cancel:
             request.transition(S.CANCELLED, at + 1.0)
-        store.add_request(request)
+        add(store, request)
     statuses = None
     if only_cancelled is not None:
         statuses = frozenset({S.CANCELLED} if only_cancelled else {S.QUEUED})
@@ -402,7 +417,7 @@ def test_pagination_has_no_duplicates_or_gaps(
 def test_a_tampered_cursor_is_an_invalid_request(cursor: str) -> None:
     """A cursor not made by the store raises InvalidRequest naming the cursor field."""
     store = MemoryStore()
-    store.add_request(make_request("r1"))
+    add(store, make_request("r1"))
     with pytest.raises(InvalidRequest) as info:
         store.list_requests(RequestQuery(cursor=cursor))
     assert info.value.field == "cursor"
@@ -419,7 +434,7 @@ def test_cursor_round_trips() -> None:
 def test_a_page_size_below_one_is_an_invalid_request(limit: int) -> None:
     """A listing must ask for at least one request per page."""
     store = MemoryStore()
-    store.add_request(make_request("r1"))
+    add(store, make_request("r1"))
     with pytest.raises(InvalidRequest) as info:
         store.list_requests(RequestQuery(limit=limit))
     assert info.value.field == "limit"
@@ -661,3 +676,34 @@ def test_usage_equals_the_latest_amount_of_each_charge_in_the_window(
     window = 150.0
     expected = sum(amount for at, amount in latest.values() if at > now - window)
     assert store.gpu_seconds_in_window("u", now, window) == pytest.approx(expected)
+
+
+def test_audit_trail_records_every_written_change_in_order() -> None:
+    """Each written change adds one entry; a refused guarded write adds none."""
+    store = MemoryStore()
+    request = add(store, make_request("r1"))
+    request.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
+    assert move(store, request, S.QUEUED, 0)
+    stale = store.get_request("r1")
+    stale.transition(S.CANCELLED, T0 + 2)
+    assert not move(store, stale, S.QUEUED, 0)
+    trail = store.transitions("r1")
+    assert [(t.seq, t.from_status, t.to_status) for t in trail] == [
+        (0, None, S.QUEUED),
+        (1, S.QUEUED, S.DISPATCHING),
+    ]
+    assert trail[1].detail.startswith("on w:0")
+    assert [t.seq for t in store.transitions("r1", after=0)] == [1]
+    assert store.transitions("nope") == []
+
+
+def test_quota_overrides_are_replaced_per_user() -> None:
+    """Setting a user's override replaces the previous one; others are untouched."""
+    store = MemoryStore()
+    store.set_quota_override("ann", {"max_concurrent": 2})
+    store.set_quota_override("bob", {"max_queued": None})
+    store.set_quota_override("ann", {"requests_per_minute": 5})
+    assert store.quota_overrides() == {
+        "ann": {"requests_per_minute": 5},
+        "bob": {"max_queued": None},
+    }
