@@ -120,6 +120,7 @@ class StateSettings(_Section):
 
     backend: Literal["sqlite", "memory", "redis"] = "sqlite"
     sqlite_path: str = "./gpurouter.db"
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     redis_url: str = "redis://127.0.0.1:6379/0"
 
 

@@ -15,10 +15,12 @@ limit by at most what running requests take beyond their estimates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from gpu_request_router.config.config_loader import QuotaSettings
-from gpu_request_router.exceptions import QuotaExceeded, QuotaForbidden
+from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, QuotaForbidden
 from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
 from gpu_request_router.store.base import StateStore
 
@@ -38,11 +40,32 @@ class QuotaEnforcer:
         self._cache: dict[str, UserQuota] = {}
 
     def quota_for(self, user: str) -> UserQuota:
-        """The effective quota of ``user`` (defaults merged with their overrides)."""
+        """The effective quota of ``user``: defaults, then config overrides, then run-time ones."""
         quota = self._cache.get(user)
         if quota is None:
-            quota = self._cache[user] = self._settings.for_user(user)
+            quota = self._settings.for_user(user)
+            override = self._store.quota_overrides().get(user)
+            if override:
+                quota = dataclasses.replace(quota, **override)
+            self._cache[user] = quota
         return quota
+
+    def set_override(self, user: str, values: Mapping[str, Any]) -> UserQuota:
+        """Replace ``user``'s run-time override (persisted in the store); return the new quota.
+
+        Raises:
+            InvalidRequest: a key is not a quota limit, or ``max_priority`` is not a class.
+        """
+        fields = {field.name for field in dataclasses.fields(UserQuota)} - {"user"}
+        unknown = set(values) - fields
+        if unknown:
+            raise InvalidRequest("quota", f"unknown limit(s): {', '.join(sorted(unknown))}")
+        priority = values.get("max_priority")
+        if "max_priority" in values and priority not in self._rank:
+            raise InvalidRequest("max_priority", f"{priority!r} is not a priority class")
+        self._store.set_quota_override(user, dict(values))
+        self._cache.pop(user, None)
+        return self.quota_for(user)
 
     def admit(
         self,
