@@ -18,8 +18,8 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.runtime  ## a short simulated demo: where each request went and why
-	$(BIN)/gpurouter demo
+run: $(VENV)/.runtime  ## the router on the embedded default: SQLite here, 4 simulated GPUs
+	$(BIN)/gpurouter serve
 
 test: lint typecheck unit  ## everything CI runs
 

@@ -1,16 +1,27 @@
-"""The ``gpurouter`` command line."""
+"""The ``gpurouter`` command line: the server, client commands, keys and the demo.
+
+Client commands read ``GPUROUTER_URL`` (default ``http://127.0.0.1:8080``) and
+``GPUROUTER_API_KEY``. They print tables, or JSON with ``--json``; an error from the router is
+printed with its problem details and exits 1; a router that cannot be reached exits 2.
+"""
 
 from __future__ import annotations
 
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gpu_request_router.config.config_loader import load_settings
+from gpu_request_router.client import ApiError, RouterClient
+from gpu_request_router.config.config_loader import AuthSettings, Settings, UserEntry, load_settings
 from gpu_request_router.demo import DEMO_BACKENDS, run_demo
 from gpu_request_router.exceptions import ConfigError
 
@@ -24,9 +35,270 @@ app = typer.Typer(
 )
 
 
+keys = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+
+_out = Console()
+if not _out.is_terminal:
+    _out = Console(width=max(_out.width, 200))  # a pipe or a log: keep table rows whole
+_err = Console(stderr=True)
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="A YAML config file (defaults: built in).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
 @app.callback()
 def _main() -> None:
     """gpu-request-router: a GPU-aware, fair and durable router in front of a GPU fleet."""
+
+
+def _load(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        _err.print(f"[red]invalid configuration[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
+def new_api_key() -> str:
+    """A fresh API key (``gr_`` and 43 URL-safe characters, 256 random bits)."""
+    return "gr_" + secrets.token_urlsafe(32)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.", min=1, max=65535)] = None,
+) -> None:
+    """Run the router. Without --config: SQLite in this directory and a simulated 4-GPU fleet."""
+    import uvicorn
+
+    from gpu_request_router.api import create_app
+    from gpu_request_router.api.middleware.auth import hash_key
+    from gpu_request_router.utils.logging import configure_logging
+
+    settings = _load(config)
+    server = settings.server.model_copy(
+        update={"host": host or settings.server.host, "port": port or settings.server.port}
+    )
+    settings = settings.model_copy(update={"server": server})
+    dev_key = None
+    if settings.auth.enabled and not settings.auth.users:
+        dev_key = new_api_key()
+        admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
+        settings = settings.model_copy(update={"auth": AuthSettings(enabled=True, users=[admin])})
+    configure_logging(settings.logging)
+    try:
+        application = create_app(settings)
+    except ConfigError as exc:
+        _err.print(f"[red]invalid configuration[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    url = f"http://{server.host}:{server.port}"
+    _out.print(f"gpu-request-router listening on [bold]{url}[/bold] (API docs: {url}/docs)")
+    if dev_key is not None:
+        _out.print(
+            "No users are configured: a development admin key was made for this run.\n"
+            f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}"
+        )
+    uvicorn.run(
+        application,
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@keys.command("create")
+def create_key(
+    name: Annotated[str, typer.Option(help="The user the key belongs to.")] = "alice",
+    role: Annotated[str, typer.Option(help="admin or user.")] = "user",
+) -> None:
+    """Make a new API key: print it once, and the config line that holds its hash."""
+    from gpu_request_router.api.middleware.auth import hash_key
+
+    try:
+        entry = UserEntry.model_validate({"name": name, "role": role, "api_key_sha256": "0" * 64})
+    except ValueError as exc:
+        _err.print(f"[red]invalid user[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    key = new_api_key()
+    _out.print(f"API key (shown once): {key}")
+    _out.print("Add this user under auth.users in the config:")
+    line = f"    - {{name: {entry.name}, role: {entry.role}, api_key_sha256: {hash_key(key)}}}"
+    _out.print(line, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _client() -> Iterator[RouterClient]:
+    """A client for the router in the environment; errors become messages and exit codes."""
+    client = RouterClient()
+    try:
+        yield client
+    except ApiError as exc:
+        problem = exc.problem
+        _err.print(f"[red]error {exc.status}[/red] {escape(str(problem.get('detail', exc)))}")
+        raise typer.Exit(1) from exc
+    except httpx.HTTPError as exc:
+        _err.print(
+            f"[red]cannot reach the router[/red] ({escape(str(exc))}); is GPUROUTER_URL right?"
+        )
+        raise typer.Exit(2) from exc
+    finally:
+        client.close()
+
+
+def _print_requests(requests: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        _out.print_json(json.dumps(requests if len(requests) != 1 else requests[0]))
+        return
+    table = Table()
+    for column in ("id", "user", "model", "priority", "status", "GPU(s)", "tries", "wait s"):
+        table.add_column(column, overflow="fold")
+    for request in requests:
+        placement = request.get("placement") or {}
+        table.add_row(
+            request["id"],
+            request["user"],
+            request["model"],
+            request["priority"],
+            request["status"],
+            ",".join(placement.get("gpu_ids", [])) or "-",
+            str(request["attempts"]),
+            f"{request['queue_wait_s']:.2f}",
+        )
+    _out.print(table)
+
+
+@app.command()
+def submit(
+    model: Annotated[str, typer.Argument(help="A model of the catalog.")],
+    prompt: Annotated[str | None, typer.Option(help="A chat message to send.")] = None,
+    input_json: Annotated[
+        str | None, typer.Option("--input", help="The whole input object, as JSON.")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="New tokens at most.")] = None,
+    priority: Annotated[str | None, typer.Option(help="Priority class.")] = None,
+    task: Annotated[str | None, typer.Option(help="chat, completion, embedding, generic.")] = None,
+    gpu_count: Annotated[int | None, typer.Option(help="GPUs taken together.")] = None,
+    gpu_type: Annotated[str | None, typer.Option(help="Only GPUs of this type.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds until it expires.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe key.")] = None,
+    wait: Annotated[float, typer.Option(help="Wait this many seconds for the end.")] = 0.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit a request."""
+    body: dict[str, Any] = {"model": model}
+    if input_json is not None:
+        try:
+            body["input"] = json.loads(input_json)
+        except ValueError as exc:
+            _err.print(f"[red]--input is not JSON[/red] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
+    elif prompt is not None:
+        body["input"] = {"messages": [{"role": "user", "content": prompt}]}
+    if max_tokens is not None:
+        body.setdefault("input", {})["max_tokens"] = max_tokens
+    resources = {
+        key: value
+        for key, value in (("gpu_count", gpu_count), ("gpu_type", gpu_type))
+        if value is not None
+    }
+    if resources:
+        body["resources"] = resources
+    options = {"priority": priority, "task": task, "timeout_s": timeout}
+    body.update({key: value for key, value in options.items() if value is not None})
+    with _client() as client:
+        request = client.submit(body, idempotency_key=idempotency_key)
+        if wait > 0:
+            request = client.wait(request["id"], wait)
+    _print_requests([request], as_json)
+
+
+@app.command()
+def status(
+    request_id: Annotated[str, typer.Argument(help="The request id.")], as_json: JsonOption = False
+) -> None:
+    """Show a request."""
+    with _client() as client:
+        _print_requests([client.get(request_id)], as_json)
+
+
+@app.command("wait")
+def wait_for(
+    request_id: Annotated[str, typer.Argument(help="The request id.")],
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Wait until a request has finished, then show it."""
+    with _client() as client:
+        _print_requests([client.wait(request_id, timeout)], as_json)
+
+
+@app.command()
+def cancel(
+    request_id: Annotated[str, typer.Argument(help="The request id.")], as_json: JsonOption = False
+) -> None:
+    """Cancel a request."""
+    with _client() as client:
+        _print_requests([client.cancel(request_id)], as_json)
+
+
+@app.command("list")
+def list_requests(
+    status_: Annotated[str | None, typer.Option("--status", help="Only this status.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List your requests, newest first."""
+    with _client() as client:
+        items = []
+        for request in client.requests(limit=min(limit, 500), status=status_, model=model):
+            items.append(request)
+            if len(items) >= limit:
+                break
+    _print_requests(items, as_json)
+
+
+@app.command()
+def gpus(as_json: JsonOption = False) -> None:
+    """Show the GPU inventory."""
+    with _client() as client:
+        items = client.gpus()
+    if as_json:
+        _out.print_json(json.dumps(items))
+        return
+    table = Table()
+    for column in (
+        "id",
+        "type",
+        "health",
+        "used MiB",
+        "reserved MiB",
+        "free MiB",
+        "util %",
+        "running",
+    ):
+        table.add_column(column)
+    for gpu in items:
+        state = gpu["health"] + (" (cordoned)" if gpu["cordoned"] else "")
+        table.add_row(
+            gpu["id"],
+            gpu["type"],
+            state,
+            str(gpu["memory_used_mb"]),
+            str(gpu["memory_reserved_mb"]),
+            str(gpu["memory_free_mb"]),
+            "-" if gpu["utilization_pct"] is None else f"{gpu['utilization_pct']:g}",
+            str(len(gpu["running_requests"])),
+        )
+    _out.print(table)
 
 
 @app.command()
@@ -39,9 +311,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the simulation.")] = 7,
 ) -> None:
     """Run a short simulated workload in virtual time and show where each request went and why."""
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 200))  # a pipe or log: keep rows whole
+    console = _out
     overrides: dict[str, object] = {"auth": {"enabled": False}, "state": {"backend": "memory"}}
     if config is None:
         overrides["backends"] = DEMO_BACKENDS

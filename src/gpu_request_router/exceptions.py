@@ -12,6 +12,10 @@ its context as attributes, never only inside the message::
     │   ├── IdempotencyConflict      the key was used before with another body
     │   ├── QuotaExceeded            over a quota that frees up with time (``retry_after_s``)
     │   └── QuotaForbidden           over a quota that waiting never helps
+    ├── AuthError                    the caller may not do this
+    │   ├── Unauthenticated          no valid API key
+    │   ├── Forbidden                the key's role does not allow it
+    │   └── TooManyAuthFailures      too many bad keys from one client (``retry_after_s``)
     ├── NotFound                     no such request or GPU (``resource_id``)
     ├── InvalidTransition            the status machine forbids the move
     │   └── AlreadyTerminal          the request has already finished (``status``)
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyTerminal",
+    "AuthError",
     "ConfigError",
+    "Forbidden",
     "GpuRouterError",
     "IdempotencyConflict",
     "InvalidRequest",
@@ -36,6 +42,8 @@ __all__ = [
     "RequestRejected",
     "StateConflict",
     "StoreUnavailable",
+    "TooManyAuthFailures",
+    "Unauthenticated",
     "UnknownModel",
     "Unschedulable",
 ]
@@ -123,6 +131,29 @@ class QuotaForbidden(RequestRejected):
         super().__init__(message)
         self.quota = quota
         self.reason = f"quota_{quota}"
+
+
+class AuthError(GpuRouterError):
+    """The caller may not do what they asked."""
+
+
+class Unauthenticated(AuthError):
+    """No API key, or one the router does not know (the same answer for every kind of bad key)."""
+
+    def __init__(self) -> None:
+        super().__init__("a valid API key is required: Authorization: Bearer <key>")
+
+
+class Forbidden(AuthError):
+    """The caller is known but their role does not allow this."""
+
+
+class TooManyAuthFailures(AuthError):
+    """Too many requests with bad keys from one client; retry after ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("too many requests with an invalid API key")
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(GpuRouterError):

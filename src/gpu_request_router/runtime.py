@@ -8,7 +8,7 @@ The core is synchronous and the event loop single-threaded, so no locks are need
 
 Example::
 
-    async with Runtime.simulated(load_settings()) as runtime:
+    async with Runtime.from_settings(load_settings()) as runtime:
         request = await runtime.submit(Submission(model="llama-3-8b"), Caller("alice"))
         done = await runtime.wait(request.id, timeout_s=30)
 """
@@ -33,12 +33,14 @@ from gpu_request_router.core.events import (
     Failure,
     FailureKind,
 )
-from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.exceptions import NotFound
+from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
+from gpu_request_router.exceptions import ConfigError, NotFound
+from gpu_request_router.models.gpu_state import GPUState
 from gpu_request_router.models.request import Request, Transition
 from gpu_request_router.services.ai_orchestrator import BackendClient, SimulatedBackend
 from gpu_request_router.services.gpu_monitoring import GpuSource, SimulatedSource
 from gpu_request_router.services.simulator import SimulatedFleet
+from gpu_request_router.store.base import StateStore
 from gpu_request_router.utils.clock import Clock, SystemClock
 
 __all__ = ["Runtime"]
@@ -70,15 +72,32 @@ class Runtime:
         self._executions: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._watchers: dict[str, list[asyncio.Future[None]]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self.router.listeners.append(self._on_transition)
 
     @classmethod
-    def simulated(
-        cls, settings: Settings, *, clock: Clock | None = None, seed: int | None = None
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        store: StateStore | None = None,
+        clock: Clock | None = None,
+        seed: int | None = None,
     ) -> Runtime:
-        """A runtime whose ``simulated`` backends run on an in-process fleet in real time."""
-        engine = Engine.build(settings, seed=seed)
+        """A runtime for the backends of ``settings`` (``simulated`` ones on an in-process fleet).
+
+        Raises:
+            ConfigError: a backend is of a kind this version cannot drive.
+        """
+        for index, backend in enumerate(settings.backends):
+            if backend.kind != "simulated":
+                raise ConfigError(
+                    f"backends.{index}.kind",
+                    f"backend {backend.name!r}: kind {backend.kind!r} is not available in this "
+                    "version (only simulated backends are)",
+                )
+        engine = Engine.build(settings, store=store, seed=seed)
         clock = clock if clock is not None else SystemClock()
         fleet = SimulatedFleet.for_engine(settings, engine.router.estimator)
         clients: dict[str, BackendClient] = {
@@ -119,16 +138,60 @@ class Runtime:
 
     async def submit(self, submission: Submission, caller: Caller) -> Request:
         """Admit a submission (raises ``RequestRejected`` subclasses); return it as stored."""
+        request, _ = await self.admit(submission, caller)
+        return request
+
+    async def admit(self, submission: Submission, caller: Caller) -> tuple[Request, bool]:
+        """Admit a submission; return it and whether it is new (not an idempotent replay)."""
         admission = self.engine.receiver.submit(submission, caller, self.clock.now())
         self._apply(admission.decisions)
         self._wake.set()
-        return admission.request.snapshot()
+        return admission.request.snapshot(), admission.created
 
-    async def cancel(self, request_id: str) -> Request:
+    def estimate(self, submission: Submission, caller: Caller) -> EstimateReport:
+        """The dry run: validate and estimate without storing or queueing anything."""
+        return self.engine.receiver.estimate(submission, caller, self.clock.now())
+
+    async def cancel(self, request_id: str, actor: str = "user") -> Request:
         """Cancel a request (``NotFound``, ``AlreadyTerminal`` as the router raises them)."""
-        self._apply(self.router.cancel(request_id, self.clock.now()))
+        self._apply(self.router.cancel(request_id, self.clock.now(), actor))
         self._wake.set()
         return self.get(request_id)
+
+    def cordon(self, gpu_id: str) -> GPUState:
+        """Stop placing work on a GPU (``NotFound`` for an unknown id)."""
+        self._apply(self.router.cordon(gpu_id, self.clock.now()))
+        return self.router.monitor.get(gpu_id)
+
+    def uncordon(self, gpu_id: str) -> GPUState:
+        """Resume placing work on a GPU."""
+        self._apply(self.router.uncordon(gpu_id, self.clock.now()))
+        return self.router.monitor.get(gpu_id)
+
+    def drain(self, gpu_id: str) -> GPUState:
+        """Cordon a GPU and let its running work finish."""
+        self._apply(self.router.drain(gpu_id, self.clock.now()))
+        return self.router.monitor.get(gpu_id)
+
+    def queue_position(self, request_id: str, limit: int = 10_000) -> int | None:
+        """How many queued requests go before this one now (``None``: not queued, or past limit)."""
+        queue = self.router.queue
+        if request_id not in queue:
+            return None
+        for position, request in enumerate(queue.candidates(self.clock.now())):
+            if request.id == request_id:
+                return position
+            if position >= limit:
+                break
+        return None
+
+    async def watch(self, request_id: str, after: int, timeout_s: float) -> list[Transition]:
+        """The request's audit entries after ``after``, waiting up to ``timeout_s`` for one."""
+        entries = self.engine.store.transitions(request_id, after)
+        if entries or timeout_s <= 0:
+            return entries
+        await self._signal(self._watchers, request_id, timeout_s)
+        return self.engine.store.transitions(request_id, after)
 
     def get(self, request_id: str) -> Request:
         """The request as it is now.
@@ -147,27 +210,33 @@ class Runtime:
     async def wait(self, request_id: str, timeout_s: float) -> Request:
         """The request once it is terminal, or as it is when ``timeout_s`` has passed."""
         request = self.get(request_id)
-        if request.status.terminal or timeout_s <= 0:
-            return request
+        if not request.status.terminal and timeout_s > 0:
+            await self._signal(self._waiters, request_id, timeout_s)
+        return self.get(request_id)
+
+    async def _signal(
+        self, registry: dict[str, list[asyncio.Future[None]]], request_id: str, timeout_s: float
+    ) -> None:
+        """Wait until a transition of ``request_id`` resolves an entry of ``registry``."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(request_id, []).append(future)
+        registry.setdefault(request_id, []).append(future)
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(future)
         except TimeoutError:
             pass
         finally:
-            waiters = self._waiters.get(request_id, [])
-            if future in waiters:
-                waiters.remove(future)
-            if not waiters:
-                self._waiters.pop(request_id, None)
-        return self.get(request_id)
+            pending = registry.get(request_id, [])
+            if future in pending:
+                pending.remove(future)
+            if not pending:
+                registry.pop(request_id, None)
 
     def _on_transition(self, request: Request, change: Transition) -> None:
-        if not request.status.terminal:
-            return
-        for future in self._waiters.pop(request.id, []):
+        waiting = self._watchers.pop(request.id, [])
+        if request.status.terminal:
+            waiting += self._waiters.pop(request.id, [])
+        for future in waiting:
             if not future.done():
                 future.set_result(None)
 

@@ -56,7 +56,7 @@ async def until(predicate: Any, timeout_s: float = 2.0) -> None:
 
 async def test_submit_then_wait_succeeds_with_an_openai_result() -> None:
     """A submitted chat runs on a GPU and ends succeeded with a chat.completion result."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(chat(max_tokens=8, duration_s=0.05), ALICE)
         assert submitted.status in (RequestStatus.QUEUED, RequestStatus.DISPATCHING)
         done = await runtime.wait(submitted.id, timeout_s=5)
@@ -76,7 +76,7 @@ async def test_submit_then_wait_succeeds_with_an_openai_result() -> None:
 
 async def test_get_returns_terminal_requests_from_the_store() -> None:
     """After a request ends, get() still returns it (from the store) with its result."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(chat(duration_s=0.02), ALICE)
         await runtime.wait(submitted.id, timeout_s=5)
         assert runtime.router.get(submitted.id) is None
@@ -87,7 +87,7 @@ async def test_get_returns_terminal_requests_from_the_store() -> None:
 
 async def test_wait_returns_the_live_request_when_its_timeout_passes() -> None:
     """wait() with a short timeout returns the request still running."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(chat(duration_s=1.0), ALICE)
         started = time.monotonic()
         current = await runtime.wait(submitted.id, timeout_s=0.1)
@@ -100,7 +100,7 @@ async def test_wait_returns_the_live_request_when_its_timeout_passes() -> None:
 
 async def test_many_concurrent_requests_all_finish_and_free_their_reservations() -> None:
     """Sixty concurrent submissions from three users all succeed and leave no reservation."""
-    async with Runtime.simulated(fast_settings(), seed=3) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=3) as runtime:
         submissions = [
             runtime.submit(chat(duration_s=0.05 + 0.01 * (i % 10)), Caller(f"user{i % 3}"))
             for i in range(60)
@@ -121,7 +121,7 @@ async def test_many_concurrent_requests_all_finish_and_free_their_reservations()
 
 async def test_cancel_running_request_frees_its_reservation_and_stops_the_execution() -> None:
     """Cancelling a running request ends it cancelled, frees its reservation at once, stops work."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         before = asyncio.all_tasks()
         submitted = await runtime.submit(chat(duration_s=30.0, peak_memory_mb=20_000), ALICE)
         spawned = asyncio.all_tasks() - before
@@ -146,7 +146,7 @@ async def test_cancel_running_request_frees_its_reservation_and_stops_the_execut
 
 async def test_cancel_of_a_terminal_request_raises_already_terminal() -> None:
     """Cancelling a request that has succeeded raises AlreadyTerminal and changes nothing."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(chat(duration_s=0.02), ALICE)
         done = await runtime.wait(submitted.id, timeout_s=5)
         assert done.status is RequestStatus.SUCCEEDED
@@ -158,7 +158,7 @@ async def test_cancel_of_a_terminal_request_raises_already_terminal() -> None:
 async def test_cancel_of_a_queued_request_never_runs_it() -> None:
     """A request cancelled while queued behind a full GPU ends cancelled without a placement."""
     settings = make_settings(gpus=[("H100-80GB", 1)], slots=1, monitor=FAST_MONITOR)
-    async with Runtime.simulated(settings, seed=1) as runtime:
+    async with Runtime.from_settings(settings, seed=1) as runtime:
         blocker = await runtime.submit(chat(duration_s=0.5), ALICE)
         waiting = await runtime.submit(chat(duration_s=0.05), ALICE)
         assert waiting.status is RequestStatus.QUEUED
@@ -170,7 +170,7 @@ async def test_cancel_of_a_queued_request_never_runs_it() -> None:
 
 async def test_hanging_request_expires_at_its_timeout() -> None:
     """A hanging execution with timeout_s=0.3 expires with a timeout error within about a second."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         started = time.monotonic()
         submitted = await runtime.submit(chat(timeout_s=0.3, failure="hang"), ALICE)
         done = await runtime.wait(submitted.id, timeout_s=3)
@@ -184,7 +184,7 @@ async def test_hanging_request_expires_at_its_timeout() -> None:
 
 async def test_oom_on_first_attempt_succeeds_on_the_second_with_a_larger_estimate() -> None:
     """An out-of-memory first attempt is retried with a grown estimate and succeeds."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(
             chat(duration_s=0.1, failure="oom", fail_attempts=1), ALICE
         )
@@ -198,7 +198,7 @@ async def test_oom_on_first_attempt_succeeds_on_the_second_with_a_larger_estimat
 async def test_error_on_every_attempt_fails_after_max_attempts() -> None:
     """A backend error on every attempt ends failed after retries.max_attempts attempts."""
     settings = fast_settings(retries={**FAST_RETRIES, "max_attempts": 3})
-    async with Runtime.simulated(settings, seed=1) as runtime:
+    async with Runtime.from_settings(settings, seed=1) as runtime:
         submitted = await runtime.submit(chat(duration_s=0.05, failure="error"), ALICE)
         done = await runtime.wait(submitted.id, timeout_s=5)
         assert reserved(runtime) == {"sim:0": 0, "sim:1": 0}
@@ -211,7 +211,7 @@ async def test_error_on_every_attempt_fails_after_max_attempts() -> None:
 
 async def test_malformed_simulate_fails_at_once_without_retry() -> None:
     """A malformed simulate object is a client error: failed on the first attempt."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(chat(failure="explode"), ALICE)
         done = await runtime.wait(submitted.id, timeout_s=5)
     assert done.status is RequestStatus.FAILED
@@ -221,7 +221,7 @@ async def test_malformed_simulate_fails_at_once_without_retry() -> None:
 
 async def test_unknown_ids_raise_not_found() -> None:
     """wait(), get() and cancel() on an id nobody submitted raise NotFound."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         with pytest.raises(NotFound):
             await runtime.wait("req_nope", timeout_s=1)
         with pytest.raises(NotFound):
@@ -233,7 +233,7 @@ async def test_unknown_ids_raise_not_found() -> None:
 async def test_leaving_the_context_cancels_running_executions() -> None:
     """Leaving the context stops every loop and execution: no task it started is left."""
     before = asyncio.all_tasks()
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         running: list[Request] = [
             await runtime.submit(chat(duration_s=30.0), ALICE),
             await runtime.submit(chat(failure="hang"), ALICE),
@@ -247,7 +247,7 @@ async def test_leaving_the_context_cancels_running_executions() -> None:
 
 async def test_gpu_readings_flow_into_the_monitor() -> None:
     """The polling loop keeps every simulated GPU healthy and fresh in the router's monitor."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         monitor = runtime.router.monitor
         assert sorted(monitor.gpus) == ["sim:0", "sim:1"]
         first_seen = {gpu_id: gpu.last_seen for gpu_id, gpu in monitor.gpus.items()}
@@ -261,7 +261,7 @@ async def test_gpu_readings_flow_into_the_monitor() -> None:
 async def test_leaving_right_after_a_wakeup_does_not_hang(yields: int) -> None:
     """Leaving the context just after a submission woke the timer loop still stops it."""
     async with asyncio.timeout(3):
-        async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+        async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
             await asyncio.sleep(0.01)
             await runtime.submit(chat(duration_s=0.02), ALICE)
             for _ in range(yields):
@@ -270,7 +270,7 @@ async def test_leaving_right_after_a_wakeup_does_not_hang(yields: int) -> None:
 
 async def test_a_waiter_cancelled_as_its_request_finishes_is_cancelled() -> None:
     """Cancelling a wait() in the same instant its request ends still cancels the waiter."""
-    async with Runtime.simulated(fast_settings(), seed=1) as runtime:
+    async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
         submitted = await runtime.submit(chat(duration_s=0.05), ALICE)
         waiter = asyncio.create_task(runtime.wait(submitted.id, timeout_s=5))
 

@@ -159,6 +159,12 @@ class RequestRouter:
         """The id of the request's live execution, or ``None``."""
         return self._current.get(request_id)
 
+    def requests_on(self, gpu_id: str) -> list[str]:
+        """The ids of the requests with live executions on a GPU."""
+        executions = self._executions
+        running = self.monitor.gpus[gpu_id].running if gpu_id in self.monitor.gpus else {}
+        return [executions[e].request_id for e in running if e in executions]
+
     def active_count(self, user: str) -> int:
         """How many requests of ``user`` are dispatching or running."""
         return self._active[user]

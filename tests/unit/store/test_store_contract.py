@@ -1,9 +1,18 @@
-"""Tests of the in-memory state store: requests, listing, reservations and quota counters."""
+"""The state-store contract, run against every store: requests, listing, reservations, quotas.
+
+Each test runs once per store kind (``memory``, ``sqlite``) through the ``store`` fixture; the
+hypothesis tests, which cannot take a function-scoped fixture, build a fresh store of their
+``kind`` for every example with :func:`fresh_store`.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +28,9 @@ from gpu_request_router.models.request import (
     RequestStatus,
     Task,
 )
-from gpu_request_router.store import MemoryStore, RequestQuery
+from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
 from gpu_request_router.store.base import decode_cursor, encode_cursor
+from gpu_request_router.store.sqlite import SQLiteStore
 
 S = RequestStatus
 T0 = 1000.0
@@ -29,16 +39,43 @@ PLACEMENT = Placement("w", ("w:0",))
 ESTIMATE = Estimate(
     gpu_memory_mb=1000, weights_mb=500, kv_cache_mb=500, activations_mb=0, duration_s={}
 )
+KINDS = ["memory", "sqlite"]
 
 
-def add(store: MemoryStore, request: Request) -> Request:
+def make_store(kind: str, directory: Path) -> StateStore:
+    """A new, empty store of ``kind``; an SQLite one keeps its file in ``directory``."""
+    if kind == "memory":
+        return MemoryStore()
+    return SQLiteStore(directory / "state.db")
+
+
+@contextmanager
+def fresh_store(kind: str) -> Iterator[StateStore]:
+    """A new, empty store of ``kind`` in its own temporary directory, closed afterwards."""
+    with tempfile.TemporaryDirectory() as directory:
+        store = make_store(kind, Path(directory))
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@pytest.fixture(params=KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    """A new, empty store of each kind."""
+    made = make_store(request.param, tmp_path)
+    yield made
+    made.close()
+
+
+def add(store: StateStore, request: Request) -> Request:
     """Store a new request with its creation entry, as the receiver does."""
     return store.add_request(
         request, transition_of(request, None, request.user, request.created_at)
     )
 
 
-def move(store: MemoryStore, request: Request, from_status: RequestStatus, attempt: int) -> bool:
+def move(store: StateStore, request: Request, from_status: RequestStatus, attempt: int) -> bool:
     """Write a changed request with its audit entry, as the router does."""
     return store.transition(
         request, from_status, attempt, transition_of(request, from_status, "router", T0)
@@ -67,7 +104,7 @@ def make_request(
     )
 
 
-def all_pages(store: MemoryStore, query: RequestQuery) -> list[list[Request]]:
+def all_pages(store: StateStore, query: RequestQuery) -> list[list[Request]]:
     """Follow next_cursor from the first page to the last."""
     pages = []
     cursor = None
@@ -92,9 +129,8 @@ def all_pages(store: MemoryStore, query: RequestQuery) -> list[list[Request]]:
 # --- add and get -------------------------------------------------------------------------------
 
 
-def test_add_then_get_returns_an_equal_copy() -> None:
+def test_add_then_get_returns_an_equal_copy(store: StateStore) -> None:
     """A stored request comes back equal but as a distinct object."""
-    store = MemoryStore()
     request = make_request("r1")
     returned = add(store, request)
     fetched = store.get_request("r1")
@@ -104,9 +140,8 @@ def test_add_then_get_returns_an_equal_copy() -> None:
     assert (fetched.id, fetched.status, fetched.version) == ("r1", S.QUEUED, 0)
 
 
-def test_changing_a_returned_request_does_not_change_the_store() -> None:
+def test_changing_a_returned_request_does_not_change_the_store(store: StateStore) -> None:
     """Transitions on the caller's object, the returned copy or a fetched copy stay outside."""
-    store = MemoryStore()
     request = make_request("r1")
     returned = add(store, request)
     request.transition(S.CANCELLED, T0 + 1)
@@ -120,14 +155,13 @@ def test_changing_a_returned_request_does_not_change_the_store() -> None:
     assert again.attempts == 0
 
 
-def test_get_unknown_is_none() -> None:
+def test_get_unknown_is_none(store: StateStore) -> None:
     """An unknown id gives None."""
-    assert MemoryStore().get_request("nope") is None
+    assert store.get_request("nope") is None
 
 
-def test_same_user_and_key_returns_the_stored_request() -> None:
+def test_same_user_and_key_returns_the_stored_request(store: StateStore) -> None:
     """A second add with the same user and idempotency key returns the first, storing nothing."""
-    store = MemoryStore()
     first = add(store, make_request("r1", key="k", created_at=T0))
     second = add(store, make_request("r2", key="k", created_at=T0 + 5))
     assert second.id == first.id == "r1"
@@ -137,9 +171,8 @@ def test_same_user_and_key_returns_the_stored_request() -> None:
     assert found.id == "r1"
 
 
-def test_another_user_may_reuse_the_key() -> None:
+def test_another_user_may_reuse_the_key(store: StateStore) -> None:
     """Idempotency keys are per user: bob's "k" is not alice's."""
-    store = MemoryStore()
     add(store, make_request("r1", key="k"))
     bobs = add(store, make_request("r2", user="bob", key="k"))
     assert bobs.id == "r2"
@@ -149,9 +182,8 @@ def test_another_user_may_reuse_the_key() -> None:
     assert store.find_idempotent("carol", "k") is None
 
 
-def test_idempotent_lookup_sees_the_latest_state() -> None:
+def test_idempotent_lookup_sees_the_latest_state(store: StateStore) -> None:
     """The request found by key reflects transitions written since it was added."""
-    store = MemoryStore()
     request = add(store, make_request("r1", key="k"))
     request.transition(S.CANCELLED, T0 + 1)
     assert move(store, request, S.QUEUED, 0)
@@ -159,9 +191,8 @@ def test_idempotent_lookup_sees_the_latest_state() -> None:
     assert again.status is S.CANCELLED
 
 
-def test_requests_without_a_key_are_all_stored() -> None:
+def test_requests_without_a_key_are_all_stored(store: StateStore) -> None:
     """Without an idempotency key every add stores a new request."""
-    store = MemoryStore()
     add(store, make_request("r1"))
     add(store, make_request("r2"))
     assert store.get_request("r1") is not None
@@ -171,9 +202,8 @@ def test_requests_without_a_key_are_all_stored() -> None:
 # --- guarded transitions -----------------------------------------------------------------------
 
 
-def test_transition_with_the_seen_status_and_attempt_is_written() -> None:
+def test_transition_with_the_seen_status_and_attempt_is_written(store: StateStore) -> None:
     """A write guarded by the stored status and attempt succeeds and is visible."""
-    store = MemoryStore()
     request = add(store, make_request("r1"))
     request.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
     assert move(store, request, S.QUEUED, 0)
@@ -184,9 +214,8 @@ def test_transition_with_the_seen_status_and_attempt_is_written() -> None:
     assert stored.placement == PLACEMENT
 
 
-def test_transition_with_a_stale_status_is_refused() -> None:
+def test_transition_with_a_stale_status_is_refused(store: StateStore) -> None:
     """A writer that saw an old status loses: nothing is written."""
-    store = MemoryStore()
     request = add(store, make_request("r1"))
     winner = request.snapshot()
     winner.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
@@ -199,9 +228,8 @@ def test_transition_with_a_stale_status_is_refused() -> None:
     assert stored.status is S.DISPATCHING
 
 
-def test_transition_with_a_stale_attempt_is_refused() -> None:
+def test_transition_with_a_stale_attempt_is_refused(store: StateStore) -> None:
     """The attempt guards too: a write about attempt 1 cannot land on attempt 2."""
-    store = MemoryStore()
     request = add(store, make_request("r1"))
     request.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
     assert move(store, request, S.QUEUED, 0)
@@ -215,9 +243,8 @@ def test_transition_with_a_stale_attempt_is_refused() -> None:
     assert move(store, late, S.DISPATCHING, 2)
 
 
-def test_transition_of_an_unknown_request_is_refused() -> None:
+def test_transition_of_an_unknown_request_is_refused(store: StateStore) -> None:
     """A guarded write of a request that was never added does nothing."""
-    store = MemoryStore()
     assert not move(store, make_request("ghost"), S.QUEUED, 0)
     assert store.get_request("ghost") is None
 
@@ -225,9 +252,8 @@ def test_transition_of_an_unknown_request_is_refused() -> None:
 # --- unfinished requests ---------------------------------------------------------------------
 
 
-def test_unfinished_requests_oldest_first_without_terminal_ones() -> None:
+def test_unfinished_requests_oldest_first_without_terminal_ones(store: StateStore) -> None:
     """Recovery sees every unfinished request, oldest first, and none that finished."""
-    store = MemoryStore()
     for index in range(5):
         add(store, make_request(f"r{index}", created_at=T0 + index))
     finished = store.get_request("r2")
@@ -243,18 +269,16 @@ def test_unfinished_requests_oldest_first_without_terminal_ones() -> None:
     assert unfinished[2].status is S.DISPATCHING
 
 
-def test_unfinished_requests_are_ordered_by_creation_not_insertion() -> None:
+def test_unfinished_requests_are_ordered_by_creation_not_insertion(store: StateStore) -> None:
     """Oldest first means by creation time, even when added out of order."""
-    store = MemoryStore()
     add(store, make_request("late", created_at=T0 + 50))
     add(store, make_request("early", created_at=T0))
     add(store, make_request("middle", created_at=T0 + 20))
     assert [r.id for r in store.unfinished_requests()] == ["early", "middle", "late"]
 
 
-def test_a_request_added_finished_is_not_unfinished() -> None:
+def test_a_request_added_finished_is_not_unfinished(store: StateStore) -> None:
     """A request stored already terminal never shows up for recovery."""
-    store = MemoryStore()
     request = make_request("done")
     request.transition(S.CANCELLED, T0 + 1)
     add(store, request)
@@ -264,9 +288,8 @@ def test_a_request_added_finished_is_not_unfinished() -> None:
 # --- listing -----------------------------------------------------------------------------------
 
 
-def test_list_is_newest_first() -> None:
+def test_list_is_newest_first(store: StateStore) -> None:
     """Requests list newest first; equal creation times order by id, descending."""
-    store = MemoryStore()
     for rid, at in [("a", T0), ("b", T0 + 2), ("c", T0 + 1), ("d", T0 + 2)]:
         add(store, make_request(rid, created_at=at))
     page = store.list_requests(RequestQuery())
@@ -274,9 +297,8 @@ def test_list_is_newest_first() -> None:
     assert page.next_cursor is None
 
 
-def test_list_filters() -> None:
+def test_list_filters(store: StateStore) -> None:
     """Each filter keeps only the requests that match it, and filters combine."""
-    store = MemoryStore()
     add(store, make_request("a1", user="alice", model="m1", priority="high"))
     add(store, make_request("a2", user="alice", model="m2", created_at=T0 + 1))
     add(store, make_request("b1", user="bob", model="m1", created_at=T0 + 2))
@@ -297,18 +319,16 @@ def test_list_filters() -> None:
     assert ids(user="carol") == []
 
 
-def test_pages_follow_each_other() -> None:
+def test_pages_follow_each_other(store: StateStore) -> None:
     """Pages of two walk the list without overlap; the last one has no cursor."""
-    store = MemoryStore()
     for index in range(5):
         add(store, make_request(f"r{index}", created_at=T0 + index))
     pages = all_pages(store, RequestQuery(limit=2))
     assert [[r.id for r in page] for page in pages] == [["r4", "r3"], ["r2", "r1"], ["r0"]]
 
 
-def test_exactly_full_last_page_has_no_cursor() -> None:
+def test_exactly_full_last_page_has_no_cursor(store: StateStore) -> None:
     """When the requests fill the page exactly there is no next page."""
-    store = MemoryStore()
     for index in range(4):
         add(store, make_request(f"r{index}", created_at=T0 + index))
     first = store.list_requests(RequestQuery(limit=2))
@@ -317,9 +337,8 @@ def test_exactly_full_last_page_has_no_cursor() -> None:
     assert second.next_cursor is None
 
 
-def test_cursor_stays_valid_when_newer_requests_arrive() -> None:
+def test_cursor_stays_valid_when_newer_requests_arrive(store: StateStore) -> None:
     """Requests added after the first page do not shift the pages that follow."""
-    store = MemoryStore()
     for index in range(4):
         add(store, make_request(f"r{index}", created_at=T0 + index))
     first = store.list_requests(RequestQuery(limit=2))
@@ -328,9 +347,8 @@ def test_cursor_stays_valid_when_newer_requests_arrive() -> None:
     assert [r.id for r in second.items] == ["r1", "r0"]
 
 
-def test_listed_requests_are_copies() -> None:
+def test_listed_requests_are_copies(store: StateStore) -> None:
     """Changing a listed request leaves the store as it was."""
-    store = MemoryStore()
     add(store, make_request("r1"))
     (listed,) = store.list_requests(RequestQuery()).items
     listed.transition(S.CANCELLED, T0 + 1)
@@ -351,6 +369,7 @@ _request_rows = st.lists(
 )
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=150, deadline=None)
 @given(
     rows=_request_rows,
@@ -361,6 +380,7 @@ _request_rows = st.lists(
     only_cancelled=st.sampled_from([None, True, False]),
 )
 def test_pagination_has_no_duplicates_or_gaps(
+    kind: str,
     rows: list[tuple[int, str, str, str, bool]],
     limit: int,
     user: str | None,
@@ -369,19 +389,19 @@ def test_pagination_has_no_duplicates_or_gaps(
     only_cancelled: bool | None,
 ) -> None:
     """Concatenated pages equal the filtered requests, newest first, whatever the page size."""
-    store = MemoryStore()
-    for index, (at, owner, model_name, prio, cancel) in enumerate(rows):
-        request = make_request(
-            f"r{index:03d}", user=owner, created_at=float(at), model=model_name, priority=prio
-        )
-        if cancel:
-            request.transition(S.CANCELLED, at + 1.0)
-        add(store, request)
     statuses = None
     if only_cancelled is not None:
         statuses = frozenset({S.CANCELLED} if only_cancelled else {S.QUEUED})
     query = RequestQuery(user=user, model=model, priority=priority, statuses=statuses, limit=limit)
-    pages = all_pages(store, query)
+    with fresh_store(kind) as store:
+        for index, (at, owner, model_name, prio, cancel) in enumerate(rows):
+            request = make_request(
+                f"r{index:03d}", user=owner, created_at=float(at), model=model_name, priority=prio
+            )
+            if cancel:
+                request.transition(S.CANCELLED, at + 1.0)
+            add(store, request)
+        pages = all_pages(store, query)
     listed = [r.id for page in pages for r in page]
     expected = sorted(
         (
@@ -414,9 +434,8 @@ def test_pagination_has_no_duplicates_or_gaps(
         "=",
     ],
 )
-def test_a_tampered_cursor_is_an_invalid_request(cursor: str) -> None:
+def test_a_tampered_cursor_is_an_invalid_request(store: StateStore, cursor: str) -> None:
     """A cursor not made by the store raises InvalidRequest naming the cursor field."""
-    store = MemoryStore()
     add(store, make_request("r1"))
     with pytest.raises(InvalidRequest) as info:
         store.list_requests(RequestQuery(cursor=cursor))
@@ -431,9 +450,8 @@ def test_cursor_round_trips() -> None:
 
 
 @pytest.mark.parametrize("limit", [0, -1])
-def test_a_page_size_below_one_is_an_invalid_request(limit: int) -> None:
+def test_a_page_size_below_one_is_an_invalid_request(store: StateStore, limit: int) -> None:
     """A listing must ask for at least one request per page."""
-    store = MemoryStore()
     add(store, make_request("r1"))
     with pytest.raises(InvalidRequest) as info:
         store.list_requests(RequestQuery(limit=limit))
@@ -443,9 +461,8 @@ def test_a_page_size_below_one_is_an_invalid_request(limit: int) -> None:
 # --- reservations ------------------------------------------------------------------------------
 
 
-def test_reserve_within_the_limit_returns_the_new_total() -> None:
+def test_reserve_within_the_limit_returns_the_new_total(store: StateStore) -> None:
     """Reservations add up per GPU and the new total comes back."""
-    store = MemoryStore()
     assert store.reserve("g0", "e1", 300, 1000) == 300
     assert store.reserve("g0", "e2", 700, 1000) == 1000
     assert store.reserve("g1", "e1", 50, 1000) == 50
@@ -454,9 +471,8 @@ def test_reserve_within_the_limit_returns_the_new_total() -> None:
     assert store.reserved_mb("unknown") == 0
 
 
-def test_reserve_beyond_the_limit_is_refused_and_changes_nothing() -> None:
+def test_reserve_beyond_the_limit_is_refused_and_changes_nothing(store: StateStore) -> None:
     """A reservation that would pass the limit returns None and leaves the totals alone."""
-    store = MemoryStore()
     store.reserve("g0", "e1", 600, 1000)
     assert store.reserve("g0", "e2", 401, 1000) is None
     assert store.reserved_mb("g0") == 600
@@ -464,9 +480,8 @@ def test_reserve_beyond_the_limit_is_refused_and_changes_nothing() -> None:
     assert store.reserved_mb("g0") == 600
 
 
-def test_re_reserving_the_same_holder_replaces() -> None:
+def test_re_reserving_the_same_holder_replaces(store: StateStore) -> None:
     """The same holder reserving again on a GPU replaces its amount instead of adding."""
-    store = MemoryStore()
     store.reserve("g0", "e1", 600, 1000)
     assert store.reserve("g0", "e1", 900, 1000) == 900
     assert store.reserved_mb("g0") == 900
@@ -474,15 +489,14 @@ def test_re_reserving_the_same_holder_replaces() -> None:
     assert store.reserved_mb("g0") == 900
 
 
-def test_negative_reservation_is_refused() -> None:
+def test_negative_reservation_is_refused(store: StateStore) -> None:
     """A negative amount is a programming error."""
     with pytest.raises(ValueError, match="negative"):
-        MemoryStore().reserve("g0", "e1", -1, 1000)
+        store.reserve("g0", "e1", -1, 1000)
 
 
-def test_release_returns_new_totals_of_every_touched_gpu() -> None:
+def test_release_returns_new_totals_of_every_touched_gpu(store: StateStore) -> None:
     """Releasing a holder frees all its GPUs and reports each one's remaining total."""
-    store = MemoryStore()
     store.reserve("g0", "e1", 300, 1000)
     store.reserve("g1", "e1", 400, 1000)
     store.reserve("g0", "e2", 200, 1000)
@@ -493,36 +507,36 @@ def test_release_returns_new_totals_of_every_touched_gpu() -> None:
     assert store.reserve("g1", "e3", 1000, 1000) == 1000
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @given(
     st.lists(
         st.tuples(st.sampled_from(["e1", "e2", "e3"]), st.integers(0, 600), st.booleans()),
         max_size=30,
     )
 )
-def test_reserved_total_never_passes_the_limit(ops: list[tuple[str, int, bool]]) -> None:
+def test_reserved_total_never_passes_the_limit(kind: str, ops: list[tuple[str, int, bool]]) -> None:
     """Whatever sequence of reservations and releases, the total stays within the limit."""
-    store = MemoryStore()
     held: dict[str, int] = {}
-    for holder, amount, release in ops:
-        if release:
-            store.release(holder)
-            held.pop(holder, None)
-            continue
-        total = store.reserve("g0", holder, amount, 1000)
-        fits = sum(held.values()) - held.get(holder, 0) + amount <= 1000
-        assert (total is not None) == fits
-        if fits:
-            held[holder] = amount
-            assert total == sum(held.values())
-        assert store.reserved_mb("g0") == sum(held.values()) <= 1000
+    with fresh_store(kind) as store:
+        for holder, amount, release in ops:
+            if release:
+                store.release(holder)
+                held.pop(holder, None)
+                continue
+            total = store.reserve("g0", holder, amount, 1000)
+            fits = sum(held.values()) - held.get(holder, 0) + amount <= 1000
+            assert (total is not None) == fits
+            if fits:
+                held[holder] = amount
+                assert total == sum(held.values())
+            assert store.reserved_mb("g0") == sum(held.values()) <= 1000
 
 
 # --- rate admissions --------------------------------------------------------------------------
 
 
-def test_admit_rate_allows_exactly_the_limit_in_a_window() -> None:
+def test_admit_rate_allows_exactly_the_limit_in_a_window(store: StateStore) -> None:
     """Three admissions fit a limit of three; the fourth gets the time until the first leaves."""
-    store = MemoryStore()
     assert store.admit_rate("alice", 0.0, 60.0, 3) is None
     assert store.admit_rate("alice", 10.0, 60.0, 3) is None
     assert store.admit_rate("alice", 20.0, 60.0, 3) is None
@@ -530,9 +544,8 @@ def test_admit_rate_allows_exactly_the_limit_in_a_window() -> None:
     assert store.admissions_in_window("alice", 30.0, 60.0) == 3
 
 
-def test_a_refused_admission_is_not_recorded() -> None:
+def test_a_refused_admission_is_not_recorded(store: StateStore) -> None:
     """Refusals do not count, so a slot opens when the oldest admission leaves the window."""
-    store = MemoryStore()
     store.admit_rate("alice", 0.0, 60.0, 2)
     store.admit_rate("alice", 50.0, 60.0, 2)
     for now in (51.0, 55.0, 59.0):
@@ -542,15 +555,15 @@ def test_a_refused_admission_is_not_recorded() -> None:
     assert store.admissions_in_window("alice", 61.0, 60.0) == 2
 
 
-def test_admissions_are_per_user() -> None:
+def test_admissions_are_per_user(store: StateStore) -> None:
     """One user's admissions do not use up another's."""
-    store = MemoryStore()
     assert store.admit_rate("alice", 0.0, 60.0, 1) is None
     assert store.admit_rate("alice", 1.0, 60.0, 1) is not None
     assert store.admit_rate("bob", 1.0, 60.0, 1) is None
     assert store.admissions_in_window("carol", 1.0, 60.0) == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @given(
     # Clock readings as a router sees them: epoch seconds with sub-millisecond jitter.
     times=st.lists(st.integers(0, 300_000_000).map(lambda us: EPOCH + us / 1e6), max_size=40).map(
@@ -558,27 +571,28 @@ def test_admissions_are_per_user() -> None:
     ),
     limit=st.integers(1, 5),
 )
-def test_admissions_in_any_window_never_pass_the_limit(times: list[float], limit: int) -> None:
+def test_admissions_in_any_window_never_pass_the_limit(
+    kind: str, times: list[float], limit: int
+) -> None:
     """Over any sequence of attempts, no 60 s window holds more than ``limit`` admissions."""
-    store = MemoryStore()
     admitted: list[float] = []
-    for now in times:
-        retry_after = store.admit_rate("u", now, 60.0, limit)
-        recent = [t for t in admitted if t > now - 60.0]
-        if retry_after is None:
-            assert len(recent) < limit
-            admitted.append(now)
-        else:
-            assert len(recent) >= limit
-            assert retry_after == pytest.approx(min(recent) + 60.0 - now, abs=1e-6)
-            assert 0 < retry_after <= 60.0 + 1e-6
-            later = now + retry_after
-            assert len([t for t in admitted if t > later - 60.0]) < limit
+    with fresh_store(kind) as store:
+        for now in times:
+            retry_after = store.admit_rate("u", now, 60.0, limit)
+            recent = [t for t in admitted if t > now - 60.0]
+            if retry_after is None:
+                assert len(recent) < limit
+                admitted.append(now)
+            else:
+                assert len(recent) >= limit
+                assert retry_after == pytest.approx(min(recent) + 60.0 - now, abs=1e-6)
+                assert 0 < retry_after <= 60.0 + 1e-6
+                later = now + retry_after
+                assert len([t for t in admitted if t > later - 60.0]) < limit
 
 
-def test_retry_after_is_positive_despite_float_rounding() -> None:
+def test_retry_after_is_positive_despite_float_rounding(store: StateStore) -> None:
     """An admission far smaller than the window still yields a positive, sufficient retry-after."""
-    store = MemoryStore()
     assert store.admit_rate("u", 1e-128, 60.0, 1) is None
     retry_after = store.admit_rate("u", 60.0, 60.0, 1)
     assert retry_after is not None
@@ -589,9 +603,8 @@ def test_retry_after_is_positive_despite_float_rounding() -> None:
 # --- GPU-second charges -----------------------------------------------------------------------
 
 
-def test_charges_add_up_in_the_window() -> None:
+def test_charges_add_up_in_the_window(store: StateStore) -> None:
     """GPU-seconds of several charges add up."""
-    store = MemoryStore()
     store.charge("alice", "c1", 0.0, 10.0)
     store.charge("alice", "c2", 5.0, 20.0)
     store.charge("bob", "c3", 5.0, 99.0)
@@ -600,18 +613,16 @@ def test_charges_add_up_in_the_window() -> None:
     assert store.gpu_seconds_in_window("carol", 10.0, 3600.0) == 0.0
 
 
-def test_charging_the_same_id_replaces() -> None:
+def test_charging_the_same_id_replaces(store: StateStore) -> None:
     """A second charge with the same id settles the first instead of adding to it."""
-    store = MemoryStore()
     store.charge("alice", "exe_1", 0.0, 100.0)
     store.charge("alice", "exe_2", 1.0, 5.0)
     store.charge("alice", "exe_1", 0.0, 40.0)
     assert store.gpu_seconds_in_window("alice", 2.0, 3600.0) == 45.0
 
 
-def test_charges_older_than_the_window_drop_out() -> None:
+def test_charges_older_than_the_window_drop_out(store: StateStore) -> None:
     """A charge leaves the window once it is window_s old."""
-    store = MemoryStore()
     store.charge("alice", "c1", 0.0, 10.0)
     store.charge("alice", "c2", 100.0, 20.0)
     assert store.gpu_seconds_in_window("alice", 3599.0, 3600.0) == 30.0
@@ -619,9 +630,8 @@ def test_charges_older_than_the_window_drop_out() -> None:
     assert store.gpu_seconds_in_window("alice", 3700.0, 3600.0) == 0.0
 
 
-def test_oldest_charge_in_window() -> None:
+def test_oldest_charge_in_window(store: StateStore) -> None:
     """The oldest charge still counted tells when usage next drops; None when there is none."""
-    store = MemoryStore()
     assert store.oldest_charge_in_window("alice", 0.0, 3600.0) is None
     store.charge("alice", "c1", 10.0, 1.0)
     store.charge("alice", "c2", 20.0, 1.0)
@@ -630,9 +640,8 @@ def test_oldest_charge_in_window() -> None:
     assert store.oldest_charge_in_window("alice", 3620.0, 3600.0) is None
 
 
-def test_settling_a_charge_that_already_left_the_window_does_not_count() -> None:
+def test_settling_a_charge_that_already_left_the_window_does_not_count(store: StateStore) -> None:
     """Re-charging an id dated outside the window, after it dropped out, adds nothing to usage."""
-    store = MemoryStore()
     store.charge("alice", "long", 0.0, 10.0)
     store.charge("alice", "short", 3000.0, 5.0)
     assert store.gpu_seconds_in_window("alice", 3700.0, 3600.0) == 5.0
@@ -641,9 +650,8 @@ def test_settling_a_charge_that_already_left_the_window_does_not_count() -> None
     assert store.oldest_charge_in_window("alice", 3700.0, 3600.0) == 3000.0
 
 
-def test_charges_recorded_out_of_time_order_drop_out_on_time() -> None:
+def test_charges_recorded_out_of_time_order_drop_out_on_time(store: StateStore) -> None:
     """A charge dated before an earlier-recorded one still leaves the window at its own time."""
-    store = MemoryStore()
     store.charge("alice", "b", 100.0, 2.0)
     store.charge("alice", "a", 50.0, 1.0)
     assert store.oldest_charge_in_window("alice", 200.0, 3600.0) == 50.0
@@ -651,6 +659,7 @@ def test_charges_recorded_out_of_time_order_drop_out_on_time() -> None:
     assert store.oldest_charge_in_window("alice", 3660.0, 3600.0) == 100.0
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @given(
     st.lists(
         st.tuples(
@@ -663,24 +672,23 @@ def test_charges_recorded_out_of_time_order_drop_out_on_time() -> None:
     st.integers(0, 200),
 )
 def test_usage_equals_the_latest_amount_of_each_charge_in_the_window(
-    charges: list[tuple[str, int, int]], now_offset: int
+    kind: str, charges: list[tuple[str, int, int]], now_offset: int
 ) -> None:
     """Usage is the sum, over charge ids dated inside the window, of each id's latest amount."""
-    store = MemoryStore()
     latest: dict[str, tuple[int, int]] = {}
-    for charge_id, at, amount in sorted(charges, key=lambda c: c[1]):
-        store.charge("u", charge_id, float(at), float(amount))
-        first_at = latest.get(charge_id, (at, 0))[0]
-        latest[charge_id] = (first_at, amount)
-    now = 100.0 + now_offset
-    window = 150.0
-    expected = sum(amount for at, amount in latest.values() if at > now - window)
-    assert store.gpu_seconds_in_window("u", now, window) == pytest.approx(expected)
+    with fresh_store(kind) as store:
+        for charge_id, at, amount in sorted(charges, key=lambda c: c[1]):
+            store.charge("u", charge_id, float(at), float(amount))
+            first_at = latest.get(charge_id, (at, 0))[0]
+            latest[charge_id] = (first_at, amount)
+        now = 100.0 + now_offset
+        window = 150.0
+        expected = sum(amount for at, amount in latest.values() if at > now - window)
+        assert store.gpu_seconds_in_window("u", now, window) == pytest.approx(expected)
 
 
-def test_audit_trail_records_every_written_change_in_order() -> None:
+def test_audit_trail_records_every_written_change_in_order(store: StateStore) -> None:
     """Each written change adds one entry; a refused guarded write adds none."""
-    store = MemoryStore()
     request = add(store, make_request("r1"))
     request.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
     assert move(store, request, S.QUEUED, 0)
@@ -697,9 +705,8 @@ def test_audit_trail_records_every_written_change_in_order() -> None:
     assert store.transitions("nope") == []
 
 
-def test_quota_overrides_are_replaced_per_user() -> None:
+def test_quota_overrides_are_replaced_per_user(store: StateStore) -> None:
     """Setting a user's override replaces the previous one; others are untouched."""
-    store = MemoryStore()
     store.set_quota_override("ann", {"max_concurrent": 2})
     store.set_quota_override("bob", {"max_queued": None})
     store.set_quota_override("ann", {"requests_per_minute": 5})

@@ -1,0 +1,99 @@
+"""The FastAPI application, assembled in one place from explicit parts.
+
+Example::
+
+    app = create_app(load_settings("config.yaml"))
+    uvicorn.run(app, host="127.0.0.1", port=8080)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gpu_request_router import __version__
+from gpu_request_router.api.dependencies import Service
+from gpu_request_router.api.middleware.auth import Authenticator
+from gpu_request_router.api.middleware.error_handler import install_error_handlers
+from gpu_request_router.api.middleware.logging import RequestContextMiddleware
+from gpu_request_router.api.models.common import Problem
+from gpu_request_router.api.routes import admin_routes, gpu_routes, metrics_routes, request_routes
+from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.runtime import Runtime
+from gpu_request_router.store import open_store
+from gpu_request_router.store.base import StateStore
+from gpu_request_router.utils.clock import Clock, SystemClock
+
+__all__ = ["create_app"]
+
+_DESCRIPTION = """
+A GPU-aware, fair and durable router in front of a fleet of GPUs.
+
+Submit work with `POST /v1/requests`; it is estimated, queued by priority with fair share between
+users, and placed on a GPU that can hold it. Follow it with `GET /v1/requests/{id}?wait=30` or
+its Server-Sent Events. Every error is RFC 9457 problem details (`application/problem+json`).
+"""
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: StateStore | None = None,
+    clock: Clock | None = None,
+    seed: int | None = None,
+) -> FastAPI:
+    """Build the router's HTTP application for ``settings``.
+
+    ``store`` defaults to the one ``settings.state`` names; ``clock`` to the system clock. The
+    runtime (its timer, GPU polling and executions) starts with the application's lifespan and
+    stops with it.
+    """
+    clock = clock if clock is not None else SystemClock()
+    store = store if store is not None else open_store(settings.state)
+    runtime = Runtime.from_settings(settings, store=store, clock=clock, seed=seed)
+    service = Service(settings, runtime, Authenticator(settings.auth, clock.now))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with runtime:
+            yield
+        store.close()
+
+    app = FastAPI(
+        title="gpu-request-router",
+        version=__version__,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.server.max_body_bytes,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    for module in (request_routes, gpu_routes, admin_routes, metrics_routes):
+        app.include_router(module.router)
+    _register_problem_schema(app)
+    return app
+
+
+def _register_problem_schema(app: FastAPI) -> None:
+    """Put the Problem schema into the OpenAPI components the error responses point at."""
+    build = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["Problem"] = Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            defs = components["Problem"].pop("$defs", {})
+            components.update(defs)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,85 @@
+"""What route handlers depend on: the service object and the authenticated caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gpu_request_router.api.middleware.auth import Authenticator
+from gpu_request_router.api.models.request_models import RequestOut
+from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.request_receiver import Caller
+from gpu_request_router.exceptions import NotFound
+from gpu_request_router.models.request import Request as DomainRequest
+from gpu_request_router.models.request import RequestStatus
+from gpu_request_router.runtime import Runtime
+
+__all__ = ["AdminCaller", "CurrentCaller", "Service", "ServiceDep"]
+
+
+@dataclass(slots=True)
+class Service:
+    """Everything the routes use: settings, the running core and the authenticator."""
+
+    settings: Settings
+    runtime: Runtime
+    auth: Authenticator
+
+    def visible(self, request_id: str, caller: Caller) -> DomainRequest:
+        """The request if ``caller`` may see it; another user's request is not found (I5).
+
+        Raises:
+            NotFound: no such request, or it belongs to someone else.
+        """
+        request = self.runtime.get(request_id)
+        if not caller.admin and request.user != caller.user:
+            raise NotFound("request", request_id)
+        return request
+
+    def request_out(self, request: DomainRequest) -> RequestOut:
+        """The wire form of a request, with its queue position while queued."""
+        placement = request.placement
+        gpus = self.runtime.router.monitor.gpus
+        gpu_type = gpus[placement.gpu_id].type if placement and placement.gpu_id in gpus else None
+        position = (
+            self.runtime.queue_position(request.id)
+            if request.status is RequestStatus.QUEUED
+            else None
+        )
+        return RequestOut.of(request, gpu_type=gpu_type, queue_position=position)
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(_service)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key: `Authorization: Bearer <key>`. `gpurouter keys create` makes one.",
+)
+
+
+async def _caller(
+    request: Request,
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    client = request.client.host if request.client is not None else "unknown"
+    caller = service.auth.authenticate(credentials.credentials if credentials else None, client)
+    structlog.contextvars.bind_contextvars(user=caller.user)
+    return caller
+
+
+async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    return Authenticator.require_admin(caller)
+
+
+CurrentCaller = Annotated[Caller, Depends(_caller)]
+AdminCaller = Annotated[Caller, Depends(_admin)]

@@ -1,0 +1,1 @@
+"""Authentication, request context and logging, error responses."""

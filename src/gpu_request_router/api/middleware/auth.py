@@ -1,0 +1,99 @@
+"""Authentication: Bearer API keys checked against SHA-256 hashes, roles, failure throttling.
+
+Only hashes of keys are kept (``auth.users[].api_key_sha256``). A presented key is hashed and
+looked up by its hash, then compared in constant time (``hmac.compare_digest``). Unknown,
+malformed and missing keys get the same answer. A client (by address) that presents more than
+:data:`MAX_FAILURES` bad keys within a minute is refused with 429 until the minute has passed,
+a stricter limit than any quota (OWASP API2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gpu_request_router.config.config_loader import AuthSettings
+from gpu_request_router.core.request_receiver import Caller
+from gpu_request_router.exceptions import Forbidden, TooManyAuthFailures, Unauthenticated
+
+__all__ = ["ANONYMOUS", "MAX_FAILURES", "Authenticator", "hash_key"]
+
+ANONYMOUS = Caller("anonymous", admin=True)
+MAX_FAILURES = 10
+_WINDOW_S = 60.0
+_MAX_TRACKED_CLIENTS = 10_000
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest of an API key, as ``api_key_sha256`` stores it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _User:
+    name: str
+    admin: bool
+    digest: str
+
+
+class Authenticator:
+    """Turns an ``Authorization`` header into a :class:`Caller`."""
+
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float]) -> None:
+        self.enabled = settings.enabled
+        self._users = {
+            entry.api_key_sha256: _User(entry.name, entry.role == "admin", entry.api_key_sha256)
+            for entry in settings.users
+        }
+        self._roles = {entry.name: entry.role for entry in settings.users}
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Every configured user and their role."""
+        if not self.enabled:
+            return {ANONYMOUS.user: "admin"}
+        return dict(self._roles)
+
+    def authenticate(self, key: str | None, client: str) -> Caller:
+        """The caller a Bearer ``key`` belongs to.
+
+        Raises:
+            TooManyAuthFailures: ``client`` sent too many bad keys in the last minute.
+            Unauthenticated: the key is missing or unknown.
+        """
+        if not self.enabled:
+            return ANONYMOUS
+        now = self._clock()
+        failures = self._failures.get(client)
+        if failures is not None:
+            while failures and failures[0] <= now - _WINDOW_S:
+                failures.popleft()
+            if len(failures) >= MAX_FAILURES:
+                raise TooManyAuthFailures(failures[0] + _WINDOW_S - now)
+        digest = hash_key(key) if key else ""
+        user = self._users.get(digest)
+        if user is None or not hmac.compare_digest(user.digest, digest):
+            self._fail(client, now)
+            raise Unauthenticated()
+        return Caller(user.name, admin=user.admin)
+
+    def _fail(self, client: str, now: float) -> None:
+        if client not in self._failures and len(self._failures) >= _MAX_TRACKED_CLIENTS:
+            self._failures.pop(next(iter(self._failures)))
+        self._failures.setdefault(client, deque()).append(now)
+
+    @staticmethod
+    def require_admin(caller: Caller) -> Caller:
+        """``caller`` if they are an administrator.
+
+        Raises:
+            Forbidden: they are not.
+        """
+        if not caller.admin:
+            raise Forbidden("this needs the admin role")
+        return caller

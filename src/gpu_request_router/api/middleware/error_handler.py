@@ -1,0 +1,168 @@
+"""Every error as RFC 9457 problem details (``application/problem+json``), mapped in one place.
+
+Domain errors map to a status by walking their class hierarchy (the most specific class listed
+wins); the framework's own errors (unknown route 404, wrong method 405, body too large 413,
+invalid body 422) and unexpected exceptions (500) get the same shape. Every problem carries
+the request id; 429 and 503 carry ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import math
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from gpu_request_router.exceptions import (
+    AlreadyTerminal,
+    AuthError,
+    Forbidden,
+    GpuRouterError,
+    IdempotencyConflict,
+    InvalidRequest,
+    InvalidTransition,
+    NotFound,
+    QuotaExceeded,
+    QuotaForbidden,
+    RequestRejected,
+    StateConflict,
+    StoreUnavailable,
+    TooManyAuthFailures,
+    Unauthenticated,
+)
+
+__all__ = ["PROBLEM_JSON", "install_error_handlers", "problem_response"]
+
+PROBLEM_JSON = "application/problem+json"
+_log = structlog.get_logger(__name__)
+
+# Most specific first; the first class in an error's MRO that is listed decides.
+_STATUS: dict[type[GpuRouterError], int] = {
+    Unauthenticated: 401,
+    TooManyAuthFailures: 429,
+    Forbidden: 403,
+    AuthError: 403,
+    QuotaExceeded: 429,
+    QuotaForbidden: 403,
+    IdempotencyConflict: 422,
+    InvalidRequest: 422,
+    RequestRejected: 422,
+    NotFound: 404,
+    AlreadyTerminal: 409,
+    InvalidTransition: 409,
+    StateConflict: 409,
+    StoreUnavailable: 503,
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    detail: str,
+    *,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """A problem-details response; ``kind`` names the problem type (default: the status)."""
+    title = HTTPStatus(status).phrase
+    body: dict[str, Any] = {
+        "type": f"/problems/{kind or _slug(title.replace(' ', ''))}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": request.scope.get("state", {}).get("request_id"),
+    }
+    body.update(extensions)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _status_of(error: GpuRouterError) -> int:
+    if isinstance(error, QuotaForbidden) and error.quota == "max_gpu_memory_mb":
+        return 422  # SPEC §5: more memory than the user may ask for is an invalid request
+    for cls in type(error).__mro__:
+        status = _STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, GpuRouterError)
+    status = _status_of(error)
+    headers: dict[str, str] = {}
+    extensions: dict[str, Any] = {}
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        headers.update(_retry_after(retry_after))
+        extensions["retry_after_s"] = round(retry_after, 3)
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, AlreadyTerminal):
+        extensions["request_status"] = error.status
+    if isinstance(error, RequestRejected):
+        extensions["reason"] = error.reason
+    if isinstance(error, InvalidRequest):
+        loc: list[str | int] = ["body", *error.field.split(".")]
+        extensions["errors"] = [{"loc": loc, "msg": str(error), "type": error.reason}]
+    if status == 500:
+        _log.error("unmapped_domain_error", error=repr(error))
+    return problem_response(
+        request, status, str(error), kind=_slug(type(error).__name__), headers=headers, **extensions
+    )
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = [
+        {
+            "loc": [str(part) if not isinstance(part, int) else part for part in item["loc"]],
+            "msg": item["msg"],
+            "type": item["type"],
+        }
+        for item in error.errors()
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"])
+    detail = f"{where}: {first['msg']}" if where else str(first["msg"])
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
+    return problem_response(request, 422, detail, kind="validation-error", errors=errors)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
+    if error.status_code == 413:
+        detail = "the request body is larger than the limit (server.max_body_bytes)"
+    headers = dict(error.headers) if error.headers else None
+    return problem_response(request, error.status_code, detail, headers=headers)
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    _log.exception("unhandled_error", error=repr(error))
+    return problem_response(
+        request, 500, "an unexpected error; the request id identifies it in the router's logs"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the problem-details handlers on ``app``."""
+    app.add_exception_handler(GpuRouterError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,1 @@
+"""Wire schemas (Pydantic): what goes over HTTP, kept apart from the domain models."""

@@ -1,0 +1,90 @@
+"""Shared wire types: problem details, pages, timestamps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["FieldError", "Page", "Problem", "WireModel", "iso"]
+
+T = TypeVar("T")
+
+
+class WireModel(BaseModel):
+    """Base of request bodies: strict types, no unknown fields, no NaN or infinity."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def iso(epoch: float | None) -> str | None:
+    """An epoch time as ISO 8601 UTC (``None`` stays ``None``)."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+class FieldError(BaseModel):
+    """One invalid field of a request."""
+
+    loc: list[str | int] = Field(description="Where the error is, e.g. ['body', 'shape'].")
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="A URI reference naming the kind of problem.")
+    title: str = Field(description="A short summary of the kind of problem.")
+    status: int = Field(description="The HTTP status code.")
+    detail: str = Field(description="What went wrong this time.")
+    request_id: str | None = Field(None, description="The id of the HTTP request (X-Request-ID).")
+    errors: list[FieldError] | None = Field(None, description="Invalid fields, for 422.")
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a listing; pass ``next_cursor`` as ``cursor`` for the next one."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+def problem_example(status: int, title: str, detail: str) -> dict[str, Any]:
+    """An example problem document for the OpenAPI description."""
+    return {
+        "type": f"/problems/{title.lower().replace(' ', '-')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": "5f0c2a9c3b6e4d1e9a7f2b8c4d6e1a3f",
+    }
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request.",
+    401: "Missing or invalid API key.",
+    403: "Not allowed for this key (role, or a quota that waiting never lifts).",
+    404: "No such resource (or it belongs to someone else).",
+    409: "The request is already in a terminal status.",
+    413: "Body larger than server.max_body_bytes.",
+    422: "Invalid request: a field, an unknown model, or nothing in the fleet could hold it.",
+    429: "Over a quota or rate limit for now; see Retry-After.",
+    503: "The state store or the fleet is not available; see Retry-After.",
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, all as problem details."""
+    return {
+        status: {
+            "description": _DESCRIPTIONS[status],
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for status in statuses
+    }

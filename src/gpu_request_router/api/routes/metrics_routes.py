@@ -1,0 +1,105 @@
+"""Metrics and health: the JSON summary, the Prometheus exposition, liveness and readiness."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gpu_request_router.api.dependencies import CurrentCaller, ServiceDep
+from gpu_request_router.api.models.common import problems
+from gpu_request_router.api.models.metrics_models import GpuTotals, MetricsOut, Percentiles
+from gpu_request_router.exceptions import StoreUnavailable
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get(
+    "/v1/metrics",
+    response_model=MetricsOut,
+    summary="A JSON summary of the router",
+    responses=problems(401),
+)
+async def metrics_summary(caller: CurrentCaller, service: ServiceDep) -> MetricsOut:
+    """Requests by status, queue depth by priority, wait and latency percentiles, GPUs."""
+    runtime = service.runtime
+    summary = runtime.engine.metrics.summary(runtime.clock.now())
+    counts: Counter[str] = Counter(summary["requests"])
+    counts.update(request.status.value for request in runtime.router.live.values())
+    gpus = list(runtime.router.monitor.gpus.values())
+    utilizations = [
+        gpu.reading.utilization_pct for gpu in gpus if gpu.reading.utilization_pct is not None
+    ]
+    return MetricsOut(
+        requests=dict(counts),
+        rejected=summary["rejected"],
+        queue_depth=summary["queue_depth"],
+        queue_wait_s=Percentiles(**summary["queue_wait_s"]),
+        latency_s=Percentiles(**summary["latency_s"]),
+        throughput_rps=summary["throughput_rps"],
+        retries=summary["retries"],
+        gpus=GpuTotals(
+            count=len(gpus),
+            schedulable=sum(gpu.schedulable for gpu in gpus),
+            healthy=sum(gpu.health.value == "healthy" for gpu in gpus),
+            memory_total_mb=sum(gpu.memory_total_mb for gpu in gpus),
+            memory_used_mb=sum(gpu.reading.memory_used_mb for gpu in gpus),
+            memory_reserved_mb=sum(gpu.reserved_mb for gpu in gpus),
+            utilization_pct=(
+                round(sum(utilizations) / len(utilizations), 2) if utilizations else None
+            ),
+        ),
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Text exposition format.", "content": {"text/plain": {}}},
+        **problems(401),
+    },
+)
+async def prometheus(request: Request, service: ServiceDep) -> Response:
+    """The metrics of SPEC §9 in the Prometheus text format (an API key if configured so)."""
+    if service.settings.server.metrics_require_auth:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        client = request.client.host if request.client is not None else "unknown"
+        service.auth.authenticate(key if scheme.lower() == "bearer" else None, client)
+    body = generate_latest(service.runtime.engine.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", summary="Liveness", tags=["health"])
+async def healthz() -> dict[str, str]:
+    """The process is up and serving."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    tags=["health"],
+    responses={503: {"description": "Not ready: the store or the GPUs are not available."}},
+)
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Ready when the state store answers and at least one GPU is known."""
+    checks: dict[str, str] = {}
+    try:
+        service.runtime.engine.store.ping()
+        checks["store"] = "ok"
+    except StoreUnavailable as exc:
+        checks["store"] = exc.message
+    known = len(service.runtime.router.monitor.gpus)
+    checks["gpus"] = f"{known} known" if known else "none known yet"
+    ready = checks["store"] == "ok" and known > 0
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )

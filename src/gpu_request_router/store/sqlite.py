@@ -1,0 +1,510 @@
+"""A durable :class:`StateStore` in one SQLite file (the stdlib ``sqlite3`` module).
+
+Durability promise
+    A request is on disk when :meth:`SQLiteStore.add_request` returns, and so is every status
+    change when :meth:`SQLiteStore.transition` returns ``True``, with its audit entry. The file
+    is in WAL mode; with ``synchronous="normal"`` (the default) a commit survives a crash of the
+    router process (the WAL is in the operating system's hands), but the last commits may be
+    lost if the host loses power; ``synchronous="full"`` syncs the WAL on every commit and
+    survives a power loss too, at the price of one fsync per write. Either way the database is
+    never corrupted: a crash loses whole transactions or nothing.
+
+Pitfalls avoided
+    - Every write runs in ``BEGIN IMMEDIATE ... COMMIT``: the write lock is taken up front, so
+      two processes never both read and then fail to upgrade to a write (``SQLITE_BUSY`` in the
+      middle of a deferred transaction), and a check-and-write (the guarded status change, the
+      rate admission, the idempotency check) is atomic across processes. On any error the
+      transaction is rolled back, so nothing is half-written.
+    - The connection is in autocommit mode (``isolation_level=None``): the ``sqlite3`` module
+      opens no implicit transactions; reads run without one (each statement sees a consistent
+      snapshot) and never block writers, thanks to WAL.
+    - No transaction is ever held across an ``await``: every method is synchronous and opens
+      and closes its transaction before it returns, so an event loop cannot interleave two
+      callers inside one transaction. A lock serialises threads sharing the one connection.
+    - ``busy_timeout`` (5 s) makes a writer wait for another process's write lock instead of
+      failing at once; past it the store raises ``StoreUnavailable``.
+    - Every ``sqlite3.Error`` (locked, disk I/O error, disk full, read-only file, closed store)
+      becomes :class:`~gpu_request_router.exceptions.StoreUnavailable`; an ``IntegrityError``
+      (a bug: the same request id added twice) propagates.
+
+GPU memory reservations are *not* in the file: they are derived state (the memory of the
+dispatching and running requests of this router's GPUs), owned by the one router process that
+drives those GPUs and rebuilt at recovery, when the requests that held them are queued again. They
+live in memory inside the store object, as in :class:`~gpu_request_router.store.MemoryStore`.
+
+Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refused)::
+
+    requests(id TEXT PRIMARY KEY, user, status, attempts, created_at, model, priority,
+             idempotency_key, body)             -- body: the codec's JSON of the whole request
+        requests_user_created (user, created_at, id)
+        requests_created      (created_at, id)  -- newest-first listing without a user filter
+        requests_status       (status)
+        requests_idempotency  UNIQUE (user, idempotency_key) WHERE idempotency_key IS NOT NULL
+    transitions(request_id REFERENCES requests, seq, body, PRIMARY KEY (request_id, seq))
+    admissions(user, at)                        -- index (user, at)
+    charges(user, charge_id, at, gpu_seconds, PRIMARY KEY (user, charge_id))
+        charges_user_at (user, at)
+    quota_overrides(user PRIMARY KEY, body)     -- body: JSON object
+
+Only ``status``, ``attempts`` and ``body`` change after a request is added; its id, user,
+creation time, model, priority and idempotency key are fixed at creation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from gpu_request_router.exceptions import StoreUnavailable
+from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
+from gpu_request_router.store.base import (
+    Page,
+    RequestQuery,
+    StateStore,
+    decode_cursor,
+    encode_cursor,
+)
+from gpu_request_router.store.codec import (
+    request_from_json,
+    request_to_json,
+    transition_from_json,
+    transition_to_json,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+SCHEMA_VERSION = 1
+"""The schema this code writes and reads (``PRAGMA user_version``)."""
+
+BUSY_TIMEOUT_MS = 5000
+"""How long a write waits for another connection's write lock before giving up."""
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS requests (
+        id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        model TEXT NOT NULL,
+        priority TEXT NOT NULL,
+        idempotency_key TEXT,
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS requests_user_created ON requests (user, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS requests_status ON requests (status)",
+    """CREATE UNIQUE INDEX IF NOT EXISTS requests_idempotency ON requests (user, idempotency_key)
+        WHERE idempotency_key IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS transitions (
+        request_id TEXT NOT NULL REFERENCES requests (id),
+        seq INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (request_id, seq)
+    )""",
+    "CREATE TABLE IF NOT EXISTS admissions (user TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS admissions_user_at ON admissions (user, at)",
+    """CREATE TABLE IF NOT EXISTS charges (
+        user TEXT NOT NULL,
+        charge_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        gpu_seconds REAL NOT NULL,
+        PRIMARY KEY (user, charge_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS charges_user_at ON charges (user, at)",
+    "CREATE TABLE IF NOT EXISTS quota_overrides (user TEXT PRIMARY KEY, body TEXT NOT NULL)",
+)
+
+_UNFINISHED = tuple(sorted(s.value for s in RequestStatus if s not in TERMINAL_STATUSES))
+
+_INSERT_REQUEST = """
+    INSERT INTO requests
+        (id, user, status, attempts, created_at, model, priority, idempotency_key, body)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (user, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+"""
+_INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
+
+
+def _retry_after(now: float, oldest: float, window_s: float) -> float:
+    """Seconds until ``oldest`` has left a ``window_s`` window: positive and sufficient.
+
+    Stepping past float rounding keeps the answer positive and true (never "retry now" to a
+    refusal), exactly as the in-memory store computes it.
+    """
+    free_at = now + (oldest + window_s - now)
+    while free_at - window_s < oldest:
+        free_at = math.nextafter(free_at, math.inf)
+    return free_at - now
+
+
+class SQLiteStore(StateStore):
+    """Requests, audit trail, quota counters and overrides in one SQLite file.
+
+    Args:
+        path: the database file (created with its schema when missing).
+        synchronous: ``"normal"`` survives a crash of the process, ``"full"`` also a power loss.
+
+    Raises:
+        StoreUnavailable: the file cannot be opened, is not a database, cannot be put in WAL
+            mode, or has a schema newer than this code.
+    """
+
+    def __init__(
+        self, path: str | Path, *, synchronous: Literal["normal", "full"] = "normal"
+    ) -> None:
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._lock = threading.RLock()
+        self._closed = False
+        self._reserved: dict[str, dict[str, int]] = {}
+        self._held: dict[str, set[str]] = {}
+        try:
+            self._conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise self._unavailable("open the database", exc) from exc
+        try:
+            self._open()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self) -> None:
+        conn = self._conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._check_version()
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise StoreUnavailable(
+                    f"SQLite state store {self.path}: cannot use WAL mode (journal_mode is {mode})"
+                )
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise self._unavailable("open the database", exc) from exc
+        with self._write("create the schema") as conn:
+            self._check_version()
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_version(self) -> None:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"SQLite state store {self.path}: the database has schema version {version}, "
+                f"newer than the version {SCHEMA_VERSION} this router knows; upgrade the router "
+                "or point state.sqlite_path at another file"
+            )
+
+    # Transactions and errors ------------------------------------------------------------------
+
+    def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite state store {self.path}: cannot {action}: {exc}")
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE ... COMMIT`` transaction, rolled back on any error."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._unavailable(action, exc) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                    raise self._unavailable(action, exc) from exc
+                raise
+
+    def _rollback(self) -> None:
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # SQLite rolls back by itself on the errors that make ROLLBACK fail (I/O, full).
+            pass
+
+    def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Run one query outside any explicit transaction (its own consistent snapshot)."""
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._unavailable(action, exc) from exc
+
+    # Requests ------------------------------------------------------------------------------
+
+    def add_request(self, request: Request, created: Transition) -> Request:
+        """Store a new request and its creation entry, or return the one with its key."""
+        body = request_to_json(request)
+        entry = transition_to_json(created)
+        with self._write("add a request") as conn:
+            inserted = conn.execute(
+                _INSERT_REQUEST,
+                (
+                    request.id,
+                    request.user,
+                    request.status.value,
+                    request.attempts,
+                    request.created_at,
+                    request.model,
+                    request.priority,
+                    request.idempotency_key,
+                    body,
+                ),
+            ).rowcount
+            if inserted == 0:
+                # The user already has a request with this key (perhaps added a moment ago by
+                # another process): return it; the transaction wrote nothing.
+                (stored,) = conn.execute(
+                    "SELECT body FROM requests WHERE user = ? AND idempotency_key = ?",
+                    (request.user, request.idempotency_key),
+                ).fetchone()
+                return request_from_json(stored)
+            conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
+        return request_from_json(body)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The stored request, or ``None``."""
+        rows = self._read("read a request", "SELECT body FROM requests WHERE id = ?", (request_id,))
+        return request_from_json(rows[0][0]) if rows else None
+
+    def find_idempotent(self, user: str, key: str) -> Request | None:
+        """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
+        rows = self._read(
+            "read a request",
+            "SELECT body FROM requests WHERE user = ? AND idempotency_key = ?",
+            (user, key),
+        )
+        return request_from_json(rows[0][0]) if rows else None
+
+    def transition(
+        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+    ) -> bool:
+        """Write ``request`` and its entry if the stored one has ``from_status``, ``attempt``."""
+        body = request_to_json(request)
+        entry = transition_to_json(change)
+        with self._write("write a status change") as conn:
+            updated = conn.execute(
+                "UPDATE requests SET status = ?, attempts = ?, body = ?"
+                " WHERE id = ? AND status = ? AND attempts = ?",
+                (
+                    request.status.value,
+                    request.attempts,
+                    body,
+                    request.id,
+                    from_status.value,
+                    attempt,
+                ),
+            ).rowcount
+            if updated != 1:
+                return False
+            conn.execute(_INSERT_TRANSITION, (change.request_id, change.seq, entry))
+        return True
+
+    def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
+        """The request's audit trail, oldest first, after entry ``after``."""
+        rows = self._read(
+            "read an audit trail",
+            "SELECT body FROM transitions WHERE request_id = ? AND seq > ? ORDER BY seq",
+            (request_id, after),
+        )
+        return [transition_from_json(body) for (body,) in rows]
+
+    def list_requests(self, query: RequestQuery) -> Page:
+        """Requests matching ``query``, newest first, one page at a time."""
+        after = decode_cursor(query.cursor) if query.cursor else None
+        clauses: list[str] = []
+        params: list[Any] = []
+        if query.user is not None:
+            clauses.append("user = ?")
+            params.append(query.user)
+        if query.statuses is not None:
+            if not query.statuses:
+                return Page(items=[], next_cursor=None)
+            clauses.append(f"status IN ({', '.join('?' * len(query.statuses))})")
+            params.extend(sorted(status.value for status in query.statuses))
+        if query.model is not None:
+            clauses.append("model = ?")
+            params.append(query.model)
+        if query.priority is not None:
+            clauses.append("priority = ?")
+            params.append(query.priority)
+        if after is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params.extend((after[0], after[0], after[1]))
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._read(
+            "list requests",
+            f"SELECT body FROM requests{where} ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, query.limit + 1),
+        )
+        items = [request_from_json(body) for (body,) in rows[: query.limit]]
+        more = len(rows) > query.limit
+        return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
+
+    def unfinished_requests(self) -> list[Request]:
+        """Every request not yet in a terminal status, oldest first."""
+        rows = self._read(
+            "list unfinished requests",
+            f"SELECT body FROM requests WHERE status IN ({', '.join('?' * len(_UNFINISHED))})"
+            " ORDER BY created_at, id",
+            _UNFINISHED,
+        )
+        return [request_from_json(body) for (body,) in rows]
+
+    # Quota overrides --------------------------------------------------------------------------
+
+    def quota_overrides(self) -> dict[str, dict[str, Any]]:
+        """Per-user quota overrides set at run time (in the order users were first set)."""
+        rows = self._read(
+            "read quota overrides", "SELECT user, body FROM quota_overrides ORDER BY rowid"
+        )
+        return {user: json.loads(body) for user, body in rows}
+
+    def set_quota_override(self, user: str, values: dict[str, Any]) -> None:
+        """Replace ``user``'s run-time quota override."""
+        body = json.dumps(values, separators=(",", ":"))
+        with self._write("set a quota override") as conn:
+            conn.execute(
+                "INSERT INTO quota_overrides (user, body) VALUES (?, ?)"
+                " ON CONFLICT (user) DO UPDATE SET body = excluded.body",
+                (user, body),
+            )
+
+    # Health and lifetime ------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Return if the database answers a query, else raise ``StoreUnavailable``."""
+        self._read("answer a ping", "SELECT count(*) FROM sqlite_master")
+
+    def close(self) -> None:
+        """Close the connection (the WAL is checkpointed); later calls raise StoreUnavailable."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._rollback()
+                self._conn.close()
+
+    # GPU memory reservations (in memory, see the module docstring) --------------------------
+
+    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
+        """Reserve memory on a GPU unless the total would pass ``limit_mb``."""
+        if memory_mb < 0:
+            raise ValueError("a reservation cannot be negative")
+        with self._lock:
+            on_gpu = self._reserved.setdefault(gpu_id, {})
+            total = sum(on_gpu.values()) - on_gpu.get(holder, 0) + memory_mb
+            if total > limit_mb:
+                return None
+            on_gpu[holder] = memory_mb
+            self._held.setdefault(holder, set()).add(gpu_id)
+            return total
+
+    def release(self, holder: str) -> dict[str, int]:
+        """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
+        with self._lock:
+            totals = {}
+            for gpu_id in self._held.pop(holder, ()):
+                on_gpu = self._reserved[gpu_id]
+                on_gpu.pop(holder, None)
+                totals[gpu_id] = sum(on_gpu.values())
+            return totals
+
+    def reserved_mb(self, gpu_id: str) -> int:
+        """The memory reserved on a GPU right now."""
+        with self._lock:
+            return sum(self._reserved.get(gpu_id, {}).values())
+
+    # Quota counters ----------------------------------------------------------------------------
+
+    def admit_rate(self, user: str, now: float, window_s: float, limit: int) -> float | None:
+        """Record an admission unless ``limit`` were passed within the last ``window_s``."""
+        if limit < 1:
+            raise ValueError("a rate limit admits at least one request per window")
+        with self._write("record an admission") as conn:
+            # Admissions at or before the cutoff never count again: drop them on the way.
+            conn.execute(
+                "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s)
+            )
+            count, oldest = conn.execute(
+                "SELECT count(*), min(at) FROM admissions WHERE user = ?", (user,)
+            ).fetchone()
+            if count >= limit:
+                return _retry_after(now, oldest, window_s)
+            conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
+        return None
+
+    def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
+        """How many admissions of ``user`` fall within the last ``window_s``."""
+        self._prune("admissions", user, now - window_s)
+        rows = self._read(
+            "count admissions",
+            "SELECT count(*) FROM admissions WHERE user = ? AND at > ?",
+            (user, now - window_s),
+        )
+        return int(rows[0][0])
+
+    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
+        """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it."""
+        with self._write("record a charge") as conn:
+            conn.execute(
+                "INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds",
+                (user, charge_id, at, gpu_seconds),
+            )
+
+    def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
+        """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
+        self._prune("charges", user, now - window_s)
+        rows = self._read(
+            "sum charges",
+            "SELECT total(gpu_seconds) FROM charges WHERE user = ? AND at > ?",
+            (user, now - window_s),
+        )
+        return max(0.0, float(rows[0][0]))
+
+    def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
+        """The time of the oldest charge still in the window."""
+        self._prune("charges", user, now - window_s)
+        rows = self._read(
+            "read charges",
+            "SELECT min(at) FROM charges WHERE user = ? AND at > ?",
+            (user, now - window_s),
+        )
+        oldest = rows[0][0]
+        return None if oldest is None else float(oldest)
+
+    def _prune(self, table: Literal["admissions", "charges"], user: str, cutoff: float) -> None:
+        """Drop ``user``'s rows dated at or before ``cutoff``, when there are any.
+
+        As in the in-memory store, a charge that has left the window is forgotten, so charging
+        its id again starts a new charge. The check is a read, so reading counters writes
+        only when something is due for pruning.
+        """
+        due = self._read(
+            f"read {table}",
+            f"SELECT 1 FROM {table} WHERE user = ? AND at <= ? LIMIT 1",
+            (user, cutoff),
+        )
+        if due:
+            with self._write(f"prune {table}") as conn:
+                conn.execute(f"DELETE FROM {table} WHERE user = ? AND at <= ?", (user, cutoff))
