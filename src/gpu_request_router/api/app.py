@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -81,18 +82,34 @@ def create_app(
 
 
 def _register_problem_schema(app: FastAPI) -> None:
-    """Put the Problem schema into the OpenAPI components the error responses point at."""
+    """Describe every error response as problem details in the OpenAPI document.
+
+    FastAPI documents its own 422 as ``application/json`` with its validation-error schema;
+    the router answers every error as ``application/problem+json`` with :class:`Problem`.
+    Body-taking operations also document 400 (a body that cannot be parsed at all).
+    """
     build = app.openapi
 
-    def openapi() -> dict[str, object]:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["Problem"] = Problem.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
-            defs = components["Problem"].pop("$defs", {})
-            components.update(defs)
+            problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(problem.pop("$defs", {}))
+            components["Problem"] = problem
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            content = {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            }
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    if "requestBody" in operation:
+                        responses.setdefault("400", {"description": "The body is not valid JSON."})
+                    for status, response in responses.items():
+                        if status.isdigit() and int(status) >= 400:
+                            response["content"] = content
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -103,6 +103,7 @@ class AuthSettings(_Section):
 
     enabled: bool = True
     users: list[UserEntry] = Field(default_factory=list)
+    max_failures_per_minute: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _unique(self) -> Self:

@@ -2,9 +2,9 @@
 
 Only hashes of keys are kept (``auth.users[].api_key_sha256``). A presented key is hashed and
 looked up by its hash, then compared in constant time (``hmac.compare_digest``). Unknown,
-malformed and missing keys get the same answer. A client (by address) that presents more than
-:data:`MAX_FAILURES` bad keys within a minute is refused with 429 until the minute has passed,
-a stricter limit than any quota (OWASP API2).
+malformed and missing keys get the same answer. A client (by address) that presents too many bad
+keys within a minute is refused with 429 until the minute has passed,
+a stricter limit than any quota (OWASP API2); ``auth.max_failures_per_minute`` sets it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from gpu_request_router.config.config_loader import AuthSettings
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.exceptions import Forbidden, TooManyAuthFailures, Unauthenticated
 
-__all__ = ["ANONYMOUS", "MAX_FAILURES", "Authenticator", "hash_key"]
+__all__ = ["ANONYMOUS", "Authenticator", "hash_key"]
 
 ANONYMOUS = Caller("anonymous", admin=True)
-MAX_FAILURES = 10
 _WINDOW_S = 60.0
 _MAX_TRACKED_CLIENTS = 10_000
 
@@ -51,6 +50,7 @@ class Authenticator:
         self._roles = {entry.name: entry.role for entry in settings.users}
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._max_failures = settings.max_failures_per_minute
 
     @property
     def roles(self) -> dict[str, str]:
@@ -73,7 +73,7 @@ class Authenticator:
         if failures is not None:
             while failures and failures[0] <= now - _WINDOW_S:
                 failures.popleft()
-            if len(failures) >= MAX_FAILURES:
+            if len(failures) >= self._max_failures:
                 raise TooManyAuthFailures(failures[0] + _WINDOW_S - now)
         digest = hash_key(key) if key else ""
         user = self._users.get(digest)

@@ -72,13 +72,18 @@ _DESCRIPTIONS = {
     409: "The request is already in a terminal status.",
     413: "Body larger than server.max_body_bytes.",
     422: "Invalid request: a field, an unknown model, or nothing in the fleet could hold it.",
-    429: "Over a quota or rate limit for now; see Retry-After.",
+    429: "Over a quota or rate limit for now (or too many bad API keys); see Retry-After.",
     503: "The state store or the fleet is not available; see Retry-After.",
 }
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for error statuses, all as problem details."""
+    """OpenAPI ``responses`` entries for error statuses, all as problem details.
+
+    401 implies 429 too: too many bad keys from one client are refused for a minute.
+    """
+    if 401 in statuses and 429 not in statuses:
+        statuses = (*statuses, 429)
     return {
         status: {
             "description": _DESCRIPTIONS[status],
