@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -75,6 +75,8 @@ class Runtime:
         self._watchers: dict[str, list[asyncio.Future[None]]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self.router.listeners.append(self._on_transition)
+        # Called with (request id, start, end) of every admission that created a request.
+        self.admission_listeners: list[Callable[[str, float, float], None]] = []
 
     @classmethod
     def from_settings(
@@ -143,7 +145,12 @@ class Runtime:
 
     async def admit(self, submission: Submission, caller: Caller) -> tuple[Request, bool]:
         """Admit a submission; return it and whether it is new (not an idempotent replay)."""
-        admission = self.engine.receiver.submit(submission, caller, self.clock.now())
+        started = self.clock.now()
+        admission = self.engine.receiver.submit(submission, caller, started)
+        if admission.created:
+            finished = self.clock.now()
+            for listener in self.admission_listeners:
+                listener(admission.request.id, started, finished)
         self._apply(admission.decisions)
         self._wake.set()
         return admission.request.snapshot(), admission.created

@@ -23,6 +23,11 @@ from gpu_request_router.api.models.common import Problem
 from gpu_request_router.api.routes import admin_routes, gpu_routes, metrics_routes, request_routes
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.runtime import Runtime
+from gpu_request_router.services.logging_service import (
+    AuditLog,
+    RequestTracer,
+    otlp_tracer_provider,
+)
 from gpu_request_router.store import open_store
 from gpu_request_router.store.base import StateStore
 from gpu_request_router.utils.clock import Clock, SystemClock
@@ -55,12 +60,25 @@ def create_app(
     store = store if store is not None else open_store(settings.state)
     runtime = Runtime.from_settings(settings, store=store, clock=clock, seed=seed)
     service = Service(settings, runtime, Authenticator(settings.auth, clock.now))
+    runtime.router.listeners.append(AuditLog())
+    provider = None
+    if settings.logging.otlp_endpoint is not None:
+        provider = otlp_tracer_provider(
+            settings.logging.otlp_endpoint, settings.logging.service_name
+        )
+        tracer = RequestTracer(provider.get_tracer("gpu_request_router"))
+        runtime.router.listeners.append(tracer)
+        runtime.admission_listeners.append(tracer.admitted)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with runtime:
-            yield
-        store.close()
+        try:
+            async with runtime:
+                yield
+        finally:
+            store.close()
+            if provider is not None:
+                provider.shutdown()
 
     app = FastAPI(
         title="gpu-request-router",

@@ -301,10 +301,12 @@ class RetrySettings(_Section):
 
 
 class LoggingSettings(_Section):
-    """Log level and format."""
+    """Log level and format; OpenTelemetry trace export."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://")
+    service_name: str = Field("gpu-request-router", min_length=1, max_length=128)
 
 
 class Settings(BaseSettings):
