@@ -492,28 +492,30 @@ def test_every_acknowledged_request_survives_a_kill(tmp_path: Path, synchronous:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
     }
-    child = subprocess.Popen(
+    lines: list[str] = []
+    with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(db), synchronous],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-    )
-    assert child.stdout is not None
-    acknowledged: list[str] = []
-    try:
-        for line in child.stdout:
-            acknowledged.append(line.strip())
-            if len(acknowledged) >= 150:
-                child.send_signal(signal.SIGKILL)
-                break
-    finally:
-        if child.poll() is None:
-            child.kill()
-        # Lines the child printed before it died are acknowledgements too.
-        rest, errors = child.communicate(timeout=30)
-    acknowledged += [line for line in rest.splitlines(keepends=True) if line.endswith("\n")]
-    acknowledged = [line.strip() for line in acknowledged]
+    ) as child:
+        assert child.stdout is not None
+        assert child.stderr is not None
+        try:
+            for line in child.stdout:
+                lines.append(line)
+                if len(lines) >= 150:
+                    child.send_signal(signal.SIGKILL)
+                    break
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=30)
+        # What the child printed before it died is acknowledged too (read through the buffer).
+        lines += child.stdout.read().splitlines(keepends=True)
+        errors = child.stderr.read()
+    acknowledged = [line.strip() for line in lines if line.endswith("\n")]
     assert child.returncode == -signal.SIGKILL, errors
     assert len(acknowledged) >= 150
 

@@ -1,0 +1,224 @@
+"""`gpurouter serve` on SQLite, killed with SIGKILL under load and restarted: nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from gpu_request_router.api.middleware.auth import hash_key
+
+KEY = "crash-test-key"
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+ALLOWED = {
+    None: {"queued"},
+    "queued": {"dispatching", "cancelled", "expired"},
+    "dispatching": {"running", "queued", "failed", "cancelled", "expired"},
+    "running": {"succeeded", "failed", "queued", "cancelled", "expired"},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gpurouter() -> str:
+    return str(Path(sys.executable).parent / "gpurouter")
+
+
+class Router:
+    """A `gpurouter serve` process on a config and database in ``workdir``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "server": {"port": self.port},
+            "auth": {"users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]},
+            "state": {"backend": "sqlite", "sqlite_path": str(workdir / "router.db")},
+            "quotas": {
+                "default": {
+                    "requests_per_minute": None,
+                    "max_queued": None,
+                    "max_concurrent": None,
+                    "gpu_seconds_per_hour": None,
+                }
+            },
+            "backends": [
+                {
+                    "name": "sim",
+                    "kind": "simulated",
+                    "gpus": [{"type": "H100-80GB", "count": 2}],
+                    "slots_per_gpu": 4,
+                }
+            ],
+            "monitor": {"poll_interval_s": 0.1, "stale_after_s": 5},
+            "logging": {"level": "warning"},
+        }
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.workdir / "router.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [_gpurouter(), "serve", "--config", str(self.workdir / "config.yaml")],
+                cwd=self.workdir,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, (self.workdir / "router.log").read_text()
+            time.sleep(0.05)
+        raise AssertionError("the router did not become ready")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Clients:
+    """Threads submitting requests with idempotency keys, recording what the router said."""
+
+    def __init__(self, router: Router, threads: int) -> None:
+        self.router = router
+        self.ok: dict[str, str] = {}  # idempotency key -> request id (202 received)
+        self.unknown: set[str] = set()  # keys whose submit had no answer (connection cut)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, args=(index,), daemon=True)
+            for index in range(threads)
+        ]
+        self.counter = 0
+
+    def _body(self, index: int) -> dict[str, Any]:
+        return {
+            "model": "llama-3-8b",
+            "input": {
+                "messages": [{"role": "user", "content": f"request {index}"}],
+                "max_tokens": 8,
+                "simulate": {"duration_s": 0.05 + (index % 7) * 0.05},
+            },
+        }
+
+    def _run(self, thread: int) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=5) as client:
+            while not self.stop.is_set():
+                with self.lock:
+                    self.counter += 1
+                    index = self.counter
+                key = f"t{thread}-{index}"
+                try:
+                    response = client.post(
+                        f"{self.router.url}/v1/requests",
+                        json=self._body(index),
+                        headers={"Idempotency-Key": key},
+                    )
+                except httpx.HTTPError:
+                    with self.lock:
+                        self.unknown.add(key)
+                    time.sleep(0.05)
+                    continue
+                assert response.status_code == 202, response.text
+                with self.lock:
+                    self.ok[key] = response.json()["id"]
+
+    def run_for(self, seconds: float) -> None:
+        for thread in self.threads:
+            thread.start()
+        time.sleep(seconds)
+
+    def halt(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+def _trail(client: httpx.Client, url: str, request_id: str) -> list[dict[str, Any]]:
+    with client.stream("GET", f"{url}/v1/requests/{request_id}/events", timeout=30) as stream:
+        return [
+            json.loads(line.removeprefix("data: "))
+            for line in stream.iter_lines()
+            if line.startswith("data: ")
+        ]
+
+
+def test_sigkill_under_load_loses_nothing_and_runs_nothing_twice(tmp_path: Path) -> None:
+    """Every accepted request reaches exactly one terminal state across two kills and restarts."""
+    router = Router(tmp_path)
+    router.start()
+    clients = Clients(router, threads=8)
+    try:
+        clients.run_for(1.5)
+        router.kill()  # first kill, mid-load
+        router.start()
+        time.sleep(1.0)
+        router.kill()  # second kill, while recovered work runs
+        clients.halt()
+        router.start()
+        with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=70) as client:
+            # Submits whose answer was lost are retried with the same key: recovered, not doubled.
+            for key in sorted(clients.unknown - set(clients.ok)):
+                index = key.split("-")[1]
+                response = client.post(
+                    f"{router.url}/v1/requests",
+                    json=clients._body(int(index)),
+                    headers={"Idempotency-Key": key},
+                )
+                assert response.status_code == 202
+                clients.ok[key] = response.json()["id"]
+            assert len(clients.ok) > 50, "the load produced too few requests to mean much"
+            assert len(set(clients.ok.values())) == len(clients.ok), "one id per key"
+            for request_id in clients.ok.values():
+                final = client.get(f"{router.url}/v1/requests/{request_id}", params={"wait": 60})
+                assert final.json()["status"] in TERMINAL, final.json()
+            for request_id in clients.ok.values():
+                trail = _trail(client, router.url, request_id)
+                statuses = [event["status"] for event in trail]
+                assert sum(status in TERMINAL for status in statuses) == 1, statuses
+                previous = None
+                for event in trail:
+                    assert event["from_status"] == previous, trail
+                    assert event["status"] in ALLOWED[previous], trail
+                    previous = event["status"]
+    finally:
+        clients.stop.set()
+        router.stop()
+    database = sqlite3.connect(tmp_path / "router.db")
+    try:
+        assert database.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {row[0] for row in database.execute("SELECT id FROM requests")}
+        assert set(clients.ok.values()) <= stored
+        assert len(stored) == len(clients.ok), "no request the clients do not know of"
+    finally:
+        database.close()
