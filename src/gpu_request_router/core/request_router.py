@@ -201,15 +201,25 @@ class RequestRouter:
         return any(count >= need.gpu_count for count in per_worker.values())
 
     def fitting_gpus(self, need: Need) -> list[str]:
-        """GPUs that could take ``need`` right now (single-GPU view; for the estimate dry run)."""
-        return [
-            gpu.id
-            for gpu in self.monitor.schedulable.values()
-            if gpu.free_slots > 0
-            and gpu.serves(need.model)
-            and (need.gpu_type is None or gpu.type == need.gpu_type)
-            and need.memory_on(gpu) <= gpu.room_mb
-        ]
+        """GPUs that could take ``need`` right now, in id order (for the estimate dry run).
+
+        With ``gpu_count`` > 1, only GPUs of workers that have enough such GPUs count.
+        """
+        by_worker: dict[str, list[str]] = {}
+        for gpu in self.monitor.schedulable.values():
+            if (
+                gpu.free_slots > 0
+                and gpu.serves(need.model)
+                and (need.gpu_type is None or gpu.type == need.gpu_type)
+                and need.memory_on(gpu) <= gpu.room_mb
+            ):
+                by_worker.setdefault(gpu.worker, []).append(gpu.id)
+        return sorted(
+            gpu_id
+            for gpu_ids in by_worker.values()
+            if len(gpu_ids) >= need.gpu_count
+            for gpu_id in gpu_ids
+        )
 
     def queue_retry_after(self, now: float) -> float:
         """Seconds until the running request expected to finish first does so (at least 1 s)."""
