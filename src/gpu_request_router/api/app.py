@@ -104,7 +104,7 @@ def _register_problem_schema(app: FastAPI) -> None:
 
     FastAPI documents its own 422 as ``application/json`` with its validation-error schema;
     the router answers every error as ``application/problem+json`` with :class:`Problem`.
-    Body-taking operations also document 400 (a body that cannot be parsed at all).
+    Body-taking operations also document 400 (a body that cannot be parsed at all) and 413.
     """
     build = app.openapi
 
@@ -125,6 +125,9 @@ def _register_problem_schema(app: FastAPI) -> None:
                     responses = operation.setdefault("responses", {})
                     if "requestBody" in operation:
                         responses.setdefault("400", {"description": "The body is not valid JSON."})
+                        responses.setdefault(
+                            "413", {"description": "Body larger than server.max_body_bytes."}
+                        )
                     for status, response in responses.items():
                         if status.isdigit() and int(status) >= 400:
                             response["content"] = content

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from gpu_request_router.api.middleware.logging import SECURITY_HEADERS
 from gpu_request_router.exceptions import (
     AlreadyTerminal,
     AuthError,
@@ -155,9 +156,17 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     _log.exception("unhandled_error", error=repr(error))
-    return problem_response(
+    response = problem_response(
         request, 500, "an unexpected error; the request id identifies it in the router's logs"
     )
+    # This answer leaves through Starlette's outermost error middleware, around the request
+    # context middleware: give it the headers that one would have added.
+    request_id = request.scope.get("state", {}).get("request_id")
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    for name, value in SECURITY_HEADERS:
+        response.headers[name.decode()] = value.decode()
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:
