@@ -1,0 +1,174 @@
+"""The `gpurouter` client commands, run as processes against a running `gpurouter serve`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
+KEY = "cli-test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
+    return {**base, "COLUMNS": "250", **extra}
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `gpurouter serve` process with one user, on SQLite in a temporary folder."""
+    workdir = tmp_path_factory.mktemp("cli")
+    port = _free_port()
+    config = {
+        "server": {"port": port},
+        "auth": {
+            "users": [
+                {
+                    "name": "carol",
+                    "role": "admin",
+                    "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+                }
+            ]
+        },
+        "state": {"sqlite_path": str(workdir / "router.db")},
+        "monitor": {"poll_interval_s": 0.1},
+    }
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    with (workdir / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            [GPUROUTER, "serve", "--config", str(workdir / "config.yaml")],
+            cwd=workdir,
+            stdout=log,
+            stderr=log,
+            env=_env(),
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, (workdir / "serve.log").read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the router did not become ready"
+        time.sleep(0.05)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(20)
+    assert "development admin key" not in (workdir / "serve.log").read_text(), "users configured"
+
+
+def _cli(router: str, *args: str, key: str = KEY) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [GPUROUTER, *args],
+        env=_env(GPUROUTER_URL=router, GPUROUTER_API_KEY=key),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_submit_wait_status_list_and_cancel(router: str) -> None:
+    """A request goes through submit --wait, status, wait, list and cancel by the CLI."""
+    done = _json(
+        _cli(
+            router,
+            "submit",
+            "llama-3-8b",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "4",
+            "--wait",
+            "30",
+            "--json",
+        )
+    )
+    assert done["status"] == "succeeded" and done["user"] == "carol"
+    assert _json(_cli(router, "status", done["id"], "--json"))["id"] == done["id"]
+    assert _json(_cli(router, "wait", done["id"], "--json"))["status"] == "succeeded"
+    slow_input = json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "simulate": {"duration_s": 600}}
+    )
+    slow = _json(_cli(router, "submit", "llama-3-8b", "--input", slow_input, "--json"))
+    listed = _json(_cli(router, "list", "--json"))
+    ids = [item["id"] for item in (listed if isinstance(listed, list) else [listed])]
+    assert ids[:2] == [slow["id"], done["id"]], "newest first"
+    assert _json(_cli(router, "cancel", slow["id"], "--json"))["status"] == "cancelled"
+    again = _cli(router, "cancel", slow["id"])
+    assert again.returncode == 1 and "409" in again.stderr
+
+
+def test_tables_and_gpus(router: str) -> None:
+    """Without --json the commands print tables; gpus lists the simulated fleet."""
+    table = _cli(router, "gpus")
+    assert table.returncode == 0
+    assert len(re.findall(r"sim:\d", table.stdout)) == 4
+    assert "H100-80GB" in table.stdout
+    gpus = _json(_cli(router, "gpus", "--json"))
+    assert [gpu["id"] for gpu in gpus] == ["sim:0", "sim:1", "sim:2", "sim:3"]
+
+
+def test_errors_and_unreachable_router(router: str) -> None:
+    """A refused request exits 1 with the problem's detail; no router at the URL exits 2."""
+    refused = _cli(router, "submit", "no-such-model")
+    assert refused.returncode == 1 and "unknown model" in refused.stderr
+    unauthorised = _cli(router, "list", key="wrong")
+    assert unauthorised.returncode == 1 and "401" in unauthorised.stderr
+    bad_input = _cli(router, "submit", "llama-3-8b", "--input", "{not json")
+    assert bad_input.returncode == 2 and "not JSON" in bad_input.stderr
+    nobody = _cli(f"http://127.0.0.1:{_free_port()}", "list")
+    assert nobody.returncode == 2 and "cannot reach the router" in nobody.stderr
+
+
+def test_keys_create_prints_a_key_and_the_hash_of_that_key() -> None:
+    """The printed config line holds the SHA-256 of the printed key, which is new each time."""
+    first = subprocess.run(
+        [GPUROUTER, "keys", "create", "--name", "dave", "--role", "admin"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env(),
+    )
+    key = re.search(r"API key \(shown once\): (\S+)", first.stdout).group(1)
+    line = re.search(r"\{name: dave, role: admin, api_key_sha256: ([0-9a-f]{64})\}", first.stdout)
+    assert line is not None and line.group(1) == hashlib.sha256(key.encode()).hexdigest()
+    second = subprocess.run(
+        [GPUROUTER, "keys", "create"], capture_output=True, text=True, check=True, env=_env()
+    )
+    assert key not in second.stdout
+    invalid = subprocess.run(
+        [GPUROUTER, "keys", "create", "--role", "root"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_env(),
+    )
+    assert invalid.returncode == 2 and "invalid user" in invalid.stderr
