@@ -77,13 +77,14 @@ class RequestRejected(GpuRouterError):
 
 
 class InvalidRequest(RequestRejected):
-    """A field of the request is malformed or out of range."""
+    """A field of the request is malformed or out of range; ``location`` is body or query."""
 
     reason = "invalid"
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, location: str = "body") -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.location = location
 
 
 class UnknownModel(InvalidRequest):

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 
 from gpu_request_router import __version__
 from gpu_request_router.api.dependencies import Service
-from gpu_request_router.api.middleware.auth import Authenticator
+from gpu_request_router.api.middleware.auth import Authenticator, AuthMiddleware
+from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
 from gpu_request_router.api.middleware.error_handler import install_error_handlers
 from gpu_request_router.api.middleware.logging import RequestContextMiddleware
 from gpu_request_router.api.models.common import Problem
@@ -85,13 +86,19 @@ def create_app(
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=settings.server.max_body_bytes,
         docs_url="/docs",
         openapi_url="/openapi.json",
         redoc_url=None,
     )
     app.state.service = service
     install_error_handlers(app)
+    # Added innermost first: request context, then authentication, then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    app.add_middleware(
+        AuthMiddleware,
+        authenticator=service.auth,
+        protect_metrics=settings.server.metrics_require_auth,
+    )
     app.add_middleware(RequestContextMiddleware)
     for module in (request_routes, gpu_routes, admin_routes, metrics_routes):
         app.include_router(module.router)

@@ -128,14 +128,14 @@ class QuotaEnforcer:
                 f"you have {queued} requests waiting; your limit is {quota.max_queued}",
                 retry_after_s=max(queue_retry_after_s, 0.001),
             )
-        if quota.requests_per_minute is not None:
-            retry_after = self._store.admit_rate(user, now, MINUTE_S, quota.requests_per_minute)
-            if retry_after is not None:
-                raise QuotaExceeded(
-                    "requests_per_minute",
-                    f"more than {quota.requests_per_minute} requests in a minute",
-                    retry_after_s=max(retry_after, 0.001),
-                )
+        limit = quota.requests_per_minute
+        retry_after = self._store.admit_rate(user, now, MINUTE_S, limit)
+        if retry_after is not None:
+            raise QuotaExceeded(
+                "requests_per_minute",
+                f"more than {limit} requests in a minute",
+                retry_after_s=max(retry_after, 0.001),
+            )
 
     def blocks_dispatch(self, user: str, active: int, gpu_seconds: float, now: float) -> str | None:
         """The quota that keeps a request of ``user`` from starting now, or ``None``.

@@ -42,7 +42,7 @@ class RequestQuery:
 
     def __post_init__(self) -> None:
         if self.limit < 1:
-            raise InvalidRequest("limit", "a page holds at least one request")
+            raise InvalidRequest("limit", "a page holds at least one request", location="query")
 
     def matches(self, request: Request) -> bool:
         """Whether ``request`` passes the filters (the cursor aside)."""
@@ -80,7 +80,9 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         if not isinstance(request_id, str) or not isinstance(created_at, int | float):
             raise TypeError
     except (ValueError, TypeError, binascii.Error) as exc:
-        raise InvalidRequest("cursor", "not a cursor returned by a previous page") from exc
+        raise InvalidRequest(
+            "cursor", "not a cursor returned by a previous page", location="query"
+        ) from exc
     return float(created_at), request_id
 
 
@@ -169,8 +171,10 @@ class StateStore(ABC):
     # Quota counters ----------------------------------------------------------------------------
 
     @abstractmethod
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int) -> float | None:
+    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
         """Record an admission unless ``limit`` were passed within the last ``window_s``.
+
+        ``limit=None`` records without limiting (usage is counted for every user).
 
         Returns ``None`` when recorded, else the seconds until the oldest admission leaves the
         window.

@@ -186,11 +186,11 @@ class MemoryStore(StateStore):
 
     # Quota counters ----------------------------------------------------------------------------
 
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int) -> float | None:
+    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
         """Record an admission unless ``limit`` were passed within the last ``window_s``."""
         window = self._admissions.setdefault(user, _Window())
         window.prune(now - window_s)
-        if len(window.entries) >= limit:
+        if limit is not None and len(window.entries) >= limit:
             oldest = window.oldest()
             assert oldest is not None
             # The first time at which the oldest admission has left the window; stepping past

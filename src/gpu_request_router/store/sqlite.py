@@ -436,9 +436,9 @@ class SQLiteStore(StateStore):
 
     # Quota counters ----------------------------------------------------------------------------
 
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int) -> float | None:
+    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
         """Record an admission unless ``limit`` were passed within the last ``window_s``."""
-        if limit < 1:
+        if limit is not None and limit < 1:
             raise ValueError("a rate limit admits at least one request per window")
         with self._write("record an admission") as conn:
             # Admissions at or before the cutoff never count again: drop them on the way.
@@ -448,7 +448,7 @@ class SQLiteStore(StateStore):
             count, oldest = conn.execute(
                 "SELECT count(*), min(at) FROM admissions WHERE user = ?", (user,)
             ).fetchone()
-            if count >= limit:
+            if limit is not None and count >= limit:
                 return _retry_after(now, oldest, window_s)
             conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
         return None

@@ -1,10 +1,15 @@
 """Authentication: Bearer API keys checked against SHA-256 hashes, roles, failure throttling.
 
+:class:`AuthMiddleware` authenticates every ``/v1/`` call (and ``/metrics`` when
+``server.metrics_require_auth``) before routing or parsing a body, so an unauthenticated call
+learns nothing else about the API and costs nothing more.
+
 Only hashes of keys are kept (``auth.users[].api_key_sha256``). A presented key is hashed and
 looked up by its hash, then compared in constant time (``hmac.compare_digest``). Unknown,
 malformed and missing keys get the same answer. A client (by address) that presents too many bad
 keys within a minute is refused with 429 until the minute has passed,
-a stricter limit than any quota (OWASP API2); ``auth.max_failures_per_minute`` sets it.
+a stricter limit than any quota (OWASP API2); ``auth.max_failures_per_minute`` sets it. Calls
+without any key are refused but not counted, so keyless probes cannot lock real users out.
 """
 
 from __future__ import annotations
@@ -15,11 +20,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gpu_request_router.api.middleware.error_handler import error_response
 from gpu_request_router.config.config_loader import AuthSettings
 from gpu_request_router.core.request_receiver import Caller
-from gpu_request_router.exceptions import Forbidden, TooManyAuthFailures, Unauthenticated
+from gpu_request_router.exceptions import (
+    AuthError,
+    Forbidden,
+    TooManyAuthFailures,
+    Unauthenticated,
+)
 
-__all__ = ["ANONYMOUS", "Authenticator", "hash_key"]
+__all__ = ["ANONYMOUS", "AuthMiddleware", "Authenticator", "bearer_key", "hash_key"]
 
 ANONYMOUS = Caller("anonymous", admin=True)
 _WINDOW_S = 60.0
@@ -75,7 +90,9 @@ class Authenticator:
                 failures.popleft()
             if len(failures) >= self._max_failures:
                 raise TooManyAuthFailures(failures[0] + _WINDOW_S - now)
-        digest = hash_key(key) if key else ""
+        if not key:
+            raise Unauthenticated()
+        digest = hash_key(key)
         user = self._users.get(digest)
         if user is None or not hmac.compare_digest(user.digest, digest):
             self._fail(client, now)
@@ -97,3 +114,37 @@ class Authenticator:
         if not caller.admin:
             raise Forbidden("this needs the admin role")
         return caller
+
+
+def bearer_key(scope: Scope) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header (scheme in any case), or ``None``."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin-1").strip().partition(" ")
+            return key.strip() or None if scheme.lower() == "bearer" else None
+    return None
+
+
+class AuthMiddleware:
+    """Authenticates protected paths first; the caller goes to ``scope["state"]["caller"]``."""
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, protect_metrics: bool) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.protect_metrics = protect_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] == "http" and self._protected(scope["path"]):
+            client = scope["client"][0] if scope.get("client") else "unknown"
+            try:
+                caller = self.authenticator.authenticate(bearer_key(scope), client)
+            except AuthError as exc:
+                await error_response(Request(scope), exc)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["caller"] = caller
+            structlog.contextvars.bind_contextvars(user=caller.user)
+        await self.app(scope, receive, send)
+
+    def _protected(self, path: str) -> bool:
+        return path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")

@@ -9,6 +9,7 @@ the request id; 429 and 503 carry ``Retry-After``.
 from __future__ import annotations
 
 import math
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -38,7 +39,7 @@ from gpu_request_router.exceptions import (
     Unauthenticated,
 )
 
-__all__ = ["PROBLEM_JSON", "install_error_handlers", "problem_response"]
+__all__ = ["PROBLEM_JSON", "error_response", "install_error_handlers", "problem_response"]
 
 PROBLEM_JSON = "application/problem+json"
 _log = structlog.get_logger(__name__)
@@ -104,6 +105,11 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, GpuRouterError)
+    return error_response(request, error)
+
+
+def error_response(request: Request, error: GpuRouterError) -> JSONResponse:
+    """The problem-details answer for a domain error (for middleware that answers itself)."""
     status = _status_of(error)
     headers: dict[str, str] = {}
     extensions: dict[str, Any] = {}
@@ -118,7 +124,7 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     if isinstance(error, RequestRejected):
         extensions["reason"] = error.reason
     if isinstance(error, InvalidRequest):
-        loc: list[str | int] = ["body", *error.field.split(".")]
+        loc: list[str | int] = [error.location, *error.field.split(".")]
         extensions["errors"] = [{"loc": loc, "msg": str(error), "type": error.reason}]
     if status == 500:
         _log.error("unmapped_domain_error", error=repr(error))
@@ -148,10 +154,32 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
-    if error.status_code == 413:
-        detail = "the request body is larger than the limit (server.max_body_bytes)"
-    headers = dict(error.headers) if error.headers else None
-    return problem_response(request, error.status_code, detail, headers=headers)
+    headers = dict(error.headers) if error.headers else {}
+    if error.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed here; use {', '.join(allowed)}"
+    return problem_response(request, error.status_code, detail, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route offers for this path (Starlette names only the first route's)."""
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            expression = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template))
+            table.append((re.compile(f"^{expression}$"), {m.upper() for m in operations}))
+        app.state.allow_table = table
+    methods: set[str] = set()
+    for pattern, offered in table:
+        if pattern.match(request.url.path):
+            methods |= offered
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

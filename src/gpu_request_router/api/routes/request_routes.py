@@ -182,10 +182,14 @@ async def request_events(
     async def stream() -> AsyncIterator[str]:
         last = after
         while True:
-            entries = await service.runtime.watch(request_id, last, _KEEPALIVE_S)
+            entries = service.runtime.engine.store.transitions(request_id, last)
             if not entries:
-                yield ": keep-alive\n\n"
-                continue
+                if service.runtime.get(request_id).status.terminal:
+                    return  # resumed after the last event: nothing more will come
+                entries = await service.runtime.watch(request_id, last, _KEEPALIVE_S)
+                if not entries:
+                    yield ": keep-alive\n\n"
+                    continue
             for entry in entries:
                 data = json.dumps(TransitionOut.of(entry).model_dump(), separators=(",", ":"))
                 yield f"id: {entry.seq}\nevent: status\ndata: {data}\n\n"
