@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -43,10 +43,12 @@ from gpu_request_router.services.simulator import SimulatedFleet
 from gpu_request_router.store.base import StateStore
 from gpu_request_router.utils.clock import Clock, SystemClock
 
-__all__ = ["Runtime"]
+__all__ = ["POSITION_LIMIT", "Runtime"]
 
 _log = structlog.get_logger(__name__)
 
+# Queue positions are counted this far back at most.
+POSITION_LIMIT = 1_000
 # How long a backend gets to acknowledge a cancellation before the router stops waiting.
 _CANCEL_TIMEOUT_S = 5.0
 
@@ -180,17 +182,26 @@ class Runtime:
         self._apply(self.router.drain(gpu_id, self.clock.now()))
         return self.router.monitor.get(gpu_id)
 
-    def queue_position(self, request_id: str, limit: int = 10_000) -> int | None:
-        """How many queued requests go before this one now (``None``: not queued, or past limit)."""
+    def queue_positions(self, request_ids: Collection[str]) -> dict[str, int]:
+        """How many queued requests go before each of these now, in one walk of the queue.
+
+        Requests not in the queue, or more than :data:`POSITION_LIMIT` places back, are left
+        out (the walk costs O(position × log n)).
+        """
         queue = self.router.queue
-        if request_id not in queue:
-            return None
-        for position, request in enumerate(queue.candidates(self.clock.now())):
-            if request.id == request_id:
-                return position
-            if position >= limit:
+        wanted = {request_id for request_id in request_ids if request_id in queue}
+        positions: dict[str, int] = {}
+        if not wanted:
+            return positions
+        walk = queue.candidates(self.clock.now(), assume_dispatched=True)
+        for position, request in enumerate(walk):
+            if position >= POSITION_LIMIT:
                 break
-        return None
+            if request.id in wanted:
+                positions[request.id] = position
+                if len(positions) == len(wanted):
+                    break
+        return positions
 
     async def watch(self, request_id: str, after: int, timeout_s: float) -> list[Transition]:
         """The request's audit entries after ``after``, waiting up to ``timeout_s`` for one."""

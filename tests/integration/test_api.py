@@ -1489,3 +1489,19 @@ def test_every_answer_carries_the_security_headers(serve: Serve) -> None:
     for response in responses:
         assert_common_headers(response)
     read_events(alice, created["id"])
+
+
+def test_queue_positions_follow_dispatch_order(server: LiveServer) -> None:
+    """While nothing can run, queued requests report positions 0, 1, 2 ... in dispatch order."""
+    alice, bob, root = server.client("alice"), server.client("bob"), server.client("root")
+    cordon_all(root)
+    low = submit(alice, chat_body(priority="low"))
+    normal = [submit(alice) for _ in range(2)]
+    other = submit(bob)
+    assert low["queue_position"] == 0, "alone in the queue when it was submitted"
+    expected = [normal[0]["id"], other["id"], normal[1]["id"], low["id"]]  # bob takes his turn
+    listed = root.get("/v1/requests", params={"status": "queued"}).json()["items"]
+    positions = {item["id"]: item["queue_position"] for item in listed}
+    assert [positions[request_id] for request_id in expected] == [0, 1, 2, 3]
+    single = alice.get(f"/v1/requests/{low['id']}").json()
+    assert single["queue_position"] == 3

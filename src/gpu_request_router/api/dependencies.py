@@ -40,17 +40,24 @@ class Service:
             raise NotFound("request", request_id)
         return request
 
-    def request_out(self, request: DomainRequest) -> RequestOut:
-        """The wire form of a request, with its queue position while queued."""
-        placement = request.placement
+    def requests_out(self, requests: list[DomainRequest]) -> list[RequestOut]:
+        """The wire form of requests, with queue positions for those queued."""
+        queued = [r.id for r in requests if r.status is RequestStatus.QUEUED]
+        positions = self.runtime.queue_positions(queued) if queued else {}
         gpus = self.runtime.router.monitor.gpus
-        gpu_type = gpus[placement.gpu_id].type if placement and placement.gpu_id in gpus else None
-        position = (
-            self.runtime.queue_position(request.id)
-            if request.status is RequestStatus.QUEUED
-            else None
-        )
-        return RequestOut.of(request, gpu_type=gpu_type, queue_position=position)
+        out = []
+        for request in requests:
+            placement = request.placement
+            gpu_type = (
+                gpus[placement.gpu_id].type if placement and placement.gpu_id in gpus else None
+            )
+            position = positions.get(request.id)
+            out.append(RequestOut.of(request, gpu_type=gpu_type, queue_position=position))
+        return out
+
+    def request_out(self, request: DomainRequest) -> RequestOut:
+        """The wire form of one request."""
+        return self.requests_out([request])[0]
 
 
 def _service(request: Request) -> Service:

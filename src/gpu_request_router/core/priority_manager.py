@@ -210,14 +210,18 @@ class PriorityManager:
 
     # Reading -------------------------------------------------------------------------------------
 
-    def candidates(self, now: float) -> Iterator[Request]:
+    def candidates(self, now: float, *, assume_dispatched: bool = False) -> Iterator[Request]:
         """Yield queued requests in dispatch order at time ``now``.
 
         The consumer may call :meth:`dispatched` or :meth:`remove` between items (the order of the
-        rest adapts to the charged counter), but must not :meth:`push` until it is done.
+        rest adapts to the charged counter), but must not :meth:`push` until it is done. With
+        ``assume_dispatched``, each yielded request is charged to its user's counter for the
+        rest of the walk (nothing is changed): the order in which the queue would be served if
+        everything fitted, i.e. the queue positions.
         """
         generation = self._generation
         entries = self._entries
+        charged: dict[str, float] = {}
         heads = (item for item in _ascending(self._heads) if self._users[item[2]].live)
         pending = next(heads, None)
         seen: set[str] = set()
@@ -227,7 +231,7 @@ class PriorityManager:
         def advance(name: str, cursor: Iterator[_HeapItem]) -> None:
             for key, _, request_id in cursor:
                 if request_id in entries:
-                    counter = self._users[name].counter
+                    counter = self._users[name].counter + charged.get(name, 0.0)
                     item = (self._level(key, now), counter, key, next(tiebreak), request_id, cursor)
                     heapq.heappush(merge, item)
                     return
@@ -246,10 +250,13 @@ class PriorityManager:
             _, _, _, _, request_id, cursor = heapq.heappop(merge)
             if request_id not in entries:
                 continue
-            request = entries[request_id].request
+            entry = entries[request_id]
+            request = entry.request
             yield request
             if self._generation != generation:
                 raise RuntimeError("the queue changed while it was being iterated")
+            if assume_dispatched:
+                charged[request.user] = charged.get(request.user, 0.0) + entry.cost
             advance(request.user, cursor)
 
     def depths(self) -> dict[str, int]:

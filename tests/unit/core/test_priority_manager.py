@@ -233,3 +233,18 @@ def test_iteration_order_is_level_then_counter_then_key(
     assert sorted(r.id for r in order) == sorted(live)
     keys = [(queue.level(r, now), queue.counter(r.user), queue.key(r)) for r in order]
     assert keys == sorted(keys)
+
+
+def test_assumed_dispatch_orders_like_serving_without_changing_anything() -> None:
+    """With assume_dispatched the walk charges counters as it goes, but only for itself."""
+    queue = PriorityManager(CLASSES, aging_s=60)
+    ann = [_request(user="ann", created_at=t) for t in range(3)]
+    bob = _request(user="bob", created_at=5)
+    for request in [*ann, bob]:
+        queue.push(request, cost=2)
+    plain = [r.id for r in queue.candidates(10)]
+    assert plain == [ann[0].id, ann[1].id, ann[2].id, bob.id], "counters tie: key order"
+    served = [r.id for r in queue.candidates(10, assume_dispatched=True)]
+    assert served == [ann[0].id, bob.id, ann[1].id, ann[2].id]
+    assert queue.counter("ann") == queue.counter("bob") == 0
+    assert [r.id for r in queue.candidates(10)] == plain

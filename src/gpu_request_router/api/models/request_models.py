@@ -137,7 +137,9 @@ class RequestOut(BaseModel):
     error: ErrorOut | None
     metadata: dict[str, str]
     queue_position: int | None = Field(
-        None, description="While queued: how many requests go before it (0: next)."
+        None,
+        description="While queued: how many requests go before it (0: next); null when it is "
+        "not queued or more than 1,000 are ahead.",
     )
 
     @classmethod

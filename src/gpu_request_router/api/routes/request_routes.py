@@ -111,7 +111,7 @@ async def list_requests(
         cursor=cursor,
     )
     page = service.runtime.engine.store.list_requests(query)
-    items = [service.request_out(request) for request in page.items]
+    items = service.requests_out(page.items)
     return Page[RequestOut](items=items, next_cursor=page.next_cursor)
 
 
