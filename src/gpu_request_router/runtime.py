@@ -34,7 +34,7 @@ from gpu_request_router.core.events import (
     FailureKind,
 )
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
-from gpu_request_router.exceptions import ConfigError, NotFound
+from gpu_request_router.exceptions import ConfigError, NotFound, StoreUnavailable
 from gpu_request_router.models.gpu_state import GPUState
 from gpu_request_router.models.request import Request, Transition
 from gpu_request_router.services.ai_orchestrator import BackendClient, SimulatedBackend
@@ -49,6 +49,8 @@ _log = structlog.get_logger(__name__)
 
 # Queue positions are counted this far back at most.
 POSITION_LIMIT = 1_000
+# The longest wait between two tries of feeding an outcome to a store that is down.
+_STORE_RETRY_MAX_S = 2.0
 # How long a backend gets to acknowledge a cancellation before the router stops waiting.
 _CANCEL_TIMEOUT_S = 5.0
 
@@ -308,13 +310,30 @@ class Runtime:
             outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
         finally:
             self._executions.pop(execution_id, None)
-        now = self.clock.now()
-        if isinstance(outcome, Failure):
-            decisions = self.router.failed(execution_id, outcome, now)
-        else:
-            decisions = self.router.finished(execution_id, outcome, now)
-        self._apply(decisions)
-        self._wake.set()
+        await self._report(execution_id, outcome)
+
+    async def _report(self, execution_id: str, outcome: ExecutionResult | Failure) -> None:
+        """Feed an execution's outcome to the router, again and again while the store is down.
+
+        The outcome is not lost to a store outage: nothing changed when the store refused, so
+        the same report is simply made again (with a capped backoff) until it is taken.
+        """
+        delay = 0.05
+        while True:
+            now = self.clock.now()
+            try:
+                if isinstance(outcome, Failure):
+                    decisions = self.router.failed(execution_id, outcome, now)
+                else:
+                    decisions = self.router.finished(execution_id, outcome, now)
+            except StoreUnavailable as exc:
+                _log.warning("outcome_deferred", execution_id=execution_id, error=exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _STORE_RETRY_MAX_S)
+                continue
+            self._apply(decisions)
+            self._wake.set()
+            return
 
     # Loops ---------------------------------------------------------------------------------------
 
@@ -329,7 +348,7 @@ class Runtime:
                     await self._wake.wait()
             self._wake.clear()
             if wakeup is not None and self.clock.now() >= wakeup:
-                self._apply(self.router.tick(self.clock.now()))
+                await self._guarded(self.router.tick)
 
     async def _poll_loop(self, source: GpuSource) -> None:
         while True:
@@ -344,5 +363,16 @@ class Runtime:
             _log.warning("gpu_source_failed", worker=source.worker, error=repr(exc))
             self.router.source_failed(source.worker, self.clock.now())
             return
-        self._apply(self.router.readings(readings, self.clock.now(), worker=source.worker))
+        await self._guarded(lambda now: self.router.readings(readings, now, worker=source.worker))
         self._wake.set()
+
+    async def _guarded(self, event: Callable[[float], list[Decision]]) -> None:
+        """Feed a background event to the router; a failure is logged, never ends a loop."""
+        try:
+            self._apply(event(self.clock.now()))
+        except StoreUnavailable as exc:
+            _log.warning("store_unavailable", error=exc.message)
+            await asyncio.sleep(_STORE_RETRY_MAX_S / 10)
+        except Exception:  # a bug must not silently stop the timer or the polling
+            _log.exception("router_event_failed")
+            await asyncio.sleep(_STORE_RETRY_MAX_S / 10)

@@ -25,6 +25,7 @@ from gpu_request_router.api.app import create_app
 from gpu_request_router.api.dependencies import Service
 from gpu_request_router.api.middleware.auth import hash_key
 from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.store.base import StateStore
 from gpu_request_router.testing import UNLIMITED_QUOTA, make_settings
 
 KEYS = {
@@ -162,10 +163,15 @@ class _Servers:
     def __init__(self) -> None:
         self._running: list[tuple[_Running, LiveServer]] = []
 
-    def start(self, settings: Settings | None = None, **sections: Any) -> LiveServer:
-        """Start a live router for ``settings`` (or :func:`live_settings` of ``sections``)."""
+    def start(
+        self, settings: Settings | None = None, store: StateStore | None = None, **sections: Any
+    ) -> LiveServer:
+        """Start a live router for ``settings`` (or :func:`live_settings` of ``sections``).
+
+        ``store`` replaces the store the settings name.
+        """
         settings = settings if settings is not None else live_settings(**sections)
-        app = create_app(settings, seed=1)
+        app = create_app(settings, store=store, seed=1)
         runner = _Running(app)
         live = LiveServer(url=f"http://127.0.0.1:{runner.port}", app=app, settings=settings)
         self._running.append((runner, live))

@@ -250,6 +250,14 @@ class GPUStateMonitor:
             self._recompute(state)
         return gpu_ids
 
+    def unhealthy_with_work(self) -> list[str]:
+        """Unhealthy GPUs that still hold reservations (work to fail over)."""
+        return [
+            gpu_id
+            for gpu_id, state in self._gpus.items()
+            if state.health is GPUHealth.UNHEALTHY and state.running
+        ]
+
     def holders_on(self, gpu_id: str) -> list[str]:
         """The executions holding reservations on a GPU."""
         return list(self.get(gpu_id).running)

@@ -31,6 +31,7 @@ I6 (dispatch in effective-priority order among requests that fit).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import time
@@ -56,10 +57,16 @@ from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.exceptions import AlreadyTerminal, NotFound, StateConflict
+from gpu_request_router.exceptions import (
+    AlreadyTerminal,
+    NotFound,
+    StateConflict,
+    StoreUnavailable,
+)
 from gpu_request_router.models.gpu_state import GPUReading, GPUState
 from gpu_request_router.models.request import (
     ErrorInfo,
+    Estimate,
     Placement,
     Request,
     RequestStatus,
@@ -71,6 +78,8 @@ __all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds", "transition_of"]
 
 _log = structlog.get_logger(__name__)
 _S = RequestStatus
+# After the store refused a time-driven change, try it again this much later.
+_STORE_RETRY_S = 1.0
 
 
 def gpu_seconds(request: Request) -> float:
@@ -295,7 +304,9 @@ class RequestRouter:
         actor = f"backend:{execution.backend}"
         if request.status is _S.DISPATCHING:
             self._set(request, _S.RUNNING, now, actor=actor)
-        self._end_execution(execution_id, request, now, result.gpu_seconds)
+        used = self._used(request, execution, now, result.gpu_seconds)
+        self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
+        self._end_execution(execution_id, request, used)
         if duration is not None:
             gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
             self.estimator.observe(
@@ -311,7 +322,6 @@ class RequestRouter:
                 if model == request.model:
                     self.metrics.estimate_error(model, kind, ratio)
         self._circuit_success(execution)
-        self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
         return self._pass(now)
 
     def failed(self, execution_id: str, failure: Failure, now: float) -> list[Decision]:
@@ -328,16 +338,20 @@ class RequestRouter:
         self, execution_id: str, execution: _Execution, failure: Failure, now: float, actor: str
     ) -> list[Decision]:
         request = self._requests[execution.request_id]
-        self._end_execution(execution_id, request, now, None)
-        if self.errors.counts_against_circuit(failure):
-            self._circuit_failure(execution, now)
+        used = self._used(request, execution, now, None)
         verdict = self.errors.judge(failure, request.attempts, now)
         error = ErrorInfo(failure.kind.value, failure.message or failure.kind.value)
+        estimate = None
+        to = _S.QUEUED
         if verdict.action is Action.EXPIRE:
-            self._set(request, _S.EXPIRED, now, actor=actor, error=error)
-            return []
-        if verdict.action is Action.GROW_AND_RETRY:
-            request.estimate = self.estimator.grow_after_oom(
+            to = _S.EXPIRED
+        elif verdict.action is Action.FAIL:
+            to = _S.FAILED
+            if verdict.reason in ("max_attempts", "retry_budget_exhausted"):
+                gave_up = verdict.reason.replace("_", " ")
+                error = ErrorInfo(error.type, f"{error.message} (gave up: {gave_up})")
+        elif verdict.action is Action.GROW_AND_RETRY:
+            estimate = self.estimator.grow_after_oom(
                 request.model,
                 request.estimate,
                 self._settings.retries.oom_growth,
@@ -345,43 +359,44 @@ class RequestRouter:
                 shape=request.shape,
                 hints=request.resources,
             )
-            if not self.could_ever_fit(self.need_of(request)):
+            grown = dataclasses.replace(request, estimate=estimate)
+            if not self.could_ever_fit(self.need_of(grown)):
+                to = _S.FAILED
                 message = (
-                    f"out of GPU memory; {request.estimate.gpu_memory_mb} MiB per GPU "
+                    f"out of GPU memory; {estimate.gpu_memory_mb} MiB per GPU "
                     "fits no GPU of the fleet"
                 )
-                self._set(
-                    request, _S.FAILED, now, actor=actor, error=ErrorInfo(error.type, message)
-                )
-                return []
-        if verdict.action is Action.FAIL:
-            if verdict.reason in ("max_attempts", "retry_budget_exhausted"):
-                error = ErrorInfo(
-                    error.type, f"{error.message} (gave up: {verdict.reason.replace('_', ' ')})"
-                )
-            self._set(request, _S.FAILED, now, actor=actor, error=error)
-            return []
-        self.metrics.retry(verdict.reason)
-        self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
-        self._set(request, _S.QUEUED, now, actor=actor, error=error)
-        if verdict.delay_s > 0:
-            heapq.heappush(self._backoff, (now + verdict.delay_s, next(self._seq), request.id))
-        else:
-            self.queue.push(request, fair_share_cost(request))
+                error = ErrorInfo(error.type, message)
+        # The store first: if it cannot take the change, nothing else changes either.
+        self._set(request, to, now, actor=actor, error=error, estimate=estimate)
+        self._end_execution(execution_id, request, used)
+        if self.errors.counts_against_circuit(failure):
+            self._circuit_failure(execution, now)
+        if to is _S.QUEUED:
+            self.metrics.retry(verdict.reason)
+            self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
+            if verdict.delay_s > 0:
+                heapq.heappush(self._backoff, (now + verdict.delay_s, next(self._seq), request.id))
+            else:
+                self.queue.push(request, fair_share_cost(request))
         return []
 
-    def _end_execution(
-        self, execution_id: str, request: Request, now: float, used_gpu_seconds: float | None
-    ) -> None:
+    def _used(
+        self, request: Request, execution: _Execution, now: float, reported: float | None
+    ) -> float:
+        """GPU-seconds an execution used: as reported, else its running time × GPUs."""
+        if reported is not None:
+            return reported
+        started = request.started_at if request.started_at is not None else now
+        return max(0.0, now - started) * len(execution.gpu_ids)
+
+    def _end_execution(self, execution_id: str, request: Request, used_gpu_seconds: float) -> None:
         """Forget an execution: free its reservations, its user's slot, and settle its charge."""
         execution = self._executions.pop(execution_id)
         self._current.pop(request.id, None)
         touched = self.monitor.release(execution_id)
         for gpu_id in touched:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
-        if used_gpu_seconds is None:
-            started = request.started_at if request.started_at is not None else now
-            used_gpu_seconds = max(0.0, now - started) * len(execution.gpu_ids)
         self.quotas.charge(request.user, execution_id, execution.dispatched_at, used_gpu_seconds)
 
     # Events: users and operators ---------------------------------------------------------------
@@ -413,12 +428,13 @@ class RequestRouter:
         """End a live request as cancelled or expired, stopping its execution if it has one."""
         decisions: list[Decision] = []
         execution_id = self._current.get(request.id)
-        if execution_id is not None:
-            execution = self._executions[execution_id]
-            self._end_execution(execution_id, request, now, None)
-            decisions.append(_cancel(execution_id, execution, to.value))
-        self.queue.remove(request.id)
+        execution = self._executions[execution_id] if execution_id is not None else None
+        used = self._used(request, execution, now, None) if execution is not None else 0.0
         self._set(request, to, now, actor=actor, error=error)
+        self.queue.remove(request.id)
+        if execution_id is not None and execution is not None:
+            self._end_execution(execution_id, request, used)
+            decisions.append(_cancel(execution_id, execution, to.value))
         return decisions
 
     def cordon(self, gpu_id: str, now: float) -> list[Decision]:
@@ -458,11 +474,18 @@ class RequestRouter:
         """Apply the passing of time: expiry, staleness, backoffs ending, circuits half-opening."""
         decisions = self._fail_over(self.monitor.refresh(now), now)
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, request_id = heapq.heappop(self._deadlines)
+            request_id = self._deadlines[0][1]
             request = self._requests.get(request_id)
-            if request is not None and request.deadline <= now:
-                error = ErrorInfo("timeout", f"not finished within {request.timeout_s:g} s")
+            if request is None or request.deadline > now:
+                heapq.heappop(self._deadlines)
+                continue
+            error = ErrorInfo("timeout", f"not finished within {request.timeout_s:g} s")
+            try:
                 decisions += self._stop(request, _S.EXPIRED, now, error)
+            except StoreUnavailable as exc:
+                _log.warning("expiry_deferred", request_id=request_id, error=exc.message)
+                heapq.heapreplace(self._deadlines, (now + _STORE_RETRY_S, request_id))
+                break
         while self._backoff and self._backoff[0][0] <= now:
             _, _, request_id = heapq.heappop(self._backoff)
             request = self._requests.get(request_id)
@@ -486,17 +509,25 @@ class RequestRouter:
         return min((t for t in times if t is not None), default=None)
 
     def _fail_over(self, lost_gpus: Iterable[str], now: float) -> list[Decision]:
-        """Retry elsewhere the work of GPUs that were lost, and tell their executions to stop."""
+        """Retry elsewhere the work of lost GPUs, and tell their executions to stop.
+
+        Besides the GPUs just lost, every unhealthy GPU still holding work is handled, so work
+        whose fail-over the store deferred is picked up by the next reading or tick.
+        """
         decisions: list[Decision] = []
-        for gpu_id in lost_gpus:
+        for gpu_id in dict.fromkeys([*lost_gpus, *self.monitor.unhealthy_with_work()]):
             self.metrics.gpu(self.monitor.gpus[gpu_id])
             for execution_id in self.monitor.holders_on(gpu_id):
                 execution = self._executions.get(execution_id)
                 if execution is None:
                     continue
-                decisions.append(_cancel(execution_id, execution, "gpu_lost"))
                 failure = Failure(FailureKind.WORKER_LOST, f"GPU {gpu_id} was lost")
-                decisions += self._fail(execution_id, execution, failure, now, "router")
+                try:
+                    decisions += self._fail(execution_id, execution, failure, now, "router")
+                except StoreUnavailable as exc:
+                    _log.warning("fail_over_deferred", execution_id=execution_id, error=exc.message)
+                    continue
+                decisions.append(_cancel(execution_id, execution, "gpu_lost"))
         return decisions
 
     # Circuit breakers --------------------------------------------------------------------------
@@ -581,7 +612,12 @@ class RequestRouter:
                 if not chosen.free_slots:
                     break
                 continue
-            decisions.append(self._dispatch(request, chosen, now))
+            try:
+                decisions.append(self._dispatch(request, chosen, now))
+            except StoreUnavailable as exc:
+                # Nothing changed for this request; the next event tries again.
+                _log.warning("dispatch_deferred", request_id=request.id, error=exc.message)
+                break
         self.metrics.decision(self._perf() - started)
         self.metrics.set_queue_depth(self._depths())
         return decisions
@@ -596,6 +632,9 @@ class RequestRouter:
     def _dispatch(self, request: Request, chosen: Chosen, now: float) -> Dispatch:
         attempt = request.attempts + 1
         execution_id = f"exe_{request.id}_{attempt}"
+        placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
+        wait = now - request.queued_at
+        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement)
         for gpu_id, memory_mb in chosen.reservations.items():
             if not self.monitor.reserve(gpu_id, execution_id, memory_mb):
                 self.monitor.release(execution_id)
@@ -603,9 +642,6 @@ class RequestRouter:
         for gpu_id in chosen.gpu_ids:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.queue.dispatched(request.id)
-        placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
-        wait = now - request.queued_at
-        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement)
         backend = self.monitor.gpus[chosen.gpu_ids[0]].reading.backend
         execution = _Execution(request.id, attempt, backend, chosen.worker, chosen.gpu_ids, now)
         self._executions[execution_id] = execution
@@ -647,11 +683,19 @@ class RequestRouter:
         placement: Placement | None = None,
         result: object = None,
         error: ErrorInfo | None = None,
+        estimate: Estimate | None = None,
     ) -> None:
-        """Move a request to ``to``: guarded store write, per-user counts, terminal bookkeeping."""
+        """Move a request to ``to``: the store first, then the live object and the counts.
+
+        If the store refuses (``StoreUnavailable``, ``StateConflict``) nothing has changed.
+        """
         before, attempt = request.status, request.attempts
-        request.transition(to, now, placement=placement, result=result, error=error)
-        change = self._write(request, before, attempt, actor, now)
+        draft = request.snapshot()
+        if estimate is not None:
+            draft.estimate = estimate
+        draft.transition(to, now, placement=placement, result=result, error=error)
+        change = self._write(draft, before, attempt, actor, now)
+        request.adopt(draft)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
         elif before.active and not to.active:

@@ -281,6 +281,11 @@ class Request:
         self.version += 1
         return old
 
+    def adopt(self, other: Request) -> None:
+        """Take every field of ``other`` (a changed copy of this request that was stored)."""
+        for name in _FIELDS:
+            object.__setattr__(self, name, getattr(other, name))
+
     def snapshot(self) -> Request:
         """A copy that later transitions of this object do not change."""
         copy = object.__new__(Request)
