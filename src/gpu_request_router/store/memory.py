@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from gpu_request_router.models.request import Request, RequestStatus, Transition
+from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
     Page,
     RequestQuery,
@@ -76,8 +77,7 @@ class MemoryStore(StateStore):
         self._requests: dict[str, Request] = {}
         self._by_key: dict[tuple[str, str], str] = {}
         self._unfinished: OrderedDict[str, None] = OrderedDict()
-        self._reserved: dict[str, dict[str, int]] = {}
-        self._held: dict[str, set[str]] = {}
+        self._reservations = ReservationLedger()
         self._admissions: dict[str, _Window] = {}
         self._charges: dict[str, _Window] = {}
         self._charge_index: dict[tuple[str, str], _Entry] = {}
@@ -161,28 +161,15 @@ class MemoryStore(StateStore):
 
     def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
         """Reserve memory on a GPU unless the total would pass ``limit_mb``."""
-        if memory_mb < 0:
-            raise ValueError("a reservation cannot be negative")
-        on_gpu = self._reserved.setdefault(gpu_id, {})
-        total = sum(on_gpu.values()) - on_gpu.get(holder, 0) + memory_mb
-        if total > limit_mb:
-            return None
-        on_gpu[holder] = memory_mb
-        self._held.setdefault(holder, set()).add(gpu_id)
-        return total
+        return self._reservations.reserve(gpu_id, holder, memory_mb, limit_mb)
 
     def release(self, holder: str) -> dict[str, int]:
         """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
-        totals = {}
-        for gpu_id in self._held.pop(holder, ()):
-            on_gpu = self._reserved[gpu_id]
-            on_gpu.pop(holder, None)
-            totals[gpu_id] = sum(on_gpu.values())
-        return totals
+        return self._reservations.release(holder)
 
     def reserved_mb(self, gpu_id: str) -> int:
         """The memory reserved on a GPU right now."""
-        return sum(self._reserved.get(gpu_id, {}).values())
+        return self._reservations.reserved_mb(gpu_id)
 
     # Quota counters ----------------------------------------------------------------------------
 

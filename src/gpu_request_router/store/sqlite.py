@@ -63,6 +63,7 @@ from typing import Any, Literal
 
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
+from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
     Page,
     RequestQuery,
@@ -165,8 +166,7 @@ class SQLiteStore(StateStore):
         self.synchronous = synchronous
         self._lock = threading.RLock()
         self._closed = False
-        self._reserved: dict[str, dict[str, int]] = {}
-        self._held: dict[str, set[str]] = {}
+        self._reservations = ReservationLedger()
         try:
             self._conn = sqlite3.connect(
                 self.path,
@@ -408,31 +408,15 @@ class SQLiteStore(StateStore):
 
     def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
         """Reserve memory on a GPU unless the total would pass ``limit_mb``."""
-        if memory_mb < 0:
-            raise ValueError("a reservation cannot be negative")
-        with self._lock:
-            on_gpu = self._reserved.setdefault(gpu_id, {})
-            total = sum(on_gpu.values()) - on_gpu.get(holder, 0) + memory_mb
-            if total > limit_mb:
-                return None
-            on_gpu[holder] = memory_mb
-            self._held.setdefault(holder, set()).add(gpu_id)
-            return total
+        return self._reservations.reserve(gpu_id, holder, memory_mb, limit_mb)
 
     def release(self, holder: str) -> dict[str, int]:
         """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
-        with self._lock:
-            totals = {}
-            for gpu_id in self._held.pop(holder, ()):
-                on_gpu = self._reserved[gpu_id]
-                on_gpu.pop(holder, None)
-                totals[gpu_id] = sum(on_gpu.values())
-            return totals
+        return self._reservations.release(holder)
 
     def reserved_mb(self, gpu_id: str) -> int:
         """The memory reserved on a GPU right now."""
-        with self._lock:
-            return sum(self._reserved.get(gpu_id, {}).values())
+        return self._reservations.reserved_mb(gpu_id)
 
     # Quota counters ----------------------------------------------------------------------------
 
