@@ -56,6 +56,7 @@ __all__ = [
     "StateSettings",
     "Throughput",
     "UserEntry",
+    "WorkerSettings",
     "load_settings",
 ]
 
@@ -104,6 +105,7 @@ class AuthSettings(_Section):
     enabled: bool = True
     users: list[UserEntry] = Field(default_factory=list)
     max_failures_per_minute: int = Field(10, ge=1)
+    worker_token: str | None = Field(None, min_length=16, max_length=256)
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
@@ -260,6 +262,8 @@ class BackendSettings(_Section):
     slots_per_gpu: int = Field(8, ge=1, le=1024)
     models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     models_loaded: list[str] = Field(default_factory=list)
+    dcgm_url: str | None = Field(None, pattern=r"^https?://")
+    metrics_url: str | None = Field(None, pattern=r"^https?://")
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
@@ -269,6 +273,35 @@ class BackendSettings(_Section):
             raise ValueError(f"a backend of kind {self.kind} needs a url")
         if self.kind == "openai" and self.gpu is None:
             raise ValueError("an openai backend needs gpu: {type, memory_mb}")
+        if self.kind != "openai" and (self.dcgm_url or self.metrics_url):
+            raise ValueError("dcgm_url and metrics_url belong to openai backends")
+        return self
+
+
+_SIMULATE = r"^[0-9]{1,4}x[A-Za-z0-9._-]+(,[0-9]{1,4}x[A-Za-z0-9._-]+)*$"
+
+
+class WorkerSettings(_Section):
+    """The worker agent (``gpurouter worker``) on a GPU host."""
+
+    name: str | None = Field(None, pattern=_NAME)
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=1, le=65535)
+    slots: int = Field(8, ge=1, le=1024)
+    simulate: str | None = Field(None, pattern=_SIMULATE)
+    executor: Literal["simulated", "callable", "openai"] = "simulated"
+    callable: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    openai_url: str | None = Field(None, pattern=r"^https?://")
+    router_url: str | None = Field(None, pattern=r"^https?://")
+    advertise_url: str | None = Field(None, pattern=r"^https?://")
+    heartbeat_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.executor == "callable" and not self.callable:
+            raise ValueError("executor callable needs callable: module:function")
+        if self.executor == "openai" and not self.openai_url:
+            raise ValueError("executor openai needs openai_url")
         return self
 
 
@@ -333,6 +366,7 @@ class Settings(BaseSettings):
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     backends: list[BackendSettings] = Field(default_factory=list)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     retries: RetrySettings = Field(default_factory=RetrySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
