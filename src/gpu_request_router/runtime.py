@@ -23,7 +23,7 @@ from typing import Self
 
 import structlog
 
-from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.config.config_loader import BackendSettings, Settings
 from gpu_request_router.core.engine import Engine
 from gpu_request_router.core.events import (
     CancelExecution,
@@ -34,11 +34,25 @@ from gpu_request_router.core.events import (
     FailureKind,
 )
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
-from gpu_request_router.exceptions import ConfigError, NotFound, StoreUnavailable
-from gpu_request_router.models.gpu_state import GPUState
+from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.exceptions import InvalidRequest, NotFound, StoreUnavailable
+from gpu_request_router.models.gpu_state import GPUReading, GPUState
+from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import Request, Transition
-from gpu_request_router.services.ai_orchestrator import BackendClient, SimulatedBackend
-from gpu_request_router.services.gpu_monitoring import GpuSource, SimulatedSource
+from gpu_request_router.services.ai_orchestrator import (
+    AgentClient,
+    BackendClient,
+    OpenAIClient,
+    SimulatedBackend,
+    StreamSink,
+)
+from gpu_request_router.services.gpu_monitoring import (
+    AgentSource,
+    DcgmSource,
+    GpuSource,
+    OpenAIBackendSource,
+    SimulatedSource,
+)
 from gpu_request_router.services.simulator import SimulatedFleet
 from gpu_request_router.store.base import StateStore
 from gpu_request_router.utils.clock import Clock, SystemClock
@@ -77,7 +91,11 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._watchers: dict[str, list[asyncio.Future[None]]] = {}
+        self._sinks: dict[str, StreamSink] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._worker_loops: dict[str, asyncio.Task[None]] = {}
+        self._worker_token: str | None = None
+        self._running = False
         self.router.listeners.append(self._on_transition)
         # Called with (request id, start, end) of every admission that created a request.
         self.admission_listeners: list[Callable[[str, float, float], None]] = []
@@ -91,28 +109,59 @@ class Runtime:
         clock: Clock | None = None,
         seed: int | None = None,
     ) -> Runtime:
-        """A runtime for the backends of ``settings`` (``simulated`` ones on an in-process fleet).
+        """A runtime for the backends of ``settings``: a client and a GPU source for each.
 
-        Raises:
-            ConfigError: a backend is of a kind this version cannot drive.
+        ``simulated`` backends run on an in-process fleet; ``agent`` ones are ``gpurouter worker``
+        hosts; ``openai`` ones are inference servers, read through their configuration, their
+        dcgm-exporter (``dcgm_url``) and their metrics (``metrics_url``).
         """
-        for index, backend in enumerate(settings.backends):
-            if backend.kind != "simulated":
-                raise ConfigError(
-                    f"backends.{index}.kind",
-                    f"backend {backend.name!r}: kind {backend.kind!r} is not available in this "
-                    "version (only simulated backends are)",
-                )
         engine = Engine.build(settings, store=store, seed=seed)
         clock = clock if clock is not None else SystemClock()
-        fleet = SimulatedFleet.for_engine(settings, engine.router.estimator)
-        clients: dict[str, BackendClient] = {
-            backend.name: SimulatedBackend(backend.name, fleet, clock)
-            for backend in settings.backends
-            if backend.kind == "simulated"
-        }
-        sources = [SimulatedSource(fleet, worker) for worker in fleet.workers]
-        return cls(engine, clients=clients, sources=sources, clock=clock)
+        estimator = engine.router.estimator
+        fleet = SimulatedFleet.for_engine(settings, estimator)
+        clients: dict[str, BackendClient] = {}
+        sources: list[GpuSource] = [SimulatedSource(fleet, worker) for worker in fleet.workers]
+        token = settings.auth.worker_token
+        for backend in settings.backends:
+            if backend.kind == "simulated":
+                clients[backend.name] = SimulatedBackend(backend.name, fleet, clock)
+            elif backend.kind == "agent":
+                assert backend.url is not None
+                clients[backend.name] = AgentClient(backend.name, backend.url, token, clock)
+                sources.append(AgentSource(backend.url, backend.name, token))
+            else:
+                assert backend.url is not None
+                client = OpenAIClient(backend.name, backend.url, clock)
+                clients[backend.name] = client
+                sources.append(_openai_source(backend, client, estimator, settings))
+        runtime = cls(engine, clients=clients, sources=sources, clock=clock)
+        runtime._worker_token = token
+        return runtime
+
+    def register_worker(self, name: str, url: str) -> bool:
+        """Take in a worker that registered itself (or heartbeats); True if it is new.
+
+        A new worker gets a client and a GPU source polled like a configured one; a known one
+        that moved to another URL is followed there.
+        """
+        known = self._clients.get(name)
+        if isinstance(known, AgentClient) and known.url == url.rstrip("/"):
+            return False
+        if known is not None and not isinstance(known, AgentClient):
+            raise InvalidRequest("name", f"{name!r} is the name of a configured backend")
+        self._clients[name] = AgentClient(name, url, self._worker_token, self.clock)
+        source = AgentSource(url, name, self._worker_token)
+        old = self._worker_loops.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if self._running:
+            task = asyncio.create_task(self._poll_loop(source))
+            self._worker_loops[name] = task
+            self._loops.append(task)
+        else:
+            self._sources.append(source)
+        _log.info("worker_registered", worker=name, url=url, new=known is None)
+        return known is None
 
     # Lifecycle ---------------------------------------------------------------------------------
 
@@ -123,6 +172,7 @@ class Runtime:
         self._apply(self.router.recover(self.clock.now()))
         self._loops.append(asyncio.create_task(self._timer_loop()))
         self._loops.extend(asyncio.create_task(self._poll_loop(source)) for source in self._sources)
+        self._running = True
         return self
 
     async def __aexit__(
@@ -132,6 +182,7 @@ class Runtime:
         traceback: TracebackType | None,
     ) -> None:
         """Stop the loops and the executions in flight (the store keeps their state)."""
+        self._running = False
         tasks = [*self._loops, *self._executions.values(), *self._background]
         for task in tasks:
             task.cancel()
@@ -139,6 +190,10 @@ class Runtime:
         self._loops.clear()
         for client in self._clients.values():
             await client.aclose()
+        for source in self._sources:
+            closer = getattr(source, "aclose", None)
+            if closer is not None:
+                await closer()
 
     # Requests ------------------------------------------------------------------------------------
 
@@ -147,14 +202,22 @@ class Runtime:
         request, _ = await self.admit(submission, caller)
         return request
 
-    async def admit(self, submission: Submission, caller: Caller) -> tuple[Request, bool]:
-        """Admit a submission; return it and whether it is new (not an idempotent replay)."""
+    async def admit(
+        self, submission: Submission, caller: Caller, sink: StreamSink | None = None
+    ) -> tuple[Request, bool]:
+        """Admit a submission; return it and whether it is new (not an idempotent replay).
+
+        With ``sink``, the answer is streamed into it as the backend produces it; the sink is
+        closed when the request ends.
+        """
         started = self.clock.now()
         admission = self.engine.receiver.submit(submission, caller, started)
         if admission.created:
             finished = self.clock.now()
             for listener in self.admission_listeners:
                 listener(admission.request.id, started, finished)
+            if sink is not None:
+                self._sinks[admission.request.id] = sink
         self._apply(admission.decisions)
         self._wake.set()
         return admission.request.snapshot(), admission.created
@@ -168,6 +231,11 @@ class Runtime:
         self._apply(self.router.cancel(request_id, self.clock.now(), actor))
         self._wake.set()
         return self.get(request_id)
+
+    def take_readings(self, worker: str, readings: list[GPUReading]) -> None:
+        """Readings a worker pushed (its heartbeat): its complete report now."""
+        self._apply(self.router.readings(readings, self.clock.now(), worker=worker))
+        self._wake.set()
 
     def cordon(self, gpu_id: str) -> GPUState:
         """Stop placing work on a GPU (``NotFound`` for an unknown id)."""
@@ -256,6 +324,9 @@ class Runtime:
         waiting = self._watchers.pop(request.id, [])
         if request.status.terminal:
             waiting += self._waiters.pop(request.id, [])
+            sink = self._sinks.pop(request.id, None)
+            if sink is not None:
+                sink.close()
         for future in waiting:
             if not future.done():
                 future.set_result(None)
@@ -291,6 +362,7 @@ class Runtime:
     async def _execute(self, dispatch: Dispatch) -> None:
         execution_id = dispatch.execution_id
         client = self._clients.get(dispatch.backend)
+        sink = self._sinks.get(dispatch.request.id)
 
         def started() -> None:
             self._apply(self.router.started(execution_id, self.clock.now()))
@@ -302,7 +374,7 @@ class Runtime:
                     FailureKind.UNREACHABLE, f"no client for backend {dispatch.backend!r}"
                 )
             else:
-                outcome = await client.execute(dispatch, started)
+                outcome = await client.execute(dispatch, started, sink)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a client bug must not take the router down: fail the attempt
@@ -310,6 +382,10 @@ class Runtime:
             outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
         finally:
             self._executions.pop(execution_id, None)
+        partly_sent = sink is not None and sink.sent
+        if isinstance(outcome, Failure) and partly_sent and outcome.kind.retryable:
+            # Part of the answer already reached the client: another attempt would repeat it.
+            outcome = Failure(FailureKind.STREAM_BROKEN, outcome.message)
         await self._report(execution_id, outcome)
 
     async def _report(self, execution_id: str, outcome: ExecutionResult | Failure) -> None:
@@ -376,3 +452,40 @@ class Runtime:
         except Exception:  # a bug must not silently stop the timer or the polling
             _log.exception("router_event_failed")
             await asyncio.sleep(_STORE_RETRY_MAX_S / 10)
+
+
+def _openai_source(
+    backend: BackendSettings,
+    client: OpenAIClient,
+    estimator: ResourceEstimator,
+    settings: Settings,
+) -> OpenAIBackendSource:
+    """The GPU source of an ``openai`` backend (its served models' weights stay resident)."""
+    assert backend.gpu is not None
+    kind = gpu_type(backend.gpu.type, backend.gpu.memory_mb)
+    weights_mb = sum(
+        -(-estimator.profile(model).weights_bytes // 2**20)
+        for model in backend.models
+        if model in settings.models
+    )
+    dcgm = (
+        DcgmSource(backend.dcgm_url, backend.name, gpu_type=kind.name, backend=backend.name)
+        if backend.dcgm_url
+        else None
+    )
+    metrics_url = backend.metrics_url
+
+    async def load() -> float | None:
+        return await client.load(metrics_url) if metrics_url else None
+
+    return OpenAIBackendSource(
+        backend.name,
+        kind.name,
+        kind.memory_mb,
+        slots=backend.slots_per_gpu,
+        models=backend.models,
+        weights_mb=weights_mb,
+        dcgm=dcgm,
+        dcgm_gpu=backend.dcgm_gpu,
+        load=load if metrics_url else None,
+    )

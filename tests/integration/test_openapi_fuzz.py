@@ -65,15 +65,25 @@ def base_url() -> Iterator[str]:
     assert not thread.is_alive()
 
 
+OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+
+
 @schemathesis.check
 def errors_are_problem_details(ctx: Any, response: Any, case: Any) -> bool | None:
-    """Every 4xx and 5xx answer is RFC 9457 problem details with the request id."""
+    """Every 4xx and 5xx answer is RFC 9457 problem details with the request id.
+
+    On the OpenAI-compatible routes, it is OpenAI's error object instead.
+    """
     if response.status_code < 400:
         return None
     content_type = response.headers.get("content-type", [""])
     content_type = content_type[0] if isinstance(content_type, list) else content_type
-    assert content_type.startswith("application/problem+json"), content_type
     body = response.json()
+    if case.path in OPENAI_PATHS:
+        assert content_type.startswith("application/json"), content_type
+        assert {"message", "type", "param", "code"} <= body["error"].keys(), body
+        return True
+    assert content_type.startswith("application/problem+json"), content_type
     for key in ("type", "title", "status", "detail", "request_id"):
         assert key in body, f"problem without {key}: {body}"
     assert body["status"] == response.status_code

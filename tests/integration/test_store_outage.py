@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-
-from conftest import LiveServer
+from typing import TYPE_CHECKING
 
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.exceptions import StoreUnavailable
@@ -14,6 +13,9 @@ from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings
+
+if TYPE_CHECKING:
+    from conftest import LiveServer
 
 SETTINGS = make_settings(monitor={"poll_interval_s": 0.05, "stale_after_s": 2})
 

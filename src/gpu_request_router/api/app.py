@@ -18,10 +18,17 @@ from gpu_request_router import __version__
 from gpu_request_router.api.dependencies import Service
 from gpu_request_router.api.middleware.auth import Authenticator, AuthMiddleware
 from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
-from gpu_request_router.api.middleware.error_handler import install_error_handlers
+from gpu_request_router.api.middleware.error_handler import OPENAI_PATHS, install_error_handlers
 from gpu_request_router.api.middleware.logging import RequestContextMiddleware
-from gpu_request_router.api.models.common import Problem
-from gpu_request_router.api.routes import admin_routes, gpu_routes, metrics_routes, request_routes
+from gpu_request_router.api.models.common import OpenAIError, Problem
+from gpu_request_router.api.routes import (
+    admin_routes,
+    gpu_routes,
+    metrics_routes,
+    openai_routes,
+    request_routes,
+    worker_routes,
+)
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.services.logging_service import (
@@ -100,7 +107,14 @@ def create_app(
         protect_metrics=settings.server.metrics_require_auth,
     )
     app.add_middleware(RequestContextMiddleware)
-    for module in (request_routes, gpu_routes, admin_routes, metrics_routes):
+    for module in (
+        request_routes,
+        openai_routes,
+        gpu_routes,
+        admin_routes,
+        worker_routes,
+        metrics_routes,
+    ):
         app.include_router(module.router)
     _register_problem_schema(app)
     return app
@@ -108,6 +122,8 @@ def create_app(
 
 def _register_problem_schema(app: FastAPI) -> None:
     """Describe every error response as problem details in the OpenAPI document.
+
+    (On the OpenAI-compatible routes errors are OpenAI's ``{"error": {...}}`` instead.)
 
     FastAPI documents its own 422 as ``application/json`` with its validation-error schema;
     the router answers every error as ``application/problem+json`` with :class:`Problem`.
@@ -124,10 +140,18 @@ def _register_problem_schema(app: FastAPI) -> None:
             components["Problem"] = problem
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            content = {
+            components["OpenAIError"] = OpenAIError.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components.update(components["OpenAIError"].pop("$defs", {}))
+            problem_content = {
                 "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
             }
-            for operations in schema.get("paths", {}).values():
+            openai_content = {
+                "application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}
+            }
+            for path, operations in schema.get("paths", {}).items():
+                content = openai_content if path in OPENAI_PATHS else problem_content
                 for operation in operations.values():
                     responses = operation.setdefault("responses", {})
                     if "requestBody" in operation:

@@ -9,16 +9,16 @@ import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gpu_request_router.api.middleware.auth import Authenticator
+from gpu_request_router.api.middleware.auth import WORKER_PREFIX, Authenticator
 from gpu_request_router.api.models.request_models import RequestOut
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.request_receiver import Caller
-from gpu_request_router.exceptions import NotFound
+from gpu_request_router.exceptions import Forbidden, NotFound
 from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.runtime import Runtime
 
-__all__ = ["AdminCaller", "CurrentCaller", "Service", "ServiceDep"]
+__all__ = ["AdminCaller", "CurrentCaller", "Service", "ServiceDep", "WorkerCaller"]
 
 
 @dataclass(slots=True)
@@ -92,5 +92,25 @@ async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     return Authenticator.require_admin(caller)
 
 
+_worker_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="WorkerToken",
+    description="The shared worker token (`auth.worker_token`): `Authorization: Bearer <token>`.",
+)
+
+
+async def _worker(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_worker_bearer)],
+) -> Caller:
+    """The worker the auth middleware let in with the worker token."""
+    del credentials  # checked by the middleware; declared for the OpenAPI document
+    caller: Caller | None = request.scope.get("state", {}).get("caller")
+    if caller is None or not caller.user.startswith(WORKER_PREFIX):
+        raise Forbidden("this needs the worker token")
+    return caller
+
+
 CurrentCaller = Annotated[Caller, Depends(_caller)]
+WorkerCaller = Annotated[Caller, Depends(_worker)]
 AdminCaller = Annotated[Caller, Depends(_admin)]

@@ -263,6 +263,7 @@ class BackendSettings(_Section):
     models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     models_loaded: list[str] = Field(default_factory=list)
     dcgm_url: str | None = Field(None, pattern=r"^https?://")
+    dcgm_gpu: int = Field(0, ge=0)
     metrics_url: str | None = Field(None, pattern=r"^https?://")
 
     @model_validator(mode="after")

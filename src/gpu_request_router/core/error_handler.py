@@ -2,16 +2,17 @@
 
 Classification (SPEC §3):
 
-================  ==========================================  ===========================
-failure kind      action                                      counts against the circuit
-================  ==========================================  ===========================
-client_error      fail the request (retrying cannot help)     no
-backend_error     retry on another GPU after a backoff        yes
-unreachable       retry on another GPU after a backoff        yes
-worker_lost       retry on another GPU after a backoff        yes
-gpu_out_of_memory grow the estimate, retry where it fits      no
-timeout           expire the request                          no
-================  ==========================================  ===========================
+==================  ==========================================  ===========================
+failure kind        action                                      counts against the circuit
+==================  ==========================================  ===========================
+client_error        fail the request (retrying cannot help)     no
+backend_error       retry on another GPU after a backoff        yes
+unreachable         retry on another GPU after a backoff        yes
+worker_lost         retry on another GPU after a backoff        yes
+gpu_out_of_memory   grow the estimate, retry where it fits      no
+timeout             expire the request                          no
+stream_interrupted  fail (the client has part of the answer)    yes
+==================  ==========================================  ===========================
 
 A retry also needs attempts left (``retries.max_attempts``, the first included) and room in the
 retry budget: retries in the last ``budget_window_s`` may not exceed ``budget_ratio`` of first
@@ -62,7 +63,14 @@ _RETRYABLE = {
     FailureKind.WORKER_LOST: Action.RETRY,
     FailureKind.OUT_OF_MEMORY: Action.GROW_AND_RETRY,
 }
-_COUNTED = frozenset({FailureKind.BACKEND_ERROR, FailureKind.UNREACHABLE, FailureKind.WORKER_LOST})
+_COUNTED = frozenset(
+    {
+        FailureKind.BACKEND_ERROR,
+        FailureKind.UNREACHABLE,
+        FailureKind.WORKER_LOST,
+        FailureKind.STREAM_BROKEN,
+    }
+)
 
 
 class CircuitState(StrEnum):

@@ -32,6 +32,18 @@ class FailureKind(StrEnum):
     UNREACHABLE = "unreachable"  # the backend could not be reached: retry elsewhere
     OUT_OF_MEMORY = "gpu_out_of_memory"  # the GPU ran out of memory: grow the estimate, retry
     WORKER_LOST = "worker_lost"  # the worker died or stopped heartbeating: retry elsewhere
+    STREAM_BROKEN = "stream_interrupted"  # failed after bytes reached the client: cannot retry
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt could succeed (the error handler may retry it)."""
+        return self in (
+            FailureKind.BACKEND_ERROR,
+            FailureKind.UNREACHABLE,
+            FailureKind.OUT_OF_MEMORY,
+            FailureKind.WORKER_LOST,
+        )
+
     TIMEOUT = "timeout"  # the deadline passed: the request expires
 
 

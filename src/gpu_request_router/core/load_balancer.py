@@ -74,8 +74,11 @@ class Candidate:
 
     @property
     def busy(self) -> float:
-        """The busiest of its GPUs: the fraction of slots in use (0..1)."""
-        return max((gpu.slots - gpu.free_slots) / gpu.slots for gpu in self.gpus)
+        """The busiest of its GPUs (0..1): slots in use, or the backend's own load if higher."""
+        return max(
+            max((gpu.slots - gpu.free_slots) / gpu.slots, gpu.reading.load or 0.0)
+            for gpu in self.gpus
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,8 @@ class GPUReading:
     ``memory_used_mb`` is what the device reports in use (by anyone); ``memory_reserved_mb`` is
     the part the reporting worker attributes to the router's own executions (0 for sources that
     cannot tell, such as plain NVML or dcgm-exporter). ``backend`` is the configured backend the
-    GPU belongs to. Fields a device does not support are ``None``.
+    GPU belongs to. ``load`` (0..1) is how busy the backend says it is (an inference server's
+    KV-cache usage), where it says. Fields a device does not support are ``None``.
     """
 
     worker: str
@@ -49,6 +50,7 @@ class GPUReading:
     slots: int = 8
     models: tuple[str, ...] = ("*",)
     models_loaded: tuple[str, ...] = ()
+    load: float | None = None
 
     @property
     def gpu_id(self) -> str:

@@ -23,7 +23,13 @@ def _operations() -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-CONTRACT = {  # SPEC §5, but for the OpenAI-compatible routes and the dashboard
+OPENAI = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+OPENAI_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
+CONTRACT = {  # SPEC §5 and §6's worker registration, but for the dashboard
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/completions"),
+    ("post", "/v1/embeddings"),
+    ("get", "/v1/models"),
     ("post", "/v1/requests"),
     ("post", "/v1/estimate"),
     ("get", "/v1/requests/{request_id}"),
@@ -37,6 +43,7 @@ CONTRACT = {  # SPEC §5, but for the OpenAI-compatible routes and the dashboard
     ("post", "/v1/gpus/{gpu_id}/drain"),
     ("get", "/v1/quota"),
     ("get", "/v1/users"),
+    ("post", "/v1/workers"),
     ("put", "/v1/users/{user}/quota"),
     ("get", "/v1/metrics"),
     ("get", "/metrics"),
@@ -63,10 +70,11 @@ def test_every_operation_is_described(path: str, method: str, operation: dict[st
 def test_every_error_response_is_problem_details(
     path: str, method: str, operation: dict[str, Any]
 ) -> None:
-    """Each documented 4xx/5xx is application/problem+json with the Problem schema."""
+    """Each documented 4xx/5xx is problem+json (OpenAI's error object on the OpenAI routes)."""
     errors = {s: r for s, r in operation["responses"].items() if int(s) >= 400}
+    expected = OPENAI_ERROR if path in OPENAI else PROBLEM
     for status, response in errors.items():
-        assert response["content"] == PROBLEM, (method, path, status)
+        assert response["content"] == expected, (method, path, status)
         assert response["description"], (method, path, status)
     if path.startswith("/v1/"):
         assert "401" in errors and "429" in errors, (method, path)
@@ -102,11 +110,13 @@ def test_request_and_response_models_are_components() -> None:
 def test_security_scheme_is_bearer() -> None:
     """The API key scheme is documented as HTTP bearer and required on the /v1 routes."""
     schemes = DOCUMENT["components"]["securitySchemes"]
-    bearer = [name for name, scheme in schemes.items() if scheme.get("scheme") == "bearer"]
-    assert len(bearer) == 1 and schemes[bearer[0]]["type"] == "http"
+    assert {scheme["scheme"] for scheme in schemes.values()} == {"bearer"}
+    assert set(schemes) == {"HTTPBearer", "WorkerToken"}
     for path, method, operation in _operations():
-        if path.startswith("/v1/"):
-            assert operation.get("security") == [{bearer[0]: []}], (method, path)
+        if path == "/v1/workers":
+            assert operation.get("security") == [{"WorkerToken": []}]
+        elif path.startswith("/v1/"):
+            assert operation.get("security") == [{"HTTPBearer": []}], (method, path)
 
 
 async def test_unexpected_errors_are_a_500_problem_without_internals() -> None:

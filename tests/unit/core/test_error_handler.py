@@ -44,6 +44,7 @@ TABLE: dict[FailureKind, tuple[Action, bool]] = {
     K.WORKER_LOST: (Action.RETRY, True),
     K.OUT_OF_MEMORY: (Action.GROW_AND_RETRY, False),
     K.TIMEOUT: (Action.EXPIRE, False),
+    K.STREAM_BROKEN: (Action.FAIL, True),
 }
 
 
@@ -64,6 +65,12 @@ def test_classification_follows_the_table(kind: FailureKind) -> None:
         assert verdict.delay_s > 0
     else:
         assert verdict.delay_s == 0.0
+
+
+def test_retryable_kinds_are_exactly_those_the_handler_retries() -> None:
+    """FailureKind.retryable agrees with the classification table."""
+    for kind, (action, _) in TABLE.items():
+        assert kind.retryable is (action in (Action.RETRY, Action.GROW_AND_RETRY)), kind
 
 
 def test_client_error_fails_with_its_kind_as_reason() -> None:

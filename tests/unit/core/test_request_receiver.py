@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import Harness
+from core_harness import Harness
 
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import (

@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 import pytest
-from conftest import Harness
+from core_harness import Harness
 
 from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission

@@ -34,7 +34,18 @@ from gpu_request_router.exceptions import (
     Unauthenticated,
 )
 
-__all__ = ["ANONYMOUS", "AuthMiddleware", "Authenticator", "bearer_key", "hash_key"]
+__all__ = [
+    "ANONYMOUS",
+    "WORKER_PREFIX",
+    "AuthMiddleware",
+    "Authenticator",
+    "bearer_key",
+    "hash_key",
+]
+
+# Workers authenticate with the shared worker token and act as "worker:<name>".
+WORKER_PREFIX = "worker:"
+WORKER_PATH = "/v1/workers"
 
 ANONYMOUS = Caller("anonymous", admin=True)
 _WINDOW_S = 60.0
@@ -63,6 +74,8 @@ class Authenticator:
             for entry in settings.users
         }
         self._roles = {entry.name: entry.role for entry in settings.users}
+        token = settings.worker_token
+        self._worker_digest = hash_key(token) if token else None
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
         self._max_failures = settings.max_failures_per_minute
@@ -84,12 +97,7 @@ class Authenticator:
         if not self.enabled:
             return ANONYMOUS
         now = self._clock()
-        failures = self._failures.get(client)
-        if failures is not None:
-            while failures and failures[0] <= now - _WINDOW_S:
-                failures.popleft()
-            if len(failures) >= self._max_failures:
-                raise TooManyAuthFailures(failures[0] + _WINDOW_S - now)
+        self._check_throttle(client, now)
         if not key:
             raise Unauthenticated()
         digest = hash_key(key)
@@ -99,10 +107,37 @@ class Authenticator:
             raise Unauthenticated()
         return Caller(user.name, admin=user.admin)
 
+    def _check_throttle(self, client: str, now: float) -> None:
+        failures = self._failures.get(client)
+        if failures is not None:
+            while failures and failures[0] <= now - _WINDOW_S:
+                failures.popleft()
+            if len(failures) >= self._max_failures:
+                raise TooManyAuthFailures(failures[0] + _WINDOW_S - now)
+
     def _fail(self, client: str, now: float) -> None:
         if client not in self._failures and len(self._failures) >= _MAX_TRACKED_CLIENTS:
             self._failures.pop(next(iter(self._failures)))
         self._failures.setdefault(client, deque()).append(now)
+
+    def authenticate_worker(self, key: str | None, client: str) -> Caller:
+        """A worker presenting the shared worker token.
+
+        Raises:
+            Forbidden: no worker token is configured (registration is off).
+            TooManyAuthFailures: ``client`` sent too many bad keys in the last minute.
+            Unauthenticated: the token is missing or wrong.
+        """
+        now = self._clock()
+        self._check_throttle(client, now)
+        if not key:
+            raise Unauthenticated()
+        if self._worker_digest is None:
+            raise Forbidden("worker registration is off: no auth.worker_token is configured")
+        if not hmac.compare_digest(self._worker_digest, hash_key(key)):
+            self._fail(client, now)
+            raise Unauthenticated()
+        return Caller(f"{WORKER_PREFIX}{client}")
 
     @staticmethod
     def require_admin(caller: Caller) -> Caller:
@@ -137,8 +172,13 @@ class AuthMiddleware:
         """Handle one ASGI call."""
         if scope["type"] == "http" and self._protected(scope["path"]):
             client = scope["client"][0] if scope.get("client") else "unknown"
+            check = (
+                self.authenticator.authenticate_worker
+                if scope["path"] == WORKER_PATH
+                else self.authenticator.authenticate
+            )
             try:
-                caller = self.authenticator.authenticate(bearer_key(scope), client)
+                caller = check(bearer_key(scope), client)
             except AuthError as exc:
                 await error_response(Request(scope), exc)(scope, receive, send)
                 return

@@ -39,9 +39,25 @@ from gpu_request_router.exceptions import (
     Unauthenticated,
 )
 
-__all__ = ["PROBLEM_JSON", "error_response", "install_error_handlers", "problem_response"]
+__all__ = [
+    "OPENAI_PATHS",
+    "PROBLEM_JSON",
+    "error_response",
+    "install_error_handlers",
+    "problem_response",
+]
 
 PROBLEM_JSON = "application/problem+json"
+# The OpenAI-compatible routes answer errors in OpenAI's shape, which their clients parse.
+OPENAI_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+)
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
 _log = structlog.get_logger(__name__)
 
 # Most specific first; the first class in an error's MRO that is listed decides.
@@ -76,8 +92,22 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extensions: Any,
 ) -> JSONResponse:
-    """A problem-details response; ``kind`` names the problem type (default: the status)."""
+    """A problem-details response; ``kind`` names the problem type (default: the status).
+
+    On the OpenAI-compatible routes the same error takes OpenAI's shape instead:
+    ``{"error": {"message", "type", "param", "code"}}``.
+    """
     title = HTTPStatus(status).phrase
+    if request.url.path in OPENAI_PATHS:
+        kind_name = _OPENAI_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        errors = extensions.get("errors")
+        param = None
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            param = ".".join(str(part) for part in errors[0].get("loc", [])[1:]) or None
+        error = {"message": detail, "type": kind_name, "param": param, "code": kind or status}
+        return JSONResponse({"error": error}, status_code=status, headers=headers)
     body: dict[str, Any] = {
         "type": f"/problems/{kind or _slug(title.replace(' ', ''))}",
         "title": title,

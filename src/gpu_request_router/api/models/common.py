@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["FieldError", "Page", "Problem", "WireModel", "iso"]
+__all__ = ["FieldError", "OpenAIError", "Page", "Problem", "WireModel", "iso"]
 
 T = TypeVar("T")
 
@@ -44,6 +44,21 @@ class Problem(BaseModel):
     detail: str = Field(description="What went wrong this time.")
     request_id: str | None = Field(None, description="The id of the HTTP request (X-Request-ID).")
     errors: list[FieldError] | None = Field(None, description="Invalid fields, for 422.")
+
+
+class OpenAIErrorDetail(BaseModel):
+    """What went wrong, as OpenAI's API says it."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class OpenAIError(BaseModel):
+    """An error on the OpenAI-compatible routes, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
 
 
 class Page(BaseModel, Generic[T]):

@@ -1,0 +1,177 @@
+"""The OpenAI-compatible front door: chat, completions, embeddings and the model list.
+
+Each call is a request like any other — authenticated, checked against the caller's quota,
+estimated from the body's tokens and ``max_tokens``, queued with the priority of ``X-Priority``,
+placed, and forwarded — answered when it ends, or streamed (``"stream": true``) as Server-Sent
+Events ending in ``data: [DONE]``. Failures before the first byte are retried like any request's;
+once bytes have gone, a failure ends the stream. Errors use OpenAI's shape on these routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep
+from gpu_request_router.api.models.common import problems
+from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.models.request import Request as DomainRequest
+from gpu_request_router.models.request import RequestStatus, Task
+from gpu_request_router.services.ai_orchestrator import StreamSink
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+Priority = Annotated[
+    str | None,
+    Header(alias="X-Priority", max_length=64, description="The priority class of the call."),
+]
+# Waiting for a synchronous answer never outlasts the request's own deadline by more than this.
+_ANSWER_GRACE_S = 5.0
+
+
+class _OpenAIBody(BaseModel):
+    """The fields the router reads; every other field is forwarded to the backend as it is."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1, max_length=200)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class ChatBody(_OpenAIBody):
+    """An OpenAI chat completion request."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
+
+
+class CompletionBody(_OpenAIBody):
+    """An OpenAI (legacy) completion request."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingBody(BaseModel):
+    """An OpenAI embeddings request."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] | list[int] | list[list[int]]
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The backend's OpenAI answer; with stream true, text/event-stream.",
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **problems(401, 403, 413, 422, 429, 503),
+}
+
+
+async def _serve(
+    service: Service, caller: Caller, task: Task, body: BaseModel, priority: str | None
+) -> Response:
+    payload = body.model_dump(mode="json")
+    streaming = bool(payload.get("stream")) and task is not Task.EMBEDDING
+    submission = Submission(model=payload["model"], task=task, input=payload, priority=priority)
+    runtime = service.runtime
+    sink = StreamSink() if streaming else None
+    request, _ = await runtime.admit(submission, caller, sink=sink)
+    if sink is None:
+        done = await runtime.wait(request.id, request.timeout_s + _ANSWER_GRACE_S)
+        if done.status is RequestStatus.SUCCEEDED:
+            return JSONResponse(done.result)
+        return _ended_badly(done)
+    first = await sink.queue.get()
+    if first is None:
+        return _ended_badly(runtime.get(request.id))
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            while (chunk := await sink.queue.get()) is not None:
+                yield chunk
+        finally:
+            if not runtime.get(request.id).status.terminal:  # the client went away
+                await runtime.cancel(request.id, actor=caller.user)
+
+    return StreamingResponse(relay(), media_type="text/event-stream")
+
+
+def _ended_badly(request: DomainRequest) -> JSONResponse:
+    """The OpenAI-style error for a call that did not succeed."""
+    error = request.error
+    message = error.message if error is not None else request.status.value
+    code = error.type if error is not None else request.status.value
+    if request.status is RequestStatus.EXPIRED:
+        status, kind = 504, "timeout"
+    elif error is not None and error.type == "client_error":
+        status, kind = 400, "invalid_request_error"
+    elif request.status is RequestStatus.CANCELLED:
+        status, kind = 409, "cancelled"
+    else:
+        status, kind = 502, "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers={"X-Request-Id": request.id})
+
+
+@router.post(
+    "/chat/completions",
+    summary="OpenAI chat completions",
+    response_model=None,
+    responses=_RESPONSES,
+)
+async def chat_completions(
+    body: ChatBody, caller: CurrentCaller, service: ServiceDep, priority: Priority = None
+) -> Response:
+    """Run a chat completion on the fleet, answered when done or streamed."""
+    return await _serve(service, caller, Task.CHAT, body, priority)
+
+
+@router.post(
+    "/completions", summary="OpenAI completions", response_model=None, responses=_RESPONSES
+)
+async def completions(
+    body: CompletionBody, caller: CurrentCaller, service: ServiceDep, priority: Priority = None
+) -> Response:
+    """Run a text completion on the fleet, answered when done or streamed."""
+    return await _serve(service, caller, Task.COMPLETION, body, priority)
+
+
+@router.post("/embeddings", summary="OpenAI embeddings", response_model=None, responses=_RESPONSES)
+async def embeddings(
+    body: EmbeddingBody, caller: CurrentCaller, service: ServiceDep, priority: Priority = None
+) -> Response:
+    """Compute embeddings on the fleet."""
+    return await _serve(service, caller, Task.EMBEDDING, body, priority)
+
+
+class ModelOut(BaseModel):
+    """A model the router can route to."""
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "gpu-request-router"
+
+
+class ModelList(BaseModel):
+    """The models of the catalog."""
+
+    object: str = "list"
+    data: list[ModelOut]
+
+
+@router.get(
+    "/models", response_model=ModelList, summary="OpenAI model list", responses=problems(401)
+)
+async def list_models(caller: CurrentCaller, service: ServiceDep) -> ModelList:
+    """Every model of the router's catalog."""
+    return ModelList(data=[ModelOut(id=name) for name in sorted(service.settings.models)])

@@ -1,0 +1,1 @@
+"""Benchmarks and their fixtures: a fast OpenAI-compatible stand-in backend."""

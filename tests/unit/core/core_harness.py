@@ -1,0 +1,85 @@
+"""A harness that drives the real core by hand: events in, decisions carried out, time moved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.engine import Engine
+from gpu_request_router.core.events import (
+    CancelExecution,
+    Decision,
+    Dispatch,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+)
+from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.models.request import Request
+from gpu_request_router.store.memory import MemoryStore
+from gpu_request_router.testing import readings_for
+
+
+class Harness:
+    """The core plus a hand-driven fleet: every dispatch is recorded and can be finished."""
+
+    def __init__(self, settings: Settings, *, store: MemoryStore | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else MemoryStore()
+        self.engine = Engine.build(settings, store=self.store, seed=1)
+        self.router = self.engine.router
+        self.now = 1_000.0
+        self.dispatches: list[Dispatch] = []
+        self.cancelled: list[CancelExecution] = []
+        self.apply(self.router.readings(readings_for(settings), self.now))
+
+    def apply(self, decisions: list[Decision]) -> list[Decision]:
+        for decision in decisions:
+            if isinstance(decision, Dispatch):
+                self.dispatches.append(decision)
+            else:
+                self.cancelled.append(decision)
+        return decisions
+
+    def submit(self, submission: Submission, user: str = "alice") -> Request:
+        admission = self.engine.receiver.submit(submission, Caller(user), self.now)
+        self.apply(admission.decisions)
+        return admission.request
+
+    def dispatch_of(self, request: Request) -> Dispatch:
+        """The latest dispatch of ``request``."""
+        return [d for d in self.dispatches if d.request.id == request.id][-1]
+
+    def dispatched_ids(self) -> list[str]:
+        return [d.request.id for d in self.dispatches]
+
+    def finish(self, request: Request, **result: Any) -> None:
+        dispatch = self.dispatch_of(request)
+        self.apply(self.router.started(dispatch.execution_id, self.now))
+        self.apply(self.router.finished(dispatch.execution_id, ExecutionResult(**result), self.now))
+
+    def fail(self, request: Request, kind: FailureKind, **fields: Any) -> None:
+        dispatch = self.dispatch_of(request)
+        self.apply(self.router.failed(dispatch.execution_id, Failure(kind, **fields), self.now))
+
+    def advance(self, seconds: float) -> None:
+        """Move time, ticking at every wakeup on the way, with fresh readings every second."""
+        end = self.now + seconds
+        while True:
+            wakeup = self.router.next_wakeup()
+            step = min(end, self.now + 1.0)
+            if wakeup is not None and self.now < wakeup < step:
+                step = wakeup
+            self.now = step
+            self.apply(self.router.readings(self._readings(), self.now))
+            self.apply(self.router.tick(self.now))
+            if self.now >= end:
+                return
+
+    def _readings(self) -> list[Any]:
+        return readings_for(self.settings)
+
+    def status(self, request: Request) -> str:
+        stored = self.store.get_request(request.id)
+        assert stored is not None
+        return stored.status.value
