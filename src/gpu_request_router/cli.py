@@ -114,6 +114,80 @@ def serve(
     )
 
 
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.", min=1, max=65535)] = None,
+    slots: Annotated[
+        int | None, typer.Option(help="Executions per GPU at once.", min=1, max=1024)
+    ] = None,
+    simulate: Annotated[
+        str | None, typer.Option(help="Simulated GPUs instead of NVML, e.g. 4xH100-80GB.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The worker's name (GPU ids <name>:<index>).")
+    ] = None,
+    router_url: Annotated[
+        str | None, typer.Option(help="Register with this router and heartbeat.")
+    ] = None,
+) -> None:
+    """Run the worker agent on a GPU host: report its GPUs and run what the router sends."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gpu_request_router.config.config_loader import WorkerSettings
+    from gpu_request_router.utils.logging import configure_logging
+    from gpu_request_router.worker.app import WorkerServer, create_worker_app
+
+    settings = _load(config)
+    flags = {
+        "host": host,
+        "port": port,
+        "slots": slots,
+        "simulate": simulate,
+        "name": name,
+        "router_url": router_url,
+    }
+    given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        section = WorkerSettings.model_validate({**settings.worker.model_dump(), **given})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(["worker", *(str(part) for part in first["loc"])])
+        message = first["msg"].removeprefix("Value error, ")
+        _err.print(f"[red]invalid configuration[/red] {escape(where)}: {escape(message)}")
+        raise typer.Exit(2) from exc
+    settings = settings.model_copy(update={"worker": section})
+    configure_logging(settings.logging)
+    try:
+        application = create_worker_app(settings)
+    except ConfigError as exc:
+        _err.print(f"[red]invalid configuration[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    agent = application.state.worker
+    gpus = f"simulated {section.simulate}" if section.simulate else "NVML"
+    _out.print(
+        f"gpurouter worker [bold]{escape(agent.name)}[/bold] listening on "
+        f"[bold]http://{section.host}:{section.port}[/bold] (GPUs: {escape(gpus)}, "
+        f"executor {section.executor})"
+    )
+    if section.router_url:
+        _out.print(f"registering as {escape(agent.url)} with {escape(section.router_url)}")
+    server_config = uvicorn.Config(
+        application,
+        host=section.host,
+        port=section.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    # On SIGTERM, running executions get 5 s to finish, then answer 503 (worker lost).
+    WorkerServer(server_config, agent, grace_s=5.0).run()
+
+
 @keys.command("create")
 def create_key(
     name: Annotated[str, typer.Option(help="The user the key belongs to.")] = "alice",

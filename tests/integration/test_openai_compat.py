@@ -1,0 +1,243 @@
+"""The OpenAI-compatible front door, driven by the official `openai` Python client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import openai
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import LiveServer
+
+
+def _client(server: LiveServer, user: str = "alice", **options: Any) -> openai.OpenAI:
+    key = server.headers(user)["Authorization"].split(" ", 1)[1]
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, **options)
+
+
+def _requests(server: LiveServer) -> list[dict[str, Any]]:
+    response = server.client("root").get("/v1/requests", params={"limit": 500})
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+MESSAGES = [{"role": "user", "content": "Say something"}]
+
+
+def test_chat_completion_plain_and_streamed(server: LiveServer) -> None:
+    """Chat works as the client expects, whole or streamed, with the same words."""
+    client = _client(server)
+    whole = client.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=6)
+    text = whole.choices[0].message.content
+    assert whole.object == "chat.completion" and text and len(text.split()) == 6
+    assert whole.usage is not None and whole.usage.completion_tokens == 6
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model="llama-3-8b", messages=MESSAGES, max_tokens=6, stream=True
+        )
+        if chunk.choices
+    ]
+    assert len(pieces) == 6 and len("".join(pieces).split()) == 6
+    assert [r["status"] for r in _requests(server)] == ["succeeded", "succeeded"]
+
+
+def test_completions_plain_and_streamed(server: LiveServer) -> None:
+    """Text completions work whole and streamed."""
+    client = _client(server)
+    whole = client.completions.create(model="tinyllama-1.1b", prompt="Once upon", max_tokens=4)
+    assert whole.object == "text_completion" and len(whole.choices[0].text.split()) == 4
+    streamed = client.completions.create(
+        model="tinyllama-1.1b", prompt="Once upon", max_tokens=4, stream=True
+    )
+    assert len("".join(chunk.choices[0].text for chunk in streamed).split()) == 4
+
+
+def test_embeddings_and_models(server: LiveServer) -> None:
+    """Embeddings come back one per input; the model list is the catalog."""
+    client = _client(server)
+    answer = client.embeddings.create(model="all-minilm-l6-v2", input=["one", "two", "three"])
+    assert [item.index for item in answer.data] == [0, 1, 2]
+    assert all(len(item.embedding) > 0 for item in answer.data)
+    assert {model.id for model in client.models.list()} == {
+        "llama-3-8b",
+        "qwen2.5-7b",
+        "tinyllama-1.1b",
+        "all-minilm-l6-v2",
+    }
+
+
+def test_priority_header_and_quota_apply(serve: Any) -> None:
+    """X-Priority sets the class; a class above the user's maximum is refused with 403."""
+    server: LiveServer = serve(user_quotas={"alice": {"max_priority": "high"}})
+    high = _client(server, default_headers={"X-Priority": "high"})
+    high.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=2)
+    assert _requests(server)[0]["priority"] == "high"
+    critical = _client(server, default_headers={"X-Priority": "critical"})
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        critical.chat.completions.create(model="llama-3-8b", messages=MESSAGES)
+    assert info.value.body["type"] == "permission_error"  # type: ignore[index]
+
+
+def test_errors_take_openai_shape(serve: Any) -> None:
+    """Unknown models, bad keys and rate limits are OpenAI-shaped errors the client raises."""
+    server: LiveServer = serve(user_quotas={"alice": {"requests_per_minute": 1}})
+    client = _client(server)
+    with pytest.raises(openai.UnprocessableEntityError) as unknown:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    body = unknown.value.body
+    assert body["type"] == "invalid_request_error" and body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    client.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=2)
+    assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+
+
+def test_a_failure_before_the_first_byte_is_retried_invisibly(server: LiveServer) -> None:
+    """A stream whose first attempt fails is served by the second, clean, from the start."""
+    client = _client(server)
+    stream = client.chat.completions.create(
+        model="llama-3-8b",
+        messages=MESSAGES,
+        max_tokens=5,
+        stream=True,
+        extra_body={"simulate": {"failure": "error", "fail_attempts": 1, "duration_s": 0.1}},
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len("".join(pieces).split()) == 5
+    (request,) = _requests(server)
+    assert request["attempts"] == 2 and request["status"] == "succeeded"
+
+
+def test_a_call_failing_for_good_is_a_server_error(server: LiveServer) -> None:
+    """A call whose every attempt fails is a 502 with the backend's error in OpenAI's shape."""
+    client = _client(server)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(
+            model="llama-3-8b",
+            messages=MESSAGES,
+            extra_body={"simulate": {"failure": "error", "duration_s": 0.01}},
+        )
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "backend_error"  # type: ignore[index]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def standin() -> Iterator[str]:
+    """The OpenAI-compatible stand-in server as a real process."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpu_request_router.bench.openai_standin", "--port", str(port)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "stand-in did not start"
+        time.sleep(0.05)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(10)
+
+
+def test_openai_backend_forwards_and_streams_through(serve: Any, standin: str) -> None:
+    """Behind an `openai` backend the answer is the inference server's, streams pass through."""
+    backend = {
+        "name": "vllm-0",
+        "kind": "openai",
+        "url": standin,
+        "gpu": {"type": "H100-80GB"},
+        "models": ["llama-3-8b"],
+        "metrics_url": f"{standin}/metrics",
+    }
+    server: LiveServer = serve(backends=[backend])
+    client = _client(server)
+    answer = client.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=3)
+    assert answer.id.startswith("chatcmpl-standin")
+    assert answer.choices[0].message.content == "the router sent"
+    streamed = client.chat.completions.create(
+        model="llama-3-8b", messages=MESSAGES, max_tokens=3, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == (
+        "the router sent"
+    )
+    gpu = server.client("root").get("/v1/gpus/vllm-0:0").json()
+    assert gpu["type"] == "H100-80GB" and gpu["models_loaded"] == ["llama-3-8b"]
+    assert gpu["memory_total_mb"] == 81559
+    embedding_model_missing = server.client("alice").post(
+        "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"}
+    )
+    assert embedding_model_missing.status_code == 422, "no backend serves it"
+
+
+@pytest.fixture
+def dcgm_exporter() -> Iterator[str]:
+    """A dcgm-exporter-format endpoint on loopback serving the sample readings of two H200s."""
+    sample = (Path(__file__).parents[1] / "data" / "gpu" / "dcgm_exporter_sample.txt").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(sample)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    exporter = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=exporter.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{exporter.server_address[1]}/metrics"
+    exporter.shutdown()
+    exporter.server_close()
+    thread.join(5)
+
+
+def test_openai_backend_gpu_is_read_from_its_dcgm_exporter(
+    serve: Any, standin: str, dcgm_exporter: str
+) -> None:
+    """With dcgm_url, the backend's GPU carries dcgm-exporter's live figures for its index."""
+    backend = {
+        "name": "vllm-1",
+        "kind": "openai",
+        "url": standin,
+        "gpu": {"type": "H200-141GB"},
+        "models": ["llama-3-8b"],
+        "dcgm_url": dcgm_exporter,
+        "dcgm_gpu": 1,
+    }
+    server: LiveServer = serve(backends=[backend])
+    gpu = server.client("root").get("/v1/gpus/vllm-1:0").json()
+    assert gpu["temperature_c"] == 60.0 and gpu["power_w"] == 692.573
+    assert gpu["name"] == "NVIDIA H200" and gpu["memory_total_mb"] == 143771
+    assert gpu["health"] == "healthy" and gpu["schedulable"]
+    answer = _client(server).chat.completions.create(
+        model="llama-3-8b", messages=MESSAGES, max_tokens=2
+    )
+    assert answer.choices[0].message.content == "the router"

@@ -1,0 +1,345 @@
+"""`gpurouter worker` as a real process: the worker protocol (SPEC §6), auth and registration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gpu_request_router.config.config_loader import load_settings
+from gpu_request_router.exceptions import ConfigError
+from gpu_request_router.models.gpu_state import GPUReading
+from gpu_request_router.worker.app import create_worker_app
+from gpu_request_router.worker.executors import CallableExecutor
+
+GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
+TOKEN = "worker-token-0123456789abcdef"
+NAME = "w1"
+H100_MB = 81559
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CALLABLES_DIR = Path(__file__).resolve().parents[1] / "unit" / "worker"  # worker_callables
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Registrations:
+    """What a stand-in router received on ``POST /v1/workers``."""
+
+    url: str
+    calls: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Registrations]:
+    """A stand-in router on 127.0.0.1 that records every registration it is sent."""
+    calls: list[tuple[dict[str, str], dict[str, Any]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            if self.path == "/v1/workers":
+                calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(200 if self.path == "/v1/workers" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    seen = Registrations(f"http://127.0.0.1:{server.server_address[1]}", calls)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def worker(router: Registrations, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``gpurouter worker --simulate 2xH100-80GB`` with a worker token, registering with router."""
+    workdir = tmp_path_factory.mktemp("worker")
+    port = _free_port()
+    config = {"auth": {"worker_token": TOKEN}, "worker": {"heartbeat_s": 0.1}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
+    command = [
+        GPUROUTER,
+        "worker",
+        "--config",
+        str(workdir / "config.yaml"),
+        "--simulate",
+        "2xH100-80GB",
+        "--port",
+        str(port),
+        "--name",
+        NAME,
+        "--router-url",
+        router.url,
+    ]
+    log_path = workdir / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+            raise
+
+
+def execution(execution_id: str, gpu: int = 0, reserved: int = 2000, **spec: Any) -> dict[str, Any]:
+    """A ``POST /v1/executions`` body on GPU ``w1:<gpu>`` with ``input.simulate`` = ``spec``."""
+    gpu_id = f"{NAME}:{gpu}"
+    return {
+        "execution_id": execution_id,
+        "request_id": f"req_{execution_id}",
+        "attempt": 1,
+        "model": "llama-3-8b",
+        "task": "chat",
+        "input": {
+            "messages": [{"role": "user", "content": "Hello there"}],
+            "max_tokens": 8,
+            "simulate": spec,
+        },
+        "gpu_ids": [gpu_id],
+        "reservations": {gpu_id: reserved},
+        "estimate": {"gpu_memory_mb": reserved, "duration_s": {"H100-80GB": 5.0}},
+        "deadline": time.time() + 60,
+    }
+
+
+def gpu(url: str, index: int) -> dict[str, Any]:
+    """GPU ``w1:<index>`` as the worker reports it."""
+    items = httpx.get(f"{url}/v1/gpus", headers=AUTH).json()["items"]
+    return next(item for item in items if item["id"] == f"{NAME}:{index}")
+
+
+async def started(client: httpx.AsyncClient, url: str, index: int, execution_id: str) -> None:
+    """Wait until GPU ``w1:<index>`` runs exactly ``execution_id``."""
+    deadline = time.monotonic() + 5
+    while (await client.get(f"{url}/v1/gpus")).json()["items"][index]["running"] != [execution_id]:
+        assert time.monotonic() < deadline, f"{execution_id} did not start"
+        await asyncio.sleep(0.02)
+
+
+def test_reports_its_gpus(worker: str) -> None:
+    """Two simulated H100s with their real memory, ids <name>:<index>, idle."""
+    response = httpx.get(f"{worker}/v1/gpus", headers=AUTH)
+    assert response.status_code == 200
+    items = response.json()["items"]
+    assert [item["id"] for item in items] == [f"{NAME}:0", f"{NAME}:1"]
+    for index, item in enumerate(items):
+        assert item["worker"] == NAME and item["index"] == index
+        assert item["type"] == "H100-80GB" and item["memory_total_mb"] == H100_MB
+        assert item["memory_used_mb"] == 0 and item["memory_reserved_mb"] == 0
+        assert item["health"] == "healthy" and item["running"] == []
+        assert item["slots"] == 8 and item["last_seen"].endswith("Z")
+        for key in ("name", "uuid", "utilization_pct", "temperature_c", "power_w"):
+            assert item[key] is not None
+        assert item["ecc_uncorrected"] == 0 and item["models_loaded"] == []
+
+
+def test_an_execution_answers_openai_output_and_usage(worker: str) -> None:
+    """A 0.2 s execution answers 200 with a chat completion and its GPU-seconds and peak."""
+    began = time.monotonic()
+    response = httpx.post(
+        f"{worker}/v1/executions", json=execution("exe_ok", duration_s=0.2), headers=AUTH
+    )
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - began >= 0.19  # timers may fire a hair early
+    body = response.json()
+    output = body["output"]
+    assert output["object"] == "chat.completion" and output["model"] == "llama-3-8b"
+    assert output["choices"][0]["message"]["role"] == "assistant"
+    assert output["usage"]["completion_tokens"] == 8
+    assert body["usage"]["peak_memory_mb"] == 2000
+    assert 0.19 <= body["usage"]["gpu_seconds"] < 2.0
+
+
+async def test_one_execution_id_runs_once(worker: str) -> None:
+    """Two concurrent POSTs of one id hold memory once and get the same answer; so does a third."""
+    body = execution("exe_twice", gpu=1, reserved=3000, duration_s=0.6)
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        first = asyncio.create_task(client.post(f"{worker}/v1/executions", json=body))
+        second = asyncio.create_task(client.post(f"{worker}/v1/executions", json=body))
+        await started(client, worker, 1, "exe_twice")
+        await asyncio.sleep(0.05)  # both POSTs are in by now
+        during = (await client.get(f"{worker}/v1/gpus")).json()["items"][1]
+        answers = await asyncio.gather(first, second)
+        again = await client.post(f"{worker}/v1/executions", json=body)
+    assert during["running"] == ["exe_twice"]
+    assert during["memory_reserved_mb"] == 3000 and during["memory_used_mb"] == 3000
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json() == again.json()
+    assert gpu(worker, 1)["memory_used_mb"] == 0
+
+
+async def test_delete_cancels_a_hanging_execution(worker: str) -> None:
+    """DELETE stops a hanging execution: its memory and reservation go, its POST gets 409."""
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        post = asyncio.create_task(
+            client.post(
+                f"{worker}/v1/executions", json=execution("exe_hang", reserved=5000, failure="hang")
+            )
+        )
+        await started(client, worker, 0, "exe_hang")
+        held = (await client.get(f"{worker}/v1/gpus")).json()["items"][0]
+        cancelled = await client.delete(f"{worker}/v1/executions/exe_hang")
+        after = (await client.get(f"{worker}/v1/gpus")).json()["items"][0]
+        answer = await post
+        again = await client.delete(f"{worker}/v1/executions/exe_hang")
+        unknown = await client.delete(f"{worker}/v1/executions/exe_never")
+    assert held["memory_reserved_mb"] == 5000 and held["memory_used_mb"] == 5000
+    assert cancelled.status_code == 200 and cancelled.json() == {"cancelled": True}
+    assert after["memory_reserved_mb"] == 0 and after["memory_used_mb"] == 0
+    assert after["running"] == []
+    assert answer.status_code == 409
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["error"] == "cancelled"
+    assert again.json() == {"cancelled": False} and unknown.json() == {"cancelled": False}
+
+
+def test_out_of_memory_is_507(worker: str) -> None:
+    """A simulated OOM, and a reservation larger than the GPU, answer 507 with the peak."""
+    simulated = httpx.post(
+        f"{worker}/v1/executions",
+        json=execution("exe_oom", duration_s=0.1, failure="oom"),
+        headers=AUTH,
+    )
+    too_big = httpx.post(
+        f"{worker}/v1/executions", json=execution("exe_big", reserved=90_000), headers=AUTH
+    )
+    assert simulated.status_code == 507
+    assert simulated.json()["error"] == "gpu_out_of_memory"
+    assert simulated.json()["peak_memory_mb"] == 2000 and simulated.json()["message"]
+    assert too_big.status_code == 507 and too_big.json()["peak_memory_mb"] == 90_000
+
+
+def test_bad_input_is_a_problem(worker: str) -> None:
+    """A malformed body is 422 and another worker's GPU 409, both problem details."""
+    malformed = httpx.post(
+        f"{worker}/v1/executions", json={"execution_id": "exe_bad"}, headers=AUTH
+    )
+    foreign = execution("exe_foreign")
+    foreign["gpu_ids"] = ["other:0"]
+    foreign["reservations"] = {}
+    elsewhere = httpx.post(f"{worker}/v1/executions", json=foreign, headers=AUTH)
+    assert malformed.status_code == 422
+    assert malformed.headers["content-type"] == "application/problem+json"
+    assert malformed.json()["status"] == 422 and malformed.json()["errors"]
+    assert elsewhere.status_code == 409
+    assert elsewhere.headers["content-type"] == "application/problem+json"
+
+
+def test_the_worker_token_is_required(worker: str) -> None:
+    """Without the token (or with a wrong one) /v1 calls are 401; /healthz needs none."""
+    missing = httpx.get(f"{worker}/v1/gpus")
+    wrong = httpx.get(f"{worker}/v1/gpus", headers={"Authorization": "Bearer nope"})
+    delete = httpx.delete(f"{worker}/v1/executions/x")
+    for response in (missing, wrong, delete):
+        assert response.status_code == 401
+        assert response.headers["content-type"] == "application/problem+json"
+    assert httpx.get(f"{worker}/v1/gpus", headers=AUTH).status_code == 200
+    assert httpx.get(f"{worker}/healthz").status_code == 200
+
+
+def test_it_registers_and_heartbeats(worker: str, router: Registrations) -> None:
+    """The worker POSTs its name, URL and GPUs to the router with the token, again and again."""
+    deadline = time.monotonic() + 5
+    while len(router.calls) < 3:
+        assert time.monotonic() < deadline, f"{len(router.calls)} registrations"
+        time.sleep(0.05)
+    for headers, body in router.calls[:3]:
+        assert headers["authorization"] == f"Bearer {TOKEN}"
+        assert body["name"] == NAME and body["url"] == worker
+        assert [item["id"] for item in body["gpus"]] == [f"{NAME}:0", f"{NAME}:1"]
+        assert body["gpus"][0]["memory_total_mb"] == H100_MB
+
+
+class _OneGpu:
+    """A reader of one fixed GPU: the worker needs neither NVML nor a simulated fleet."""
+
+    def read(self) -> list[GPUReading]:
+        return [GPUReading(worker="host", index=0, type="L4-24GB", memory_total_mb=23034)]
+
+
+async def test_an_injected_reader_and_executor_replace_nvml(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --simulate, a given reader and a callable executor serve the protocol in-process."""
+    monkeypatch.syspath_prepend(str(CALLABLES_DIR))
+    settings = load_settings(overrides={"worker": {"name": "host"}})
+    app = create_worker_app(
+        settings, reader=_OneGpu(), executor=CallableExecutor("worker_callables:with_peak")
+    )
+    body = execution("exe_host")
+    body["gpu_ids"], body["reservations"] = ["host:0"], {"host:0": 100}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+        gpus = (await client.get("/v1/gpus")).json()["items"]
+        answer = await client.post("/v1/executions", json=body)
+    assert [item["id"] for item in gpus] == ["host:0"]
+    assert answer.status_code == 200
+    assert answer.json()["output"] == {"text": "ok", "peak_memory_mb": 1234.2}
+    assert answer.json()["usage"]["peak_memory_mb"] == 1235
+    with pytest.raises(ConfigError) as refused:
+        create_worker_app(settings, reader=_OneGpu())
+    assert refused.value.key == "worker.executor"
+
+
+async def test_a_full_gpu_refuses_more_executions() -> None:
+    """With one slot per GPU a second execution on a busy GPU is refused with a 5xx."""
+    settings = load_settings(
+        overrides={"worker": {"name": NAME, "simulate": "1xL4-24GB", "slots": 1}}
+    )
+    app = create_worker_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+        first = asyncio.create_task(
+            client.post("/v1/executions", json=execution("exe_slot_1", duration_s=0.3))
+        )
+        await started(client, "", 0, "exe_slot_1")
+        second = await client.post("/v1/executions", json=execution("exe_slot_2"))
+        assert (await first).status_code == 200
+    assert second.status_code == 500
+    assert second.json() == {"error": "backend_error", "message": f"no free slot on GPU {NAME}:0"}
