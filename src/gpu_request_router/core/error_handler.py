@@ -14,11 +14,14 @@ timeout             expire the request                          no
 stream_interrupted  fail (the client has part of the answer)    yes
 ==================  ==========================================  ===========================
 
-A retry also needs attempts left (``retries.max_attempts``, the first included) and room in the
-retry budget: retries in the last ``budget_window_s`` may not exceed ``budget_ratio`` of first
-attempts in that window, with ``budget_min`` always allowed (Envoy's retry budget), so a failing
-fleet cannot multiply its load. Backoff doubles per attempt from ``backoff_s`` up to
-``max_backoff_s``, with "equal jitter" (half fixed, half random) from a seeded generator.
+A retry also needs attempts left (``retries.max_attempts``, the first included) and, after a
+backend error or an out-of-memory failure, room in the retry budget: retries in the last
+``budget_window_s`` may not exceed ``budget_ratio`` of first attempts in that window, with
+``budget_min`` always allowed (Envoy's retry budget), so a failing fleet cannot multiply its
+load. Work whose backend is gone (``unreachable``, ``worker_lost``) only moves elsewhere and adds
+no load, so the budget does not hold it back: a dead host's whole workload fails over. Backoff
+doubles per attempt from ``backoff_s`` up to ``max_backoff_s``, with "equal jitter" (half fixed,
+half random) from a seeded generator.
 
 Circuit breakers, one per backend and one per GPU: ``failure_threshold`` consecutive counted
 failures open the circuit (no new work) for ``reset_s``; then it is half-open and lets one probe
@@ -63,6 +66,8 @@ _RETRYABLE = {
     FailureKind.WORKER_LOST: Action.RETRY,
     FailureKind.OUT_OF_MEMORY: Action.GROW_AND_RETRY,
 }
+# Work whose backend is gone moves to another one: no load is added, so the budget does not apply.
+_MOVES_WORK = frozenset({FailureKind.UNREACHABLE, FailureKind.WORKER_LOST})
 _COUNTED = frozenset(
     {
         FailureKind.BACKEND_ERROR,
@@ -219,7 +224,7 @@ class ErrorHandler:
             return Verdict(Action.FAIL, reason=failure.kind.value)
         if attempts >= self._settings.max_attempts:
             return Verdict(Action.FAIL, reason="max_attempts")
-        if not self.budget.try_retry(now):
+        if failure.kind not in _MOVES_WORK and not self.budget.try_retry(now):
             return Verdict(Action.FAIL, reason="retry_budget_exhausted")
         return Verdict(action, delay_s=self.backoff(attempts), reason=failure.kind.value)
 

@@ -125,7 +125,7 @@ def test_budget_is_the_larger_of_the_floor_and_the_ratio(firsts: int, allowed: i
     errors = handler()
     for _ in range(firsts):
         errors.budget.first_attempt(0.0)
-    verdicts = [errors.judge(Failure(K.UNREACHABLE), 1, 1.0) for _ in range(allowed + 2)]
+    verdicts = [errors.judge(Failure(K.BACKEND_ERROR), 1, 1.0) for _ in range(allowed + 2)]
     assert [v.action for v in verdicts[:allowed]] == [Action.RETRY] * allowed
     assert all(
         v == Verdict(Action.FAIL, reason="retry_budget_exhausted") for v in verdicts[allowed:]
@@ -338,3 +338,12 @@ def test_handler_circuits_use_the_configured_threshold() -> None:
     opened = [errors.circuits.failure("backend:sim", float(t)) for t in range(5)]
     assert opened == [False, False, False, False, True]
     assert errors.circuits.next_change() == 4.0 + 30.0
+
+
+@pytest.mark.parametrize("kind", [K.UNREACHABLE, K.WORKER_LOST])
+def test_work_moving_off_a_dead_backend_is_not_held_back_by_the_budget(kind: FailureKind) -> None:
+    """A host's death fails over all its work, however little budget there is."""
+    errors = handler(budget_min=0, budget_ratio=0.0)
+    assert errors.judge(Failure(K.BACKEND_ERROR), 1, 0.0).reason == "retry_budget_exhausted"
+    verdicts = [errors.judge(Failure(kind), 1, 0.0) for _ in range(50)]
+    assert all(verdict.action is Action.RETRY for verdict in verdicts)

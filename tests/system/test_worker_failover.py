@@ -1,0 +1,223 @@
+"""A router and two `gpurouter worker --simulate` processes; one worker is killed under load."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gpu_request_router.api.middleware.auth import hash_key
+
+GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
+KEY = "failover-user-key"
+WORKER_TOKEN = "failover-worker-token-0123456789"
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, path: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not start"
+        time.sleep(0.05)
+
+
+class Cluster:
+    """One router (`gpurouter serve`) and two workers: w1 listed in the config, w2 registering."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports = {name: _free_port() for name in ("router", "w1", "w2")}
+        self.url = f"http://127.0.0.1:{self.ports['router']}"
+        common = {
+            "auth": {
+                "users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}],
+                "worker_token": WORKER_TOKEN,
+            },
+            "monitor": {"poll_interval_s": 0.2, "stale_after_s": 1.5},
+            "retries": {"backoff_s": 0.05, "max_backoff_s": 0.2},
+            "logging": {"level": "warning"},
+        }
+        router = {
+            **common,
+            "server": {"port": self.ports["router"]},
+            "state": {"sqlite_path": str(workdir / "router.db")},
+            "quotas": {"default": {"requests_per_minute": None, "max_concurrent": None}},
+            "backends": [
+                {"name": "w1", "kind": "agent", "url": f"http://127.0.0.1:{self.ports['w1']}"}
+            ],
+        }
+        (workdir / "router.yaml").write_text(yaml.safe_dump(router))
+        (workdir / "worker.yaml").write_text(yaml.safe_dump(common))
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            self.processes[name] = subprocess.Popen(
+                [GPUROUTER, *args],
+                cwd=self.workdir,
+                stdout=out,
+                stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def start(self) -> None:
+        for name in ("w1", "w2"):
+            args = [
+                "worker",
+                "--config",
+                str(self.workdir / "worker.yaml"),
+                "--simulate",
+                "2xH100-80GB",
+                "--slots",
+                "4",
+                "--name",
+                name,
+                "--port",
+                str(self.ports[name]),
+            ]
+            if name == "w2":
+                args += ["--router-url", self.url]
+            self._start(name, args)
+        for name in ("w1", "w2"):
+            url = f"http://127.0.0.1:{self.ports[name]}"
+            _wait_ready(url, self.processes[name], self.workdir / f"{name}.log", "/healthz")
+        self._start("router", ["serve", "--config", str(self.workdir / "router.yaml")])
+        _wait_ready(self.url, self.processes["router"], self.workdir / "router.log", "/readyz")
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(10)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A running router with two simulated workers, all real processes on loopback."""
+    running = Cluster(tmp_path)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def _gpus(client: httpx.Client, url: str) -> dict[str, dict[str, Any]]:
+    return {gpu["id"]: gpu for gpu in client.get(f"{url}/v1/gpus").json()["items"]}
+
+
+def _trail(client: httpx.Client, url: str, request_id: str) -> list[dict[str, Any]]:
+    with client.stream("GET", f"{url}/v1/requests/{request_id}/events", timeout=30) as stream:
+        return [
+            json.loads(line.removeprefix("data: "))
+            for line in stream.iter_lines()
+            if line.startswith("data: ")
+        ]
+
+
+def test_work_runs_on_both_workers_and_a_killed_one_is_failed_over(cluster: Cluster) -> None:
+    """Both workers take work; after SIGKILL of one, all requests finish on the other, once."""
+    client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=70)
+    deadline = time.monotonic() + 10
+    while set(_gpus(client, cluster.url)) != {"w1:0", "w1:1", "w2:0", "w2:1"}:
+        assert time.monotonic() < deadline, "w2 did not register"
+        time.sleep(0.1)
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def submit(index: int) -> None:
+        body = {
+            "model": "llama-3-8b",
+            "input": {
+                "messages": [{"role": "user", "content": f"job {index}"}],
+                "max_tokens": 4,
+                "simulate": {"duration_s": 0.6 + (index % 5) * 0.2},
+            },
+        }
+        response = client.post(f"{cluster.url}/v1/requests", json=body)
+        assert response.status_code == 202, response.text
+        with lock:
+            accepted.append(response.json()["id"])
+
+    threads = [threading.Thread(target=submit, args=(index,)) for index in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    time.sleep(0.3)  # the first executions are running on both workers
+    placed = {
+        item["id"]: item["placement"]["worker"]
+        for item in client.get(f"{cluster.url}/v1/requests", params={"limit": 100}).json()["items"]
+        if item["placement"]
+    }
+    assert set(placed.values()) == {"w1", "w2"}, "work goes to both workers"
+    on_w1 = [request_id for request_id, worker in placed.items() if worker == "w1"]
+    cluster.kill("w1")
+    for request_id in accepted:
+        final = client.get(f"{cluster.url}/v1/requests/{request_id}", params={"wait": 60}).json()
+        assert final["status"] == "succeeded", json.dumps(final)
+        assert final["placement"]["worker"] == "w2" or request_id not in on_w1
+    for request_id in on_w1:
+        final = client.get(f"{cluster.url}/v1/requests/{request_id}").json()
+        if final["attempts"] > 1:
+            assert final["placement"]["worker"] == "w2"
+    retried = [
+        request_id
+        for request_id in on_w1
+        if client.get(f"{cluster.url}/v1/requests/{request_id}").json()["attempts"] > 1
+    ]
+    assert retried, "work that was on the killed worker ran again elsewhere"
+    for request_id in accepted:
+        statuses = [event["status"] for event in _trail(client, cluster.url, request_id)]
+        assert sum(status in TERMINAL for status in statuses) == 1, statuses
+        # One attempt at a time: every dispatch follows a return to the queue (or the start).
+        for before, after in itertools.pairwise(statuses):
+            if after == "dispatching":
+                assert before == "queued", statuses
+    assert len(client.get(f"{cluster.url}/v1/requests", params={"limit": 100}).json()["items"]) == (
+        len(accepted)
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        gpus = _gpus(client, cluster.url)
+        if gpus["w1:0"]["health"] == "unhealthy" and gpus["w1:1"]["health"] == "unhealthy":
+            break
+        assert time.monotonic() < deadline, gpus
+        time.sleep(0.1)
+    assert not gpus["w1:0"]["schedulable"] and gpus["w2:0"]["health"] == "healthy"
+    client.close()
