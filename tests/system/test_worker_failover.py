@@ -56,7 +56,7 @@ class Cluster:
         self.url = f"http://127.0.0.1:{self.ports['router']}"
         common = {
             "auth": {
-                "users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}],
+                "users": [{"name": "alice", "role": "admin", "api_key_sha256": hash_key(KEY)}],
                 "worker_token": WORKER_TOKEN,
             },
             "monitor": {"poll_interval_s": 0.2, "stale_after_s": 1.5},
@@ -86,27 +86,29 @@ class Cluster:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
 
+    def start_worker(self, name: str) -> None:
+        args = [
+            "worker",
+            "--config",
+            str(self.workdir / "worker.yaml"),
+            "--simulate",
+            "2xH100-80GB",
+            "--slots",
+            "4",
+            "--name",
+            name,
+            "--port",
+            str(self.ports[name]),
+        ]
+        if name == "w2":
+            args += ["--router-url", self.url]
+        self._start(name, args)
+        url = f"http://127.0.0.1:{self.ports[name]}"
+        _wait_ready(url, self.processes[name], self.workdir / f"{name}.log", "/healthz")
+
     def start(self) -> None:
         for name in ("w1", "w2"):
-            args = [
-                "worker",
-                "--config",
-                str(self.workdir / "worker.yaml"),
-                "--simulate",
-                "2xH100-80GB",
-                "--slots",
-                "4",
-                "--name",
-                name,
-                "--port",
-                str(self.ports[name]),
-            ]
-            if name == "w2":
-                args += ["--router-url", self.url]
-            self._start(name, args)
-        for name in ("w1", "w2"):
-            url = f"http://127.0.0.1:{self.ports[name]}"
-            _wait_ready(url, self.processes[name], self.workdir / f"{name}.log", "/healthz")
+            self.start_worker(name)
         self._start("router", ["serve", "--config", str(self.workdir / "router.yaml")])
         _wait_ready(self.url, self.processes["router"], self.workdir / "router.log", "/readyz")
 
@@ -137,6 +139,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         running.stop()
 
 
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    """An HTTP client presenting the admin user's key, closed at the end."""
+    with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=70) as http:
+        yield http
+
+
 def _gpus(client: httpx.Client, url: str) -> dict[str, dict[str, Any]]:
     return {gpu["id"]: gpu for gpu in client.get(f"{url}/v1/gpus").json()["items"]}
 
@@ -150,9 +159,10 @@ def _trail(client: httpx.Client, url: str, request_id: str) -> list[dict[str, An
         ]
 
 
-def test_work_runs_on_both_workers_and_a_killed_one_is_failed_over(cluster: Cluster) -> None:
+def test_work_runs_on_both_workers_and_a_killed_one_is_failed_over(
+    cluster: Cluster, client: httpx.Client
+) -> None:
     """Both workers take work; after SIGKILL of one, all requests finish on the other, once."""
-    client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=70)
     deadline = time.monotonic() + 10
     while set(_gpus(client, cluster.url)) != {"w1:0", "w1:1", "w2:0", "w2:1"}:
         assert time.monotonic() < deadline, "w2 did not register"
@@ -220,4 +230,29 @@ def test_work_runs_on_both_workers_and_a_killed_one_is_failed_over(cluster: Clus
         assert time.monotonic() < deadline, gpus
         time.sleep(0.1)
     assert not gpus["w1:0"]["schedulable"] and gpus["w2:0"]["health"] == "healthy"
-    client.close()
+
+
+def test_a_worker_back_from_the_dead_takes_work_again(
+    cluster: Cluster, client: httpx.Client
+) -> None:
+    """A killed worker that comes back is healthy again once it answers, and gets work."""
+    cluster.kill("w1")
+    deadline = time.monotonic() + 10
+    while _gpus(client, cluster.url)["w1:0"]["health"] != "unhealthy":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cluster.start_worker("w1")
+    deadline = time.monotonic() + 10
+    while not _gpus(client, cluster.url)["w1:0"]["schedulable"]:
+        assert time.monotonic() < deadline, "w1 did not return to service"
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not {"w2:0", "w2:1"} <= set(_gpus(client, cluster.url)):
+        assert time.monotonic() < deadline, "w2 did not register"
+        time.sleep(0.1)
+    for gpu in ("w2:0", "w2:1"):  # leave w1 the only place to run
+        assert client.post(f"{cluster.url}/v1/gpus/{gpu}/cordon").status_code == 200
+    body = {"model": "llama-3-8b", "input": {"messages": [{"role": "user", "content": "hi"}]}}
+    request = client.post(f"{cluster.url}/v1/requests", json=body).json()
+    done = client.get(f"{cluster.url}/v1/requests/{request['id']}", params={"wait": 30}).json()
+    assert done["status"] == "succeeded" and done["placement"]["worker"] == "w1"
