@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gpu_request_router.bench.cli import bench_app
 from gpu_request_router.client import ApiError, RouterClient
 from gpu_request_router.config.config_loader import AuthSettings, Settings, UserEntry, load_settings
 from gpu_request_router.demo import DEMO_BACKENDS, run_demo
@@ -37,6 +38,7 @@ app = typer.Typer(
 
 keys = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys, name="keys")
+app.add_typer(bench_app, name="bench")
 
 _out = Console()
 if not _out.is_terminal:
