@@ -266,6 +266,7 @@ class GPUStateMonitor:
         """Refresh the derived placement attributes of one GPU."""
         state.room_mb = self.limit_mb(state) - state.reserved_mb
         state.free_slots = state.slots - len(state.running)
+        state.busy = max(1.0 - state.free_slots / max(state.slots, 1), state.reading.load or 0.0)
         state.schedulable = (
             state.health in _USABLE and not state.cordoned and not state.circuit_open
         )

@@ -69,8 +69,9 @@ class GPUState:
 
     ``running`` maps each execution placed here to the memory reserved for it. ``room_mb``
     (memory free for placement: total − safety margin − router reservations − memory used by
-    others), ``free_slots`` and ``schedulable`` are kept current by the GPU state monitor so that
-    placement reads plain attributes.
+    others), ``free_slots``, ``busy`` (0..1: the share of slots in use, or the backend's own
+    load where that is higher) and ``schedulable`` are kept current by the GPU state monitor so
+    that placement reads plain attributes. ``id`` (``<worker>:<index>``) is fixed at creation.
     """
 
     reading: GPUReading
@@ -84,11 +85,11 @@ class GPUState:
     free_slots: int = 0
     schedulable: bool = False
     circuit_open: bool = False
+    busy: float = 0.0
+    id: str = field(init=False)
 
-    @property
-    def id(self) -> str:
-        """The stable GPU id ``<worker>:<index>``."""
-        return self.reading.gpu_id
+    def __post_init__(self) -> None:
+        self.id = self.reading.gpu_id
 
     @property
     def worker(self) -> str:
@@ -99,6 +100,11 @@ class GPUState:
     def type(self) -> str:
         """The GPU type, e.g. ``H100-80GB``."""
         return self.reading.type
+
+    @property
+    def index(self) -> int:
+        """The GPU's index on its worker."""
+        return self.reading.index
 
     @property
     def memory_total_mb(self) -> int:
