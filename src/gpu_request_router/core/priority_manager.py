@@ -13,9 +13,13 @@ smallest counter among the backlogged users (or, when none is, to the counter of
 last), so idle time banks no credit and a heavy user cannot starve a light one. A user's own
 requests keep their ``key`` order.
 
-**Cost.** ``push``, ``dispatched`` and ``remove`` are O(log n). ``candidates()`` yields the queue
-in dispatch order lazily, O(log n) per item, so a dispatch pass that looks at ``d`` requests costs
-O(d log n) however deep the queue is.
+**Cost.** ``push``, ``dispatched`` and ``remove`` are O(log n). The users with queued work are
+kept in buckets by the level of their first request, each bucket a heap on the fair-share
+counter, so the walk never has to look at every user of a level to find the next one; a heap of
+*crossing times* moves a user to the next bucket when its first request ages past a level
+boundary (each user once per ``aging_s``). ``candidates()`` yields the queue in dispatch order
+lazily, O(log n) per item, so a dispatch pass that looks at ``d`` requests costs O(d log n)
+however deep the queue is and however many users wait.
 """
 
 from __future__ import annotations
@@ -25,20 +29,26 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpu_request_router.models.request import Request
 
 __all__ = ["PriorityManager"]
 
 _HeapItem = tuple[float, int, str]
+"""An entry of a user's heap: (key, sequence number, request id)."""
+_BucketItem = tuple[float, float, int, int, str]
+"""An entry of a level's bucket: (counter, key, sequence number, user version, user)."""
+_Crossing = tuple[float, int, str]
+"""When a user's first request ages into the next level: (time, user version, user)."""
 
 
-def _ascending(heap: list[_HeapItem]) -> Iterator[_HeapItem]:
+def _ascending(heap: list[Any]) -> Iterator[Any]:
     """Yield a heap's items in ascending order without changing the heap."""
     if not heap:
         return
     size = len(heap)
-    frontier: list[tuple[_HeapItem, int]] = [(heap[0], 0)]
+    frontier: list[tuple[Any, int]] = [(heap[0], 0)]
     while frontier:
         item, index = heapq.heappop(frontier)
         yield item
@@ -49,11 +59,18 @@ def _ascending(heap: list[_HeapItem]) -> Iterator[_HeapItem]:
 
 @dataclass(slots=True)
 class _UserQueue:
-    """One user's queued requests (a heap on key, with lazily removed entries) and counter."""
+    """One user's queued requests (a heap on key, with lazily removed entries) and counter.
+
+    ``version`` changes whenever the user's bucket entry is replaced; entries of older versions
+    (in the buckets and the crossing heap) are stale and skipped. ``level`` is the bucket the
+    current entry is in.
+    """
 
     heap: list[_HeapItem] = field(default_factory=list)
     live: int = 0
     counter: float = 0.0
+    version: int = 0
+    level: int | None = None
 
 
 @dataclass(slots=True)
@@ -83,7 +100,6 @@ class PriorityManager:
         self._aging_s = aging_s
         self._entries: dict[str, _Entry] = {}
         self._users: dict[str, _UserQueue] = {}
-        self._heads: list[_HeapItem] = []
         self._counters: list[_HeapItem] = []
         self._depth = dict.fromkeys(classes, 0)
         self._seq = itertools.count()
@@ -91,6 +107,12 @@ class PriorityManager:
         self._generation = 0
         self._removed = 0
         self._backlogged = 0
+        # Users bucketed by the level of their first request at ``_now``: level -> heap.
+        self._buckets: dict[int, list[_BucketItem]] = {}
+        self._bucketed = 0
+        self._crossings: list[_Crossing] = []
+        self._dirty: set[str] = set()
+        self._now: float | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,6 +132,10 @@ class PriorityManager:
 
     def _level(self, key: float, now: float) -> int:
         return math.ceil((key - now) / self._aging_s - 1e-9)
+
+    def _crossing(self, key: float, level: int) -> float:
+        """When ``key`` drops below ``level`` (a little early, so rounding never makes it late)."""
+        return key - (level - 1 + 1e-6) * self._aging_s
 
     # Mutations -----------------------------------------------------------------------------------
 
@@ -135,7 +161,7 @@ class PriorityManager:
         heapq.heappush(user.heap, (key, seq, request.id))
         user.live += 1
         if head is None or (key, seq) < head[:2]:
-            heapq.heappush(self._heads, (key, seq, request.user))
+            self._dirty.add(request.user)
         self._depth[request.priority] += 1
         self._compact()
 
@@ -156,11 +182,13 @@ class PriorityManager:
         return self._take(request_id).request
 
     def _take(self, request_id: str) -> _Entry:
+        # Only marks the user for re-bucketing: a walk in progress may be reading the buckets.
         entry = self._entries.pop(request_id)
         user = self._users[entry.request.user]
         user.live -= 1
         if user.live == 0:
             self._backlogged -= 1
+        self._dirty.add(entry.request.user)
         self._depth[entry.request.priority] -= 1
         self._removed += 1
         return entry
@@ -187,14 +215,6 @@ class PriorityManager:
     def _compact(self) -> None:
         """Rebuild a heap once its stale entries outnumber its live ones (amortised O(1))."""
         backlogged = self._backlogged
-        if len(self._heads) > 2 * backlogged + 64:
-            heads = []
-            for name, user in self._users.items():
-                head = self._head(user)
-                if head is not None:
-                    heads.append((head[0], head[1], name))
-            heapq.heapify(heads)
-            self._heads = heads
         if len(self._counters) > 2 * backlogged + 64:
             self._counters = [
                 (user.counter, next(self._seq), name)
@@ -208,6 +228,75 @@ class PriorityManager:
                 heapq.heapify(user.heap)
             self._removed = 0
 
+    # Buckets -------------------------------------------------------------------------------------
+
+    def _bucket(self, name: str, user: _UserQueue, now: float) -> None:
+        """File the user under the level of its first request at ``now`` (if it has one)."""
+        user.version += 1
+        user.level = None
+        head = self._head(user)
+        if head is None:
+            return
+        key, seq, _ = head
+        level = user.level = self._level(key, now)
+        bucket = self._buckets.get(level)
+        if bucket is None:
+            bucket = self._buckets[level] = []
+        heapq.heappush(bucket, (user.counter, key, seq, user.version, name))
+        self._bucketed += 1
+        heapq.heappush(self._crossings, (self._crossing(key, level), user.version, name))
+
+    def _refresh(self, now: float) -> None:
+        """Bring the buckets to ``now``: changed users, and users whose level has dropped."""
+        if self._now is None or now < self._now:
+            self._rebucket_all(now)
+            return
+        self._now = now
+        crossings, users, dirty = self._crossings, self._users, self._dirty
+        while crossings and crossings[0][0] <= now:
+            _, version, name = heapq.heappop(crossings)
+            if users[name].version == version:
+                dirty.add(name)
+        if not dirty:
+            return
+        self._generation += 1
+        left: set[int] = set()
+        for name in dirty:
+            user = users[name]
+            if user.level is not None:
+                left.add(user.level)
+            self._bucket(name, user, now)
+        dirty.clear()
+        # Stale entries gather at the top of the buckets users left (counters only grow).
+        for level in left:
+            bucket = self._buckets[level]
+            while bucket and users[bucket[0][4]].version != bucket[0][3]:
+                heapq.heappop(bucket)
+                self._bucketed -= 1
+            if not bucket:
+                del self._buckets[level]
+        backlogged = self._backlogged
+        if self._bucketed > 2 * backlogged + 64 or len(crossings) > 2 * backlogged + 64:
+            self._rebucket_all(now)
+
+    def _rebucket_all(self, now: float) -> None:
+        self._generation += 1
+        self._now = now
+        self._buckets = {}
+        self._bucketed = 0
+        self._crossings = []
+        self._dirty.clear()
+        for name, user in self._users.items():
+            self._bucket(name, user, now)
+
+    def _bucket_order(self) -> Iterator[tuple[int, float, float, str]]:
+        """Every user's current bucket entry as (level, counter, key, user), ascending."""
+        users = self._users
+        for level in sorted(self._buckets):
+            for counter, key, _, version, name in _ascending(self._buckets[level]):
+                if users[name].version == version:
+                    yield level, counter, key, name
+
     # Reading -------------------------------------------------------------------------------------
 
     def candidates(self, now: float, *, assume_dispatched: bool = False) -> Iterator[Request]:
@@ -219,10 +308,11 @@ class PriorityManager:
         rest of the walk (nothing is changed): the order in which the queue would be served if
         everything fitted, i.e. the queue positions.
         """
+        self._refresh(now)
         generation = self._generation
         entries = self._entries
         charged: dict[str, float] = {}
-        heads = (item for item in _ascending(self._heads) if self._users[item[2]].live)
+        heads = self._bucket_order()
         pending = next(heads, None)
         seen: set[str] = set()
         merge: list[tuple[int, float, float, int, str, Iterator[_HeapItem]]] = []
@@ -237,10 +327,9 @@ class PriorityManager:
                     return
 
         while True:
-            while pending is not None and (
-                not merge or self._level(pending[0], now) <= merge[0][0]
-            ):
-                name = pending[2]
+            # A user's first request enters the merge once nothing before it is left there.
+            while pending is not None and (not merge or pending[:3] <= merge[0][:3]):
+                name = pending[3]
                 if name not in seen:
                     seen.add(name)
                     advance(name, _ascending(self._users[name].heap))
