@@ -40,6 +40,11 @@ class _Worker:
     lost: bool = False
 
 
+def _make_up(reading: GPUReading) -> tuple[object, ...]:
+    """What a reading says about the fleet's make-up rather than its load."""
+    return reading.type, reading.memory_total_mb, reading.models, reading.models_loaded
+
+
 class GPUStateMonitor:
     """Holds every known GPU's state and decides its health and room for placement.
 
@@ -67,6 +72,7 @@ class GPUStateMonitor:
         self._by_worker: dict[str, list[GPUState]] = {}
         self._schedulable: dict[str, GPUState] = {}
         self._holders: dict[str, list[str]] = {}
+        self._fleet_version = 0
 
     # Views ---------------------------------------------------------------------------------------
 
@@ -79,6 +85,14 @@ class GPUStateMonitor:
     def schedulable(self) -> Mapping[str, GPUState]:
         """The GPUs that may take new work now, by id."""
         return self._schedulable
+
+    @property
+    def fleet_version(self) -> int:
+        """Changes whenever a GPU joins or its type, total memory or models change.
+
+        What depends only on the fleet's make-up (not on its load) can be kept until then.
+        """
+        return self._fleet_version
 
     def get(self, gpu_id: str) -> GPUState:
         """The GPU with this id.
@@ -114,6 +128,8 @@ class GPUStateMonitor:
             reported.add(reading.gpu_id)
             self._touch_worker(reading.worker, now)
             state = self._gpus.get(reading.gpu_id)
+            if state is None or _make_up(state.reading) != _make_up(reading):
+                self._fleet_version += 1
             if state is None:
                 state = GPUState(reading=reading, last_seen=now)
                 self._gpus[state.id] = state

@@ -67,39 +67,46 @@ Option = tuple["GPUState | GPUGroup", int, bool]
 whether the model is loaded there. Policies rank options; nothing is built per GPU."""
 
 
-@dataclass(frozen=True, slots=True)
 class GPUGroup:
     """Several GPUs of one worker taken together by a multi-GPU request, ranked as one unit.
 
     Rooms and slots add up, the busiest GPU sets ``busy``, any degraded GPU makes it degraded.
+    Built once per worker and decision, so it is a plain class filled in one loop.
     """
 
-    gpus: tuple[GPUState, ...]
-    reservations: tuple[int, ...]
-    worker: str
-    index: int
-    room_mb: int
-    busy: float
-    health: GPUHealth
-    free_slots: int
-    slots: int
+    __slots__ = (
+        "busy",
+        "free_slots",
+        "gpus",
+        "health",
+        "index",
+        "reservations",
+        "room_mb",
+        "slots",
+        "worker",
+    )
 
-    @classmethod
-    def of(cls, group: Sequence[tuple[GPUState, int]]) -> GPUGroup:
+    def __init__(self, group: Sequence[tuple[GPUState, int]]) -> None:
         """The group of ``(gpu, memory to reserve)`` pairs, all on one worker."""
-        gpus = tuple(gpu for gpu, _ in group)
-        degraded = any(gpu.health is _DEGRADED for gpu in gpus)
-        return cls(
-            gpus=gpus,
-            reservations=tuple(memory for _, memory in group),
-            worker=gpus[0].worker,
-            index=gpus[0].index,
-            room_mb=sum(gpu.room_mb for gpu in gpus),
-            busy=max(gpu.busy for gpu in gpus),
-            health=_DEGRADED if degraded else GPUHealth.HEALTHY,
-            free_slots=sum(gpu.free_slots for gpu in gpus),
-            slots=sum(gpu.slots for gpu in gpus),
-        )
+        room = free = slots = 0
+        busy = 0.0
+        degraded = False
+        for gpu, _ in group:
+            room += gpu.room_mb
+            free += gpu.free_slots
+            slots += gpu.reading.slots
+            busy = max(busy, gpu.busy)
+            degraded = degraded or gpu.health is _DEGRADED
+        first = group[0][0]
+        self.gpus = tuple(gpu for gpu, _ in group)
+        self.reservations = tuple(memory for _, memory in group)
+        self.worker = first.reading.worker
+        self.index = first.reading.index
+        self.room_mb = room
+        self.busy = busy
+        self.health = _DEGRADED if degraded else GPUHealth.HEALTHY
+        self.free_slots = free
+        self.slots = slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,20 +318,24 @@ class LoadBalancer:
 
         Tight groups leave big holes intact; GPUs the request should avoid come last.
         """
-        by_worker: dict[str, list[tuple[GPUState, int, bool]]] = {}
-        for option in options:
-            by_worker.setdefault(option[0].worker, []).append(option)
+        count, avoid = need.gpu_count, need.avoid
+        by_worker: dict[str, list[tuple[bool, int, str, GPUState, int, bool]]] = {}
+        for gpu, memory, loaded in options:
+            ranked = (gpu.id in avoid, gpu.room_mb - memory, gpu.id, gpu, memory, loaded)
+            worker = by_worker.get(gpu.reading.worker)
+            if worker is None:
+                by_worker[gpu.reading.worker] = [ranked]
+            else:
+                worker.append(ranked)
         groups: list[Option] = []
-        for worker_options in by_worker.values():
-            if len(worker_options) < need.gpu_count:
+        for ranked_options in by_worker.values():
+            if len(ranked_options) < count:
                 continue
-            chosen = sorted(
-                worker_options,
-                key=lambda o: (o[0].id in need.avoid, o[0].room_mb - o[1], o[0].id),
-            )[: need.gpu_count]
-            group = GPUGroup.of([(gpu, memory) for gpu, memory, _ in chosen])
+            ranked_options.sort()
+            chosen = ranked_options[:count]
+            group = GPUGroup([(gpu, memory) for _, _, _, gpu, memory, _ in chosen])
             memory = sum(group.reservations)
-            groups.append((group, memory, all(loaded for _, _, loaded in chosen)))
+            groups.append((group, memory, all(loaded for *_, loaded in chosen)))
         return groups
 
     def prospect(self, need: Need, gpus: Iterable[GPUState]) -> tuple[str, ...] | None:

@@ -16,7 +16,7 @@ limit by at most what running requests take beyond their estimates.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gpu_request_router.config.config_loader import QuotaSettings
@@ -76,7 +76,7 @@ class QuotaEnforcer:
         gpu_seconds: float,
         queued: int,
         now: float,
-        queue_retry_after_s: float,
+        queue_retry_after_s: Callable[[], float],
     ) -> None:
         """Check a submission against the user's quota and record it.
 
@@ -87,7 +87,8 @@ class QuotaEnforcer:
             gpu_seconds: the estimated GPU-seconds of the request.
             queued: how many requests the user has waiting now.
             now: the current time.
-            queue_retry_after_s: when a place in the user's queue is expected to free up.
+            queue_retry_after_s: when a place in the user's queue is expected to free up (asked
+                only when the queue limit refuses, since the answer costs a look at running work).
 
         Raises:
             QuotaForbidden: the request exceeds a limit that waiting never lifts.
@@ -126,7 +127,7 @@ class QuotaEnforcer:
             raise QuotaExceeded(
                 "max_queued",
                 f"you have {queued} requests waiting; your limit is {quota.max_queued}",
-                retry_after_s=max(queue_retry_after_s, 0.001),
+                retry_after_s=max(queue_retry_after_s(), 0.001),
             )
         limit = quota.requests_per_minute
         retry_after = self._store.admit_rate(user, now, MINUTE_S, limit)

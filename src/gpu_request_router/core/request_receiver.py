@@ -157,7 +157,7 @@ class RequestReceiver:
             gpu_seconds=gpu_seconds(request),
             queued=self._router.queued_count(caller.user),
             now=now,
-            queue_retry_after_s=self._router.queue_retry_after(now),
+            queue_retry_after_s=lambda: self._router.queue_retry_after(now),
         )
         created = transition_of(request, None, caller.user, now)
         stored = self._router.store.add_request(request, created)

@@ -151,6 +151,8 @@ class RequestRouter:
         self._avoid: dict[str, set[str]] = {}
         self._quota_wakeup: float | None = None
         self._margin = settings.placement.memory_safety_margin_mb
+        self._fit_limits: dict[tuple[object, ...], int] = {}
+        self._fit_version = -1
         self.listeners: list[Callable[[Request, Transition], None]] = []
 
     # Views ---------------------------------------------------------------------------------------
@@ -195,19 +197,47 @@ class RequestRouter:
         )
 
     def could_ever_fit(self, need: Need) -> bool:
-        """Whether a worker of the fleet could hold ``need`` when idle (True if none is known)."""
-        gpus = self.monitor.gpus
-        if not gpus:
+        """Whether a worker of the fleet could hold ``need`` when idle (True if none is known).
+
+        The answer for a kind of request (model, GPU type and count, weights) is the most
+        memory per GPU it may ask for; that is kept until the fleet's make-up changes, so
+        admission does not look at every GPU of a large fleet each time.
+        """
+        if not self.monitor.gpus:
             return True
-        per_worker: Counter[str] = Counter()
-        for gpu in gpus.values():
+        if self._fit_version != self.monitor.fleet_version or len(self._fit_limits) > 1024:
+            self._fit_limits.clear()
+            self._fit_version = self.monitor.fleet_version
+        kind = (need.model, need.gpu_type, need.gpu_count, need.weights_mb)
+        limit = self._fit_limits.get(kind)
+        if limit is None:
+            limit = self._fit_limits[kind] = self._largest_fit(need)
+        return need.memory_mb <= limit
+
+    def _largest_fit(self, need: Need) -> int:
+        """The most memory per GPU a request of ``need``'s kind may ask for on an idle worker.
+
+        A GPU holds it when memory ≤ total − margin (+ the weights, where they are loaded), so a
+        worker holds it up to its ``gpu_count``-th largest such capacity; -1 when none can.
+        """
+        capacities: dict[str, list[int]] = {}
+        for gpu in self.monitor.gpus.values():
             if need.gpu_type is not None and gpu.type != need.gpu_type:
                 continue
             if not gpu.serves(need.model):
                 continue
-            if need.memory_on(gpu) <= gpu.memory_total_mb - self._margin:
-                per_worker[gpu.worker] += 1
-        return any(count >= need.gpu_count for count in per_worker.values())
+            capacity = gpu.memory_total_mb - self._margin
+            if gpu.has_loaded(need.model):
+                capacity += need.weights_mb
+            capacities.setdefault(gpu.worker, []).append(capacity)
+        return max(
+            (
+                sorted(worker, reverse=True)[need.gpu_count - 1]
+                for worker in capacities.values()
+                if len(worker) >= need.gpu_count
+            ),
+            default=-1,
+        )
 
     def fitting_gpus(self, need: Need) -> list[str]:
         """GPUs that could take ``need`` right now, in id order (for the estimate dry run).

@@ -18,7 +18,7 @@ from gpu_request_router.exceptions import (
 )
 from gpu_request_router.models.request import ResourceHints, Shape, Task
 from gpu_request_router.store.base import RequestQuery
-from gpu_request_router.testing import chat, make_settings
+from gpu_request_router.testing import chat, make_settings, reading
 
 
 def _nothing_stored(h: Harness) -> bool:
@@ -90,6 +90,21 @@ def test_requests_no_gpu_of_the_fleet_could_hold_are_unschedulable(
     with pytest.raises(Unschedulable):
         h.submit(chat(resources=resources))
     assert _nothing_stored(h)
+
+
+def test_what_could_ever_fit_follows_the_fleet_make_up(harness_for) -> None:
+    """The answer is kept per kind of request, but a GPU joining or loading a model renews it."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    big = chat(resources=ResourceHints(gpu_memory_mb=100_000))
+    with pytest.raises(Unschedulable):
+        h.submit(big)
+    h.apply(h.router.readings([reading("big", 0, "H200-141GB")], h.now))
+    assert h.status(h.submit(big)) == "dispatching"
+    two = chat(resources=ResourceHints(gpu_memory_mb=100_000, gpu_count=2))
+    with pytest.raises(Unschedulable):
+        h.submit(two)
+    h.apply(h.router.readings([reading("big", 1, "H200-141GB")], h.now))
+    assert h.status(h.submit(two)) in {"queued", "dispatching"}
 
 
 def test_request_that_fits_the_fleet_but_not_now_is_queued(harness_for) -> None:
