@@ -302,12 +302,9 @@ class LoadBalancer:
             feasible.append(option)
             if gpu.id not in avoid:
                 fitting.append(option)
-        options: Sequence[Option]
-        if need.gpu_count > 1:
-            # Avoided GPUs only when nothing fits without them; a group may then mix both.
-            options = self._groups(fitting, need) or self._groups(feasible, need)
-        else:
-            options = fitting or feasible
+        options: Sequence[Option] = (
+            self._groups(feasible, need) if need.gpu_count > 1 else fitting or feasible
+        )
         if not options:
             return NoFit(free_slots=free_slots)
         return Chosen.of(self.policy.choose(options), self.policy.name)
@@ -316,7 +313,8 @@ class LoadBalancer:
     def _groups(options: Iterable[tuple[GPUState, int, bool]], need: Need) -> list[Option]:
         """One group per worker with enough GPUs: its tightest-fitting ones.
 
-        Tight groups leave big holes intact; GPUs the request should avoid come last.
+        Tight groups leave big holes intact. GPUs the request should avoid are taken only when
+        no worker has enough without them; a group may then mix both (avoided ones last).
         """
         count, avoid = need.gpu_count, need.avoid
         by_worker: dict[str, list[tuple[bool, int, str, GPUState, int, bool]]] = {}
@@ -327,15 +325,18 @@ class LoadBalancer:
                 by_worker[gpu.reading.worker] = [ranked]
             else:
                 worker.append(ranked)
-        groups: list[Option] = []
+        clean: list[list[tuple[bool, int, str, GPUState, int, bool]]] = []
+        mixed: list[list[tuple[bool, int, str, GPUState, int, bool]]] = []
         for ranked_options in by_worker.values():
             if len(ranked_options) < count:
                 continue
             ranked_options.sort()
             chosen = ranked_options[:count]
+            (mixed if chosen[-1][0] else clean).append(chosen)
+        groups: list[Option] = []
+        for chosen in clean or mixed:
             group = GPUGroup([(gpu, memory) for _, _, _, gpu, memory, _ in chosen])
-            memory = sum(group.reservations)
-            groups.append((group, memory, all(loaded for *_, loaded in chosen)))
+            groups.append((group, sum(group.reservations), all(o[5] for o in chosen)))
         return groups
 
     def prospect(self, need: Need, gpus: Iterable[GPUState]) -> tuple[str, ...] | None:
