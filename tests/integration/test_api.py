@@ -216,6 +216,29 @@ def test_submit_runs_the_request_to_success(server: LiveServer) -> None:
     assert done["queue_position"] is None
 
 
+def test_submit_and_wait_run_nothing_in_the_thread_pool(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dependencies and endpoints of the request routes are coroutines: no thread hop per call."""
+    import fastapi.dependencies.utils
+    import fastapi.routing
+
+    hops: list[str] = []
+    real = fastapi.dependencies.utils.run_in_threadpool
+
+    async def counted(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", counted)
+    monkeypatch.setattr(fastapi.routing, "run_in_threadpool", counted)
+    alice = server.client("alice")
+    created = submit(alice, chat_body(simulate={"duration_s": 0.01}))
+    done = alice.get(f"/v1/requests/{created['id']}", params={"wait": 10}).json()
+    assert done["status"] == "succeeded"
+    assert hops == []
+
+
 def test_idempotency_key_replays_the_first_request(server: LiveServer) -> None:
     """The same key and body give the same id with Idempotency-Replayed: true."""
     alice = server.client("alice")

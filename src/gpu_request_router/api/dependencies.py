@@ -60,7 +60,8 @@ class Service:
         return self.requests_out([request])[0]
 
 
-def _service(request: Request) -> Service:
+async def _service(request: Request) -> Service:
+    """The application's service (``async``: FastAPI runs a plain ``def`` in a worker thread)."""
     service: Service = request.app.state.service
     return service
 
