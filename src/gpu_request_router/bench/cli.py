@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from gpu_request_router.bench import decisions, overhead, packing
+
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(
     help="Benchmarks: router overhead, decision cost, placement quality on traces, packing.",
     no_args_is_help=True,
 )
+bench_app.command("overhead")(overhead.command)
+bench_app.command("decisions")(decisions.command)
+bench_app.command("packing")(packing.command)

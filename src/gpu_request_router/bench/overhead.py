@@ -1,0 +1,416 @@
+"""``gpurouter bench overhead``: the latency and CPU the router adds in front of a backend.
+
+It starts two real processes on loopback — the OpenAI-compatible stand-in backend
+(:mod:`gpu_request_router.bench.openai_standin`, which answers at once) and ``gpurouter serve``
+with that stand-in as its one ``openai`` backend — and drives each target with the closed-loop
+load generator (:mod:`gpu_request_router.bench.loadgen`), itself a separate process, at every
+concurrency asked for:
+
+- ``direct``: chat completions straight to the stand-in (the floor);
+- ``router``: the same chat completions through the router's OpenAI door — authentication,
+  validation, the estimate, every quota check, the queue, placement, the audit trail in the
+  state store, forwarding and the answer;
+- ``submit``: the durable async API, ``POST /v1/requests`` (202 once stored);
+- ``submit+wait``: ``POST /v1/requests`` then ``GET /v1/requests/{id}?wait=30``;
+- ``peer``: chat completions to each ``--peer`` URL (another router, set up by hand in front of
+  its own backend, with ``--peer-api-key`` if it wants one), measured by the same harness; its
+  CPU is read when its process is visible in /proc.
+
+The router runs with authentication on, a durable SQLite store (or ``--state``), and quotas that
+are all checked but set high enough never to refuse. Router CPU per request is the growth of the
+router process's user + system time (``/proc/PID/stat``) over the run, divided by the requests
+sent to it; the added p50 is the router's p50 minus the direct p50 at the same concurrency, in
+the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+import yaml
+
+from gpu_request_router.api.middleware.auth import hash_key
+from gpu_request_router.bench.report import machine, parse_counts, print_table, write_json
+
+__all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_overhead"]
+
+_MODEL = "llama-3-8b"
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_STATES = ("sqlite", "memory", "redis")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One target at one concurrency."""
+
+    target: str
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    errors: dict[str, int]
+    router_cpu_ms_per_request: float | None = None
+    backend_cpu_ms_per_request: float | None = None
+    added_p50_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OverheadReport:
+    """Every row, and how the run was set up."""
+
+    rows: list[Row]
+    setup: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data, with the machine it ran on."""
+        return {
+            "benchmark": "overhead",
+            "machine": machine(),
+            "setup": self.setup,
+            "rows": [asdict(row) for row in self.rows],
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _pid_listening_on(port: int) -> int | None:
+    """The process listening on a loopback TCP ``port``, where /proc lets us see it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(parts[9])
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(proc.name)
+    return None
+
+
+@contextlib.contextmanager
+def _process(
+    command: Sequence[str], ready_url: str, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process, up once ``ready_url`` answers 200; stopped (SIGTERM, then KILL) after."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"}
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(ready_url, timeout=1).status_code == 200:
+                        break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{command[2] if len(command) > 2 else command[0]} did not start; its "
+                        f"output:\n{log.read_text()[-2000:]}"
+                    )
+                time.sleep(0.05)
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+def _router_config(folder: Path, port: int, backend_url: str, key: str, state: str) -> Path:
+    store: dict[str, Any] = {"backend": state}
+    if state == "sqlite":
+        store["sqlite_path"] = str(folder / "state.db")
+    elif state == "redis":
+        store["redis_url"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
+    config = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "auth": {
+            "enabled": True,
+            "users": [{"name": "bench", "role": "user", "api_key_sha256": hash_key(key)}],
+        },
+        "state": store,
+        "logging": {"level": "warning"},
+        # Every quota is checked; none is low enough to refuse during a run.
+        "quotas": {
+            "default": {
+                "requests_per_minute": 100_000_000,
+                "max_concurrent": 100_000,
+                "max_queued": 100_000,
+                "gpu_seconds_per_hour": 1e12,
+                "max_priority": "high",
+            }
+        },
+        "backends": [
+            {
+                "name": "standin",
+                "kind": "openai",
+                "url": backend_url,
+                "gpu": {"type": "H100-80GB"},
+                "models": [_MODEL],
+                "slots_per_gpu": 1024,
+            }
+        ],
+    }
+    path = folder / "router.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _load(
+    url: str, mode: str, concurrency: int, duration_s: float, warmup_s: float, key: str | None
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "gpu_request_router.bench.loadgen",
+        "--url",
+        url,
+        "--mode",
+        mode,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration_s),
+        "--warmup",
+        str(warmup_s),
+        "--model",
+        _MODEL,
+    ]
+    if key is not None:
+        command += ["--api-key", key]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _row(target: str, result: dict[str, Any], cpu: dict[str, float | None]) -> Row:
+    sent = max(int(result["sent"]), 1)
+    latency = result["latency_ms"]
+    router, backend = cpu.get("router"), cpu.get("backend")
+    return Row(
+        target=target,
+        concurrency=int(result["concurrency"]),
+        requests_per_s=float(result["requests_per_s"]),
+        p50_ms=float(latency["p50"]),
+        p90_ms=float(latency["p90"]),
+        p99_ms=float(latency["p99"]),
+        requests=int(result["requests"]),
+        errors=dict(result["errors"]),
+        router_cpu_ms_per_request=None if router is None else router * 1000 / sent,
+        backend_cpu_ms_per_request=None if backend is None else backend * 1000 / sent,
+    )
+
+
+def run_overhead(
+    concurrencies: Sequence[int] = (1, 16, 64),
+    *,
+    duration_s: float = 5.0,
+    warmup_s: float = 1.0,
+    state: str = "sqlite",
+    peers: Sequence[str] = (),
+    peer_api_key: str | None = None,
+    async_api: bool = True,
+) -> OverheadReport:
+    """Start the stand-in and the router, drive every target at every concurrency."""
+    if not concurrencies or min(concurrencies) < 1:
+        raise ValueError("concurrencies must be positive")
+    if duration_s <= 0 or warmup_s < 0:
+        raise ValueError("the duration must be positive and the warm-up not negative")
+    if state not in _STATES:
+        raise ValueError(f"state must be one of {', '.join(_STATES)}")
+    for peer in peers:
+        if not peer.startswith(("http://", "https://")):
+            raise ValueError(f"a peer is an http(s) URL, not {peer!r}")
+    key = f"gpr_{secrets.token_urlsafe(24)}"
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="gpurouter-bench-") as tmp:
+        folder = Path(tmp)
+        backend_port, router_port = _free_port(), _free_port()
+        backend_url = f"http://127.0.0.1:{backend_port}"
+        router_url = f"http://127.0.0.1:{router_port}"
+        config = _router_config(folder, router_port, backend_url, key, state)
+        standin = [sys.executable, "-m", "gpu_request_router.bench.openai_standin"]
+        router = [sys.executable, "-m", "gpu_request_router.cli", "serve", "--config", str(config)]
+        with (
+            _process(
+                [*standin, "--port", str(backend_port)],
+                f"{backend_url}/health",
+                folder / "standin.log",
+            ) as backend_process,
+            _process(router, f"{router_url}/healthz", folder / "router.log") as router_process,
+        ):
+            peer_pids = {peer: _pid_listening_on(httpx.URL(peer).port or 80) for peer in peers}
+            targets: list[tuple[str, str, str, str | None, int | None]] = [
+                ("direct", backend_url, "chat", None, None),
+                ("router", router_url, "chat", key, router_process.pid),
+            ]
+            if async_api:
+                targets += [
+                    ("submit", router_url, "submit", key, router_process.pid),
+                    ("submit+wait", router_url, "submit_wait", key, router_process.pid),
+                ]
+            targets += [
+                (f"peer {peer}", peer, "chat", peer_api_key, peer_pids[peer]) for peer in peers
+            ]
+            for concurrency in concurrencies:
+                direct_p50: float | None = None
+                for target, url, mode, api_key, pid in targets:
+                    router_before = _cpu_s(pid) if pid else 0.0
+                    backend_before = _cpu_s(backend_process.pid)
+                    result = _load(url, mode, concurrency, duration_s, warmup_s, api_key)
+                    cpu = {
+                        "router": _cpu_s(pid) - router_before if pid else None,
+                        # A peer may use another backend: the stand-in's CPU says nothing then.
+                        "backend": None
+                        if target.startswith("peer")
+                        else _cpu_s(backend_process.pid) - backend_before,
+                    }
+                    row = _row(target, result, cpu)
+                    if target == "direct":
+                        direct_p50 = row.p50_ms
+                    elif mode == "chat" and direct_p50 is not None and row.requests:
+                        row = Row(**{**asdict(row), "added_p50_ms": row.p50_ms - direct_p50})
+                    rows.append(row)
+    setup = {
+        "state": state,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "concurrencies": list(concurrencies),
+        "peers": list(peers),
+    }
+    return OverheadReport(rows=rows, setup=setup)
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def print_overhead(report: OverheadReport) -> None:
+    """Print one table: every target at every concurrency."""
+    print_table(
+        f"Overhead (state: {report.setup.get('state')}): closed-loop clients, latency in ms",
+        [
+            "target",
+            "conc.",
+            "req/s",
+            "p50",
+            "p90",
+            "p99",
+            "added p50",
+            "router CPU ms/req",
+            "backend CPU ms/req",
+            "errors",
+        ],
+        [
+            [
+                row.target,
+                str(row.concurrency),
+                f"{row.requests_per_s:,.0f}",
+                _ms(row.p50_ms),
+                _ms(row.p90_ms),
+                _ms(row.p99_ms),
+                _ms(row.added_p50_ms),
+                _ms(row.router_cpu_ms_per_request),
+                _ms(row.backend_cpu_ms_per_request),
+                ", ".join(f"{k}: {v}" for k, v in row.errors.items()) or "0",
+            ]
+            for row in report.rows
+        ],
+    )
+
+
+def write_overhead(report: OverheadReport, path: Path) -> None:
+    """Write the report as JSON."""
+    write_json(path, report.to_json())
+
+
+def command(
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", help="Client counts, comma-separated.")
+    ] = "1,16,64",
+    duration: Annotated[
+        float, typer.Option("--duration", help="Measured seconds per target and concurrency.")
+    ] = 5.0,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="Unmeasured seconds before each measurement.")
+    ] = 1.0,
+    state: Annotated[
+        str, typer.Option("--state", help="The router's state store: sqlite | memory | redis.")
+    ] = "sqlite",
+    peer: Annotated[
+        list[str] | None,
+        typer.Option("--peer", help="Another router's base URL to measure alike (repeat)."),
+    ] = None,
+    peer_api_key: Annotated[
+        str | None, typer.Option("--peer-api-key", help="Bearer key the peers want.")
+    ] = None,
+    async_api: Annotated[
+        bool, typer.Option("--async-api/--no-async-api", help="Also measure POST /v1/requests.")
+    ] = True,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every row here.")] = None,
+) -> None:
+    """Latency, requests/s and router CPU per request, direct to a backend and through the router.
+
+    A stand-in OpenAI-compatible backend and the router run as real processes on loopback; a
+    load generator process drives each at every concurrency.
+    """
+    if duration <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--duration")
+    if warmup < 0:
+        raise typer.BadParameter("must not be negative", param_hint="--warmup")
+    if state not in _STATES:
+        raise typer.BadParameter(f"expected one of {', '.join(_STATES)}", param_hint="--state")
+    for url in peer or []:
+        if not url.startswith(("http://", "https://")):
+            raise typer.BadParameter(f"not an http(s) URL: {url!r}", param_hint="--peer")
+    report = run_overhead(
+        parse_counts(concurrency, "--concurrency"),
+        duration_s=duration,
+        warmup_s=warmup,
+        state=state,
+        peers=peer or [],
+        peer_api_key=peer_api_key,
+        async_api=async_api,
+    )
+    print_overhead(report)
+    if json_path is not None:
+        write_overhead(report, json_path)
