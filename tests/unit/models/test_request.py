@@ -17,6 +17,7 @@ from gpu_request_router.models.request import (
     Placement,
     Request,
     RequestStatus,
+    ResourceHints,
     Shape,
     Task,
 )
@@ -316,6 +317,43 @@ def test_snapshot_copies_every_field() -> None:
     snap = request.snapshot()
     for name in Request.__dataclass_fields__:
         assert getattr(snap, name) == getattr(request, name), name
+
+
+def test_adopt_takes_every_field() -> None:
+    """Adopting another request makes this one equal to it field by field."""
+    request = make_request()
+    other = Request(
+        id="r2",
+        user="bob",
+        model="llama-3-70b",
+        task=Task.COMPLETION,
+        priority="high",
+        estimate=estimate(gpu_memory_mb=30_000),
+        created_at=T0 + 1.0,
+        input={"prompt": "hello"},
+        shape=Shape(2, 10, 20),
+        resources=ResourceHints(gpu_memory_mb=40_000, gpu_count=2, gpu_type="H100-80GB"),
+        timeout_s=60.0,
+        metadata={"team": "vision"},
+        idempotency_key="k1",
+        fingerprint="f1",
+        status=S.FAILED,
+        queued_at=T0 + 2.0,
+        dispatched_at=T0 + 3.0,
+        started_at=T0 + 4.0,
+        finished_at=T0 + 5.0,
+        queue_wait_s=1.5,
+        attempts=3,
+        placement=PLACEMENT,
+        result={"answer": 42},
+        error=ErrorInfo("backend_error", "boom"),
+        version=7,
+    )
+    request.adopt(other)
+    for name in Request.__dataclass_fields__:
+        mine, theirs = getattr(request, name), getattr(other, name)
+        assert mine == theirs, name
+        assert mine != getattr(make_request(), name), f"{name} does not differ: a weak test"
 
 
 # --- estimates and shapes ----------------------------------------------------------------------
