@@ -89,8 +89,8 @@ class Runtime:
         self._wake = asyncio.Event()
         self._executions: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._watchers: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[Request | None]]] = {}
+        self._watchers: dict[str, list[asyncio.Future[Request | None]]] = {}
         self._sinks: dict[str, StreamSink] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._worker_loops: dict[str, asyncio.Task[None]] = {}
@@ -296,23 +296,34 @@ class Runtime:
         return stored
 
     async def wait(self, request_id: str, timeout_s: float) -> Request:
-        """The request once it is terminal, or as it is when ``timeout_s`` has passed."""
+        """The request once it is terminal, or as it is when ``timeout_s`` has passed.
+
+        A request that ends while waited on comes as its terminal transition left it (exactly
+        what was stored), without reading it back from the store.
+        """
         request = self.get(request_id)
-        if not request.status.terminal and timeout_s > 0:
-            await self._signal(self._waiters, request_id, timeout_s)
-        return self.get(request_id)
+        if request.status.terminal or timeout_s <= 0:
+            return request
+        ended = await self._signal(self._waiters, request_id, timeout_s)
+        return ended if ended is not None else self.get(request_id)
 
     async def _signal(
-        self, registry: dict[str, list[asyncio.Future[None]]], request_id: str, timeout_s: float
-    ) -> None:
-        """Wait until a transition of ``request_id`` resolves an entry of ``registry``."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self,
+        registry: dict[str, list[asyncio.Future[Request | None]]],
+        request_id: str,
+        timeout_s: float,
+    ) -> Request | None:
+        """Wait until a transition of ``request_id`` resolves an entry of ``registry``.
+
+        Returns the request if that transition ended it, else ``None`` (also on time-out).
+        """
+        future: asyncio.Future[Request | None] = asyncio.get_running_loop().create_future()
         registry.setdefault(request_id, []).append(future)
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.shield(future)
+                return await asyncio.shield(future)
         except TimeoutError:
-            pass
+            return None
         finally:
             pending = registry.get(request_id, [])
             if future in pending:
@@ -322,14 +333,16 @@ class Runtime:
 
     def _on_transition(self, request: Request, change: Transition) -> None:
         waiting = self._watchers.pop(request.id, [])
+        ended = None
         if request.status.terminal:
+            ended = request.snapshot()
             waiting += self._waiters.pop(request.id, [])
             sink = self._sinks.pop(request.id, None)
             if sink is not None:
                 sink.close()
         for future in waiting:
             if not future.done():
-                future.set_result(None)
+                future.set_result(ended)
 
     # Decisions -----------------------------------------------------------------------------------
 

@@ -85,6 +85,28 @@ async def test_get_returns_terminal_requests_from_the_store() -> None:
     assert stored.result["object"] == "chat.completion"
 
 
+async def test_wait_returns_the_request_as_its_end_stored_it_without_reading_the_store() -> None:
+    """A waiter gets the terminal request from its last transition, equal to the stored one."""
+    store = MemoryStore()
+    async with Runtime.from_settings(fast_settings(), store=store, seed=1) as runtime:
+        submitted = await runtime.submit(chat(duration_s=0.02), ALICE)
+        reads: list[str] = []
+        real_get = store.get_request
+
+        def counted_get(request_id: str) -> Request | None:
+            reads.append(request_id)
+            return real_get(request_id)
+
+        store.get_request = counted_get  # type: ignore[method-assign]
+        done = await runtime.wait(submitted.id, timeout_s=5)
+        assert reads == []
+        stored = real_get(submitted.id)
+    assert done.status is RequestStatus.SUCCEEDED
+    assert stored is not None
+    for name in Request.__dataclass_fields__:
+        assert getattr(done, name) == getattr(stored, name), name
+
+
 async def test_wait_returns_the_live_request_when_its_timeout_passes() -> None:
     """wait() with a short timeout returns the request still running."""
     async with Runtime.from_settings(fast_settings(), seed=1) as runtime:
