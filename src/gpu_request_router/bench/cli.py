@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gpu_request_router.bench import decisions, overhead, packing
+from gpu_request_router.bench import decisions, overhead, packing, replay
 
 __all__ = ["bench_app"]
 
@@ -14,4 +14,5 @@ bench_app = typer.Typer(
 )
 bench_app.command("overhead")(overhead.command)
 bench_app.command("decisions")(decisions.command)
+bench_app.command("replay")(replay.command)
 bench_app.command("packing")(packing.command)

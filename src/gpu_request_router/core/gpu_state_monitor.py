@@ -110,8 +110,14 @@ class GPUStateMonitor:
         return self._by_worker.get(worker, ())
 
     def limit_mb(self, state: GPUState) -> int:
-        """The most the router may reserve on a GPU in all: total − margin − used by others."""
-        return state.memory_total_mb - self._margin - state.reading.external_used_mb
+        """The most the router may reserve on a GPU in all: total − margin − used by others.
+
+        "Used by others" is what the latest reading showed beyond the router's reservations,
+        plus ``hidden_mb`` (see :meth:`release`) until the next reading.
+        """
+        return (
+            state.memory_total_mb - self._margin - state.reading.external_used_mb - state.hidden_mb
+        )
 
     # Readings and health -------------------------------------------------------------------------
 
@@ -138,6 +144,8 @@ class GPUStateMonitor:
             was_usable = state.health in _USABLE or state.health is GPUHealth.UNKNOWN
             state.reading = reading
             state.last_seen = now
+            state.unseen.clear()
+            state.hidden_mb = 0
             state.health = self._health_of(reading)
             if was_usable and state.health is GPUHealth.UNHEALTHY:
                 lost.append(state.id)
@@ -247,19 +255,31 @@ class GPUStateMonitor:
             return False
         state.reserved_mb = total
         state.running[holder] = memory_mb
+        state.unseen.add(holder)
         self._holders.setdefault(holder, []).append(gpu_id)
         self._recompute(state)
         return True
 
-    def release(self, holder: str) -> list[str]:
-        """Release every reservation of execution ``holder``; return the GPUs it was on."""
+    def release(self, holder: str, peak_mb: int | None = None) -> list[str]:
+        """Release every reservation of execution ``holder``; return the GPUs it was on.
+
+        ``peak_mb``: the most memory it used on one GPU, where the backend reported it. A
+        reading nets what the router's executions use beyond their reservations against what
+        they leave unused, so when an execution the latest reading saw ends having used less
+        than it reserved, the others' excess that it hid comes to light: the difference counts
+        as used by others (``hidden_mb``) until the next reading shows the truth.
+        """
         gpu_ids = self._holders.pop(holder, [])
         if not gpu_ids:
             return []
         totals = self._store.release(holder)
         for gpu_id in gpu_ids:
             state = self._gpus[gpu_id]
-            state.running.pop(holder, None)
+            reserved = state.running.pop(holder, 0)
+            if holder in state.unseen:
+                state.unseen.discard(holder)
+            elif peak_mb is not None and peak_mb < reserved:
+                state.hidden_mb += reserved - peak_mb
             state.reserved_mb = totals.get(gpu_id, 0)
             if state.draining and not state.running:
                 state.draining = False

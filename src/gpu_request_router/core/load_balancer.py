@@ -8,8 +8,13 @@ a starving request nor, when others qualify, one the request already failed on. 
 
 Policies (:data:`POLICIES`) only rank the survivors; each is a small class with ``choose()``:
 
-- ``balanced`` (default): model already loaded first, then healthy before degraded, then the
-  tightest memory fit (whole GiB), then the least busy;
+- ``balanced`` (default): model already loaded first, then healthy before degraded, then by
+  how sure the request's size is. An exact size (a client's memory hint, or no working memory
+  to guess: weights only) takes the tightest fit (whole GiB), keeping large holes whole for
+  large requests. An estimated size (KV cache and activations of an answer whose length is a
+  guess) spreads: the least busy GPU, then the most room left after it. The room absorbs the
+  estimate's error, so the GPU does not run out of memory, and fewer executions share each
+  GPU. ``gpurouter bench replay`` measures the difference (docs/benchmarks.md);
 - ``best_fit``: the least memory left over;
 - ``least_loaded``: the fewest busy slots, then the most room;
 - ``power_of_two``: two random candidates, the less loaded of them;
@@ -48,7 +53,10 @@ _DEGRADED = GPUHealth.DEGRADED
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """What a request needs from the fleet: per-GPU memory (with its weights share) and GPUs."""
+    """What a request needs from the fleet: per-GPU memory (with its weights share) and GPUs.
+
+    ``exact``: the memory is known (a client's hint, or weights only), not a guess.
+    """
 
     model: str
     memory_mb: int
@@ -56,6 +64,7 @@ class Need:
     gpu_count: int = 1
     gpu_type: str | None = None
     avoid: frozenset[str] = frozenset()
+    exact: bool = False
 
     def memory_on(self, gpu: GPUState) -> int:
         """Memory to reserve on ``gpu``: no weights where the model is loaded already."""
@@ -152,26 +161,28 @@ class Policy(ABC):
     name: str = ""
 
     @abstractmethod
-    def choose(self, options: Sequence[Option]) -> Option:
-        """Pick one of ``options`` (never empty)."""
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
+        """Pick one of ``options`` (never empty) for ``need``."""
+
+
+def _tightest(option: Option) -> tuple[bool, bool, int, float]:
+    unit, memory, loaded = option
+    return not loaded, unit.health is _DEGRADED, (unit.room_mb - memory) // _GIB, unit.busy
+
+
+def _spread(option: Option) -> tuple[bool, bool, float, int]:
+    unit, memory, loaded = option
+    return not loaded, unit.health is _DEGRADED, unit.busy, memory - unit.room_mb
 
 
 class BalancedPolicy(Policy):
-    """Model affinity, then health, then the tightest memory fit (whole GiB), then load."""
+    """Model affinity, then health; then exact sizes pack tightly, estimated ones spread."""
 
     name = "balanced"
 
-    def choose(self, options: Sequence[Option]) -> Option:
-        """Pick the option that keeps large holes free without piling onto busy GPUs."""
-        return min(
-            options,
-            key=lambda o: (
-                not o[2],
-                o[0].health is _DEGRADED,
-                (o[0].room_mb - o[1]) // _GIB,
-                o[0].busy,
-            ),
-        )
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
+        """Pack what is known, leave room where the size is a guess (module docstring)."""
+        return min(options, key=_tightest if need.exact else _spread)
 
 
 class BestFitPolicy(Policy):
@@ -179,7 +190,7 @@ class BestFitPolicy(Policy):
 
     name = "best_fit"
 
-    def choose(self, options: Sequence[Option]) -> Option:
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick the option with the least room left after placement."""
         return min(options, key=lambda o: (o[0].room_mb - o[1], o[0].busy))
 
@@ -193,7 +204,7 @@ class LeastLoadedPolicy(Policy):
 
     name = "least_loaded"
 
-    def choose(self, options: Sequence[Option]) -> Option:
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick the least busy option."""
         return min(options, key=_least_busy)
 
@@ -206,7 +217,7 @@ class PowerOfTwoPolicy(Policy):
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def choose(self, options: Sequence[Option]) -> Option:
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Sample two options and pick the less busy one."""
         pair = self._rng.sample(options, 2) if len(options) > 1 else options
         return min(pair, key=_least_busy)
@@ -220,7 +231,7 @@ class RoundRobinPolicy(Policy):
     def __init__(self) -> None:
         self._last: tuple[str, int] = ("", -1)
 
-    def choose(self, options: Sequence[Option]) -> Option:
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick the first option whose (first) GPU comes after the previous choice, wrapping."""
         last = self._last
 
@@ -241,7 +252,7 @@ class RandomPolicy(Policy):
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def choose(self, options: Sequence[Option]) -> Option:
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick an option at random."""
         return self._rng.choice(options)
 
@@ -307,11 +318,11 @@ class LoadBalancer:
         )
         if not options:
             return NoFit(free_slots=free_slots)
-        return Chosen.of(self.policy.choose(options), self.policy.name)
+        return Chosen.of(self.policy.choose(options, need), self.policy.name)
 
     @staticmethod
     def _groups(options: Iterable[tuple[GPUState, int, bool]], need: Need) -> list[Option]:
-        """One group per worker with enough GPUs: its tightest-fitting ones.
+        """One group per worker with enough GPUs: its tightest-fitting ones, in index order.
 
         Tight groups leave big holes intact. GPUs the request should avoid are taken only when
         no worker has enough without them; a group may then mix both (avoided ones last).
@@ -335,7 +346,8 @@ class LoadBalancer:
             (mixed if chosen[-1][0] else clean).append(chosen)
         groups: list[Option] = []
         for chosen in clean or mixed:
-            group = GPUGroup([(gpu, memory) for _, _, _, gpu, memory, _ in chosen])
+            in_order = sorted(chosen, key=lambda ranked: ranked[3].reading.index)
+            group = GPUGroup([(gpu, memory) for _, _, _, gpu, memory, _ in in_order])
             groups.append((group, sum(group.reservations), all(o[5] for o in chosen)))
         return groups
 

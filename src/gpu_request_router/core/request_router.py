@@ -185,7 +185,10 @@ class RequestRouter:
         return self._queued[user]
 
     def need_of(self, request: Request, *, avoid: Iterable[str] = ()) -> Need:
-        """What ``request`` needs from the fleet."""
+        """What ``request`` needs from the fleet.
+
+        Its memory is exact when the client gave it or there is nothing to guess (weights only).
+        """
         estimate = request.estimate
         return Need(
             model=request.model,
@@ -194,6 +197,8 @@ class RequestRouter:
             gpu_count=request.gpu_count,
             gpu_type=request.resources.gpu_type,
             avoid=frozenset(avoid),
+            exact=request.resources.gpu_memory_mb is not None
+            or estimate.gpu_memory_mb == estimate.weights_mb,
         )
 
     def could_ever_fit(self, need: Need) -> bool:
@@ -336,7 +341,7 @@ class RequestRouter:
             self._set(request, _S.RUNNING, now, actor=actor)
         used = self._used(request, execution, now, result.gpu_seconds)
         self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
-        self._end_execution(execution_id, request, used)
+        self._end_execution(execution_id, request, used, result.peak_memory_mb)
         if duration is not None:
             gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
             self.estimator.observe(
@@ -420,11 +425,17 @@ class RequestRouter:
         started = request.started_at if request.started_at is not None else now
         return max(0.0, now - started) * len(execution.gpu_ids)
 
-    def _end_execution(self, execution_id: str, request: Request, used_gpu_seconds: float) -> None:
+    def _end_execution(
+        self,
+        execution_id: str,
+        request: Request,
+        used_gpu_seconds: float,
+        peak_memory_mb: int | None = None,
+    ) -> None:
         """Forget an execution: free its reservations, its user's slot, and settle its charge."""
         execution = self._executions.pop(execution_id)
         self._current.pop(request.id, None)
-        touched = self.monitor.release(execution_id)
+        touched = self.monitor.release(execution_id, peak_memory_mb)
         for gpu_id in touched:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.quotas.charge(request.user, execution_id, execution.dispatched_at, used_gpu_seconds)

@@ -71,7 +71,9 @@ class GPUState:
     (memory free for placement: total − safety margin − router reservations − memory used by
     others), ``free_slots``, ``busy`` (0..1: the share of slots in use, or the backend's own
     load where that is higher) and ``schedulable`` are kept current by the GPU state monitor so
-    that placement reads plain attributes. ``id`` (``<worker>:<index>``) is fixed at creation.
+    that placement reads plain attributes. ``unseen`` holds the executions placed since the
+    latest reading; ``hidden_mb`` is memory in use that the latest reading hid (see
+    :meth:`GPUStateMonitor.release`). ``id`` (``<worker>:<index>``) is fixed at creation.
     """
 
     reading: GPUReading
@@ -86,6 +88,8 @@ class GPUState:
     schedulable: bool = False
     circuit_open: bool = False
     busy: float = 0.0
+    unseen: set[str] = field(default_factory=set)
+    hidden_mb: int = 0
     id: str = field(init=False)
 
     def __post_init__(self) -> None:

@@ -48,8 +48,7 @@ class CodecError(ValueError):
     """A text is not a record this codec wrote (malformed, or of an unknown format version)."""
 
 
-def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _loads(text: str | bytes, kind: str) -> dict[str, Any]:

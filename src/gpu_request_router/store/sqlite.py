@@ -280,7 +280,7 @@ class SQLiteStore(StateStore):
                 ).fetchone()
                 return request_from_json(stored)
             conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
-        return request_from_json(body)
+        return request.snapshot()
 
     def get_request(self, request_id: str) -> Request | None:
         """The stored request, or ``None``."""
@@ -429,11 +429,18 @@ class SQLiteStore(StateStore):
             conn.execute(
                 "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s)
             )
-            count, oldest = conn.execute(
-                "SELECT count(*), min(at) FROM admissions WHERE user = ?", (user,)
-            ).fetchone()
-            if limit is not None and count >= limit:
-                return _retry_after(now, oldest, window_s)
+            # Counting stops at the limit (and without one there is nothing to count), so an
+            # admission costs the same however many the window holds.
+            if limit is not None:
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM admissions WHERE user = ? LIMIT ?)",
+                    (user, limit),
+                ).fetchone()
+                if count >= limit:
+                    (oldest,) = conn.execute(
+                        "SELECT min(at) FROM admissions WHERE user = ?", (user,)
+                    ).fetchone()
+                    return _retry_after(now, oldest, window_s)
             conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
         return None
 

@@ -142,6 +142,44 @@ def test_release_restores_room_and_slots_on_every_gpu() -> None:
     assert monitor.release("exe_1") == []
 
 
+def test_an_ending_execution_that_used_less_than_it_reserved_uncovers_the_others_excess() -> None:
+    """A thrifty execution ending uncovers the excess of another that a reading netted away.
+
+    The excess counts as used until the next reading shows the truth.
+    """
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "big", 10_000)  # will use 16,000
+    assert monitor.reserve("a:0", "small", 10_000)  # will use 5,000
+    # The reading sees 21,000 used against 20,000 reserved: 1,000 used by "others".
+    monitor.apply([reading("a", 0, used_mb=21_000, reserved_mb=20_000)], 1.0)
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 20_000 - 1_000
+    monitor.release("small", peak_mb=5_000)
+    # 16,000 are in use now, not 10,000 + 1,000: the room says so before any reading.
+    assert monitor.get("a:0").hidden_mb == 5_000
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
+    assert not monitor.reserve("a:0", "next", H100_MB - MARGIN - 16_000 + 1)
+    monitor.apply([reading("a", 0, used_mb=16_000, reserved_mb=10_000)], 2.0)
+    assert monitor.get("a:0").hidden_mb == 0
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
+
+
+def test_executions_placed_after_the_reading_or_without_a_peak_uncover_nothing() -> None:
+    """Only an execution the latest reading saw, ending below its reservation, moves the room."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "seen", 10_000)
+    monitor.apply([reading("a", 0, used_mb=10_000, reserved_mb=10_000)], 1.0)
+    assert monitor.reserve("a:0", "unseen", 10_000)
+    assert monitor.get("a:0").unseen == {"unseen"}
+    monitor.release("unseen", peak_mb=2_000)  # the reading never counted it
+    monitor.release("seen")  # no peak reported
+    assert monitor.get("a:0").hidden_mb == 0
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN
+    assert monitor.reserve("a:0", "again", 10_000)
+    monitor.apply([reading("a", 0, used_mb=10_000, reserved_mb=10_000)], 2.0)
+    monitor.release("again", peak_mb=12_000)  # used more than reserved: frees what it used
+    assert monitor.get("a:0").hidden_mb == 0
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from(["e1", "e2", "e3", "e4"]), st.integers(0, 40_000), st.booleans()),

@@ -243,8 +243,8 @@ def test_balanced_prefers_healthy_over_degraded() -> None:
     assert chosen_ids(place(alone, need(), "balanced")) == ("a:1",)
 
 
-def test_balanced_picks_the_tightest_gib_bucket_even_if_busier() -> None:
-    """Across whole-GiB buckets balanced takes the tighter fit, load only breaks ties."""
+def test_balanced_packs_an_exact_size_into_the_tightest_gib_bucket_even_if_busier() -> None:
+    """A known size: across whole-GiB buckets the tighter fit wins, load only breaks ties."""
     monitor = fleet(
         reading("a", 0, used_mb=10_000),
         reading("a", 1, used_mb=50_000),
@@ -253,10 +253,10 @@ def test_balanced_picks_the_tightest_gib_bucket_even_if_busier() -> None:
     assert (H100_ROOM - 50_000 - 20_000) // GIB == 10
     assert (H100_ROOM - 50_500 - 20_000) // GIB == 9
     monitor.reserve("a:2", "busy", 0)
-    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:2",)
+    assert chosen_ids(place(monitor, need(exact=True), "balanced")) == ("a:2",)
 
 
-def test_balanced_within_one_gib_prefers_idle() -> None:
+def test_balanced_with_an_exact_size_within_one_gib_prefers_idle() -> None:
     """Two GPUs whose leftovers share a GiB bucket: the idle one is chosen, not the tighter."""
     base = 40 * GIB
     monitor = fleet(
@@ -264,8 +264,26 @@ def test_balanced_within_one_gib_prefers_idle() -> None:
         reading("a", 1, used_mb=H100_ROOM - base - 20_000 - 900, slots=8),
     )
     monitor.reserve("a:0", "busy", 0)
-    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:1",)
+    assert chosen_ids(place(monitor, need(exact=True), "balanced")) == ("a:1",)
     assert chosen_ids(place(monitor, need(), "best_fit")) == ("a:0",)
+
+
+def test_balanced_spreads_an_estimated_size_to_the_least_busy_then_the_roomiest() -> None:
+    """A guessed size goes where fewest run, then where the most room is left to absorb error."""
+    monitor = fleet(
+        reading("a", 0, used_mb=10_000),
+        reading("a", 1, used_mb=50_000),
+        reading("a", 2, used_mb=0),
+    )
+    monitor.reserve("a:2", "busy", 0)
+    # a:2 has the most room but runs something; of the idle two, a:0 has more room.
+    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:0",)
+    monitor.reserve("a:0", "busy-too", 0)
+    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:1",)
+    monitor.reserve("a:1", "busy-as-well", 0)
+    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:2",)
+    # Packing would have taken the fullest GPU every time.
+    assert chosen_ids(place(monitor, need(exact=True), "balanced")) == ("a:1",)
 
 
 def test_round_robin_cycles_in_id_order() -> None:

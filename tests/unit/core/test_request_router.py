@@ -368,3 +368,40 @@ def test_model_loaded_gpu_reserves_no_weights() -> None:
     estimate = dispatch.request.estimate
     assert dispatch.reservations["sim:0"] == estimate.gpu_memory_mb - estimate.weights_mb
     assert "model loaded" in dispatch.placement.reason
+
+
+def test_balanced_packs_sized_requests_and_spreads_estimated_ones(harness_for) -> None:
+    """A memory hint is a known size, packed; a chat request's size is a guess, spread.
+
+    The guess (the answer's length) goes to the idle GPU, where its error has room.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)], slots=4)
+    first = h.submit(_sized(30_000), user="ann")
+    gpu = h.dispatch_of(first).placement.gpu_id
+    sized = h.submit(_sized(30_000), user="bob")
+    assert h.dispatch_of(sized).placement.gpu_id == gpu
+    guessed = h.submit(chat(), user="carol")
+    assert h.dispatch_of(guessed).placement.gpu_id != gpu
+    assert h.router.need_of(sized).exact and not h.router.need_of(guessed).exact
+
+
+def test_a_finished_execution_below_its_reservation_keeps_the_others_excess_counted(
+    harness_for,
+) -> None:
+    """An execution ending below its reservation uncovers its neighbour's excess.
+
+    Until the next reading the GPU's room shrinks by that excess instead of growing by the
+    whole reservation.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=4)
+    a = h.submit(_sized(20_000), user="ann")
+    b = h.submit(_sized(20_000), user="bob")
+    gpu_id = h.dispatch_of(a).placement.gpu_id
+    state = h.router.monitor.gpus[gpu_id]
+    total = state.memory_total_mb
+    # a uses 26,000 and b 14,000: the reading nets them to exactly the reservations.
+    seen = reading("sim", 0, used_mb=40_000, reserved_mb=40_000)
+    h.apply(h.router.readings([seen], h.now, worker="sim"))
+    h.finish(b, peak_memory_mb=14_000)
+    margin = h.settings.placement.memory_safety_margin_mb
+    assert state.room_mb == total - margin - 26_000

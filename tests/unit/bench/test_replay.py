@@ -1,0 +1,429 @@
+"""Unit tests of ``gpurouter bench replay``: trace readers, user assignment, metrics, the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gpu_request_router.bench.replay import (
+    REQUIRED_METRICS,
+    Fleet,
+    assign_users,
+    jain_index,
+    parse_gpus,
+    percentile,
+    plan_rows,
+    replay,
+    replay_settings,
+    summarize,
+    user_of,
+)
+from gpu_request_router.bench.traces import (
+    ALIBABA_MAX_DURATION_S,
+    TraceError,
+    TraceRow,
+    detect_format,
+    read_alibaba_pods,
+    read_azure,
+    read_generic,
+    read_trace,
+)
+from gpu_request_router.cli import app
+from gpu_request_router.models.request import Task
+from gpu_request_router.simulation import Rejection, RequestRecord, SimulationReport
+
+AZURE_CONV = (
+    Path(__file__).parents[3]
+    / "benchmarks"
+    / "traces"
+    / "azure_llm_2023"
+    / "AzureLLMInferenceTrace_conv.csv"
+)
+AZURE_TEXT = (
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+    "2023-11-16 18:15:46.6805900,374,44\n"
+    "2023-11-16 18:15:50.9951690,396,109\n"
+    "2023-11-16 18:16:46.6805900,879,55\n"
+)
+ALIBABA_TEXT = (
+    "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,"
+    "deletion_time,scheduled_time\n"
+    "openb-pod-0000,12000,16384,1,1000,,LS,Running,100,700,100\n"
+    "openb-pod-0001,6000,12288,1,500,,BE,Running,160,160,160\n"
+    "openb-pod-0002,4000,8192,0,0,,BE,Running,170,900,170\n"
+    "openb-pod-0003,8000,30517,2,1000,,Burstable,Pending,200,,\n"
+    "openb-pod-0004,8000,30517,1,250,,Other,Running,300,9000000,300\n"
+)
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    """Write ``text`` to ``name`` in ``tmp_path``."""
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def record(
+    request_id: str,
+    *,
+    user: str = "u01",
+    status: str = "succeeded",
+    created: float = 0.0,
+    started: float | None = 0.0,
+    finished: float | None = 10.0,
+    wait: float = 0.0,
+    memory: int = 1000,
+    error: str | None = None,
+    retried: tuple[str, ...] = (),
+) -> RequestRecord:
+    """A simulation record of one request, by hand."""
+    return RequestRecord(
+        id=request_id,
+        user=user,
+        model="llama-3-8b",
+        priority="normal",
+        status=status,
+        attempts=1 + len(retried),
+        worker="sim",
+        gpu_ids=("sim:0",),
+        reason="",
+        created_at=created,
+        dispatched_at=started,
+        started_at=started,
+        finished_at=finished,
+        queue_wait_s=wait,
+        error=error,
+        gpu_memory_mb=memory,
+        retried_after=retried,
+    )
+
+
+# Readers ---------------------------------------------------------------------------------------
+
+
+def test_azure_reader_counts_time_from_the_first_row(tmp_path: Path) -> None:
+    """Azure rows keep their token counts and their time from the first row, in seconds."""
+    rows = read_azure(write(tmp_path, "azure.csv", AZURE_TEXT))
+    assert [row.input_tokens for row in rows] == [374, 396, 879]
+    assert [row.output_tokens for row in rows] == [44, 109, 55]
+    assert [round(row.timestamp_s, 6) for row in rows] == [0.0, 4.314579, 60.0]
+    assert all(row.user is None and row.model is None for row in rows)
+
+
+def test_alibaba_reader_maps_pods_to_generic_jobs(tmp_path: Path) -> None:
+    """Pods become generic jobs: GPU share of the given memory, bounded lifetime, QoS class."""
+    rows = read_alibaba_pods(write(tmp_path, "pods.csv", ALIBABA_TEXT), gpu_memory_mb=80000)
+    assert len(rows) == 4  # the pod without GPUs is skipped
+    assert [row.timestamp_s for row in rows] == [0.0, 60.0, 100.0, 200.0]
+    assert [row.gpu_memory_mb for row in rows] == [80000, 40000, 80000, 20000]
+    assert [row.gpu_count for row in rows] == [1, 1, 2, 1]
+    longest = ALIBABA_MAX_DURATION_S
+    assert [row.duration_s for row in rows] == [600.0, 1.0, longest, longest]
+    assert [row.priority for row in rows] == ["high", "batch", "normal", None]
+    assert {row.model for row in rows} == {"generic"}
+
+
+def test_generic_reader_reads_csv_and_jsonl_with_defaults(tmp_path: Path) -> None:
+    """Generic CSV and JSON Lines give the same rows; missing fields stay unset (defaults)."""
+    csv_path = write(
+        tmp_path,
+        "trace.csv",
+        "timestamp_s,user,input_tokens,output_tokens,gpu_count\n10.5,alice,100,20,\n12,,,,2\n",
+    )
+    jsonl_path = write(
+        tmp_path,
+        "trace.jsonl",
+        '{"timestamp_s": 10.5, "user": "alice", "input_tokens": 100, "output_tokens": 20}\n'
+        "\n"
+        '{"timestamp_s": 12, "gpu_count": 2}\n',
+    )
+    expected = [
+        TraceRow(0.0, user="alice", input_tokens=100, output_tokens=20),
+        TraceRow(1.5, gpu_count=2),
+    ]
+    assert read_generic(csv_path) == expected
+    assert read_generic(jsonl_path) == expected
+
+
+def test_format_is_detected_from_the_header(tmp_path: Path) -> None:
+    """Auto-detection tells the three formats apart and refuses an unknown header."""
+    assert detect_format(write(tmp_path, "a.csv", AZURE_TEXT)) == "azure"
+    assert detect_format(write(tmp_path, "b.csv", ALIBABA_TEXT)) == "alibaba"
+    assert detect_format(write(tmp_path, "c.csv", "timestamp_s,user\n1,bob\n")) == "generic"
+    assert detect_format(write(tmp_path, "d.jsonl", '{"timestamp_s": 1}\n')) == "generic"
+    assert len(read_trace(write(tmp_path, "e.csv", ALIBABA_TEXT))) == 4
+    with pytest.raises(TraceError, match="cannot tell the trace format"):
+        read_trace(write(tmp_path, "f.csv", "when,what\n1,2\n"))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("bad.csv", AZURE_TEXT.replace("109", "many"), "line 3: column 'GeneratedTokens'"),
+        ("bad2.csv", AZURE_TEXT.replace("18:15:46", "yesterday"), "line 2: column 'TIMESTAMP'"),
+        ("bad3.csv", "timestamp_s,input_tokens\n1,5\n2,-3\n", "line 3: column 'input_tokens'"),
+        ("bad4.csv", "timestamp_s,colour\n1,red\n", "line 2: column 'colour'"),
+        ("bad5.jsonl", '{"timestamp_s": 1}\n{"user": "x"}\n', "line 2: column 'timestamp_s'"),
+        ("bad6.jsonl", '{"timestamp_s": 1, "gpu_count": 0}\n', "line 1: column 'gpu_count'"),
+        ("bad7.jsonl", '{"timestamp_s": 1}\n[1, 2]\n', "line 2: expected a JSON object"),
+        (
+            "bad8.csv",
+            ALIBABA_TEXT.replace(",1,250,", ",1,2500,"),
+            "line 6: column 'gpu_milli'",
+        ),
+    ],
+)
+def test_malformed_rows_name_line_and_column(
+    tmp_path: Path, name: str, text: str, where: str
+) -> None:
+    """A malformed row is refused with the file, the line and the column at fault."""
+    path = write(tmp_path, name, text)
+    with pytest.raises(TraceError) as caught:
+        read_trace(path)
+    assert str(path) in str(caught.value)
+    assert where in str(caught.value)
+
+
+# Users and the fleet ---------------------------------------------------------------------------
+
+
+def test_users_are_assigned_deterministically_and_skewed() -> None:
+    """Users depend only on row index, count and seed; the first user is the heaviest."""
+    rows = [TraceRow(float(i)) for i in range(4000)]
+    first = assign_users(rows, users=16, seed=7)
+    assert first == assign_users(rows, users=16, seed=7)
+    assert first != assign_users(rows, users=16, seed=8)
+    assert first[:100] == assign_users(rows[:100], users=16, seed=7)  # --limit keeps them
+    assert [user_of(i, users=16, seed=7) for i in (0, 1, 2, 3999)] == [
+        first[0],
+        first[1],
+        first[2],
+        first[3999],
+    ]
+    counts = Counter(first)
+    assert set(counts) <= {f"u{k:02d}" for k in range(1, 17)}
+    assert counts.most_common(1)[0][0] == "u01"
+    assert 0.25 < counts["u01"] / len(rows) < 0.35  # Zipf(1) over 16 users: 29.6%
+    assert assign_users([TraceRow(0.0, user="carol")], users=4) == ["carol"]
+
+
+def test_gpus_option_is_parsed_and_checked() -> None:
+    """``NxTYPE[,NxTYPE]`` gives the fleet; malformed counts and unknown types are refused."""
+    fleet = parse_gpus("8xH100-80GB, 2xA100-80GB")
+    assert fleet == Fleet((("H100-80GB", 8), ("A100-80GB", 2)))
+    assert fleet.gpu_count == 10
+    assert fleet.memory_mb == 8 * 81559 + 2 * 81920
+    assert str(fleet) == "8xH100-80GB,2xA100-80GB"
+    for bad in ("H100-80GB", "xH100-80GB", "0xH100-80GB", "2xB300", "2x"):
+        with pytest.raises(ValueError, match=r"NxTYPE|at least 1|unknown GPU type"):
+            parse_gpus(bad)
+
+
+# Metrics ---------------------------------------------------------------------------------------
+
+
+def test_percentile_and_jain_index() -> None:
+    """Percentiles interpolate linearly; Jain is 1 for equal shares and 1/n for one taker."""
+    assert percentile([], 99) == 0.0
+    assert percentile([5.0], 50) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(map(float, range(101))), 99) == 99.0
+    assert jain_index([3.0, 3.0, 3.0]) == pytest.approx(1.0)
+    assert jain_index([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
+    assert jain_index([]) == 1.0
+
+
+def test_metrics_of_a_hand_made_run() -> None:
+    """Waits, latency, SLO, memory utilisation, OOMs, fairness and throughput from records."""
+    records = [
+        # Holds half of the fleet's memory for the whole makespan (0 .. 10 s).
+        record("a", user="u01", created=0.0, started=0.0, finished=10.0, memory=30000),
+        # Waited 4 s, ran 2 s, after one out-of-memory retry.
+        record(
+            "b",
+            user="u02",
+            created=1.0,
+            started=5.0,
+            finished=7.0,
+            wait=4.0,
+            retried=("gpu_out_of_memory",),
+        ),
+        # Gave up after running out of memory twice.
+        record(
+            "c",
+            user="u02",
+            status="failed",
+            created=2.0,
+            started=None,
+            finished=3.0,
+            wait=1.0,
+            error="gpu_out_of_memory",
+            retried=("gpu_out_of_memory",),
+        ),
+    ]
+    report = SimulationReport(records, [Rejection(0.5, "u03", "quota", "no")], 10.0, 0)
+    metrics, waits = summarize(
+        report, {"a": 40000, "b": 0, "c": 0}, fleet_memory_mb=80000, slo_s=9.0
+    )
+    assert waits == [0.0, 4.0, 1.0]
+    assert metrics["p50_queue_wait_s"] == 1.0
+    assert metrics["p50_latency_s"] == pytest.approx(8.0)  # latencies 10 and 6
+    assert metrics["p99_latency_s"] == pytest.approx(9.96)
+    assert metrics["slo_attainment"] == 0.25  # only b, out of 4 submitted
+    assert metrics["gpu_memory_utilization"] == pytest.approx(0.5)
+    assert metrics["gpu_memory_reserved_utilization"] == pytest.approx(
+        30000 * 10 / 800000 + 1000 * 2 / 800000
+    )
+    assert metrics["oom_events"] == 3
+    assert metrics["completed"] == 2
+    assert metrics["failed"] == 1
+    assert metrics["rejected"] == 1
+    assert metrics["makespan_s"] == pytest.approx(10.0)
+    assert metrics["throughput_rps"] == pytest.approx(0.2)
+    # Bounded slowdowns: u01 10/10 = 1, u02 6/2 = 3.
+    assert metrics["jain_fairness"] == pytest.approx(16 / (2 * 10))
+
+
+def test_equal_users_are_perfectly_fair() -> None:
+    """Users whose requests are slowed down alike give a Jain index of 1."""
+    records = [
+        record(f"r{i}", user=f"u{i % 4}", created=float(i), started=i + 1.0, finished=i + 3.0)
+        for i in range(8)
+    ]
+    metrics, _ = summarize(
+        SimulationReport(records, [], 11.0, 0), {}, fleet_memory_mb=1, slo_s=30.0
+    )
+    assert metrics["jain_fairness"] == pytest.approx(1.0)
+    assert metrics["slo_attainment"] == 1.0
+
+
+# Replays ---------------------------------------------------------------------------------------
+
+
+def test_rows_carry_their_truth_and_the_router_sees_only_the_prompt() -> None:
+    """The router gets the prompt and no max_tokens; the simulated GPU gets the true shape."""
+    fleet = parse_gpus("1xH100-80GB")
+    settings = replay_settings(fleet, "balanced")
+    rows = [
+        TraceRow(0.0, input_tokens=1000, output_tokens=1000),
+        TraceRow(1.0, input_tokens=8000, output_tokens=1000),
+    ]
+    short, clipped = plan_rows(rows, settings, fleet, load_scale=2.0)
+    assert short.at == 0.0 and clipped.at == 0.5
+    assert "max_tokens" not in short.submission.input
+    assert short.submission.task is Task.CHAT
+    kv_mb = 131072 / 2**20  # llama-3-8b: 128 KiB of KV cache per token
+    assert short.peak_memory_mb == 15317 + round(2000 * kv_mb)
+    assert short.duration_s == pytest.approx(1000 / 12000 + 1000 / 90)
+    assert not short.clipped
+    assert clipped.clipped  # 8000 + 1000 tokens exceed the 8192-token context
+    assert clipped.peak_memory_mb == 15317 + round(8192 * kv_mb)
+    assert clipped.duration_s == pytest.approx(8000 / 12000 + 192 / 90)
+
+
+def test_tiny_replay_is_deterministic() -> None:
+    """The same rows, fleet, policy and seed give the same metrics, every time."""
+    rows = read_azure(AZURE_CONV)[:200]
+    first = replay(rows, gpus="2xH100-80GB", policy="random", seed=3)
+    again = replay(rows, gpus="2xH100-80GB", policy="random", seed=3)
+    assert first.metrics == again.metrics
+    assert first.queue_waits == again.queue_waits
+    assert first.metrics["completed"] == 200
+    assert set(REQUIRED_METRICS) <= set(first.metrics)
+
+
+def test_answers_longer_than_assumed_run_out_of_memory_on_a_packed_gpu() -> None:
+    """True peaks above the estimates on a full GPU make real out-of-memory failures."""
+    # The router estimates ~15.5 GB from the prompt; each really needs 20 GB: five fit by the
+    # estimate on one H100 but only four in truth.
+    rows = [TraceRow(0.0, input_tokens=500, gpu_memory_mb=20000) for _ in range(10)]
+    result = replay(rows, gpus="1xH100-80GB", policy="balanced")
+    assert result.metrics["oom_events"] > 0
+    assert result.metrics["retries"] >= result.metrics["oom_events"] - result.metrics["failed"]
+    exact = [TraceRow(0.0, input_tokens=500) for _ in range(10)]
+    assert replay(exact, gpus="1xH100-80GB", policy="balanced").metrics["oom_events"] == 0
+
+
+def test_alibaba_pods_replay_as_generic_jobs(tmp_path: Path) -> None:
+    """Pods run for their lifetime on the GPU share they asked for; nothing is lost."""
+    text = ALIBABA_TEXT.replace(",200,,", ",200,500,").replace("9000000", "1300")
+    rows = read_trace(write(tmp_path, "pods.csv", text), gpu_memory_mb=80535)
+    result = replay(rows, gpus="4xH100-80GB", policy="best_fit")
+    assert result.metrics["completed"] == 4
+    assert result.metrics["makespan_s"] == pytest.approx(1300 - 100)
+    assert result.metrics["oom_events"] == 0
+
+
+# The command -----------------------------------------------------------------------------------
+
+
+def test_command_writes_json_with_every_metric_and_a_plot(tmp_path: Path) -> None:
+    """The CLI replays a slice of the Azure trace per policy and scale, writes JSON and a PNG."""
+    out, plot = tmp_path / "out" / "replay.json", tmp_path / "replay.png"
+    arguments = ["bench", "replay", "--trace", str(AZURE_CONV), "--limit", "300"]
+    arguments += ["--gpus", "2xH100-80GB", "--sweep", "0.5,1", "--json", str(out)]
+    result = CliRunner().invoke(app, [*arguments, "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "balanced" in result.output and "load sweep" in result.output
+    document = json.loads(out.read_text())
+    policies = document["policies"]
+    assert list(policies) == [
+        "balanced",
+        "best_fit",
+        "least_loaded",
+        "power_of_two",
+        "round_robin",
+        "random",
+    ]
+    for metrics in policies.values():
+        assert set(REQUIRED_METRICS) <= set(metrics)
+        assert metrics["completed"] == 300
+    assert document["trace"]["format"] == "azure" and document["trace"]["rows"] == 300
+    assert document["sweep"]["scales"] == [0.5, 1.0]
+    assert document["sweep"]["policies"]["random"]["1"] == policies["random"]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_command_output_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
+    """Two runs of the same command write identical JSON (the random policies included)."""
+    documents = []
+    for name in ("first.json", "second.json"):
+        arguments = ["bench", "replay", "--trace", str(AZURE_CONV), "--limit", "150"]
+        arguments += ["--gpus", "1xH100-80GB", "--sweep", "", "--seed", "5"]
+        arguments += ["--policy", "random", "--policy", "power_of_two"]
+        result = CliRunner().invoke(app, [*arguments, "--json", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        documents.append(json.loads((tmp_path / name).read_text()))
+    assert documents[0] == documents[1]
+    assert list(documents[0]["policies"]) == ["random", "power_of_two"]
+    assert documents[0]["sweep"] == {"scales": [], "policies": {"random": {}, "power_of_two": {}}}
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--gpus", "8xB300"], "unknown GPU type"),
+        (["--gpus", "eight"], "NxTYPE"),
+        (["--policy", "fastest"], "unknown policy"),
+        (["--sweep", "1,x"], "not a number"),
+        (["--format", "parquet"], "expected one of"),
+    ],
+)
+def test_command_refuses_bad_options(option: list[str], message: str) -> None:
+    """Malformed options exit 2 with a message that says what is wrong."""
+    arguments = ["bench", "replay", "--trace", str(AZURE_CONV), "--limit", "10", *option]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_command_reports_a_malformed_trace(tmp_path: Path) -> None:
+    """A malformed trace exits 2 naming the line and column."""
+    path = write(tmp_path, "bad.csv", "timestamp_s,input_tokens\n1,lots\n")
+    result = CliRunner().invoke(app, ["bench", "replay", "--trace", str(path)])
+    assert result.exit_code == 2
+    assert "line 2: column 'input_tokens'" in " ".join(result.output.split())
