@@ -44,6 +44,10 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refuse
     admissions(user, at)                        -- index (user, at)
     charges(user, charge_id, at, gpu_seconds, PRIMARY KEY (user, charge_id))
         charges_user_at (user, at)
+    admission_counts(user PRIMARY KEY, n)       -- each user's rows in admissions, and
+    charge_totals(user PRIMARY KEY, gpu_seconds) -- the sum of their charges, kept by every write
+                                                -- to those tables (schema 2): a quota check
+                                                -- reads one row, not a window's worth
     quota_overrides(user PRIMARY KEY, body)     -- body: JSON object
 
 Only ``status``, ``attempts`` and ``body`` change after a request is added; its id, user,
@@ -80,8 +84,8 @@ from gpu_request_router.store.codec import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 1
-"""The schema this code writes and reads (``PRAGMA user_version``)."""
+SCHEMA_VERSION = 2
+"""The schema this code writes and reads (``PRAGMA user_version``); 1 lacked the counters."""
 
 BUSY_TIMEOUT_MS = 5000
 """How long a write waits for another connection's write lock before giving up."""
@@ -119,6 +123,14 @@ _SCHEMA = (
         PRIMARY KEY (user, charge_id)
     )""",
     "CREATE INDEX IF NOT EXISTS charges_user_at ON charges (user, at)",
+    """CREATE TABLE IF NOT EXISTS admission_counts (
+        user TEXT PRIMARY KEY,
+        n INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS charge_totals (
+        user TEXT PRIMARY KEY,
+        gpu_seconds REAL NOT NULL
+    )""",
     "CREATE TABLE IF NOT EXISTS quota_overrides (user TEXT PRIMARY KEY, body TEXT NOT NULL)",
 )
 
@@ -131,6 +143,39 @@ _INSERT_REQUEST = """
     ON CONFLICT (user, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 """
 _INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
+
+
+def _drop_expired(
+    conn: sqlite3.Connection,
+    table: Literal["admissions", "charges"],
+    user: str,
+    cutoff: float,
+) -> None:
+    """Delete ``user``'s rows of ``table`` dated at or before ``cutoff``; the counter follows.
+
+    Inside the caller's write transaction. A charge total with no charge left is set to exactly
+    0, so that rounding never builds up.
+    """
+    if table == "charges":
+        (gone,) = conn.execute(
+            "SELECT total(gpu_seconds) FROM charges WHERE user = ? AND at <= ?", (user, cutoff)
+        ).fetchone()
+        deleted = conn.execute(
+            "DELETE FROM charges WHERE user = ? AND at <= ?", (user, cutoff)
+        ).rowcount
+        if deleted:
+            conn.execute(
+                "UPDATE charge_totals SET gpu_seconds = CASE WHEN EXISTS"
+                " (SELECT 1 FROM charges WHERE user = ?1) THEN gpu_seconds - ?2 ELSE 0 END"
+                " WHERE user = ?1",
+                (user, gone),
+            )
+        return
+    deleted = conn.execute(
+        "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, cutoff)
+    ).rowcount
+    if deleted:
+        conn.execute("UPDATE admission_counts SET n = n - ? WHERE user = ?", (deleted, user))
 
 
 def _retry_after(now: float, oldest: float, window_s: float) -> float:
@@ -197,12 +242,21 @@ class SQLiteStore(StateStore):
         except sqlite3.Error as exc:
             raise self._unavailable("open the database", exc) from exc
         with self._write("create the schema") as conn:
-            self._check_version()
+            version = self._check_version()
             for statement in _SCHEMA:
                 conn.execute(statement)
+            if version < 2:  # schema 1 kept no counters: count what is there
+                conn.execute(
+                    "INSERT OR REPLACE INTO admission_counts (user, n)"
+                    " SELECT user, count(*) FROM admissions GROUP BY user"
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO charge_totals (user, gpu_seconds)"
+                    " SELECT user, total(gpu_seconds) FROM charges GROUP BY user"
+                )
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _check_version(self) -> None:
+    def _check_version(self) -> int:
         (version,) = self._conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise StoreUnavailable(
@@ -210,6 +264,7 @@ class SQLiteStore(StateStore):
                 f"newer than the version {SCHEMA_VERSION} this router knows; upgrade the router "
                 "or point state.sqlite_path at another file"
             )
+        return int(version)
 
     # Transactions and errors ------------------------------------------------------------------
 
@@ -426,41 +481,49 @@ class SQLiteStore(StateStore):
             raise ValueError("a rate limit admits at least one request per window")
         with self._write("record an admission") as conn:
             # Admissions at or before the cutoff never count again: drop them on the way.
-            conn.execute(
-                "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s)
-            )
-            # Counting stops at the limit (and without one there is nothing to count), so an
-            # admission costs the same however many the window holds.
+            _drop_expired(conn, "admissions", user, now - window_s)
             if limit is not None:
-                (count,) = conn.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM admissions WHERE user = ? LIMIT ?)",
-                    (user, limit),
+                row = conn.execute(
+                    "SELECT n FROM admission_counts WHERE user = ?", (user,)
                 ).fetchone()
-                if count >= limit:
+                if row is not None and row[0] >= limit:
                     (oldest,) = conn.execute(
                         "SELECT min(at) FROM admissions WHERE user = ?", (user,)
                     ).fetchone()
                     return _retry_after(now, oldest, window_s)
             conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
+            conn.execute(
+                "INSERT INTO admission_counts (user, n) VALUES (?, 1)"
+                " ON CONFLICT (user) DO UPDATE SET n = n + 1",
+                (user,),
+            )
         return None
 
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
         """How many admissions of ``user`` fall within the last ``window_s``."""
         self._prune("admissions", user, now - window_s)
         rows = self._read(
-            "count admissions",
-            "SELECT count(*) FROM admissions WHERE user = ? AND at > ?",
-            (user, now - window_s),
+            "count admissions", "SELECT n FROM admission_counts WHERE user = ?", (user,)
         )
-        return int(rows[0][0])
+        return int(rows[0][0]) if rows else 0
 
     def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
         """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it."""
         with self._write("record a charge") as conn:
+            before = conn.execute(
+                "SELECT gpu_seconds FROM charges WHERE user = ? AND charge_id = ?",
+                (user, charge_id),
+            ).fetchone()
             conn.execute(
                 "INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds",
                 (user, charge_id, at, gpu_seconds),
+            )
+            change = gpu_seconds - (before[0] if before is not None else 0.0)
+            conn.execute(
+                "INSERT INTO charge_totals (user, gpu_seconds) VALUES (?, ?) ON CONFLICT (user)"
+                " DO UPDATE SET gpu_seconds = gpu_seconds + excluded.gpu_seconds",
+                (user, change),
             )
 
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
@@ -468,10 +531,10 @@ class SQLiteStore(StateStore):
         self._prune("charges", user, now - window_s)
         rows = self._read(
             "sum charges",
-            "SELECT total(gpu_seconds) FROM charges WHERE user = ? AND at > ?",
-            (user, now - window_s),
+            "SELECT gpu_seconds FROM charge_totals WHERE user = ?",
+            (user,),
         )
-        return max(0.0, float(rows[0][0]))
+        return max(0.0, float(rows[0][0])) if rows else 0.0
 
     def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
         """The time of the oldest charge still in the window."""
@@ -496,6 +559,7 @@ class SQLiteStore(StateStore):
             f"SELECT 1 FROM {table} WHERE user = ? AND at <= ? LIMIT 1",
             (user, cutoff),
         )
-        if due:
-            with self._write(f"prune {table}") as conn:
-                conn.execute(f"DELETE FROM {table} WHERE user = ? AND at <= ?", (user, cutoff))
+        if not due:
+            return
+        with self._write(f"prune {table}") as conn:
+            _drop_expired(conn, table, user, cutoff)

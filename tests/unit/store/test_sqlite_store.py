@@ -207,7 +207,14 @@ def test_the_schema_is_created_once_and_reopened(db: Path) -> None:
     """A new file gets every table and index; reopening a current file keeps its data."""
     SQLiteStore(db).close()
     names = {name for (name,) in rows(db, "SELECT name FROM sqlite_master")}
-    assert {"requests", "transitions", "admissions", "charges", "quota_overrides"} <= names
+    assert {
+        "requests",
+        "transitions",
+        "admissions",
+        "charges",
+        "charge_totals",
+        "quota_overrides",
+    } <= names
     assert {
         "requests_user_created",
         "requests_status",
@@ -223,12 +230,43 @@ def test_the_schema_is_created_once_and_reopened(db: Path) -> None:
     store.close()
 
 
+def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
+    """A file from before the counters keeps its admissions and charges, counted in the window."""
+    store = SQLiteStore(db)
+    store.charge("ann", "c1", 100.0, 30.0)
+    store.charge("ann", "c2", 200.0, 12.5)
+    store.charge("bob", "c3", 200.0, 4.0)
+    assert store.admit_rate("ann", 200.0, 60.0, 3) is None
+    assert store.admit_rate("ann", 210.0, 60.0, 3) is None
+    store.close()
+    connection = sqlite3.connect(db)
+    connection.execute("DROP TABLE charge_totals")
+    connection.execute("DROP TABLE admission_counts")
+    connection.execute("PRAGMA user_version = 1")
+    connection.commit()
+    connection.close()
+    store = SQLiteStore(db)
+    assert store.admissions_in_window("ann", 250.0, 60.0) == 2
+    assert store.admit_rate("ann", 250.0, 60.0, 3) is None
+    assert store.admit_rate("ann", 250.0, 60.0, 3) == 10.0  # full until 200 + 60
+    assert store.admissions_in_window("ann", 265.0, 60.0) == 2  # the one at 200 left
+    assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 42.5
+    assert store.gpu_seconds_in_window("bob", 250.0, 3600.0) == 4.0
+    store.charge("ann", "c2", 200.0, 2.5)  # reconciled down
+    assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 32.5
+    assert store.gpu_seconds_in_window("ann", 3750.0, 3600.0) == 2.5  # c1 left the window
+    assert store.gpu_seconds_in_window("ann", 3850.0, 3600.0) == 0.0
+    store.close()
+    assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
 def test_a_newer_schema_version_is_refused_and_left_alone(db: Path) -> None:
     """A file written by a newer router is refused with a clear error and not modified."""
     connection = sqlite3.connect(db)
     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     connection.close()
-    with pytest.raises(StoreUnavailable, match=r"schema version 2, newer than the version 1"):
+    newer = rf"schema version {SCHEMA_VERSION + 1}, newer than the version {SCHEMA_VERSION}"
+    with pytest.raises(StoreUnavailable, match=newer):
         SQLiteStore(db)
     assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
     assert rows(db, "SELECT name FROM sqlite_master") == []
