@@ -445,6 +445,8 @@ class Runtime:
             await self._poll_once(source)
 
     async def _poll_once(self, source: GpuSource) -> None:
+        # What changes while the reading is on its way, the reading does not show.
+        mark = self.router.monitor.mark()
         try:
             async with asyncio.timeout(self._poll_s * 2):
                 readings = await source.read()
@@ -452,7 +454,9 @@ class Runtime:
             _log.warning("gpu_source_failed", worker=source.worker, error=repr(exc))
             self.router.source_failed(source.worker, self.clock.now())
             return
-        await self._guarded(lambda now: self.router.readings(readings, now, worker=source.worker))
+        await self._guarded(
+            lambda now: self.router.readings(readings, now, worker=source.worker, mark=mark)
+        )
         self._wake.set()
 
     async def _guarded(self, event: Callable[[float], list[Decision]]) -> None:

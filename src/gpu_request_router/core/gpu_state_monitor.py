@@ -73,6 +73,7 @@ class GPUStateMonitor:
         self._schedulable: dict[str, GPUState] = {}
         self._holders: dict[str, list[str]] = {}
         self._fleet_version = 0
+        self._seq = 0  # placements and releases, numbered (see mark)
 
     # Views ---------------------------------------------------------------------------------------
 
@@ -121,13 +122,30 @@ class GPUStateMonitor:
 
     # Readings and health -------------------------------------------------------------------------
 
+    def mark(self) -> int:
+        """The sequence number of the latest placement or release.
+
+        Take it before reading a source and pass it to :meth:`apply`: the readings then count
+        as showing what happened up to it, and nothing after.
+        """
+        return self._seq
+
     def apply(
-        self, readings: Iterable[GPUReading], now: float, *, worker: str | None = None
+        self,
+        readings: Iterable[GPUReading],
+        now: float,
+        *,
+        worker: str | None = None,
+        mark: int | None = None,
     ) -> list[str]:
         """Take in readings; with ``worker``, they are that worker's complete report.
 
+        ``mark`` (:meth:`mark` when the reading began; default: now) says which placements and
+        releases the readings already show.
+
         Returns the ids of GPUs that became unhealthy (their running work is lost).
         """
+        shown = self._seq if mark is None else mark
         lost: list[str] = []
         reported: set[str] = set()
         for reading in readings:
@@ -144,8 +162,11 @@ class GPUStateMonitor:
             was_usable = state.health in _USABLE or state.health is GPUHealth.UNKNOWN
             state.reading = reading
             state.last_seen = now
-            state.unseen.clear()
-            state.hidden_mb = 0
+            if state.unseen:
+                state.unseen = {h: seq for h, seq in state.unseen.items() if seq > shown}
+            if state.hidden:
+                state.hidden = [(seq, mb) for seq, mb in state.hidden if seq > shown]
+                state.hidden_mb = sum(mb for _, mb in state.hidden)
             state.health = self._health_of(reading)
             if was_usable and state.health is GPUHealth.UNHEALTHY:
                 lost.append(state.id)
@@ -255,31 +276,39 @@ class GPUStateMonitor:
             return False
         state.reserved_mb = total
         state.running[holder] = memory_mb
-        state.unseen.add(holder)
+        self._seq += 1
+        state.unseen[holder] = self._seq
         self._holders.setdefault(holder, []).append(gpu_id)
         self._recompute(state)
         return True
 
-    def release(self, holder: str, peak_mb: int | None = None) -> list[str]:
+    def release(
+        self, holder: str, peak_mb: int | None = None, size_mb: int | None = None
+    ) -> list[str]:
         """Release every reservation of execution ``holder``; return the GPUs it was on.
 
-        ``peak_mb``: the most memory it used on one GPU, where the backend reported it. A
-        reading nets what the router's executions use beyond their reservations against what
-        they leave unused, so when an execution the latest reading saw ends having used less
-        than it reserved, the others' excess that it hid comes to light: the difference counts
-        as used by others (``hidden_mb``) until the next reading shows the truth.
+        ``peak_mb``: the most memory it used on one GPU, weights included, where the backend
+        reported it; ``size_mb``: the request's full size per GPU, weights included (what it
+        reserves where its model is not loaded). A reading nets what the router's executions
+        use beyond their reservations against what they leave unused, so when an execution the
+        latest reading saw ends having used less than it reserved, the others' excess that it
+        hid comes to light: ``size_mb − peak_mb`` (at most its reservation) counts as used by
+        others (``hidden_mb``) until a reading taken after the release shows the truth. It is
+        a lower bound: the peak is the most an execution used, not what the reading saw.
         """
         gpu_ids = self._holders.pop(holder, [])
         if not gpu_ids:
             return []
+        self._seq += 1
         totals = self._store.release(holder)
         for gpu_id in gpu_ids:
             state = self._gpus[gpu_id]
             reserved = state.running.pop(holder, 0)
-            if holder in state.unseen:
-                state.unseen.discard(holder)
-            elif peak_mb is not None and peak_mb < reserved:
-                state.hidden_mb += reserved - peak_mb
+            if state.unseen.pop(holder, None) is None and peak_mb is not None:
+                hidden = min(reserved, (size_mb if size_mb is not None else reserved) - peak_mb)
+                if hidden > 0:
+                    state.hidden.append((self._seq, hidden))
+                    state.hidden_mb += hidden
             state.reserved_mb = totals.get(gpu_id, 0)
             if state.draining and not state.running:
                 state.draining = False

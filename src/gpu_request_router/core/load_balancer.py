@@ -325,7 +325,8 @@ class LoadBalancer:
         """One group per worker with enough GPUs: its tightest-fitting ones, in index order.
 
         Tight groups leave big holes intact. GPUs the request should avoid are taken only when
-        no worker has enough without them; a group may then mix both (avoided ones last).
+        no worker has enough without them; a group may then mix both (the avoided ones are
+        taken last).
         """
         count, avoid = need.gpu_count, need.avoid
         by_worker: dict[str, list[tuple[bool, int, str, GPUState, int, bool]]] = {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -187,7 +188,8 @@ class RequestRouter:
     def need_of(self, request: Request, *, avoid: Iterable[str] = ()) -> Need:
         """What ``request`` needs from the fleet.
 
-        Its memory is exact when the client gave it or there is nothing to guess (weights only).
+        Its memory is exact when the client gave it (and no out-of-memory failure has proved it
+        short since) or there is nothing to guess (weights only).
         """
         estimate = request.estimate
         return Need(
@@ -197,8 +199,8 @@ class RequestRouter:
             gpu_count=request.gpu_count,
             gpu_type=request.resources.gpu_type,
             avoid=frozenset(avoid),
-            exact=request.resources.gpu_memory_mb is not None
-            or estimate.gpu_memory_mb == estimate.weights_mb,
+            exact=estimate.gpu_memory_mb
+            <= max(request.resources.gpu_memory_mb or 0, estimate.weights_mb),
         )
 
     def could_ever_fit(self, need: Need) -> bool:
@@ -341,7 +343,9 @@ class RequestRouter:
             self._set(request, _S.RUNNING, now, actor=actor)
         used = self._used(request, execution, now, result.gpu_seconds)
         self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
-        self._end_execution(execution_id, request, used, result.peak_memory_mb)
+        self._end_execution(
+            execution_id, request, used, result.peak_memory_mb, request.estimate.gpu_memory_mb
+        )
         if duration is not None:
             gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
             self.estimator.observe(
@@ -419,8 +423,8 @@ class RequestRouter:
     def _used(
         self, request: Request, execution: _Execution, now: float, reported: float | None
     ) -> float:
-        """GPU-seconds an execution used: as reported, else its running time × GPUs."""
-        if reported is not None:
+        """GPU-seconds an execution used: as reported (if finite, ≥ 0), else running time × GPUs."""
+        if reported is not None and math.isfinite(reported) and reported >= 0:
             return reported
         started = request.started_at if request.started_at is not None else now
         return max(0.0, now - started) * len(execution.gpu_ids)
@@ -431,11 +435,12 @@ class RequestRouter:
         request: Request,
         used_gpu_seconds: float,
         peak_memory_mb: int | None = None,
+        size_mb: int | None = None,
     ) -> None:
         """Forget an execution: free its reservations, its user's slot, and settle its charge."""
         execution = self._executions.pop(execution_id)
         self._current.pop(request.id, None)
-        touched = self.monitor.release(execution_id, peak_memory_mb)
+        touched = self.monitor.release(execution_id, peak_memory_mb, size_mb)
         for gpu_id in touched:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.quotas.charge(request.user, execution_id, execution.dispatched_at, used_gpu_seconds)
@@ -496,11 +501,19 @@ class RequestRouter:
     # Events: monitoring and time ---------------------------------------------------------------
 
     def readings(
-        self, readings: Iterable[GPUReading], now: float, *, worker: str | None = None
+        self,
+        readings: Iterable[GPUReading],
+        now: float,
+        *,
+        worker: str | None = None,
+        mark: int | None = None,
     ) -> list[Decision]:
-        """New GPU readings (with ``worker``: that worker's complete report)."""
+        """New GPU readings (with ``worker``: that worker's complete report).
+
+        ``mark``: ``monitor.mark()`` when the reading began (see :meth:`GPUStateMonitor.apply`).
+        """
         readings = list(readings)
-        lost = self.monitor.apply(readings, now, worker=worker)
+        lost = self.monitor.apply(readings, now, worker=worker, mark=mark)
         for reading in readings:
             self.metrics.gpu(self.monitor.gpus[reading.gpu_id])
         decisions = self._fail_over(lost, now)

@@ -71,8 +71,9 @@ class GPUState:
     (memory free for placement: total − safety margin − router reservations − memory used by
     others), ``free_slots``, ``busy`` (0..1: the share of slots in use, or the backend's own
     load where that is higher) and ``schedulable`` are kept current by the GPU state monitor so
-    that placement reads plain attributes. ``unseen`` holds the executions placed since the
-    latest reading; ``hidden_mb`` is memory in use that the latest reading hid (see
+    that placement reads plain attributes. ``unseen`` holds the executions placed after the
+    latest reading was taken (by the monitor's sequence number of their placement);
+    ``hidden_mb`` is memory in use that the latest reading hid, the sum of ``hidden`` (see
     :meth:`GPUStateMonitor.release`). ``id`` (``<worker>:<index>``) is fixed at creation.
     """
 
@@ -88,7 +89,8 @@ class GPUState:
     schedulable: bool = False
     circuit_open: bool = False
     busy: float = 0.0
-    unseen: set[str] = field(default_factory=set)
+    unseen: dict[str, int] = field(default_factory=dict)
+    hidden: list[tuple[int, int]] = field(default_factory=list)
     hidden_mb: int = 0
     id: str = field(init=False)
 

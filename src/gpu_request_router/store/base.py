@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,14 @@ from typing import Any
 from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 
-__all__ = ["Page", "RequestQuery", "StateStore", "decode_cursor", "encode_cursor"]
+__all__ = [
+    "Page",
+    "RequestQuery",
+    "StateStore",
+    "check_charge",
+    "decode_cursor",
+    "encode_cursor",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +198,9 @@ class StateStore(ABC):
 
         A replacement settles the amount of a charge still in the window (which keeps its time);
         a charge dated before the window counts for nothing.
+
+        Raises:
+            ValueError: ``gpu_seconds`` is negative or not finite (see :func:`check_charge`).
         """
 
     @abstractmethod
@@ -199,3 +210,9 @@ class StateStore(ABC):
     @abstractmethod
     def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
         """The time of the oldest charge still in the window (when usage next drops)."""
+
+
+def check_charge(gpu_seconds: float) -> None:
+    """Refuse a charge that no window could hold: negative, infinite or not a number."""
+    if not (math.isfinite(gpu_seconds) and gpu_seconds >= 0):
+        raise ValueError(f"a charge is a finite number of GPU-seconds ≥ 0, not {gpu_seconds!r}")

@@ -14,6 +14,7 @@ from gpu_request_router.store.base import (
     Page,
     RequestQuery,
     StateStore,
+    check_charge,
     decode_cursor,
     encode_cursor,
 )
@@ -199,6 +200,7 @@ class MemoryStore(StateStore):
 
     def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
         """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it."""
+        check_charge(gpu_seconds)
         window = self._charges.setdefault(user, _Window())
         entry = self._charge_index.get((user, charge_id))
         if entry is not None:

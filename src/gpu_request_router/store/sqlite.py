@@ -45,9 +45,9 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refuse
     charges(user, charge_id, at, gpu_seconds, PRIMARY KEY (user, charge_id))
         charges_user_at (user, at)
     admission_counts(user PRIMARY KEY, n)       -- each user's rows in admissions, and
-    charge_totals(user PRIMARY KEY, gpu_seconds) -- the sum of their charges, kept by every write
-                                                -- to those tables (schema 2): a quota check
-                                                -- reads one row, not a window's worth
+    charge_totals(user PRIMARY KEY, gpu_seconds) -- the sum of their charges, kept by triggers on
+                                                -- those tables (schema 2): a quota check reads
+                                                -- one row, not a window's worth
     quota_overrides(user PRIMARY KEY, body)     -- body: JSON object
 
 Only ``status``, ``attempts`` and ``body`` change after a request is added; its id, user,
@@ -72,6 +72,7 @@ from gpu_request_router.store.base import (
     Page,
     RequestQuery,
     StateStore,
+    check_charge,
     decode_cursor,
     encode_cursor,
 )
@@ -131,6 +132,29 @@ _SCHEMA = (
         user TEXT PRIMARY KEY,
         gpu_seconds REAL NOT NULL
     )""",
+    # Triggers keep the counters, so that every writer of the rows does, whatever its code.
+    """CREATE TRIGGER IF NOT EXISTS admissions_counted AFTER INSERT ON admissions BEGIN
+        INSERT INTO admission_counts (user, n) VALUES (NEW.user, 1)
+            ON CONFLICT (user) DO UPDATE SET n = n + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS admissions_uncounted AFTER DELETE ON admissions BEGIN
+        UPDATE admission_counts SET n = n - 1 WHERE user = OLD.user;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS charges_added AFTER INSERT ON charges BEGIN
+        INSERT INTO charge_totals (user, gpu_seconds) VALUES (NEW.user, NEW.gpu_seconds)
+            ON CONFLICT (user) DO UPDATE SET gpu_seconds = gpu_seconds + NEW.gpu_seconds;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS charges_changed AFTER UPDATE OF gpu_seconds ON charges BEGIN
+        UPDATE charge_totals SET gpu_seconds = gpu_seconds - OLD.gpu_seconds + NEW.gpu_seconds
+            WHERE user = NEW.user;
+    END""",
+    # With no charge left the total is exactly 0: rounding never builds up.
+    """CREATE TRIGGER IF NOT EXISTS charges_removed AFTER DELETE ON charges BEGIN
+        UPDATE charge_totals SET gpu_seconds = CASE
+            WHEN EXISTS (SELECT 1 FROM charges WHERE user = OLD.user)
+            THEN gpu_seconds - OLD.gpu_seconds ELSE 0 END
+            WHERE user = OLD.user;
+    END""",
     "CREATE TABLE IF NOT EXISTS quota_overrides (user TEXT PRIMARY KEY, body TEXT NOT NULL)",
 )
 
@@ -143,39 +167,6 @@ _INSERT_REQUEST = """
     ON CONFLICT (user, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 """
 _INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
-
-
-def _drop_expired(
-    conn: sqlite3.Connection,
-    table: Literal["admissions", "charges"],
-    user: str,
-    cutoff: float,
-) -> None:
-    """Delete ``user``'s rows of ``table`` dated at or before ``cutoff``; the counter follows.
-
-    Inside the caller's write transaction. A charge total with no charge left is set to exactly
-    0, so that rounding never builds up.
-    """
-    if table == "charges":
-        (gone,) = conn.execute(
-            "SELECT total(gpu_seconds) FROM charges WHERE user = ? AND at <= ?", (user, cutoff)
-        ).fetchone()
-        deleted = conn.execute(
-            "DELETE FROM charges WHERE user = ? AND at <= ?", (user, cutoff)
-        ).rowcount
-        if deleted:
-            conn.execute(
-                "UPDATE charge_totals SET gpu_seconds = CASE WHEN EXISTS"
-                " (SELECT 1 FROM charges WHERE user = ?1) THEN gpu_seconds - ?2 ELSE 0 END"
-                " WHERE user = ?1",
-                (user, gone),
-            )
-        return
-    deleted = conn.execute(
-        "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, cutoff)
-    ).rowcount
-    if deleted:
-        conn.execute("UPDATE admission_counts SET n = n - ? WHERE user = ?", (deleted, user))
 
 
 def _retry_after(now: float, oldest: float, window_s: float) -> float:
@@ -481,7 +472,9 @@ class SQLiteStore(StateStore):
             raise ValueError("a rate limit admits at least one request per window")
         with self._write("record an admission") as conn:
             # Admissions at or before the cutoff never count again: drop them on the way.
-            _drop_expired(conn, "admissions", user, now - window_s)
+            conn.execute(
+                "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s)
+            )
             if limit is not None:
                 row = conn.execute(
                     "SELECT n FROM admission_counts WHERE user = ?", (user,)
@@ -492,11 +485,6 @@ class SQLiteStore(StateStore):
                     ).fetchone()
                     return _retry_after(now, oldest, window_s)
             conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
-            conn.execute(
-                "INSERT INTO admission_counts (user, n) VALUES (?, 1)"
-                " ON CONFLICT (user) DO UPDATE SET n = n + 1",
-                (user,),
-            )
         return None
 
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
@@ -508,22 +496,17 @@ class SQLiteStore(StateStore):
         return int(rows[0][0]) if rows else 0
 
     def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
-        """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it."""
+        """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it.
+
+        Raises:
+            ValueError: ``gpu_seconds`` is negative or not finite (nothing is written).
+        """
+        check_charge(gpu_seconds)
         with self._write("record a charge") as conn:
-            before = conn.execute(
-                "SELECT gpu_seconds FROM charges WHERE user = ? AND charge_id = ?",
-                (user, charge_id),
-            ).fetchone()
             conn.execute(
                 "INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds",
                 (user, charge_id, at, gpu_seconds),
-            )
-            change = gpu_seconds - (before[0] if before is not None else 0.0)
-            conn.execute(
-                "INSERT INTO charge_totals (user, gpu_seconds) VALUES (?, ?) ON CONFLICT (user)"
-                " DO UPDATE SET gpu_seconds = gpu_seconds + excluded.gpu_seconds",
-                (user, change),
             )
 
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
@@ -562,4 +545,4 @@ class SQLiteStore(StateStore):
         if not due:
             return
         with self._write(f"prune {table}") as conn:
-            _drop_expired(conn, table, user, cutoff)
+            conn.execute(f"DELETE FROM {table} WHERE user = ? AND at <= ?", (user, cutoff))

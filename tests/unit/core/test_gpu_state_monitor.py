@@ -163,13 +163,53 @@ def test_an_ending_execution_that_used_less_than_it_reserved_uncovers_the_others
     assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
 
 
+def test_a_reading_begun_before_a_release_does_not_wipe_what_the_release_uncovered() -> None:
+    """A reading on its way while an execution ends still nets it: the hidden excess stays."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "big", 10_000)  # will use 16,000
+    assert monitor.reserve("a:0", "small", 10_000)  # will use 5,000
+    netted = reading("a", 0, used_mb=21_000, reserved_mb=20_000)
+    monitor.apply([netted], 1.0)
+    mark = monitor.mark()  # a poll begins: its reading still sees "small"
+    monitor.release("small", peak_mb=5_000, size_mb=10_000)
+    monitor.apply([netted], 2.0, mark=mark)
+    assert monitor.get("a:0").hidden_mb == 5_000
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
+    # A reading begun after the release shows the truth and ends the correction.
+    monitor.apply([reading("a", 0, used_mb=16_000, reserved_mb=10_000)], 3.0)
+    assert monitor.get("a:0").hidden_mb == 0
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
+
+
+def test_placements_during_a_reading_stay_unseen_by_it() -> None:
+    """An execution placed while a reading is on its way is not one that reading saw."""
+    monitor = two_gpu_monitor()
+    mark = monitor.mark()
+    assert monitor.reserve("a:0", "late", 10_000)
+    monitor.apply([reading("a", 0)], 1.0, mark=mark)
+    assert list(monitor.get("a:0").unseen) == ["late"]
+    monitor.release("late", peak_mb=1_000, size_mb=10_000)
+    assert monitor.get("a:0").hidden_mb == 0  # the reading never counted its spare room
+
+
+def test_with_the_model_loaded_the_peak_is_compared_with_the_full_size() -> None:
+    """The peak includes resident weights; the reservation does not: compare like with like."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "kv", 8_000)  # 14,000 of weights resident, uses 1,000 more
+    assert monitor.reserve("a:0", "other", 10_000)  # uses 17,000
+    monitor.apply([reading("a", 0, used_mb=14_000 + 18_000, reserved_mb=18_000)], 1.0)
+    monitor.release("kv", peak_mb=15_000, size_mb=22_000)
+    assert monitor.get("a:0").hidden_mb == 7_000
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 14_000 - 17_000
+
+
 def test_executions_placed_after_the_reading_or_without_a_peak_uncover_nothing() -> None:
     """Only an execution the latest reading saw, ending below its reservation, moves the room."""
     monitor = two_gpu_monitor()
     assert monitor.reserve("a:0", "seen", 10_000)
     monitor.apply([reading("a", 0, used_mb=10_000, reserved_mb=10_000)], 1.0)
     assert monitor.reserve("a:0", "unseen", 10_000)
-    assert monitor.get("a:0").unseen == {"unseen"}
+    assert list(monitor.get("a:0").unseen) == ["unseen"]
     monitor.release("unseen", peak_mb=2_000)  # the reading never counted it
     monitor.release("seen")  # no peak reported
     assert monitor.get("a:0").hidden_mb == 0

@@ -129,7 +129,7 @@ def test_avoided_gpu_can_complete_a_multi_gpu_group() -> None:
 
 
 def test_multi_gpu_group_prefers_gpus_it_does_not_avoid() -> None:
-    """When avoided GPUs must fill a group, the ones not avoided come first."""
+    """When avoided GPUs must fill a group, the ones not avoided are taken first."""
     monitor = fleet(reading("a", 0), reading("a", 1), reading("a", 2, used_mb=30_000))
     result = place(monitor, need(gpu_count=2, avoid=frozenset({"a:1", "a:2"})))
     ids = chosen_ids(result)
@@ -166,8 +166,18 @@ def test_multi_gpu_lands_on_one_worker() -> None:
     assert len(result.gpu_ids) == 2
     assert set(result.gpu_ids) <= {"b:0", "b:1", "b:2"}
     assert result.reservations == dict.fromkeys(result.gpu_ids, 10_000)
-    # The tightest GPUs of the worker are grouped, keeping the big hole intact.
+    # The tightest GPUs of the worker are grouped, keeping the big hole intact, listed in
+    # index order (b:2 is tighter than b:0 only by the tie on id, so b:1 and one of them).
     assert "b:1" in result.gpu_ids
+    assert list(result.gpu_ids) == sorted(result.gpu_ids, key=lambda gpu: int(gpu[2:]))
+
+
+def test_a_group_lists_its_gpus_in_index_order_whatever_their_fit() -> None:
+    """The tightest GPUs make the group; the first of them by index is its primary GPU."""
+    monitor = fleet(reading("a", 0), reading("a", 1, used_mb=30_000), reading("a", 2))
+    assert monitor.reserve("a:2", "busy", 40_000)
+    result = place(monitor, need(10_000, gpu_count=2))
+    assert chosen_ids(result) == ("a:1", "a:2")
 
 
 def test_no_fit_without_any_free_slot() -> None:

@@ -383,6 +383,12 @@ def test_balanced_packs_sized_requests_and_spreads_estimated_ones(harness_for) -
     guessed = h.submit(chat(), user="carol")
     assert h.dispatch_of(guessed).placement.gpu_id != gpu
     assert h.router.need_of(sized).exact and not h.router.need_of(guessed).exact
+    # An out-of-memory failure proves the hint short: the grown size is a guess from then on.
+    h.fail(sized, FailureKind.OUT_OF_MEMORY, message="CUDA out of memory", peak_memory_mb=None)
+    grown = h.router.get(sized.id)
+    assert grown is not None
+    assert grown.estimate.gpu_memory_mb > 30_000
+    assert not h.router.need_of(grown).exact
 
 
 def test_a_finished_execution_below_its_reservation_keeps_the_others_excess_counted(
@@ -405,3 +411,18 @@ def test_a_finished_execution_below_its_reservation_keeps_the_others_excess_coun
     h.finish(b, peak_memory_mb=14_000)
     margin = h.settings.placement.memory_safety_margin_mb
     assert state.room_mb == total - margin - 26_000
+
+
+@pytest.mark.parametrize("reported", [float("inf"), float("nan"), -5.0])
+def test_a_backend_reporting_impossible_gpu_seconds_is_charged_its_measured_time(
+    harness_for, reported: float
+) -> None:
+    """A usage figure no window could hold is ignored: the running time is charged instead."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    request = h.submit(chat())
+    dispatch = h.dispatch_of(request)
+    h.apply(h.router.started(dispatch.execution_id, h.now))
+    h.now += 7.0
+    h.apply(h.router.finished(dispatch.execution_id, ExecutionResult(gpu_seconds=reported), h.now))
+    assert h.status(request) == "succeeded"
+    assert h.store.gpu_seconds_in_window("alice", h.now, 3600.0) == pytest.approx(7.0)

@@ -260,6 +260,31 @@ def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
     assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
+def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
+    """Triggers keep the per-user counters, even for rows another program inserts or deletes."""
+    store = SQLiteStore(db)
+    store.charge("ann", "c1", 100.0, 30.0)
+    assert store.admit_rate("ann", 100.0, 60.0, 2) is None
+    connection = sqlite3.connect(db)
+    with connection:
+        connection.execute("INSERT INTO admissions (user, at) VALUES ('ann', 101.0)")
+        connection.execute(
+            "INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES ('ann', 'c2', 101, 2.5)"
+        )
+        connection.execute("UPDATE charges SET gpu_seconds = 10.0 WHERE charge_id = 'c1'")
+    assert store.admissions_in_window("ann", 102.0, 60.0) == 2
+    assert store.admit_rate("ann", 102.0, 60.0, 2) is not None  # full
+    assert store.gpu_seconds_in_window("ann", 102.0, 3600.0) == 12.5
+    with connection:
+        connection.execute("DELETE FROM admissions WHERE user = 'ann'")
+        connection.execute("DELETE FROM charges WHERE charge_id = 'c1'")
+    connection.close()
+    assert store.admissions_in_window("ann", 102.0, 60.0) == 0
+    assert store.admit_rate("ann", 102.0, 60.0, 2) is None
+    assert store.gpu_seconds_in_window("ann", 102.0, 3600.0) == 2.5
+    store.close()
+
+
 def test_a_newer_schema_version_is_refused_and_left_alone(db: Path) -> None:
     """A file written by a newer router is refused with a clear error and not modified."""
     connection = sqlite3.connect(db)

@@ -630,6 +630,21 @@ def test_charges_older_than_the_window_drop_out(store: StateStore) -> None:
     assert store.gpu_seconds_in_window("alice", 3700.0, 3600.0) == 0.0
 
 
+@pytest.mark.parametrize("amount", [float("inf"), float("nan"), -1.0])
+def test_a_charge_no_window_could_hold_is_refused_and_changes_nothing(
+    store: StateStore, amount: float
+) -> None:
+    """Negative, infinite or NaN GPU-seconds are refused; the window keeps what it had."""
+    store.charge("alice", "c1", 0.0, 10.0)
+    with pytest.raises(ValueError, match="GPU-seconds"):
+        store.charge("alice", "c2", 1.0, amount)
+    with pytest.raises(ValueError, match="GPU-seconds"):
+        store.charge("alice", "c1", 0.0, amount)
+    assert store.gpu_seconds_in_window("alice", 2.0, 3600.0) == 10.0
+    store.charge("alice", "c1", 0.0, 4.0)
+    assert store.gpu_seconds_in_window("alice", 2.0, 3600.0) == 4.0
+
+
 def test_oldest_charge_in_window(store: StateStore) -> None:
     """The oldest charge still counted tells when usage next drops; None when there is none."""
     assert store.oldest_charge_in_window("alice", 0.0, 3600.0) is None
