@@ -141,7 +141,7 @@ class GPUStateMonitor:
         """Take in readings; with ``worker``, they are that worker's complete report.
 
         ``mark`` (:meth:`mark` when the reading began; default: now) says which placements and
-        releases the readings already show.
+        releases the readings already show, for readings that do not list their executions.
 
         Returns the ids of GPUs that became unhealthy (their running work is lost).
         """
@@ -162,11 +162,7 @@ class GPUStateMonitor:
             was_usable = state.health in _USABLE or state.health is GPUHealth.UNKNOWN
             state.reading = reading
             state.last_seen = now
-            if state.unseen:
-                state.unseen = {h: seq for h, seq in state.unseen.items() if seq > shown}
-            if state.hidden:
-                state.hidden = [(seq, mb) for seq, mb in state.hidden if seq > shown]
-                state.hidden_mb = sum(mb for _, mb in state.hidden)
+            self._settle(state, reading, shown)
             state.health = self._health_of(reading)
             if was_usable and state.health is GPUHealth.UNHEALTHY:
                 lost.append(state.id)
@@ -179,6 +175,26 @@ class GPUStateMonitor:
                     lost.append(state.id)
                     self._recompute(state)
         return lost
+
+    @staticmethod
+    def _settle(state: GPUState, reading: GPUReading, shown: int) -> None:
+        """Forget what ``reading`` shows: placements it saw, releases it no longer nets.
+
+        A reading that lists its executions says exactly which; otherwise it shows everything
+        up to the mark ``shown``.
+        """
+        listed = reading.running
+        if state.unseen:
+            if listed is None:
+                state.unseen = {h: seq for h, seq in state.unseen.items() if seq > shown}
+            else:
+                state.unseen = {h: seq for h, seq in state.unseen.items() if h not in listed}
+        if state.hidden:
+            if listed is None:
+                state.hidden = [entry for entry in state.hidden if entry[0] > shown]
+            else:
+                state.hidden = [entry for entry in state.hidden if entry[2] in listed]
+            state.hidden_mb = sum(entry[1] for entry in state.hidden)
 
     def source_failed(self, worker: str, now: float) -> None:
         """Note that reading ``worker`` failed; silent for ``stale_after_s`` makes it unhealthy."""
@@ -307,7 +323,7 @@ class GPUStateMonitor:
             if state.unseen.pop(holder, None) is None and peak_mb is not None:
                 hidden = min(reserved, (size_mb if size_mb is not None else reserved) - peak_mb)
                 if hidden > 0:
-                    state.hidden.append((self._seq, hidden))
+                    state.hidden.append((self._seq, hidden, holder))
                     state.hidden_mb += hidden
             state.reserved_mb = totals.get(gpu_id, 0)
             if state.draining and not state.running:

@@ -30,7 +30,9 @@ class GPUReading:
     the part the reporting worker attributes to the router's own executions (0 for sources that
     cannot tell, such as plain NVML or dcgm-exporter). ``backend`` is the configured backend the
     GPU belongs to. ``load`` (0..1) is how busy the backend says it is (an inference server's
-    KV-cache usage), where it says. Fields a device does not support are ``None``.
+    KV-cache usage), where it says. ``running`` lists the router's executions the reading saw
+    on the GPU (a worker says; ``None`` for sources that cannot tell). Fields a device does not
+    support are ``None``.
     """
 
     worker: str
@@ -51,6 +53,7 @@ class GPUReading:
     models: tuple[str, ...] = ("*",)
     models_loaded: tuple[str, ...] = ()
     load: float | None = None
+    running: tuple[str, ...] | None = None
 
     @property
     def gpu_id(self) -> str:
@@ -73,8 +76,9 @@ class GPUState:
     load where that is higher) and ``schedulable`` are kept current by the GPU state monitor so
     that placement reads plain attributes. ``unseen`` holds the executions placed after the
     latest reading was taken (by the monitor's sequence number of their placement);
-    ``hidden_mb`` is memory in use that the latest reading hid, the sum of ``hidden`` (see
-    :meth:`GPUStateMonitor.release`). ``id`` (``<worker>:<index>``) is fixed at creation.
+    ``hidden_mb`` is memory in use that the latest reading hid, the sum of ``hidden`` (sequence
+    number, MiB, execution; see :meth:`GPUStateMonitor.release`). ``id``
+    (``<worker>:<index>``) is fixed at creation.
     """
 
     reading: GPUReading
@@ -90,7 +94,7 @@ class GPUState:
     circuit_open: bool = False
     busy: float = 0.0
     unseen: dict[str, int] = field(default_factory=dict)
-    hidden: list[tuple[int, int]] = field(default_factory=list)
+    hidden: list[tuple[int, int, str]] = field(default_factory=list)
     hidden_mb: int = 0
     id: str = field(init=False)
 

@@ -303,6 +303,11 @@ def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> G
         health = GPUHealth(item.get("health", "healthy"))
         models = tuple(str(m) for m in item.get("models") or ("*",))
         loaded = tuple(str(m) for m in item.get("models_loaded") or ())
+        running = item.get("running")
+        if running is not None and not (
+            isinstance(running, list) and all(isinstance(e, str) for e in running)
+        ):
+            raise TypeError("running must be a list of execution ids")
         return GPUReading(
             worker=worker,
             index=index,
@@ -321,6 +326,7 @@ def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> G
             slots=int(item.get("slots") or 8),
             models=models,
             models_loaded=loaded,
+            running=tuple(running) if running is not None else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"worker {worker} sent a malformed GPU reading: {exc}") from exc

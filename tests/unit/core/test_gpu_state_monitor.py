@@ -181,6 +181,28 @@ def test_a_reading_begun_before_a_release_does_not_wipe_what_the_release_uncover
     assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
 
 
+def test_a_reading_that_lists_its_executions_says_exactly_what_it_saw() -> None:
+    """A worker's reading lists the executions in its figures: no mark is needed."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "big", 10_000)  # will use 16,000
+    assert monitor.reserve("a:0", "small", 10_000)  # will use 5,000
+    netted = reading("a", 0, used_mb=21_000, reserved_mb=20_000, running=("big", "small"))
+    monitor.apply([netted], 1.0)
+    assert monitor.get("a:0").unseen == {}
+    assert monitor.reserve("a:0", "late", 1_000)
+    monitor.release("small", peak_mb=5_000, size_mb=10_000)
+    # Pushed late, the same reading still lists "small": its correction stays; "late" is unseen.
+    monitor.apply([netted], 2.0)
+    assert monitor.get("a:0").hidden_mb == 5_000
+    assert list(monitor.get("a:0").unseen) == ["late"]
+    # A reading without "small" shows the truth; one with "late" has seen it.
+    truth = reading("a", 0, used_mb=17_000, reserved_mb=11_000, running=("big", "late"))
+    monitor.apply([truth], 3.0)
+    assert monitor.get("a:0").hidden_mb == 0
+    assert monitor.get("a:0").unseen == {}
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 17_000
+
+
 def test_placements_during_a_reading_stay_unseen_by_it() -> None:
     """An execution placed while a reading is on its way is not one that reading saw."""
     monitor = two_gpu_monitor()
