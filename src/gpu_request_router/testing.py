@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import ResourceHints, Shape, Task
 
-__all__ = ["UNLIMITED_QUOTA", "chat", "make_settings", "reading", "readings_for"]
+__all__ = ["UNLIMITED_QUOTA", "chat", "free_port", "make_settings", "reading", "readings_for"]
 
 UNLIMITED_QUOTA: dict[str, Any] = {
     "requests_per_minute": None,
@@ -140,3 +141,10 @@ def chat(
         timeout_s=timeout_s,
         idempotency_key=idempotency_key,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test or benchmark starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 import pytest
+
+from gpu_request_router.testing import free_port
 
 if TYPE_CHECKING:
     from conftest import LiveServer
@@ -136,16 +137,10 @@ def test_a_call_failing_for_good_is_a_server_error(server: LiveServer) -> None:
     assert info.value.body["code"] == "backend_error"  # type: ignore[index]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def standin() -> Iterator[str]:
     """The OpenAI-compatible stand-in server as a real process."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gpu_request_router.bench.openai_standin", "--port", str(port)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

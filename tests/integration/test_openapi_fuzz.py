@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,16 +15,10 @@ from schemathesis import checks
 
 from gpu_request_router.api import create_app
 from gpu_request_router.api.middleware.auth import hash_key
-from gpu_request_router.testing import make_settings
+from gpu_request_router.testing import free_port, make_settings
 
 KEY = "fuzz-user-key"
 ADMIN_KEY = "fuzz-admin-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 APP = create_app(
@@ -49,7 +42,7 @@ schema = schemathesis.openapi.from_dict(APP.openapi())
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     """The router of this module, served for real over loopback."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )

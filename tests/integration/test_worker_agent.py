@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import yaml
 from gpu_request_router.config.config_loader import load_settings
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.gpu_state import GPUReading
+from gpu_request_router.testing import free_port
 from gpu_request_router.worker.app import create_worker_app
 from gpu_request_router.worker.executors import CallableExecutor
 
@@ -33,12 +33,6 @@ NAME = "w1"
 H100_MB = 81559
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CALLABLES_DIR = Path(__file__).resolve().parents[1] / "unit" / "worker"  # worker_callables
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -83,7 +77,7 @@ def router() -> Iterator[Registrations]:
 def worker(router: Registrations, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``gpurouter worker --simulate 2xH100-80GB`` with a worker token, registering with router."""
     workdir = tmp_path_factory.mktemp("worker")
-    port = _free_port()
+    port = free_port()
     config = {"auth": {"worker_token": TOKEN}, "worker": {"heartbeat_s": 0.1}}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}

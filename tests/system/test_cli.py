@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,10 @@ import httpx
 import pytest
 import yaml
 
+from gpu_request_router.testing import free_port
+
 GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
 KEY = "cli-test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -38,7 +33,7 @@ def _env(**extra: str) -> dict[str, str]:
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `gpurouter serve` process with one user, on SQLite in a temporary folder."""
     workdir = tmp_path_factory.mktemp("cli")
-    port = _free_port()
+    port = free_port()
     config = {
         "server": {"port": port},
         "auth": {
@@ -144,7 +139,7 @@ def test_errors_and_unreachable_router(router: str) -> None:
     assert unauthorised.returncode == 1 and "401" in unauthorised.stderr
     bad_input = _cli(router, "submit", "llama-3-8b", "--input", "{not json")
     assert bad_input.returncode == 2 and "not JSON" in bad_input.stderr
-    nobody = _cli(f"http://127.0.0.1:{_free_port()}", "list")
+    nobody = _cli(f"http://127.0.0.1:{free_port()}", "list")
     assert nobody.returncode == 2 and "cannot reach the router" in nobody.stderr
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import httpx
 import yaml
 
 from gpu_request_router.api.middleware.auth import hash_key
+from gpu_request_router.testing import free_port
 
 KEY = "crash-test-key"
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
@@ -29,12 +29,6 @@ ALLOWED = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _gpurouter() -> str:
     return str(Path(sys.executable).parent / "gpurouter")
 
@@ -44,7 +38,7 @@ class Router:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "server": {"port": self.port},

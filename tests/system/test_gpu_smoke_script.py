@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from gpu_request_router.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_smoke_script_places_work_through_a_worker_and_prints_a_summary(tmp_path: Path) -> None:
@@ -25,8 +20,8 @@ def test_smoke_script_places_work_through_a_worker_and_prints_a_summary(tmp_path
         "PYTHON": sys.executable,
         "SIMULATE": "2xH100-80GB",
         "OUT": str(tmp_path),
-        "ROUTER_PORT": str(_free_port()),
-        "WORKER_PORT": str(_free_port()),
+        "ROUTER_PORT": str(free_port()),
+        "WORKER_PORT": str(free_port()),
         "JOBS": "3",
     }
     result = subprocess.run(

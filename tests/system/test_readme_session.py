@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ from typing import Any
 
 import httpx
 
+from gpu_request_router.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _json_documents(output: str) -> tuple[list[dict[str, Any]], str]:
@@ -41,7 +36,7 @@ def test_readme_curl_session_works_as_printed(tmp_path: Path) -> None:
     session = re.search(r"paste the two `export` lines, then:\n\n```sh\n(.*?)```", readme, re.S)
     assert session is not None, "the README has the curl session"
     gpurouter = str(Path(sys.executable).parent / "gpurouter")
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("GPUROUTER_")}
     with (tmp_path / "serve.log").open("wb") as log:
         server = subprocess.Popen(

@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,17 +19,12 @@ import pytest
 import yaml
 
 from gpu_request_router.api.middleware.auth import hash_key
+from gpu_request_router.testing import free_port
 
 GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
 KEY = "failover-user-key"
 WORKER_TOKEN = "failover-worker-token-0123456789"
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, path: str) -> None:
@@ -52,7 +46,7 @@ class Cluster:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports = {name: _free_port() for name in ("router", "w1", "w2")}
+        self.ports = {name: free_port() for name in ("router", "w1", "w2")}
         self.url = f"http://127.0.0.1:{self.ports['router']}"
         common = {
             "auth": {

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import yaml
 
 from gpu_request_router.api.middleware.auth import hash_key
 from gpu_request_router.bench.report import machine, parse_counts, print_table, write_json
+from gpu_request_router.testing import free_port
 
 __all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_overhead"]
 
@@ -86,12 +86,6 @@ class OverheadReport:
             "setup": self.setup,
             "rows": [asdict(row) for row in self.rows],
         }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cpu_s(pid: int) -> float:
@@ -264,7 +258,7 @@ def run_overhead(
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gpurouter-bench-") as tmp:
         folder = Path(tmp)
-        backend_port, router_port = _free_port(), _free_port()
+        backend_port, router_port = free_port(), free_port()
         backend_url = f"http://127.0.0.1:{backend_port}"
         router_url = f"http://127.0.0.1:{router_port}"
         config = _router_config(folder, router_port, backend_url, key, state)

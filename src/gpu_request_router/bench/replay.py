@@ -75,6 +75,7 @@ from gpu_request_router.bench.traces import (
 )
 from gpu_request_router.config.config_loader import Settings, load_settings
 from gpu_request_router.core.engine import fleet_gpu_types
+from gpu_request_router.core.load_balancer import POLICIES
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.exceptions import ConfigError
@@ -106,14 +107,7 @@ __all__ = [
     "write_plot",
 ]
 
-DEFAULT_POLICIES: Final = (
-    "balanced",
-    "best_fit",
-    "least_loaded",
-    "power_of_two",
-    "round_robin",
-    "random",
-)
+DEFAULT_POLICIES: Final = tuple(POLICIES)
 DEFAULT_SWEEP: Final = (0.5, 0.75, 1.0, 1.5, 2.0)
 REQUIRED_METRICS: Final = (
     "p50_queue_wait_s",

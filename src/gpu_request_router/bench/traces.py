@@ -29,7 +29,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -172,20 +172,7 @@ def _rebase(rows: list[TraceRow]) -> list[TraceRow]:
     start = min(row.timestamp_s for row in rows)
     if start == 0:
         return rows
-    return [
-        TraceRow(
-            timestamp_s=row.timestamp_s - start,
-            user=row.user,
-            model=row.model,
-            priority=row.priority,
-            input_tokens=row.input_tokens,
-            output_tokens=row.output_tokens,
-            duration_s=row.duration_s,
-            gpu_memory_mb=row.gpu_memory_mb,
-            gpu_count=row.gpu_count,
-        )
-        for row in rows
-    ]
+    return [replace(row, timestamp_s=row.timestamp_s - start) for row in rows]
 
 
 # Readers ---------------------------------------------------------------------------------------

@@ -333,15 +333,18 @@ class RequestRouter:
             _log.debug("stale_result_ignored", execution_id=execution_id)
             return []
         request = self._requests[execution.request_id]
+        reported = result.gpu_seconds
+        if reported is not None and not (math.isfinite(reported) and reported >= 0):
+            reported = None  # no window could hold it: measure instead
         duration: float | None = None
-        if result.gpu_seconds is not None:
-            duration = result.gpu_seconds / len(execution.gpu_ids)
+        if reported is not None:
+            duration = reported / len(execution.gpu_ids)
         elif request.started_at is not None:
             duration = now - request.started_at
         actor = f"backend:{execution.backend}"
         if request.status is _S.DISPATCHING:
             self._set(request, _S.RUNNING, now, actor=actor)
-        used = self._used(request, execution, now, result.gpu_seconds)
+        used = self._used(request, execution, now, reported)
         self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
         self._end_execution(
             execution_id, request, used, result.peak_memory_mb, request.estimate.gpu_memory_mb
@@ -423,8 +426,8 @@ class RequestRouter:
     def _used(
         self, request: Request, execution: _Execution, now: float, reported: float | None
     ) -> float:
-        """GPU-seconds an execution used: as reported (if finite, ≥ 0), else running time × GPUs."""
-        if reported is not None and math.isfinite(reported) and reported >= 0:
+        """GPU-seconds an execution used: as reported, else its running time × GPUs."""
+        if reported is not None:
             return reported
         started = request.started_at if request.started_at is not None else now
         return max(0.0, now - started) * len(execution.gpu_ids)

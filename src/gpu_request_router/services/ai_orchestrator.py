@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
@@ -353,11 +352,7 @@ def parse_vllm_load(text: str) -> float | None:
 
 
 def _number(value: Any) -> float | None:
-    """A finite, non-negative number, else ``None`` (what a backend reports may be anything)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) and number >= 0 else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _integer(value: Any) -> int | None:

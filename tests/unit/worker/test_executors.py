@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +18,7 @@ from gpu_request_router.core.events import ExecutionResult, Failure, FailureKind
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.request import Task
 from gpu_request_router.services.simulator import FAILS_AFTER, SimulatedFleet
+from gpu_request_router.testing import free_port
 from gpu_request_router.worker.executors import (
     CallableExecutor,
     Job,
@@ -272,12 +272,6 @@ async def openai(openai_url: str) -> AsyncIterator[OpenAIExecutor]:
     await executor.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TestOpenAIExecutor:
     @pytest.mark.parametrize(
         ("task", "path", "input"),
@@ -317,7 +311,7 @@ class TestOpenAIExecutor:
 
     async def test_a_refused_connection_is_unreachable(self) -> None:
         """Nothing listening on the port: the server is unreachable."""
-        executor = OpenAIExecutor(f"http://127.0.0.1:{_free_port()}")
+        executor = OpenAIExecutor(f"http://127.0.0.1:{free_port()}")
         try:
             outcome = await executor.execute(job(), [0])
         finally:
