@@ -22,9 +22,16 @@ from rich.table import Table
 
 from gpu_request_router.bench.cli import bench_app
 from gpu_request_router.client import ApiError, RouterClient
-from gpu_request_router.config.config_loader import AuthSettings, Settings, UserEntry, load_settings
+from gpu_request_router.config.config_loader import (
+    AuthSettings,
+    LoggingSettings,
+    Settings,
+    UserEntry,
+    load_settings,
+)
 from gpu_request_router.demo import DEMO_BACKENDS, run_demo
 from gpu_request_router.exceptions import ConfigError
+from gpu_request_router.utils.logging import configure_logging
 
 __all__ = ["app"]
 
@@ -79,7 +86,6 @@ def serve(
 
     from gpu_request_router.api import create_app
     from gpu_request_router.api.middleware.auth import hash_key
-    from gpu_request_router.utils.logging import configure_logging
 
     settings = _load(config)
     server = settings.server.model_copy(
@@ -139,7 +145,6 @@ def worker(
     from pydantic import ValidationError
 
     from gpu_request_router.config.config_loader import WorkerSettings
-    from gpu_request_router.utils.logging import configure_logging
     from gpu_request_router.worker.app import WorkerServer, create_worker_app
 
     settings = _load(config)
@@ -398,6 +403,7 @@ def demo(
     except ConfigError as exc:
         console.print(f"[red]invalid configuration[/red] {exc}")
         raise typer.Exit(2) from exc
+    configure_logging(LoggingSettings(level="warning", format="console"))  # the table is the output
     simulated = [backend for backend in settings.backends if backend.kind == "simulated"]
     if not simulated:
         console.print(

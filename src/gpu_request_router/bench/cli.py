@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from gpu_request_router.bench import decisions, overhead, packing, replay
+from gpu_request_router.config.config_loader import LoggingSettings
+from gpu_request_router.utils.logging import configure_logging
 
 __all__ = ["bench_app"]
 
@@ -12,6 +14,14 @@ bench_app = typer.Typer(
     help="Benchmarks: router overhead, decision cost, placement quality on traces, packing.",
     no_args_is_help=True,
 )
+
+
+@bench_app.callback()
+def _quiet() -> None:
+    """Engine logs below warning would drown the tables; what is left goes to stderr."""
+    configure_logging(LoggingSettings(level="warning", format="console"))
+
+
 bench_app.command("overhead")(overhead.command)
 bench_app.command("decisions")(decisions.command)
 bench_app.command("replay")(replay.command)

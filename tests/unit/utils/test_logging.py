@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,15 +11,6 @@ from structlog.testing import capture_logs
 
 from gpu_request_router.config.config_loader import LoggingSettings
 from gpu_request_router.utils.logging import configure_logging
-
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    """Leave structlog and the contextvars as they were for the other tests."""
-    structlog.contextvars.clear_contextvars()
-    yield
-    structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
 
 
 def test_events_and_contextvars_arrive() -> None:
