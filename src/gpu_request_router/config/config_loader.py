@@ -232,7 +232,7 @@ class PlacementSettings(_Section):
     policy: PolicyName = "balanced"
     memory_safety_margin_mb: int = Field(1024, ge=0)
     backfill_depth: int = Field(256, ge=1)
-    starvation_bound_s: float = Field(300.0, gt=0)
+    starvation_bound_s: float = Field(2.0, gt=0)
     seed: int = 0
 
 

@@ -299,7 +299,12 @@ class GPUStateMonitor:
         return True
 
     def release(
-        self, holder: str, peak_mb: int | None = None, size_mb: int | None = None
+        self,
+        holder: str,
+        peak_mb: int | None = None,
+        size_mb: int | None = None,
+        *,
+        out_of_memory: bool = False,
     ) -> list[str]:
         """Release every reservation of execution ``holder``; return the GPUs it was on.
 
@@ -311,6 +316,13 @@ class GPUStateMonitor:
         hid comes to light: ``size_mb − peak_mb`` (at most its reservation) counts as used by
         others (``hidden_mb``) until a reading taken after the release shows the truth. It is
         a lower bound: the peak is the most an execution used, not what the reading saw.
+
+        ``out_of_memory``: the execution failed for want of memory, which proves each of its
+        GPUs had less free than it needed: ``peak_mb`` beyond the weights already resident
+        there (its reservation where no peak is known). Until a reading taken after the failure
+        shows the truth, the GPU's room is cut to ``needed − margin − 1`` (the rest counts as
+        ``hidden_mb``): a view that let one allocation fail would otherwise let the next ones
+        placed there fail too.
         """
         gpu_ids = self._holders.pop(holder, [])
         if not gpu_ids:
@@ -320,16 +332,24 @@ class GPUStateMonitor:
         for gpu_id in gpu_ids:
             state = self._gpus[gpu_id]
             reserved = state.running.pop(holder, 0)
-            if state.unseen.pop(holder, None) is None and peak_mb is not None:
-                hidden = min(reserved, (size_mb if size_mb is not None else reserved) - peak_mb)
-                if hidden > 0:
-                    state.hidden.append((self._seq, hidden, holder))
-                    state.hidden_mb += hidden
+            size = size_mb if size_mb is not None else reserved
+            if state.unseen.pop(holder, None) is None and peak_mb is not None and not out_of_memory:
+                self._hide(state, min(reserved, size - peak_mb), holder)
             state.reserved_mb = totals.get(gpu_id, 0)
             if state.draining and not state.running:
                 state.draining = False
             self._recompute(state)
+            if out_of_memory:
+                needed = reserved if peak_mb is None else peak_mb - (size - reserved)
+                self._hide(state, state.room_mb - max(0, needed - self._margin - 1), holder)
+                self._recompute(state)
         return gpu_ids
+
+    def _hide(self, state: GPUState, memory_mb: int, holder: str) -> None:
+        """Count ``memory_mb`` more as used on ``state`` until a later reading (see release)."""
+        if memory_mb > 0:
+            state.hidden.append((self._seq, memory_mb, holder))
+            state.hidden_mb += memory_mb
 
     def unhealthy_with_work(self) -> list[str]:
         """Unhealthy GPUs that still hold reservations (work to fail over)."""

@@ -296,9 +296,11 @@ class LoadBalancer:
         model, gpu_type, avoid = need.model, need.gpu_type, need.avoid
         full, without_weights = need.memory_mb, need.memory_mb - need.weights_mb
         for gpu in gpus:
-            if gpu.free_slots <= 0 or gpu.id in held:
+            if gpu.free_slots <= 0:
                 continue
             free_slots = True
+            if gpu.id in held:
+                continue
             reading = gpu.reading
             if gpu_type is not None and reading.type != gpu_type:
                 continue
@@ -353,7 +355,11 @@ class LoadBalancer:
         return groups
 
     def prospect(self, need: Need, gpus: Iterable[GPUState]) -> tuple[str, ...] | None:
-        """GPUs where ``need`` would fit once their current work drains (the fewest reserved)."""
+        """GPUs where ``need`` would fit once their current work drains: the closest to fitting.
+
+        Closest: the least memory still to be freed on one worker's ``gpu_count`` GPUs, then
+        the least reserved, then GPU id.
+        """
         by_worker: dict[str, list[GPUState]] = {}
         for gpu in gpus:
             if need.gpu_type is not None and gpu.reading.type != need.gpu_type:
@@ -363,12 +369,21 @@ class LoadBalancer:
             if need.memory_on(gpu) > gpu.room_mb + gpu.reserved_mb:
                 continue
             by_worker.setdefault(gpu.worker, []).append(gpu)
-        best: tuple[int, tuple[str, ...]] | None = None
+
+        def short_of(gpu: GPUState) -> int:
+            return max(0, need.memory_on(gpu) - gpu.room_mb)
+
+        best: tuple[int, int, tuple[str, ...]] | None = None
         for options in by_worker.values():
             if len(options) < need.gpu_count:
                 continue
-            group = sorted(options, key=lambda gpu: (gpu.reserved_mb, gpu.id))[: need.gpu_count]
-            score = (sum(gpu.reserved_mb for gpu in group), tuple(gpu.id for gpu in group))
+            ranked = sorted(options, key=lambda gpu: (short_of(gpu), gpu.reserved_mb, gpu.id))
+            group = ranked[: need.gpu_count]
+            score = (
+                sum(short_of(gpu) for gpu in group),
+                sum(gpu.reserved_mb for gpu in group),
+                tuple(gpu.id for gpu in group),
+            )
             if best is None or score < best:
                 best = score
-        return None if best is None else best[1]
+        return None if best is None else best[2]

@@ -17,10 +17,11 @@ announced to the callables in ``listeners``, for logs and waiting clients.
 
 After every event a *dispatch pass* walks the queue in priority order and places what fits. A
 request that fits nowhere does not block the ones behind it (backfill), but once it has waited
-``placement.starvation_bound_s`` the GPUs where it would fit once drained are *held*: nothing of
-lower order is placed there, so it starts as soon as their running work ends. A pass looks at no
-more than ``placement.backfill_depth`` requests that cannot start, and stops early when no GPU has
-a free slot.
+``placement.starvation_bound_s`` it *holds* the GPUs closest to fitting it (:meth:`LoadBalancer.
+prospect`), across passes, until it starts or leaves the queue: nothing of its priority level or
+below is placed there, so the memory they free accumulates for it. A pass looks at no more than
+``placement.backfill_depth`` requests that cannot start (holds of requests beyond are dropped),
+and stops early when no GPU has a free slot.
 
 Every status change is a guarded write to the state store (SPEC §2, RELIABILITY §1.1 rule 4),
 every reservation a check-and-add in the store, so the invariants hold by construction:
@@ -150,6 +151,7 @@ class RequestRouter:
         self._backoff: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._avoid: dict[str, set[str]] = {}
+        self._holds: dict[str, tuple[str, ...]] = {}
         self._quota_wakeup: float | None = None
         self._margin = settings.placement.memory_safety_margin_mb
         self._fit_limits: dict[tuple[object, ...], int] = {}
@@ -380,6 +382,7 @@ class RequestRouter:
         self, execution_id: str, execution: _Execution, failure: Failure, now: float, actor: str
     ) -> list[Decision]:
         request = self._requests[execution.request_id]
+        size_mb = request.estimate.gpu_memory_mb  # of this attempt, before any growth
         used = self._used(request, execution, now, None)
         verdict = self.errors.judge(failure, request.attempts, now)
         error = ErrorInfo(failure.kind.value, failure.message or failure.kind.value)
@@ -411,7 +414,15 @@ class RequestRouter:
                 error = ErrorInfo(error.type, message)
         # The store first: if it cannot take the change, nothing else changes either.
         self._set(request, to, now, actor=actor, error=error, estimate=estimate)
-        self._end_execution(execution_id, request, used)
+        out_of_memory = failure.kind is FailureKind.OUT_OF_MEMORY
+        self._end_execution(
+            execution_id,
+            request,
+            used,
+            failure.peak_memory_mb if out_of_memory else None,
+            size_mb,
+            out_of_memory=out_of_memory,
+        )
         if self.errors.counts_against_circuit(failure):
             self._circuit_failure(execution, now)
         if to is _S.QUEUED:
@@ -439,11 +450,15 @@ class RequestRouter:
         used_gpu_seconds: float,
         peak_memory_mb: int | None = None,
         size_mb: int | None = None,
+        *,
+        out_of_memory: bool = False,
     ) -> None:
         """Forget an execution: free its reservations, its user's slot, and settle its charge."""
         execution = self._executions.pop(execution_id)
         self._current.pop(request.id, None)
-        touched = self.monitor.release(execution_id, peak_memory_mb, size_mb)
+        touched = self.monitor.release(
+            execution_id, peak_memory_mb, size_mb, out_of_memory=out_of_memory
+        )
         for gpu_id in touched:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.quotas.charge(request.user, execution_id, execution.dispatched_at, used_gpu_seconds)
@@ -632,40 +647,65 @@ class RequestRouter:
             return []
         started = self._perf()
         decisions: list[Decision] = []
+        holds = self._holds
+        for request_id, gpu_ids in list(holds.items()):
+            if request_id not in self.queue or not all(g in schedulable for g in gpu_ids):
+                del holds[request_id]
+        # A hold binds the requests of its holder's priority level and below; candidates come
+        # level by level, so ``held`` grows along the pass. Room only shrinks during a pass and
+        # ``held`` only grows, so a need that did not fit will not fit later in it, and the
+        # largest room at the start bounds every GPU's room until the end.
+        binding = sorted(
+            (self.queue.level(self._requests[request_id], now), gpu_ids)
+            for request_id, gpu_ids in holds.items()
+        )
+        bound_so_far = 0
         held: set[str] = set()
-        # Room only shrinks during a pass, so a need that did not fit will not fit later in it,
-        # and the largest room at the start bounds every GPU's room until the end.
         no_fit: dict[tuple[object, ...], NoFit] = {}
         most_room = max(rooms)
         misses = 0
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
         self._quota_wakeup = None
+        examined: set[str] = set()
         for request in self.queue.candidates(now):
             if misses >= depth:
+                # Holds of requests this pass did not reach would keep their GPUs idle.
+                for request_id in [r for r in holds if r not in examined]:
+                    del holds[request_id]
                 break
             waiting_for = self.quotas.blocks_dispatch(
                 request.user, self._active[request.user], gpu_seconds(request), now
             )
             if waiting_for is not None:
                 misses += 1
+                # Held GPUs wait for the request, not for its quota.
+                holds.pop(request.id, None)
                 if waiting_for == "gpu_seconds_per_hour":
                     self._note_quota_wait(request.user, now)
                 continue
+            level = self.queue.level(request, now)
+            while bound_so_far < len(binding) and binding[bound_so_far][0] <= level:
+                held.update(binding[bound_so_far][1])
+                bound_so_far += 1
             need = self.need_of(request, avoid=self._avoid.get(request.id, ()))
             shape = (need.model, need.memory_mb, need.weights_mb, need.gpu_count, need.gpu_type)
-            chosen: Chosen | NoFit | None = no_fit.get(shape)
+            own = holds.get(request.id, ())
+            if own:
+                examined.add(request.id)
+            chosen: Chosen | NoFit | None = None if own else no_fit.get(shape)
             if chosen is None and need.memory_mb - need.weights_mb > most_room:
                 chosen = NoFit(free_slots=True)
             if chosen is None:
-                chosen = self.balancer.place(need, schedulable.values(), held)
+                chosen = self.balancer.place(
+                    need, schedulable.values(), held.difference(own) if own else held
+                )
             if isinstance(chosen, NoFit):
-                no_fit[shape] = chosen
+                if not own:
+                    no_fit[shape] = chosen
+                    if now - request.created_at >= bound:
+                        held.update(self._hold(request, need, schedulable.values()))
                 misses += 1
-                if now - request.created_at >= bound:
-                    prospect = self.balancer.prospect(need, schedulable.values())
-                    if prospect is not None and held.isdisjoint(prospect):
-                        held.update(prospect)
                 if not chosen.free_slots:
                     break
                 continue
@@ -675,9 +715,29 @@ class RequestRouter:
                 # Nothing changed for this request; the next event tries again.
                 _log.warning("dispatch_deferred", request_id=request.id, error=exc.message)
                 break
+            if own:
+                del holds[request.id]
+                held.difference_update(own)
+                no_fit.clear()  # what the hold kept out may fit now
         self.metrics.decision(self._perf() - started)
         self.metrics.set_queue_depth(self._depths())
         return decisions
+
+    def _hold(self, request: Request, need: Need, gpus: Iterable[GPUState]) -> tuple[str, ...]:
+        """Hold the GPUs closest to fitting a starving request; return them (none: no prospect).
+
+        Nothing after the request in dispatch order is placed on them, across passes, until
+        it starts (anywhere) or leaves the queue, so the memory they free accumulates for it
+        instead of going to the smaller requests that kept passing it. Requests before it in
+        order (higher priority, or their user's fair turn) still may. Holds never overlap.
+        """
+        taken = {gpu_id for gpu_ids in self._holds.values() for gpu_id in gpu_ids}
+        prospect = self.balancer.prospect(need, (gpu for gpu in gpus if gpu.id not in taken))
+        if prospect is None:
+            return ()
+        self._holds[request.id] = prospect
+        _log.debug("gpus_held", request_id=request.id, gpu_ids=list(prospect))
+        return prospect
 
     def _note_quota_wait(self, user: str, now: float) -> None:
         frees = self.quotas.gpu_seconds_frees_at(user, now)

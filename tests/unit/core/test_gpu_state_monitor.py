@@ -242,6 +242,49 @@ def test_executions_placed_after_the_reading_or_without_a_peak_uncover_nothing()
     assert monitor.get("a:0").hidden_mb == 0
 
 
+def test_an_out_of_memory_failure_cuts_the_room_to_what_it_proves_free() -> None:
+    """Fewer MiB than the failed execution needed were free: the room says so until a reading."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "hog", 30_000)  # uses 50,000: the reading has not seen it
+    assert monitor.reserve("a:0", "failed", 20_000)
+    monitor.release("failed", peak_mb=25_000, size_mb=20_000, out_of_memory=True)
+    gpu = monitor.get("a:0")
+    assert gpu.room_mb == 25_000 - MARGIN - 1
+    assert gpu.hidden_mb == H100_MB - MARGIN - 30_000 - gpu.room_mb
+    assert not monitor.reserve("a:0", "next", 25_000 - MARGIN)
+    assert monitor.get("a:1").room_mb == H100_MB - MARGIN, "only its own GPUs are cut"
+    monitor.apply([reading("a", 0, used_mb=50_000, reserved_mb=30_000)], 1.0)
+    assert gpu.hidden_mb == 0
+    assert gpu.room_mb == H100_MB - MARGIN - 50_000
+
+
+def test_out_of_memory_without_a_peak_or_with_weights_resident() -> None:
+    """No peak: its reservation was not free. Resident weights are not part of what it needed."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "no_peak", 20_000)
+    monitor.release("no_peak", out_of_memory=True)
+    assert monitor.get("a:0").room_mb == 20_000 - MARGIN - 1
+    assert monitor.reserve("a:1", "kv", 8_000)  # 14,000 of weights resident there
+    monitor.release("kv", peak_mb=24_000, size_mb=22_000, out_of_memory=True)
+    assert monitor.get("a:1").room_mb == 24_000 - 14_000 - MARGIN - 1
+
+
+def test_out_of_memory_never_raises_the_room_and_a_reading_on_its_way_keeps_the_cut() -> None:
+    """A room already below the proof stays; a reading begun before the failure is no proof."""
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "hog", H100_MB - MARGIN - 5_000)
+    assert monitor.reserve("a:0", "failed", 4_000)
+    monitor.release("failed", peak_mb=40_000, size_mb=4_000, out_of_memory=True)
+    assert monitor.get("a:0").room_mb == 5_000 and monitor.get("a:0").hidden_mb == 0
+    assert monitor.reserve("a:1", "failed", 30_000)
+    mark = monitor.mark()
+    monitor.release("failed", peak_mb=31_000, size_mb=30_000, out_of_memory=True)
+    monitor.apply([reading("a", 1)], 1.0, mark=mark)
+    assert monitor.get("a:1").room_mb == 31_000 - MARGIN - 1
+    monitor.apply([reading("a", 1)], 2.0)
+    assert monitor.get("a:1").room_mb == H100_MB - MARGIN
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from(["e1", "e2", "e3", "e4"]), st.integers(0, 40_000), st.booleans()),

@@ -109,7 +109,8 @@ def test_held_gpus_are_skipped() -> None:
     """GPUs held for a starving request are not offered to others."""
     monitor = fleet(reading("a", 0), reading("a", 1))
     assert chosen_ids(place(monitor, need(), held=("a:0",))) == ("a:1",)
-    assert place(monitor, need(), held=("a:0", "a:1")) == NoFit(free_slots=False)
+    # Held GPUs still have free slots: the pass must go on to the request they are held for.
+    assert place(monitor, need(), held=("a:0", "a:1")) == NoFit(free_slots=True)
 
 
 def test_avoided_gpu_is_used_only_when_nothing_else_fits() -> None:
@@ -377,13 +378,26 @@ def test_make_policy_rejects_unknown_names() -> None:
 
 
 def test_prospect_finds_where_it_fits_once_drained() -> None:
-    """A prospect is the GPU that would fit after its work drains, the least reserved first."""
+    """A prospect is the GPU that would fit after its work drains, the closest to fitting."""
     monitor = fleet(reading("a", 0), reading("a", 1), reading("a", 2, "L4-24GB"))
     monitor.reserve("a:0", "e1", 70_000)
     monitor.reserve("a:1", "e2", 60_000)
     big = need(40_000)
     assert isinstance(place(monitor, big), NoFit)
     balancer = LoadBalancer(make_policy("best_fit"))
+    assert balancer.prospect(big, monitor.schedulable.values()) == ("a:1",)
+
+
+def test_prospect_is_the_gpu_with_the_least_left_to_free_not_the_least_reserved() -> None:
+    """Memory used by others counts: the GPU that must free the least for the request wins."""
+    monitor = fleet(reading("a", 0, used_mb=30_000), reading("a", 1))
+    monitor.reserve("a:0", "e1", 20_000)
+    monitor.reserve("a:1", "e2", 40_000)
+    big = need(45_000)
+    assert isinstance(place(monitor, big), NoFit)
+    # a:0 has the least reserved but 30 GB used by others: 45 GB needs 14.5 GB more freed
+    # there (room 81,559 − 1,024 − 30,000 − 20,000), against 4.5 GB on a:1.
+    balancer = LoadBalancer(make_policy("balanced"))
     assert balancer.prospect(big, monitor.schedulable.values()) == ("a:1",)
 
 

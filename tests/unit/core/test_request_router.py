@@ -12,7 +12,7 @@ from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionR
 from gpu_request_router.core.request_receiver import Submission
 from gpu_request_router.exceptions import AlreadyTerminal, NotFound
 from gpu_request_router.models.gpu_state import GPUHealth
-from gpu_request_router.models.request import RequestStatus, ResourceHints, Shape
+from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape
 from gpu_request_router.testing import chat, make_settings, reading
 
 
@@ -104,6 +104,88 @@ def test_small_request_backfills_while_a_large_one_waits_and_the_large_one_still
     assert h.status(late_small) == "queued"
     h.finish(large)
     assert h.dispatched_ids()[-1] == late_small.id
+
+
+def _starving_on_two_gpus() -> tuple[Harness, Request, Request, Request]:
+    """sim:0 runs 60 GB (20.5 GB room), sim:1 50 GB (30.5 GB room); 45 GB has starved 31 s."""
+    settings = make_settings(gpus=[("H100-80GB", 2)], placement={"starvation_bound_s": 30})
+    h = Harness(settings)
+    on_0 = h.submit(_sized(60_000), user="a")
+    on_1 = h.submit(_sized(50_000), user="a")
+    assert [h.dispatch_of(r).placement.gpu_ids for r in (on_0, on_1)] == [("sim:0",), ("sim:1",)]
+    large = h.submit(_sized(45_000), user="b")
+    h.now += 31
+    return h, on_0, on_1, large
+
+
+def test_a_starving_request_holds_the_gpu_closest_to_fitting_it_until_it_starts() -> None:
+    """The hold outlasts the pass that made it: freed memory there waits for the large request."""
+    h, _, on_1, large = _starving_on_two_gpus()
+    medium = h.submit(_sized(25_000), user="c")  # would fit sim:1 only, which is held
+    assert h.status(medium) == "queued"
+    h.now += 1
+    later = h.submit(_sized(25_000), user="d")
+    assert h.status(later) == "queued", "the hold lasts into later passes"
+    small = h.submit(_sized(15_000), user="e")
+    assert h.dispatch_of(small).placement.gpu_ids == ("sim:0",), "other GPUs stay open"
+    h.finish(on_1)
+    assert h.dispatch_of(large).placement.gpu_ids == ("sim:1",)
+    # The hold ends when it starts: the 35.5 GB left there take one of the 25 GB requests.
+    started = [r for r in (medium, later) if h.status(r) != "queued"]
+    assert len(started) == 1
+    assert h.dispatch_of(started[0]).placement.gpu_ids == ("sim:1",)
+
+
+def test_a_higher_priority_request_may_use_a_held_gpu() -> None:
+    """A hold binds its own priority level and below; priority order still comes first."""
+    h, _, _, large = _starving_on_two_gpus()
+    normal = h.submit(_sized(25_000), user="c")
+    urgent = h.submit(_sized(25_000, priority="high"), user="c")
+    assert h.status(normal) == "queued"
+    assert h.dispatch_of(urgent).placement.gpu_ids == ("sim:1",)
+    assert h.status(large) == "queued"
+
+
+def test_two_starving_requests_hold_different_gpus() -> None:
+    """Holds never overlap: the second starving request takes the next closest GPU."""
+    h, on_0, on_1, large = _starving_on_two_gpus()
+    h.now -= 31
+    second = h.submit(_sized(45_000), user="c")
+    h.now += 31
+    small = h.submit(_sized(15_000), user="d")  # fits sim:0, now held for the second one
+    assert h.status(small) == "queued"
+    h.finish(on_0)
+    assert h.dispatch_of(second).placement.gpu_ids == ("sim:0",)
+    assert h.status(large) == "queued", "sim:1 is still 14.5 GB short"
+    h.finish(on_1)
+    assert h.dispatch_of(large).placement.gpu_ids == ("sim:1",)
+
+
+def test_a_hold_ends_when_its_request_leaves_the_queue() -> None:
+    """Cancelling the starving request frees its held GPU for the others at once."""
+    h, _, _, large = _starving_on_two_gpus()
+    medium = h.submit(_sized(25_000), user="c")
+    assert h.status(medium) == "queued"
+    h.apply(h.router.cancel(large.id, h.now))
+    assert h.status(large) == "cancelled"
+    h.now += 1
+    h.apply(h.router.tick(h.now))
+    assert h.dispatch_of(medium).placement.gpu_ids == ("sim:1",)
+
+
+def test_an_out_of_memory_failure_cuts_the_gpus_room_until_the_next_reading(harness_for) -> None:
+    """The failure proves the GPU had less free than the execution needed; the view follows."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)])
+    request = h.submit(_sized(30_000))
+    dispatch = h.dispatch_of(request)
+    gpu_id = dispatch.placement.gpu_ids[0]
+    resident = request.estimate.gpu_memory_mb - dispatch.reservations[gpu_id]  # loaded weights
+    h.fail(request, FailureKind.OUT_OF_MEMORY, peak_memory_mb=36_000)
+    gpu = h.router.monitor.gpus[gpu_id]
+    # It needed 36 GB in all, weights included: fewer than 36 GB − weights were free.
+    assert gpu.room_mb == 36_000 - resident - h.settings.placement.memory_safety_margin_mb - 1
+    h.advance(1.0)  # a fresh reading shows the truth
+    assert gpu.room_mb == gpu.memory_total_mb - h.settings.placement.memory_safety_margin_mb
 
 
 def test_request_that_fits_nowhere_now_does_not_block_others_behind_it(harness_for) -> None:
