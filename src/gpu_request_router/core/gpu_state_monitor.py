@@ -317,12 +317,14 @@ class GPUStateMonitor:
         others (``hidden_mb``) until a reading taken after the release shows the truth. It is
         a lower bound: the peak is the most an execution used, not what the reading saw.
 
-        ``out_of_memory``: the execution failed for want of memory, which proves each of its
-        GPUs had less free than it needed: ``peak_mb`` beyond the weights already resident
+        ``out_of_memory``: the execution failed for want of memory: a GPU of it had less free
+        than it needed, and it needed at least ``peak_mb`` beyond the weights already resident
         there (its reservation where no peak is known). Until a reading taken after the failure
-        shows the truth, the GPU's room is cut to ``needed − margin − 1`` (the rest counts as
-        ``hidden_mb``): a view that let one allocation fail would otherwise let the next ones
-        placed there fail too.
+        shows the truth, each of its GPUs' room is cut to ``needed − margin − 1`` (the rest
+        counts as ``hidden_mb``): a view that let one allocation fail would otherwise let the
+        next ones placed there fail too. The cut errs on the safe side — the need may have been
+        larger than the peak, and which GPU of a multi-GPU execution failed is not reported —
+        and lasts one reading.
         """
         gpu_ids = self._holders.pop(holder, [])
         if not gpu_ids:

@@ -12,9 +12,10 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
   how sure the request's size is. An exact size (a client's memory hint, or no working memory
   to guess: weights only) takes the tightest fit (whole GiB), keeping large holes whole for
   large requests. An estimated size (KV cache and activations of an answer whose length is a
-  guess) spreads: the least busy GPU, then the most room left after it. The room absorbs the
-  estimate's error, so the GPU does not run out of memory, and fewer executions share each
-  GPU. ``gpurouter bench replay`` measures the difference (docs/benchmarks.md);
+  guess) spreads: the most room left after it, then the least busy GPU. The room absorbs the
+  estimate's error (and that of the placements the latest reading has not seen yet), so the
+  GPU does not run out of memory. ``gpurouter bench replay`` measures the difference
+  (docs/benchmarks.md);
 - ``best_fit``: the least memory left over;
 - ``least_loaded``: the fewest busy slots, then the most room;
 - ``power_of_two``: two random candidates, the less loaded of them;
@@ -170,9 +171,9 @@ def _tightest(option: Option) -> tuple[bool, bool, int, float]:
     return not loaded, unit.health is _DEGRADED, (unit.room_mb - memory) // _GIB, unit.busy
 
 
-def _spread(option: Option) -> tuple[bool, bool, float, int]:
+def _spread(option: Option) -> tuple[bool, bool, int, float]:
     unit, memory, loaded = option
-    return not loaded, unit.health is _DEGRADED, unit.busy, memory - unit.room_mb
+    return not loaded, unit.health is _DEGRADED, memory - unit.room_mb, unit.busy
 
 
 class BalancedPolicy(Policy):
@@ -358,7 +359,8 @@ class LoadBalancer:
         """GPUs where ``need`` would fit once their current work drains: the closest to fitting.
 
         Closest: the least memory still to be freed on one worker's ``gpu_count`` GPUs, then
-        the least reserved, then GPU id.
+        the least reserved, then GPU id; GPUs the request should avoid (it failed there) are
+        taken last.
         """
         by_worker: dict[str, list[GPUState]] = {}
         for gpu in gpus:
@@ -373,17 +375,21 @@ class LoadBalancer:
         def short_of(gpu: GPUState) -> int:
             return max(0, need.memory_on(gpu) - gpu.room_mb)
 
-        best: tuple[int, int, tuple[str, ...]] | None = None
+        best: tuple[int, int, int, tuple[str, ...]] | None = None
         for options in by_worker.values():
             if len(options) < need.gpu_count:
                 continue
-            ranked = sorted(options, key=lambda gpu: (short_of(gpu), gpu.reserved_mb, gpu.id))
+            ranked = sorted(
+                options,
+                key=lambda gpu: (gpu.id in need.avoid, short_of(gpu), gpu.reserved_mb, gpu.id),
+            )
             group = ranked[: need.gpu_count]
             score = (
+                sum(gpu.id in need.avoid for gpu in group),
                 sum(short_of(gpu) for gpu in group),
                 sum(gpu.reserved_mb for gpu in group),
                 tuple(gpu.id for gpu in group),
             )
             if best is None or score < best:
                 best = score
-        return None if best is None else best[2]
+        return None if best is None else best[3]

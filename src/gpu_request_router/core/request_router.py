@@ -649,18 +649,21 @@ class RequestRouter:
         decisions: list[Decision] = []
         holds = self._holds
         for request_id, gpu_ids in list(holds.items()):
-            if request_id not in self.queue or not all(g in schedulable for g in gpu_ids):
+            if not self._still_holds(request_id, gpu_ids, schedulable):
                 del holds[request_id]
         # A hold binds the requests of its holder's priority level and below; candidates come
         # level by level, so ``held`` grows along the pass. Room only shrinks during a pass and
-        # ``held`` only grows, so a need that did not fit will not fit later in it, and the
-        # largest room at the start bounds every GPU's room until the end.
+        # ``held`` only grows (but for a holder that starts, which clears ``no_fit``), so a need
+        # that did not fit will not fit later in it, and the largest room at the start bounds
+        # every GPU's room until the end.
         binding = sorted(
             (self.queue.level(self._requests[request_id], now), gpu_ids)
             for request_id, gpu_ids in holds.items()
         )
         bound_so_far = 0
         held: set[str] = set()
+        taken = {gpu_id for gpu_ids in holds.values() for gpu_id in gpu_ids}
+        no_prospect: set[tuple[object, ...]] = set()
         no_fit: dict[tuple[object, ...], NoFit] = {}
         most_room = max(rooms)
         misses = 0
@@ -680,19 +683,22 @@ class RequestRouter:
             if waiting_for is not None:
                 misses += 1
                 # Held GPUs wait for the request, not for its quota.
-                holds.pop(request.id, None)
+                dropped = holds.pop(request.id, ())
+                if dropped:
+                    taken.difference_update(dropped)
+                    no_prospect.clear()
                 if waiting_for == "gpu_seconds_per_hour":
                     self._note_quota_wait(request.user, now)
                 continue
-            level = self.queue.level(request, now)
-            while bound_so_far < len(binding) and binding[bound_so_far][0] <= level:
-                held.update(binding[bound_so_far][1])
-                bound_so_far += 1
+            if bound_so_far < len(binding):
+                level = self.queue.level(request, now)
+                while bound_so_far < len(binding) and binding[bound_so_far][0] <= level:
+                    held.update(binding[bound_so_far][1])
+                    bound_so_far += 1
             need = self.need_of(request, avoid=self._avoid.get(request.id, ()))
             shape = (need.model, need.memory_mb, need.weights_mb, need.gpu_count, need.gpu_type)
             own = holds.get(request.id, ())
-            if own:
-                examined.add(request.id)
+            examined.add(request.id)
             chosen: Chosen | NoFit | None = None if own else no_fit.get(shape)
             if chosen is None and need.memory_mb - need.weights_mb > most_room:
                 chosen = NoFit(free_slots=True)
@@ -703,8 +709,11 @@ class RequestRouter:
             if isinstance(chosen, NoFit):
                 if not own:
                     no_fit[shape] = chosen
-                    if now - request.created_at >= bound:
-                        held.update(self._hold(request, need, schedulable.values()))
+                    if now - request.created_at >= bound and shape not in no_prospect:
+                        own = self._hold(request, need, schedulable.values(), taken)
+                        if not own:
+                            no_prospect.add(shape)
+                        held.update(own)
                 misses += 1
                 if not chosen.free_slots:
                     break
@@ -718,26 +727,47 @@ class RequestRouter:
             if own:
                 del holds[request.id]
                 held.difference_update(own)
+                taken.difference_update(own)
                 no_fit.clear()  # what the hold kept out may fit now
+                no_prospect.clear()
         self.metrics.decision(self._perf() - started)
         self.metrics.set_queue_depth(self._depths())
         return decisions
 
-    def _hold(self, request: Request, need: Need, gpus: Iterable[GPUState]) -> tuple[str, ...]:
+    def _hold(
+        self, request: Request, need: Need, gpus: Iterable[GPUState], taken: set[str]
+    ) -> tuple[str, ...]:
         """Hold the GPUs closest to fitting a starving request; return them (none: no prospect).
 
-        Nothing after the request in dispatch order is placed on them, across passes, until
-        it starts (anywhere) or leaves the queue, so the memory they free accumulates for it
-        instead of going to the smaller requests that kept passing it. Requests before it in
-        order (higher priority, or their user's fair turn) still may. Holds never overlap.
+        Nothing of the request's priority level or below is placed on them, across passes,
+        until it starts (anywhere) or leaves the queue, so the memory they free accumulates for
+        it instead of going to the smaller requests that kept passing it; higher levels still
+        may. ``taken`` (GPUs held already) is never offered again: holds never overlap.
         """
-        taken = {gpu_id for gpu_ids in self._holds.values() for gpu_id in gpu_ids}
         prospect = self.balancer.prospect(need, (gpu for gpu in gpus if gpu.id not in taken))
         if prospect is None:
             return ()
         self._holds[request.id] = prospect
+        taken.update(prospect)
         _log.debug("gpus_held", request_id=request.id, gpu_ids=list(prospect))
         return prospect
+
+    def _still_holds(
+        self, request_id: str, gpu_ids: tuple[str, ...], schedulable: Mapping[str, GPUState]
+    ) -> bool:
+        """Whether a hold still makes sense: its request is queued and fits its GPUs once drained.
+
+        Memory used by others may have grown since the hold began; then it is dropped.
+        """
+        request = self.queue.get(request_id)
+        if request is None:
+            return False
+        need = self.need_of(request, avoid=self._avoid.get(request_id, ()))
+        for gpu_id in gpu_ids:
+            gpu = schedulable.get(gpu_id)
+            if gpu is None or need.memory_on(gpu) > gpu.room_mb + gpu.reserved_mb:
+                return False
+        return True
 
     def _note_quota_wait(self, user: str, now: float) -> None:
         frees = self.quotas.gpu_seconds_frees_at(user, now)

@@ -279,21 +279,21 @@ def test_balanced_with_an_exact_size_within_one_gib_prefers_idle() -> None:
     assert chosen_ids(place(monitor, need(), "best_fit")) == ("a:0",)
 
 
-def test_balanced_spreads_an_estimated_size_to_the_least_busy_then_the_roomiest() -> None:
-    """A guessed size goes where fewest run, then where the most room is left to absorb error."""
+def test_balanced_spreads_an_estimated_size_to_the_most_room_left_then_the_least_busy() -> None:
+    """A guessed size goes where the most room is left to absorb its error, however many run."""
     monitor = fleet(
         reading("a", 0, used_mb=10_000),
         reading("a", 1, used_mb=50_000),
-        reading("a", 2, used_mb=0),
+        reading("a", 2, used_mb=10_000),
     )
+    monitor.reserve("a:0", "busy", 0)
+    monitor.reserve("a:0", "busier", 0)
     monitor.reserve("a:2", "busy", 0)
-    # a:2 has the most room but runs something; of the idle two, a:0 has more room.
-    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:0",)
-    monitor.reserve("a:0", "busy-too", 0)
-    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:1",)
-    monitor.reserve("a:1", "busy-as-well", 0)
+    # a:0 and a:2 leave the same room; a:2 runs fewer. a:1 is idle but has the least room.
     assert chosen_ids(place(monitor, need(), "balanced")) == ("a:2",)
-    # Packing would have taken the fullest GPU every time.
+    monitor.reserve("a:2", "more", 1)
+    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:0",)
+    # Packing takes the fullest GPU.
     assert chosen_ids(place(monitor, need(exact=True), "balanced")) == ("a:1",)
 
 
@@ -399,6 +399,17 @@ def test_prospect_is_the_gpu_with_the_least_left_to_free_not_the_least_reserved(
     # there (room 81,559 − 1,024 − 30,000 − 20,000), against 4.5 GB on a:1.
     balancer = LoadBalancer(make_policy("balanced"))
     assert balancer.prospect(big, monitor.schedulable.values()) == ("a:1",)
+
+
+def test_prospect_takes_a_gpu_the_request_failed_on_last() -> None:
+    """A retried request does not hold the GPU it just failed on while another would do."""
+    monitor = fleet(reading("a", 0), reading("a", 1))
+    monitor.reserve("a:0", "e1", 70_000)
+    monitor.reserve("a:1", "e2", 60_000)
+    balancer = LoadBalancer(make_policy("balanced"))
+    gpus = list(monitor.schedulable.values())
+    assert balancer.prospect(need(40_000), gpus) == ("a:1",)
+    assert balancer.prospect(need(40_000, avoid=frozenset({"a:1"})), gpus) == ("a:0",)
 
 
 def test_prospect_respects_type_model_and_total_memory() -> None:

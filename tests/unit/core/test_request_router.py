@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
 import pytest
 from core_harness import Harness
+from structlog.testing import capture_logs
 
 from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission
 from gpu_request_router.exceptions import AlreadyTerminal, NotFound
 from gpu_request_router.models.gpu_state import GPUHealth
 from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape
-from gpu_request_router.testing import chat, make_settings, reading
+from gpu_request_router.testing import chat, make_settings, reading, readings_for
 
 
 def _sized(memory_mb: int, **kwargs: Any) -> Submission:
@@ -159,6 +161,50 @@ def test_two_starving_requests_hold_different_gpus() -> None:
     assert h.status(large) == "queued", "sim:1 is still 14.5 GB short"
     h.finish(on_1)
     assert h.dispatch_of(large).placement.gpu_ids == ("sim:1",)
+
+
+def test_a_hold_outlasts_a_pass_that_stops_at_the_backfill_depth() -> None:
+    """Holds made in a pass that stops at ``backfill_depth`` survive it: one hold, not one each."""
+    settings = make_settings(
+        gpus=[("H100-80GB", 2)], placement={"starvation_bound_s": 30, "backfill_depth": 2}
+    )
+    h = Harness(settings)
+    h.submit(_sized(60_000), user="a")
+    h.submit(_sized(50_000), user="a")
+    large = h.submit(_sized(45_000), user="b")
+    for user in ("c", "d", "e"):
+        h.submit(_sized(35_000), user=user)  # fit nowhere either
+    h.now += 31
+    with capture_logs() as logs:
+        for user in ("f", "g", "h"):  # each pass: two misses (both held), then it stops
+            h.submit(_sized(35_000), user=user)
+            h.now += 1
+    holds = [log["gpu_ids"] for log in logs if log.get("request_id") == large.id]
+    assert holds == [["sim:1"]]
+
+
+def test_a_hold_is_moved_when_memory_used_by_others_leaves_too_little_for_it() -> None:
+    """A hold on a GPU where the request no longer fits even drained moves to one where it does."""
+    settings = make_settings(gpus=[("H100-80GB", 2)], placement={"starvation_bound_s": 30})
+    h = Harness(settings)
+    h.submit(_sized(60_000), user="a")  # sim:0: 20.5 GB room
+    h.submit(_sized(40_000), user="a")  # sim:1: 40.5 GB room, the closest for 45 GB
+    large = h.submit(_sized(45_000), user="b")
+    h.now += 31
+    with capture_logs() as logs:
+        h.submit(_sized(30_000), user="c")  # fits only sim:1, held: waits
+        # Something outside the router takes 36 GB of sim:1: 45 GB no longer fits there.
+        grown = [
+            dataclasses.replace(r, memory_used_mb=76_000, memory_reserved_mb=40_000)
+            if r.gpu_id == "sim:1"
+            else r
+            for r in readings_for(settings)
+        ]
+        h.apply(h.router.readings(grown, h.now))
+        small = h.submit(_sized(15_000), user="d")  # would fit sim:0, now held
+    holds = [(log["request_id"], log["gpu_ids"]) for log in logs if log["event"] == "gpus_held"]
+    assert holds == [(large.id, ["sim:1"]), (large.id, ["sim:0"])]
+    assert h.status(small) == "queued"
 
 
 def test_a_hold_ends_when_its_request_leaves_the_queue() -> None:
