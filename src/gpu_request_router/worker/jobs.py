@@ -38,6 +38,9 @@ def matmul(gpu_index: int, request: dict[str, Any]) -> dict[str, Any]:
     if dtype is None:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}")
     device = torch.device("cuda", gpu_index)
+    # The job runs in a worker thread: CUDA is not initialised there until something is
+    # allocated, and resetting the statistics before that fails ("Invalid device argument").
+    torch.empty(1, device=device)
     torch.cuda.reset_peak_memory_stats(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
