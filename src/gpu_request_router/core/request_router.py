@@ -169,6 +169,11 @@ class RequestRouter:
         """Every request not yet in a terminal status, by id."""
         return self._requests
 
+    @property
+    def holds(self) -> Mapping[str, tuple[str, ...]]:
+        """GPUs held for starving requests, by request id (see :meth:`_hold`)."""
+        return self._holds
+
     def execution_of(self, request_id: str) -> str | None:
         """The id of the request's live execution, or ``None``."""
         return self._current.get(request_id)
@@ -724,8 +729,7 @@ class RequestRouter:
                 # Nothing changed for this request; the next event tries again.
                 _log.warning("dispatch_deferred", request_id=request.id, error=exc.message)
                 break
-            if own:
-                del holds[request.id]
+            if own:  # the dispatch ended the hold
                 held.difference_update(own)
                 taken.difference_update(own)
                 no_fit.clear()  # what the hold kept out may fit now
@@ -845,6 +849,7 @@ class RequestRouter:
         request.adopt(draft)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
+            self._holds.pop(request.id, None)  # dispatched or ended: its GPUs wait no more
         elif before.active and not to.active:
             self._active[request.user] -= 1
         if to is _S.QUEUED:

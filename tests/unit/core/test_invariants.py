@@ -59,7 +59,7 @@ def _settings() -> Any:
             },
             "placement": {
                 "memory_safety_margin_mb": MARGIN_MB,
-                "starvation_bound_s": 30,
+                "starvation_bound_s": 2,
                 "backfill_depth": 8,
             },
             "retries": {
@@ -312,6 +312,15 @@ class RouterMachine(RuleBasedStateMachine):
             limit = gpu.memory_total_mb - MARGIN_MB - gpu.reading.external_used_mb
             assert gpu.reserved_mb <= limit, f"{gpu.id} over-committed"
             assert len(gpu.running) <= gpu.slots
+
+    @invariant()
+    def holds_never_overlap(self) -> None:
+        """A GPU is held for one starving request at most, and only a request's own holds."""
+        held = [gpu_id for gpu_ids in self.router.holds.values() for gpu_id in gpu_ids]
+        assert len(held) == len(set(held)), self.router.holds
+        for request_id, gpu_ids in self.router.holds.items():
+            assert request_id in self.router.live
+            assert all(gpu_id in self.router.monitor.gpus for gpu_id in gpu_ids)
 
     @invariant()
     def never_running_twice(self) -> None:
