@@ -200,6 +200,11 @@ class MetricCollector:
             ("model", "kind"),
             registry=registry,
         )
+        self._gpus_held = Gauge(
+            "gpurouter_gpus_held",
+            "GPUs held for requests blocked longer than the starvation bound.",
+            registry=registry,
+        )
         self._circuit = Gauge(
             "gpurouter_circuit_open",
             "Whether the circuit breaker for a backend is open (1) or closed (0).",
@@ -297,6 +302,10 @@ class MetricCollector:
     def estimate_error(self, model: str, kind: str, ratio: float) -> None:
         """Publish the latest relative estimate error for ``model`` and ``kind`` of estimate."""
         self._estimate_error.labels(model, kind).set(ratio)
+
+    def set_gpus_held(self, count: int) -> None:
+        """Publish how many GPUs are held for starving requests."""
+        self._gpus_held.set(count)
 
     def circuit(self, backend: str, is_open: bool) -> None:
         """Publish whether the circuit breaker for ``backend`` is open."""

@@ -649,6 +649,7 @@ class RequestRouter:
         rooms = [gpu.room_mb for gpu in schedulable.values() if gpu.free_slots > 0]
         if not len(self.queue) or not rooms:
             self.metrics.set_queue_depth(self._depths())
+            self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self._holds.values()))
             return []
         started = self._perf()
         decisions: list[Decision] = []
@@ -736,6 +737,7 @@ class RequestRouter:
                 no_prospect.clear()
         self.metrics.decision(self._perf() - started)
         self.metrics.set_queue_depth(self._depths())
+        self.metrics.set_gpus_held(len(taken))
         return decisions
 
     def _hold(

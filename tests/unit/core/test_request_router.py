@@ -130,8 +130,10 @@ def test_a_starving_request_holds_the_gpu_closest_to_fitting_it_until_it_starts(
     assert h.status(later) == "queued", "the hold lasts into later passes"
     small = h.submit(_sized(15_000), user="e")
     assert h.dispatch_of(small).placement.gpu_ids == ("sim:0",), "other GPUs stay open"
+    assert h.engine.registry.get_sample_value("gpurouter_gpus_held") == 1
     h.finish(on_1)
     assert h.dispatch_of(large).placement.gpu_ids == ("sim:1",)
+    assert h.engine.registry.get_sample_value("gpurouter_gpus_held") == 0
     # The hold ends when it starts: the 35.5 GB left there take one of the 25 GB requests.
     started = [r for r in (medium, later) if h.status(r) != "queued"]
     assert len(started) == 1
