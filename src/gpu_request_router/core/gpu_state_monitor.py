@@ -334,17 +334,18 @@ class GPUStateMonitor:
         for gpu_id in gpu_ids:
             state = self._gpus[gpu_id]
             reserved = state.running.pop(holder, 0)
+            seen = state.unseen.pop(holder, None) is None
             size = size_mb if size_mb is not None else reserved
-            if state.unseen.pop(holder, None) is None and peak_mb is not None and not out_of_memory:
-                self._hide(state, min(reserved, size - peak_mb), holder)
             state.reserved_mb = totals.get(gpu_id, 0)
+            if out_of_memory:
+                needed = reserved if peak_mb is None else peak_mb - (size - reserved)
+                room = self.limit_mb(state) - state.reserved_mb
+                self._hide(state, room - max(0, needed - self._margin - 1), holder)
+            elif seen and peak_mb is not None:
+                self._hide(state, min(reserved, size - peak_mb), holder)
             if state.draining and not state.running:
                 state.draining = False
             self._recompute(state)
-            if out_of_memory:
-                needed = reserved if peak_mb is None else peak_mb - (size - reserved)
-                self._hide(state, state.room_mb - max(0, needed - self._margin - 1), holder)
-                self._recompute(state)
         return gpu_ids
 
     def _hide(self, state: GPUState, memory_mb: int, holder: str) -> None:

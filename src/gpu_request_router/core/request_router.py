@@ -648,8 +648,7 @@ class RequestRouter:
         schedulable = self.monitor.schedulable
         rooms = [gpu.room_mb for gpu in schedulable.values() if gpu.free_slots > 0]
         if not len(self.queue) or not rooms:
-            self.metrics.set_queue_depth(self._depths())
-            self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self._holds.values()))
+            self._publish_queue()
             return []
         started = self._perf()
         decisions: list[Decision] = []
@@ -736,9 +735,13 @@ class RequestRouter:
                 no_fit.clear()  # what the hold kept out may fit now
                 no_prospect.clear()
         self.metrics.decision(self._perf() - started)
-        self.metrics.set_queue_depth(self._depths())
-        self.metrics.set_gpus_held(len(taken))
+        self._publish_queue()
         return decisions
+
+    def _publish_queue(self) -> None:
+        """Queue depth per priority class and the GPUs held, as a pass leaves them."""
+        self.metrics.set_queue_depth(self._depths())
+        self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self._holds.values()))
 
     def _hold(
         self, request: Request, need: Need, gpus: Iterable[GPUState], taken: set[str]
@@ -761,19 +764,15 @@ class RequestRouter:
     def _still_holds(
         self, request_id: str, gpu_ids: tuple[str, ...], schedulable: Mapping[str, GPUState]
     ) -> bool:
-        """Whether a hold still makes sense: its request is queued and fits its GPUs once drained.
+        """Whether a hold still makes sense: its request is queued, its GPUs still a prospect.
 
-        Memory used by others may have grown since the hold began; then it is dropped.
+        Memory used by others may have grown since the hold began; then the hold is dropped.
         """
         request = self.queue.get(request_id)
-        if request is None:
+        if request is None or not all(gpu_id in schedulable for gpu_id in gpu_ids):
             return False
         need = self.need_of(request, avoid=self._avoid.get(request_id, ()))
-        for gpu_id in gpu_ids:
-            gpu = schedulable.get(gpu_id)
-            if gpu is None or need.memory_on(gpu) > gpu.room_mb + gpu.reserved_mb:
-                return False
-        return True
+        return self.balancer.prospect(need, [schedulable[g] for g in gpu_ids]) is not None
 
     def _note_quota_wait(self, user: str, now: float) -> None:
         frees = self.quotas.gpu_seconds_frees_at(user, now)
