@@ -11,6 +11,7 @@ from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.runtime import Runtime
+from gpu_request_router.store.base import Charge
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings
 
@@ -36,10 +37,15 @@ class FlakyStore(MemoryStore):
         return super().add_request(request, created)
 
     def transition(
-        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+        self,
+        request: Request,
+        from_status: RequestStatus,
+        attempt: int,
+        change: Transition,
+        charge: Charge | None = None,
     ) -> bool:
         self._check()
-        return super().transition(request, from_status, attempt, change)
+        return super().transition(request, from_status, attempt, change, charge)
 
     def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
         self._check()  # a write, like the others (SQLite inserts the admission)

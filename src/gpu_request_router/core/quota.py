@@ -157,10 +157,6 @@ class QuotaEnforcer:
         oldest = self._store.oldest_charge_in_window(user, now, HOUR_S)
         return None if oldest is None else oldest + HOUR_S
 
-    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
-        """Charge (or re-charge, reconciling) GPU-seconds for one execution."""
-        self._store.charge(user, charge_id, at, gpu_seconds)
-
     def usage(self, user: str, *, queued: int, concurrent: int, now: float) -> QuotaUsage:
         """The user's live usage."""
         return QuotaUsage(

@@ -74,7 +74,7 @@ from gpu_request_router.models.request import (
     RequestStatus,
     Transition,
 )
-from gpu_request_router.store.base import StateStore
+from gpu_request_router.store.base import Charge, StateStore
 
 __all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds", "transition_of"]
 
@@ -351,10 +351,10 @@ class RequestRouter:
         actor = f"backend:{execution.backend}"
         if request.status is _S.DISPATCHING:
             self._set(request, _S.RUNNING, now, actor=actor)
-        used = self._used(request, execution, now, reported)
-        self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output)
+        used = self._settle(request, execution_id, execution, now, reported)
+        self._set(request, _S.SUCCEEDED, now, actor=actor, result=result.output, charge=used)
         self._end_execution(
-            execution_id, request, used, result.peak_memory_mb, request.estimate.gpu_memory_mb
+            execution_id, request, result.peak_memory_mb, request.estimate.gpu_memory_mb
         )
         if duration is not None:
             gpu_type = self.monitor.gpus[execution.gpu_ids[0]].type
@@ -388,7 +388,7 @@ class RequestRouter:
     ) -> list[Decision]:
         request = self._requests[execution.request_id]
         size_mb = request.estimate.gpu_memory_mb  # of this attempt, before any growth
-        used = self._used(request, execution, now, None)
+        used = self._settle(request, execution_id, execution, now, None)
         verdict = self.errors.judge(failure, request.attempts, now)
         error = ErrorInfo(failure.kind.value, failure.message or failure.kind.value)
         estimate = None
@@ -418,12 +418,11 @@ class RequestRouter:
                 )
                 error = ErrorInfo(error.type, message)
         # The store first: if it cannot take the change, nothing else changes either.
-        self._set(request, to, now, actor=actor, error=error, estimate=estimate)
+        self._set(request, to, now, actor=actor, error=error, estimate=estimate, charge=used)
         out_of_memory = failure.kind is FailureKind.OUT_OF_MEMORY
         self._end_execution(
             execution_id,
             request,
-            used,
             failure.peak_memory_mb if out_of_memory else None,
             size_mb,
             out_of_memory=out_of_memory,
@@ -439,34 +438,42 @@ class RequestRouter:
                 self.queue.push(request, fair_share_cost(request))
         return []
 
-    def _used(
-        self, request: Request, execution: _Execution, now: float, reported: float | None
-    ) -> float:
-        """GPU-seconds an execution used: as reported, else its running time × GPUs."""
-        if reported is not None:
-            return reported
-        started = request.started_at if request.started_at is not None else now
-        return max(0.0, now - started) * len(execution.gpu_ids)
+    @staticmethod
+    def _settle(
+        request: Request,
+        execution_id: str,
+        execution: _Execution,
+        now: float,
+        reported: float | None,
+    ) -> Charge:
+        """The charge that settles an execution: GPU-seconds as reported, else time × GPUs."""
+        used = reported
+        if used is None:
+            started = request.started_at if request.started_at is not None else now
+            used = max(0.0, now - started) * len(execution.gpu_ids)
+        return Charge(request.user, execution_id, execution.dispatched_at, used)
 
     def _end_execution(
         self,
         execution_id: str,
         request: Request,
-        used_gpu_seconds: float,
         peak_memory_mb: int | None = None,
         size_mb: int | None = None,
         *,
         out_of_memory: bool = False,
     ) -> None:
-        """Forget an execution: free its reservations, its user's slot, and settle its charge."""
-        execution = self._executions.pop(execution_id)
+        """Forget an execution and free its reservations.
+
+        Its charge was settled by the status change that ended it; ``peak_memory_mb`` and
+        ``size_mb`` feed the monitor's correction (``release``).
+        """
+        self._executions.pop(execution_id)
         self._current.pop(request.id, None)
         touched = self.monitor.release(
             execution_id, peak_memory_mb, size_mb, out_of_memory=out_of_memory
         )
         for gpu_id in touched:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
-        self.quotas.charge(request.user, execution_id, execution.dispatched_at, used_gpu_seconds)
 
     # Events: users and operators ---------------------------------------------------------------
 
@@ -498,11 +505,13 @@ class RequestRouter:
         decisions: list[Decision] = []
         execution_id = self._current.get(request.id)
         execution = self._executions[execution_id] if execution_id is not None else None
-        used = self._used(request, execution, now, None) if execution is not None else 0.0
-        self._set(request, to, now, actor=actor, error=error)
+        charge = None
+        if execution_id is not None and execution is not None:
+            charge = self._settle(request, execution_id, execution, now, None)
+        self._set(request, to, now, actor=actor, error=error, charge=charge)
         self.queue.remove(request.id)
         if execution_id is not None and execution is not None:
-            self._end_execution(execution_id, request, used)
+            self._end_execution(execution_id, request)
             decisions.append(_cancel(execution_id, execution, to.value))
         return decisions
 
@@ -786,7 +795,9 @@ class RequestRouter:
         execution_id = f"exe_{request.id}_{attempt}"
         placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
         wait = now - request.queued_at
-        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement)
+        # The estimate is charged with the claim, and settled when the execution ends.
+        charge = Charge(request.user, execution_id, now, gpu_seconds(request))
+        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge)
         for gpu_id, memory_mb in chosen.reservations.items():
             if not self.monitor.reserve(gpu_id, execution_id, memory_mb):
                 self.monitor.release(execution_id)
@@ -798,7 +809,6 @@ class RequestRouter:
         execution = _Execution(request.id, attempt, backend, chosen.worker, chosen.gpu_ids, now)
         self._executions[execution_id] = execution
         self._current[request.id] = execution_id
-        self.quotas.charge(request.user, execution_id, now, gpu_seconds(request))
         if attempt == 1:
             self.errors.budget.first_attempt(now)
         for key in self._circuit_keys(execution):
@@ -836,17 +846,19 @@ class RequestRouter:
         result: object = None,
         error: ErrorInfo | None = None,
         estimate: Estimate | None = None,
+        charge: Charge | None = None,
     ) -> None:
         """Move a request to ``to``: the store first, then the live object and the counts.
 
-        If the store refuses (``StoreUnavailable``, ``StateConflict``) nothing has changed.
+        ``charge`` (an execution's GPU-seconds) is written in the same store step. If the store
+        refuses (``StoreUnavailable``, ``StateConflict``) nothing has changed.
         """
         before, attempt = request.status, request.attempts
         draft = request.snapshot()
         if estimate is not None:
             draft.estimate = estimate
         draft.transition(to, now, placement=placement, result=result, error=error)
-        change = self._write(draft, before, attempt, actor, now)
+        change = self._write(draft, before, attempt, actor, now, charge)
         request.adopt(draft)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
@@ -865,11 +877,17 @@ class RequestRouter:
             listener(request, change)
 
     def _write(
-        self, request: Request, before: RequestStatus, attempt: int, actor: str, now: float
+        self,
+        request: Request,
+        before: RequestStatus,
+        attempt: int,
+        actor: str,
+        now: float,
+        charge: Charge | None = None,
     ) -> Transition:
         """Write a changed request and its audit entry, guarded by the status and attempt it had."""
         change = transition_of(request, before, actor, now)
-        if not self.store.transition(request, before, attempt, change):
+        if not self.store.transition(request, before, attempt, change, charge):
             raise StateConflict(request.id, f"{before.value} (attempt {attempt})")
         return change
 

@@ -28,6 +28,7 @@ from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 
 __all__ = [
+    "Charge",
     "Page",
     "RequestQuery",
     "StateStore",
@@ -60,6 +61,16 @@ class RequestQuery:
             and (self.model is None or request.model == self.model)
             and (self.priority is None or request.priority == self.priority)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """GPU-seconds charged to ``user`` at time ``at`` under ``charge_id`` (see ``charge``)."""
+
+    user: str
+    charge_id: str
+    at: float
+    gpu_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +131,22 @@ class StateStore(ABC):
 
     @abstractmethod
     def transition(
-        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+        self,
+        request: Request,
+        from_status: RequestStatus,
+        attempt: int,
+        change: Transition,
+        charge: Charge | None = None,
     ) -> bool:
         """Write ``request`` and its audit entry if the stored one has ``from_status``, ``attempt``.
 
         Returns whether the write happened. Claiming a queued request is this with
-        ``from_status=queued``.
+        ``from_status=queued``. With ``charge``, the GPU-seconds charge (as :meth:`charge` makes
+        it) is part of the same atomic step: written exactly when the status change is.
+
+        Raises:
+            ValueError: the charge's ``gpu_seconds`` is negative or not finite (nothing is
+                written).
         """
 
     @abstractmethod

@@ -11,6 +11,7 @@ from typing import Any
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
+    Charge,
     Page,
     RequestQuery,
     StateStore,
@@ -112,12 +113,21 @@ class MemoryStore(StateStore):
         return None if request_id is None else self._requests[request_id].snapshot()
 
     def transition(
-        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+        self,
+        request: Request,
+        from_status: RequestStatus,
+        attempt: int,
+        change: Transition,
+        charge: Charge | None = None,
     ) -> bool:
         """Write ``request`` and its entry if the stored one has ``from_status``, ``attempt``."""
+        if charge is not None:
+            check_charge(charge.gpu_seconds)
         stored = self._requests.get(request.id)
         if stored is None or stored.status is not from_status or stored.attempts != attempt:
             return False
+        if charge is not None:
+            self.charge(charge.user, charge.charge_id, charge.at, charge.gpu_seconds)
         self._requests[request.id] = request.snapshot()
         self._trails[request.id].append(change)
         if request.status.terminal:

@@ -2,12 +2,13 @@
 
 Durability promise
     A request is on disk when :meth:`SQLiteStore.add_request` returns, and so is every status
-    change when :meth:`SQLiteStore.transition` returns ``True``, with its audit entry. The file
-    is in WAL mode; with ``synchronous="normal"`` (the default) a commit survives a crash of the
-    router process (the WAL is in the operating system's hands), but the last commits may be
-    lost if the host loses power; ``synchronous="full"`` syncs the WAL on every commit and
-    survives a power loss too, at the price of one fsync per write. Either way the database is
-    never corrupted: a crash loses whole transactions or nothing.
+    change when :meth:`SQLiteStore.transition` returns ``True``, with its audit entry (and its
+    GPU-seconds charge, when it carries one). The file is in WAL mode; with
+    ``synchronous="normal"`` (the default) a commit survives a crash of the router process (the
+    WAL is in the operating system's hands), but the last commits may be lost if the host loses
+    power; ``synchronous="full"`` syncs the WAL on every commit and survives a power loss too,
+    at the price of one fsync per write. Either way the database is never corrupted: a crash
+    loses whole transactions or nothing.
 
 Pitfalls avoided
     - Every write runs in ``BEGIN IMMEDIATE ... COMMIT``: the write lock is taken up front, so
@@ -69,6 +70,7 @@ from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
 from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
+    Charge,
     Page,
     RequestQuery,
     StateStore,
@@ -167,6 +169,10 @@ _INSERT_REQUEST = """
     ON CONFLICT (user, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 """
 _INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
+_UPSERT_CHARGE = """
+    INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)
+    ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds
+"""
 
 
 def _retry_after(now: float, oldest: float, window_s: float) -> float:
@@ -343,9 +349,16 @@ class SQLiteStore(StateStore):
         return request_from_json(rows[0][0]) if rows else None
 
     def transition(
-        self, request: Request, from_status: RequestStatus, attempt: int, change: Transition
+        self,
+        request: Request,
+        from_status: RequestStatus,
+        attempt: int,
+        change: Transition,
+        charge: Charge | None = None,
     ) -> bool:
         """Write ``request`` and its entry if the stored one has ``from_status``, ``attempt``."""
+        if charge is not None:
+            check_charge(charge.gpu_seconds)
         body = request_to_json(request)
         entry = transition_to_json(change)
         with self._write("write a status change") as conn:
@@ -364,6 +377,11 @@ class SQLiteStore(StateStore):
             if updated != 1:
                 return False
             conn.execute(_INSERT_TRANSITION, (change.request_id, change.seq, entry))
+            if charge is not None:
+                conn.execute(
+                    _UPSERT_CHARGE,
+                    (charge.user, charge.charge_id, charge.at, charge.gpu_seconds),
+                )
         return True
 
     def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
@@ -503,11 +521,7 @@ class SQLiteStore(StateStore):
         """
         check_charge(gpu_seconds)
         with self._write("record a charge") as conn:
-            conn.execute(
-                "INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds",
-                (user, charge_id, at, gpu_seconds),
-            )
+            conn.execute(_UPSERT_CHARGE, (user, charge_id, at, gpu_seconds))
 
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
         """GPU-seconds charged to ``user`` at times within the last ``window_s``."""

@@ -29,7 +29,7 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
-from gpu_request_router.store.base import decode_cursor, encode_cursor
+from gpu_request_router.store.base import Charge, decode_cursor, encode_cursor
 from gpu_request_router.store.sqlite import SQLiteStore
 
 S = RequestStatus
@@ -212,6 +212,44 @@ def test_transition_with_the_seen_status_and_attempt_is_written(store: StateStor
     assert stored.status is S.DISPATCHING
     assert stored.attempts == 1
     assert stored.placement == PLACEMENT
+
+
+def test_a_charge_rides_with_the_transition_that_carries_it(store: StateStore) -> None:
+    """The charge is written with the status change, and only when the change is."""
+    request = add(store, make_request("r1"))
+    claim = request.snapshot()
+    claim.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
+    change = transition_of(claim, S.QUEUED, "router", T0 + 1)
+    assert store.transition(claim, S.QUEUED, 0, change, Charge("alice", "exe_1", T0, 30.0))
+    assert store.gpu_seconds_in_window("alice", T0 + 2, 3600.0) == 30.0
+    stale = request.snapshot()  # still thinks the request is queued
+    stale.transition(S.CANCELLED, T0 + 2)
+    lost = transition_of(stale, S.QUEUED, "router", T0 + 2)
+    assert not store.transition(stale, S.QUEUED, 0, lost, Charge("alice", "exe_2", T0, 99.0))
+    assert store.gpu_seconds_in_window("alice", T0 + 2, 3600.0) == 30.0
+    done = claim.snapshot()
+    done.transition(S.CANCELLED, T0 + 3)
+    ended = transition_of(done, S.DISPATCHING, "router", T0 + 3)
+    assert store.transition(done, S.DISPATCHING, 1, ended, Charge("alice", "exe_1", T0, 2.5))
+    assert store.gpu_seconds_in_window("alice", T0 + 4, 3600.0) == 2.5
+
+
+@pytest.mark.parametrize("amount", [float("inf"), float("nan"), -1.0])
+def test_a_transition_with_a_charge_no_window_could_hold_writes_nothing(
+    store: StateStore, amount: float
+) -> None:
+    """A refused charge refuses its status change too: neither is written."""
+    request = add(store, make_request("r1"))
+    claim = request.snapshot()
+    claim.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
+    change = transition_of(claim, S.QUEUED, "router", T0 + 1)
+    with pytest.raises(ValueError, match="GPU-seconds"):
+        store.transition(claim, S.QUEUED, 0, change, Charge("alice", "exe_1", T0, amount))
+    stored = store.get_request("r1")
+    assert stored is not None
+    assert stored.status is S.QUEUED
+    assert [entry.seq for entry in store.transitions("r1")] == [0]
+    assert store.gpu_seconds_in_window("alice", T0 + 2, 3600.0) == 0.0
 
 
 def test_transition_with_a_stale_status_is_refused(store: StateStore) -> None:
