@@ -108,6 +108,39 @@ def test_errors_take_openai_shape(serve: Any) -> None:
     assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "param"),
+    [
+        ("/v1/chat/completions", b'{"model": "llama-3-8b", "messages": [', {}, ""),
+        ("/v1/chat/completions", b'{"model": "llama-3-8b", "messages": []}', {}, "messages"),
+        ("/v1/chat/completions", b'["llama-3-8b"]', {}, ""),
+        ("/v1/completions", b'{"model": "llama-3-8b", "prompt": 7}', {}, "prompt"),
+        ("/v1/embeddings", b'{"model": "llama-3-8b", "input": {"text": "x"}}', {}, "input"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]}',
+            {"X-Priority": "p" * 65},
+            "X-Priority",
+        ),
+    ],
+)
+def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(
+    server: LiveServer, path: str, body: bytes, headers: dict[str, str], param: str
+) -> None:
+    """Unparseable or invalid bodies and an overlong X-Priority are refused before admission.
+
+    ``param`` names the offending field ("" for the body as a whole).
+    """
+    response = server.client("alice").post(
+        path, content=body, headers={"Content-Type": "application/json", **headers}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"] or "").split(".")[0] == param
+    assert _requests(server) == []
+
+
 def test_a_failure_before_the_first_byte_is_retried_invisibly(server: LiveServer) -> None:
     """A stream whose first attempt fails is served by the second, clean, from the start."""
     client = _client(server)

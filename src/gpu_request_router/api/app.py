@@ -144,6 +144,8 @@ def _register_problem_schema(app: FastAPI) -> None:
                 ref_template="#/components/schemas/{model}"
             )
             components.update(components["OpenAIError"].pop("$defs", {}))
+            for body in openai_routes.BODIES:  # read by their handlers, not by FastAPI
+                components[body.__name__] = body.model_json_schema()
             problem_content = {
                 "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
             }
