@@ -26,8 +26,9 @@ index, ``--users`` and ``--seed``: the same for every policy, every load scale a
 
 **Metrics** (per policy and load scale, from the simulation's records):
 
-- ``p50_queue_wait_s``, ``p99_queue_wait_s``, ``mean_queue_wait_s``: time spent queued (every
-  attempt's wait), over all accepted requests; percentiles interpolate linearly;
+- ``p50_queue_wait_s``, ``p90_queue_wait_s``, ``p99_queue_wait_s``, ``p999_queue_wait_s``
+  (99.9th), ``mean_queue_wait_s``: time spent queued (every attempt's wait), over all accepted
+  requests; percentiles interpolate linearly;
 - ``p50_latency_s``, ``p99_latency_s``: end to end, ``finished − created``, over completed ones;
 - ``slo_attainment``: completed within ``--slo-s`` (default 30 s) end to end, over all submitted
   rows (a request that failed, expired or was rejected missed its objective);
@@ -452,7 +453,9 @@ def summarize(
     within = sum(1 for latency in latencies if latency <= slo_s)
     metrics: dict[str, Any] = {
         "p50_queue_wait_s": percentile(waits, 50),
+        "p90_queue_wait_s": percentile(waits, 90),
         "p99_queue_wait_s": percentile(waits, 99),
+        "p999_queue_wait_s": percentile(waits, 99.9),
         "mean_queue_wait_s": sum(waits) / len(waits) if waits else 0.0,
         "p50_latency_s": percentile(latencies, 50),
         "p99_latency_s": percentile(latencies, 99),
@@ -613,6 +616,7 @@ def _base_table(results: Mapping[str, PolicyResult], title: str) -> Table:
     for column in (
         "policy",
         "p50 wait s",
+        "p90 wait s",
         "p99 wait s",
         "p99 latency s",
         "SLO",
@@ -630,6 +634,7 @@ def _base_table(results: Mapping[str, PolicyResult], title: str) -> Table:
         table.add_row(
             policy,
             f"{m['p50_queue_wait_s']:.3f}",
+            f"{m['p90_queue_wait_s']:.3f}",
             f"{m['p99_queue_wait_s']:.2f}",
             f"{m['p99_latency_s']:.2f}",
             f"{m['slo_attainment']:.2%}",

@@ -271,6 +271,8 @@ def test_metrics_of_a_hand_made_run() -> None:
     )
     assert waits == [0.0, 4.0, 1.0]
     assert metrics["p50_queue_wait_s"] == 1.0
+    assert metrics["p90_queue_wait_s"] == pytest.approx(3.4)  # 1 + 0.8 × (4 − 1)
+    assert metrics["p999_queue_wait_s"] == pytest.approx(3.994)
     assert metrics["p50_latency_s"] == pytest.approx(8.0)  # latencies 10 and 6
     assert metrics["p99_latency_s"] == pytest.approx(9.96)
     assert metrics["slo_attainment"] == 0.25  # only b, out of 4 submitted
