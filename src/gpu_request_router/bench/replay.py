@@ -232,22 +232,27 @@ def replay_settings(
     seed: int = 0,
     slots: int = 8,
     config: str | Path | None = None,
+    starvation_bound_s: float | None = None,
 ) -> Settings:
     """Settings of a replay: ``config`` (or the defaults), with the replay's fleet and policy.
 
     Memory store, no auth, unlimited quotas, one simulated worker ``sim`` with every GPU of
     ``fleet`` and ``slots`` executions per GPU, ``placement.policy`` = ``policy`` seeded with
-    ``seed``, and a ``generic`` catalog model (no weights) for job traces.
+    ``seed`` (and ``placement.starvation_bound_s`` when given), and a ``generic`` catalog model
+    (no weights) for job traces.
     """
     base = load_settings(config)
     models: dict[str, Any] = {}
     if GENERIC_MODEL not in base.models:
         models[GENERIC_MODEL] = dict(_GENERIC_SPEC)
+    placement: dict[str, Any] = {"policy": policy, "seed": seed}
+    if starvation_bound_s is not None:
+        placement["starvation_bound_s"] = starvation_bound_s
     overrides: dict[str, Any] = {
         "auth": {"enabled": False},
         "state": {"backend": "memory"},
         "quotas": {"default": dict(UNLIMITED_QUOTA), "users": {}},
-        "placement": {"policy": policy, "seed": seed},
+        "placement": placement,
         "backends": [
             {
                 "name": "sim",
@@ -512,11 +517,19 @@ def replay(
     slo_s: float = 30.0,
     slots: int = 8,
     config: str | Path | None = None,
+    starvation_bound_s: float | None = None,
 ) -> PolicyResult:
     """Replay ``rows`` through the real engine in virtual time with one placement policy."""
     started = time.perf_counter()
     fleet = parse_gpus(gpus) if isinstance(gpus, str) else gpus
-    settings = replay_settings(fleet, policy, seed=seed, slots=slots, config=config)
+    settings = replay_settings(
+        fleet,
+        policy,
+        seed=seed,
+        slots=slots,
+        config=config,
+        starvation_bound_s=starvation_bound_s,
+    )
     planned = plan_rows(
         rows, settings, fleet, model=model, users=users, seed=seed, load_scale=load_scale
     )
@@ -725,6 +738,14 @@ def command(
         Path | None,
         typer.Option("--config", help="A YAML config for the model catalog (defaults: built in)."),
     ] = None,
+    starvation_bound_s: Annotated[
+        float | None,
+        typer.Option(
+            "--starvation-bound-s",
+            help="placement.starvation_bound_s for this replay (default: the config's).",
+            min=0.0,
+        ),
+    ] = None,
     jobs: Annotated[
         int, typer.Option("--jobs", help="Replays to run in parallel processes.", min=1)
     ] = 1,
@@ -761,7 +782,14 @@ def command(
         )
     scales = _parse_scales(sweep)
     try:
-        settings = replay_settings(fleet, names[0], seed=seed, slots=slots, config=config)
+        settings = replay_settings(
+            fleet,
+            names[0],
+            seed=seed,
+            slots=slots,
+            config=config,
+            starvation_bound_s=starvation_bound_s,
+        )
         margin = settings.placement.memory_safety_margin_mb
         placeable = BUILTIN_GPU_TYPES[fleet.first_type].memory_mb - margin
         rows = read_trace(trace, format, gpu_memory_mb=placeable)  # type: ignore[arg-type]
@@ -788,6 +816,7 @@ def command(
         "slo_s": slo_s,
         "slots": slots,
         "config": config,
+        "starvation_bound_s": starvation_bound_s,
     }
     all_scales = sorted(set(scales) | {load_scale})
     started = time.perf_counter()
@@ -821,6 +850,7 @@ def command(
                 "users": users,
                 "seed": seed,
                 "limit": limit,
+                "starvation_bound_s": settings.placement.starvation_bound_s,
             },
             "policies": {name: result.metrics for name, result in base.items()},
             "sweep": {

@@ -360,6 +360,21 @@ def test_alibaba_pods_replay_as_generic_jobs(tmp_path: Path) -> None:
     assert result.metrics["oom_events"] == 0
 
 
+def test_the_starvation_bound_of_a_replay_is_the_one_asked_for() -> None:
+    """A large request behind a steady stream of small ones waits about the bound, no longer."""
+    small = [
+        TraceRow(0.3 * i, model="generic", duration_s=1.0, gpu_memory_mb=20000) for i in range(100)
+    ]
+    large = TraceRow(1.0, model="generic", duration_s=1.0, gpu_memory_mb=60000)
+    rows = sorted([*small, large], key=lambda row: row.timestamp_s)
+    waits = {
+        bound: max(replay(rows, gpus="1xH100-80GB", starvation_bound_s=bound, slots=64).queue_waits)
+        for bound in (0.5, 1000.0)
+    }
+    assert waits[0.5] < 3.0  # held after 0.5 s: the GPU drains for it
+    assert waits[1000.0] > 20.0  # never held: it waits for the stream to end
+
+
 # The command -----------------------------------------------------------------------------------
 
 
@@ -413,6 +428,7 @@ def test_command_output_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
         (["--policy", "fastest"], "unknown policy"),
         (["--sweep", "1,x"], "not a number"),
         (["--format", "parquet"], "expected one of"),
+        (["--starvation-bound-s", "0"], "starvation_bound_s"),
     ],
 )
 def test_command_refuses_bad_options(option: list[str], message: str) -> None:
