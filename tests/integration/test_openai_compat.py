@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from gpu_request_router.api.app import create_app
 from gpu_request_router.testing import free_port
 
 if TYPE_CHECKING:
@@ -108,28 +110,31 @@ def test_errors_take_openai_shape(serve: Any) -> None:
     assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
 
 
+_CHAT = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]}'
+
+
 @pytest.mark.parametrize(
     ("path", "body", "headers", "param"),
     [
-        ("/v1/chat/completions", b'{"model": "llama-3-8b", "messages": [', {}, ""),
+        ("/v1/chat/completions", b'{"model": "llama-3-8b", "messages": [', {}, "#"),
         ("/v1/chat/completions", b'{"model": "llama-3-8b", "messages": []}', {}, "messages"),
         ("/v1/chat/completions", b'["llama-3-8b"]', {}, ""),
+        ("/v1/chat/completions", b"", {}, ""),
+        ("/v1/chat/completions", _CHAT, {"Content-Type": "text/plain"}, ""),
+        ("/v1/chat/completions", _CHAT, {"Content-Type": ""}, ""),
         ("/v1/completions", b'{"model": "llama-3-8b", "prompt": 7}', {}, "prompt"),
         ("/v1/embeddings", b'{"model": "llama-3-8b", "input": {"text": "x"}}', {}, "input"),
-        (
-            "/v1/chat/completions",
-            b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]}',
-            {"X-Priority": "p" * 65},
-            "X-Priority",
-        ),
+        ("/v1/chat/completions", _CHAT, {"X-Priority": "p" * 65}, "X-Priority"),
     ],
 )
 def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(
     server: LiveServer, path: str, body: bytes, headers: dict[str, str], param: str
 ) -> None:
-    """Unparseable or invalid bodies and an overlong X-Priority are refused before admission.
+    """Bad bodies and an overlong X-Priority are refused before admission.
 
-    ``param`` names the offending field ("" for the body as a whole).
+    As FastAPI refuses them on its other routes: malformed or invalid JSON, no body, a body
+    that is not JSON by its content type. ``param`` names the offending field ("" for the body
+    as a whole, "#" for a position in it).
     """
     response = server.client("alice").post(
         path, content=body, headers={"Content-Type": "application/json", **headers}
@@ -137,8 +142,36 @@ def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
-    assert (error["param"] or "").split(".")[0] == param
+    where = (error["param"] or "").split(".")[0]
+    assert where.isdigit() if param == "#" else where == param
     assert _requests(server) == []
+
+
+def test_an_unreadable_body_is_a_400(server: LiveServer) -> None:
+    """A body that is not UTF-8 cannot be parsed at all: 400, and nothing is queued."""
+    response = server.client("alice").post(
+        "/v1/chat/completions",
+        content=b'{"model": "\xff\xfe"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert _requests(server) == []
+
+
+def test_the_caller_is_authenticated_under_a_root_path(server: LiveServer) -> None:
+    """Mounted under a prefix (the auth middleware guards ``/v1/`` only), the key still decides."""
+    app = create_app(server.settings, seed=1)
+    with TestClient(app, root_path="/api") as client:
+        path = "/api/v1/chat/completions"
+        refused = client.post(path, content=_CHAT, headers={"Content-Type": "application/json"})
+        assert refused.status_code == 401, refused.text
+        answered = client.post(
+            path,
+            content=_CHAT,
+            headers={"Content-Type": "application/json", **server.headers("alice")},
+        )
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["object"] == "chat.completion"
 
 
 def test_a_failure_before_the_first_byte_is_retried_invisibly(server: LiveServer) -> None:

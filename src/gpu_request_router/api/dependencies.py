@@ -9,7 +9,7 @@ import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gpu_request_router.api.middleware.auth import WORKER_PREFIX, Authenticator
+from gpu_request_router.api.middleware.auth import WORKER_PREFIX, Authenticator, bearer_key
 from gpu_request_router.api.models.request_models import RequestOut
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.request_receiver import Caller
@@ -18,7 +18,14 @@ from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.runtime import Runtime
 
-__all__ = ["AdminCaller", "CurrentCaller", "Service", "ServiceDep", "WorkerCaller"]
+__all__ = [
+    "AdminCaller",
+    "CurrentCaller",
+    "Service",
+    "ServiceDep",
+    "WorkerCaller",
+    "caller_of",
+]
 
 
 @dataclass(slots=True)
@@ -74,19 +81,31 @@ _bearer = HTTPBearer(
 )
 
 
+def caller_of(request: Request, service: Service) -> Caller:
+    """The caller the auth middleware found, or the one the request's Bearer key names.
+
+    The middleware runs first on every protected path; a path it did not recognise (an app
+    mounted under a prefix) is authenticated here instead, with the same rules.
+
+    Raises:
+        Unauthenticated: the key is missing or unknown (``TooManyAuthFailures`` after many).
+    """
+    caller: Caller | None = request.scope.get("state", {}).get("caller")
+    if caller is None:
+        client = request.client.host if request.client is not None else "unknown"
+        caller = service.auth.authenticate(bearer_key(request.scope), client)
+        structlog.contextvars.bind_contextvars(user=caller.user)
+    return caller
+
+
 async def _caller(
     request: Request,
     service: ServiceDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """The caller the auth middleware found (it runs first on every protected path)."""
-    caller: Caller | None = request.scope.get("state", {}).get("caller")
-    if caller is None:  # a route outside the protected paths asked for a caller
-        client = request.client.host if request.client is not None else "unknown"
-        key = credentials.credentials if credentials else None
-        caller = service.auth.authenticate(key, client)
-        structlog.contextvars.bind_contextvars(user=caller.user)
-    return caller
+    """The authenticated caller (:func:`caller_of`)."""
+    del credentials  # read by caller_of; declared for the OpenAPI document
+    return caller_of(request, service)
 
 
 async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:

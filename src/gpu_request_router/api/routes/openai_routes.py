@@ -15,15 +15,16 @@ the same 422 (a ``RequestValidationError``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep
+from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import problems
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request as DomainRequest
@@ -131,14 +132,39 @@ async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Respo
                 }
             ]
         )
+    service: Service = request.app.state.service
+    caller = caller_of(request, service)
     try:
-        body = model.model_validate_json(await request.body())
+        body = model.model_validate(await _json_body(request))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
-    service: Service = request.app.state.service
-    caller: Caller = request.scope["state"]["caller"]
     return await _serve(service, caller, task, body, priority)
+
+
+async def _json_body(request: Request) -> object:
+    """The body as FastAPI would hand it to a body model: JSON only under a JSON content type.
+
+    No body is a 422; one under another content type (or none) stays unparsed, so the model
+    refuses it (422); malformed JSON is a 422 at its position, an unreadable body (not UTF-8,
+    nested too deep) a 400.
+    """
+    raw = await request.body()
+    if not raw:
+        missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+        raise RequestValidationError([missing])
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not (
+        kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+    ):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
+        raise RequestValidationError([{**error, "input": {}, "ctx": {"error": exc.msg}}]) from None
+    except (ValueError, RecursionError):
+        raise HTTPException(400, "There was an error parsing the body") from None
 
 
 async def _serve(
