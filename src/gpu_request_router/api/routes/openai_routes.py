@@ -9,8 +9,8 @@ once bytes have gone, a failure ends the stream. Errors use OpenAI's shape on th
 These three POST routes are the router's hot path, so their handlers take the raw request and
 read the body, the caller and ``X-Priority`` themselves instead of through FastAPI's parameter
 and dependency machinery (which cost about a tenth of the router's CPU per call); the OpenAPI
-document describes them exactly as it would otherwise (:func:`_documented`), and bad input gets
-the same 422 (a ``RequestValidationError``).
+document describes them as it would otherwise (:func:`_documented`), and bad input gets the
+answer FastAPI would give (:func:`_json_body`: 422 as a ``RequestValidationError``, or 400).
 """
 
 from __future__ import annotations
@@ -116,10 +116,7 @@ def _documented(body: type[BaseModel]) -> dict[str, Any]:
 
 
 async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Response:
-    """Validate the call as FastAPI would (422 on bad input), then serve it.
-
-    The auth middleware has put the caller in the scope: every ``/v1/`` path is protected.
-    """
+    """Validate the call as FastAPI would (422 on bad input), then serve it."""
     priority = request.headers.get("x-priority")
     if priority is not None and len(priority) > _PRIORITY_MAX_CHARS:
         raise RequestValidationError(
