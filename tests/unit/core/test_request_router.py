@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission
+from gpu_request_router.core.request_router import gpu_seconds
 from gpu_request_router.exceptions import AlreadyTerminal, NotFound
 from gpu_request_router.models.gpu_state import GPUHealth
 from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape
@@ -556,3 +557,37 @@ def test_a_backend_reporting_impossible_gpu_seconds_is_charged_its_measured_time
     h.apply(h.router.finished(dispatch.execution_id, ExecutionResult(gpu_seconds=reported), h.now))
     assert h.status(request) == "succeeded"
     assert h.store.gpu_seconds_in_window("alice", h.now, 3600.0) == pytest.approx(7.0)
+
+
+def test_each_execution_is_charged_its_estimate_when_claimed_and_its_time_when_it_ends(
+    harness_for,
+) -> None:
+    """The claim charges the estimate; a failure, a cancel and a success settle what ran."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+
+    def charged() -> float:
+        return h.store.gpu_seconds_in_window("alice", h.now, 3600.0)
+
+    request = h.submit(chat())
+    first = h.dispatch_of(request)
+    estimate = gpu_seconds(first.request)
+    assert estimate > 0
+    assert charged() == pytest.approx(estimate)
+    h.apply(h.router.started(first.execution_id, h.now))
+    h.now += 3.0
+    h.fail(request, FailureKind.BACKEND_ERROR, message="boom")  # retried
+    assert charged() == pytest.approx(3.0)
+    h.advance(1.0)
+    second = h.dispatch_of(request)
+    assert second.attempt == 2
+    assert charged() == pytest.approx(3.0 + estimate)
+    h.apply(h.router.started(second.execution_id, h.now))
+    h.now += 2.0
+    h.apply(h.router.cancel(request.id, h.now))
+    assert charged() == pytest.approx(5.0)
+    other = h.submit(chat())
+    third = h.dispatch_of(other)
+    h.apply(h.router.started(third.execution_id, h.now))
+    h.now += 4.0
+    h.apply(h.router.finished(third.execution_id, ExecutionResult(), h.now))
+    assert charged() == pytest.approx(9.0)
