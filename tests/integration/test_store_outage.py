@@ -11,7 +11,7 @@ from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.runtime import Runtime
-from gpu_request_router.store.base import Charge
+from gpu_request_router.store.base import Charge, RateAdmission
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings
 
@@ -32,9 +32,11 @@ class FlakyStore(MemoryStore):
         if self.down:
             raise StoreUnavailable("database or disk is full", retry_after_s=2.0)
 
-    def add_request(self, request: Request, created: Transition) -> Request:
+    def add_request(
+        self, request: Request, created: Transition, admission: RateAdmission | None = None
+    ) -> Request:
         self._check()
-        return super().add_request(request, created)
+        return super().add_request(request, created, admission)
 
     def transition(
         self,
@@ -46,10 +48,6 @@ class FlakyStore(MemoryStore):
     ) -> bool:
         self._check()
         return super().transition(request, from_status, attempt, change, charge)
-
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
-        self._check()  # a write, like the others (SQLite inserts the admission)
-        return super().admit_rate(user, now, window_s, limit)
 
     def ping(self) -> None:
         self._check()

@@ -3,8 +3,9 @@
 At submit (:meth:`QuotaEnforcer.admit`): priority above ``max_priority`` and memory above
 ``max_gpu_memory_mb`` are refused for good (waiting never helps); ``max_queued``,
 ``gpu_seconds_per_hour`` already used up, and ``requests_per_minute`` are refused with the time
-after which a retry can succeed. The rate check is the last one and records the admission in the
-same atomic store step, so a refused request never counts.
+after which a retry can succeed. The rate check is the last one: ``admit`` returns the
+:class:`RateAdmission` that the store checks and records in the same atomic step that adds the
+request, so a refused request, or one the store could not take, never counts.
 
 At dispatch (:meth:`QuotaEnforcer.blocks_dispatch`): a request waits while its user has
 ``max_concurrent`` requests dispatching or running, or while its estimated GPU-seconds would take
@@ -22,7 +23,7 @@ from typing import Any
 from gpu_request_router.config.config_loader import QuotaSettings
 from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, QuotaForbidden
 from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
-from gpu_request_router.store.base import StateStore
+from gpu_request_router.store.base import RateAdmission, RateRefused, StateStore
 
 __all__ = ["HOUR_S", "MINUTE_S", "QuotaEnforcer"]
 
@@ -77,8 +78,11 @@ class QuotaEnforcer:
         queued: int,
         now: float,
         queue_retry_after_s: Callable[[], float],
-    ) -> None:
-        """Check a submission against the user's quota and record it.
+    ) -> RateAdmission:
+        """Check a submission against the user's quota; return its rate admission.
+
+        The admission is to be made with the request (``StateStore.add_request``); a refusal
+        there becomes :meth:`rate_exceeded`.
 
         Args:
             user: who submits.
@@ -129,14 +133,16 @@ class QuotaEnforcer:
                 f"you have {queued} requests waiting; your limit is {quota.max_queued}",
                 retry_after_s=max(queue_retry_after_s(), 0.001),
             )
-        limit = quota.requests_per_minute
-        retry_after = self._store.admit_rate(user, now, MINUTE_S, limit)
-        if retry_after is not None:
-            raise QuotaExceeded(
-                "requests_per_minute",
-                f"more than {limit} requests in a minute",
-                retry_after_s=max(retry_after, 0.001),
-            )
+        return RateAdmission(now, MINUTE_S, quota.requests_per_minute)
+
+    @staticmethod
+    def rate_exceeded(admission: RateAdmission, refused: RateRefused) -> QuotaExceeded:
+        """The answer to a submission whose rate admission the store refused."""
+        return QuotaExceeded(
+            "requests_per_minute",
+            f"more than {admission.limit} requests in a minute",
+            retry_after_s=max(refused.retry_after_s, 0.001),
+        )
 
     def blocks_dispatch(self, user: str, active: int, gpu_seconds: float, now: float) -> str | None:
         """The quota that keeps a request of ``user`` from starting now, or ``None``.

@@ -24,6 +24,7 @@ from gpu_request_router.exceptions import (
     Unschedulable,
 )
 from gpu_request_router.models.request import Estimate, Request, ResourceHints, Shape, Task
+from gpu_request_router.store.base import RateRefused
 from gpu_request_router.utils.ids import IdFactory
 
 __all__ = ["Admission", "Caller", "EstimateReport", "RequestReceiver", "Submission"]
@@ -150,7 +151,8 @@ class RequestReceiver:
                 + (f" of type {need.gpu_type}" if need.gpu_type else "")
                 + "; no worker of the fleet has that",
             )
-        self._router.quotas.admit(
+        quotas = self._router.quotas
+        admission = quotas.admit(
             caller.user,
             priority=priority,
             memory_mb=estimate.gpu_memory_mb,
@@ -160,7 +162,10 @@ class RequestReceiver:
             queue_retry_after_s=lambda: self._router.queue_retry_after(now),
         )
         created = transition_of(request, None, caller.user, now)
-        stored = self._router.store.add_request(request, created)
+        try:
+            stored = self._router.store.add_request(request, created, admission)
+        except RateRefused as refused:
+            raise quotas.rate_exceeded(admission, refused) from None
         if stored.id != request.id:
             if stored.fingerprint != fingerprint:
                 raise IdempotencyConflict(submission.idempotency_key or "", stored.id)

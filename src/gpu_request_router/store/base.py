@@ -6,7 +6,7 @@ share one store (SQLite, Redis) without double-claiming a request or over-commit
 - a status change is a guarded write: it succeeds only if the stored request still has the
   status and attempt the writer saw (claiming a queued request is ``queued -> dispatching``);
 - a reservation is a check-and-add against a limit, per GPU;
-- a rate-limit admission is a check-and-record in a sliding window.
+- a rate-limit admission is a check-and-record in a sliding window, made with the request it admits.
 
 Each status change is written together with its audit-trail entry (:class:`Transition`), so
 the trail never misses or invents a change. Implementations raise
@@ -30,11 +30,14 @@ from gpu_request_router.models.request import Request, RequestStatus, Transition
 __all__ = [
     "Charge",
     "Page",
+    "RateAdmission",
+    "RateRefused",
     "RequestQuery",
     "StateStore",
     "check_charge",
     "decode_cursor",
     "encode_cursor",
+    "retry_after",
 ]
 
 
@@ -71,6 +74,35 @@ class Charge:
     charge_id: str
     at: float
     gpu_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateAdmission:
+    """An admission of a new request's user at ``at`` in a sliding window of ``window_s``.
+
+    Refused when ``limit`` admissions already fall within the window; ``limit=None`` records it
+    without limiting (usage is counted for every user).
+    """
+
+    at: float
+    window_s: float
+    limit: int | None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("a rate limit admits at least one request per window")
+
+
+class RateRefused(Exception):
+    """The rate admission would pass its limit; nothing was written.
+
+    ``retry_after_s``: seconds until the oldest admission leaves the window (positive, and
+    enough: an admission at ``at + retry_after_s`` is accepted).
+    """
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"rate limit reached; retry after {retry_after_s:.3f} s")
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +146,17 @@ class StateStore(ABC):
     # Requests ------------------------------------------------------------------------------
 
     @abstractmethod
-    def add_request(self, request: Request, created: Transition) -> Request:
+    def add_request(
+        self, request: Request, created: Transition, admission: RateAdmission | None = None
+    ) -> Request:
         """Store a new request and its creation entry, atomically.
 
         Returns the stored one instead (writing nothing) when the user already has a request
-        with the same idempotency key.
+        with the same idempotency key. With ``admission``, the user's rate admission is part of
+        the same step: recorded exactly when the request is added.
+
+        Raises:
+            RateRefused: the admission would pass its limit (nothing is written).
         """
 
     @abstractmethod
@@ -200,16 +238,6 @@ class StateStore(ABC):
     # Quota counters ----------------------------------------------------------------------------
 
     @abstractmethod
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
-        """Record an admission unless ``limit`` were passed within the last ``window_s``.
-
-        ``limit=None`` records without limiting (usage is counted for every user).
-
-        Returns ``None`` when recorded, else the seconds until the oldest admission leaves the
-        window.
-        """
-
-    @abstractmethod
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
         """How many admissions of ``user`` fall within the last ``window_s``."""
 
@@ -231,6 +259,18 @@ class StateStore(ABC):
     @abstractmethod
     def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
         """The time of the oldest charge still in the window (when usage next drops)."""
+
+
+def retry_after(now: float, oldest: float, window_s: float) -> float:
+    """Seconds until ``oldest`` has left a ``window_s`` window: positive and sufficient.
+
+    Stepping past float rounding keeps the answer positive and true (never "retry now" to a
+    refusal).
+    """
+    free_at = now + (oldest + window_s - now)
+    while free_at - window_s < oldest:
+        free_at = math.nextafter(free_at, math.inf)
+    return free_at - now
 
 
 def check_charge(gpu_seconds: float) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
@@ -13,11 +12,14 @@ from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
     Charge,
     Page,
+    RateAdmission,
+    RateRefused,
     RequestQuery,
     StateStore,
     check_charge,
     decode_cursor,
     encode_cursor,
+    retry_after,
 )
 
 __all__ = ["MemoryStore"]
@@ -88,13 +90,19 @@ class MemoryStore(StateStore):
 
     # Requests ------------------------------------------------------------------------------
 
-    def add_request(self, request: Request, created: Transition) -> Request:
+    def add_request(
+        self, request: Request, created: Transition, admission: RateAdmission | None = None
+    ) -> Request:
         """Store a new request and its creation entry, or return the one with its key."""
+        key = None
         if request.idempotency_key is not None:
             key = (request.user, request.idempotency_key)
             existing = self._by_key.get(key)
             if existing is not None:
                 return self._requests[existing].snapshot()
+        if admission is not None:
+            self._admit(request.user, admission)
+        if key is not None:
             self._by_key[key] = request.id
         self._requests[request.id] = request.snapshot()
         self._trails[request.id] = [created]
@@ -184,21 +192,15 @@ class MemoryStore(StateStore):
 
     # Quota counters ----------------------------------------------------------------------------
 
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
-        """Record an admission unless ``limit`` were passed within the last ``window_s``."""
+    def _admit(self, user: str, admission: RateAdmission) -> None:
+        """Record ``user``'s admission, or raise ``RateRefused`` and record nothing."""
         window = self._admissions.setdefault(user, _Window())
-        window.prune(now - window_s)
-        if limit is not None and len(window.entries) >= limit:
+        window.prune(admission.at - admission.window_s)
+        if admission.limit is not None and len(window.entries) >= admission.limit:
             oldest = window.oldest()
             assert oldest is not None
-            # The first time at which the oldest admission has left the window; stepping past
-            # float rounding keeps the answer positive and true (never "retry now" to a refusal).
-            free_at = now + (oldest + window_s - now)
-            while free_at - window_s < oldest:
-                free_at = math.nextafter(free_at, math.inf)
-            return free_at - now
-        window.add(now, "", 1.0)
-        return None
+            raise RateRefused(retry_after(admission.at, oldest, admission.window_s))
+        window.add(admission.at, "", 1.0)
 
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
         """How many admissions of ``user`` fall within the last ``window_s``."""

@@ -58,7 +58,6 @@ creation time, model, priority and idempotency key are fixed at creation.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -72,11 +71,14 @@ from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
     Charge,
     Page,
+    RateAdmission,
+    RateRefused,
     RequestQuery,
     StateStore,
     check_charge,
     decode_cursor,
     encode_cursor,
+    retry_after,
 )
 from gpu_request_router.store.codec import (
     request_from_json,
@@ -173,18 +175,6 @@ _UPSERT_CHARGE = """
     INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)
     ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds
 """
-
-
-def _retry_after(now: float, oldest: float, window_s: float) -> float:
-    """Seconds until ``oldest`` has left a ``window_s`` window: positive and sufficient.
-
-    Stepping past float rounding keeps the answer positive and true (never "retry now" to a
-    refusal), exactly as the in-memory store computes it.
-    """
-    free_at = now + (oldest + window_s - now)
-    while free_at - window_s < oldest:
-        free_at = math.nextafter(free_at, math.inf)
-    return free_at - now
 
 
 class SQLiteStore(StateStore):
@@ -304,7 +294,9 @@ class SQLiteStore(StateStore):
 
     # Requests ------------------------------------------------------------------------------
 
-    def add_request(self, request: Request, created: Transition) -> Request:
+    def add_request(
+        self, request: Request, created: Transition, admission: RateAdmission | None = None
+    ) -> Request:
         """Store a new request and its creation entry, or return the one with its key."""
         body = request_to_json(request)
         entry = transition_to_json(created)
@@ -332,6 +324,9 @@ class SQLiteStore(StateStore):
                 ).fetchone()
                 return request_from_json(stored)
             conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
+            if admission is not None:
+                # A refusal raises out of the transaction, which rolls the request back too.
+                self._admit(conn, request.user, admission)
         return request.snapshot()
 
     def get_request(self, request_id: str) -> Request | None:
@@ -484,26 +479,20 @@ class SQLiteStore(StateStore):
 
     # Quota counters ----------------------------------------------------------------------------
 
-    def admit_rate(self, user: str, now: float, window_s: float, limit: int | None) -> float | None:
-        """Record an admission unless ``limit`` were passed within the last ``window_s``."""
-        if limit is not None and limit < 1:
-            raise ValueError("a rate limit admits at least one request per window")
-        with self._write("record an admission") as conn:
-            # Admissions at or before the cutoff never count again: drop them on the way.
-            conn.execute(
-                "DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s)
-            )
-            if limit is not None:
-                row = conn.execute(
-                    "SELECT n FROM admission_counts WHERE user = ?", (user,)
+    @staticmethod
+    def _admit(conn: sqlite3.Connection, user: str, admission: RateAdmission) -> None:
+        """Record ``user``'s admission in the open transaction, or raise ``RateRefused``."""
+        now, window_s, limit = admission.at, admission.window_s, admission.limit
+        # Admissions at or before the cutoff never count again: drop them on the way.
+        conn.execute("DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s))
+        if limit is not None:
+            row = conn.execute("SELECT n FROM admission_counts WHERE user = ?", (user,)).fetchone()
+            if row is not None and row[0] >= limit:
+                (oldest,) = conn.execute(
+                    "SELECT min(at) FROM admissions WHERE user = ?", (user,)
                 ).fetchone()
-                if row is not None and row[0] >= limit:
-                    (oldest,) = conn.execute(
-                        "SELECT min(at) FROM admissions WHERE user = ?", (user,)
-                    ).fetchone()
-                    return _retry_after(now, oldest, window_s)
-            conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
-        return None
+                raise RateRefused(retry_after(now, oldest, window_s))
+        conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
 
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
         """How many admissions of ``user`` fall within the last ``window_s``."""

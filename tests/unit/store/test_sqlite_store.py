@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rates import admit
 
 from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.exceptions import StoreUnavailable
@@ -32,6 +33,7 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
+from gpu_request_router.store.base import RateAdmission
 from gpu_request_router.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 S = RequestStatus
@@ -141,12 +143,13 @@ def test_everything_but_reservations_survives_close_and_reopen(db: Path) -> None
     """Requests, audit trail, admissions, charges and overrides are read back after a reopen."""
     store = SQLiteStore(db)
     request = add(store, make_request("r1", key="k"))
-    add(store, make_request("r2", created_at=T0 + 1))
+    second = make_request("r2", created_at=T0 + 1)
+    created = transition_of(second, None, "alice", T0 + 1)
+    store.add_request(second, created, RateAdmission(T0, 60.0, 2))
     request.transition(S.DISPATCHING, T0 + 2, placement=PLACEMENT)
     assert move(store, request, S.QUEUED, 0)
     request.transition(S.QUEUED, T0 + 3, error=ErrorInfo("oom", "out of memory"))
     assert move(store, request, S.DISPATCHING, 1)
-    assert store.admit_rate("alice", T0, 60.0, 2) is None
     store.charge("alice", "exe_r1_1", T0, 12.5)
     store.set_quota_override("alice", {"max_concurrent": 3, "max_queued": None})
     store.reserve("g0", "exe_r1_1", 500, 1000)
@@ -166,7 +169,7 @@ def test_everything_but_reservations_survives_close_and_reopen(db: Path) -> None
         assert [r.id for r in again.unfinished_requests()] == ["r1", "r2"]
         assert [r.id for r in again.list_requests(RequestQuery()).items] == ["r2", "r1"]
         assert again.admissions_in_window("alice", T0 + 1, 60.0) == 1
-        assert again.admit_rate("alice", T0 + 1, 60.0, 1) == pytest.approx(59.0)
+        assert admit(again, "alice", T0 + 1, 60.0, 1) == pytest.approx(59.0)
         assert again.gpu_seconds_in_window("alice", T0 + 1, 3600.0) == 12.5
         assert again.oldest_charge_in_window("alice", T0 + 1, 3600.0) == T0
         assert again.quota_overrides() == {"alice": {"max_concurrent": 3, "max_queued": None}}
@@ -236,8 +239,8 @@ def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
     store.charge("ann", "c1", 100.0, 30.0)
     store.charge("ann", "c2", 200.0, 12.5)
     store.charge("bob", "c3", 200.0, 4.0)
-    assert store.admit_rate("ann", 200.0, 60.0, 3) is None
-    assert store.admit_rate("ann", 210.0, 60.0, 3) is None
+    assert admit(store, "ann", 200.0, 60.0, 3) is None
+    assert admit(store, "ann", 210.0, 60.0, 3) is None
     store.close()
     connection = sqlite3.connect(db)
     connection.execute("DROP TABLE charge_totals")
@@ -247,8 +250,8 @@ def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
     connection.close()
     store = SQLiteStore(db)
     assert store.admissions_in_window("ann", 250.0, 60.0) == 2
-    assert store.admit_rate("ann", 250.0, 60.0, 3) is None
-    assert store.admit_rate("ann", 250.0, 60.0, 3) == 10.0  # full until 200 + 60
+    assert admit(store, "ann", 250.0, 60.0, 3) is None
+    assert admit(store, "ann", 250.0, 60.0, 3) == 10.0  # full until 200 + 60
     assert store.admissions_in_window("ann", 265.0, 60.0) == 2  # the one at 200 left
     assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 42.5
     assert store.gpu_seconds_in_window("bob", 250.0, 3600.0) == 4.0
@@ -264,7 +267,7 @@ def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
     """Triggers keep the per-user counters, even for rows another program inserts or deletes."""
     store = SQLiteStore(db)
     store.charge("ann", "c1", 100.0, 30.0)
-    assert store.admit_rate("ann", 100.0, 60.0, 2) is None
+    assert admit(store, "ann", 100.0, 60.0, 2) is None
     connection = sqlite3.connect(db)
     with connection:
         connection.execute("INSERT INTO admissions (user, at) VALUES ('ann', 101.0)")
@@ -273,14 +276,14 @@ def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
         )
         connection.execute("UPDATE charges SET gpu_seconds = 10.0 WHERE charge_id = 'c1'")
     assert store.admissions_in_window("ann", 102.0, 60.0) == 2
-    assert store.admit_rate("ann", 102.0, 60.0, 2) is not None  # full
+    assert admit(store, "ann", 102.0, 60.0, 2) is not None  # full
     assert store.gpu_seconds_in_window("ann", 102.0, 3600.0) == 12.5
     with connection:
         connection.execute("DELETE FROM admissions WHERE user = 'ann'")
         connection.execute("DELETE FROM charges WHERE charge_id = 'c1'")
     connection.close()
     assert store.admissions_in_window("ann", 102.0, 60.0) == 0
-    assert store.admit_rate("ann", 102.0, 60.0, 2) is None
+    assert admit(store, "ann", 102.0, 60.0, 2) is None
     assert store.gpu_seconds_in_window("ann", 102.0, 3600.0) == 2.5
     store.close()
 
@@ -399,7 +402,7 @@ def snapshot(db: Path) -> list[Any]:
 def fill_some(store: SQLiteStore) -> Request:
     """A few rows in every table; the queued request comes back."""
     request = add(store, make_request("r1", key="k"))
-    store.admit_rate("alice", T0, 60.0, 10)
+    admit(store, "alice", T0, 60.0, 10)
     store.charge("alice", "c1", T0, 5.0)
     store.set_quota_override("alice", {"max_queued": 4})
     return request
@@ -415,7 +418,7 @@ def failed_writes(store: SQLiteStore, request: Request) -> list[Callable[[], obj
         lambda: move(store, claimed, S.QUEUED, 0),
         lambda: store.set_quota_override("bob", {"note": big}),
         lambda: store.charge("alice", big, T0, 1.0),
-        lambda: store.admit_rate(big, T0, 60.0, 1),
+        lambda: admit(store, big, T0, 60.0, 1),
     ]
 
 
@@ -625,7 +628,7 @@ def apply_counter_op(store: StateStore, op: tuple[str, int, Any, int]) -> object
     """Run one quota-counter operation; its answer."""
     name, now, arg, value = op
     if name == "admit":
-        return store.admit_rate("u", float(now), float(arg), value)
+        return admit(store, "u", float(now), float(arg), value)
     if name == "admissions":
         return store.admissions_in_window("u", float(now), float(arg))
     if name == "charge":

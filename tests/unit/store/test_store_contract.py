@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rates import admit
 
 from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.exceptions import InvalidRequest
@@ -29,7 +30,7 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
-from gpu_request_router.store.base import Charge, decode_cursor, encode_cursor
+from gpu_request_router.store.base import Charge, RateAdmission, decode_cursor, encode_cursor
 from gpu_request_router.store.sqlite import SQLiteStore
 
 S = RequestStatus
@@ -573,31 +574,48 @@ def test_reserved_total_never_passes_the_limit(kind: str, ops: list[tuple[str, i
 # --- rate admissions --------------------------------------------------------------------------
 
 
-def test_admit_rate_allows_exactly_the_limit_in_a_window(store: StateStore) -> None:
+def test_a_rate_admission_allows_exactly_the_limit_in_a_window(store: StateStore) -> None:
     """Three admissions fit a limit of three; the fourth gets the time until the first leaves."""
-    assert store.admit_rate("alice", 0.0, 60.0, 3) is None
-    assert store.admit_rate("alice", 10.0, 60.0, 3) is None
-    assert store.admit_rate("alice", 20.0, 60.0, 3) is None
-    assert store.admit_rate("alice", 30.0, 60.0, 3) == pytest.approx(30.0)
+    assert admit(store, "alice", 0.0, 60.0, 3) is None
+    assert admit(store, "alice", 10.0, 60.0, 3) is None
+    assert admit(store, "alice", 20.0, 60.0, 3) is None
+    assert admit(store, "alice", 30.0, 60.0, 3) == pytest.approx(30.0)
     assert store.admissions_in_window("alice", 30.0, 60.0) == 3
 
 
 def test_a_refused_admission_is_not_recorded(store: StateStore) -> None:
     """Refusals do not count, so a slot opens when the oldest admission leaves the window."""
-    store.admit_rate("alice", 0.0, 60.0, 2)
-    store.admit_rate("alice", 50.0, 60.0, 2)
+    admit(store, "alice", 0.0, 60.0, 2)
+    admit(store, "alice", 50.0, 60.0, 2)
     for now in (51.0, 55.0, 59.0):
-        assert store.admit_rate("alice", now, 60.0, 2) == pytest.approx(60.0 - now)
-    assert store.admit_rate("alice", 60.0, 60.0, 2) is None
-    assert store.admit_rate("alice", 61.0, 60.0, 2) == pytest.approx(49.0)
+        assert admit(store, "alice", now, 60.0, 2) == pytest.approx(60.0 - now)
+    assert admit(store, "alice", 60.0, 60.0, 2) is None
+    assert admit(store, "alice", 61.0, 60.0, 2) == pytest.approx(49.0)
     assert store.admissions_in_window("alice", 61.0, 60.0) == 2
+
+
+def test_an_idempotent_replay_records_no_admission(store: StateStore) -> None:
+    """The request already stored under the key comes back; the window is left as it was."""
+    first = make_request("r1", key="k")
+    admission = RateAdmission(T0, 60.0, 1)
+    store.add_request(first, transition_of(first, None, "alice", T0), admission)
+    again = make_request("r2", key="k")
+    stored = store.add_request(again, transition_of(again, None, "alice", T0), admission)
+    assert stored.id == "r1"
+    assert store.admissions_in_window("alice", T0, 60.0) == 1
+
+
+def test_a_rate_limit_below_one_is_refused() -> None:
+    """A limit that could admit nothing is a programming error, caught when it is made."""
+    with pytest.raises(ValueError, match="at least one"):
+        RateAdmission(T0, 60.0, 0)
 
 
 def test_admissions_are_per_user(store: StateStore) -> None:
     """One user's admissions do not use up another's."""
-    assert store.admit_rate("alice", 0.0, 60.0, 1) is None
-    assert store.admit_rate("alice", 1.0, 60.0, 1) is not None
-    assert store.admit_rate("bob", 1.0, 60.0, 1) is None
+    assert admit(store, "alice", 0.0, 60.0, 1) is None
+    assert admit(store, "alice", 1.0, 60.0, 1) is not None
+    assert admit(store, "bob", 1.0, 60.0, 1) is None
     assert store.admissions_in_window("carol", 1.0, 60.0) == 0
 
 
@@ -616,7 +634,7 @@ def test_admissions_in_any_window_never_pass_the_limit(
     admitted: list[float] = []
     with fresh_store(kind) as store:
         for now in times:
-            retry_after = store.admit_rate("u", now, 60.0, limit)
+            retry_after = admit(store, "u", now, 60.0, limit)
             recent = [t for t in admitted if t > now - 60.0]
             if retry_after is None:
                 assert len(recent) < limit
@@ -631,11 +649,11 @@ def test_admissions_in_any_window_never_pass_the_limit(
 
 def test_retry_after_is_positive_despite_float_rounding(store: StateStore) -> None:
     """An admission far smaller than the window still yields a positive, sufficient retry-after."""
-    assert store.admit_rate("u", 1e-128, 60.0, 1) is None
-    retry_after = store.admit_rate("u", 60.0, 60.0, 1)
+    assert admit(store, "u", 1e-128, 60.0, 1) is None
+    retry_after = admit(store, "u", 60.0, 60.0, 1)
     assert retry_after is not None
     assert retry_after > 0
-    assert store.admit_rate("u", 60.0 + retry_after, 60.0, 1) is None
+    assert admit(store, "u", 60.0 + retry_after, 60.0, 1) is None
 
 
 # --- GPU-second charges -----------------------------------------------------------------------
