@@ -795,13 +795,20 @@ class RequestRouter:
         execution_id = f"exe_{request.id}_{attempt}"
         placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
         wait = now - request.queued_at
-        # The estimate is charged with the claim, and settled when the execution ends.
-        charge = Charge(request.user, execution_id, now, gpu_seconds(request))
-        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge)
+        # Memory first, then the claim with the estimate's charge (settled when the execution
+        # ends): if either is refused, the other is undone or never made.
         for gpu_id, memory_mb in chosen.reservations.items():
             if not self.monitor.reserve(gpu_id, execution_id, memory_mb):
                 self.monitor.release(execution_id)
                 raise StateConflict(request.id, f"room for {memory_mb} MiB on {gpu_id}")
+        charge = Charge(request.user, execution_id, now, gpu_seconds(request))
+        try:
+            self._set(
+                request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge
+            )
+        except BaseException:
+            self.monitor.release(execution_id)
+            raise
         for gpu_id in chosen.gpu_ids:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.queue.dispatched(request.id)

@@ -13,9 +13,17 @@ from structlog.testing import capture_logs
 from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission
 from gpu_request_router.core.request_router import gpu_seconds
-from gpu_request_router.exceptions import AlreadyTerminal, NotFound
+from gpu_request_router.exceptions import AlreadyTerminal, NotFound, StoreUnavailable
 from gpu_request_router.models.gpu_state import GPUHealth
-from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape
+from gpu_request_router.models.request import (
+    Request,
+    RequestStatus,
+    ResourceHints,
+    Shape,
+    Transition,
+)
+from gpu_request_router.store.base import Charge
+from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings, reading, readings_for
 
 
@@ -591,3 +599,36 @@ def test_each_execution_is_charged_its_estimate_when_claimed_and_its_time_when_i
     h.now += 4.0
     h.apply(h.router.finished(third.execution_id, ExecutionResult(), h.now))
     assert charged() == pytest.approx(9.0)
+
+
+class _ClaimRefusingStore(MemoryStore):
+    """A memory store that refuses every claim (queued → dispatching) while ``down``."""
+
+    down = True
+
+    def transition(
+        self,
+        request: Request,
+        from_status: RequestStatus,
+        attempt: int,
+        change: Transition,
+        charge: Charge | None = None,
+    ) -> bool:
+        if self.down and request.status is RequestStatus.DISPATCHING:
+            raise StoreUnavailable("database or disk is full", retry_after_s=1.0)
+        return super().transition(request, from_status, attempt, change, charge)
+
+
+def test_a_claim_the_store_refuses_reserves_nothing_and_charges_nothing() -> None:
+    """The request stays queued with the GPU's memory free; it starts once the store is back."""
+    store = _ClaimRefusingStore()
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)]), store=store)
+    request = h.submit(chat())
+    assert h.dispatches == []
+    assert h.status(request) == "queued"
+    assert h.router.monitor.gpus["sim:0"].reserved_mb == 0
+    assert store.gpu_seconds_in_window("alice", h.now, 3600.0) == 0.0
+    store.down = False
+    h.advance(1.0)
+    assert h.dispatch_of(request).attempt == 1
+    assert h.router.monitor.gpus["sim:0"].reserved_mb > 0
