@@ -168,7 +168,6 @@ _INSERT_REQUEST = """
     INSERT INTO requests
         (id, user, status, attempts, created_at, model, priority, idempotency_key, body)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (user, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 """
 _INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
 _UPSERT_CHARGE = """
@@ -300,33 +299,38 @@ class SQLiteStore(StateStore):
         """Store a new request and its creation entry, or return the one with its key."""
         body = request_to_json(request)
         entry = transition_to_json(created)
+        refused: float | None = None
         with self._write("add a request") as conn:
-            inserted = conn.execute(
-                _INSERT_REQUEST,
-                (
-                    request.id,
-                    request.user,
-                    request.status.value,
-                    request.attempts,
-                    request.created_at,
-                    request.model,
-                    request.priority,
-                    request.idempotency_key,
-                    body,
-                ),
-            ).rowcount
-            if inserted == 0:
-                # The user already has a request with this key (perhaps added a moment ago by
-                # another process): return it; the transaction wrote nothing.
-                (stored,) = conn.execute(
+            key = request.idempotency_key
+            if key is not None:
+                # Under the write lock no other process can add one with this key meanwhile.
+                row = conn.execute(
                     "SELECT body FROM requests WHERE user = ? AND idempotency_key = ?",
-                    (request.user, request.idempotency_key),
+                    (request.user, key),
                 ).fetchone()
-                return request_from_json(stored)
-            conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
+                if row is not None:
+                    return request_from_json(row[0])
             if admission is not None:
-                # A refusal raises out of the transaction, which rolls the request back too.
-                self._admit(conn, request.user, admission)
+                # As in memory: the window is pruned even when the admission is refused.
+                refused = self._admit(conn, request.user, admission)
+            if refused is None:
+                conn.execute(
+                    _INSERT_REQUEST,
+                    (
+                        request.id,
+                        request.user,
+                        request.status.value,
+                        request.attempts,
+                        request.created_at,
+                        request.model,
+                        request.priority,
+                        key,
+                        body,
+                    ),
+                )
+                conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
+        if refused is not None:
+            raise RateRefused(refused)
         return request.snapshot()
 
     def get_request(self, request_id: str) -> Request | None:
@@ -480,8 +484,8 @@ class SQLiteStore(StateStore):
     # Quota counters ----------------------------------------------------------------------------
 
     @staticmethod
-    def _admit(conn: sqlite3.Connection, user: str, admission: RateAdmission) -> None:
-        """Record ``user``'s admission in the open transaction, or raise ``RateRefused``."""
+    def _admit(conn: sqlite3.Connection, user: str, admission: RateAdmission) -> float | None:
+        """Record ``user``'s admission in the open transaction; if refused, the retry-after."""
         now, window_s, limit = admission.at, admission.window_s, admission.limit
         # Admissions at or before the cutoff never count again: drop them on the way.
         conn.execute("DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s))
@@ -491,8 +495,9 @@ class SQLiteStore(StateStore):
                 (oldest,) = conn.execute(
                     "SELECT min(at) FROM admissions WHERE user = ?", (user,)
                 ).fetchone()
-                raise RateRefused(retry_after(now, oldest, window_s))
+                return retry_after(now, oldest, window_s)
         conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
+        return None
 
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
         """How many admissions of ``user`` fall within the last ``window_s``."""
