@@ -96,7 +96,9 @@ class QuotaEnforcer:
 
         Raises:
             QuotaForbidden: the request exceeds a limit that waiting never lifts.
-            QuotaExceeded: the user is over a limit for now (``retry_after_s`` says how long).
+            QuotaExceeded: the user is over ``max_queued`` or ``gpu_seconds_per_hour`` for now
+                (``retry_after_s`` says how long); ``requests_per_minute`` is the store's to
+                refuse, with the admission returned here.
         """
         quota = self.quota_for(user)
         if self._rank[priority] < self._rank[quota.max_priority]:

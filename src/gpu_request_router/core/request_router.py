@@ -738,6 +738,12 @@ class RequestRouter:
                 # Nothing changed for this request; the next event tries again.
                 _log.warning("dispatch_deferred", request_id=request.id, error=exc.message)
                 break
+            except StateConflict as exc:
+                # The store refused the memory or the claim (another writer got there first);
+                # nothing changed here, and the dispatches already decided still go out.
+                _log.warning("dispatch_conflict", request_id=request.id, error=str(exc))
+                misses += 1
+                continue
             if own:  # the dispatch ended the hold
                 held.difference_update(own)
                 taken.difference_update(own)
@@ -807,7 +813,8 @@ class RequestRouter:
                 request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge
             )
         except BaseException:
-            self.monitor.release(execution_id)
+            if request.status is _S.QUEUED:  # the claim was not made: give the memory back
+                self.monitor.release(execution_id)
             raise
         for gpu_id in chosen.gpu_ids:
             self.metrics.gpu(self.monitor.gpus[gpu_id])

@@ -94,7 +94,7 @@ class RateAdmission:
 
 
 class RateRefused(Exception):
-    """The rate admission would pass its limit; nothing was written.
+    """The rate admission would pass its limit; neither the request nor the admission was written.
 
     ``retry_after_s``: seconds until the oldest admission leaves the window (positive, and
     enough: an admission at ``at + retry_after_s`` is accepted).
@@ -156,7 +156,8 @@ class StateStore(ABC):
         the same step: recorded exactly when the request is added.
 
         Raises:
-            RateRefused: the admission would pass its limit (nothing is written).
+            RateRefused: the admission would pass its limit; neither the request nor the
+                admission is written (admissions that have left the window are dropped).
         """
 
     @abstractmethod

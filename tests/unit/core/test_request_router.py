@@ -632,3 +632,32 @@ def test_a_claim_the_store_refuses_reserves_nothing_and_charges_nothing() -> Non
     h.advance(1.0)
     assert h.dispatch_of(request).attempt == 1
     assert h.router.monitor.gpus["sim:0"].reserved_mb > 0
+
+
+class _ReservationRefusingStore(MemoryStore):
+    """A memory store whose reservations are refused while ``full`` (another writer took it)."""
+
+    full = True
+
+    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
+        if self.full:
+            return None
+        return super().reserve(gpu_id, holder, memory_mb, limit_mb)
+
+
+def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_going() -> None:
+    """The store refusing the memory leaves the request queued and uncharged; later it starts."""
+    store = _ReservationRefusingStore()
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)]), store=store)
+    with capture_logs() as logs:
+        request = h.submit(chat())
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
+        "dispatch_conflict"
+    ]
+    assert h.dispatches == []
+    assert store.get_request(request.id).status is RequestStatus.QUEUED
+    assert store.gpu_seconds_in_window("alice", h.now, 3600.0) == 0.0
+    store.full = False
+    h.advance(1.0)
+    assert h.dispatch_of(request).attempt == 1
+    assert store.get_request(request.id).status is RequestStatus.DISPATCHING
