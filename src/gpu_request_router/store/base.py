@@ -68,7 +68,12 @@ class RequestQuery:
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    """GPU-seconds charged to ``user`` at time ``at`` under ``charge_id`` (see ``charge``)."""
+    """GPU-seconds charged to ``user`` at time ``at`` under ``charge_id``.
+
+    Charging the same ``charge_id`` again replaces the amount of a charge still in the window
+    (which keeps its time); a charge dated before the window counts for nothing. The amount
+    must be finite and ≥ 0 (:func:`check_charge`).
+    """
 
     user: str
     charge_id: str
@@ -180,8 +185,8 @@ class StateStore(ABC):
         """Write ``request`` and its audit entry if the stored one has ``from_status``, ``attempt``.
 
         Returns whether the write happened. Claiming a queued request is this with
-        ``from_status=queued``. With ``charge``, the GPU-seconds charge (as :meth:`charge` makes
-        it) is part of the same atomic step: written exactly when the status change is.
+        ``from_status=queued``. With ``charge``, the GPU-seconds :class:`Charge` is part of the same
+        atomic step: written exactly when the status change is.
 
         Raises:
             ValueError: the charge's ``gpu_seconds`` is negative or not finite (nothing is
@@ -241,17 +246,6 @@ class StateStore(ABC):
     @abstractmethod
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
         """How many admissions of ``user`` fall within the last ``window_s``."""
-
-    @abstractmethod
-    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
-        """Charge GPU-seconds at time ``at``; charging the same ``charge_id`` again replaces it.
-
-        A replacement settles the amount of a charge still in the window (which keeps its time);
-        a charge dated before the window counts for nothing.
-
-        Raises:
-            ValueError: ``gpu_seconds`` is negative or not finite (see :func:`check_charge`).
-        """
 
     @abstractmethod
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:

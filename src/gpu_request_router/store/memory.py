@@ -135,7 +135,7 @@ class MemoryStore(StateStore):
         if stored is None or stored.status is not from_status or stored.attempts != attempt:
             return False
         if charge is not None:
-            self.charge(charge.user, charge.charge_id, charge.at, charge.gpu_seconds)
+            self._charge(charge)
         self._requests[request.id] = request.snapshot()
         self._trails[request.id].append(change)
         if request.status.terminal:
@@ -210,16 +210,16 @@ class MemoryStore(StateStore):
         window.prune(now - window_s)
         return len(window.entries)
 
-    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
-        """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it."""
-        check_charge(gpu_seconds)
+    def _charge(self, charge: Charge) -> None:
+        """Record a checked charge; the same ``charge_id`` again replaces its amount."""
+        user, charge_id, amount = charge.user, charge.charge_id, charge.gpu_seconds
         window = self._charges.setdefault(user, _Window())
         entry = self._charge_index.get((user, charge_id))
         if entry is not None:
-            window.total += gpu_seconds - entry.amount
-            entry.amount = gpu_seconds
+            window.total += amount - entry.amount
+            entry.amount = amount
             return
-        self._charge_index[(user, charge_id)] = window.add(at, charge_id, gpu_seconds)
+        self._charge_index[(user, charge_id)] = window.add(charge.at, charge_id, amount)
 
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
         """GPU-seconds charged to ``user`` at times within the last ``window_s``."""

@@ -507,16 +507,6 @@ class SQLiteStore(StateStore):
         )
         return int(rows[0][0]) if rows else 0
 
-    def charge(self, user: str, charge_id: str, at: float, gpu_seconds: float) -> None:
-        """Charge GPU-seconds at ``at``; charging the same ``charge_id`` again replaces it.
-
-        Raises:
-            ValueError: ``gpu_seconds`` is negative or not finite (nothing is written).
-        """
-        check_charge(gpu_seconds)
-        with self._write("record a charge") as conn:
-            conn.execute(_UPSERT_CHARGE, (user, charge_id, at, gpu_seconds))
-
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
         """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
         self._prune("charges", user, now - window_s)

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from counters import admit, charge
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from rates import admit
 
 from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.exceptions import StoreUnavailable
@@ -33,7 +33,7 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
-from gpu_request_router.store.base import RateAdmission
+from gpu_request_router.store.base import Charge, RateAdmission
 from gpu_request_router.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 S = RequestStatus
@@ -77,10 +77,16 @@ def add(store: StateStore, request: Request) -> Request:
     )
 
 
-def move(store: StateStore, request: Request, from_status: RequestStatus, attempt: int) -> bool:
-    """Write a changed request with its audit entry, as the router does."""
+def move(
+    store: StateStore,
+    request: Request,
+    from_status: RequestStatus,
+    attempt: int,
+    charge: Charge | None = None,
+) -> bool:
+    """Write a changed request with its audit entry (and a charge), as the router does."""
     return store.transition(
-        request, from_status, attempt, transition_of(request, from_status, "router", T0)
+        request, from_status, attempt, transition_of(request, from_status, "router", T0), charge
     )
 
 
@@ -147,10 +153,9 @@ def test_everything_but_reservations_survives_close_and_reopen(db: Path) -> None
     created = transition_of(second, None, "alice", T0 + 1)
     store.add_request(second, created, RateAdmission(T0, 60.0, 2))
     request.transition(S.DISPATCHING, T0 + 2, placement=PLACEMENT)
-    assert move(store, request, S.QUEUED, 0)
+    assert move(store, request, S.QUEUED, 0, Charge("alice", "exe_r1_1", T0, 12.5))
     request.transition(S.QUEUED, T0 + 3, error=ErrorInfo("oom", "out of memory"))
     assert move(store, request, S.DISPATCHING, 1)
-    store.charge("alice", "exe_r1_1", T0, 12.5)
     store.set_quota_override("alice", {"max_concurrent": 3, "max_queued": None})
     store.reserve("g0", "exe_r1_1", 500, 1000)
     store.close()
@@ -236,9 +241,9 @@ def test_the_schema_is_created_once_and_reopened(db: Path) -> None:
 def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
     """A file from before the counters keeps its admissions and charges, counted in the window."""
     store = SQLiteStore(db)
-    store.charge("ann", "c1", 100.0, 30.0)
-    store.charge("ann", "c2", 200.0, 12.5)
-    store.charge("bob", "c3", 200.0, 4.0)
+    charge(store, "ann", "c1", 100.0, 30.0)
+    charge(store, "ann", "c2", 200.0, 12.5)
+    charge(store, "bob", "c3", 200.0, 4.0)
     assert admit(store, "ann", 200.0, 60.0, 3) is None
     assert admit(store, "ann", 210.0, 60.0, 3) is None
     store.close()
@@ -255,7 +260,7 @@ def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
     assert store.admissions_in_window("ann", 265.0, 60.0) == 2  # the one at 200 left
     assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 42.5
     assert store.gpu_seconds_in_window("bob", 250.0, 3600.0) == 4.0
-    store.charge("ann", "c2", 200.0, 2.5)  # reconciled down
+    charge(store, "ann", "c2", 200.0, 2.5)  # reconciled down
     assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 32.5
     assert store.gpu_seconds_in_window("ann", 3750.0, 3600.0) == 2.5  # c1 left the window
     assert store.gpu_seconds_in_window("ann", 3850.0, 3600.0) == 0.0
@@ -266,7 +271,7 @@ def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
 def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
     """Triggers keep the per-user counters, even for rows another program inserts or deletes."""
     store = SQLiteStore(db)
-    store.charge("ann", "c1", 100.0, 30.0)
+    charge(store, "ann", "c1", 100.0, 30.0)
     assert admit(store, "ann", 100.0, 60.0, 2) is None
     connection = sqlite3.connect(db)
     with connection:
@@ -403,7 +408,7 @@ def fill_some(store: SQLiteStore) -> Request:
     """A few rows in every table; the queued request comes back."""
     request = add(store, make_request("r1", key="k"))
     admit(store, "alice", T0, 60.0, 10)
-    store.charge("alice", "c1", T0, 5.0)
+    charge(store, "alice", "c1", T0, 5.0)
     store.set_quota_override("alice", {"max_queued": 4})
     return request
 
@@ -413,11 +418,13 @@ def failed_writes(store: SQLiteStore, request: Request) -> list[Callable[[], obj
     big = "x" * 200_000
     claimed = request.snapshot()
     claimed.transition(S.DISPATCHING, T0 + 1, placement=Placement("w", ("w:0",), big))
+    charged = request.snapshot()
+    charged.transition(S.DISPATCHING, T0 + 1, placement=PLACEMENT)
     return [
         lambda: add(store, make_request("big", prompt=big)),
         lambda: move(store, claimed, S.QUEUED, 0),
         lambda: store.set_quota_override("bob", {"note": big}),
-        lambda: store.charge("alice", big, T0, 1.0),
+        lambda: move(store, charged, S.QUEUED, 0, Charge("alice", big, T0, 1.0)),
         lambda: admit(store, big, T0, 60.0, 1),
     ]
 
@@ -632,7 +639,7 @@ def apply_counter_op(store: StateStore, op: tuple[str, int, Any, int]) -> object
     if name == "admissions":
         return store.admissions_in_window("u", float(now), float(arg))
     if name == "charge":
-        return store.charge("u", arg, float(now), float(value))
+        return charge(store, "u", arg, float(now), float(value))
     if name == "usage":
         return store.gpu_seconds_in_window("u", float(now), float(arg))
     return store.oldest_charge_in_window("u", float(now), float(arg))

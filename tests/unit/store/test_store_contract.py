@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from counters import admit, charge
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rates import admit
 
 from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.exceptions import InvalidRequest
@@ -661,9 +661,9 @@ def test_retry_after_is_positive_despite_float_rounding(store: StateStore) -> No
 
 def test_charges_add_up_in_the_window(store: StateStore) -> None:
     """GPU-seconds of several charges add up."""
-    store.charge("alice", "c1", 0.0, 10.0)
-    store.charge("alice", "c2", 5.0, 20.0)
-    store.charge("bob", "c3", 5.0, 99.0)
+    charge(store, "alice", "c1", 0.0, 10.0)
+    charge(store, "alice", "c2", 5.0, 20.0)
+    charge(store, "bob", "c3", 5.0, 99.0)
     assert store.gpu_seconds_in_window("alice", 10.0, 3600.0) == 30.0
     assert store.gpu_seconds_in_window("bob", 10.0, 3600.0) == 99.0
     assert store.gpu_seconds_in_window("carol", 10.0, 3600.0) == 0.0
@@ -671,16 +671,16 @@ def test_charges_add_up_in_the_window(store: StateStore) -> None:
 
 def test_charging_the_same_id_replaces(store: StateStore) -> None:
     """A second charge with the same id settles the first instead of adding to it."""
-    store.charge("alice", "exe_1", 0.0, 100.0)
-    store.charge("alice", "exe_2", 1.0, 5.0)
-    store.charge("alice", "exe_1", 0.0, 40.0)
+    charge(store, "alice", "exe_1", 0.0, 100.0)
+    charge(store, "alice", "exe_2", 1.0, 5.0)
+    charge(store, "alice", "exe_1", 0.0, 40.0)
     assert store.gpu_seconds_in_window("alice", 2.0, 3600.0) == 45.0
 
 
 def test_charges_older_than_the_window_drop_out(store: StateStore) -> None:
     """A charge leaves the window once it is window_s old."""
-    store.charge("alice", "c1", 0.0, 10.0)
-    store.charge("alice", "c2", 100.0, 20.0)
+    charge(store, "alice", "c1", 0.0, 10.0)
+    charge(store, "alice", "c2", 100.0, 20.0)
     assert store.gpu_seconds_in_window("alice", 3599.0, 3600.0) == 30.0
     assert store.gpu_seconds_in_window("alice", 3600.0, 3600.0) == 20.0
     assert store.gpu_seconds_in_window("alice", 3700.0, 3600.0) == 0.0
@@ -691,21 +691,21 @@ def test_a_charge_no_window_could_hold_is_refused_and_changes_nothing(
     store: StateStore, amount: float
 ) -> None:
     """Negative, infinite or NaN GPU-seconds are refused; the window keeps what it had."""
-    store.charge("alice", "c1", 0.0, 10.0)
+    charge(store, "alice", "c1", 0.0, 10.0)
     with pytest.raises(ValueError, match="GPU-seconds"):
-        store.charge("alice", "c2", 1.0, amount)
+        charge(store, "alice", "c2", 1.0, amount)
     with pytest.raises(ValueError, match="GPU-seconds"):
-        store.charge("alice", "c1", 0.0, amount)
+        charge(store, "alice", "c1", 0.0, amount)
     assert store.gpu_seconds_in_window("alice", 2.0, 3600.0) == 10.0
-    store.charge("alice", "c1", 0.0, 4.0)
+    charge(store, "alice", "c1", 0.0, 4.0)
     assert store.gpu_seconds_in_window("alice", 2.0, 3600.0) == 4.0
 
 
 def test_oldest_charge_in_window(store: StateStore) -> None:
     """The oldest charge still counted tells when usage next drops; None when there is none."""
     assert store.oldest_charge_in_window("alice", 0.0, 3600.0) is None
-    store.charge("alice", "c1", 10.0, 1.0)
-    store.charge("alice", "c2", 20.0, 1.0)
+    charge(store, "alice", "c1", 10.0, 1.0)
+    charge(store, "alice", "c2", 20.0, 1.0)
     assert store.oldest_charge_in_window("alice", 100.0, 3600.0) == 10.0
     assert store.oldest_charge_in_window("alice", 3610.0, 3600.0) == 20.0
     assert store.oldest_charge_in_window("alice", 3620.0, 3600.0) is None
@@ -713,18 +713,18 @@ def test_oldest_charge_in_window(store: StateStore) -> None:
 
 def test_settling_a_charge_that_already_left_the_window_does_not_count(store: StateStore) -> None:
     """Re-charging an id dated outside the window, after it dropped out, adds nothing to usage."""
-    store.charge("alice", "long", 0.0, 10.0)
-    store.charge("alice", "short", 3000.0, 5.0)
+    charge(store, "alice", "long", 0.0, 10.0)
+    charge(store, "alice", "short", 3000.0, 5.0)
     assert store.gpu_seconds_in_window("alice", 3700.0, 3600.0) == 5.0
-    store.charge("alice", "long", 0.0, 4000.0)
+    charge(store, "alice", "long", 0.0, 4000.0)
     assert store.gpu_seconds_in_window("alice", 3700.0, 3600.0) == 5.0
     assert store.oldest_charge_in_window("alice", 3700.0, 3600.0) == 3000.0
 
 
 def test_charges_recorded_out_of_time_order_drop_out_on_time(store: StateStore) -> None:
     """A charge dated before an earlier-recorded one still leaves the window at its own time."""
-    store.charge("alice", "b", 100.0, 2.0)
-    store.charge("alice", "a", 50.0, 1.0)
+    charge(store, "alice", "b", 100.0, 2.0)
+    charge(store, "alice", "a", 50.0, 1.0)
     assert store.oldest_charge_in_window("alice", 200.0, 3600.0) == 50.0
     assert store.gpu_seconds_in_window("alice", 3660.0, 3600.0) == 2.0
     assert store.oldest_charge_in_window("alice", 3660.0, 3600.0) == 100.0
@@ -749,7 +749,7 @@ def test_usage_equals_the_latest_amount_of_each_charge_in_the_window(
     latest: dict[str, tuple[int, int]] = {}
     with fresh_store(kind) as store:
         for charge_id, at, amount in sorted(charges, key=lambda c: c[1]):
-            store.charge("u", charge_id, float(at), float(amount))
+            charge(store, "u", charge_id, float(at), float(amount))
             first_at = latest.get(charge_id, (at, 0))[0]
             latest[charge_id] = (first_at, amount)
         now = 100.0 + now_offset
