@@ -635,29 +635,34 @@ def test_a_claim_the_store_refuses_reserves_nothing_and_charges_nothing() -> Non
 
 
 class _ReservationRefusingStore(MemoryStore):
-    """A memory store whose reservations are refused while ``full`` (another writer took it)."""
+    """A memory store that refuses the next ``refusals`` reservations (another writer took them)."""
 
-    full = True
+    refusals = 0
 
     def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
-        if self.full:
+        if self.refusals > 0:
+            self.refusals -= 1
             return None
         return super().reserve(gpu_id, holder, memory_mb, limit_mb)
 
 
 def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_going() -> None:
-    """The store refusing the memory leaves the request queued and uncharged; later it starts."""
+    """The refused request stays queued and uncharged, the next one in the pass still starts."""
     store = _ReservationRefusingStore()
-    h = Harness(make_settings(gpus=[("H100-80GB", 1)]), store=store)
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=2), store=store)
+    h.apply(h.router.cordon("sim:0", h.now))
+    first = h.submit(chat(), user="ann")
+    second = h.submit(chat(), user="bob")
+    store.refusals = 1
     with capture_logs() as logs:
-        request = h.submit(chat())
+        h.apply(h.router.uncordon("sim:0", h.now))  # one pass over both
     assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
         "dispatch_conflict"
     ]
-    assert h.dispatches == []
-    assert store.get_request(request.id).status is RequestStatus.QUEUED
-    assert store.gpu_seconds_in_window("alice", h.now, 3600.0) == 0.0
-    store.full = False
+    assert h.dispatched_ids() == [second.id]
+    assert h.status(first) == "queued"
+    assert store.gpu_seconds_in_window("ann", h.now, 3600.0) == 0.0
+    assert store.gpu_seconds_in_window("bob", h.now, 3600.0) > 0.0
     h.advance(1.0)
-    assert h.dispatch_of(request).attempt == 1
-    assert store.get_request(request.id).status is RequestStatus.DISPATCHING
+    assert h.dispatch_of(first).attempt == 1
+    assert h.status(first) == "dispatching"
