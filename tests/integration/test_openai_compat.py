@@ -147,6 +147,18 @@ def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(
     assert _requests(server) == []
 
 
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/vnd.example+json"]
+)
+def test_json_under_any_json_content_type_is_served(server: LiveServer, content_type: str) -> None:
+    """A parameter or a ``+json`` subtype is JSON too, as FastAPI reads it."""
+    response = server.client("alice").post(
+        "/v1/chat/completions", content=_CHAT, headers={"Content-Type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion"
+
+
 def test_an_unreadable_body_is_a_400(server: LiveServer) -> None:
     """A body that is not UTF-8 cannot be parsed at all: 400, and nothing is queued."""
     response = server.client("alice").post(
