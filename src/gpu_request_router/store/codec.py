@@ -3,8 +3,10 @@
 Stores that keep records as text (the SQLite store's ``body`` columns, a Redis store's values)
 share this one encoding, so it knows nothing of any particular store.
 
-Every field is written, by name, into one JSON object that also carries the format version
-``"v"``; decoding refuses a version it does not know. Enums are written as their values,
+Every field is written, by name, into a JSON object that also carries the format version ``"v"``;
+decoding refuses a version it does not know. A request is two such objects: the fields it is
+created with (:data:`FIXED_FIELDS`, the prompt among them: written once) and those a status change
+may change (:data:`STATE_FIELDS`: written on every change). Enums are written as their values,
 ``Placement.gpu_ids`` as a list (read back as a tuple), ``Estimate.duration_s``, ``input`` and
 ``metadata`` as objects (read back as plain dicts) and ``result`` as any JSON value. Floats keep
 their exact value (``json`` writes the shortest repr that reads back bit for bit), including
@@ -33,9 +35,12 @@ from gpu_request_router.models.request import (
 
 __all__ = [
     "CODEC_VERSION",
+    "FIXED_FIELDS",
+    "STATE_FIELDS",
     "CodecError",
+    "request_fixed_to_json",
     "request_from_json",
-    "request_to_json",
+    "request_state_to_json",
     "transition_from_json",
     "transition_to_json",
 ]
@@ -68,12 +73,51 @@ def _loads(text: str | bytes, kind: str) -> dict[str, Any]:
 
 # Requests ----------------------------------------------------------------------------------
 
+FIXED_FIELDS = frozenset(
+    {
+        "id",
+        "user",
+        "model",
+        "task",
+        "priority",
+        "created_at",
+        "input",
+        "shape",
+        "resources",
+        "timeout_s",
+        "metadata",
+        "idempotency_key",
+        "fingerprint",
+    }
+)
+"""The fields a request is created with and keeps (:func:`request_fixed_to_json`)."""
 
-def request_to_json(request: Request) -> str:
-    """The request, every field of it, as one JSON object."""
-    estimate = request.estimate
-    placement = request.placement
-    error = request.error
+STATE_FIELDS = frozenset(
+    {
+        "estimate",
+        "status",
+        "queued_at",
+        "dispatched_at",
+        "started_at",
+        "finished_at",
+        "queue_wait_s",
+        "attempts",
+        "placement",
+        "result",
+        "error",
+        "version",
+    }
+)
+"""The fields a status change may change (:func:`request_state_to_json`); with
+:data:`FIXED_FIELDS`, every field of :class:`Request`."""
+
+
+def request_fixed_to_json(request: Request) -> str:
+    """The fields of :data:`FIXED_FIELDS`, as one JSON object: written once, at creation.
+
+    The prompt (``input``) is most of a request's size, so a store that writes this part once
+    and :func:`request_state_to_json` on every status change encodes it once.
+    """
     return _dumps(
         {
             "v": CODEC_VERSION,
@@ -82,14 +126,6 @@ def request_to_json(request: Request) -> str:
             "model": request.model,
             "task": request.task.value,
             "priority": request.priority,
-            "estimate": {
-                "gpu_memory_mb": estimate.gpu_memory_mb,
-                "weights_mb": estimate.weights_mb,
-                "kv_cache_mb": estimate.kv_cache_mb,
-                "activations_mb": estimate.activations_mb,
-                "duration_s": dict(estimate.duration_s),
-                "gpu_count": estimate.gpu_count,
-            },
             "created_at": request.created_at,
             "input": dict(request.input),
             "shape": {
@@ -106,6 +142,26 @@ def request_to_json(request: Request) -> str:
             "metadata": dict(request.metadata),
             "idempotency_key": request.idempotency_key,
             "fingerprint": request.fingerprint,
+        }
+    )
+
+
+def request_state_to_json(request: Request) -> str:
+    """The fields of :data:`STATE_FIELDS`, as one JSON object: written on every status change."""
+    estimate = request.estimate
+    placement = request.placement
+    error = request.error
+    return _dumps(
+        {
+            "v": CODEC_VERSION,
+            "estimate": {
+                "gpu_memory_mb": estimate.gpu_memory_mb,
+                "weights_mb": estimate.weights_mb,
+                "kv_cache_mb": estimate.kv_cache_mb,
+                "activations_mb": estimate.activations_mb,
+                "duration_s": dict(estimate.duration_s),
+                "gpu_count": estimate.gpu_count,
+            },
             "status": request.status.value,
             "queued_at": request.queued_at,
             "dispatched_at": request.dispatched_at,
@@ -127,13 +183,18 @@ def request_to_json(request: Request) -> str:
     )
 
 
-def request_from_json(text: str | bytes) -> Request:
-    """The request :func:`request_to_json` encoded.
+def request_from_json(fixed: str | bytes, state: str | bytes | None = None) -> Request:
+    """The request encoded as its two parts, or as one text holding every field (``state=None``).
+
+    One text with every field is what the SQLite store's schema 2 wrote; it is the union of
+    the two parts' objects.
 
     Raises:
-        CodecError: ``text`` is not an encoded request of a known format version.
+        CodecError: a text is not an encoded request (part) of a known format version.
     """
-    data = _loads(text, "request")
+    data = _loads(fixed, "request")
+    if state is not None:
+        data.update(_loads(state, "request state"))
     try:
         estimate = data["estimate"]
         shape = data["shape"]

@@ -36,23 +36,31 @@ live in memory inside the store object, as in :class:`~gpu_request_router.store.
 Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refused)::
 
     requests(id TEXT PRIMARY KEY, user, status, attempts, created_at, model, priority,
-             idempotency_key, body)             -- body: the codec's JSON of the whole request
+             idempotency_key, body, state)   -- body: the codec's fixed part, written once;
+                                              -- state: its changing part (NULL in rows of
+                                              -- schema 2, whose body holds every field)
         requests_user_created (user, created_at, id)
         requests_created      (created_at, id)  -- newest-first listing without a user filter
-        requests_status       (status)
+        requests_unfinished   (status) WHERE status is not terminal  -- recovery; stays small
         requests_idempotency  UNIQUE (user, idempotency_key) WHERE idempotency_key IS NOT NULL
     transitions(request_id REFERENCES requests, seq, body, PRIMARY KEY (request_id, seq))
-    admissions(user, at)                        -- index (user, at)
+    admissions(user, at, request_id, PRIMARY KEY (user, at, request_id))
     charges(user, charge_id, at, gpu_seconds, PRIMARY KEY (user, charge_id))
         charges_user_at (user, at)
     admission_counts(user PRIMARY KEY, n)       -- each user's rows in admissions, and
     charge_totals(user PRIMARY KEY, gpu_seconds) -- the sum of their charges, kept by triggers on
-                                                -- those tables (schema 2): a quota check reads
-                                                -- one row, not a window's worth
+                                                -- those tables: a quota check reads one row
     quota_overrides(user PRIMARY KEY, body)     -- body: JSON object
 
-Only ``status``, ``attempts`` and ``body`` change after a request is added; its id, user,
-creation time, model, priority and idempotency key are fixed at creation.
+Only ``status``, ``attempts`` and ``state`` change after a request is added; its id, user,
+creation time, model, priority, idempotency key and ``body`` are fixed at creation. Every table
+but ``requests`` and ``quota_overrides`` is ``WITHOUT ROWID`` (its rows live in its primary key),
+so that a write touches one b-tree page per table instead of two: each page a transaction
+changes is written whole to the WAL, and those writes are most of a commit's cost.
+
+Schema history: 1 had no counter tables; 2 added them; 3 split the request into body and state,
+keyed the admissions by request, and made the tables ``WITHOUT ROWID``. Opening an older file
+migrates it in one transaction (the counters are rebuilt from the rows by their triggers).
 """
 
 from __future__ import annotations
@@ -81,19 +89,23 @@ from gpu_request_router.store.base import (
     retry_after,
 )
 from gpu_request_router.store.codec import (
+    request_fixed_to_json,
     request_from_json,
-    request_to_json,
+    request_state_to_json,
     transition_from_json,
     transition_to_json,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 2
-"""The schema this code writes and reads (``PRAGMA user_version``); 1 lacked the counters."""
+SCHEMA_VERSION = 3
+"""The schema this code writes and reads (``PRAGMA user_version``; see the module docstring)."""
 
 BUSY_TIMEOUT_MS = 5000
 """How long a write waits for another connection's write lock before giving up."""
+
+_UNFINISHED = tuple(sorted(s.value for s in RequestStatus if s not in TERMINAL_STATUSES))
+_UNFINISHED_SQL = "status IN ({})".format(", ".join(f"'{status}'" for status in _UNFINISHED))
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS requests (
@@ -105,11 +117,12 @@ _SCHEMA = (
         model TEXT NOT NULL,
         priority TEXT NOT NULL,
         idempotency_key TEXT,
-        body TEXT NOT NULL
+        body TEXT NOT NULL,
+        state TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS requests_user_created ON requests (user, created_at, id)",
     "CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at, id)",
-    "CREATE INDEX IF NOT EXISTS requests_status ON requests (status)",
+    f"CREATE INDEX IF NOT EXISTS requests_unfinished ON requests (status) WHERE {_UNFINISHED_SQL}",
     """CREATE UNIQUE INDEX IF NOT EXISTS requests_idempotency ON requests (user, idempotency_key)
         WHERE idempotency_key IS NOT NULL""",
     """CREATE TABLE IF NOT EXISTS transitions (
@@ -117,25 +130,29 @@ _SCHEMA = (
         seq INTEGER NOT NULL,
         body TEXT NOT NULL,
         PRIMARY KEY (request_id, seq)
-    )""",
-    "CREATE TABLE IF NOT EXISTS admissions (user TEXT NOT NULL, at REAL NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS admissions_user_at ON admissions (user, at)",
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS admissions (
+        user TEXT NOT NULL,
+        at REAL NOT NULL,
+        request_id TEXT NOT NULL,
+        PRIMARY KEY (user, at, request_id)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS charges (
         user TEXT NOT NULL,
         charge_id TEXT NOT NULL,
         at REAL NOT NULL,
         gpu_seconds REAL NOT NULL,
         PRIMARY KEY (user, charge_id)
-    )""",
+    ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS charges_user_at ON charges (user, at)",
     """CREATE TABLE IF NOT EXISTS admission_counts (
         user TEXT PRIMARY KEY,
         n INTEGER NOT NULL
-    )""",
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS charge_totals (
         user TEXT PRIMARY KEY,
         gpu_seconds REAL NOT NULL
-    )""",
+    ) WITHOUT ROWID""",
     # Triggers keep the counters, so that every writer of the rows does, whatever its code.
     """CREATE TRIGGER IF NOT EXISTS admissions_counted AFTER INSERT ON admissions BEGIN
         INSERT INTO admission_counts (user, n) VALUES (NEW.user, 1)
@@ -162,18 +179,56 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS quota_overrides (user TEXT PRIMARY KEY, body TEXT NOT NULL)",
 )
 
-_UNFINISHED = tuple(sorted(s.value for s in RequestStatus if s not in TERMINAL_STATUSES))
-
 _INSERT_REQUEST = """
     INSERT INTO requests
-        (id, user, status, attempts, created_at, model, priority, idempotency_key, body)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+        (id, user, status, attempts, created_at, model, priority, idempotency_key, body, state)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
 _UPSERT_CHARGE = """
     INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)
     ON CONFLICT (user, charge_id) DO UPDATE SET gpu_seconds = excluded.gpu_seconds
 """
+
+
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    """Bring a schema 1 or 2 file to schema 3, in the open transaction.
+
+    The old tables are renamed, the new ones created and filled from them, the old ones
+    dropped; the counter tables start empty and their triggers count the copied rows. Old
+    admissions are keyed by their old row id (they were not keyed by request).
+    """
+    for trigger in (
+        "admissions_counted",
+        "admissions_uncounted",
+        "charges_added",
+        "charges_changed",
+        "charges_removed",
+    ):
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    for index in ("requests_status", "admissions_user_at", "charges_user_at"):
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    conn.execute("ALTER TABLE requests ADD COLUMN state TEXT")
+    for table in ("transitions", "admissions", "charges"):
+        conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    conn.execute("DROP TABLE IF EXISTS admission_counts")
+    conn.execute("DROP TABLE IF EXISTS charge_totals")
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO transitions (request_id, seq, body)"
+        " SELECT request_id, seq, body FROM transitions_old"
+    )
+    conn.execute(
+        "INSERT INTO admissions (user, at, request_id)"
+        " SELECT user, at, 'schema-2:' || rowid FROM admissions_old"
+    )
+    conn.execute(
+        "INSERT INTO charges (user, charge_id, at, gpu_seconds)"
+        " SELECT user, charge_id, at, gpu_seconds FROM charges_old"
+    )
+    for table in ("transitions", "admissions", "charges"):
+        conn.execute(f"DROP TABLE {table}_old")
 
 
 class SQLiteStore(StateStore):
@@ -229,17 +284,14 @@ class SQLiteStore(StateStore):
             raise self._unavailable("open the database", exc) from exc
         with self._write("create the schema") as conn:
             version = self._check_version()
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            if version < 2:  # schema 1 kept no counters: count what is there
-                conn.execute(
-                    "INSERT OR REPLACE INTO admission_counts (user, n)"
-                    " SELECT user, count(*) FROM admissions GROUP BY user"
-                )
-                conn.execute(
-                    "INSERT OR REPLACE INTO charge_totals (user, gpu_seconds)"
-                    " SELECT user, total(gpu_seconds) FROM charges GROUP BY user"
-                )
+            fresh = not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
+            ).fetchone()
+            if not fresh and version < 3:
+                _migrate_to_3(conn)
+            else:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_version(self) -> int:
@@ -297,7 +349,8 @@ class SQLiteStore(StateStore):
         self, request: Request, created: Transition, admission: RateAdmission | None = None
     ) -> Request:
         """Store a new request and its creation entry, or return the one with its key."""
-        body = request_to_json(request)
+        body = request_fixed_to_json(request)
+        state = request_state_to_json(request)
         entry = transition_to_json(created)
         refused: float | None = None
         with self._write("add a request") as conn:
@@ -305,14 +358,14 @@ class SQLiteStore(StateStore):
             if key is not None:
                 # Under the write lock no other process can add one with this key meanwhile.
                 row = conn.execute(
-                    "SELECT body FROM requests WHERE user = ? AND idempotency_key = ?",
+                    "SELECT body, state FROM requests WHERE user = ? AND idempotency_key = ?",
                     (request.user, key),
                 ).fetchone()
                 if row is not None:
-                    return request_from_json(row[0])
+                    return request_from_json(*row)
             if admission is not None:
                 # As in memory: the window is pruned even when the admission is refused.
-                refused = self._admit(conn, request.user, admission)
+                refused = self._admit(conn, request.user, request.id, admission)
             if refused is None:
                 conn.execute(
                     _INSERT_REQUEST,
@@ -326,6 +379,7 @@ class SQLiteStore(StateStore):
                         request.priority,
                         key,
                         body,
+                        state,
                     ),
                 )
                 conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
@@ -335,17 +389,19 @@ class SQLiteStore(StateStore):
 
     def get_request(self, request_id: str) -> Request | None:
         """The stored request, or ``None``."""
-        rows = self._read("read a request", "SELECT body FROM requests WHERE id = ?", (request_id,))
-        return request_from_json(rows[0][0]) if rows else None
+        rows = self._read(
+            "read a request", "SELECT body, state FROM requests WHERE id = ?", (request_id,)
+        )
+        return request_from_json(*rows[0]) if rows else None
 
     def find_idempotent(self, user: str, key: str) -> Request | None:
         """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
         rows = self._read(
             "read a request",
-            "SELECT body FROM requests WHERE user = ? AND idempotency_key = ?",
+            "SELECT body, state FROM requests WHERE user = ? AND idempotency_key = ?",
             (user, key),
         )
-        return request_from_json(rows[0][0]) if rows else None
+        return request_from_json(*rows[0]) if rows else None
 
     def transition(
         self,
@@ -358,16 +414,16 @@ class SQLiteStore(StateStore):
         """Write ``request`` and its entry if the stored one has ``from_status``, ``attempt``."""
         if charge is not None:
             check_charge(charge.gpu_seconds)
-        body = request_to_json(request)
+        state = request_state_to_json(request)
         entry = transition_to_json(change)
         with self._write("write a status change") as conn:
             updated = conn.execute(
-                "UPDATE requests SET status = ?, attempts = ?, body = ?"
+                "UPDATE requests SET status = ?, attempts = ?, state = ?"
                 " WHERE id = ? AND status = ? AND attempts = ?",
                 (
                     request.status.value,
                     request.attempts,
-                    body,
+                    state,
                     request.id,
                     from_status.value,
                     attempt,
@@ -417,10 +473,10 @@ class SQLiteStore(StateStore):
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._read(
             "list requests",
-            f"SELECT body FROM requests{where} ORDER BY created_at DESC, id DESC LIMIT ?",
+            f"SELECT body, state FROM requests{where} ORDER BY created_at DESC, id DESC LIMIT ?",
             (*params, query.limit + 1),
         )
-        items = [request_from_json(body) for (body,) in rows[: query.limit]]
+        items = [request_from_json(body, state) for body, state in rows[: query.limit]]
         more = len(rows) > query.limit
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
 
@@ -428,11 +484,9 @@ class SQLiteStore(StateStore):
         """Every request not yet in a terminal status, oldest first."""
         rows = self._read(
             "list unfinished requests",
-            f"SELECT body FROM requests WHERE status IN ({', '.join('?' * len(_UNFINISHED))})"
-            " ORDER BY created_at, id",
-            _UNFINISHED,
+            f"SELECT body, state FROM requests WHERE {_UNFINISHED_SQL} ORDER BY created_at, id",
         )
-        return [request_from_json(body) for (body,) in rows]
+        return [request_from_json(body, state) for body, state in rows]
 
     # Quota overrides --------------------------------------------------------------------------
 
@@ -484,8 +538,10 @@ class SQLiteStore(StateStore):
     # Quota counters ----------------------------------------------------------------------------
 
     @staticmethod
-    def _admit(conn: sqlite3.Connection, user: str, admission: RateAdmission) -> float | None:
-        """Record ``user``'s admission in the open transaction; if refused, the retry-after."""
+    def _admit(
+        conn: sqlite3.Connection, user: str, request_id: str, admission: RateAdmission
+    ) -> float | None:
+        """Record a request's admission in the open transaction; if refused, the retry-after."""
         now, window_s, limit = admission.at, admission.window_s, admission.limit
         # Admissions at or before the cutoff never count again: drop them on the way.
         conn.execute("DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s))
@@ -496,7 +552,10 @@ class SQLiteStore(StateStore):
                     "SELECT min(at) FROM admissions WHERE user = ?", (user,)
                 ).fetchone()
                 return retry_after(now, oldest, window_s)
-        conn.execute("INSERT INTO admissions (user, at) VALUES (?, ?)", (user, now))
+        conn.execute(
+            "INSERT INTO admissions (user, at, request_id) VALUES (?, ?, ?)",
+            (user, now, request_id),
+        )
         return None
 
     def admissions_in_window(self, user: str, now: float, window_s: float) -> int:

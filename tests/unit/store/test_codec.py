@@ -23,9 +23,12 @@ from gpu_request_router.models.request import (
 )
 from gpu_request_router.store.codec import (
     CODEC_VERSION,
+    FIXED_FIELDS,
+    STATE_FIELDS,
     CodecError,
+    request_fixed_to_json,
     request_from_json,
-    request_to_json,
+    request_state_to_json,
     transition_from_json,
     transition_to_json,
 )
@@ -105,10 +108,14 @@ def fields_of(request: Request) -> list[Any]:
 @given(requests())
 def test_request_round_trips_losslessly(request: Request) -> None:
     """Decoding an encoded request gives every field back, with the same types."""
-    text = request_to_json(request)
-    decoded = request_from_json(text)
+    fixed, state = request_fixed_to_json(request), request_state_to_json(request)
+    decoded = request_from_json(fixed, state)
     assert fields_of(decoded) == fields_of(request)
-    assert request_to_json(decoded) == text  # also tells -0.0 from 0.0, 1 from 1.0
+    # The texts again also tell -0.0 from 0.0 and 1 from 1.0.
+    assert (request_fixed_to_json(decoded), request_state_to_json(decoded)) == (fixed, state)
+    # One object with every field (as schema 2 of the SQLite store wrote) decodes alike.
+    whole = json.dumps({**json.loads(fixed), **json.loads(state)})
+    assert request_state_to_json(request_from_json(whole)) == state
     assert type(decoded.task) is Task
     assert type(decoded.status) is RequestStatus
     if decoded.placement is not None:
@@ -138,8 +145,8 @@ def test_transition_round_trips_losslessly(transition: Transition) -> None:
     assert type(decoded.to_status) is RequestStatus
 
 
-def test_every_request_field_is_encoded_with_the_version() -> None:
-    """The encoding names every Request field, plus the format version."""
+def test_every_request_field_is_encoded_once_with_the_version() -> None:
+    """The two parts name every Request field between them, each once, plus the format version."""
     request = Request(
         id="r1",
         user="u",
@@ -149,9 +156,13 @@ def test_every_request_field_is_encoded_with_the_version() -> None:
         estimate=Estimate(1, 0, 1, 0, {"a100": 2.5}),
         created_at=1.0,
     )
-    data = json.loads(request_to_json(request))
-    assert data.pop("v") == CODEC_VERSION
-    assert set(data) == {field.name for field in dataclasses.fields(Request)}
+    fixed = json.loads(request_fixed_to_json(request))
+    state = json.loads(request_state_to_json(request))
+    assert fixed.pop("v") == state.pop("v") == CODEC_VERSION
+    assert (set(fixed), set(state)) == (FIXED_FIELDS, STATE_FIELDS)
+    assert not FIXED_FIELDS & STATE_FIELDS
+    assert {field.name for field in dataclasses.fields(Request)} == FIXED_FIELDS | STATE_FIELDS
+    data = {**fixed, **state}
     assert data["task"] == "chat"
     assert data["status"] == "queued"
     assert data["estimate"]["duration_s"] == {"a100": 2.5}
@@ -179,6 +190,9 @@ def test_a_foreign_text_is_a_codec_error(text: str) -> None:
     """Text that is not a record of a known format version raises CodecError (a ValueError)."""
     with pytest.raises(CodecError):
         request_from_json(text)
+    request = Request("r1", "u", "m", Task.CHAT, "normal", Estimate(1, 0, 1, 0, {}), 1.0)
+    with pytest.raises(CodecError):  # a good fixed part with a foreign state
+        request_from_json(request_fixed_to_json(request), text)
     with pytest.raises(ValueError, match=r"transition|version"):
         transition_from_json(text)
 

@@ -5,6 +5,7 @@ The behaviour it shares with every store is in ``test_store_contract.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -34,6 +35,11 @@ from gpu_request_router.models.request import (
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
 from gpu_request_router.store.base import Charge, RateAdmission
+from gpu_request_router.store.codec import (
+    request_fixed_to_json,
+    request_state_to_json,
+    transition_to_json,
+)
 from gpu_request_router.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 S = RequestStatus
@@ -225,9 +231,8 @@ def test_the_schema_is_created_once_and_reopened(db: Path) -> None:
     } <= names
     assert {
         "requests_user_created",
-        "requests_status",
+        "requests_unfinished",
         "requests_idempotency",
-        "admissions_user_at",
         "charges_user_at",
     } <= names
     store = SQLiteStore(db)
@@ -238,34 +243,109 @@ def test_the_schema_is_created_once_and_reopened(db: Path) -> None:
     store.close()
 
 
-def test_a_schema_1_file_gets_its_counters_filled_on_opening(db: Path) -> None:
-    """A file from before the counters keeps its admissions and charges, counted in the window."""
-    store = SQLiteStore(db)
-    charge(store, "ann", "c1", 100.0, 30.0)
-    charge(store, "ann", "c2", 200.0, 12.5)
-    charge(store, "bob", "c3", 200.0, 4.0)
-    assert admit(store, "ann", 200.0, 60.0, 3) is None
-    assert admit(store, "ann", 210.0, 60.0, 3) is None
-    store.close()
+# The tables as schema 2 made them (schema 1: the same without the counters and triggers).
+_SCHEMA_2_TABLES = """
+    CREATE TABLE requests (id TEXT PRIMARY KEY, user TEXT NOT NULL, status TEXT NOT NULL,
+        attempts INTEGER NOT NULL, created_at REAL NOT NULL, model TEXT NOT NULL,
+        priority TEXT NOT NULL, idempotency_key TEXT, body TEXT NOT NULL);
+    CREATE INDEX requests_user_created ON requests (user, created_at, id);
+    CREATE INDEX requests_created ON requests (created_at, id);
+    CREATE INDEX requests_status ON requests (status);
+    CREATE UNIQUE INDEX requests_idempotency ON requests (user, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE transitions (request_id TEXT NOT NULL REFERENCES requests (id),
+        seq INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (request_id, seq));
+    CREATE TABLE admissions (user TEXT NOT NULL, at REAL NOT NULL);
+    CREATE INDEX admissions_user_at ON admissions (user, at);
+    CREATE TABLE charges (user TEXT NOT NULL, charge_id TEXT NOT NULL, at REAL NOT NULL,
+        gpu_seconds REAL NOT NULL, PRIMARY KEY (user, charge_id));
+    CREATE INDEX charges_user_at ON charges (user, at);
+    CREATE TABLE quota_overrides (user TEXT PRIMARY KEY, body TEXT NOT NULL);
+"""
+_SCHEMA_2_COUNTERS = """
+    CREATE TABLE admission_counts (user TEXT PRIMARY KEY, n INTEGER NOT NULL);
+    CREATE TABLE charge_totals (user TEXT PRIMARY KEY, gpu_seconds REAL NOT NULL);
+    CREATE TRIGGER admissions_counted AFTER INSERT ON admissions BEGIN
+        INSERT INTO admission_counts (user, n) VALUES (NEW.user, 1)
+            ON CONFLICT (user) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER charges_added AFTER INSERT ON charges BEGIN
+        INSERT INTO charge_totals (user, gpu_seconds) VALUES (NEW.user, NEW.gpu_seconds)
+            ON CONFLICT (user) DO UPDATE SET gpu_seconds = gpu_seconds + NEW.gpu_seconds;
+    END;
+"""
+
+
+def write_old_file(db: Path, version: int, request: Request) -> None:
+    """A file as schema ``version`` (1 or 2) left it, with ``request`` queued.
+
+    Its body is one object with every field; the user has admissions and charges.
+    """
     connection = sqlite3.connect(db)
-    connection.execute("DROP TABLE charge_totals")
-    connection.execute("DROP TABLE admission_counts")
-    connection.execute("PRAGMA user_version = 1")
-    connection.commit()
+    connection.executescript(_SCHEMA_2_TABLES + (_SCHEMA_2_COUNTERS if version == 2 else ""))
+    whole = {**json.loads(request_fixed_to_json(request))}
+    whole.update(json.loads(request_state_to_json(request)))  # the whole record of codec v1
+    with connection:
+        connection.execute(
+            "INSERT INTO requests VALUES (?, ?, 'queued', 0, ?, ?, ?, NULL, ?)",
+            (
+                request.id,
+                request.user,
+                request.created_at,
+                request.model,
+                request.priority,
+                json.dumps(whole),
+            ),
+        )
+        created = transition_of(request, None, request.user, request.created_at)
+        connection.execute(
+            "INSERT INTO transitions VALUES (?, 0, ?)", (request.id, transition_to_json(created))
+        )
+        connection.executemany(  # two admissions at the same time, one before
+            "INSERT INTO admissions VALUES ('alice', ?)", [(195.0,), (200.0,), (200.0,)]
+        )
+        connection.executemany(
+            "INSERT INTO charges VALUES (?, ?, ?, ?)",
+            [("alice", "c1", 100.0, 30.0), ("alice", "c2", 200.0, 12.5), ("bob", "c3", 200.0, 4.0)],
+        )
+    connection.execute(f"PRAGMA user_version = {version}")
     connection.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_schema_file_is_migrated_with_its_data(db: Path, version: int) -> None:
+    """A file of schema 1 or 2 keeps its requests, audit trail, admissions and charges.
+
+    Its counters are right, and its requests take status changes in the new layout.
+    """
+    old = make_request("r1", created_at=200.0, prompt="a prompt written by schema " + str(version))
+    write_old_file(db, version, old)
     store = SQLiteStore(db)
-    assert store.admissions_in_window("ann", 250.0, 60.0) == 2
-    assert admit(store, "ann", 250.0, 60.0, 3) is None
-    assert admit(store, "ann", 250.0, 60.0, 3) == 10.0  # full until 200 + 60
-    assert store.admissions_in_window("ann", 265.0, 60.0) == 2  # the one at 200 left
-    assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 42.5
+    stored = store.get_request("r1")
+    assert stored is not None
+    assert (stored.input, stored.status, stored.version) == (old.input, S.QUEUED, 0)
+    assert [entry.to_status for entry in store.transitions("r1")] == [S.QUEUED]
+    assert [request.id for request in store.unfinished_requests()] == ["r1"]
+    assert store.admissions_in_window("alice", 250.0, 60.0) == 3
+    assert admit(store, "alice", 250.0, 60.0, 4) is None
+    assert admit(store, "alice", 250.0, 60.0, 4) == 5.0  # full until 195 + 60
+    assert store.admissions_in_window("alice", 256.0, 60.0) == 3  # the one at 195 left
+    assert store.gpu_seconds_in_window("alice", 250.0, 3600.0) == 42.5
     assert store.gpu_seconds_in_window("bob", 250.0, 3600.0) == 4.0
-    charge(store, "ann", "c2", 200.0, 2.5)  # reconciled down
-    assert store.gpu_seconds_in_window("ann", 250.0, 3600.0) == 32.5
-    assert store.gpu_seconds_in_window("ann", 3750.0, 3600.0) == 2.5  # c1 left the window
-    assert store.gpu_seconds_in_window("ann", 3850.0, 3600.0) == 0.0
+    charge(store, "alice", "c2", 200.0, 2.5)  # reconciled down
+    assert store.gpu_seconds_in_window("alice", 250.0, 3600.0) == 32.5
+    assert store.gpu_seconds_in_window("alice", 3750.0, 3600.0) == 2.5  # c1 left the window
+    stored.transition(S.DISPATCHING, 260.0, placement=PLACEMENT)
+    assert move(store, stored, S.QUEUED, 0)
+    again = store.get_request("r1")
+    assert again is not None
+    assert (again.status, again.placement, again.input) == (S.DISPATCHING, PLACEMENT, old.input)
     store.close()
     assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    tables = dict(rows(db, "SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert not {name for name in tables if name.endswith("_old")}
+    for name in ("transitions", "admissions", "charges", "admission_counts", "charge_totals"):
+        assert tables[name].endswith("WITHOUT ROWID")
 
 
 def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
@@ -275,7 +355,9 @@ def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
     assert admit(store, "ann", 100.0, 60.0, 2) is None
     connection = sqlite3.connect(db)
     with connection:
-        connection.execute("INSERT INTO admissions (user, at) VALUES ('ann', 101.0)")
+        connection.execute(
+            "INSERT INTO admissions (user, at, request_id) VALUES ('ann', 101.0, 'r9')"
+        )
         connection.execute(
             "INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES ('ann', 'c2', 101, 2.5)"
         )
