@@ -133,7 +133,8 @@ class RequestReceiver:
 
     def _submit(self, submission: Submission, caller: Caller, now: float) -> Admission:
         task, priority, timeout_s = self._validate(submission)
-        fingerprint = submission.fingerprint()
+        # Only an idempotent replay is compared with what was stored: without a key, no digest.
+        fingerprint = "" if submission.idempotency_key is None else submission.fingerprint()
         if submission.idempotency_key is not None:
             existing = self._find_idempotent(caller.user, submission.idempotency_key, fingerprint)
             if existing is not None:

@@ -200,7 +200,7 @@ class Request:
     timeout_s: float = 3600.0
     metadata: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
-    fingerprint: str = ""
+    fingerprint: str = ""  # digest of the body, to tell a replay of its idempotency key; or ""
     status: RequestStatus = RequestStatus.QUEUED
     queued_at: float = 0.0
     dispatched_at: float | None = None

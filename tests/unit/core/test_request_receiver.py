@@ -128,6 +128,15 @@ def test_idempotency_key_returns_the_first_request(harness_for) -> None:
     assert len(h.store.list_requests(RequestQuery(limit=10)).items) == 2
 
 
+def test_only_a_request_with_an_idempotency_key_carries_a_body_digest(harness_for) -> None:
+    """The digest tells a replay from a conflict; without a key there is nothing to compare."""
+    h: Harness = harness_for()
+    keyed = h.store.get_request(h.submit(chat(idempotency_key="k1")).id)
+    plain = h.store.get_request(h.submit(chat()).id)
+    assert keyed is not None and plain is not None
+    assert len(keyed.fingerprint) == 64 and plain.fingerprint == ""
+
+
 def test_priority_above_the_users_maximum_is_forbidden(harness_for) -> None:
     """Asking for a class above max_priority is 403-like: waiting never helps."""
     h: Harness = harness_for(quota={"max_priority": "normal"})

@@ -56,14 +56,16 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                await self.app(scope, receive, send_with_headers)
-            finally:
-                _log.info(
-                    "http_request",
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                )
+        # Bound and reset by token: ``bound_contextvars`` reads every context variable twice.
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            _log.info(
+                "http_request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            structlog.contextvars.reset_contextvars(**tokens)
