@@ -186,6 +186,17 @@ def test_the_caller_is_authenticated_under_a_root_path(server: LiveServer) -> No
         assert answered.json()["object"] == "chat.completion"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_another_method_on_an_openai_route_is_a_405_naming_post(
+    server: LiveServer, path: str
+) -> None:
+    """Only POST is served on these routes; any other method is refused with ``Allow``."""
+    response = server.client("alice").get(path)
+    assert response.status_code == 405, response.text
+    assert response.headers["Allow"] == "POST"
+    assert _requests(server) == []
+
+
 def test_a_failure_before_the_first_byte_is_retried_invisibly(server: LiveServer) -> None:
     """A stream whose first attempt fails is served by the second, clean, from the start."""
     client = _client(server)

@@ -99,7 +99,9 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    # Added innermost first: request context, then authentication, then the body limit.
+    # Added innermost first: request context, then authentication, then the body limit, then
+    # the OpenAI routes' fast path.
+    app.add_middleware(openai_routes.OpenAIFastPath)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(
         AuthMiddleware,

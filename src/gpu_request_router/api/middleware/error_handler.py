@@ -40,8 +40,10 @@ from gpu_request_router.exceptions import (
 )
 
 __all__ = [
+    "HANDLED",
     "OPENAI_PATHS",
     "PROBLEM_JSON",
+    "answer_error",
     "error_response",
     "install_error_handlers",
     "problem_response",
@@ -227,9 +229,28 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     return response
 
 
+_HANDLERS = {
+    GpuRouterError: _domain_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+}
+HANDLED: tuple[type[Exception], ...] = tuple(_HANDLERS)
+"""The errors answered by a handler of their own (anything else is a 500)."""
+
+
+async def answer_error(request: Request, error: Exception) -> JSONResponse:
+    """The answer the app's handler gives ``error`` (one of :data:`HANDLED`).
+
+    For code that answers outside FastAPI's exception middleware, as the app's handlers would.
+    """
+    for kind, handler in _HANDLERS.items():
+        if isinstance(error, kind):
+            return await handler(request, error)
+    raise TypeError(f"no handler answers {type(error).__name__}")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the problem-details handlers on ``app``."""
-    app.add_exception_handler(GpuRouterError, _domain_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for kind, handler in _HANDLERS.items():
+        app.add_exception_handler(kind, handler)
     app.add_exception_handler(Exception, _unexpected)

@@ -11,6 +11,9 @@ read the body, the caller and ``X-Priority`` themselves instead of through FastA
 and dependency machinery (which cost about a tenth of the router's CPU per call); the OpenAPI
 document describes them as it would otherwise (:func:`_documented`), and bad input gets the
 answer FastAPI would give (:func:`_json_body`: 422 as a ``RequestValidationError``, or 400).
+:class:`OpenAIFastPath`, the innermost middleware, serves them before FastAPI's routing, its
+exception middleware and its request-response wrapping (another tenth); the routes stay
+declared for the document, and errors get the answers of the app's handlers.
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
+from gpu_request_router.api.middleware.error_handler import HANDLED, answer_error
 from gpu_request_router.api.models.common import problems
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus, Task
 from gpu_request_router.services.ai_orchestrator import StreamSink
 
-__all__ = ["BODIES", "router"]
+__all__ = ["BODIES", "OpenAIFastPath", "router"]
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -245,6 +250,48 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """Compute embeddings on the fleet."""
     return await _handle(request, Task.EMBEDDING, EmbeddingBody)
+
+
+_FAST: dict[str, tuple[Task, type[BaseModel]]] = {
+    "/v1/chat/completions": (Task.CHAT, ChatBody),
+    "/v1/completions": (Task.COMPLETION, CompletionBody),
+    "/v1/embeddings": (Task.EMBEDDING, EmbeddingBody),
+}
+
+
+class OpenAIFastPath:
+    """Serves ``POST`` on the three OpenAI routes without FastAPI's routing (module docstring).
+
+    Installed innermost, so the request context, authentication and body limit have run; every
+    other call goes on to the app. An error the app's handlers answer gets their answer here;
+    anything else propagates to the outermost error middleware, as from a route.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = _FAST.get(_route_path(scope))
+            if route is not None:
+                request = Request(scope, receive)
+                try:
+                    response = await _handle(request, *route)
+                except HANDLED as exc:
+                    response = await answer_error(request, exc)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the routes match: without the root path the app is mounted under."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 class ModelOut(BaseModel):
