@@ -97,7 +97,7 @@ def serve(
         dev_key = new_api_key()
         admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
         settings = settings.model_copy(update={"auth": AuthSettings(enabled=True, users=[admin])})
-    configure_logging(settings.logging)
+    configure_logging(settings.logging, cache_loggers=True)
     try:
         application = create_app(settings)
     except ConfigError as exc:
@@ -166,7 +166,7 @@ def worker(
         _err.print(f"[red]invalid configuration[/red] {escape(where)}: {escape(message)}")
         raise typer.Exit(2) from exc
     settings = settings.model_copy(update={"worker": section})
-    configure_logging(settings.logging)
+    configure_logging(settings.logging, cache_loggers=True)
     try:
         application = create_worker_app(settings)
     except ConfigError as exc:

@@ -25,8 +25,14 @@ _LEVELS: dict[str, int] = {
 }
 
 
-def configure_logging(settings: LoggingSettings) -> None:
-    """Configure structlog: level filter, contextvars, ISO UTC timestamps, JSON or console."""
+def configure_logging(settings: LoggingSettings, *, cache_loggers: bool = False) -> None:
+    """Configure structlog: level filter, contextvars, ISO UTC timestamps, JSON or console.
+
+    ``cache_loggers``: each logger keeps the configuration of its first use, which saves
+    building a logger on every log call (a few per request on the router's hot path), but a
+    later configuration (or ``structlog.testing.capture_logs``) no longer reaches it: for a
+    server process that configures logging once, at start-up.
+    """
     level = _LEVELS[settings.level]
     stream = sys.stderr
     processors: list[Processor] = [
@@ -47,9 +53,7 @@ def configure_logging(settings: LoggingSettings) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(level),
         context_class=dict,
         logger_factory=structlog.PrintLoggerFactory(stream),
-        # Not cached: a later configure_logging (or structlog.testing.capture_logs) must reach
-        # loggers created before it.
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache_loggers,
     )
 
 

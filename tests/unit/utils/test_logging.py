@@ -104,3 +104,17 @@ def test_configure_twice_is_fine(capsys: pytest.CaptureFixture[str]) -> None:
     log.info("once")
     lines = capsys.readouterr().err.splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["once"]
+
+
+def test_cached_loggers_keep_the_configuration_of_their_first_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With ``cache_loggers`` (a server process), a logger used once no longer follows changes."""
+    configure_logging(LoggingSettings(level="info", format="json"), cache_loggers=True)
+    log = structlog.get_logger()
+    log.info("first")
+    configure_logging(LoggingSettings(level="error", format="json"))
+    log.info("second")  # cached at its first use: still at info
+    structlog.get_logger().info("fresh")  # a new logger follows the error level
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["first", "second"]
