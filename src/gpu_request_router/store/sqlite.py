@@ -568,13 +568,21 @@ class SQLiteStore(StateStore):
 
     def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
         """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
-        self._prune("charges", user, now - window_s)
-        rows = self._read(
+        cutoff = now - window_s
+        # One read answers both: the total, and whether charges have left the window (which
+        # is checked on every admission and dispatch, and seldom true).
+        ((total, due),) = self._read(
             "sum charges",
-            "SELECT gpu_seconds FROM charge_totals WHERE user = ?",
-            (user,),
+            "SELECT (SELECT gpu_seconds FROM charge_totals WHERE user = ?),"
+            " EXISTS (SELECT 1 FROM charges WHERE user = ? AND at <= ?)",
+            (user, user, cutoff),
         )
-        return max(0.0, float(rows[0][0])) if rows else 0.0
+        if due:
+            self._prune("charges", user, cutoff)
+            ((total,),) = self._read(
+                "sum charges", "SELECT gpu_seconds FROM charge_totals WHERE user = ?", (user,)
+            )
+        return 0.0 if total is None else max(0.0, float(total))
 
     def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
         """The time of the oldest charge still in the window."""
