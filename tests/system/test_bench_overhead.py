@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from gpu_request_router.bench.loadgen import percentiles
+from gpu_request_router.bench.overhead import _process
+from gpu_request_router.testing import free_port
 
 
 def test_percentiles_take_the_nearest_rank() -> None:
@@ -21,8 +25,11 @@ def test_percentiles_take_the_nearest_rank() -> None:
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0}
 
 
-def test_a_short_run_measures_direct_router_and_async_api(tmp_path: Path) -> None:
-    """Every target answers without errors; the router's CPU and added latency are reported."""
+def test_a_short_run_measures_direct_passthrough_router_and_async_api(tmp_path: Path) -> None:
+    """Every target answers without errors; the middle's CPU and added latency are reported.
+
+    The middle: the bare pass-through proxy, or the router.
+    """
     out = tmp_path / "overhead.json"
     done = subprocess.run(
         [
@@ -47,7 +54,7 @@ def test_a_short_run_measures_direct_router_and_async_api(tmp_path: Path) -> Non
     assert [(row["target"], row["concurrency"]) for row in rows] == [
         (target, concurrency)
         for concurrency in (1, 4)
-        for target in ("direct", "router", "submit", "submit+wait")
+        for target in ("direct", "passthrough", "router", "submit", "submit+wait")
     ]
     for row in rows:
         assert row["errors"] == {}, row
@@ -58,9 +65,9 @@ def test_a_short_run_measures_direct_router_and_async_api(tmp_path: Path) -> Non
             assert row["router_cpu_ms_per_request"] is None
         else:
             assert row["router_cpu_ms_per_request"] > 0
-    router = [row for row in rows if row["target"] == "router"]
+    middle = [row for row in rows if row["target"] in ("passthrough", "router")]
     direct = {row["concurrency"]: row["p50_ms"] for row in rows if row["target"] == "direct"}
-    for row in router:
+    for row in middle:
         assert row["added_p50_ms"] == row["p50_ms"] - direct[row["concurrency"]]
 
 
@@ -80,3 +87,35 @@ def test_bad_options_are_refused_before_anything_starts() -> None:
         )
         assert done.returncode == 2, done.stdout + done.stderr
         assert option in done.stdout + done.stderr
+
+
+def test_the_passthrough_proxy_forwards_status_type_and_body(tmp_path: Path) -> None:
+    """What the stand-in answers, the pass-through answers, failures included."""
+    backend_port, proxy_port = free_port(), free_port()
+    backend = f"http://127.0.0.1:{backend_port}"
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    standin = [sys.executable, "-m", "gpu_request_router.bench.openai_standin"]
+    passthrough = [sys.executable, "-m", "gpu_request_router.bench.passthrough"]
+    with (
+        _process([*standin, "--port", str(backend_port)], f"{backend}/health", tmp_path / "s"),
+        _process(
+            [*passthrough, "--backend", backend, "--port", str(proxy_port)],
+            f"{proxy}/health",
+            tmp_path / "p",
+        ),
+    ):
+        for body in (
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            {"model": "m", "messages": [], "fail": 503},
+        ):
+            direct = httpx.post(f"{backend}/v1/chat/completions", json=body, timeout=10)
+            proxied = httpx.post(f"{proxy}/v1/chat/completions", json=body, timeout=10)
+            assert proxied.status_code == direct.status_code
+            assert proxied.headers["content-type"] == direct.headers["content-type"]
+            # The stand-in numbers its answers and stamps their time: the rest is the same.
+            assert _unstamped(proxied.json()) == _unstamped(direct.json())
+        assert direct.status_code == 503
+
+
+def _unstamped(answer: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in answer.items() if key not in ("id", "created")}

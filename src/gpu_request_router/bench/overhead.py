@@ -7,6 +7,9 @@ load generator (:mod:`gpu_request_router.bench.loadgen`), itself a separate proc
 concurrency asked for:
 
 - ``direct``: chat completions straight to the stand-in (the floor);
+- ``passthrough``: the same through a bare pass-through proxy on the router's HTTP stack
+  (:mod:`gpu_request_router.bench.passthrough`: uvicorn and aiohttp, nothing else) — the floor
+  of any router built on that stack, a third process;
 - ``router``: the same chat completions through the router's OpenAI door — authentication,
   validation, the estimate, every quota check, the queue, placement, the audit trail in the
   state store, forwarding and the answer;
@@ -18,9 +21,9 @@ concurrency asked for:
 
 The router runs with authentication on, a durable SQLite store (or ``--state``), and quotas that
 are all checked but set high enough never to refuse. Router CPU per request is the growth of the
-router process's user + system time (``/proc/PID/stat``) over the run, divided by the requests
-sent to it; the added p50 is the router's p50 minus the direct p50 at the same concurrency, in
-the same run.
+router process's (or the pass-through's) user + system time (``/proc/PID/stat``) over the run,
+divided by the requests sent to it; the added p50 is its p50 minus the direct p50 at the same
+concurrency, in the same run.
 """
 
 from __future__ import annotations
@@ -258,12 +261,14 @@ def run_overhead(
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gpurouter-bench-") as tmp:
         folder = Path(tmp)
-        backend_port, router_port = free_port(), free_port()
+        backend_port, router_port, proxy_port = free_port(), free_port(), free_port()
         backend_url = f"http://127.0.0.1:{backend_port}"
         router_url = f"http://127.0.0.1:{router_port}"
+        proxy_url = f"http://127.0.0.1:{proxy_port}"
         config = _router_config(folder, router_port, backend_url, key, state)
         standin = [sys.executable, "-m", "gpu_request_router.bench.openai_standin"]
         router = [sys.executable, "-m", "gpu_request_router.cli", "serve", "--config", str(config)]
+        proxy = [sys.executable, "-m", "gpu_request_router.bench.passthrough"]
         with (
             _process(
                 [*standin, "--port", str(backend_port)],
@@ -271,10 +276,16 @@ def run_overhead(
                 folder / "standin.log",
             ) as backend_process,
             _process(router, f"{router_url}/healthz", folder / "router.log") as router_process,
+            _process(
+                [*proxy, "--backend", backend_url, "--port", str(proxy_port)],
+                f"{proxy_url}/health",
+                folder / "passthrough.log",
+            ) as proxy_process,
         ):
             peer_pids = {peer: _pid_listening_on(httpx.URL(peer).port or 80) for peer in peers}
             targets: list[tuple[str, str, str, str | None, int | None]] = [
                 ("direct", backend_url, "chat", None, None),
+                ("passthrough", proxy_url, "chat", None, proxy_process.pid),
                 ("router", router_url, "chat", key, router_process.pid),
             ]
             if async_api:
