@@ -272,12 +272,24 @@ def test_idempotency_keys_belong_to_their_user(server: LiveServer) -> None:
     assert theirs["id"] != mine["id"] and theirs["user"] == "bob"
 
 
-def test_an_empty_idempotency_key_is_invalid(server: LiveServer) -> None:
-    """An empty Idempotency-Key header is 422."""
+@pytest.mark.parametrize(
+    ("key", "kind"), [("", "string_too_short"), ("k" * 256, "string_too_long")]
+)
+def test_an_idempotency_key_out_of_bounds_is_invalid(
+    server: LiveServer, key: str, kind: str
+) -> None:
+    """An Idempotency-Key that is empty or over 255 characters: 422 naming the header.
+
+    Nothing is stored.
+    """
     response = server.client("alice").post(
-        "/v1/requests", json=chat_body(), headers={"Idempotency-Key": ""}
+        "/v1/requests", json=chat_body(), headers={"Idempotency-Key": key}
     )
-    problem(response, 422)
+    body = problem(response, 422)
+    assert body["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert body["errors"][0]["type"] == kind
+    listed = server.client("alice").get("/v1/requests")
+    assert listed.json()["items"] == []
 
 
 def test_idempotent_replays_do_not_count_against_the_rate(serve: Serve) -> None:

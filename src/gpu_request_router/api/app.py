@@ -29,6 +29,7 @@ from gpu_request_router.api.routes import (
     request_routes,
     worker_routes,
 )
+from gpu_request_router.api.routes.lean import HotPaths
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.services.logging_service import (
@@ -100,8 +101,8 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     # Added innermost first: request context, then authentication, then the body limit, then
-    # the OpenAI routes' fast path.
-    app.add_middleware(openai_routes.OpenAIFastPath)
+    # the hot routes' fast path.
+    app.add_middleware(HotPaths, routes={**openai_routes.HOT_PATHS, **request_routes.HOT_PATHS})
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(
         AuthMiddleware,

@@ -6,37 +6,30 @@ placed, and forwarded — answered when it ends, or streamed (``"stream": true``
 Events ending in ``data: [DONE]``. Failures before the first byte are retried like any request's;
 once bytes have gone, a failure ends the stream. Errors use OpenAI's shape on these routes.
 
-These three POST routes are the router's hot path, so their handlers take the raw request and
-read the body, the caller and ``X-Priority`` themselves instead of through FastAPI's parameter
-and dependency machinery (which cost about a tenth of the router's CPU per call); the OpenAPI
-document describes them as it would otherwise (:func:`_documented`), and bad input gets the
-answer FastAPI would give (:func:`_json_body`: 422 as a ``RequestValidationError``, or 400).
-:class:`OpenAIFastPath`, the innermost middleware, serves them before FastAPI's routing, its
-exception middleware and its request-response wrapping (another tenth); the routes stay
-declared for the document, and errors get the answers of the app's handlers.
+The three POST routes are hot routes (:mod:`~gpu_request_router.api.routes.lean`): their
+handlers read the body, the caller and ``X-Priority`` themselves, :data:`HOT_PATHS` serves them
+before FastAPI's routing, and :func:`_documented` describes them in the OpenAPI document.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
-from gpu_request_router.api.middleware.error_handler import HANDLED, answer_error
 from gpu_request_router.api.models.common import problems
+from gpu_request_router.api.routes.lean import Handler, validated_body
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus, Task
 from gpu_request_router.services.ai_orchestrator import StreamSink
 
-__all__ = ["BODIES", "OpenAIFastPath", "router"]
+__all__ = ["BODIES", "HOT_PATHS", "router"]
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -136,37 +129,8 @@ async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Respo
         )
     service: Service = request.app.state.service
     caller = caller_of(request, service)
-    try:
-        body = model.model_validate(await _json_body(request))
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    body = await validated_body(request, model)
     return await _serve(service, caller, task, body, priority)
-
-
-async def _json_body(request: Request) -> object:
-    """The body as FastAPI would hand it to a body model: JSON only under a JSON content type.
-
-    No body is a 422; one under another content type (or none) stays unparsed, so the model
-    refuses it (422); malformed JSON is a 422 at its position, an unreadable body (not UTF-8,
-    nested too deep) a 400.
-    """
-    raw = await request.body()
-    if not raw:
-        missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
-        raise RequestValidationError([missing])
-    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if not (
-        kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
-    ):
-        return raw
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
-        raise RequestValidationError([{**error, "input": {}, "ctx": {"error": exc.msg}}]) from None
-    except (ValueError, RecursionError):
-        raise HTTPException(400, "There was an error parsing the body") from None
 
 
 async def _serve(
@@ -252,46 +216,12 @@ async def embeddings(request: Request) -> Response:
     return await _handle(request, Task.EMBEDDING, EmbeddingBody)
 
 
-_FAST: dict[str, tuple[Task, type[BaseModel]]] = {
-    "/v1/chat/completions": (Task.CHAT, ChatBody),
-    "/v1/completions": (Task.COMPLETION, CompletionBody),
-    "/v1/embeddings": (Task.EMBEDDING, EmbeddingBody),
+HOT_PATHS: dict[str, Handler] = {
+    "/v1/chat/completions": chat_completions,
+    "/v1/completions": completions,
+    "/v1/embeddings": embeddings,
 }
-
-
-class OpenAIFastPath:
-    """Serves ``POST`` on the three OpenAI routes without FastAPI's routing (module docstring).
-
-    Installed innermost, so the request context, authentication and body limit have run; every
-    other call goes on to the app. An error the app's handlers answer gets their answer here;
-    anything else propagates to the outermost error middleware, as from a route.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Handle one ASGI call."""
-        if scope["type"] == "http" and scope["method"] == "POST":
-            route = _FAST.get(_route_path(scope))
-            if route is not None:
-                request = Request(scope, receive)
-                try:
-                    response = await _handle(request, *route)
-                except HANDLED as exc:
-                    response = await answer_error(request, exc)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the routes match: without the root path the app is mounted under."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
-        return path[len(root) :]
-    return path
+"""The hot routes of this module, by path (served by ``lean.HotPaths``)."""
 
 
 class ModelOut(BaseModel):

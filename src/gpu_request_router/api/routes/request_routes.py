@@ -1,4 +1,8 @@
-"""Requests: submit, estimate, get (with long-poll), list, cancel, and their status events."""
+"""Requests: submit, estimate, get (with long-poll), list, cancel, and their status events.
+
+Submitting is a hot route (:mod:`~gpu_request_router.api.routes.lean`): its handler reads the
+body, the caller and ``Idempotency-Key`` itself and is served from :data:`HOT_PATHS`.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header, Path, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from gpu_request_router.api.dependencies import CurrentCaller, ServiceDep
+from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import Page, problems
 from gpu_request_router.api.models.request_models import (
     EstimateOut,
@@ -17,10 +23,11 @@ from gpu_request_router.api.models.request_models import (
     SubmitBody,
     TransitionOut,
 )
+from gpu_request_router.api.routes.lean import Handler, validated_body
 from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.store.base import RequestQuery
 
-__all__ = ["router"]
+__all__ = ["HOT_PATHS", "router"]
 
 router = APIRouter(prefix="/v1", tags=["requests"])
 
@@ -28,15 +35,28 @@ StatusName = Literal[
     "queued", "dispatching", "running", "succeeded", "failed", "cancelled", "expired"
 ]
 RequestId = Annotated[str, Path(max_length=64, description="The request's id (req_...).")]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="Retrying with the same key and body returns the first request.",
-    ),
-]
+_IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
+_IDEMPOTENCY_DOC = "Retrying with the same key and body returns the first request."
+_SUBMIT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitBody"}}},
+    },
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {
+                "anyOf": [{"type": "string", "minLength": 1, "maxLength": 255}, {"type": "null"}],
+                "description": _IDEMPOTENCY_DOC,
+                "title": "Idempotency-Key",
+            },
+            "description": _IDEMPOTENCY_DOC,
+        }
+    ],
+    "security": [{"HTTPBearer": []}],
+}
 # How long an event stream stays quiet before it sends a keep-alive comment.
 _KEEPALIVE_S = 15.0
 
@@ -47,24 +67,35 @@ _KEEPALIVE_S = 15.0
     response_model=RequestOut,
     summary="Submit a request",
     responses=problems(401, 403, 413, 422, 429, 503),
+    openapi_extra=_SUBMIT_DOC,
 )
-async def submit(
-    body: SubmitBody,
-    caller: CurrentCaller,
-    service: ServiceDep,
-    response: Response,
-    idempotency_key: IdempotencyKey = None,
-) -> RequestOut:
+async def submit(request: Request) -> JSONResponse:
     """Queue a request; it is stored durably before this answers 202.
 
     A request that no GPU of the fleet could ever hold is 422; one that fits the fleet but not
     its free room now waits in the queue.
     """
-    submission = body.to_submission(idempotency_key)
-    request, created = await service.runtime.admit(submission, caller)
-    if not created:
-        response.headers["Idempotency-Replayed"] = "true"
-    return service.request_out(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        try:
+            _IDEMPOTENCY_KEY.validate_python(key)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            where = ("header", "Idempotency-Key")
+            raise RequestValidationError([{**e, "loc": where} for e in errors]) from None
+    service: Service = request.app.state.service
+    caller = caller_of(request, service)
+    body = await validated_body(request, SubmitBody)
+    stored, created = await service.runtime.admit(body.to_submission(key), caller)
+    return JSONResponse(
+        service.request_out(stored).model_dump(mode="json", by_alias=True),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers=None if created else {"Idempotency-Replayed": "true"},
+    )
+
+
+HOT_PATHS: dict[str, Handler] = {"/v1/requests": submit}
+"""The hot route of this module, by path (served by ``lean.HotPaths``)."""
 
 
 @router.post(
