@@ -1328,6 +1328,52 @@ def test_malformed_bodies_are_422_problems(
     assert list_ids(alice) == []
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "llama-3-8b",',
+        b"",
+        b"null",
+        b"[1, 2]",
+        b'"text"',
+        b'{"model": "llama-3-8b", "timeout_s": NaN}',
+        b'{"model": "llama-3-8b", "priority": 3, "colour": "red"}',
+        b'{"model": "llama-3-8b", "shape": {"batch_size": "one"}}',
+    ],
+    ids=["truncated", "empty", "null", "array", "string", "nan", "fields", "nested"],
+)
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+def test_submit_refuses_a_body_exactly_as_the_framework_does(
+    shared_server: LiveServer, content: bytes, content_type: str | None
+) -> None:
+    """``POST /v1/requests`` reads its body itself; ``POST /v1/estimate`` takes the same body
+    through FastAPI. Every refusal is the same problem, error for error.
+    """
+    alice = shared_server.client("alice")
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    submitted = alice.post("/v1/requests", content=content, headers=headers)
+    estimated = alice.post("/v1/estimate", content=content, headers=headers)
+    assert submitted.status_code == estimated.status_code
+    mine, theirs = problem(submitted, 422), problem(estimated, 422)
+    assert (mine["detail"], mine["errors"]) == (theirs["detail"], theirs["errors"])
+    assert list_ids(alice) == []
+
+
+def test_header_and_body_errors_are_reported_together_after_malformed_json(
+    server: LiveServer,
+) -> None:
+    """As FastAPI reports them: a body that is not JSON first and alone; else the header's
+    errors, then the body's.
+    """
+    alice = server.client("alice")
+    empty_key = {"Idempotency-Key": "", "Content-Type": "application/json"}
+    both = problem(alice.post("/v1/requests", content=b'{"mode": 1}', headers=empty_key), 422)
+    assert [error["loc"][0] for error in both["errors"]] == ["header", "body", "body"]
+    assert both["detail"].endswith("(and 2 more)")
+    broken = problem(alice.post("/v1/requests", content=b"{", headers=empty_key), 422)
+    assert [error["type"] for error in broken["errors"]] == ["json_invalid"]
+
+
 def test_a_body_that_is_not_utf8_is_a_problem(server: LiveServer) -> None:
     """A body of bytes that are not UTF-8 is refused as problem details (400 or 422)."""
     alice = server.client("alice")

@@ -325,3 +325,40 @@ def test_openai_backend_gpu_is_read_from_its_dcgm_exporter(
         model="llama-3-8b", messages=MESSAGES, max_tokens=2
     )
     assert answer.choices[0].message.content == "the router"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/requests"])
+def test_a_client_gone_while_sending_its_body_is_a_400_not_an_error(
+    server: LiveServer, path: str
+) -> None:
+    """The body cannot be read: 400 as the framework answers it, nothing queued, no 500."""
+    app = create_app(server.settings, seed=1)
+    headers = [(k.lower().encode(), v.encode()) for k, v in server.headers("alice").items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [*headers, (b"content-type", b"application/json"), (b"content-length", b"99")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    messages: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        messages.append(message)
+
+    with TestClient(app) as client:
+        client.portal.call(app, scope, receive, send)
+        listed = client.get("/v1/requests", headers=server.headers("alice"))
+    assert messages[0]["type"] == "http.response.start"
+    assert messages[0]["status"] == 400
+    assert listed.status_code == 200 and listed.json()["items"] == []

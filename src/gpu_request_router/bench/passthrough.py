@@ -44,10 +44,14 @@ class PassThrough:
             if not message.get("more_body"):
                 break
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # No connection limit: the proxy must not queue what the load generator sends.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         headers = {k.decode(): v.decode() for k, v in scope["headers"] if k == b"content-type"}
+        url = self.backend + scope["path"]
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
         async with self._session.request(
-            scope["method"], self.backend + scope["path"], data=bytes(body), headers=headers
+            scope["method"], url, data=bytes(body), headers=headers
         ) as response:
             content = await response.read()
             kind = response.headers.get("Content-Type", "application/octet-stream").encode()

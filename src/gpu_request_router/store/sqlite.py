@@ -55,8 +55,9 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refuse
 Only ``status``, ``attempts`` and ``state`` change after a request is added; its id, user,
 creation time, model, priority, idempotency key and ``body`` are fixed at creation. Every table
 but ``requests`` and ``quota_overrides`` is ``WITHOUT ROWID`` (its rows live in its primary key),
-so that a write touches one b-tree page per table instead of two: each page a transaction
-changes is written whole to the WAL, and those writes are most of a commit's cost.
+so that a write touches one b-tree fewer per table (a rowid table keeps its primary key in a
+second one): each page a transaction changes is written whole to the WAL, and those writes are
+most of a commit's cost.
 
 Schema history: 1 had no counter tables; 2 added them; 3 split the request into body and state,
 keyed the admissions by request, and made the tables ``WITHOUT ROWID``. Opening an older file
@@ -288,7 +289,10 @@ class SQLiteStore(StateStore):
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
             ).fetchone()
             if not fresh and version < 3:
-                _migrate_to_3(conn)
+                try:
+                    _migrate_to_3(conn)
+                except sqlite3.IntegrityError as exc:  # rows another program left inconsistent
+                    raise self._unavailable(f"migrate schema {version} to 3", exc) from exc
             else:
                 for statement in _SCHEMA:
                     conn.execute(statement)

@@ -348,6 +348,21 @@ def test_an_older_schema_file_is_migrated_with_its_data(db: Path, version: int) 
         assert tables[name].endswith("WITHOUT ROWID")
 
 
+def test_an_older_file_that_cannot_be_migrated_is_unavailable_and_left_as_it_was(
+    db: Path,
+) -> None:
+    """An audit entry of no request (another program's doing) stops the migration, not the data."""
+    write_old_file(db, 2, make_request("r1"))
+    connection = sqlite3.connect(db)  # foreign keys off, as sqlite3 opens by default
+    with connection:
+        connection.execute("INSERT INTO transitions VALUES ('gone', 0, '{}')")
+    connection.close()
+    with pytest.raises(StoreUnavailable, match="migrate schema 2 to 3"):
+        SQLiteStore(db)
+    assert rows(db, "PRAGMA user_version") == [(2,)]
+    assert rows(db, "SELECT count(*) FROM transitions") == [(2,)]
+
+
 def test_the_counters_follow_rows_written_by_any_writer(db: Path) -> None:
     """Triggers keep the per-user counters, even for rows another program inserts or deletes."""
     store = SQLiteStore(db)

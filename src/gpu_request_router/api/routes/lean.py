@@ -1,12 +1,13 @@
 """The hot routes' own plumbing: body reading and validation as FastAPI does it, and a fast path.
 
 The routes that carry the traffic — the OpenAI door and ``POST /v1/requests`` — take the raw
-request and read their body, caller and headers themselves instead of through FastAPI's
-parameter and dependency machinery, which cost about a tenth of the router's CPU per call. Bad
-input gets the answer FastAPI would give: :func:`validated_body` raises the same
-``RequestValidationError`` (422 at the field, or at the position of malformed JSON) or a 400 for
-a body that cannot be read at all. Their OpenAPI description is written out where they are
-declared, so the document is as it would otherwise be.
+request and read their body, caller and headers themselves instead of through FastAPI's parameter
+and dependency machinery, which cost about a tenth of the router's CPU per call. Bad input gets the
+answer FastAPI would give: :func:`json_body` raises the same ``RequestValidationError`` for
+malformed JSON (422 at its position) or a 400 for a body that cannot be read at all, before
+anything else is checked; then the errors of the headers and of the body (:func:`body_errors`) are
+reported together, headers first. Their OpenAPI description is written out where they are declared,
+so the document is as it would otherwise be.
 
 :class:`HotPaths`, the innermost middleware, then serves ``POST`` on those paths before FastAPI's
 routing, its exception middleware and its request-response wrapping (another fifth of the CPU);
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router.api.middleware.error_handler import HANDLED, answer_error
 
-__all__ = ["Handler", "HotPaths", "json_body", "validated_body"]
+__all__ = ["Handler", "HotPaths", "body_errors", "json_body", "validated_body"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 """A hot route's handler: the raw request in, the response out."""
@@ -41,9 +42,14 @@ async def json_body(request: Request) -> object:
 
     No body is a 422; one under another content type (or none) stays unparsed, so the model
     refuses it (422); malformed JSON is a 422 at its position, an unreadable body (not UTF-8,
-    nested too deep) a 400.
+    nested too deep, or the client gone while it was sent) a 400.
     """
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except HTTPException:  # the body limit's 413
+        raise
+    except Exception:
+        raise HTTPException(400, "There was an error parsing the body") from None
     if not raw:
         missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
         raise RequestValidationError([missing])
@@ -61,13 +67,31 @@ async def json_body(request: Request) -> object:
         raise HTTPException(400, "There was an error parsing the body") from None
 
 
-async def validated_body(request: Request, model: type[M]) -> M:
-    """The body as ``model``, or the ``RequestValidationError`` FastAPI would raise (loc "body")."""
+def body_errors(model: type[M], payload: object) -> tuple[M | None, list[dict[str, Any]]]:
+    """``payload`` as ``model``, or FastAPI's errors for it (located under "body")."""
     try:
-        return model.model_validate(await json_body(request))
+        # As FastAPI validates a body: objects with attributes pass too (it names them).
+        return model.model_validate(payload, from_attributes=True), []
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+        return None, [{**e, "loc": ("body", *e["loc"])} for e in errors]
+
+
+async def validated_body(
+    request: Request, model: type[M], header_errors: list[dict[str, Any]] | None = None
+) -> M:
+    """The body as ``model``, or the ``RequestValidationError`` FastAPI would raise.
+
+    ``header_errors`` (already located under "header") come first in it, as FastAPI reports
+    them, but after a body that is not JSON at all.
+    """
+    payload = await json_body(request)
+    body, errors = body_errors(model, payload)
+    errors = [*(header_errors or ()), *errors]
+    if errors:
+        raise RequestValidationError(errors)
+    assert body is not None
+    return body
 
 
 class HotPaths:

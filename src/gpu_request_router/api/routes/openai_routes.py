@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -116,20 +115,19 @@ def _documented(body: type[BaseModel]) -> dict[str, Any]:
 async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Response:
     """Validate the call as FastAPI would (422 on bad input), then serve it."""
     priority = request.headers.get("x-priority")
+    header_errors: list[dict[str, Any]] = []
     if priority is not None and len(priority) > _PRIORITY_MAX_CHARS:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "string_too_long",
-                    "loc": ("header", "X-Priority"),
-                    "msg": f"String should have at most {_PRIORITY_MAX_CHARS} characters",
-                    "input": priority,
-                }
-            ]
+        header_errors.append(
+            {
+                "type": "string_too_long",
+                "loc": ("header", "X-Priority"),
+                "msg": f"String should have at most {_PRIORITY_MAX_CHARS} characters",
+                "input": priority,
+            }
         )
     service: Service = request.app.state.service
     caller = caller_of(request, service)
-    body = await validated_body(request, model)
+    body = await validated_body(request, model, header_errors)
     return await _serve(service, caller, task, body, priority)
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
@@ -76,16 +75,16 @@ async def submit(request: Request) -> JSONResponse:
     its free room now waits in the queue.
     """
     key = request.headers.get("idempotency-key")
+    header_errors: list[dict[str, Any]] = []
     if key is not None:
         try:
             _IDEMPOTENCY_KEY.validate_python(key)
         except ValidationError as exc:
-            errors = exc.errors(include_url=False)
             where = ("header", "Idempotency-Key")
-            raise RequestValidationError([{**e, "loc": where} for e in errors]) from None
+            header_errors = [{**e, "loc": where} for e in exc.errors(include_url=False)]
     service: Service = request.app.state.service
     caller = caller_of(request, service)
-    body = await validated_body(request, SubmitBody)
+    body = await validated_body(request, SubmitBody, header_errors)
     stored, created = await service.runtime.admit(body.to_submission(key), caller)
     return JSONResponse(
         service.request_out(stored).model_dump(mode="json", by_alias=True),
