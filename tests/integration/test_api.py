@@ -1346,8 +1346,10 @@ def test_malformed_bodies_are_422_problems(
 def test_submit_refuses_a_body_exactly_as_the_framework_does(
     shared_server: LiveServer, content: bytes, content_type: str | None
 ) -> None:
-    """``POST /v1/requests`` reads its body itself; ``POST /v1/estimate`` takes the same body
-    through FastAPI. Every refusal is the same problem, error for error.
+    """Submit refuses a body with the same problem as the framework, error for error.
+
+    ``POST /v1/requests`` reads its body itself; ``POST /v1/estimate`` takes the same body
+    through FastAPI.
     """
     alice = shared_server.client("alice")
     headers = {} if content_type is None else {"Content-Type": content_type}
@@ -1362,8 +1364,9 @@ def test_submit_refuses_a_body_exactly_as_the_framework_does(
 def test_header_and_body_errors_are_reported_together_after_malformed_json(
     server: LiveServer,
 ) -> None:
-    """As FastAPI reports them: a body that is not JSON first and alone; else the header's
-    errors, then the body's.
+    """As FastAPI reports them: a body that is not JSON first and alone.
+
+    Otherwise the header's errors come first, then the body's.
     """
     alice = server.client("alice")
     empty_key = {"Idempotency-Key": "", "Content-Type": "application/json"}
