@@ -25,6 +25,7 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router.api.middleware.error_handler import HANDLED, answer_error
@@ -46,7 +47,7 @@ async def json_body(request: Request) -> object:
     """
     try:
         raw = await request.body()
-    except HTTPException:  # the body limit's 413
+    except StarletteHTTPException:  # the body limit's 413
         raise
     except Exception:
         raise HTTPException(400, "There was an error parsing the body") from None
