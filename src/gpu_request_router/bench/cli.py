@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from gpu_request_router.bench import decisions, overhead, packing, replay
+from gpu_request_router.bench import decisions, overhead, packing, replay, store
 from gpu_request_router.config.config_loader import LoggingSettings
 from gpu_request_router.utils.logging import configure_logging
 
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(
-    help="Benchmarks: router overhead, decision cost, placement quality on traces, packing.",
+    help=(
+        "Benchmarks: router overhead, state-store cost, decision cost, placement quality on "
+        "traces, packing."
+    ),
     no_args_is_help=True,
 )
 
@@ -23,6 +26,7 @@ def _quiet() -> None:
 
 
 bench_app.command("overhead")(overhead.command)
+bench_app.command("store")(store.command)
 bench_app.command("decisions")(decisions.command)
 bench_app.command("replay")(replay.command)
 bench_app.command("packing")(packing.command)
