@@ -355,12 +355,20 @@ class LoadBalancer:
             groups.append((group, sum(group.reservations), all(o[5] for o in chosen)))
         return groups
 
-    def prospect(self, need: Need, gpus: Iterable[GPUState]) -> tuple[str, ...] | None:
-        """GPUs where ``need`` would fit once their current work drains: the closest to fitting.
+    def prospect(
+        self,
+        need: Need,
+        gpus: Iterable[GPUState],
+        frees_at: Callable[[GPUState, int], float] | None = None,
+    ) -> tuple[str, ...] | None:
+        """GPUs where ``need`` would fit once their current work drains: the soonest to fit.
 
-        Closest: the least memory still to be freed on one worker's ``gpu_count`` GPUs, then
-        the least reserved, then GPU id; GPUs the request should avoid (it failed there) are
-        taken last.
+        ``frees_at(gpu, short_mb)`` tells when a GPU is expected to have freed ``short_mb``
+        more (the router knows its executions' starts and estimated durations); the prospect is
+        the worker's ``gpu_count`` GPUs expected to fit soonest, then the least memory still to
+        be freed, then the least reserved, then GPU id. Without ``frees_at``, the least memory
+        still to be freed comes first. GPUs the request should avoid (it failed there) are taken
+        last.
         """
         by_worker: dict[str, list[GPUState]] = {}
         for gpu in gpus:
@@ -375,21 +383,35 @@ class LoadBalancer:
         def short_of(gpu: GPUState) -> int:
             return max(0, need.memory_on(gpu) - gpu.room_mb)
 
-        best: tuple[int, int, int, tuple[str, ...]] | None = None
+        def fits_at(gpu: GPUState) -> float:
+            return 0.0 if frees_at is None else frees_at(gpu, short_of(gpu))
+
+        best: tuple[int, float, int, int, tuple[str, ...]] | None = None
         for options in by_worker.values():
             if len(options) < need.gpu_count:
                 continue
             ranked = sorted(
-                options,
-                key=lambda gpu: (gpu.id in need.avoid, short_of(gpu), gpu.reserved_mb, gpu.id),
+                (
+                    (
+                        gpu.id in need.avoid,
+                        fits_at(gpu),
+                        short_of(gpu),
+                        gpu.reserved_mb,
+                        gpu.id,
+                        gpu,
+                    )
+                    for gpu in options
+                ),
+                key=lambda entry: entry[:5],
             )
             group = ranked[: need.gpu_count]
             score = (
-                sum(gpu.id in need.avoid for gpu in group),
-                sum(short_of(gpu) for gpu in group),
-                sum(gpu.reserved_mb for gpu in group),
-                tuple(gpu.id for gpu in group),
+                sum(entry[0] for entry in group),
+                max(entry[1] for entry in group),
+                sum(entry[2] for entry in group),
+                sum(entry[3] for entry in group),
+                tuple(entry[4] for entry in group),
             )
             if best is None or score < best:
                 best = score
-        return None if best is None else best[3]
+        return None if best is None else best[4]

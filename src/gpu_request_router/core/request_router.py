@@ -17,11 +17,11 @@ announced to the callables in ``listeners``, for logs and waiting clients.
 
 After every event a *dispatch pass* walks the queue in priority order and places what fits. A
 request that fits nowhere does not block the ones behind it (backfill), but once it has waited
-``placement.starvation_bound_s`` it *holds* the GPUs closest to fitting it (:meth:`LoadBalancer.
-prospect`), across passes, until it starts or leaves the queue: nothing of its priority level or
-below is placed there, so the memory they free accumulates for it. A pass looks at no more than
-``placement.backfill_depth`` requests that cannot start (holds of requests beyond are dropped),
-and stops early when no GPU has a free slot.
+``placement.starvation_bound_s`` it *holds* the GPUs expected to fit it soonest
+(:meth:`LoadBalancer.prospect`, :meth:`RequestRouter._frees_at`), across passes, until it starts or
+leaves the queue: nothing of its priority level or below is placed there, so the memory they free
+accumulates for it. A pass looks at no more than ``placement.backfill_depth`` requests that cannot
+start (holds of requests beyond are dropped), and stops early when no GPU has a free slot.
 
 Every status change is a guarded write to the state store (SPEC §2, RELIABILITY §1.1 rule 4),
 every reservation a check-and-add in the store, so the invariants hold by construction:
@@ -724,7 +724,7 @@ class RequestRouter:
                 if not own:
                     no_fit[shape] = chosen
                     if now - request.created_at >= bound and shape not in no_prospect:
-                        own = self._hold(request, need, schedulable.values(), taken)
+                        own = self._hold(request, need, schedulable.values(), taken, now)
                         if not own:
                             no_prospect.add(shape)
                         held.update(own)
@@ -759,22 +759,63 @@ class RequestRouter:
         self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self._holds.values()))
 
     def _hold(
-        self, request: Request, need: Need, gpus: Iterable[GPUState], taken: set[str]
+        self,
+        request: Request,
+        need: Need,
+        gpus: Iterable[GPUState],
+        taken: set[str],
+        now: float,
     ) -> tuple[str, ...]:
-        """Hold the GPUs closest to fitting a starving request; return them (none: no prospect).
+        """Hold the GPUs expected to fit a starving request soonest; return them (none: none).
 
         Nothing of the request's priority level or below is placed on them, across passes,
         until it starts (anywhere) or leaves the queue, so the memory they free accumulates for
         it instead of going to the smaller requests that kept passing it; higher levels still
-        may. ``taken`` (GPUs held already) is never offered again: holds never overlap.
+        may. ``taken`` (GPUs held already) is never offered again: holds never overlap. The
+        soonest (:meth:`_frees_at`), not the closest in memory: a GPU a few GB short whose work
+        runs long would keep the request and the held memory waiting.
         """
-        prospect = self.balancer.prospect(need, (gpu for gpu in gpus if gpu.id not in taken))
+        prospect = self.balancer.prospect(
+            need,
+            (gpu for gpu in gpus if gpu.id not in taken),
+            lambda gpu, short_mb: self._frees_at(gpu, short_mb, now),
+        )
         if prospect is None:
             return ()
         self._holds[request.id] = prospect
         taken.update(prospect)
         _log.debug("gpus_held", request_id=request.id, gpu_ids=list(prospect))
         return prospect
+
+    def _frees_at(self, gpu: GPUState, short_mb: int, now: float) -> float:
+        """When ``gpu`` is expected to have freed ``short_mb`` more: ``now`` if nothing is short.
+
+        Its executions are expected to end, soonest first, at their start plus their estimated
+        duration on this GPU's type; one already past that is expected to run half as long again
+        as it has (an answer longer than assumed is likely a long one). Memory of executions this
+        router does not drive is not expected to free; if what is expected cannot cover the
+        shortfall, never (infinity).
+        """
+        if short_mb <= 0:
+            return now
+        ends: list[tuple[float, int]] = []
+        for execution_id, memory_mb in gpu.running.items():
+            execution = self._executions.get(execution_id)
+            request = None if execution is None else self._requests.get(execution.request_id)
+            if execution is None or request is None:
+                continue
+            start = (
+                request.started_at if request.started_at is not None else execution.dispatched_at
+            )
+            estimate = request.estimate
+            duration = estimate.duration_s.get(gpu.type, estimate.typical_duration_s)
+            ends.append((start + max(duration, 1.5 * max(0.0, now - start)), memory_mb))
+        ends.sort()
+        for end, memory_mb in ends:
+            short_mb -= memory_mb
+            if short_mb <= 0:
+                return max(end, now)
+        return math.inf
 
     def _still_holds(
         self, request_id: str, gpu_ids: tuple[str, ...], schedulable: Mapping[str, GPUState]

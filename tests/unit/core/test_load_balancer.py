@@ -19,7 +19,7 @@ from gpu_request_router.core.load_balancer import (
     NoFit,
     make_policy,
 )
-from gpu_request_router.models.gpu_state import GPUReading
+from gpu_request_router.models.gpu_state import GPUReading, GPUState
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.store import MemoryStore
 from gpu_request_router.testing import reading
@@ -399,6 +399,26 @@ def test_prospect_is_the_gpu_with_the_least_left_to_free_not_the_least_reserved(
     # there (room 81,559 − 1,024 − 30,000 − 20,000), against 4.5 GB on a:1.
     balancer = LoadBalancer(make_policy("balanced"))
     assert balancer.prospect(big, monitor.schedulable.values()) == ("a:1",)
+
+
+def test_prospect_is_the_gpu_expected_to_fit_soonest_when_that_is_known() -> None:
+    """Given when each GPU frees enough, the soonest wins over the closest in memory."""
+    monitor = fleet(reading("a", 0), reading("a", 1))
+    monitor.reserve("a:0", "e1", 70_000)  # room 10,535 MiB: 29,465 short of 40 GB; frees at t=5
+    monitor.reserve("a:1", "e2", 60_000)  # 19,465 short; frees at t=50
+    balancer = LoadBalancer(make_policy("balanced"))
+    gpus = list(monitor.schedulable.values())
+    asked: list[tuple[str, int]] = []
+
+    def frees_at(gpu: GPUState, short_mb: int) -> float:
+        asked.append((gpu.id, short_mb))
+        return {"a:0": 5.0, "a:1": 50.0}[gpu.id]
+
+    assert balancer.prospect(need(40_000), gpus, frees_at) == ("a:0",)
+    assert sorted(asked) == [("a:0", 29_465), ("a:1", 19_465)]
+    assert balancer.prospect(need(40_000), gpus) == ("a:1",)  # unknown: the closest
+    # A GPU the request failed on is still taken last, however soon it frees.
+    assert balancer.prospect(need(40_000, avoid=frozenset({"a:0"})), gpus, frees_at) == ("a:1",)
 
 
 def test_prospect_takes_a_gpu_the_request_failed_on_last() -> None:

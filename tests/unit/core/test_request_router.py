@@ -149,6 +149,31 @@ def test_a_starving_request_holds_the_gpu_closest_to_fitting_it_until_it_starts(
     assert h.dispatch_of(started[0]).placement.gpu_ids == ("sim:1",)
 
 
+def test_a_starving_request_holds_the_gpu_expected_to_fit_it_soonest() -> None:
+    """Closer in memory is not sooner: the hold goes where the running work is expected to end.
+
+    sim:0 runs 60 GB of a short answer (0.2 s estimated, overrun: expected to need half as long
+    again as its 31 s), sim:1 50 GB of a long one (89 s estimated); 45 GB is 24.5 GB short on
+    sim:0 and 14.5 GB on sim:1, yet sim:0 is expected to free first.
+    """
+    settings = make_settings(gpus=[("H100-80GB", 2)], placement={"starvation_bound_s": 30})
+    h = Harness(settings)
+    brief = h.submit(_sized(60_000, max_tokens=16), user="a")
+    lengthy = h.submit(_sized(50_000, max_tokens=8_000), user="a")
+    assert [h.dispatch_of(r).placement.gpu_ids for r in (brief, lengthy)] == [
+        ("sim:0",),
+        ("sim:1",),
+    ]
+    large = h.submit(_sized(45_000), user="b")
+    h.now += 31
+    small = h.submit(_sized(15_000), user="c")  # fits sim:0 tightest, but sim:0 is held
+    assert h.router.holds == {large.id: ("sim:0",)}
+    assert h.dispatch_of(small).placement.gpu_ids == ("sim:1",)
+    h.finish(brief)
+    assert h.dispatch_of(large).placement.gpu_ids == ("sim:0",)
+    assert h.status(lengthy) == "dispatching"
+
+
 def test_a_higher_priority_request_may_use_a_held_gpu() -> None:
     """A hold binds its own priority level and below; priority order still comes first."""
     h, _, _, large = _starving_on_two_gpus()
