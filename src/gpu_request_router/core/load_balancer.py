@@ -380,30 +380,16 @@ class LoadBalancer:
                 continue
             by_worker.setdefault(gpu.worker, []).append(gpu)
 
-        def short_of(gpu: GPUState) -> int:
-            return max(0, need.memory_on(gpu) - gpu.room_mb)
-
-        def fits_at(gpu: GPUState) -> float:
-            return 0.0 if frees_at is None else frees_at(gpu, short_of(gpu))
+        def rank(gpu: GPUState) -> tuple[bool, float, int, int, str]:
+            short = max(0, need.memory_on(gpu) - gpu.room_mb)
+            fits_at = 0.0 if frees_at is None else frees_at(gpu, short)
+            return gpu.id in need.avoid, fits_at, short, gpu.reserved_mb, gpu.id
 
         best: tuple[int, float, int, int, tuple[str, ...]] | None = None
         for options in by_worker.values():
             if len(options) < need.gpu_count:
                 continue
-            ranked = sorted(
-                (
-                    (
-                        gpu.id in need.avoid,
-                        fits_at(gpu),
-                        short_of(gpu),
-                        gpu.reserved_mb,
-                        gpu.id,
-                        gpu,
-                    )
-                    for gpu in options
-                ),
-                key=lambda entry: entry[:5],
-            )
+            ranked = sorted(rank(gpu) for gpu in options)
             group = ranked[: need.gpu_count]
             score = (
                 sum(entry[0] for entry in group),

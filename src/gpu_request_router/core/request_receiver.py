@@ -133,9 +133,9 @@ class RequestReceiver:
 
     def _submit(self, submission: Submission, caller: Caller, now: float) -> Admission:
         task, priority, timeout_s = self._validate(submission)
-        # Only an idempotent replay is compared with what was stored: without a key, no digest.
-        fingerprint = "" if submission.idempotency_key is None else submission.fingerprint()
+        fingerprint = ""  # only an idempotent replay is compared with what was stored
         if submission.idempotency_key is not None:
+            fingerprint = submission.fingerprint()
             existing = self._find_idempotent(caller.user, submission.idempotency_key, fingerprint)
             if existing is not None:
                 return Admission(existing, created=False, decisions=[])

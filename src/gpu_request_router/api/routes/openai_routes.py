@@ -8,21 +8,21 @@ once bytes have gone, a failure ends the stream. Errors use OpenAI's shape on th
 
 The three POST routes are hot routes (:mod:`~gpu_request_router.api.routes.lean`): their
 handlers read the body, the caller and ``X-Priority`` themselves, :data:`HOT_PATHS` serves them
-before FastAPI's routing, and :func:`_documented` describes them in the OpenAPI document.
+before FastAPI's routing, and ``lean.documented`` describes them in the OpenAPI document.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import problems
-from gpu_request_router.api.routes.lean import Handler, validated_body
+from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus, Task
@@ -32,7 +32,8 @@ __all__ = ["BODIES", "HOT_PATHS", "router"]
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_PRIORITY_MAX_CHARS = 64
+_PRIORITY = TypeAdapter(Annotated[str, StringConstraints(max_length=64)])
+_HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}
 # Waiting for a synchronous answer never outlasts the request's own deadline by more than this.
 _ANSWER_GRACE_S = 5.0
 
@@ -80,51 +81,9 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _documented(body: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI of a handler that reads ``body``, ``X-Priority`` and the caller itself.
-
-    The body's schema is a component (:data:`BODIES`, added by the app's document builder).
-    """
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}
-            },
-        },
-        "parameters": [
-            {
-                "name": "X-Priority",
-                "in": "header",
-                "required": False,
-                "description": "The priority class of the call.",
-                "schema": {
-                    "anyOf": [
-                        {"type": "string", "maxLength": _PRIORITY_MAX_CHARS},
-                        {"type": "null"},
-                    ],
-                    "description": "The priority class of the call.",
-                    "title": "X-Priority",
-                },
-            }
-        ],
-        "security": [{"HTTPBearer": []}],
-    }
-
-
 async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Response:
     """Validate the call as FastAPI would (422 on bad input), then serve it."""
-    priority = request.headers.get("x-priority")
-    header_errors: list[dict[str, Any]] = []
-    if priority is not None and len(priority) > _PRIORITY_MAX_CHARS:
-        header_errors.append(
-            {
-                "type": "string_too_long",
-                "loc": ("header", "X-Priority"),
-                "msg": f"String should have at most {_PRIORITY_MAX_CHARS} characters",
-                "input": priority,
-            }
-        )
+    priority, header_errors = header(request, "X-Priority", _PRIORITY)
     service: Service = request.app.state.service
     caller = caller_of(request, service)
     body = await validated_body(request, model, header_errors)
@@ -183,7 +142,7 @@ def _ended_badly(request: DomainRequest) -> JSONResponse:
     summary="OpenAI chat completions",
     response_model=None,
     responses=_RESPONSES,
-    openapi_extra=_documented(ChatBody),
+    openapi_extra=documented("ChatBody", _HEADERS),
 )
 async def chat_completions(request: Request) -> Response:
     """Run a chat completion on the fleet, answered when done or streamed."""
@@ -195,7 +154,7 @@ async def chat_completions(request: Request) -> Response:
     summary="OpenAI completions",
     response_model=None,
     responses=_RESPONSES,
-    openapi_extra=_documented(CompletionBody),
+    openapi_extra=documented("CompletionBody", _HEADERS),
 )
 async def completions(request: Request) -> Response:
     """Run a text completion on the fleet, answered when done or streamed."""
@@ -207,7 +166,7 @@ async def completions(request: Request) -> Response:
     summary="OpenAI embeddings",
     response_model=None,
     responses=_RESPONSES,
-    openapi_extra=_documented(EmbeddingBody),
+    openapi_extra=documented("EmbeddingBody", _HEADERS),
 )
 async def embeddings(request: Request) -> Response:
     """Compute embeddings on the fleet."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import StringConstraints, TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import Page, problems
@@ -22,7 +22,7 @@ from gpu_request_router.api.models.request_models import (
     SubmitBody,
     TransitionOut,
 )
-from gpu_request_router.api.routes.lean import Handler, validated_body
+from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.store.base import RequestQuery
 
@@ -35,26 +35,11 @@ StatusName = Literal[
 ]
 RequestId = Annotated[str, Path(max_length=64, description="The request's id (req_...).")]
 _IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
-_IDEMPOTENCY_DOC = "Retrying with the same key and body returns the first request."
-_SUBMIT_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitBody"}}},
-    },
-    "parameters": [
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "schema": {
-                "anyOf": [{"type": "string", "minLength": 1, "maxLength": 255}, {"type": "null"}],
-                "description": _IDEMPOTENCY_DOC,
-                "title": "Idempotency-Key",
-            },
-            "description": _IDEMPOTENCY_DOC,
-        }
-    ],
-    "security": [{"HTTPBearer": []}],
+_SUBMIT_HEADERS = {
+    "Idempotency-Key": (
+        _IDEMPOTENCY_KEY,
+        "Retrying with the same key and body returns the first request.",
+    )
 }
 # How long an event stream stays quiet before it sends a keep-alive comment.
 _KEEPALIVE_S = 15.0
@@ -66,7 +51,7 @@ _KEEPALIVE_S = 15.0
     response_model=RequestOut,
     summary="Submit a request",
     responses=problems(401, 403, 413, 422, 429, 503),
-    openapi_extra=_SUBMIT_DOC,
+    openapi_extra=documented("SubmitBody", _SUBMIT_HEADERS),
 )
 async def submit(request: Request) -> JSONResponse:
     """Queue a request; it is stored durably before this answers 202.
@@ -74,14 +59,7 @@ async def submit(request: Request) -> JSONResponse:
     A request that no GPU of the fleet could ever hold is 422; one that fits the fleet but not
     its free room now waits in the queue.
     """
-    key = request.headers.get("idempotency-key")
-    header_errors: list[dict[str, Any]] = []
-    if key is not None:
-        try:
-            _IDEMPOTENCY_KEY.validate_python(key)
-        except ValidationError as exc:
-            where = ("header", "Idempotency-Key")
-            header_errors = [{**e, "loc": where} for e in exc.errors(include_url=False)]
+    key, header_errors = header(request, "Idempotency-Key", _IDEMPOTENCY_KEY)
     service: Service = request.app.state.service
     caller = caller_of(request, service)
     body = await validated_body(request, SubmitBody, header_errors)
