@@ -149,8 +149,10 @@ def _lifecycles(store: StateStore, requests: int) -> StoreRow:
 
 def run_store(stores: Sequence[str] = tuple(STORES), requests: int = 3_000) -> list[StoreRow]:
     """Measure each named store on ``requests`` requests, each in a fresh folder."""
+    if not stores:
+        raise ValueError(f"name at least one store: {', '.join(STORES)}")
     unknown = [name for name in stores if name not in STORES]
-    if unknown or not stores:
+    if unknown:
         raise ValueError(f"stores are among {', '.join(STORES)}, not {', '.join(unknown)}")
     if requests < 1:
         raise ValueError("at least one request")

@@ -67,3 +67,9 @@ def test_bad_options_are_refused(arguments: list[str]) -> None:
     """An unknown store or no requests: exit 2 before anything runs."""
     result = CliRunner().invoke(app, ["bench", "store", *arguments])
     assert result.exit_code == 2
+
+
+def test_no_store_at_all_is_refused_by_name() -> None:
+    """Measuring nothing is a mistake: the error lists the stores there are."""
+    with pytest.raises(ValueError, match="memory, sqlite, sqlite-full"):
+        run_store((), requests=10)
