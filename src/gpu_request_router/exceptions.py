@@ -8,6 +8,7 @@ its context as attributes, never only inside the message::
     ├── RequestRejected              a submission is refused; nothing was stored
     │   ├── InvalidRequest           a field is malformed or out of range (``field``)
     │   │   ├── UnknownModel         the model is not in the catalog (``model``)
+    │   │   ├── ContextLengthExceeded  more tokens than the model's context
     │   │   └── Unschedulable        no GPU of the fleet could ever hold it
     │   ├── IdempotencyConflict      the key was used before with another body
     │   ├── QuotaExceeded            over a quota that frees up with time (``retry_after_s``)
@@ -31,6 +32,7 @@ __all__ = [
     "AlreadyTerminal",
     "AuthError",
     "ConfigError",
+    "ContextLengthExceeded",
     "Forbidden",
     "GpuRouterError",
     "IdempotencyConflict",
@@ -96,6 +98,12 @@ class UnknownModel(InvalidRequest):
         shown = ", ".join(sorted(known)) or "none configured"
         super().__init__("model", f"unknown model {model!r} (known: {shown})")
         self.model = model
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The request's tokens (input and output) exceed its model's context."""
+
+    reason = "context_length_exceeded"
 
 
 class Unschedulable(InvalidRequest):

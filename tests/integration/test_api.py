@@ -1250,7 +1250,6 @@ INVALID_BODIES: dict[str, Any] = {
     "bad-priority-name": chat_body(priority="very urgent!"),
     "string-for-int": chat_body(shape={"batch_size": "2"}),
     "float-for-int": chat_body(shape={"batch_size": 2.5}),
-    "whole-float-for-int": chat_body(shape={"batch_size": 2.0}),
     "bool-for-int": chat_body(resources={"gpu_count": True}),
     "string-for-float": chat_body(timeout_s="10"),
     "bool-for-float": chat_body(timeout_s=True),
@@ -1299,6 +1298,15 @@ def test_invalid_submissions_are_422_problems(
         problem(response, 422)
     assert list_ids(shared_server.client("root")) == []
     assert alice.get("/v1/quota").json()["usage"]["requests_last_minute"] == 0
+
+
+def test_a_number_with_no_fraction_is_an_integer(serve: Callable[..., LiveServer]) -> None:
+    """``2.0`` where an integer is due is the integer 2 (JSON Schema's ``integer``), not a 422."""
+    alice = serve().client("alice")
+    body = chat_body(shape={"batch_size": 2.0, "input_tokens": 10.0, "output_tokens": 1.0})
+    response = alice.post("/v1/requests", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["shape"] == {"batch_size": 2, "input_tokens": 10, "output_tokens": 1}
 
 
 @pytest.mark.parametrize(

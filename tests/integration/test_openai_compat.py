@@ -98,16 +98,26 @@ def test_errors_take_openai_shape(serve: Any) -> None:
     """Unknown models, bad keys and rate limits are OpenAI-shaped errors the client raises."""
     server: LiveServer = serve(user_quotas={"alice": {"requests_per_minute": 1}})
     client = _client(server)
-    with pytest.raises(openai.UnprocessableEntityError) as unknown:
+    with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="gpt-9", messages=MESSAGES)
     body = unknown.value.body
-    assert body["type"] == "invalid_request_error" and body["param"] == "model"  # type: ignore[index]
+    assert body["code"] == "model_not_found" and body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
     client.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=2)
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=2)
     assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+
+
+def test_one_model_is_found_by_id_and_an_unknown_one_is_model_not_found(serve: Any) -> None:
+    """``GET /v1/models/{id}`` answers a catalog model, and 404 ``model_not_found`` otherwise."""
+    server: LiveServer = serve()
+    client = _client(server)
+    assert client.models.retrieve("llama-3-8b").id == "llama-3-8b"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("gpt-9")
+    assert unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
 _CHAT = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]}'

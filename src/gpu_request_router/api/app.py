@@ -18,9 +18,10 @@ from gpu_request_router import __version__
 from gpu_request_router.api.dependencies import Service
 from gpu_request_router.api.middleware.auth import Authenticator, AuthMiddleware
 from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
-from gpu_request_router.api.middleware.error_handler import OPENAI_PATHS, install_error_handlers
+from gpu_request_router.api.middleware.error_handler import install_error_handlers, is_openai_path
 from gpu_request_router.api.middleware.logging import RequestContextMiddleware
 from gpu_request_router.api.models.common import OpenAIError, Problem
+from gpu_request_router.api.openapi import describe_catalog
 from gpu_request_router.api.routes import (
     admin_routes,
     gpu_routes,
@@ -119,12 +120,14 @@ def create_app(
         metrics_routes,
     ):
         app.include_router(module.router)
-    _register_problem_schema(app)
+    _register_problem_schema(app, settings)
     return app
 
 
-def _register_problem_schema(app: FastAPI) -> None:
+def _register_problem_schema(app: FastAPI, settings: Settings) -> None:
     """Describe every error response as problem details in the OpenAPI document.
+
+    The catalog's models, tasks and priority classes are written in too (:func:`describe_catalog`).
 
     (On the OpenAI-compatible routes errors are OpenAI's ``{"error": {...}}`` instead.)
 
@@ -148,7 +151,9 @@ def _register_problem_schema(app: FastAPI) -> None:
             )
             components.update(components["OpenAIError"].pop("$defs", {}))
             for body in openai_routes.BODIES:  # read by their handlers, not by FastAPI
-                components[body.__name__] = body.model_json_schema()
+                described = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(described.pop("$defs", {}))
+                components[body.__name__] = described
             problem_content = {
                 "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
             }
@@ -156,7 +161,7 @@ def _register_problem_schema(app: FastAPI) -> None:
                 "application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}
             }
             for path, operations in schema.get("paths", {}).items():
-                content = openai_content if path in OPENAI_PATHS else problem_content
+                content = openai_content if is_openai_path(path) else problem_content
                 for operation in operations.values():
                     responses = operation.setdefault("responses", {})
                     if "requestBody" in operation:
@@ -167,6 +172,7 @@ def _register_problem_schema(app: FastAPI) -> None:
                     for status, response in responses.items():
                         if status.isdigit() and int(status) >= 400:
                             response["content"] = content
+            describe_catalog(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

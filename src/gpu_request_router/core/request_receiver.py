@@ -217,12 +217,10 @@ class RequestReceiver:
         """Check every field; return the effective task, priority and timeout."""
         profile = self._router.estimator.profile(submission.model)
         task = submission.task or profile.task
-        if task is not Task.GENERIC and profile.task is not task:
-            text_tasks = {Task.CHAT, Task.COMPLETION}
-            if not (task in text_tasks and profile.task in text_tasks):
-                raise InvalidRequest(
-                    "task", f"model {submission.model!r} serves {profile.task.value}, not {task}"
-                )
+        if task not in profile.task.served():
+            raise InvalidRequest(
+                "task", f"model {submission.model!r} serves {profile.task.value}, not {task}"
+            )
         priority = submission.priority or self._settings.priorities.default
         classes = self._settings.priorities.classes
         if priority not in classes:

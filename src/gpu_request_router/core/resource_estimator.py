@@ -69,7 +69,7 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 from gpu_request_router.config.config_loader import Architecture, ModelSpec
-from gpu_request_router.exceptions import InvalidRequest, UnknownModel
+from gpu_request_router.exceptions import ContextLengthExceeded, InvalidRequest, UnknownModel
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES, GPUType, gpu_type
 from gpu_request_router.models.request import Estimate, ResourceHints, Shape, Task
 
@@ -210,7 +210,7 @@ class ResourceEstimator:
         result = _checked_shape(shape) if shape is not None else _count(profile, task, input)
         total = result.input_tokens + result.output_tokens
         if total > profile.max_context:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 "shape",
                 f"{total} tokens ({result.input_tokens} input + {result.output_tokens} output) "
                 f"exceeds the context of model {model} ({profile.max_context} tokens)",
@@ -409,6 +409,8 @@ def _working_bytes(profile: ModelProfile, shape: Shape) -> tuple[int, int]:
 
 
 def _checked_int(value: object, where: str, minimum: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 5.0 is the integer 5
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(where, f"must be an integer, got {type(value).__name__}")
     if value < minimum:
@@ -506,6 +508,8 @@ def _content_chars(content: object, where: str) -> int:
 
 
 def _is_token_id(value: object) -> bool:
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0  # JSON has one number type: 5.0 is 5
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -81,6 +81,18 @@ class Task(StrEnum):
     EMBEDDING = "embedding"
     GENERIC = "generic"
 
+    def served(self) -> frozenset[Task]:
+        """The tasks a model of this task may be asked for.
+
+        Any model runs ``generic`` work; chat and completion models serve both text tasks.
+        """
+        if self in _TEXT_TASKS:
+            return _TEXT_TASKS | {Task.GENERIC}
+        return frozenset({self, Task.GENERIC})
+
+
+_TEXT_TASKS = frozenset({Task.CHAT, Task.COMPLETION})
+
 
 @dataclass(frozen=True, slots=True)
 class Shape:

@@ -23,13 +23,20 @@ def _operations() -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-OPENAI = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+OPENAI = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/models/{model_id}",
+}
 OPENAI_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
 CONTRACT = {  # SPEC §5 and §6's worker registration, but for the dashboard
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("post", "/v1/embeddings"),
     ("get", "/v1/models"),
+    ("get", "/v1/models/{model_id}"),
     ("post", "/v1/requests"),
     ("post", "/v1/estimate"),
     ("get", "/v1/requests/{request_id}"),

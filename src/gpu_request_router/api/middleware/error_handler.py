@@ -37,6 +37,7 @@ from gpu_request_router.exceptions import (
     StoreUnavailable,
     TooManyAuthFailures,
     Unauthenticated,
+    UnknownModel,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "answer_error",
     "error_response",
     "install_error_handlers",
+    "is_openai_path",
     "problem_response",
 ]
 
@@ -54,6 +56,13 @@ PROBLEM_JSON = "application/problem+json"
 OPENAI_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
 )
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is an OpenAI-compatible route (its errors take OpenAI's shape)."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
 _OPENAI_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -100,7 +109,7 @@ def problem_response(
     ``{"error": {"message", "type", "param", "code"}}``.
     """
     title = HTTPStatus(status).phrase
-    if request.url.path in OPENAI_PATHS:
+    if is_openai_path(request.url.path):
         kind_name = _OPENAI_TYPES.get(
             status, "server_error" if status >= 500 else "invalid_request_error"
         )
@@ -160,9 +169,10 @@ def error_response(request: Request, error: GpuRouterError) -> JSONResponse:
         extensions["errors"] = [{"loc": loc, "msg": str(error), "type": error.reason}]
     if status == 500:
         _log.error("unmapped_domain_error", error=repr(error))
-    return problem_response(
-        request, status, str(error), kind=_slug(type(error).__name__), headers=headers, **extensions
-    )
+    kind = _slug(type(error).__name__)
+    if isinstance(error, UnknownModel) and is_openai_path(request.url.path):
+        status, kind = 404, "model_not_found"  # as OpenAI answers an unknown model
+    return problem_response(request, status, str(error), kind=kind, headers=headers, **extensions)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:

@@ -5,14 +5,44 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["FieldError", "OpenAIError", "Page", "Problem", "WireModel", "iso"]
+__all__ = [
+    "FieldError",
+    "JsonBody",
+    "OpenAIError",
+    "Page",
+    "Problem",
+    "WireModel",
+    "iso",
+    "whole_number",
+]
 
 T = TypeVar("T")
 
 
-class WireModel(BaseModel):
+class JsonBody(BaseModel):
+    """Base of request bodies: a number with no fractional part is also an integer.
+
+    JSON has one number type and a JSON Schema ``integer`` is any number with no fractional part,
+    so ``5.0`` is the integer 5 where the document says ``integer``; strict validation alone would
+    refuse it. Fractions, strings and booleans stay refused where an integer is due.
+    """
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any) -> Any:
+        return whole_number(value)
+
+
+def whole_number(value: Any) -> Any:
+    """A float with no fractional part as the integer it is (``5.0`` is 5); anything else as is."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+class WireModel(JsonBody):
     """Base of request bodies: strict types, no unknown fields, no NaN or infinity."""
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)

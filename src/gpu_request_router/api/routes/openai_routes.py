@@ -16,14 +16,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
-from gpu_request_router.api.models.common import problems
+from gpu_request_router.api.models.common import JsonBody, problems, whole_number
 from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.exceptions import UnknownModel
 from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus, Task
 from gpu_request_router.services.ai_orchestrator import StreamSink
@@ -38,7 +39,7 @@ _HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}
 _ANSWER_GRACE_S = 5.0
 
 
-class _OpenAIBody(BaseModel):
+class _OpenAIBody(JsonBody):
     """The fields the router reads; every other field is forwarded to the backend as it is."""
 
     model_config = ConfigDict(extra="allow", strict=True)
@@ -48,25 +49,52 @@ class _OpenAIBody(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=10_000_000)
 
 
+class ContentPart(BaseModel):
+    """A part of a message's content: text, or another kind (an image) the router does not read."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A chat message; fields beyond ``role`` and ``content`` are forwarded as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
+Prompt = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[list[TokenId]], Field(min_length=1)]
+)
+"""A prompt or an embedding input: a text, or a non-empty list of texts, token ids or id lists."""
+
+
 class ChatBody(_OpenAIBody):
     """An OpenAI chat completion request."""
 
-    messages: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
 
 
 class CompletionBody(_OpenAIBody):
     """An OpenAI (legacy) completion request."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
 
 
-class EmbeddingBody(BaseModel):
+class EmbeddingBody(JsonBody):
     """An OpenAI embeddings request."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, max_length=200)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Prompt
 
 
 BODIES: tuple[type[BaseModel], ...] = (ChatBody, CompletionBody, EmbeddingBody)
@@ -75,9 +103,23 @@ BODIES: tuple[type[BaseModel], ...] = (ChatBody, CompletionBody, EmbeddingBody)
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The backend's OpenAI answer; with stream true, text/event-stream.",
-        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "application/json": {},
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "data": {
+                            "type": "string",
+                            "description": "A chunk as JSON; the last event's data is [DONE].",
+                        }
+                    },
+                    "required": ["data"],
+                }
+            },
+        },
     },
-    **problems(401, 403, 413, 422, 429, 503),
+    **problems(401, 403, 404, 413, 422, 429, 503),
 }
 
 
@@ -93,7 +135,7 @@ async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Respo
 async def _serve(
     service: Service, caller: Caller, task: Task, body: BaseModel, priority: str | None
 ) -> Response:
-    payload = body.model_dump(mode="json")
+    payload = body.model_dump(mode="json", exclude_unset=True)
     streaming = bool(payload.get("stream")) and task is not Task.EMBEDDING
     submission = Submission(model=payload["model"], task=task, input=payload, priority=priority)
     runtime = service.runtime
@@ -203,3 +245,18 @@ class ModelList(BaseModel):
 async def list_models(caller: CurrentCaller, service: ServiceDep) -> ModelList:
     """Every model of the router's catalog."""
     return ModelList(data=[ModelOut(id=name) for name in sorted(service.settings.models)])
+
+
+@router.get(
+    "/models/{model_id}",
+    response_model=ModelOut,
+    summary="OpenAI model",
+    responses=problems(401, 404),
+)
+async def get_model(
+    model_id: Annotated[str, Path(max_length=200)], caller: CurrentCaller, service: ServiceDep
+) -> ModelOut:
+    """One model of the router's catalog; an unknown one is 404 ``model_not_found``."""
+    if model_id not in service.settings.models:
+        raise UnknownModel(model_id, list(service.settings.models))
+    return ModelOut(id=model_id)

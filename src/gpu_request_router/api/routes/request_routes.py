@@ -28,6 +28,21 @@ from gpu_request_router.store.base import RequestQuery
 
 __all__ = ["HOT_PATHS", "router"]
 
+# One Server-Sent Event of GET /v1/requests/{id}/events: its data is the audit entry as JSON.
+_STATUS_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"const": "status"},
+        "id": {"type": "string", "description": "The entry's sequence number (Last-Event-ID)."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": TransitionOut.model_json_schema(),
+        },
+    },
+    "required": ["event", "id", "data"],
+}
+
 router = APIRouter(prefix="/v1", tags=["requests"])
 
 StatusName = Literal[
@@ -170,7 +185,7 @@ async def cancel_request(
     responses={
         200: {
             "description": "One `status` event per change, from creation to the terminal one.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _STATUS_EVENT}},
         },
         **problems(401, 404),
     },

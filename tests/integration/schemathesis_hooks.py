@@ -1,0 +1,76 @@
+"""Checks of the router's own that the schemathesis run adds to its built-in ones.
+
+Loaded by ``st run`` through ``SCHEMATHESIS_HOOKS`` (see ``test_openapi_fuzz.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+
+BODY_OPERATIONS = {
+    "/v1/requests",
+    "/v1/estimate",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+}
+# The refusals of schema-valid input that depend on more than the call itself (the problem's
+# reason, or the OpenAI error's code):
+# - tokens past the model's context: input and output tokens together, which no schema states;
+# - an idempotency key reused with another body (generated keys repeat; IETF draft §2.7);
+# - more memory per GPU than the caller's own limit, which the stateful phase sets at run time;
+# - a request no GPU of the fleet could hold, which depends on the GPUs known at that moment.
+ALLOWED_REFUSALS = {
+    "context_length_exceeded",
+    "context-length-exceeded",
+    "idempotency_conflict",
+    "quota_max_gpu_memory_mb",
+    "quota-forbidden",
+    "unschedulable",
+}
+OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+
+
+@schemathesis.check
+def errors_are_problem_details(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Every 4xx and 5xx answer is RFC 9457 problem details with the request id.
+
+    On the OpenAI-compatible routes, it is OpenAI's error object instead.
+    """
+    if response.status_code < 400:
+        return None
+    content_type = response.headers.get("content-type", [""])
+    content_type = content_type[0] if isinstance(content_type, list) else content_type
+    body = response.json()
+    if case.path in OPENAI_PATHS or case.path.startswith("/v1/models/"):
+        assert content_type.startswith("application/json"), content_type
+        assert {"message", "type", "param", "code"} <= body["error"].keys(), body
+        return True
+    assert content_type.startswith("application/problem+json"), content_type
+    for key in ("type", "title", "status", "detail", "request_id"):
+        assert key in body, f"problem without {key}: {body}"
+    assert body["status"] == response.status_code
+    return True
+
+
+@schemathesis.check
+def valid_input_refused_only_past_the_context(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Input valid by the document is refused only for what the document cannot state.
+
+    Those are :data:`ALLOWED_REFUSALS`; ``schemathesis.toml`` lets the built-in
+    ``positive_data_acceptance`` accept 422 on the operations that take a request body, and this
+    check takes its place there.
+    """
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or case.method.upper() != "POST":
+        return None
+    if case.path not in BODY_OPERATIONS or response.status_code not in (400, 422):
+        return None
+    body = response.json()
+    reason = body["error"]["code"] if "error" in body else body.get("reason")
+    assert reason in ALLOWED_REFUSALS, (
+        f"schema-valid input refused with {response.status_code}: {body}"
+    )
+    return True
