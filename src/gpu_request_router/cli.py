@@ -134,7 +134,12 @@ def worker(
         str | None, typer.Option(help="Simulated GPUs instead of NVML, e.g. 4xH100-80GB.")
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="The worker's name (GPU ids <name>:<index>).")
+        str | None,
+        typer.Option(
+            help="The worker's own name (its GPU ids <name>:<index>; default <host>-<port>, "
+            "distinct per worker on one host). A router that lists the worker in its backends "
+            "shows its GPUs under the backend's name instead."
+        ),
     ] = None,
     router_url: Annotated[
         str | None, typer.Option(help="Register with this router and heartbeat.")

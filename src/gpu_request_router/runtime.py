@@ -33,6 +33,7 @@ from gpu_request_router.core.events import (
     Failure,
     FailureKind,
 )
+from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
 from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.exceptions import InvalidRequest, NotFound, StoreUnavailable
@@ -122,12 +123,15 @@ class Runtime:
         clients: dict[str, BackendClient] = {}
         sources: list[GpuSource] = [SimulatedSource(fleet, worker) for worker in fleet.workers]
         token = settings.auth.worker_token
+        reported_id = _reported_ids(engine.router.monitor)
         for backend in settings.backends:
             if backend.kind == "simulated":
                 clients[backend.name] = SimulatedBackend(backend.name, fleet, clock)
             elif backend.kind == "agent":
                 assert backend.url is not None
-                clients[backend.name] = AgentClient(backend.name, backend.url, token, clock)
+                clients[backend.name] = AgentClient(
+                    backend.name, backend.url, token, clock, reported_id=reported_id
+                )
                 sources.append(AgentSource(backend.url, backend.name, token))
             else:
                 assert backend.url is not None
@@ -149,7 +153,13 @@ class Runtime:
             return False
         if known is not None and not isinstance(known, AgentClient):
             raise InvalidRequest("name", f"{name!r} is the name of a configured backend")
-        self._clients[name] = AgentClient(name, url, self._worker_token, self.clock)
+        self._clients[name] = AgentClient(
+            name,
+            url,
+            self._worker_token,
+            self.clock,
+            reported_id=_reported_ids(self.router.monitor),
+        )
         source = AgentSource(url, name, self._worker_token)
         old = self._worker_loops.pop(name, None)
         if old is not None:
@@ -469,6 +479,21 @@ class Runtime:
         except Exception:  # a bug must not silently stop the timer or the polling
             _log.exception("router_event_failed")
             await asyncio.sleep(_STORE_RETRY_MAX_S / 10)
+
+
+def _reported_ids(monitor: GPUStateMonitor) -> Callable[[str], str]:
+    """For an agent client: the id its worker reported for a GPU the router knows by ``gpu_id``.
+
+    That is the id of the GPU's latest reading (a worker renamed on restart is followed at its
+    next report); a GPU without one keeps the router's id.
+    """
+
+    def reported_id(gpu_id: str) -> str:
+        state = monitor.gpus.get(gpu_id)
+        reported = state.reading.reported_id if state is not None else None
+        return reported or gpu_id
+
+    return reported_id
 
 
 def _openai_source(

@@ -738,6 +738,49 @@ def test_gpu_running_requests_hide_other_users(server: LiveServer) -> None:
     assert listed == [mine["id"]]
 
 
+WORKER_TOKEN = "worker-token-0123456789abcdef"
+
+
+def worker_gpu(**fields: Any) -> dict[str, Any]:
+    """One GPU of a worker's report, as ``gpurouter worker`` named ``node-7-9090`` sends it."""
+    return {
+        "id": "node-7-9090:0",
+        "index": 0,
+        "type": "L4-24GB",
+        "memory_total_mb": 23_034,
+        **fields,
+    }
+
+
+def test_a_registered_worker_s_gpus_are_named_after_its_registration(serve: Serve) -> None:
+    """A worker registering as ``gpu-x`` has its GPUs shown as ``gpu-x:<index>``."""
+    server = serve(auth={"worker_token": WORKER_TOKEN})
+    worker = server.client(headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
+    body = {"name": "gpu-x", "url": "http://127.0.0.1:9", "gpus": [worker_gpu()]}
+    answer = worker.post("/v1/workers", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["gpus"] == 1
+    gpu = server.client("root").get("/v1/gpus/gpu-x:0")
+    assert gpu.status_code == 200 and gpu.json()["worker"] == "gpu-x"
+
+
+@pytest.mark.parametrize("reported", [None, "", 7])
+def test_a_registration_with_a_gpu_lacking_its_id_is_422_and_registers_nothing(
+    serve: Serve, reported: Any
+) -> None:
+    """A GPU the router could not name back to its worker refuses the whole registration."""
+    server = serve(auth={"worker_token": WORKER_TOKEN})
+    worker = server.client(headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
+    gpu = worker_gpu(id=reported)
+    if reported is None:
+        del gpu["id"]
+    body = {"name": "gpu-x", "url": "http://127.0.0.1:9", "gpus": [gpu]}
+    refused = problem(worker.post("/v1/workers", json=body), 422)
+    assert "id" in refused["detail"], refused
+    ids = {item["id"] for item in server.client("root").get("/v1/gpus").json()["items"]}
+    assert ids == set(GPUS)
+
+
 # Quotas and users --------------------------------------------------------------------------------
 
 

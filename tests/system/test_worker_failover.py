@@ -41,10 +41,19 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, path: str
 
 
 class Cluster:
-    """One router (`gpurouter serve`) and two workers: w1 listed in the config, w2 registering."""
+    """One router (`gpurouter serve`) and two workers, w1 and w2, all real processes.
 
-    def __init__(self, workdir: Path) -> None:
+    By default w1 is listed in the config and w2 registers itself, each named as the router
+    knows it; with ``named=False`` both are listed in the config and started without ``--name``.
+    """
+
+    def __init__(
+        self, workdir: Path, *, named: bool = True, gpus: str = "2xH100-80GB", slots: int = 4
+    ) -> None:
         self.workdir = workdir
+        self.named = named
+        self.gpus = gpus
+        self.slots = slots
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.ports = {name: free_port() for name in ("router", "w1", "w2")}
         self.url = f"http://127.0.0.1:{self.ports['router']}"
@@ -57,17 +66,22 @@ class Cluster:
             "retries": {"backoff_s": 0.05, "max_backoff_s": 0.2},
             "logging": {"level": "warning"},
         }
+        listed = ("w1",) if named else ("w1", "w2")
         router = {
             **common,
             "server": {"port": self.ports["router"]},
             "state": {"sqlite_path": str(workdir / "router.db")},
             "quotas": {"default": {"requests_per_minute": None, "max_concurrent": None}},
             "backends": [
-                {"name": "w1", "kind": "agent", "url": f"http://127.0.0.1:{self.ports['w1']}"}
+                {"name": name, "kind": "agent", "url": self.worker_url(name)} for name in listed
             ],
         }
         (workdir / "router.yaml").write_text(yaml.safe_dump(router))
         (workdir / "worker.yaml").write_text(yaml.safe_dump(common))
+
+    def worker_url(self, name: str) -> str:
+        """Where worker ``name`` listens."""
+        return f"http://127.0.0.1:{self.ports[name]}"
 
     def _start(self, name: str, args: list[str]) -> None:
         log = self.workdir / f"{name}.log"
@@ -86,19 +100,20 @@ class Cluster:
             "--config",
             str(self.workdir / "worker.yaml"),
             "--simulate",
-            "2xH100-80GB",
+            self.gpus,
             "--slots",
-            "4",
-            "--name",
-            name,
+            str(self.slots),
             "--port",
             str(self.ports[name]),
         ]
-        if name == "w2":
+        if self.named:
+            args += ["--name", name]
+        if self.named and name == "w2":
             args += ["--router-url", self.url]
         self._start(name, args)
-        url = f"http://127.0.0.1:{self.ports[name]}"
-        _wait_ready(url, self.processes[name], self.workdir / f"{name}.log", "/healthz")
+        _wait_ready(
+            self.worker_url(name), self.processes[name], self.workdir / f"{name}.log", "/healthz"
+        )
 
     def start(self) -> None:
         for name in ("w1", "w2"):
@@ -250,3 +265,90 @@ def test_a_worker_back_from_the_dead_takes_work_again(
     request = client.post(f"{cluster.url}/v1/requests", json=body).json()
     done = client.get(f"{cluster.url}/v1/requests/{request['id']}", params={"wait": 30}).json()
     assert done["status"] == "succeeded" and done["placement"]["worker"] == "w1"
+
+
+@pytest.fixture
+def unnamed(tmp_path: Path) -> Iterator[Cluster]:
+    """A router with backends w1 and w2: one-H100 workers on this host started without --name."""
+    running = Cluster(tmp_path, named=False, gpus="1xH100-80GB", slots=2)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def _submit_big(client: httpx.Client, url: str, label: str, duration_s: float) -> str:
+    """Submit a request for 45 GB of one GPU (an H100 holds one at a time); return its id."""
+    body = {
+        "model": "llama-3-8b",
+        "resources": {"gpu_memory_mb": 46_080},
+        "input": {
+            "messages": [{"role": "user", "content": label}],
+            "max_tokens": 4,
+            "simulate": {"duration_s": duration_s, "peak_memory_mb": 46_080},
+        },
+    }
+    response = client.post(f"{url}/v1/requests", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def _finish(client: httpx.Client, url: str, request_ids: list[str]) -> list[dict[str, Any]]:
+    """The requests once terminal (each waited on for 30 s at most)."""
+    return [
+        client.get(f"{url}/v1/requests/{request_id}", params={"wait": 30}).json()
+        for request_id in request_ids
+    ]
+
+
+def test_workers_named_unlike_their_backends_run_work_and_fail_over(
+    unnamed: Cluster, client: httpx.Client
+) -> None:
+    """Unnamed workers on one host run work placed by backend name, and fail over when killed."""
+    names = {
+        name: httpx.get(f"{unnamed.worker_url(name)}/healthz", timeout=5).json()["worker"]
+        for name in ("w1", "w2")
+    }
+    assert names["w1"] != names["w2"], names
+    assert all(names[name].endswith(f"-{unnamed.ports[name]}") for name in names), names
+    assert set(_gpus(client, unnamed.url)) == {"w1:0", "w2:0"}
+
+    first = [_submit_big(client, unnamed.url, f"first {index}", 0.5) for index in range(4)]
+    done = _finish(client, unnamed.url, first)
+    assert [request["status"] for request in done] == ["succeeded"] * 4, json.dumps(done)
+    assert {request["placement"]["gpu_id"] for request in done} == {"w1:0", "w2:0"}
+    for gpu in ("w1:0", "w2:0"):  # 45 GB each: an H100 runs them one after the other
+        runs = sorted(
+            (request["started_at"], request["finished_at"])
+            for request in done
+            if request["placement"]["gpu_id"] == gpu
+        )
+        assert all(ended <= began for (_, ended), (began, _) in itertools.pairwise(runs)), runs
+
+    second = [_submit_big(client, unnamed.url, f"second {index}", 1.0) for index in range(4)]
+    deadline = time.monotonic() + 10
+    while True:
+        running = [
+            request
+            for request in client.get(f"{unnamed.url}/v1/requests", params={"limit": 100}).json()[
+                "items"
+            ]
+            if request["id"] in second
+            and request["status"] == "running"
+            and request["placement"]["gpu_id"] == "w1:0"
+        ]
+        if running:
+            break
+        assert time.monotonic() < deadline, "nothing of the second batch ran on w1"
+        time.sleep(0.05)
+    unnamed.kill("w1")
+    done = _finish(client, unnamed.url, second)
+    assert [request["status"] for request in done] == ["succeeded"] * 4, json.dumps(done)
+    moved = {request["id"]: request for request in done}[running[0]["id"]]
+    assert moved["placement"]["gpu_id"] == "w2:0" and moved["attempts"] > 1, json.dumps(moved)
+    deadline = time.monotonic() + 10
+    while _gpus(client, unnamed.url)["w1:0"]["health"] != "unhealthy":
+        assert time.monotonic() < deadline, "the killed worker's GPU did not turn unhealthy"
+        time.sleep(0.1)
+    assert _gpus(client, unnamed.url)["w2:0"]["health"] == "healthy"

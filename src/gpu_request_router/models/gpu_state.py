@@ -31,7 +31,10 @@ class GPUReading:
     cannot tell, such as plain NVML or dcgm-exporter). ``backend`` is the configured backend the
     GPU belongs to. ``load`` (0..1) is how busy the backend says it is (an inference server's
     KV-cache usage), where it says. ``running`` lists the router's executions the reading saw
-    on the GPU (a worker says; ``None`` for sources that cannot tell). Fields a device does not
+    on the GPU (a worker says; ``None`` for sources that cannot tell). ``reported_id`` is the id
+    a ``gpurouter worker`` itself gives the GPU (``<its own name>:<index>``), which the router
+    sends back when it names the GPU to that worker; the router's own id is always
+    ``<worker>:<index>`` (``None`` for sources that are not workers). Fields a device does not
     support are ``None``.
     """
 
@@ -54,6 +57,7 @@ class GPUReading:
     models_loaded: tuple[str, ...] = ()
     load: float | None = None
     running: tuple[str, ...] | None = None
+    reported_id: str | None = None
 
     @property
     def gpu_id(self) -> str:

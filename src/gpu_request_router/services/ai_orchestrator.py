@@ -193,8 +193,12 @@ class _HttpBackend:
             await self._session.close()
 
 
-def agent_payload(dispatch: Dispatch) -> dict[str, Any]:
-    """The body of ``POST /v1/executions`` for a dispatch (the worker protocol, SPEC §6)."""
+def agent_payload(dispatch: Dispatch, reported_id: Callable[[str], str]) -> dict[str, Any]:
+    """The body of ``POST /v1/executions`` for a dispatch (the worker protocol, SPEC §6).
+
+    ``gpu_ids`` and the keys of ``reservations`` are the ids the worker itself gave the GPUs:
+    ``reported_id`` maps each of the router's GPU ids to it.
+    """
     request = dispatch.request
     return {
         "execution_id": dispatch.execution_id,
@@ -203,8 +207,8 @@ def agent_payload(dispatch: Dispatch) -> dict[str, Any]:
         "model": request.model,
         "task": request.task.value,
         "input": dict(request.input),
-        "gpu_ids": list(dispatch.placement.gpu_ids),
-        "reservations": dict(dispatch.reservations),
+        "gpu_ids": [reported_id(gpu_id) for gpu_id in dispatch.placement.gpu_ids],
+        "reservations": {reported_id(gpu_id): mb for gpu_id, mb in dispatch.reservations.items()},
         "estimate": {
             "gpu_memory_mb": request.estimate.gpu_memory_mb,
             "duration_s": dict(request.estimate.duration_s),
@@ -238,13 +242,26 @@ async def _read_json(response: aiohttp.ClientResponse) -> tuple[Any, str]:
 
 
 class AgentClient(_HttpBackend):
-    """The ``agent`` backend: ``gpurouter worker`` on a GPU host, over the worker protocol."""
+    """The ``agent`` backend: ``gpurouter worker`` on a GPU host, over the worker protocol.
+
+    The router's GPU ids (``<backend name>:<index>``) need not be the worker's
+    (``<its own name>:<index>``): ``reported_id`` gives, for each of the router's ids, the id
+    the worker reported for that GPU, which is what the worker is sent.
+    """
 
     def __init__(
-        self, name: str, url: str, token: str | None, clock: Clock, *, connections: int = 256
+        self,
+        name: str,
+        url: str,
+        token: str | None,
+        clock: Clock,
+        *,
+        reported_id: Callable[[str], str],
+        connections: int = 256,
     ) -> None:
         super().__init__(name, url, token, connections)
         self._clock = clock
+        self._reported_id = reported_id
 
     async def execute(
         self, dispatch: Dispatch, started: Callable[[], None], sink: StreamSink | None = None
@@ -253,7 +270,9 @@ class AgentClient(_HttpBackend):
         timeout = self._timeout(dispatch, self._clock.now())
         try:
             request = self.session.post(
-                f"{self.url}/v1/executions", json=agent_payload(dispatch), timeout=timeout
+                f"{self.url}/v1/executions",
+                json=agent_payload(dispatch, self._reported_id),
+                timeout=timeout,
             )
             started()
             async with request as response:

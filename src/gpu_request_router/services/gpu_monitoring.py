@@ -285,14 +285,25 @@ class DcgmSource:
             self._client = None
 
 
+# The longest GPU id a worker may report (its name, at most 128 characters, ':' and an index).
+_MAX_ID_CHARS = 256
+
+
 def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> GPUReading:
     """A reading from one GPU of a worker's ``GET /v1/gpus`` (the worker protocol).
+
+    The router names the GPU ``<worker>:<index>`` (``worker`` as the router knows it: the
+    backend's name, or the name the worker registered with) and keeps the worker's own ``id`` as
+    :attr:`~GPUReading.reported_id`, the id it sends back when it places work there.
 
     Raises:
         ValueError: the item is not a well-formed GPU reading.
     """
     try:
         index = item["index"]
+        reported = item["id"]
+        if not isinstance(reported, str) or not 0 < len(reported) <= _MAX_ID_CHARS:
+            raise TypeError(f"id must be a string of 1 to {_MAX_ID_CHARS} characters")
         total = item["memory_total_mb"]
         used = item.get("memory_used_mb") or 0
         reserved = item.get("memory_reserved_mb") or 0
@@ -327,6 +338,7 @@ def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> G
             models=models,
             models_loaded=loaded,
             running=tuple(running) if running is not None else None,
+            reported_id=reported,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"worker {worker} sent a malformed GPU reading: {exc}") from exc

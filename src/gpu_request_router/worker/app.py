@@ -108,12 +108,17 @@ _STATUS = {
 
 
 def worker_name(settings: WorkerSettings) -> str:
-    """The worker's name: ``worker.name``, else this host's name (made a valid name)."""
+    """The worker's name: ``worker.name``, else ``<host>-<port>`` (made a valid name).
+
+    The port tells apart the workers of one host, so their GPU ids (``<name>:<index>``) never
+    collide; ``<host>`` is this host's short name (``worker`` when it has none usable).
+    """
     if settings.name:
         return settings.name
+    suffix = f"-{settings.port}"
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])
-    host = host.lstrip("._-")[:128]
-    return host or "worker"
+    host = host.lstrip("._-")[: 128 - len(suffix)]
+    return f"{host or 'worker'}{suffix}"
 
 
 def simulated_fleet(name: str, settings: WorkerSettings) -> SimulatedFleet:

@@ -12,6 +12,7 @@ from gpu_request_router.services.gpu_monitoring import reading_from_worker
 def item(**fields: Any) -> dict[str, Any]:
     """One GPU of the worker protocol, with ``fields`` changed."""
     base: dict[str, Any] = {
+        "id": "node-7-9090:0",
         "index": 0,
         "type": "H100-80GB",
         "memory_total_mb": 81559,
@@ -43,3 +44,20 @@ def test_a_malformed_running_list_is_refused(running: Any) -> None:
     """Anything but a list of ids is a malformed reading, named as such."""
     with pytest.raises(ValueError, match="malformed GPU reading: running"):
         reading_from_worker(item(running=running), "w1", "w1")
+
+
+def test_the_router_names_the_gpu_by_its_worker_and_keeps_the_reported_id() -> None:
+    """The GPU is ``<worker as the router knows it>:<index>``; the worker's own id is kept."""
+    reading = reading_from_worker(item(index=1, id="node-7-9090:1"), "w1", "w1")
+    assert reading.gpu_id == "w1:1"
+    assert reading.reported_id == "node-7-9090:1"
+
+
+@pytest.mark.parametrize("reported", [None, "", 7, ["w:0"], "x" * 257])
+def test_a_missing_or_malformed_id_is_refused(reported: Any) -> None:
+    """A GPU the router could not name back to its worker is a malformed reading."""
+    body = item(id=reported)
+    if reported is None:
+        del body["id"]
+    with pytest.raises(ValueError, match="malformed GPU reading"):
+        reading_from_worker(body, "w1", "w1")
