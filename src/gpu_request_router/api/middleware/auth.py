@@ -119,16 +119,17 @@ class Authenticator:
         """A worker presenting the shared worker token.
 
         Raises:
-            Forbidden: no worker token is configured (registration is off), whatever the call
-                presents: there is no secret to guess then.
+            Forbidden: a token is presented but none is configured (registration is off); it
+                is not counted as a bad key, there being no secret to guess.
             TooManyAuthFailures: the token is not valid, and ``client`` or the token's prefix
                 had too many bad keys in the last minute.
             Unauthenticated: the token is missing or wrong.
         """
-        if self._worker_digest is None:
-            raise Forbidden("worker registration is off: no auth.worker_token is configured")
-        if key and hmac.compare_digest(self._worker_digest, hash_key(key)):
-            return Caller(f"{WORKER_PREFIX}{client}")
+        if key:
+            if self._worker_digest is None:
+                raise Forbidden("worker registration is off: no auth.worker_token is configured")
+            if hmac.compare_digest(self._worker_digest, hash_key(key)):
+                return Caller(f"{WORKER_PREFIX}{client}")
         self._refuse(key, client)
 
     def _refuse(self, key: str | None, client: str) -> NoReturn:
