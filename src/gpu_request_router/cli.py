@@ -118,6 +118,8 @@ def serve(
         http="httptools",
         log_config=None,
         access_log=False,
+        # The router reads X-Forwarded-For itself, from server.trusted_proxies only.
+        proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
 

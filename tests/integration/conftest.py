@@ -129,6 +129,7 @@ class _Running:
             port=self.port,
             log_level="warning",
             lifespan="on",
+            proxy_headers=False,  # as `gpurouter serve`: the router reads X-Forwarded-For itself
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)

@@ -18,6 +18,7 @@ from gpu_request_router import __version__
 from gpu_request_router.api.dependencies import Service
 from gpu_request_router.api.middleware.auth import Authenticator, AuthMiddleware
 from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
+from gpu_request_router.api.middleware.client_address import ClientAddress
 from gpu_request_router.api.middleware.error_handler import install_error_handlers, is_openai_path
 from gpu_request_router.api.middleware.logging import RequestContextMiddleware
 from gpu_request_router.api.models.common import OpenAIError, Problem
@@ -69,7 +70,12 @@ def create_app(
     clock = clock if clock is not None else SystemClock()
     store = store if store is not None else open_store(settings.state)
     runtime = Runtime.from_settings(settings, store=store, clock=clock, seed=seed)
-    service = Service(settings, runtime, Authenticator(settings.auth, clock.now))
+    service = Service(
+        settings,
+        runtime,
+        Authenticator(settings.auth, clock.now),
+        ClientAddress(settings.server.trusted_proxies),
+    )
     runtime.router.listeners.append(AuditLog())
     provider = None
     if settings.logging.otlp_endpoint is not None:
@@ -108,6 +114,7 @@ def create_app(
     app.add_middleware(
         AuthMiddleware,
         authenticator=service.auth,
+        client_address=service.client_address,
         protect_metrics=settings.server.metrics_require_auth,
     )
     app.add_middleware(RequestContextMiddleware)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gpu_request_router.api.middleware.auth import WORKER_PREFIX, Authenticator, bearer_key
+from gpu_request_router.api.middleware.client_address import ClientAddress
 from gpu_request_router.api.models.request_models import RequestOut
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.request_receiver import Caller
@@ -30,11 +31,12 @@ __all__ = [
 
 @dataclass(slots=True)
 class Service:
-    """Everything the routes use: settings, the running core and the authenticator."""
+    """Everything the routes use: settings, the running core, the authenticator and who calls."""
 
     settings: Settings
     runtime: Runtime
     auth: Authenticator
+    client_address: ClientAddress
 
     def visible(self, request_id: str, caller: Caller) -> DomainRequest:
         """The request if ``caller`` may see it; another user's request is not found (I5).
@@ -92,7 +94,7 @@ def caller_of(request: Request, service: Service) -> Caller:
     """
     caller: Caller | None = request.scope.get("state", {}).get("caller")
     if caller is None:
-        client = request.client.host if request.client is not None else "unknown"
+        client = service.client_address.of(request.scope)
         caller = service.auth.authenticate(bearer_key(request.scope), client)
         structlog.contextvars.bind_contextvars(user=caller.user)
     return caller

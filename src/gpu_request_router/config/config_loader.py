@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -83,6 +90,7 @@ class ServerSettings(_Section):
     metrics_require_auth: bool = False
     default_timeout_s: float = Field(3600.0, gt=0)
     max_timeout_s: float = Field(86400.0, gt=0)
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _timeouts(self) -> Self:

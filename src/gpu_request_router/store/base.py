@@ -221,6 +221,14 @@ class StateStore(ABC):
     def ping(self) -> None:
         """Return if the store can be used, else raise ``StoreUnavailable``."""
 
+    @abstractmethod
+    def check_writable(self, now: float) -> None:
+        """Return if the store takes writes, else raise ``StoreUnavailable``; cheap to poll.
+
+        ``now`` (seconds, any monotonic clock) lets a store rate-limit whatever write it makes
+        to find out.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
         """Release connections and files."""
 

@@ -176,6 +176,9 @@ class MemoryStore(StateStore):
     def ping(self) -> None:
         """Always usable."""
 
+    def check_writable(self, now: float) -> None:
+        """Always takes writes."""
+
     # GPU memory reservations -----------------------------------------------------------------
 
     def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:

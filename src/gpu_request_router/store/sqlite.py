@@ -28,6 +28,11 @@ Pitfalls avoided
       becomes :class:`~gpu_request_router.exceptions.StoreUnavailable`; an ``IntegrityError``
       (a bug: the same request id added twice) propagates.
 
+Readiness
+    :meth:`SQLiteStore.check_writable` answers whether writes work from the outcome of the last
+    write transaction, and writes a probe (the schema version it already has) at most every
+    :data:`WRITE_PROBE_INTERVAL_S`, so a full disk and its recovery are seen without traffic.
+
 GPU memory reservations are *not* in the file: they are derived state (the memory of the
 dispatching and running requests of this router's GPUs), owned by the one router process that
 drives those GPUs and rebuilt at recovery, when the requests that held them are queued again. They
@@ -70,7 +75,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +109,9 @@ SCHEMA_VERSION = 3
 
 BUSY_TIMEOUT_MS = 5000
 """How long a write waits for another connection's write lock before giving up."""
+
+WRITE_PROBE_INTERVAL_S = 1.0
+"""The most often :meth:`SQLiteStore.check_writable` writes to learn whether writes work."""
 
 _UNFINISHED = tuple(sorted(s.value for s in RequestStatus if s not in TERMINAL_STATUSES))
 _UNFINISHED_SQL = "status IN ({})".format(", ".join(f"'{status}'" for status in _UNFINISHED))
@@ -254,6 +262,9 @@ class SQLiteStore(StateStore):
         self._lock = threading.RLock()
         self._closed = False
         self._reservations = ReservationLedger()
+        # Why the last write failed (None once one succeeds), and when a probe last wrote.
+        self._write_failure: str | None = None
+        self._probed_at: float | None = None
         try:
             self._conn = sqlite3.connect(
                 self.path,
@@ -313,23 +324,33 @@ class SQLiteStore(StateStore):
     def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"SQLite state store {self.path}: cannot {action}: {exc}")
 
+    def _write_failed(self, action: str, exc: sqlite3.Error) -> StoreUnavailable:
+        error = self._unavailable(action, exc)
+        self._write_failure = error.message
+        return error
+
     @contextmanager
     def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE ... COMMIT`` transaction, rolled back on any error."""
+        """One ``BEGIN IMMEDIATE ... COMMIT`` transaction, rolled back on any error.
+
+        Its outcome is remembered for :meth:`check_writable`: a store error makes it the last
+        write failure, a commit clears that.
+        """
         with self._lock:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise self._unavailable(action, exc) from exc
+                raise self._write_failed(action, exc) from exc
             try:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException as exc:
                 self._rollback()
                 if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
-                    raise self._unavailable(action, exc) from exc
+                    raise self._write_failed(action, exc) from exc
                 raise
+            self._write_failure = None
 
     def _rollback(self) -> None:
         try:
@@ -516,6 +537,23 @@ class SQLiteStore(StateStore):
     def ping(self) -> None:
         """Return if the database answers a query, else raise ``StoreUnavailable``."""
         self._read("answer a ping", "SELECT count(*) FROM sqlite_master")
+
+    def check_writable(self, now: float) -> None:
+        """Raise ``StoreUnavailable`` while writes fail (a full disk, a read-only file, a lock).
+
+        The answer is the outcome of the last write, the router's own or a probe. A probe is
+        written when the last one is :data:`WRITE_PROBE_INTERVAL_S` old or more, so that a
+        failure is noticed without traffic and a recovery without any other write: it rewrites
+        the schema version the file already has, one page through the WAL, and changes nothing.
+        """
+        with self._lock:
+            if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
+                self._probed_at = now
+                # A failure is remembered as the last write's, like any other.
+                with suppress(StoreUnavailable), self._write("write (probe)") as conn:
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self._write_failure is not None:
+                raise StoreUnavailable(self._write_failure)
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed); later calls raise StoreUnavailable."""

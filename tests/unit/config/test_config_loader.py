@@ -357,6 +357,16 @@ def test_unparsable_env_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
         pytest.param(
             {"server": {"default_timeout_s": 10, "max_timeout_s": 5}}, "server", id="timeouts"
         ),
+        pytest.param(
+            {"server": {"trusted_proxies": ["10.0.0.1/8"]}},
+            "server.trusted_proxies.0",
+            id="trusted-proxy-host-bits",
+        ),
+        pytest.param(
+            {"server": {"trusted_proxies": ["proxy.internal"]}},
+            "server.trusted_proxies.0",
+            id="trusted-proxy-not-an-address",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict[str, Any], key: str) -> None:

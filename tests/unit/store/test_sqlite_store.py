@@ -570,6 +570,36 @@ def test_a_read_only_connection_raises_and_leaves_the_data_as_it_was(db: Path) -
         store.close()
 
 
+def test_a_failed_write_makes_the_store_unwritable_until_a_write_succeeds(
+    store: SQLiteStore,
+) -> None:
+    """check_writable reports the last write's failure (a full file) until a later write commits."""
+    store.check_writable(T0)  # probes: the file takes writes
+    request = fill_some(store)
+    pragma(store, f"max_page_count = {pragma(store, 'page_count')}")
+    with pytest.raises(StoreUnavailable, match="full"):
+        failed_writes(store, request)[0]()
+    with pytest.raises(StoreUnavailable, match="cannot add a request: database or disk is full"):
+        store.check_writable(T0 + 0.5)  # no probe within the second: the failure is remembered
+    pragma(store, "max_page_count = 1073741823")
+    add(store, make_request("r2"))
+    store.check_writable(T0 + 0.6)
+
+
+def test_check_writable_probes_at_most_once_a_second(store: SQLiteStore) -> None:
+    """A database turned read-only is noticed by the next probe, a second after the last one."""
+    store.check_writable(T0)
+    pragma(store, "query_only = ON")
+    store.check_writable(T0 + 0.9)  # the last outcome (the probe at T0) still stands
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        store.check_writable(T0 + 1.0)
+    pragma(store, "query_only = OFF")
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        store.check_writable(T0 + 1.5)
+    store.check_writable(T0 + 2.0)  # the next probe commits
+    assert pragma(store, "user_version") == SCHEMA_VERSION  # and changed nothing
+
+
 def test_a_read_only_file_is_unavailable(tmp_path: Path) -> None:
     """A database file and directory without write permission give StoreUnavailable."""
     folder = tmp_path / "ro"

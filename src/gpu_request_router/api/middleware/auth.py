@@ -6,25 +6,33 @@ learns nothing else about the API and costs nothing more.
 
 Only hashes of keys are kept (``auth.users[].api_key_sha256``). A presented key is hashed and
 looked up by its hash, then compared in constant time (``hmac.compare_digest``). Unknown,
-malformed and missing keys get the same answer. A client (by address) that presents too many bad
-keys within a minute is refused with 429 until the minute has passed,
-a stricter limit than any quota (OWASP API2); ``auth.max_failures_per_minute`` sets it. Calls
-without any key are refused but not counted, so keyless probes cannot lock real users out.
+malformed and missing keys get the same answer.
+
+Bad keys are throttled, a stricter limit than any quota (OWASP API2): more than
+``auth.max_failures_per_minute`` of them within a minute from one client address, or starting
+with the same :data:`KEY_PREFIX_CHARS` characters from anywhere, and further bad keys of that
+address or prefix get 429 until the minute has passed. A valid key is never refused by this
+limit, so one client presenting bad keys behind a proxy or NAT locks nobody else out. Calls
+without any key are refused (429 from a throttled address) but not counted, so keyless probes
+cannot throttle anyone. The client address is the socket's peer, or the client a trusted proxy
+names (:mod:`~gpu_request_router.api.middleware.client_address`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpu_request_router.api.middleware.client_address import ClientAddress
 from gpu_request_router.api.middleware.error_handler import error_response
+from gpu_request_router.api.middleware.failure_limiter import FailureLimiter
 from gpu_request_router.config.config_loader import AuthSettings
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.exceptions import (
@@ -36,6 +44,7 @@ from gpu_request_router.exceptions import (
 
 __all__ = [
     "ANONYMOUS",
+    "KEY_PREFIX_CHARS",
     "WORKER_PREFIX",
     "AuthMiddleware",
     "Authenticator",
@@ -48,8 +57,9 @@ WORKER_PREFIX = "worker:"
 WORKER_PATH = "/v1/workers"
 
 ANONYMOUS = Caller("anonymous", admin=True)
+KEY_PREFIX_CHARS = 8
+"""Bad keys sharing this many first characters are throttled together, from any address."""
 _WINDOW_S = 60.0
-_MAX_TRACKED_CLIENTS = 10_000
 
 
 def hash_key(key: str) -> str:
@@ -77,8 +87,9 @@ class Authenticator:
         token = settings.worker_token
         self._worker_digest = hash_key(token) if token else None
         self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._max_failures = settings.max_failures_per_minute
+        limit = settings.max_failures_per_minute
+        self._by_address = FailureLimiter(limit, window_s=_WINDOW_S)
+        self._by_prefix = FailureLimiter(limit, window_s=_WINDOW_S)
 
     @property
     def roles(self) -> dict[str, str]:
@@ -91,53 +102,49 @@ class Authenticator:
         """The caller a Bearer ``key`` belongs to.
 
         Raises:
-            TooManyAuthFailures: ``client`` sent too many bad keys in the last minute.
+            TooManyAuthFailures: the key is not valid, and ``client`` or the key's prefix had
+                too many bad keys in the last minute.
             Unauthenticated: the key is missing or unknown.
         """
         if not self.enabled:
             return ANONYMOUS
-        now = self._clock()
-        self._check_throttle(client, now)
-        if not key:
-            raise Unauthenticated()
-        digest = hash_key(key)
-        user = self._users.get(digest)
-        if user is None or not hmac.compare_digest(user.digest, digest):
-            self._fail(client, now)
-            raise Unauthenticated()
-        return Caller(user.name, admin=user.admin)
-
-    def _check_throttle(self, client: str, now: float) -> None:
-        failures = self._failures.get(client)
-        if failures is not None:
-            while failures and failures[0] <= now - _WINDOW_S:
-                failures.popleft()
-            if len(failures) >= self._max_failures:
-                raise TooManyAuthFailures(failures[0] + _WINDOW_S - now)
-
-    def _fail(self, client: str, now: float) -> None:
-        if client not in self._failures and len(self._failures) >= _MAX_TRACKED_CLIENTS:
-            self._failures.pop(next(iter(self._failures)))
-        self._failures.setdefault(client, deque()).append(now)
+        if key:
+            digest = hash_key(key)
+            user = self._users.get(digest)
+            if user is not None and hmac.compare_digest(user.digest, digest):
+                return Caller(user.name, admin=user.admin)
+        self._refuse(key, client)
 
     def authenticate_worker(self, key: str | None, client: str) -> Caller:
         """A worker presenting the shared worker token.
 
         Raises:
-            Forbidden: no worker token is configured (registration is off).
-            TooManyAuthFailures: ``client`` sent too many bad keys in the last minute.
+            Forbidden: a token is presented but none is configured (registration is off); it
+                is not counted as a bad key, there being no secret to guess.
+            TooManyAuthFailures: the token is not valid, and ``client`` or the token's prefix
+                had too many bad keys in the last minute.
             Unauthenticated: the token is missing or wrong.
         """
+        if key:
+            if self._worker_digest is None:
+                raise Forbidden("worker registration is off: no auth.worker_token is configured")
+            if hmac.compare_digest(self._worker_digest, hash_key(key)):
+                return Caller(f"{WORKER_PREFIX}{client}")
+        self._refuse(key, client)
+
+    def _refuse(self, key: str | None, client: str) -> NoReturn:
+        """Refuse a missing or bad key: 429 while its address or prefix waits, else count it."""
         now = self._clock()
-        self._check_throttle(client, now)
-        if not key:
-            raise Unauthenticated()
-        if self._worker_digest is None:
-            raise Forbidden("worker registration is off: no auth.worker_token is configured")
-        if not hmac.compare_digest(self._worker_digest, hash_key(key)):
-            self._fail(client, now)
-            raise Unauthenticated()
-        return Caller(f"{WORKER_PREFIX}{client}")
+        buckets = [(self._by_address, client)]
+        if key:
+            buckets.append((self._by_prefix, key[:KEY_PREFIX_CHARS]))
+        waits = [limiter.retry_after(bucket, now) for limiter, bucket in buckets]
+        if any(wait is not None for wait in waits):
+            raise TooManyAuthFailures(max(wait for wait in waits if wait is not None))
+        if key:
+            for limiter, bucket in buckets:
+                limiter.record(bucket, now)
+        raise Unauthenticated()
 
     @staticmethod
     def require_admin(caller: Caller) -> Caller:
@@ -163,15 +170,22 @@ def bearer_key(scope: Scope) -> str | None:
 class AuthMiddleware:
     """Authenticates protected paths first; the caller goes to ``scope["state"]["caller"]``."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator, protect_metrics: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator,
+        client_address: ClientAddress,
+        protect_metrics: bool,
+    ) -> None:
         self.app = app
         self.authenticator = authenticator
+        self.client_address = client_address
         self.protect_metrics = protect_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
         if scope["type"] == "http" and self._protected(scope["path"]):
-            client = scope["client"][0] if scope.get("client") else "unknown"
+            client = self.client_address.of(scope)
             check = (
                 self.authenticator.authenticate_worker
                 if scope["path"] == WORKER_PATH

@@ -81,13 +81,21 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     summary="Readiness",
     tags=["health"],
-    responses={503: {"description": "Not ready: the store or the GPUs are not available."}},
+    responses={
+        503: {"description": "Not ready: the store cannot be read or written, or no GPU is known."}
+    },
 )
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Ready when the state store answers and at least one GPU is known."""
+    """Ready when the state store answers and takes writes, and at least one GPU is known.
+
+    Cheap enough to poll: the store answers one read, and for writes the outcome of its last
+    write (the SQLite store writes a one-page probe at most once a second to find out).
+    """
     checks: dict[str, str] = {}
+    store = service.runtime.engine.store
     try:
-        service.runtime.engine.store.ping()
+        store.ping()
+        store.check_writable(service.runtime.clock.now())
         checks["store"] = "ok"
     except StoreUnavailable as exc:
         checks["store"] = exc.message
