@@ -1471,6 +1471,30 @@ def test_max_queued_429_with_retry_after(serve: Serve) -> None:
     submit(server.client("bob"))
 
 
+def test_the_routers_queue_bound_is_503_with_retry_after_until_a_place_frees(
+    serve: Serve,
+) -> None:
+    """With max_queued_total waiting, any user's next submission is 503 and stores nothing."""
+    server = serve(quotas={"max_queued_total": 2})
+    alice, bob, root = server.client("alice"), server.client("bob"), server.client("root")
+    cordon_all(root)
+    first = submit(alice)
+    submit(alice)
+    key = {"Idempotency-Key": "when-full"}
+    response = bob.post("/v1/requests", json=chat_body(), headers=key)
+    body = problem(response, 503)
+    assert body["reason"] == "queue_full" and body["type"] == "/problems/queue-full"
+    assert int(response.headers["retry-after"]) >= 1 and body["retry_after_s"] > 0
+    assert len(list_ids(root)) == 2 and list_ids(bob) == []
+    assert bob.get("/v1/quota").json()["usage"]["requests_last_minute"] == 0
+    problem(root.post("/v1/requests", json=chat_body()), 503)  # admins too: it is memory
+    prometheus = server.client().get("/metrics").text
+    assert 'gpurouter_requests_rejected_total{reason="queue_full"} 2.0' in prometheus
+    assert alice.delete(f"/v1/requests/{first['id']}").status_code == 200
+    again = bob.post("/v1/requests", json=chat_body(), headers=key)
+    assert accepted(again)["status"] == "queued" and len(list_ids(root)) == 3
+
+
 def test_priority_above_max_priority_is_403(serve: Serve) -> None:
     """A class above the user's max_priority is 403; allowed classes are accepted."""
     server = serve(user_quotas={"alice": {"max_priority": "normal"}})

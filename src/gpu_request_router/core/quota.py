@@ -3,7 +3,9 @@
 At submit (:meth:`QuotaEnforcer.admit`): priority above ``max_priority`` and memory above
 ``max_gpu_memory_mb`` are refused for good (waiting never helps); ``max_queued``,
 ``gpu_seconds_per_hour`` already used up, and ``requests_per_minute`` are refused with the time
-after which a retry can succeed. The rate check is the last one: ``admit`` returns the
+after which a retry can succeed. Then :meth:`QuotaEnforcer.check_room` refuses, with such a
+time, while the router as a whole holds ``quotas.max_queued_total`` waiting requests (a bound on
+its memory, no user's quota). The rate check is the last one: ``admit`` returns the
 :class:`RateAdmission` that the store checks and records in the same atomic step that adds the
 request, so a refused request, or one the store could not take, never counts.
 
@@ -21,7 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gpu_request_router.config.config_loader import QuotaSettings
-from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, QuotaForbidden
+from gpu_request_router.exceptions import (
+    InvalidRequest,
+    QueueFull,
+    QuotaExceeded,
+    QuotaForbidden,
+)
 from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
 from gpu_request_router.store.base import RateAdmission, RateRefused, StateStore
 
@@ -136,6 +143,20 @@ class QuotaEnforcer:
                 retry_after_s=max(queue_retry_after_s(), 0.001),
             )
         return RateAdmission(now, MINUTE_S, quota.requests_per_minute)
+
+    def check_room(self, waiting: int, retry_after_s: Callable[[], float]) -> None:
+        """Refuse a submission while ``waiting`` requests (of all users) fill the router's queue.
+
+        Args:
+            waiting: how many requests wait in the router now, queued or backing off to retry.
+            retry_after_s: when a place is expected to free up (asked only on a refusal).
+
+        Raises:
+            QueueFull: ``quotas.max_queued_total`` requests are waiting.
+        """
+        limit = self._settings.max_queued_total
+        if limit is not None and waiting >= limit:
+            raise QueueFull(waiting, limit, retry_after_s=max(retry_after_s(), 0.001))
 
     @staticmethod
     def rate_exceeded(admission: RateAdmission, refused: RateRefused) -> QuotaExceeded:
