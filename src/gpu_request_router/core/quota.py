@@ -44,18 +44,26 @@ class QuotaEnforcer:
     def __init__(self, settings: QuotaSettings, classes: Sequence[str], store: StateStore) -> None:
         self._settings = settings
         self._rank = {name: rank for rank, name in enumerate(classes)}
+        self._top = classes[0]
         self._store = store
-        self._cache: dict[str, UserQuota] = {}
+        self._cache: dict[tuple[str, bool], UserQuota] = {}
 
-    def quota_for(self, user: str) -> UserQuota:
-        """The effective quota of ``user``: defaults, then config overrides, then run-time ones."""
-        quota = self._cache.get(user)
+    def quota_for(self, user: str, *, admin: bool = False) -> UserQuota:
+        """The effective quota of ``user``: defaults, then config overrides, then run-time ones.
+
+        An administrator (``admin``) may use every priority class: the default ``max_priority``
+        does not apply to them, a ``max_priority`` of their own (config or run-time) does.
+        """
+        quota = self._cache.get((user, admin))
         if quota is None:
             quota = self._settings.for_user(user)
+            configured = self._settings.users.get(user)
+            if admin and (configured is None or "max_priority" not in configured.model_fields_set):
+                quota = dataclasses.replace(quota, max_priority=self._top)
             override = self._store.quota_overrides().get(user)
             if override:
                 quota = dataclasses.replace(quota, **override)
-            self._cache[user] = quota
+            self._cache[user, admin] = quota
         return quota
 
     def set_override(self, user: str, values: Mapping[str, Any]) -> UserQuota:
@@ -72,13 +80,15 @@ class QuotaEnforcer:
         if "max_priority" in values and priority not in self._rank:
             raise InvalidRequest("max_priority", f"{priority!r} is not a priority class")
         self._store.set_quota_override(user, dict(values))
-        self._cache.pop(user, None)
+        self._cache.pop((user, False), None)
+        self._cache.pop((user, True), None)
         return self.quota_for(user)
 
     def admit(
         self,
         user: str,
         *,
+        admin: bool = False,
         priority: str,
         memory_mb: int,
         gpu_seconds: float,
@@ -93,6 +103,7 @@ class QuotaEnforcer:
 
         Args:
             user: who submits.
+            admin: whether they are an administrator (see :meth:`quota_for`).
             priority: the class asked for.
             memory_mb: the estimated memory per GPU.
             gpu_seconds: the estimated GPU-seconds of the request.
@@ -107,7 +118,7 @@ class QuotaEnforcer:
                 (``retry_after_s`` says how long); ``requests_per_minute`` is the store's to
                 refuse, with the admission returned here.
         """
-        quota = self.quota_for(user)
+        quota = self.quota_for(user, admin=admin)
         if self._rank[priority] < self._rank[quota.max_priority]:
             raise QuotaForbidden(
                 "max_priority",

@@ -132,7 +132,7 @@ class RequestReceiver:
         try:
             return self._submit(submission, caller, now)
         except RequestRejected as exc:
-            self._router.metrics.request_rejected(exc.reason)
+            self._router.metrics.request_rejected(exc.reason, caller.user)
             raise
 
     def _submit(self, submission: Submission, caller: Caller, now: float) -> Admission:
@@ -159,6 +159,7 @@ class RequestReceiver:
         quotas = self._router.quotas
         admission = quotas.admit(
             caller.user,
+            admin=caller.admin,
             priority=priority,
             memory_mb=estimate.gpu_memory_mb,
             gpu_seconds=gpu_seconds(request),

@@ -436,7 +436,7 @@ class RequestRouter:
         if self.errors.counts_against_circuit(failure):
             self._circuit_failure(execution, now)
         if to is _S.QUEUED:
-            self.metrics.retry(verdict.reason)
+            self.metrics.retry(verdict.reason, request.user)
             self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
             if verdict.delay_s > 0:
                 heapq.heappush(self._backoff, (now + verdict.delay_s, next(self._seq), request.id))

@@ -262,6 +262,38 @@ def test_a_full_queue_still_answers_idempotent_replays_and_lasting_refusals(harn
     assert _stored(h) == 2
 
 
+def test_an_admin_may_use_every_class_unless_their_own_quota_says_otherwise(harness_for) -> None:
+    """The default max_priority binds users; admins only by a max_priority of their own."""
+    h: Harness = harness_for(quota={"max_priority": "high"})
+    root = Caller("root", admin=True)
+    receiver = h.engine.receiver
+    assert receiver.submit(chat(priority="critical"), root, h.now).request.priority == "critical"
+    with pytest.raises(QuotaForbidden):
+        h.submit(chat(priority="critical"))
+    assert h.router.quotas.quota_for("root", admin=True).max_priority == "critical"
+    assert h.router.quotas.quota_for("alice").max_priority == "high"
+    h.router.quotas.set_override("root", {"max_priority": "normal"})
+    with pytest.raises(QuotaForbidden):
+        receiver.submit(chat(priority="high"), root, h.now)
+    h.router.quotas.set_override("root", {})
+    assert receiver.submit(chat(priority="critical"), root, h.now).created
+
+
+def test_an_admins_configured_max_priority_applies(harness_for) -> None:
+    """quotas.users.<admin>.max_priority in the configuration binds that admin."""
+    h: Harness = harness_for(
+        quotas={
+            "default": {**UNLIMITED_QUOTA, "max_priority": "high"},
+            "users": {"root": {"max_priority": "normal"}},
+        }
+    )
+    root = Caller("root", admin=True)
+    with pytest.raises(QuotaForbidden):
+        h.engine.receiver.submit(chat(priority="high"), root, h.now)
+    assert h.engine.receiver.submit(chat(priority="normal"), root, h.now).created
+    assert h.router.quotas.quota_for("root", admin=True).max_priority == "normal"
+
+
 def test_gpu_seconds_quota_refuses_once_the_hour_is_used_up(harness_for) -> None:
     """A user whose hour of GPU-seconds is spent is refused until the oldest charge ages out."""
     h: Harness = harness_for(quota={"gpu_seconds_per_hour": 30})
