@@ -12,7 +12,9 @@ its context as attributes, never only inside the message::
     │   │   └── Unschedulable        no GPU of the fleet could ever hold it
     │   ├── IdempotencyConflict      the key was used before with another body
     │   ├── QuotaExceeded            over a quota that frees up with time (``retry_after_s``)
-    │   └── QuotaForbidden           over a quota that waiting never helps
+    │   ├── QuotaForbidden           over a quota that waiting never helps
+    │   └── QueueFull                the router holds as many waiting requests as it may
+    │                                (``retry_after_s``)
     ├── AuthError                    the caller may not do this
     │   ├── Unauthenticated          no valid API key
     │   ├── Forbidden                the key's role does not allow it
@@ -39,6 +41,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransition",
     "NotFound",
+    "QueueFull",
     "QuotaExceeded",
     "QuotaForbidden",
     "RequestRejected",
@@ -140,6 +143,24 @@ class QuotaForbidden(RequestRejected):
         super().__init__(message)
         self.quota = quota
         self.reason = f"quota_{quota}"
+
+
+class QueueFull(RequestRejected):
+    """The router holds as many waiting requests as it may; retry after ``retry_after_s``.
+
+    Not the caller's fault and not their quota: the router as a whole is at its bound
+    (``quotas.max_queued_total``), so the answer is "unavailable for now".
+    """
+
+    reason = "queue_full"
+
+    def __init__(self, waiting: int, limit: int, retry_after_s: float) -> None:
+        super().__init__(
+            f"the router has {waiting} requests waiting, as many as it holds ({limit}); retry later"
+        )
+        self.waiting = waiting
+        self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 class AuthError(GpuRouterError):

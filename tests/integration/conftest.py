@@ -56,6 +56,7 @@ def auth_section(**extra: Any) -> dict[str, Any]:
 def live_settings(
     *,
     user_quotas: dict[str, dict[str, Any]] | None = None,
+    quotas: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
     **sections: Any,
@@ -66,11 +67,12 @@ def live_settings(
     (:data:`DEFAULT_QUOTA`), so that ``usage.requests_last_minute`` counts admissions.
 
     ``user_quotas`` are per-user overrides (e.g. ``{"alice": {"requests_per_minute": 3}}``);
-    ``server`` is the ``server`` section; ``auth`` adds keys to the ``auth`` section (the users
-    stay); other keywords go to ``make_settings``.
+    ``quotas`` are other keys of the ``quotas`` section (e.g. ``max_queued_total``); ``server``
+    is the ``server`` section; ``auth`` adds keys to the ``auth`` section (the users stay); other
+    keywords go to ``make_settings``.
     """
     default = {**UNLIMITED_QUOTA, **DEFAULT_QUOTA, **(sections.pop("quota", None) or {})}
-    sections["quotas"] = {"default": default, "users": user_quotas or {}}
+    sections["quotas"] = {"default": default, "users": user_quotas or {}, **(quotas or {})}
     if server is not None:
         sections["server"] = server
     sections.setdefault("monitor", FAST_MONITOR)

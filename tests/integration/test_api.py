@@ -958,6 +958,35 @@ def test_json_metrics_summary(server: LiveServer) -> None:
     problem(server.client().get("/v1/metrics"), 401)
 
 
+def test_a_user_sees_only_their_own_counts_in_the_metrics_summary(server: LiveServer) -> None:
+    """Users get their own request, rejection and retry counts, the fleet's queue and GPUs."""
+    alice, bob, root = server.client("alice"), server.client("bob"), server.client("root")
+    done = submit(alice, chat_body(simulate={"duration_s": 0.01}))
+    until_status(alice, done["id"], "succeeded")
+    retried = submit(bob, chat_body(simulate={"failure": "error", "fail_attempts": 1}))
+    until_status(bob, retried["id"], "succeeded")
+    problem(bob.post("/v1/requests", json=chat_body("no-such-model")), 422)
+    cordon_all(root)
+    submit(bob)
+    mine = alice.get("/v1/metrics").json()
+    assert mine["requests"] == {"succeeded": 1}
+    assert mine["scope"] == "user"
+    assert mine["rejected"] == {} and mine["retries"] == {}
+    assert mine["queue_depth"]["normal"] == 1, "the queue is the fleet's"
+    assert mine["gpus"]["count"] == 2
+    theirs = bob.get("/v1/metrics").json()
+    assert theirs["scope"] == "user"
+    assert theirs["requests"] == {"succeeded": 1, "queued": 1}
+    assert theirs["rejected"] == {"unknown_model": 1}
+    assert theirs["retries"] == {"backend_error": 1}
+    everyone = root.get("/v1/metrics").json()
+    assert everyone["scope"] == "fleet"
+    assert everyone["requests"] == {"succeeded": 2, "queued": 1}
+    assert everyone["rejected"] == {"unknown_model": 1}
+    assert everyone["retries"] == {"backend_error": 1}
+    assert everyone["queue_depth"] == mine["queue_depth"]
+
+
 def test_prometheus_metrics_are_open_by_default(server: LiveServer) -> None:
     """GET /metrics without a key is Prometheus text with the router's metrics."""
     alice = server.client("alice")
@@ -1490,6 +1519,30 @@ def test_max_queued_429_with_retry_after(serve: Serve) -> None:
     submit(server.client("bob"))
 
 
+def test_the_routers_queue_bound_is_503_with_retry_after_until_a_place_frees(
+    serve: Serve,
+) -> None:
+    """With max_queued_total waiting, any user's next submission is 503 and stores nothing."""
+    server = serve(quotas={"max_queued_total": 2})
+    alice, bob, root = server.client("alice"), server.client("bob"), server.client("root")
+    cordon_all(root)
+    first = submit(alice)
+    submit(alice)
+    key = {"Idempotency-Key": "when-full"}
+    response = bob.post("/v1/requests", json=chat_body(), headers=key)
+    body = problem(response, 503)
+    assert body["reason"] == "queue_full" and body["type"] == "/problems/queue-full"
+    assert int(response.headers["retry-after"]) >= 1 and body["retry_after_s"] > 0
+    assert len(list_ids(root)) == 2 and list_ids(bob) == []
+    assert bob.get("/v1/quota").json()["usage"]["requests_last_minute"] == 0
+    problem(root.post("/v1/requests", json=chat_body()), 503)  # admins too: it is memory
+    prometheus = server.client().get("/metrics").text
+    assert 'gpurouter_requests_rejected_total{reason="queue_full"} 2.0' in prometheus
+    assert alice.delete(f"/v1/requests/{first['id']}").status_code == 200
+    again = bob.post("/v1/requests", json=chat_body(), headers=key)
+    assert accepted(again)["status"] == "queued" and len(list_ids(root)) == 3
+
+
 def test_priority_above_max_priority_is_403(serve: Serve) -> None:
     """A class above the user's max_priority is 403; allowed classes are accepted."""
     server = serve(user_quotas={"alice": {"max_priority": "normal"}})
@@ -1501,6 +1554,35 @@ def test_priority_above_max_priority_is_403(serve: Serve) -> None:
         assert submit(alice, chat_body(priority=priority))["priority"] == priority
     assert submit(alice)["priority"] == "normal"
     assert submit(server.client("bob"), chat_body(priority="critical"))["priority"] == "critical"
+
+
+def test_an_admin_may_use_every_priority_class_unless_their_quota_says_otherwise(
+    serve: Serve,
+) -> None:
+    """The default max_priority binds users, not admins; a max_priority set for the admin does."""
+    server = serve(quota={"max_priority": "high"})
+    alice, root = server.client("alice"), server.client("root")
+    assert submit(root, chat_body(priority="critical"))["priority"] == "critical"
+    problem(alice.post("/v1/requests", json=chat_body(priority="critical")), 403)
+    assert root.get("/v1/quota").json()["limits"]["max_priority"] == "critical"
+    users = {user["name"]: user for user in root.get("/v1/users").json()["items"]}
+    assert users["root"]["quota"]["max_priority"] == "critical"
+    assert users["alice"]["quota"]["max_priority"] == "high"
+    limited = root.put("/v1/users/root/quota", json={"max_priority": "normal"})
+    assert limited.status_code == 200 and limited.json()["limits"]["max_priority"] == "normal"
+    body = problem(root.post("/v1/requests", json=chat_body(priority="high")), 403)
+    assert body["reason"] == "quota_max_priority"
+    cleared = root.put("/v1/users/root/quota", json={})
+    assert cleared.json()["limits"]["max_priority"] == "critical"
+
+
+def test_an_admins_max_priority_in_the_configuration_applies(serve: Serve) -> None:
+    """quotas.users.<admin>.max_priority in the configuration binds that admin."""
+    server = serve(quota={"max_priority": "high"}, user_quotas={"root": {"max_priority": "low"}})
+    root = server.client("root")
+    problem(root.post("/v1/requests", json=chat_body(priority="normal")), 403)
+    assert submit(root, chat_body(priority="low"))["priority"] == "low"
+    assert root.get("/v1/quota").json()["limits"]["max_priority"] == "low"
 
 
 def test_memory_above_max_gpu_memory_is_422(serve: Serve) -> None:

@@ -120,6 +120,38 @@ def test_one_model_is_found_by_id_and_an_unknown_one_is_model_not_found(serve: A
     assert unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "llama-3-8b", "messages": MESSAGES}),
+        ("/v1/completions", {"model": "tinyllama-1.1b", "prompt": "Once upon"}),
+        ("/v1/embeddings", {"model": "all-minilm-l6-v2", "input": "x"}),
+    ],
+)
+def test_a_full_queue_is_a_503_with_retry_after_in_openai_shape(
+    serve: Any, path: str, body: dict[str, Any]
+) -> None:
+    """With max_queued_total waiting, a call is 503 + Retry-After, OpenAI-shaped; none is queued."""
+    server: LiveServer = serve(quotas={"max_queued_total": 1})
+    root = server.client("root")
+    for gpu in ("sim:0", "sim:1"):
+        assert root.post(f"/v1/gpus/{gpu}/cordon").status_code == 200
+    waiting = server.client("alice").post(
+        "/v1/requests", json={"model": "llama-3-8b", "input": {"messages": MESSAGES}}
+    )
+    assert waiting.status_code == 202
+    response = server.client("bob").post(path, json=body)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "queue-full"
+    assert "waiting" in error["message"]
+    assert [item["id"] for item in _requests(server)] == [waiting.json()["id"]]
+    with pytest.raises(openai.InternalServerError) as info:
+        _client(server, "bob").chat.completions.create(model="llama-3-8b", messages=MESSAGES)
+    assert info.value.status_code == 503
+
+
 _CHAT = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]}'
 
 

@@ -31,7 +31,7 @@ def _json_documents(output: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def test_readme_curl_session_works_as_printed(tmp_path: Path) -> None:
-    """The embedded default prints a key, and the README's curl commands run against it."""
+    """The embedded default prints an admin key that the README's curl commands run with."""
     readme = (ROOT / "README.md").read_text()
     session = re.search(r"paste the two `export` lines, then:\n\n```sh\n(.*?)```", readme, re.S)
     assert session is not None, "the README has the curl session"
@@ -75,6 +75,17 @@ def test_readme_curl_session_works_as_printed(tmp_path: Path) -> None:
         series = 'gpurouter_requests_total{model="llama-3-8b",priority="normal",status="succeeded"}'
         assert rest.startswith(series)
         assert (tmp_path / "gpurouter.db").exists(), "the embedded default keeps SQLite here"
+        # The development key is an admin's: every priority class is open to it.
+        critical = httpx.post(
+            f"{exports['GPUROUTER_URL']}/v1/requests",
+            json={
+                "model": "llama-3-8b",
+                "priority": "critical",
+                "input": {"messages": [{"role": "user", "content": "hi"}]},
+            },
+            headers={"Authorization": f"Bearer {exports['GPUROUTER_API_KEY']}"},
+        )
+        assert critical.status_code == 202, critical.text
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(20)

@@ -46,8 +46,9 @@ index, ``--users`` and ``--seed``: the same for every policy, every load scale a
 - ``completed`` (succeeded), ``failed``, ``expired``, ``cancelled``, ``rejected``, ``submitted``,
   ``clipped_rows``, ``retries``, ``makespan_s``.
 
-Requests never time out during a replay (their timeout is ``server.max_timeout_s``), quotas are
-unlimited and there is one simulated worker holding every GPU of ``--gpus``.
+Requests never time out during a replay (their timeout is ``server.max_timeout_s``), quotas and
+the router's bound on waiting requests are unlimited, and there is one simulated worker holding
+every GPU of ``--gpus``.
 """
 
 from __future__ import annotations
@@ -236,10 +237,10 @@ def replay_settings(
 ) -> Settings:
     """Settings of a replay: ``config`` (or the defaults), with the replay's fleet and policy.
 
-    Memory store, no auth, unlimited quotas, one simulated worker ``sim`` with every GPU of
-    ``fleet`` and ``slots`` executions per GPU, ``placement.policy`` = ``policy`` seeded with
-    ``seed`` (and ``placement.starvation_bound_s`` when given), and a ``generic`` catalog model
-    (no weights) for job traces.
+    Memory store, no auth, unlimited quotas and queue, one simulated worker ``sim`` with every
+    GPU of ``fleet`` and ``slots`` executions per GPU, ``placement.policy`` = ``policy`` seeded
+    with ``seed`` (and ``placement.starvation_bound_s`` when given), and a ``generic`` catalog
+    model (no weights) for job traces.
     """
     base = load_settings(config)
     models: dict[str, Any] = {}
@@ -251,7 +252,7 @@ def replay_settings(
     overrides: dict[str, Any] = {
         "auth": {"enabled": False},
         "state": {"backend": "memory"},
-        "quotas": {"default": dict(UNLIMITED_QUOTA), "users": {}},
+        "quotas": {"default": dict(UNLIMITED_QUOTA), "users": {}, "max_queued_total": None},
         "placement": placement,
         "backends": [
             {

@@ -179,10 +179,16 @@ class QuotaOverride(_Section):
 
 
 class QuotaSettings(_Section):
-    """Quota defaults and per-user overrides."""
+    """Quota defaults, per-user overrides, and the bound on what waits in the router as a whole.
+
+    ``max_queued_total`` bounds the requests waiting in the router (queued, or backing off to be
+    retried) across all users; a submission beyond it is refused until one leaves the queue.
+    ``null`` removes the bound, and with it any bound on the memory the queue takes.
+    """
 
     default: QuotaLimits = Field(default_factory=QuotaLimits)
     users: dict[str, QuotaOverride] = Field(default_factory=dict)
+    max_queued_total: int | None = Field(10_000, ge=1)
 
     def for_user(self, user: str) -> UserQuota:
         """The effective quota of ``user``: the defaults with their overrides applied."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -98,6 +99,19 @@ def percentile(ordered: list[float], p: int) -> float | None:
         return None
     rank = max(1, -(-p * n // 100))  # ceil(p/100 · n) in integer arithmetic
     return ordered[min(rank, n) - 1]
+
+
+def _add(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+@dataclass(slots=True)
+class _Counts:
+    """One user's counts: ended requests by status, rejections and retries by reason."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
 
 
 def _percentiles(samples: deque[float]) -> dict[str, float | None]:
@@ -215,6 +229,7 @@ class MetricCollector:
         self._status_counts: dict[str, int] = {}
         self._rejected_counts: dict[str, int] = {}
         self._retry_counts: dict[str, int] = {}
+        self._own: dict[str, _Counts] = {}
         self._depths: dict[str, int] = {}
         self._gpus: dict[str, tuple[Any, Any, Any, Any]] = {}
         self._queue_waits: deque[float] = deque(maxlen=max_samples)
@@ -230,7 +245,8 @@ class MetricCollector:
         if not status.terminal:
             raise ValueError(f"request {request.id} is {status.value}, not terminal")
         self._requests.labels(status.value, request.priority, request.model).inc()
-        self._status_counts[status.value] = self._status_counts.get(status.value, 0) + 1
+        _add(self._status_counts, status.value)
+        _add(self._counts_of(request.user).requests, status.value)
         if status is not RequestStatus.SUCCEEDED:
             return
         finished = request.finished_at if request.finished_at is not None else now
@@ -242,10 +258,11 @@ class MetricCollector:
         self._completions.append(finished)
         self._prune_completions(now)
 
-    def request_rejected(self, reason: str) -> None:
-        """Count a request refused at admission for ``reason``."""
+    def request_rejected(self, reason: str, user: str) -> None:
+        """Count a request of ``user`` refused at admission for ``reason``."""
         self._rejected.labels(reason).inc()
-        self._rejected_counts[reason] = self._rejected_counts.get(reason, 0) + 1
+        _add(self._rejected_counts, reason)
+        _add(self._counts_of(user).rejected, reason)
 
     def request_dispatched(self, request: Request, wait_s: float) -> None:
         """Record the time a request waited in the queue before this dispatch."""
@@ -262,10 +279,11 @@ class MetricCollector:
                 self._queue_depth.labels(priority).set(depth)
                 self._depths[priority] = depth
 
-    def retry(self, reason: str) -> None:
-        """Count a request put back in the queue for ``reason``."""
+    def retry(self, reason: str, user: str) -> None:
+        """Count a request of ``user`` put back in the queue for ``reason``."""
         self._retries.labels(reason).inc()
-        self._retry_counts[reason] = self._retry_counts.get(reason, 0) + 1
+        _add(self._retry_counts, reason)
+        _add(self._counts_of(user).retries, reason)
 
     def decision(self, seconds: float) -> None:
         """Record the time one dispatch decision took."""
@@ -325,6 +343,21 @@ class MetricCollector:
             "throughput_rps": self._throughput(now),
             "retries": dict(self._retry_counts),
         }
+
+    def counts_of(self, user: str) -> dict[str, dict[str, int]]:
+        """One user's share of the summary's counts: ended requests, rejections and retries."""
+        own = self._own.get(user) or _Counts()
+        return {
+            "requests": dict(own.requests),
+            "rejected": dict(own.rejected),
+            "retries": dict(own.retries),
+        }
+
+    def _counts_of(self, user: str) -> _Counts:
+        own = self._own.get(user)
+        if own is None:
+            own = self._own[user] = _Counts()
+        return own
 
     def _prune_completions(self, now: float) -> None:
         """Drop completion timestamps older than the throughput window."""

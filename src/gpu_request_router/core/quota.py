@@ -3,7 +3,9 @@
 At submit (:meth:`QuotaEnforcer.admit`): priority above ``max_priority`` and memory above
 ``max_gpu_memory_mb`` are refused for good (waiting never helps); ``max_queued``,
 ``gpu_seconds_per_hour`` already used up, and ``requests_per_minute`` are refused with the time
-after which a retry can succeed. The rate check is the last one: ``admit`` returns the
+after which a retry can succeed. Then :meth:`QuotaEnforcer.check_room` refuses, with such a
+time, while the router as a whole holds ``quotas.max_queued_total`` waiting requests (a bound on
+its memory, no user's quota). The rate check is the last one: ``admit`` returns the
 :class:`RateAdmission` that the store checks and records in the same atomic step that adds the
 request, so a refused request, or one the store could not take, never counts.
 
@@ -21,7 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gpu_request_router.config.config_loader import QuotaSettings
-from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, QuotaForbidden
+from gpu_request_router.exceptions import (
+    InvalidRequest,
+    QueueFull,
+    QuotaExceeded,
+    QuotaForbidden,
+)
 from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
 from gpu_request_router.store.base import RateAdmission, RateRefused, StateStore
 
@@ -37,18 +44,26 @@ class QuotaEnforcer:
     def __init__(self, settings: QuotaSettings, classes: Sequence[str], store: StateStore) -> None:
         self._settings = settings
         self._rank = {name: rank for rank, name in enumerate(classes)}
+        self._top = classes[0]
         self._store = store
-        self._cache: dict[str, UserQuota] = {}
+        self._cache: dict[tuple[str, bool], UserQuota] = {}
 
-    def quota_for(self, user: str) -> UserQuota:
-        """The effective quota of ``user``: defaults, then config overrides, then run-time ones."""
-        quota = self._cache.get(user)
+    def quota_for(self, user: str, *, admin: bool = False) -> UserQuota:
+        """The effective quota of ``user``: defaults, then config overrides, then run-time ones.
+
+        An administrator (``admin``) may use every priority class: the default ``max_priority``
+        does not apply to them, a ``max_priority`` of their own (config or run-time) does.
+        """
+        quota = self._cache.get((user, admin))
         if quota is None:
             quota = self._settings.for_user(user)
+            configured = self._settings.users.get(user)
+            if admin and (configured is None or "max_priority" not in configured.model_fields_set):
+                quota = dataclasses.replace(quota, max_priority=self._top)
             override = self._store.quota_overrides().get(user)
             if override:
                 quota = dataclasses.replace(quota, **override)
-            self._cache[user] = quota
+            self._cache[user, admin] = quota
         return quota
 
     def set_override(self, user: str, values: Mapping[str, Any]) -> UserQuota:
@@ -65,13 +80,15 @@ class QuotaEnforcer:
         if "max_priority" in values and priority not in self._rank:
             raise InvalidRequest("max_priority", f"{priority!r} is not a priority class")
         self._store.set_quota_override(user, dict(values))
-        self._cache.pop(user, None)
+        self._cache.pop((user, False), None)
+        self._cache.pop((user, True), None)
         return self.quota_for(user)
 
     def admit(
         self,
         user: str,
         *,
+        admin: bool = False,
         priority: str,
         memory_mb: int,
         gpu_seconds: float,
@@ -86,6 +103,7 @@ class QuotaEnforcer:
 
         Args:
             user: who submits.
+            admin: whether they are an administrator (see :meth:`quota_for`).
             priority: the class asked for.
             memory_mb: the estimated memory per GPU.
             gpu_seconds: the estimated GPU-seconds of the request.
@@ -100,7 +118,7 @@ class QuotaEnforcer:
                 (``retry_after_s`` says how long); ``requests_per_minute`` is the store's to
                 refuse, with the admission returned here.
         """
-        quota = self.quota_for(user)
+        quota = self.quota_for(user, admin=admin)
         if self._rank[priority] < self._rank[quota.max_priority]:
             raise QuotaForbidden(
                 "max_priority",
@@ -136,6 +154,20 @@ class QuotaEnforcer:
                 retry_after_s=max(queue_retry_after_s(), 0.001),
             )
         return RateAdmission(now, MINUTE_S, quota.requests_per_minute)
+
+    def check_room(self, waiting: int, retry_after_s: Callable[[], float]) -> None:
+        """Refuse a submission while ``waiting`` requests (of all users) fill the router's queue.
+
+        Args:
+            waiting: how many requests wait in the router now, queued or backing off to retry.
+            retry_after_s: when a place is expected to free up (asked only on a refusal).
+
+        Raises:
+            QueueFull: ``quotas.max_queued_total`` requests are waiting.
+        """
+        limit = self._settings.max_queued_total
+        if limit is not None and waiting >= limit:
+            raise QueueFull(waiting, limit, retry_after_s=max(retry_after_s(), 0.001))
 
     @staticmethod
     def rate_exceeded(admission: RateAdmission, refused: RateRefused) -> QuotaExceeded:

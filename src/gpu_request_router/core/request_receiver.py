@@ -1,8 +1,12 @@
 """Admission: validate a submission, apply idempotency, estimate, check quota, store, enqueue.
 
 The order matters: everything that can refuse a request runs before anything is written, and
-the rate-limit check, which records the admission, runs last. A refused request changes nothing.
-An accepted one is in the state store before the router queues it.
+the rate-limit check, which records the admission, runs last. Refusals that waiting never lifts
+(bad input, a request no GPU could hold, a class above the user's) come before those that it does
+(the user's own quotas, then the router's bound on waiting requests), so a client is never told
+to retry what can never succeed. An idempotent replay of an accepted request is answered before
+any of the limits. A refused request changes nothing. An accepted one is in the state store
+before the router queues it.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ class RequestReceiver:
         try:
             return self._submit(submission, caller, now)
         except RequestRejected as exc:
-            self._router.metrics.request_rejected(exc.reason)
+            self._router.metrics.request_rejected(exc.reason, caller.user)
             raise
 
     def _submit(self, submission: Submission, caller: Caller, now: float) -> Admission:
@@ -155,6 +159,7 @@ class RequestReceiver:
         quotas = self._router.quotas
         admission = quotas.admit(
             caller.user,
+            admin=caller.admin,
             priority=priority,
             memory_mb=estimate.gpu_memory_mb,
             gpu_seconds=gpu_seconds(request),
@@ -162,6 +167,7 @@ class RequestReceiver:
             now=now,
             queue_retry_after_s=lambda: self._router.queue_retry_after(now),
         )
+        quotas.check_room(self._router.queued_total(), lambda: self._router.queue_retry_after(now))
         created = transition_of(request, None, caller.user, now)
         try:
             stored = self._router.store.add_request(request, created, admission)

@@ -147,6 +147,7 @@ class RequestRouter:
         self._current: dict[str, str] = {}
         self._active: Counter[str] = Counter()
         self._queued: Counter[str] = Counter()
+        self._queued_total = 0
         self._deadlines: list[tuple[float, str]] = []
         self._backoff: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
@@ -191,6 +192,10 @@ class RequestRouter:
     def queued_count(self, user: str) -> int:
         """How many requests of ``user`` are waiting (including those backing off to retry)."""
         return self._queued[user]
+
+    def queued_total(self) -> int:
+        """How many requests of all users are waiting (including those backing off to retry)."""
+        return self._queued_total
 
     def need_of(self, request: Request, *, avoid: Iterable[str] = ()) -> Need:
         """What ``request`` needs from the fleet.
@@ -319,6 +324,7 @@ class RequestRouter:
     def _track(self, request: Request) -> None:
         self._requests[request.id] = request
         self._queued[request.user] += 1
+        self._queued_total += 1
         heapq.heappush(self._deadlines, (request.deadline, request.id))
 
     # Events: executions ---------------------------------------------------------------------------
@@ -430,7 +436,7 @@ class RequestRouter:
         if self.errors.counts_against_circuit(failure):
             self._circuit_failure(execution, now)
         if to is _S.QUEUED:
-            self.metrics.retry(verdict.reason)
+            self.metrics.retry(verdict.reason, request.user)
             self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
             if verdict.delay_s > 0:
                 heapq.heappush(self._backoff, (now + verdict.delay_s, next(self._seq), request.id))
@@ -917,11 +923,13 @@ class RequestRouter:
         request.adopt(draft)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
+            self._queued_total -= 1
             self._holds.pop(request.id, None)  # dispatched or ended: its GPUs wait no more
         elif before.active and not to.active:
             self._active[request.user] -= 1
         if to is _S.QUEUED:
             self._queued[request.user] += 1
+            self._queued_total += 1
         elif to.active and not before.active:
             self._active[request.user] += 1
         if to.terminal:

@@ -30,6 +30,7 @@ AGING_S = 10.0
 MARGIN_MB = 1024
 USERS = ("ann", "ben", "cat")
 QUOTA = {"max_concurrent": 3, "max_queued": 6, "requests_per_minute": 10}
+QUEUE_BOUND = 8  # below the users' max_queued together (18), so that it refuses too
 FLEET = {  # worker -> GPU types by index
     "a": ("H100-80GB", "H100-80GB"),
     "b": ("L4-24GB", "H100-80GB"),
@@ -55,7 +56,8 @@ def _settings() -> Any:
                     "gpu_seconds_per_hour": None,
                     "max_priority": "critical",
                     "max_gpu_memory_mb": None,
-                }
+                },
+                "max_queued_total": QUEUE_BOUND,
             },
             "placement": {
                 "memory_safety_margin_mb": MARGIN_MB,
@@ -198,12 +200,14 @@ class RouterMachine(RuleBasedStateMachine):
             timeout_s=timeout,
         )
         queued_before = self.router.queued_count(user)
+        waiting_before = self.router.queued_total()
         try:
             admission = self.engine.receiver.submit(submission, Caller(user), self.now)
         except RequestRejected:
             return
         assert admission.created
         assert queued_before < QUOTA["max_queued"], "I4: admitted over max_queued"
+        assert waiting_before < QUEUE_BOUND, "admitted over max_queued_total"
         self.accepted[admission.request.id] = user
         self.admissions[user].append(self.now)
         self._carry_out(admission.decisions)
@@ -347,6 +351,14 @@ class RouterMachine(RuleBasedStateMachine):
             for index, start in enumerate(times):
                 in_window = [t for t in times[index:] if t < start + 60.0]
                 assert len(in_window) <= QUOTA["requests_per_minute"]
+
+    @invariant()
+    def queue_bounded(self) -> None:
+        """Waiting requests are counted exactly; those never dispatched stay within the bound."""
+        waiting = [r for r in self.router.live.values() if r.status is RequestStatus.QUEUED]
+        assert self.router.queued_total() == len(waiting)
+        fresh = sum(1 for request in waiting if request.attempts == 0)
+        assert fresh <= QUEUE_BOUND, f"{fresh} waiting for a first dispatch"
 
 
 TestRouterInvariants = RouterMachine.TestCase

@@ -168,13 +168,38 @@ class TestRequests:
         self, collector: MetricCollector, registry: CollectorRegistry
     ) -> None:
         """Admission rejections count per reason."""
-        collector.request_rejected("quota")
-        collector.request_rejected("quota")
-        collector.request_rejected("queue_full")
+        collector.request_rejected("quota", "alice")
+        collector.request_rejected("quota", "bob")
+        collector.request_rejected("queue_full", "alice")
         name = "gpurouter_requests_rejected_total"
         assert registry.get_sample_value(name, {"reason": "quota"}) == 2
         assert registry.get_sample_value(name, {"reason": "queue_full"}) == 1
         assert collector.summary(T0)["rejected"] == {"quota": 2, "queue_full": 1}
+
+    def test_each_users_counts_are_kept_apart(self, collector: MetricCollector) -> None:
+        """counts_of gives one user's ended requests, rejections and retries, nobody else's."""
+        collector.request_finished(succeeded(), T0 + 5)  # alice's
+        bobs = make_request("b1", created_at=T0 - 5.0)
+        bobs.user = "bob"
+        bobs.transition(RequestStatus.CANCELLED, T0)
+        collector.request_finished(bobs, T0)
+        collector.request_rejected("quota", "bob")
+        collector.request_rejected("queue_full", "alice")
+        collector.retry("timeout", "bob")
+        assert collector.counts_of("alice") == {
+            "requests": {"succeeded": 1},
+            "rejected": {"queue_full": 1},
+            "retries": {},
+        }
+        assert collector.counts_of("bob") == {
+            "requests": {"cancelled": 1},
+            "rejected": {"quota": 1},
+            "retries": {"timeout": 1},
+        }
+        assert collector.counts_of("carol") == {"requests": {}, "rejected": {}, "retries": {}}
+        summary = collector.summary(T0 + 10)
+        assert summary["requests"] == {"succeeded": 1, "cancelled": 1}
+        assert summary["rejected"] == {"quota": 1, "queue_full": 1}
 
     def test_dispatched_records_queue_wait_per_priority(
         self, collector: MetricCollector, registry: CollectorRegistry
@@ -195,9 +220,9 @@ class TestRequests:
         self, collector: MetricCollector, registry: CollectorRegistry
     ) -> None:
         """Retries count per reason."""
-        collector.retry("backend_unavailable")
-        collector.retry("backend_unavailable")
-        collector.retry("timeout")
+        collector.retry("backend_unavailable", "alice")
+        collector.retry("backend_unavailable", "bob")
+        collector.retry("timeout", "alice")
         name = "gpurouter_retries_total"
         assert registry.get_sample_value(name, {"reason": "backend_unavailable"}) == 2
         assert registry.get_sample_value(name, {"reason": "timeout"}) == 1
@@ -426,7 +451,7 @@ class TestThroughput:
         collector.request_finished(succeeded(), T0 + 5)
         collector.request_dispatched(make_request("q"), 1.5)
         collector.set_queue_depth({"normal": 1})
-        collector.request_rejected("quota")
-        collector.retry("timeout")
+        collector.request_rejected("quota", "alice")
+        collector.retry("timeout", "alice")
         text = json.dumps(collector.summary(T0 + 10))
         assert json.loads(text)["latency_s"]["p50"] == 5.0

@@ -7,18 +7,21 @@ import math
 import pytest
 from core_harness import Harness
 
+from gpu_request_router.core.events import FailureKind
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
+    QueueFull,
     QuotaExceeded,
     QuotaForbidden,
+    RequestRejected,
     UnknownModel,
     Unschedulable,
 )
 from gpu_request_router.models.request import ResourceHints, Shape, Task
 from gpu_request_router.store.base import RequestQuery
-from gpu_request_router.testing import chat, make_settings, reading
+from gpu_request_router.testing import UNLIMITED_QUOTA, chat, make_settings, reading
 
 
 def _nothing_stored(h: Harness) -> bool:
@@ -183,6 +186,112 @@ def test_max_queued_refuses_with_retry_after(harness_for) -> None:
     assert info.value.quota == "max_queued"
     assert info.value.retry_after_s >= 1.0
     assert h.router.queued_count("alice") == 2
+
+
+def _bounded(harness_for, total: int, **quota: object) -> Harness:
+    """One GPU with one slot, unlimited user quotas (but ``quota``), ``total`` waiting at most."""
+    harness: Harness = harness_for(
+        gpus=[("H100-80GB", 1)],
+        slots=1,
+        quotas={"default": {**UNLIMITED_QUOTA, **quota}, "max_queued_total": total},
+    )
+    return harness
+
+
+def _stored(h: Harness) -> int:
+    return len(h.store.list_requests(RequestQuery(limit=500)).items)
+
+
+def test_the_routers_queue_bound_refuses_every_user_until_a_place_frees(harness_for) -> None:
+    """With max_queued_total waiting, anyone's next request is QueueFull until one leaves."""
+    h = _bounded(harness_for, 2)
+    running = h.submit(chat(max_tokens=900))
+    h.submit(chat())
+    h.submit(chat(), user="bob")
+    assert h.router.queued_total() == 2
+    with pytest.raises(QueueFull) as info:
+        h.submit(chat(), user="carol")
+    assert info.value.reason == "queue_full" and info.value.limit == 2
+    assert info.value.retry_after_s >= 1.0
+    assert _stored(h) == 3 and h.router.queued_total() == 2
+    assert h.store.admissions_in_window("carol", h.now, 60) == 0
+    assert _rejected(h, "queue_full") == 1
+    h.finish(running)  # a queued request takes the slot: one place frees
+    assert h.router.queued_total() == 1
+    assert h.status(h.submit(chat(), user="carol")) == "queued"
+    assert h.router.queued_total() == 2
+
+
+def test_the_packaged_default_bounds_the_queue_at_ten_thousand(harness_for) -> None:
+    """With no bound configured, the 10,001st waiting request is refused as queue_full."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    h.submit(chat(max_tokens=900))  # takes the only slot: everything after waits
+    for _ in range(10_000):
+        h.submit(chat())
+    with pytest.raises(RequestRejected) as info:
+        h.submit(chat(), user="bob")
+    assert info.value.reason == "queue_full"
+    assert h.router.queued_total() == 10_000
+
+
+def test_the_queue_bound_counts_requests_backing_off_to_retry(harness_for) -> None:
+    """A request put back to be retried holds its place: the bound counts it as waiting."""
+    h = _bounded(harness_for, 2)
+    first = h.submit(chat(max_tokens=900))
+    h.submit(chat())
+    h.fail(first, FailureKind.BACKEND_ERROR)  # backs off; the other request takes the slot
+    assert h.router.queued_total() == 1
+    h.submit(chat())
+    with pytest.raises(QueueFull):
+        h.submit(chat())
+
+
+def test_a_full_queue_still_answers_idempotent_replays_and_lasting_refusals(harness_for) -> None:
+    """A replay gets its request, a class above the user's maximum 403-like, bad input 422-like."""
+    h = _bounded(harness_for, 1, max_priority="high")
+    h.submit(chat(max_tokens=900))
+    waiting = h.submit(chat(idempotency_key="k1"))
+    again = h.engine.receiver.submit(chat(idempotency_key="k1"), Caller("alice"), h.now)
+    assert not again.created and again.request.id == waiting.id
+    with pytest.raises(QuotaForbidden):
+        h.submit(chat(priority="critical"))
+    with pytest.raises(UnknownModel):
+        h.submit(Submission(model="no-such-model"))
+    with pytest.raises(QueueFull):
+        h.submit(chat(idempotency_key="k2"))
+    assert _stored(h) == 2
+
+
+def test_an_admin_may_use_every_class_unless_their_own_quota_says_otherwise(harness_for) -> None:
+    """The default max_priority binds users; admins only by a max_priority of their own."""
+    h: Harness = harness_for(quota={"max_priority": "high"})
+    root = Caller("root", admin=True)
+    receiver = h.engine.receiver
+    assert receiver.submit(chat(priority="critical"), root, h.now).request.priority == "critical"
+    with pytest.raises(QuotaForbidden):
+        h.submit(chat(priority="critical"))
+    assert h.router.quotas.quota_for("root", admin=True).max_priority == "critical"
+    assert h.router.quotas.quota_for("alice").max_priority == "high"
+    h.router.quotas.set_override("root", {"max_priority": "normal"})
+    with pytest.raises(QuotaForbidden):
+        receiver.submit(chat(priority="high"), root, h.now)
+    h.router.quotas.set_override("root", {})
+    assert receiver.submit(chat(priority="critical"), root, h.now).created
+
+
+def test_an_admins_configured_max_priority_applies(harness_for) -> None:
+    """quotas.users.<admin>.max_priority in the configuration binds that admin."""
+    h: Harness = harness_for(
+        quotas={
+            "default": {**UNLIMITED_QUOTA, "max_priority": "high"},
+            "users": {"root": {"max_priority": "normal"}},
+        }
+    )
+    root = Caller("root", admin=True)
+    with pytest.raises(QuotaForbidden):
+        h.engine.receiver.submit(chat(priority="high"), root, h.now)
+    assert h.engine.receiver.submit(chat(priority="normal"), root, h.now).created
+    assert h.router.quotas.quota_for("root", admin=True).max_priority == "normal"
 
 
 def test_gpu_seconds_quota_refuses_once_the_hour_is_used_up(harness_for) -> None:

@@ -118,7 +118,7 @@ _DESCRIPTIONS = {
     413: "Body larger than server.max_body_bytes.",
     422: "Invalid request: a field, an unknown model, or nothing in the fleet could hold it.",
     429: "Over a quota or rate limit for now (or too many bad API keys); see Retry-After.",
-    503: "The state store or the fleet is not available; see Retry-After.",
+    503: "The state store is not available, or the router's queue is full; see Retry-After.",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 __all__ = ["GpuTotals", "MetricsOut", "Percentiles"]
@@ -28,13 +30,24 @@ class GpuTotals(BaseModel):
 
 
 class MetricsOut(BaseModel):
-    """Counts, queue, latencies, throughput and GPUs (GET /v1/metrics)."""
+    """Counts, queue, latencies, throughput and GPUs (GET /v1/metrics).
 
+    The counts (``requests``, ``rejected``, ``retries``) are the caller's own, or every user's
+    for an admin, as ``scope`` says; every other field describes the whole fleet.
+    """
+
+    scope: Literal["user", "fleet"] = Field(
+        description="Whose counts these are: the caller's own (user) or every user's (fleet)."
+    )
     requests: dict[str, int] = Field(description="Requests by status: live ones and ended ones.")
     rejected: dict[str, int] = Field(description="Refused submissions by reason.")
-    queue_depth: dict[str, int] = Field(description="Waiting requests per priority class.")
-    queue_wait_s: Percentiles
-    latency_s: Percentiles
-    throughput_rps: float = Field(description="Succeeded requests per second, recent window.")
-    retries: dict[str, int]
+    queue_depth: dict[str, int] = Field(
+        description="Waiting requests per priority class, every user's."
+    )
+    queue_wait_s: Percentiles = Field(description="Time queued before dispatch, every user's.")
+    latency_s: Percentiles = Field(description="Submit to success, every user's.")
+    throughput_rps: float = Field(
+        description="Succeeded requests per second of the fleet, recent window."
+    )
+    retries: dict[str, int] = Field(description="Requests put back in the queue, by reason.")
     gpus: GpuTotals

@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["quotas"])
 UserName = Annotated[str, Path(max_length=128)]
 
 
-def _quota_out(service: Service, user: str) -> QuotaOut:
+def _quota_out(service: Service, user: str, *, admin: bool) -> QuotaOut:
     runtime = service.runtime
     quotas = runtime.router.quotas
     usage = quotas.usage(
@@ -35,7 +35,7 @@ def _quota_out(service: Service, user: str) -> QuotaOut:
     )
     return QuotaOut(
         user=user,
-        limits=QuotaLimitsOut.of(quotas.quota_for(user)),
+        limits=QuotaLimitsOut.of(quotas.quota_for(user, admin=admin)),
         usage=UsageOut.of(usage),
     )
 
@@ -43,7 +43,7 @@ def _quota_out(service: Service, user: str) -> QuotaOut:
 @router.get("/quota", response_model=QuotaOut, summary="Your quota", responses=problems(401))
 async def own_quota(caller: CurrentCaller, service: ServiceDep) -> QuotaOut:
     """Your limits and what you use of them right now."""
-    return _quota_out(service, caller.user)
+    return _quota_out(service, caller.user, admin=caller.admin)
 
 
 @router.get(
@@ -59,7 +59,7 @@ async def list_users(caller: AdminCaller, service: ServiceDep) -> Page[UserOut]:
         UserOut(
             name=name,
             role="admin" if role == "admin" else "user",
-            quota=QuotaLimitsOut.of(quotas.quota_for(name)),
+            quota=QuotaLimitsOut.of(quotas.quota_for(name, admin=role == "admin")),
         )
         for name, role in sorted(service.auth.roles.items())
     ]
@@ -83,4 +83,4 @@ async def set_quota(
         raise NotFound("user", user)
     values = {field: getattr(body, field) for field in body.model_fields_set}
     service.runtime.router.quotas.set_override(user, values)
-    return _quota_out(service, user)
+    return _quota_out(service, user, admin=service.auth.roles[user] == "admin")

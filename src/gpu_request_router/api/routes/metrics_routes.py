@@ -25,16 +25,29 @@ router = APIRouter(tags=["metrics"])
     responses=problems(401),
 )
 async def metrics_summary(caller: CurrentCaller, service: ServiceDep) -> MetricsOut:
-    """Requests by status, queue depth by priority, wait and latency percentiles, GPUs."""
+    """Requests by status, queue depth by priority, wait and latency percentiles, GPUs.
+
+    Request, rejection and retry counts are the caller's own, or every user's for an admin
+    (``scope`` says which); the queue, the percentiles, throughput and GPUs are the fleet's.
+    """
     runtime = service.runtime
-    summary = runtime.engine.metrics.summary(runtime.clock.now())
+    metrics = runtime.engine.metrics
+    summary = metrics.summary(runtime.clock.now())
+    own = None if caller.admin else caller.user
+    if own is not None:
+        summary.update(metrics.counts_of(own))
     counts: Counter[str] = Counter(summary["requests"])
-    counts.update(request.status.value for request in runtime.router.live.values())
+    counts.update(
+        request.status.value
+        for request in runtime.router.live.values()
+        if own is None or request.user == own
+    )
     gpus = list(runtime.router.monitor.gpus.values())
     utilizations = [
         gpu.reading.utilization_pct for gpu in gpus if gpu.reading.utilization_pct is not None
     ]
     return MetricsOut(
+        scope="fleet" if own is None else "user",
         requests=dict(counts),
         rejected=summary["rejected"],
         queue_depth=summary["queue_depth"],
