@@ -31,11 +31,12 @@ _WORKER_URL = rf"^https?://{_HOST}(?::{_PORT})?/?$"
 class WorkerGpuIn(JsonBody):
     """One GPU of a worker's report (the GPU fields of ``GET /v1/gpus`` of the worker protocol).
 
-    Fields the router does not read (``id``, ``worker``, ``last_seen``, ...) are ignored.
+    Fields the router does not read (``worker``, ``last_seen``, ...) are ignored.
     """
 
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
+    id: str = Field(min_length=1, max_length=256, description="The GPU's id at its worker.")
     index: int = Field(ge=0, le=1023)
     memory_total_mb: int = Field(ge=1, le=16 * 1024 * 1024)
     memory_used_mb: int | None = Field(None, ge=0, le=16 * 1024 * 1024)
