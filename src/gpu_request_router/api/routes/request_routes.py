@@ -121,7 +121,14 @@ async def list_requests(
         str | None, Query(max_length=128, description="Admins only: one user's requests.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=512,
+            description="`next_cursor` of the previous page. Opaque: a cursor this server did "
+            "not return, or one of a listing with other filters, is 422.",
+        ),
+    ] = None,
 ) -> Page[RequestOut]:
     """Your requests (an admin's: everyone's), newest first, one page at a time."""
     owner = user if caller.admin else caller.user
