@@ -26,6 +26,8 @@ from routers import (
     write_config,
 )
 
+from gpu_request_router.testing import free_port
+
 
 @pytest.fixture
 def router(tmp_path: Path) -> Iterator[Router]:
@@ -146,3 +148,26 @@ def test_listening_is_printed_once_the_port_answers(tmp_path: Path) -> None:
         assert [e["url"] for e in events if e["event"] == "listening"] == [router.url]
     finally:
         router.stop()
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "code", "words"),
+    [
+        ({"backend": "redis"}, "invalid_configuration", 2, "state.backend"),
+        ({"sqlite_path": "/nonexistent-dir/router.db"}, "state_store_unavailable", 1, "lock"),
+    ],
+)
+def test_a_store_that_cannot_open_refuses_the_start_in_one_line(
+    tmp_path: Path, state: dict[str, str], reason: str, code: int, words: str
+) -> None:
+    """A store backend not available, or a file that cannot be created: one JSON line, no banner."""
+    config = write_config(tmp_path, free_port())
+    settings = yaml.safe_load(config.read_text())
+    settings["state"] = state
+    config.write_text(yaml.safe_dump(settings))
+    refused = refused_start(["serve", "--config", str(config)], tmp_path)
+    assert refused.returncode == code, refused.stderr
+    assert refused.stdout == ""
+    (refusal,) = json_lines(refused.stderr)
+    assert (refusal["event"], refusal["reason"]) == ("start_refused", reason)
+    assert words in refusal["error"]
