@@ -12,9 +12,10 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
+import structlog
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -30,7 +31,7 @@ from gpu_request_router.config.config_loader import (
     load_settings,
 )
 from gpu_request_router.demo import DEMO_BACKENDS, run_demo
-from gpu_request_router.exceptions import ConfigError
+from gpu_request_router.exceptions import ConfigError, StoreInUse, StoreUnavailable
 from gpu_request_router.utils.logging import configure_logging
 
 __all__ = ["app"]
@@ -75,6 +76,12 @@ def new_api_key() -> str:
     return "gr_" + secrets.token_urlsafe(32)
 
 
+def _refuse(reason: str, error: str, code: int = 1, **context: object) -> NoReturn:
+    """Stop a start that cannot go on, with one log line (JSON under JSON logs) saying why."""
+    structlog.get_logger().error("start_refused", reason=reason, error=error, **context)
+    raise typer.Exit(code)
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -86,6 +93,8 @@ def serve(
 
     from gpu_request_router.api import create_app
     from gpu_request_router.api.middleware.auth import hash_key
+    from gpu_request_router.store import open_store
+    from gpu_request_router.utils.serving import AnnouncingServer, listen
 
     settings = _load(config)
     server = settings.server.model_copy(
@@ -98,19 +107,23 @@ def serve(
         admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
         settings = settings.model_copy(update={"auth": AuthSettings(enabled=True, users=[admin])})
     configure_logging(settings.logging, cache_loggers=True)
+    # The order of a start: the store (and the SQLite file's lock, before anything reads the
+    # file), the port, then recovery (the application's lifespan), then "listening".
     try:
-        application = create_app(settings)
+        store = open_store(settings.state)
     except ConfigError as exc:
-        _err.print(f"[red]invalid configuration[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        _refuse("invalid_configuration", f"invalid configuration {exc}", code=2)
+    except StoreInUse as exc:
+        _refuse("state_store_in_use", exc.message, path=exc.path, pid=exc.pid)
+    except StoreUnavailable as exc:
+        _refuse("state_store_unavailable", exc.message)
+    try:
+        application = create_app(settings, store=store)
+    except ConfigError as exc:
+        store.close()
+        _refuse("invalid_configuration", f"invalid configuration {exc}", code=2)
     url = f"http://{server.host}:{server.port}"
-    _out.print(f"gpu-request-router listening on [bold]{url}[/bold] (API docs: {url}/docs)")
-    if dev_key is not None:
-        _out.print(
-            "No users are configured: a development admin key was made for this run.\n"
-            f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}"
-        )
-    uvicorn.run(
+    server_config = uvicorn.Config(
         application,
         host=server.host,
         port=server.port,
@@ -122,6 +135,22 @@ def serve(
         proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
+    try:
+        sock = listen(server.host, server.port, server_config.backlog)
+    except OSError as exc:
+        store.close()
+        _refuse("cannot_listen", f"cannot listen on {url}: {exc.strerror or exc}", url=url)
+
+    def announce() -> None:
+        structlog.get_logger().info("listening", url=url)
+        _out.print(f"gpu-request-router listening on [bold]{url}[/bold] (API docs: {url}/docs)")
+        if dev_key is not None:
+            _out.print(
+                "No users are configured: a development admin key was made for this run.\n"
+                f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}"
+            )
+
+    AnnouncingServer(server_config, announce).run(sockets=[sock])
 
 
 @app.command()
@@ -152,6 +181,7 @@ def worker(
     from pydantic import ValidationError
 
     from gpu_request_router.config.config_loader import WorkerSettings
+    from gpu_request_router.utils.serving import listen
     from gpu_request_router.worker.app import WorkerServer, create_worker_app
 
     settings = _load(config)
@@ -177,17 +207,8 @@ def worker(
     try:
         application = create_worker_app(settings)
     except ConfigError as exc:
-        _err.print(f"[red]invalid configuration[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        _refuse("invalid_configuration", f"invalid configuration {exc}", code=2)
     agent = application.state.worker
-    gpus = f"simulated {section.simulate}" if section.simulate else "NVML"
-    _out.print(
-        f"gpurouter worker [bold]{escape(agent.name)}[/bold] listening on "
-        f"[bold]http://{section.host}:{section.port}[/bold] (GPUs: {escape(gpus)}, "
-        f"executor {section.executor})"
-    )
-    if section.router_url:
-        _out.print(f"registering as {escape(agent.url)} with {escape(section.router_url)}")
     server_config = uvicorn.Config(
         application,
         host=section.host,
@@ -198,8 +219,24 @@ def worker(
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    url = f"http://{section.host}:{section.port}"
+    try:
+        sock = listen(section.host, section.port, server_config.backlog)
+    except OSError as exc:
+        _refuse("cannot_listen", f"cannot listen on {url}: {exc.strerror or exc}", url=url)
+
+    def announce() -> None:
+        structlog.get_logger().info("listening", url=url, worker=agent.name)
+        gpus = f"simulated {section.simulate}" if section.simulate else "NVML"
+        _out.print(
+            f"gpurouter worker [bold]{escape(agent.name)}[/bold] listening on "
+            f"[bold]{url}[/bold] (GPUs: {escape(gpus)}, executor {section.executor})"
+        )
+        if section.router_url:
+            _out.print(f"registering as {escape(agent.url)} with {escape(section.router_url)}")
+
     # On SIGTERM, running executions get 5 s to finish, then answer 503 (worker lost).
-    WorkerServer(server_config, agent, grace_s=5.0).run()
+    WorkerServer(server_config, agent, announce, grace_s=5.0).run(sockets=[sock])
 
 
 @keys.command("create")

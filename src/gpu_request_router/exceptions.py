@@ -24,6 +24,7 @@ its context as attributes, never only inside the message::
     │   └── AlreadyTerminal          the request has already finished (``status``)
     ├── StateConflict                a guarded store write lost a race
     └── StoreUnavailable             the state store cannot be written or read now
+        └── StoreInUse               another live process owns the SQLite file (``pid``)
 
 ``core/`` never speaks HTTP: the API layer maps these base classes to status codes in one place.
 """
@@ -46,6 +47,7 @@ __all__ = [
     "QuotaForbidden",
     "RequestRejected",
     "StateConflict",
+    "StoreInUse",
     "StoreUnavailable",
     "TooManyAuthFailures",
     "Unauthenticated",
@@ -229,3 +231,20 @@ class StoreUnavailable(GpuRouterError):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+
+
+class StoreInUse(StoreUnavailable):
+    """Another live process owns the SQLite file: this one may not open it.
+
+    ``path`` is the database, ``lock_path`` the lock file beside it and ``pid`` the holder's
+    process id as its lock file names it (``None`` if the holder has not written it yet).
+    """
+
+    def __init__(self, path: str, lock_path: str, pid: int | None, holder: str) -> None:
+        super().__init__(
+            f"SQLite state store {path} is in use by another process ({holder}; lock file "
+            f"{lock_path}): stop that process or point state.sqlite_path at another file"
+        )
+        self.path = path
+        self.lock_path = lock_path
+        self.pid = pid

@@ -10,11 +10,19 @@ Durability promise
     at the price of one fsync per write. Either way the database is never corrupted: a crash
     loses whole transactions or nothing.
 
+One owner
+    A store takes an exclusive ``flock`` on ``<path>.lock`` before it opens the database and
+    holds it until :meth:`SQLiteStore.close` (the operating system drops it if the process
+    dies). A store of another process on the same file is refused with
+    :class:`~gpu_request_router.exceptions.StoreInUse`, naming the holder's pid, before it has
+    read or written anything: two routers on one file would each recover and run the other's
+    work. Stores of one process share the lock (the owner is the process).
+
 Pitfalls avoided
     - Every write runs in ``BEGIN IMMEDIATE ... COMMIT``: the write lock is taken up front, so
-      two processes never both read and then fail to upgrade to a write (``SQLITE_BUSY`` in the
-      middle of a deferred transaction), and a check-and-write (the guarded status change, the
-      rate admission, the idempotency check) is atomic across processes. On any error the
+      two connections never both read and then fail to upgrade to a write (``SQLITE_BUSY`` in
+      the middle of a deferred transaction), and a check-and-write (the guarded status change,
+      the rate admission, the idempotency check) is atomic across connections. On any error the
       transaction is rolled back, so nothing is half-written.
     - The connection is in autocommit mode (``isolation_level=None``): the ``sqlite3`` module
       opens no implicit transactions; reads run without one (each statement sees a consistent
@@ -81,6 +89,7 @@ from typing import Any, Literal
 
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
+from gpu_request_router.store._owner import OwnerLock
 from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.base import (
     Charge,
@@ -248,6 +257,7 @@ class SQLiteStore(StateStore):
         synchronous: ``"normal"`` survives a crash of the process, ``"full"`` also a power loss.
 
     Raises:
+        StoreInUse: another live process owns the file (see the module docstring).
         StoreUnavailable: the file cannot be opened, is not a database, cannot be put in WAL
             mode, or has a schema newer than this code.
     """
@@ -265,6 +275,7 @@ class SQLiteStore(StateStore):
         # Why the last write failed (None once one succeeds), and when a probe last wrote.
         self._write_failure: str | None = None
         self._probed_at: float | None = None
+        self._owner = OwnerLock.acquire(self.path)  # before the file is read at all
         try:
             self._conn = sqlite3.connect(
                 self.path,
@@ -273,11 +284,13 @@ class SQLiteStore(StateStore):
                 timeout=BUSY_TIMEOUT_MS / 1000,
             )
         except sqlite3.Error as exc:
+            self._owner.release()
             raise self._unavailable("open the database", exc) from exc
         try:
             self._open()
         except BaseException:
             self._conn.close()
+            self._owner.release()
             raise
 
     def _open(self) -> None:
@@ -556,12 +569,16 @@ class SQLiteStore(StateStore):
                 raise StoreUnavailable(self._write_failure)
 
     def close(self) -> None:
-        """Close the connection (the WAL is checkpointed); later calls raise StoreUnavailable."""
+        """Close the connection (the WAL is checkpointed) and give up the file's lock.
+
+        Later calls raise StoreUnavailable.
+        """
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._rollback()
                 self._conn.close()
+                self._owner.release()
 
     # GPU memory reservations (in memory, see the module docstring) --------------------------
 

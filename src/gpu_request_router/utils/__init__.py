@@ -1,1 +1,1 @@
-"""Helpers shared by several packages: the clock, id generation, logging set-up."""
+"""Helpers shared by several packages: the clock, id generation, logging set-up, serving."""

@@ -35,7 +35,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -70,6 +70,7 @@ from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import Task
 from gpu_request_router.services.simulator import SimulatedFleet
+from gpu_request_router.utils.serving import AnnouncingServer
 from gpu_request_router.worker.executors import (
     CallableExecutor,
     Executor,
@@ -659,18 +660,25 @@ def create_worker_app(
     return app
 
 
-class WorkerServer(uvicorn.Server):
+class WorkerServer(AnnouncingServer):
     """A uvicorn server for the worker app that drains executions on SIGTERM / SIGINT.
 
     uvicorn waits for open connections before the application's shutdown; a hanging execution
     would hold its POST open until that wait times out and then answer 500. Here, on the signal,
     the worker takes no new executions, lets running ones finish for ``grace_s`` seconds, then
     stops them, so their callers get 503 ``worker_lost`` (the router retries elsewhere). Give
-    uvicorn a ``timeout_graceful_shutdown`` longer than ``grace_s``.
+    uvicorn a ``timeout_graceful_shutdown`` longer than ``grace_s``. ``announce`` is called once
+    the server accepts connections.
     """
 
-    def __init__(self, config: uvicorn.Config, worker: Worker, grace_s: float = 5.0) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        worker: Worker,
+        announce: Callable[[], None],
+        grace_s: float = 5.0,
+    ) -> None:
+        super().__init__(config, announce)
         self.worker = worker
         self.grace_s = grace_s
 

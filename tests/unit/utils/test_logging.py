@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -118,3 +121,81 @@ def test_cached_loggers_keep_the_configuration_of_their_first_use(
     structlog.get_logger().info("fresh")  # a new logger follows the error level
     lines = capsys.readouterr().err.splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["first", "second"]
+
+
+def test_stdlib_records_are_json_lines_with_their_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stdlib logger's error with a traceback (uvicorn's, say) is one JSON line on stderr."""
+    configure_logging(LoggingSettings(level="info", format="json"))
+    try:
+        raise RuntimeError("bind failed")
+    except RuntimeError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "Exception in ASGI application"
+    assert event["logger"] == "uvicorn.error"
+    assert event["level"] == "error"
+    assert event["exception"][0]["exc_type"] == "RuntimeError"
+    assert event["exception"][0]["exc_value"] == "bind failed"
+    assert datetime.fromisoformat(event["timestamp"]).utcoffset() == timedelta(0)
+
+
+def test_an_unretrieved_task_exception_is_one_json_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The "Task exception was never retrieved" of asyncio, traceback and all, is one JSON line."""
+    configure_logging(LoggingSettings(level="info", format="json"))
+
+    async def fail() -> None:
+        raise KeyError("lost")
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(fail())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert task.done()
+        del task
+        gc.collect()  # the task's finaliser reports the exception nobody retrieved
+    finally:
+        loop.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["logger"] == "asyncio"
+    assert event["event"].startswith("Task exception was never retrieved")
+    assert event["exception"][0]["exc_type"] == "KeyError"
+    assert any(frame["name"] == "fail" for frame in event["exception"][0]["frames"])
+
+
+def test_library_loggers_pass_warnings_and_uvicorn_follows_the_level(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At info: uvicorn's info lines pass, another library's only from warning up."""
+    configure_logging(LoggingSettings(level="info", format="json"))
+    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:9/v1/gpus")
+    logging.getLogger("httpx").warning("retrying")
+    configure_logging(LoggingSettings(level="error", format="json"))
+    logging.getLogger("uvicorn.error").warning("not shown at error")
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(event["logger"], event["event"]) for event in events] == [
+        ("uvicorn.error", "Application startup complete."),
+        ("httpx", "retrying"),
+    ]
+
+
+def test_configuring_again_replaces_the_stdlib_handler(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """After two configurations a stdlib record is written once, in the second one's format."""
+    configure_logging(LoggingSettings(level="info", format="json"))
+    configure_logging(LoggingSettings(level="info", format="console"))
+    logging.getLogger("uvicorn.error").warning("once")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert "once" in lines[0]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[0])
