@@ -781,6 +781,31 @@ def test_a_registration_with_a_gpu_lacking_its_id_is_422_and_registers_nothing(
     assert ids == set(GPUS)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"url": "http://]\x82擐Ⱦ"},  # not a host name: the poller could never reach it
+        {"url": "http://127.0.0.1:99999"},  # no such port
+        {"url": "ftp://127.0.0.1:9"},
+        {"url": "http://-bad-.example"},
+        {"gpus": [{}]},  # a reading without its index, id and memory
+        {"gpus": [{"id": "x:0", "index": 0, "memory_total_mb": 0}]},
+        {"gpus": [{"id": "x:0", "index": 0, "memory_total_mb": 80, "health": "fine"}]},
+    ],
+    ids=["non-ascii-host", "port", "scheme", "label", "empty-gpu", "no-memory", "health"],
+)
+def test_a_malformed_registration_is_422_and_registers_nothing(
+    serve: Serve, change: dict[str, Any]
+) -> None:
+    """A registration whose URL is no http(s) URL or whose GPUs are malformed changes nothing."""
+    server = serve(auth={"worker_token": WORKER_TOKEN})
+    worker = server.client(headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
+    body = {"name": "gpu-x", "url": "http://127.0.0.1:9", "gpus": [worker_gpu()], **change}
+    problem(worker.post("/v1/workers", json=body), 422)
+    ids = {item["id"] for item in server.client("root").get("/v1/gpus").json()["items"]}
+    assert ids == set(GPUS)
+
+
 # Quotas and users --------------------------------------------------------------------------------
 
 
@@ -1338,6 +1363,28 @@ def test_invalid_submissions_are_422_problems(
         problem(response, 422)
     assert list_ids(shared_server.client("root")) == []
     assert alice.get("/v1/quota").json()["usage"]["requests_last_minute"] == 0
+
+
+def test_tokens_past_the_models_context_are_refused_with_their_own_reason(
+    shared_server: LiveServer,
+) -> None:
+    """More tokens than the model's context is 422 ``context_length_exceeded`` on every route."""
+    alice = shared_server.client("alice")
+    for body in (
+        chat_body(max_tokens=9000),
+        chat_body(shape={"input_tokens": 8000, "output_tokens": 193}),
+    ):
+        details = problem(alice.post("/v1/requests", json=body), 422)
+        assert details["reason"] == "context_length_exceeded", details
+    chat = {
+        "model": "llama-3-8b",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 9000,
+    }
+    answer = alice.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 422
+    assert answer.json()["error"]["code"] == "context-length-exceeded"
+    assert list_ids(shared_server.client("root")) == []
 
 
 def test_a_number_with_no_fraction_is_an_integer(serve: Callable[..., LiveServer]) -> None:
