@@ -337,3 +337,96 @@ async def test_a_full_gpu_refuses_more_executions() -> None:
         assert (await first).status_code == 200
     assert second.status_code == 500
     assert second.json() == {"error": "backend_error", "message": f"no free slot on GPU {NAME}:0"}
+
+
+async def test_get_says_an_execution_runs_then_gives_its_outcome(worker: str) -> None:
+    """GET answers running while it runs, and with ?wait= the same outcome as its POST."""
+    body = execution("exe_look", gpu=1, reserved=1000, duration_s=0.5)
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        post = asyncio.create_task(client.post(f"{worker}/v1/executions", json=body))
+        await started(client, worker, 1, "exe_look")
+        during = await client.get(f"{worker}/v1/executions/exe_look")
+        waited = await client.get(f"{worker}/v1/executions/exe_look", params={"wait": 5})
+        answer = await post
+        later = await client.get(f"{worker}/v1/executions/exe_look")
+    assert during.status_code == 200
+    assert during.json() == {"execution_id": "exe_look", "state": "running"}
+    assert waited.status_code == 200 and waited.json()["state"] == "succeeded"
+    assert waited.json()["output"] == answer.json()["output"]
+    assert waited.json()["usage"] == answer.json()["usage"]
+    assert later.json() == waited.json()
+
+
+async def test_a_caller_that_stops_waiting_does_not_stop_the_execution(worker: str) -> None:
+    """A long-poll abandoned by its caller leaves the execution running to its end."""
+    body = execution("exe_abandoned", gpu=1, reserved=1000, duration_s=0.6)
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        post = asyncio.create_task(client.post(f"{worker}/v1/executions", json=body))
+        await started(client, worker, 1, "exe_abandoned")
+        with pytest.raises(httpx.TimeoutException):
+            await client.get(
+                f"{worker}/v1/executions/exe_abandoned", params={"wait": 5}, timeout=0.1
+            )
+        answer = await post
+        after = await client.get(f"{worker}/v1/executions/exe_abandoned")
+    assert answer.status_code == 200
+    assert after.json()["state"] == "succeeded"
+
+
+async def test_get_gives_failures_and_cancellations_with_their_post_status(worker: str) -> None:
+    """A failed execution answers its kind and the status its POST got; a cancelled one 409."""
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        oom = await client.post(
+            f"{worker}/v1/executions", json=execution("exe_look_oom", duration_s=0.1, failure="oom")
+        )
+        post = asyncio.create_task(
+            client.post(
+                f"{worker}/v1/executions", json=execution("exe_look_hang", gpu=1, failure="hang")
+            )
+        )
+        await started(client, worker, 1, "exe_look_hang")
+        await client.delete(f"{worker}/v1/executions/exe_look_hang")
+        await post
+        failed = (await client.get(f"{worker}/v1/executions/exe_look_oom")).json()
+        cancelled = (await client.get(f"{worker}/v1/executions/exe_look_hang")).json()
+    assert oom.status_code == 507
+    assert failed == {
+        "execution_id": "exe_look_oom",
+        "state": "failed",
+        "status": 507,
+        "error": "gpu_out_of_memory",
+        "message": oom.json()["message"],
+        "peak_memory_mb": 2000,
+    }
+    assert cancelled["state"] == "cancelled" and cancelled["status"] == 409
+    assert cancelled["error"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/v1/executions/exe_never_sent", {}, 404),
+        ("/v1/executions/exe_never_sent", {"wait": 5}, 404),
+        ("/v1/executions/exe_ok", {"wait": -1}, 422),
+        ("/v1/executions/exe_ok", {"wait": 61}, 422),
+        ("/v1/executions/exe_ok", {"wait": "soon"}, 422),
+        ("/v1/executions/exe_ok", {"wait": "nan"}, 422),
+        ("/v1/executions/exe_ok", {"wait": "inf"}, 422),
+    ],
+)
+def test_get_of_an_unknown_execution_or_a_bad_wait_is_a_problem(
+    worker: str, path: str, params: dict[str, Any], status: int
+) -> None:
+    """An unknown id is 404 at once (even with a wait); a wait outside 0..60 is 422."""
+    response = httpx.get(f"{worker}{path}", params=params, headers=AUTH, timeout=3)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_get_of_an_execution_needs_the_worker_token(worker: str) -> None:
+    """Without the worker token the lookup is 401 and says nothing about the execution."""
+    missing = httpx.get(f"{worker}/v1/executions/exe_ok")
+    wrong = httpx.get(f"{worker}/v1/executions/exe_ok", headers={"Authorization": "Bearer no"})
+    for response in (missing, wrong):
+        assert response.status_code == 401
+        assert "state" not in response.json()
