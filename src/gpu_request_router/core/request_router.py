@@ -340,9 +340,12 @@ class RequestRouter:
         decisions: list[Decision] = []
         reattached: list[Dispatch] = []
         ended: list[tuple[str, ExecutionResult | Failure]] = []
-        for stored in self.store.unfinished_requests():
-            if stored.id in self._requests:
-                continue
+        unfinished = [r for r in self.store.unfinished_requests() if r.id not in self._requests]
+        for stored in unfinished:
+            if stored.status.active:
+                # What the dead process reserved is freed; an execution re-attached reserves anew.
+                self.store.release(stored.execution_id)
+        for stored in unfinished:
             if stored.status.active:
                 placement = stored.placement
                 answer = lookups.get(stored.execution_id)
@@ -413,12 +416,11 @@ class RequestRouter:
     def _requeue_in_flight(self, stored: Request, now: float, *, tell: bool) -> list[Decision]:
         """Queue again an in-flight request whose execution no backend vouches for.
 
-        What the execution held is freed. With ``tell`` (its backend did not say it does not
-        know it) the backend is told to stop the execution, in case it still runs it.
+        With ``tell`` (its backend did not say it does not know it) the backend is told to stop
+        the execution, in case it still runs it.
         """
         execution_id = stored.execution_id
         placement = stored.placement
-        self.store.release(execution_id)
         before, attempt = stored.status, stored.attempts
         stored.transition(_S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown"))
         self._write(stored, before, attempt, "router", now)
