@@ -168,6 +168,7 @@ def _statuses(client: httpx.Client, url: str, request_id: str) -> list[str]:
         ]
 
 
+@pytest.mark.slow
 def test_a_restarted_router_reattaches_collects_and_retries_only_what_nobody_knows(
     cluster: Cluster,
 ) -> None:
