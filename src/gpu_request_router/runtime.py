@@ -6,6 +6,10 @@ It owns the I/O the core does not: a timer loop that calls
 GPU source, and one task per execution that awaits the backend client and feeds the outcome back.
 The core is synchronous and the event loop single-threaded, so no locks are needed.
 
+On start it asks the workers about the executions the store shows in flight (all at once, each
+within five seconds), hands the answers to the core's recovery, and waits on the
+executions it re-attached to like on those it dispatches.
+
 Example::
 
     async with Runtime.from_settings(load_settings()) as runtime:
@@ -32,6 +36,8 @@ from gpu_request_router.core.events import (
     ExecutionResult,
     Failure,
     FailureKind,
+    InFlight,
+    Lookup,
 )
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
@@ -68,6 +74,10 @@ POSITION_LIMIT = 1_000
 _STORE_RETRY_MAX_S = 2.0
 # How long a backend gets to acknowledge a cancellation before the router stops waiting.
 _CANCEL_TIMEOUT_S = 5.0
+# How long a worker gets, at start, to say what became of an execution; then it is retried.
+_LOOKUP_TIMEOUT_S = 5.0
+# Cancellations kept for a backend not known yet (a worker that registers itself), at most.
+_PENDING_CANCELS = 10_000
 
 
 class Runtime:
@@ -96,6 +106,8 @@ class Runtime:
         self._loops: list[asyncio.Task[None]] = []
         self._worker_loops: dict[str, asyncio.Task[None]] = {}
         self._worker_token: str | None = None
+        # backend name -> execution ids to cancel once the backend is known (it registers)
+        self._pending_cancels: dict[str, list[str]] = {}
         self._running = False
         self.router.listeners.append(self._on_transition)
         # Called with (request id, start, end) of every admission that created a request.
@@ -146,40 +158,50 @@ class Runtime:
         """Take in a worker that registered itself (or heartbeats); True if it is new.
 
         A new worker gets a client and a GPU source polled like a configured one; a known one
-        that moved to another URL is followed there.
+        that moved to another URL is followed there. Cancellations meant for it while it was not
+        known (work it ran before a router restart, retried since) are delivered now.
         """
         known = self._clients.get(name)
         if isinstance(known, AgentClient) and known.url == url.rstrip("/"):
             return False
         if known is not None and not isinstance(known, AgentClient):
             raise InvalidRequest("name", f"{name!r} is the name of a configured backend")
-        self._clients[name] = AgentClient(
+        client = self._clients[name] = AgentClient(
             name,
             url,
             self._worker_token,
             self.clock,
             reported_id=_reported_ids(self.router.monitor),
         )
+        for execution_id in self._pending_cancels.pop(name, []):
+            self._notify_cancel(client, execution_id)
         source = AgentSource(url, name, self._worker_token)
         old = self._worker_loops.pop(name, None)
         if old is not None:
             old.cancel()
+        self._sources.append(source)  # closed on leaving, like the configured ones
         if self._running:
             task = asyncio.create_task(self._poll_loop(source))
             self._worker_loops[name] = task
             self._loops.append(task)
-        else:
-            self._sources.append(source)
         _log.info("worker_registered", worker=name, url=url, new=known is None)
         return known is None
 
     # Lifecycle ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        """Read every source once, recover stored work, then start the loops."""
+        """Read every source once, recover stored work, then start the loops.
+
+        The executions in flight are asked about at their workers first (see the module
+        docstring); those still running there are re-attached, not run again.
+        """
         for source in self._sources:
             await self._poll_once(source)
-        self._apply(self.router.recover(self.clock.now()))
+        lookups = await self._look_up(self.router.in_flight())
+        recovery = self.router.recover(self.clock.now(), lookups)
+        self._apply(recovery.decisions)
+        for dispatch in recovery.reattached:
+            self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
         self._loops.append(asyncio.create_task(self._timer_loop()))
         self._loops.extend(asyncio.create_task(self._poll_loop(source)) for source in self._sources)
         self._running = True
@@ -370,8 +392,15 @@ class Runtime:
             task.cancel()
         client = self._clients.get(decision.backend)
         if client is None:
+            # A worker that registers itself is not known until it does (after a restart).
+            pending = self._pending_cancels.setdefault(decision.backend, [])
+            if len(pending) < _PENDING_CANCELS:
+                pending.append(decision.execution_id)
             return
-        notice = asyncio.create_task(self._tell_cancel(client, decision.execution_id))
+        self._notify_cancel(client, decision.execution_id)
+
+    def _notify_cancel(self, client: BackendClient, execution_id: str) -> None:
+        notice = asyncio.create_task(self._tell_cancel(client, execution_id))
         self._background.add(notice)
         notice.add_done_callback(self._background.discard)
 
@@ -409,6 +438,51 @@ class Runtime:
         if isinstance(outcome, Failure) and partly_sent and outcome.kind.retryable:
             # Part of the answer already reached the client: another attempt would repeat it.
             outcome = Failure(FailureKind.STREAM_BROKEN, outcome.message)
+        await self._report(execution_id, outcome)
+
+    async def _look_up(self, in_flight: Sequence[InFlight]) -> dict[str, Lookup]:
+        """What the workers say of executions in flight, by execution id, asked all at once.
+
+        Only ``agent`` backends can be asked: an in-process simulated fleet died with the
+        previous process, and an OpenAI-compatible server has no execution ids. A worker that
+        does not answer within ``_LOOKUP_TIMEOUT_S`` is left out (its work is retried).
+        """
+
+        async def ask(execution_id: str, client: AgentClient) -> tuple[str, Lookup | None]:
+            try:
+                async with asyncio.timeout(_LOOKUP_TIMEOUT_S):
+                    return execution_id, await client.lookup(execution_id)
+            except Exception as exc:  # any failure to ask counts as no answer
+                _log.warning("execution_lookup_failed", execution_id=execution_id, error=repr(exc))
+                return execution_id, None
+
+        asks = []
+        for execution in in_flight:
+            client = self._clients.get(execution.backend)
+            if isinstance(client, AgentClient):
+                asks.append(ask(execution.execution_id, client))
+        answers = await asyncio.gather(*asks)
+        return {execution_id: answer for execution_id, answer in answers if answer is not None}
+
+    async def _attach(self, dispatch: Dispatch) -> None:
+        """Wait for the outcome of a re-attached execution and feed it back, as for dispatches."""
+        execution_id = dispatch.execution_id
+        client = self._clients.get(dispatch.backend)
+        outcome: ExecutionResult | Failure
+        try:
+            if not isinstance(client, AgentClient):
+                outcome = Failure(
+                    FailureKind.UNREACHABLE, f"no worker client for backend {dispatch.backend!r}"
+                )
+            else:
+                outcome = await client.attach(dispatch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a client bug must not take the router down: fail the attempt
+            _log.exception("backend_client_error", execution_id=execution_id)
+            outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
+        finally:
+            self._executions.pop(execution_id, None)
         await self._report(execution_id, outcome)
 
     async def _report(self, execution_id: str, outcome: ExecutionResult | Failure) -> None:

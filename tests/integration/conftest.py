@@ -4,7 +4,7 @@
 background thread, listening on a free port of 127.0.0.1, and stops it (joining the thread) when
 the test ends. Three users are configured with authentication on: ``alice`` and ``bob`` (role
 user) and ``root`` (admin); :meth:`LiveServer.client` gives an ``httpx`` client that presents a
-user's key.
+user's key. ``serve_app(app)`` runs any other application (a worker's) the same way.
 """
 
 from __future__ import annotations
@@ -201,6 +201,24 @@ def serve() -> Iterator[Callable[..., LiveServer]]:
         yield servers.start
     finally:
         servers.close()
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Callable[[FastAPI], str]]:
+    """A factory: ``serve_app(app)`` runs ``app`` live on 127.0.0.1 and returns its URL."""
+    running: list[_Running] = []
+
+    def start(app: FastAPI) -> str:
+        runner = _Running(app)
+        running.append(runner)
+        runner.start()
+        return f"http://127.0.0.1:{runner.port}"
+
+    try:
+        yield start
+    finally:
+        for runner in reversed(running):
+            runner.stop()
 
 
 @pytest.fixture

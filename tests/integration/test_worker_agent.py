@@ -21,9 +21,20 @@ import pytest
 import yaml
 
 from gpu_request_router.config.config_loader import load_settings
+from gpu_request_router.core.events import (
+    Dispatch,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+    NotKnown,
+    StillRunning,
+)
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.gpu_state import GPUReading
+from gpu_request_router.models.request import Estimate, Placement, Request, Task
+from gpu_request_router.services.ai_orchestrator import AgentClient
 from gpu_request_router.testing import free_port
+from gpu_request_router.utils.clock import SystemClock
 from gpu_request_router.worker.app import create_worker_app
 from gpu_request_router.worker.executors import CallableExecutor
 
@@ -337,3 +348,237 @@ async def test_a_full_gpu_refuses_more_executions() -> None:
         assert (await first).status_code == 200
     assert second.status_code == 500
     assert second.json() == {"error": "backend_error", "message": f"no free slot on GPU {NAME}:0"}
+
+
+async def test_get_says_an_execution_runs_then_gives_its_outcome(worker: str) -> None:
+    """GET answers running while it runs, and with ?wait= the same outcome as its POST."""
+    body = execution("exe_look", gpu=1, reserved=1000, duration_s=0.5)
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        post = asyncio.create_task(client.post(f"{worker}/v1/executions", json=body))
+        await started(client, worker, 1, "exe_look")
+        during = await client.get(f"{worker}/v1/executions/exe_look")
+        waited = await client.get(f"{worker}/v1/executions/exe_look", params={"wait": 5})
+        answer = await post
+        later = await client.get(f"{worker}/v1/executions/exe_look")
+    assert during.status_code == 200
+    assert during.json() == {"execution_id": "exe_look", "state": "running"}
+    assert waited.status_code == 200 and waited.json()["state"] == "succeeded"
+    assert waited.json()["output"] == answer.json()["output"]
+    assert waited.json()["usage"] == answer.json()["usage"]
+    assert later.json() == waited.json()
+
+
+async def test_a_caller_that_stops_waiting_does_not_stop_the_execution(worker: str) -> None:
+    """A long-poll abandoned by its caller leaves the execution running to its end."""
+    body = execution("exe_abandoned", gpu=1, reserved=1000, duration_s=0.6)
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        post = asyncio.create_task(client.post(f"{worker}/v1/executions", json=body))
+        await started(client, worker, 1, "exe_abandoned")
+        with pytest.raises(httpx.TimeoutException):
+            await client.get(
+                f"{worker}/v1/executions/exe_abandoned", params={"wait": 5}, timeout=0.1
+            )
+        answer = await post
+        after = await client.get(f"{worker}/v1/executions/exe_abandoned")
+    assert answer.status_code == 200
+    assert after.json()["state"] == "succeeded"
+
+
+async def test_get_gives_failures_and_cancellations_with_their_post_status(worker: str) -> None:
+    """A failed execution answers its kind and the status its POST got; a cancelled one 409."""
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
+        oom = await client.post(
+            f"{worker}/v1/executions", json=execution("exe_look_oom", duration_s=0.1, failure="oom")
+        )
+        post = asyncio.create_task(
+            client.post(
+                f"{worker}/v1/executions", json=execution("exe_look_hang", gpu=1, failure="hang")
+            )
+        )
+        await started(client, worker, 1, "exe_look_hang")
+        await client.delete(f"{worker}/v1/executions/exe_look_hang")
+        await post
+        failed = (await client.get(f"{worker}/v1/executions/exe_look_oom")).json()
+        cancelled = (await client.get(f"{worker}/v1/executions/exe_look_hang")).json()
+    assert oom.status_code == 507
+    assert failed == {
+        "execution_id": "exe_look_oom",
+        "state": "failed",
+        "status": 507,
+        "error": "gpu_out_of_memory",
+        "message": oom.json()["message"],
+        "peak_memory_mb": 2000,
+    }
+    assert cancelled["state"] == "cancelled" and cancelled["status"] == 409
+    assert cancelled["error"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("/v1/executions/exe_never_sent", {}, 404),
+        ("/v1/executions/exe_never_sent", {"wait": 5}, 404),
+        ("/v1/executions/exe_ok", {"wait": -1}, 422),
+        ("/v1/executions/exe_ok", {"wait": 61}, 422),
+        ("/v1/executions/exe_ok", {"wait": "soon"}, 422),
+        ("/v1/executions/exe_ok", {"wait": "nan"}, 422),
+        ("/v1/executions/exe_ok", {"wait": "inf"}, 422),
+    ],
+)
+def test_get_of_an_unknown_execution_or_a_bad_wait_is_a_problem(
+    worker: str, path: str, params: dict[str, Any], status: int
+) -> None:
+    """An unknown id is 404 at once (even with a wait); a wait outside 0..60 is 422."""
+    response = httpx.get(f"{worker}{path}", params=params, headers=AUTH, timeout=3)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_get_of_an_execution_needs_the_worker_token(worker: str) -> None:
+    """Without the worker token the lookup is 401 and says nothing about the execution."""
+    missing = httpx.get(f"{worker}/v1/executions/exe_ok")
+    wrong = httpx.get(f"{worker}/v1/executions/exe_ok", headers={"Authorization": "Bearer no"})
+    for response in (missing, wrong):
+        assert response.status_code == 401
+        assert "state" not in response.json()
+
+
+def _dispatched(execution_id: str, timeout_s: float) -> Dispatch:
+    """The dispatch a router made of ``execution_id`` on ``w1:1``, due within ``timeout_s``."""
+    estimate = Estimate(1000, 0, 1000, 0, {"H100-80GB": 1.0})
+    request = Request(
+        id=f"req_{execution_id}",
+        user="u",
+        model="llama-3-8b",
+        task=Task.CHAT,
+        priority="normal",
+        estimate=estimate,
+        created_at=time.time(),
+        timeout_s=timeout_s,
+        attempts=1,
+    )
+    return Dispatch(
+        request=request,
+        execution_id=execution_id,
+        attempt=1,
+        backend=NAME,
+        placement=Placement(NAME, (f"{NAME}:1",)),
+        reservations={f"{NAME}:1": 1000},
+        deadline=request.deadline,
+    )
+
+
+async def test_the_agent_client_reads_each_state_of_an_execution(worker: str) -> None:
+    """lookup() turns the worker's answers into the core's: running, outcome, unknown."""
+    client = AgentClient(NAME, worker, TOKEN, SystemClock())
+    body = execution("exe_client_look", gpu=1, reserved=1000, duration_s=0.4)
+    try:
+        async with httpx.AsyncClient(headers=AUTH, timeout=10) as http:
+            post = asyncio.create_task(http.post(f"{worker}/v1/executions", json=body))
+            await started(http, worker, 1, "exe_client_look")
+            running = await client.lookup("exe_client_look")
+            ended = await client.lookup("exe_client_look", wait_s=5)
+            answer = (await post).json()
+            oom = await http.post(
+                f"{worker}/v1/executions",
+                json=execution("exe_client_oom", duration_s=0.05, failure="oom"),
+            )
+        failed = await client.lookup("exe_client_oom")
+        unknown = await client.lookup("exe_client_never")
+    finally:
+        await client.aclose()
+    assert running == StillRunning()
+    assert ended == ExecutionResult(
+        output=answer["output"],
+        gpu_seconds=answer["usage"]["gpu_seconds"],
+        peak_memory_mb=answer["usage"]["peak_memory_mb"],
+    )
+    assert oom.status_code == 507
+    assert failed == Failure(FailureKind.OUT_OF_MEMORY, oom.json()["message"], 2000)
+    assert unknown == NotKnown()
+
+
+async def test_the_agent_client_attaches_to_an_execution_it_did_not_start(worker: str) -> None:
+    """attach() waits out an execution another caller POSTed and returns the same outcome."""
+    client = AgentClient(NAME, worker, TOKEN, SystemClock())
+    body = execution("exe_client_attach", gpu=1, reserved=1000, duration_s=0.5)
+    try:
+        async with httpx.AsyncClient(headers=AUTH, timeout=10) as http:
+            post = asyncio.create_task(http.post(f"{worker}/v1/executions", json=body))
+            await started(http, worker, 1, "exe_client_attach")
+            outcome = await client.attach(_dispatched("exe_client_attach", 60))
+            answer = (await post).json()
+        forgotten = await client.attach(_dispatched("exe_client_forgotten", 60))
+    finally:
+        await client.aclose()
+    assert isinstance(outcome, ExecutionResult) and outcome.output == answer["output"]
+    assert isinstance(forgotten, Failure) and forgotten.kind is FailureKind.WORKER_LOST
+
+
+async def test_attaching_to_a_worker_that_never_answers_ends_at_the_deadline() -> None:
+    """With nobody listening, attach() keeps asking until the deadline and grace, then times out."""
+    client = AgentClient(NAME, f"http://127.0.0.1:{free_port()}", TOKEN, SystemClock())
+    try:
+        async with asyncio.timeout(20):
+            outcome = await client.attach(_dispatched("exe_client_nobody", -4.0))
+    finally:
+        await client.aclose()
+    assert isinstance(outcome, Failure) and outcome.kind is FailureKind.TIMEOUT
+
+
+@pytest.fixture(scope="module")
+def odd_worker() -> Iterator[str]:
+    """A stand-in worker on 127.0.0.1 whose GET answers are whatever the execution id names."""
+    answers: dict[str, tuple[int, bytes]] = {
+        "not_json": (200, b"<html>surprise</html>"),
+        "a_list": (200, b"[1, 2]"),
+        "odd_state": (200, b'{"state": "sleeping"}'),
+        "failed_no_status": (200, b'{"state": "failed", "error": "backend_error"}'),
+        "failed_text_status": (200, b'{"state": "failed", "status": "507"}'),
+        "server_error": (500, b'{"state": "running"}'),
+        "unauthorized": (401, b"{}"),
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = answers[self.path.split("?")[0].rsplit("/", 1)[-1]]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "execution_id",
+    [
+        "not_json",
+        "a_list",
+        "odd_state",
+        "failed_no_status",
+        "failed_text_status",
+        "server_error",
+        "unauthorized",
+    ],
+)
+async def test_an_answer_the_agent_client_cannot_read_is_no_answer(
+    odd_worker: str, execution_id: str
+) -> None:
+    """A malformed or failed lookup is no answer (the work is retried), never a made-up outcome."""
+    client = AgentClient(NAME, odd_worker, TOKEN, SystemClock())
+    try:
+        assert await client.lookup(execution_id) is None
+    finally:
+        await client.aclose()

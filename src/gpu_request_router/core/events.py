@@ -3,6 +3,10 @@
 Drivers (the asyncio runtime, the discrete-event simulator, tests) call the core's methods with
 the current time and what happened (an execution finished, a GPU reading arrived ...) and get
 back a list of :data:`Decision` objects to carry out: start an execution, cancel one.
+
+After a restart the driver asks each backend about the executions the store shows in flight
+(:class:`InFlight`), and hands what it learned (a :data:`Lookup` per execution id) to the core's
+recovery, which answers with a :class:`Recovery`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ __all__ = [
     "ExecutionResult",
     "Failure",
     "FailureKind",
+    "InFlight",
+    "Lookup",
+    "NotKnown",
+    "Recovery",
+    "StillRunning",
 ]
 
 
@@ -94,3 +103,40 @@ class CancelExecution:
 
 
 Decision = Dispatch | CancelExecution
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """An execution the store shows in flight at a restart, and the backend to ask about it."""
+
+    request_id: str
+    execution_id: str
+    backend: str
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class StillRunning:
+    """A backend's answer about an execution: it still runs it."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotKnown:
+    """A backend's answer about an execution: it does not know it (never started, or forgotten)."""
+
+
+Lookup = ExecutionResult | Failure | StillRunning | NotKnown
+"""What a backend said of an execution when asked after a restart: its outcome if it ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What recovery after a restart decided.
+
+    ``decisions`` are carried out as usual; ``reattached`` are the executions a backend still
+    runs, each as the dispatch that started it: the driver waits for their outcomes and reports
+    them like those of executions it dispatched itself.
+    """
+
+    decisions: list[Decision]
+    reattached: list[Dispatch]

@@ -19,6 +19,7 @@ lost; work on an ``unknown`` one may still finish.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -297,6 +298,20 @@ class GPUStateMonitor:
         self._holders.setdefault(holder, []).append(gpu_id)
         self._recompute(state)
         return True
+
+    def adopt(self, gpu_id: str, holder: str, memory_mb: int) -> None:
+        """Record the reservation of execution ``holder``, which already runs on a GPU.
+
+        For an execution re-attached after a restart: it holds its memory and its slot whatever
+        the room, so this is never refused. Readings taken since the restart saw it already.
+        """
+        state = self.get(gpu_id)
+        total = self._store.reserve(gpu_id, holder, memory_mb, sys.maxsize)
+        assert total is not None  # no limit was set
+        state.reserved_mb = total
+        state.running[holder] = memory_mb
+        self._holders.setdefault(holder, []).append(gpu_id)
+        self._recompute(state)
 
     def release(
         self,

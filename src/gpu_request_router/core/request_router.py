@@ -4,6 +4,8 @@ Drivers call one method per event, always with the current time, and carry out t
 :data:`~gpu_request_router.core.events.Decision` list that comes back:
 
 - :meth:`RequestRouter.enqueue` — a request was admitted (by the request receiver);
+- :meth:`~RequestRouter.recover` — the process (re)started: take back the store's unfinished work,
+  with what the backends said of the executions in flight (:meth:`~RequestRouter.in_flight`);
 - :meth:`~RequestRouter.started`, :meth:`~RequestRouter.finished`, :meth:`~RequestRouter.failed`
   — what a backend said about an execution;
 - :meth:`~RequestRouter.readings`, :meth:`~RequestRouter.source_failed` — GPU monitoring;
@@ -52,6 +54,11 @@ from gpu_request_router.core.events import (
     ExecutionResult,
     Failure,
     FailureKind,
+    InFlight,
+    Lookup,
+    NotKnown,
+    Recovery,
+    StillRunning,
 )
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit
@@ -300,31 +307,147 @@ class RequestRouter:
         self.queue.push(request, fair_share_cost(request))
         return self._pass(now)
 
-    def recover(self, now: float) -> list[Decision]:
-        """Rebuild the queue from the store after a restart.
+    def in_flight(self) -> list[InFlight]:
+        """The executions the store shows in flight, not yet recovered: whom to ask about each.
 
-        Queued requests are queued again; dispatching or running ones, whose outcome is unknown,
-        are retried (their next dispatch is attempt + 1); terminal ones stay as they are.
+        Call it after the first GPU readings and before :meth:`recover`. The backend is the one
+        of the placement's first GPU where that GPU is known, else the placement's worker (a
+        worker that registers itself is its own backend).
         """
+        asks: list[InFlight] = []
         for stored in self.store.unfinished_requests():
-            if stored.id in self._requests:
+            placement = stored.placement
+            if stored.id in self._requests or not stored.status.active or placement is None:
                 continue
-            if stored.status.active:
-                # The execution died with the previous process: free what it held.
-                self.store.release(stored.execution_id)
-                before, attempt = stored.status, stored.attempts
-                stored.transition(
-                    _S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown")
+            asks.append(
+                InFlight(
+                    stored.id, stored.execution_id, self._backend_of(placement), placement.worker
                 )
-                self._write(stored, before, attempt, "router", now)
+            )
+        return asks
+
+    def recover(self, now: float, lookups: Mapping[str, Lookup] | None = None) -> Recovery:
+        """Rebuild the live state from the store after a restart.
+
+        Queued requests are queued again; terminal ones stay as they are. A dispatching or
+        running request's execution is judged by what its backend said of it (``lookups``, by
+        execution id; see :meth:`in_flight`), so that no request runs twice (I3):
+
+        - still running: re-attached — same attempt and execution, its memory reserved again
+          on its placement's GPUs, status running; the driver waits for its outcome;
+        - ended: its outcome is taken as if just reported (:meth:`finished`, :meth:`failed`);
+        - not known to the backend: retried (its next dispatch is attempt + 1);
+        - not asked, or no answer: retried, and the backend is told to stop it (best effort).
+
+        An answer about an execution on GPUs the monitor does not know counts as no answer.
+        """
+        lookups = lookups if lookups is not None else {}
+        decisions: list[Decision] = []
+        reattached: list[Dispatch] = []
+        ended: list[tuple[str, ExecutionResult | Failure]] = []
+        unfinished = [r for r in self.store.unfinished_requests() if r.id not in self._requests]
+        for stored in unfinished:
+            if stored.status.active:
+                # What the dead process reserved is freed; an execution re-attached reserves anew.
+                self.store.release(stored.execution_id)
+        for stored in unfinished:
+            if stored.status.active:
+                placement = stored.placement
+                answer = lookups.get(stored.execution_id)
+                known = placement is not None and all(
+                    gpu_id in self.monitor.gpus for gpu_id in placement.gpu_ids
+                )
+                if known and isinstance(answer, StillRunning):
+                    reattached.append(self._reattach(stored, now, running=True))
+                    continue
+                if known and isinstance(answer, ExecutionResult | Failure):
+                    self._reattach(stored, now, running=False)
+                    ended.append((stored.execution_id, answer))
+                    continue
+                decisions += self._requeue_in_flight(
+                    stored, now, tell=not isinstance(answer, NotKnown)
+                )
             self._track(stored)
             self.queue.push(stored, fair_share_cost(stored))
-        return self._pass(now)
+        for execution_id, outcome in ended:
+            if isinstance(outcome, Failure):
+                decisions += self.failed(execution_id, outcome, now)
+            else:
+                decisions += self.finished(execution_id, outcome, now)
+        return Recovery(decisions + self._pass(now), reattached)
+
+    def _backend_of(self, placement: Placement) -> str:
+        """The backend of a placement: its first GPU's, else its worker (its own backend)."""
+        gpu = self.monitor.gpus.get(placement.gpu_ids[0])
+        return gpu.reading.backend if gpu is not None else placement.worker
+
+    def _reattach(self, stored: Request, now: float, *, running: bool) -> Dispatch:
+        """Track an in-flight request whose execution its backend knows; return its dispatch.
+
+        With ``running`` (the backend still runs it) its memory is reserved again on its GPUs
+        and a dispatching request is marked running.
+        """
+        placement = stored.placement
+        assert placement is not None
+        execution_id = stored.execution_id
+        backend = self._backend_of(placement)
+        dispatched_at = stored.dispatched_at if stored.dispatched_at is not None else now
+        need = self.need_of(stored)
+        reservations = {
+            gpu_id: need.memory_on(self.monitor.gpus[gpu_id]) for gpu_id in placement.gpu_ids
+        }
+        self._track(stored)
+        self._executions[execution_id] = _Execution(
+            stored.id, stored.attempts, backend, placement.worker, placement.gpu_ids, dispatched_at
+        )
+        self._current[stored.id] = execution_id
+        if running:
+            for gpu_id, memory_mb in reservations.items():
+                self.monitor.adopt(gpu_id, execution_id, memory_mb)
+                self.metrics.gpu(self.monitor.gpus[gpu_id])
+            if stored.status is _S.DISPATCHING:
+                self._set(stored, _S.RUNNING, now, actor=f"backend:{backend}")
+            _log.info("execution_reattached", request_id=stored.id, execution_id=execution_id)
+        return Dispatch(
+            request=stored.snapshot(),
+            execution_id=execution_id,
+            attempt=stored.attempts,
+            backend=backend,
+            placement=placement,
+            reservations=reservations,
+            deadline=stored.deadline,
+        )
+
+    def _requeue_in_flight(self, stored: Request, now: float, *, tell: bool) -> list[Decision]:
+        """Queue again an in-flight request whose execution no backend vouches for.
+
+        With ``tell`` (its backend did not say it does not know it) the backend is told to stop
+        the execution, in case it still runs it.
+        """
+        execution_id = stored.execution_id
+        placement = stored.placement
+        before, attempt = stored.status, stored.attempts
+        stored.transition(_S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown"))
+        self._write(stored, before, attempt, "router", now)
+        if not tell or placement is None:
+            return []
+        return [
+            CancelExecution(
+                request_id=stored.id,
+                execution_id=execution_id,
+                backend=self._backend_of(placement),
+                worker=placement.worker,
+                reason="router_restarted",
+            )
+        ]
 
     def _track(self, request: Request) -> None:
         self._requests[request.id] = request
-        self._queued[request.user] += 1
-        self._queued_total += 1
+        if request.status.active:
+            self._active[request.user] += 1
+        else:
+            self._queued[request.user] += 1
+            self._queued_total += 1
         heapq.heappush(self._deadlines, (request.deadline, request.id))
 
     # Events: executions ---------------------------------------------------------------------------

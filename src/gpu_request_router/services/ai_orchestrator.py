@@ -7,7 +7,9 @@ A client takes a :class:`~gpu_request_router.core.events.Dispatch` and returns e
 answer's bytes go to a :class:`StreamSink` as they arrive.
 
 - ``simulated``: an in-process :class:`~gpu_request_router.services.simulator.SimulatedFleet`.
-- ``agent``: a host running ``gpurouter worker``, over the worker protocol (SPEC §6).
+- ``agent``: a host running ``gpurouter worker``, over the worker protocol (SPEC §6). After a
+  router restart it can also be asked what became of an execution (:meth:`AgentClient.lookup`)
+  and waited on for one it still runs (:meth:`AgentClient.attach`).
 - ``openai``: an OpenAI-compatible inference server (vLLM, SGLang, TGI, Ollama ...), the body
   forwarded as it is, streams passed through.
 
@@ -25,7 +27,15 @@ from typing import Any, NoReturn, Protocol
 
 import aiohttp
 
-from gpu_request_router.core.events import Dispatch, ExecutionResult, Failure, FailureKind
+from gpu_request_router.core.events import (
+    Dispatch,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+    Lookup,
+    NotKnown,
+    StillRunning,
+)
 from gpu_request_router.models.request import Task
 from gpu_request_router.services.simulator import FAILS_AFTER, SimulatedFleet
 from gpu_request_router.utils.clock import Clock
@@ -42,6 +52,14 @@ __all__ = [
 
 # Seconds an execution may outlive its deadline on the wire before the client gives up.
 _DEADLINE_GRACE_S = 5.0
+# A re-attached execution is long-polled this long per call (the worker allows up to 60 s).
+_ATTACH_WAIT_S = 30.0
+# How long a lookup's answer may take beyond the wait it asked for.
+_LOOKUP_GRACE_S = 5.0
+# Backoff between long-polls that got no answer: from the first figure, doubling, to the second.
+_ATTACH_RETRY_S = (0.2, 5.0)
+# The pause between long-polls that found the execution still running.
+_ATTACH_PAUSE_S = 0.05
 _OPENAI_PATHS = {
     Task.CHAT: "/v1/chat/completions",
     Task.COMPLETION: "/v1/completions",
@@ -303,6 +321,72 @@ class AgentClient(_HttpBackend):
             f"{self.url}/v1/executions/{execution_id}", timeout=timeout
         ) as response:
             await response.read()
+
+    async def lookup(self, execution_id: str, wait_s: float = 0.0) -> Lookup | None:
+        """GET the execution on the worker: what became of it; ``None`` for no usable answer.
+
+        With ``wait_s`` (at most 60) the worker holds its answer while the execution runs, up to
+        that long. Connection errors and time-outs raise as aiohttp raises them.
+        """
+        timeout = aiohttp.ClientTimeout(total=wait_s + _LOOKUP_GRACE_S, sock_connect=5)
+        params = {"wait": f"{wait_s:.3f}"} if wait_s > 0 else None
+        async with self.session.get(
+            f"{self.url}/v1/executions/{execution_id}", params=params, timeout=timeout
+        ) as response:
+            body, text = await _read_json(response)
+            status = response.status
+        if status == 404:
+            return NotKnown()
+        if status != 200 or not isinstance(body, dict):
+            return None
+        state = body.get("state")
+        if state == "running":
+            return StillRunning()
+        if state == "succeeded":
+            usage = body.get("usage")
+            if not isinstance(usage, dict):
+                usage = {}
+            return ExecutionResult(
+                output=body.get("output"),
+                gpu_seconds=_number(usage.get("gpu_seconds")),
+                peak_memory_mb=_integer(usage.get("peak_memory_mb")),
+            )
+        answered = _integer(body.get("status"))
+        if state in ("failed", "cancelled") and answered is not None and answered >= 400:
+            return _failure_of(answered, body, text)
+        return None
+
+    async def attach(self, dispatch: Dispatch) -> ExecutionResult | Failure:
+        """Wait for the outcome of an execution the worker already runs (after a router restart).
+
+        Long-polls :meth:`lookup` until the execution ends. A worker that no longer knows it has
+        lost it (``worker_lost``); one that gives no answer is asked again after a backoff,
+        until the deadline (plus a grace) has passed (``timeout``).
+        """
+        delay, most = _ATTACH_RETRY_S
+        while True:
+            left = dispatch.deadline + _DEADLINE_GRACE_S - self._clock.now()
+            if left <= 0:
+                return Failure(
+                    FailureKind.TIMEOUT, "the deadline passed before the execution ended"
+                )
+            try:
+                answer = await self.lookup(dispatch.execution_id, min(_ATTACH_WAIT_S, left))
+            except (aiohttp.ClientError, TimeoutError):
+                answer = None
+            if isinstance(answer, ExecutionResult | Failure):
+                return answer
+            if isinstance(answer, NotKnown):
+                return Failure(
+                    FailureKind.WORKER_LOST,
+                    f"worker {self.name} no longer knows execution {dispatch.execution_id}",
+                )
+            if isinstance(answer, StillRunning):
+                # A pause all the same: a worker that does not hold its answer is not polled hot.
+                pause, delay = _ATTACH_PAUSE_S, _ATTACH_RETRY_S[0]
+            else:
+                pause, delay = delay, min(delay * 2, most)
+            await asyncio.sleep(min(pause, left))
 
 
 class OpenAIClient(_HttpBackend):

@@ -13,6 +13,11 @@ with the router and heartbeats. Every ``/v1`` call needs ``Authorization: Bearer
   or an execution cancelled), 5xx ``{"error": <failure kind>, "message"}`` for failures (500
   backend error or no free slot, 502 unreachable, 503 worker shutting down, 504 timeout);
 * ``DELETE /v1/executions/{id}`` → ``{"cancelled": true|false}``;
+* ``GET /v1/executions/{id}[?wait=S]`` → what became of an execution (asked by a router after a
+  restart): **404** when unknown, else **200** ``{"execution_id", "state"}`` with ``state``
+  ``running``, ``succeeded`` (with ``output`` and ``usage``), or ``failed`` / ``cancelled``
+  (with the ``status`` its POST answers, ``error``, ``message``, ``peak_memory_mb``); with
+  ``wait`` (0 to :data:`MAX_LOOKUP_WAIT_S` seconds) a running one is waited on that long first;
 * ``GET /healthz`` → 200.
 
 An execution id is executed once: a second POST with the id while it runs waits for the same
@@ -44,7 +49,7 @@ from typing import Annotated, Any, cast
 import httpx
 import structlog
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -83,6 +88,7 @@ from gpu_request_router.worker.readers import GpuReader
 __all__ = [
     "KEEP_FINISHED",
     "KEEP_FINISHED_S",
+    "MAX_LOOKUP_WAIT_S",
     "ExecutionIn",
     "SimulatedReader",
     "Worker",
@@ -96,6 +102,7 @@ _log = structlog.get_logger(__name__)
 
 KEEP_FINISHED = 4096  # finished outcomes kept for repeated POSTs, at most
 KEEP_FINISHED_S = 900.0  # ... and for this long
+MAX_LOOKUP_WAIT_S = 60.0  # the longest a GET of an execution may wait for it to end
 _CANCEL_WAIT_S = 5.0
 _MAX_HEARTBEAT_TIMEOUT_S = 10.0
 _STATUS = {
@@ -221,6 +228,14 @@ class _Cancelled:
 
 _CANCELLED = _Cancelled()
 _Outcome = ExecutionResult | Failure | _Cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """What ``GET /v1/executions/{id}`` says of an execution that has not ended."""
+
+
+_RUNNING = _Running()
 
 
 @dataclass(slots=True)
@@ -449,6 +464,21 @@ class Worker:
         ):
             finished.popitem(last=False)
 
+    async def look_up(self, execution_id: str, wait_s: float = 0.0) -> _Outcome | _Running | None:
+        """What became of an execution: its outcome, still running, or ``None`` (unknown).
+
+        A running one is waited on for up to ``wait_s`` seconds first (not cancelled when the
+        caller goes away).
+        """
+        running = self._running.get(execution_id)
+        if running is not None:
+            if wait_s > 0:
+                await asyncio.wait({running.task}, timeout=wait_s)
+            return running.outcome() if running.task.done() else _RUNNING
+        self._prune(time.monotonic())
+        finished = self._finished.get(execution_id)
+        return None if finished is None else finished[1]
+
     async def cancel(self, execution_id: str) -> bool:
         """Stop a running execution (its task is cancelled, its memory freed); ``False``: none."""
         execution = self._running.get(execution_id)
@@ -565,6 +595,36 @@ def _render(request: Request, outcome: _Outcome) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _state(execution_id: str, known: _Outcome | _Running) -> dict[str, Any]:
+    """The answer of ``GET /v1/executions/{id}`` for an execution the worker knows."""
+    if isinstance(known, _Running):
+        return {"execution_id": execution_id, "state": "running"}
+    if isinstance(known, ExecutionResult):
+        return {
+            "execution_id": execution_id,
+            "state": "succeeded",
+            "output": known.output,
+            "usage": {"gpu_seconds": known.gpu_seconds, "peak_memory_mb": known.peak_memory_mb},
+        }
+    if isinstance(known, _Cancelled):
+        return {
+            "execution_id": execution_id,
+            "state": "cancelled",
+            "status": 409,
+            "error": "cancelled",
+            "message": "the execution was cancelled",
+            "peak_memory_mb": None,
+        }
+    return {
+        "execution_id": execution_id,
+        "state": "failed",
+        "status": _STATUS.get(known.kind, 500),
+        "error": known.kind.value,
+        "message": known.message,
+        "peak_memory_mb": known.peak_memory_mb,
+    }
+
+
 def create_worker_app(
     settings: Settings,
     *,
@@ -651,6 +711,31 @@ def create_worker_app(
         except _Refused as refused:
             return problem_response(request, refused.status, refused.detail, kind=refused.kind)
         return _render(request, outcome)
+
+    @app.get("/v1/executions/{execution_id}", tags=["executions"])
+    async def look_up(
+        execution_id: str,
+        request: Request,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=MAX_LOOKUP_WAIT_S,
+                allow_inf_nan=False,
+                description="Wait up to this many seconds for a running execution to end.",
+            ),
+        ] = 0.0,
+    ) -> Any:
+        """What became of an execution: running, or its outcome; 404 when unknown."""
+        known = await worker.look_up(execution_id, wait)
+        if known is None:
+            return problem_response(
+                request,
+                404,
+                f"execution {execution_id} is not known to worker {worker.name}",
+                kind="execution-not-found",
+            )
+        return _state(execution_id, known)
 
     @app.delete("/v1/executions/{execution_id}", tags=["executions"])
     async def cancel(execution_id: str) -> dict[str, bool]:

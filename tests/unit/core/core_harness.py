@@ -13,6 +13,8 @@ from gpu_request_router.core.events import (
     ExecutionResult,
     Failure,
     FailureKind,
+    Lookup,
+    Recovery,
 )
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request
@@ -40,6 +42,12 @@ class Harness:
             else:
                 self.cancelled.append(decision)
         return decisions
+
+    def recover(self, lookups: dict[str, Lookup] | None = None) -> Recovery:
+        """Recover from the store (a restart) with what the backends said; carry it out."""
+        recovery = self.router.recover(self.now, lookups)
+        self.apply(recovery.decisions)
+        return recovery
 
     def submit(self, submission: Submission, user: str = "alice") -> Request:
         admission = self.engine.receiver.submit(submission, Caller(user), self.now)

@@ -19,6 +19,9 @@ from gpu_request_router.core.events import (
     ExecutionResult,
     Failure,
     FailureKind,
+    Lookup,
+    NotKnown,
+    StillRunning,
 )
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
@@ -84,11 +87,13 @@ def _settings() -> Any:
 
 
 class RouterMachine(RuleBasedStateMachine):
-    """Random submits, starts, completions, failures, cancels, GPU loss, cordons and time."""
+    """Random submits, starts, completions, failures, cancels, GPU loss, cordons, time, restarts."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.engine = Engine.build(_settings(), seed=0)
+        self.settings = _settings()
+        self.engine = Engine.build(self.settings, seed=0)
+        self.restarts = 0
         self.router = self.engine.router
         self.now = 1000.0
         self.lost: set[str] = set()
@@ -275,6 +280,8 @@ class RouterMachine(RuleBasedStateMachine):
 
     @rule(gpu=st.sampled_from(["a:0", "a:1", "b:0", "b:1"]), on=st.booleans())
     def cordon(self, gpu: str, on: bool) -> None:
+        if gpu not in self.router.monitor.gpus:
+            return  # lost before a restart: the new router has not seen it
         action = self.router.cordon if on else self.router.uncordon
         self._carry_out(action(gpu, self.now))
 
@@ -286,6 +293,44 @@ class RouterMachine(RuleBasedStateMachine):
         wakeup = self.router.next_wakeup()
         if wakeup is not None and wakeup <= self.now:
             self._carry_out(self.router.tick(self.now))
+
+    @rule(data=st.data())
+    def restart(self, data: st.DataObject) -> None:
+        """The router dies; a new one on the same store asks the world about work in flight.
+
+        The world runs on: each execution it runs is still running, ended (succeeded or failed)
+        or silent (its worker does not answer); one it does not run is unknown or silent.
+        """
+        store = self.engine.store
+        self.restarts += 1  # a new seed: request ids of a new process never repeat old ones
+        self.engine = Engine.build(self.settings, store=store, seed=self.restarts)
+        self.router = self.engine.router
+        self.router.listeners.append(self._on_transition)
+        for worker in FLEET:
+            self._carry_out(self.router.readings(self._readings(worker), self.now, worker=worker))
+        lookups: dict[str, Lookup] = {}
+        for ask in self.router.in_flight():
+            dispatch = self.live.get(ask.execution_id)
+            if dispatch is None:
+                said = data.draw(st.sampled_from(["unknown", "silent"]))
+            else:
+                said = data.draw(st.sampled_from(["running", "succeeded", "failed", "silent"]))
+            if said == "running":
+                lookups[ask.execution_id] = StillRunning()
+            elif said == "unknown":
+                lookups[ask.execution_id] = NotKnown()
+            elif said == "succeeded" and dispatch is not None:
+                del self.live[ask.execution_id]
+                peak = max(dispatch.reservations.values())
+                lookups[ask.execution_id] = ExecutionResult({"ok": True}, peak_memory_mb=peak)
+            elif said == "failed":
+                del self.live[ask.execution_id]
+                lookups[ask.execution_id] = Failure(FailureKind.BACKEND_ERROR, "while away")
+        recovery = self.router.recover(self.now, lookups)
+        self._carry_out(recovery.decisions)
+        for dispatch in recovery.reattached:
+            assert isinstance(lookups.get(dispatch.execution_id), StillRunning)
+            assert dispatch.execution_id in self.live
 
     # Invariants ----------------------------------------------------------------------------------
 

@@ -503,7 +503,7 @@ def test_restart_recovers_queued_and_retries_in_flight_work() -> None:
     done = h.submit(chat(), user="bob")
     h.router.cancel(done.id, h.now)
     restarted = Harness(settings, store=h.store)
-    restarted.apply(restarted.router.recover(restarted.now))
+    restarted.recover()
     again = restarted.dispatch_of(running)
     assert again.attempt == 2
     assert restarted.store.get_request(running.id).error.type == "router_restarted"
