@@ -470,7 +470,7 @@ def _dispatched(execution_id: str, timeout_s: float) -> Dispatch:
 
 async def test_the_agent_client_reads_each_state_of_an_execution(worker: str) -> None:
     """lookup() turns the worker's answers into the core's: running, outcome, unknown."""
-    client = AgentClient(NAME, worker, TOKEN, SystemClock())
+    client = AgentClient(NAME, worker, TOKEN, SystemClock(), reported_id=str)
     body = execution("exe_client_look", gpu=1, reserved=1000, duration_s=0.4)
     try:
         async with httpx.AsyncClient(headers=AUTH, timeout=10) as http:
@@ -500,7 +500,7 @@ async def test_the_agent_client_reads_each_state_of_an_execution(worker: str) ->
 
 async def test_the_agent_client_attaches_to_an_execution_it_did_not_start(worker: str) -> None:
     """attach() waits out an execution another caller POSTed and returns the same outcome."""
-    client = AgentClient(NAME, worker, TOKEN, SystemClock())
+    client = AgentClient(NAME, worker, TOKEN, SystemClock(), reported_id=str)
     body = execution("exe_client_attach", gpu=1, reserved=1000, duration_s=0.5)
     try:
         async with httpx.AsyncClient(headers=AUTH, timeout=10) as http:
@@ -517,7 +517,9 @@ async def test_the_agent_client_attaches_to_an_execution_it_did_not_start(worker
 
 async def test_attaching_to_a_worker_that_never_answers_ends_at_the_deadline() -> None:
     """With nobody listening, attach() keeps asking until the deadline and grace, then times out."""
-    client = AgentClient(NAME, f"http://127.0.0.1:{free_port()}", TOKEN, SystemClock())
+    client = AgentClient(
+        NAME, f"http://127.0.0.1:{free_port()}", TOKEN, SystemClock(), reported_id=str
+    )
     try:
         async with asyncio.timeout(20):
             outcome = await client.attach(_dispatched("exe_client_nobody", -4.0))
@@ -577,7 +579,7 @@ async def test_an_answer_the_agent_client_cannot_read_is_no_answer(
     odd_worker: str, execution_id: str
 ) -> None:
     """A malformed or failed lookup is no answer (the work is retried), never a made-up outcome."""
-    client = AgentClient(NAME, odd_worker, TOKEN, SystemClock())
+    client = AgentClient(NAME, odd_worker, TOKEN, SystemClock(), reported_id=str)
     try:
         assert await client.lookup(execution_id) is None
     finally:
