@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from gpu_request_router.api.models.common import WireModel, iso
 from gpu_request_router.core.request_receiver import EstimateReport, Submission
 from gpu_request_router.models.request import Request, ResourceHints, Shape, Task, Transition
+from gpu_request_router.utils.json_values import repaired, repaired_text
 
 __all__ = [
     "EstimateOut",
@@ -146,7 +147,11 @@ class RequestOut(BaseModel):
     def of(
         cls, request: Request, *, gpu_type: str | None, queue_position: int | None
     ) -> RequestOut:
-        """The wire form of a request; ``gpu_type`` is that of its placement, if any."""
+        """The wire form of a request; ``gpu_type`` is that of its placement, if any.
+
+        What an older version stored unchecked is repaired so that it can be sent
+        (:func:`~gpu_request_router.utils.json_values.repaired`): a read never fails on it.
+        """
         placement = request.placement
         estimate = request.estimate
         duration = (
@@ -184,13 +189,13 @@ class RequestOut(BaseModel):
                 input_tokens=request.shape.input_tokens,
                 output_tokens=request.shape.output_tokens,
             ),
-            result=request.result,
+            result=repaired(request.result),
             error=(
-                ErrorOut(type=request.error.type, message=request.error.message)
+                ErrorOut(type=request.error.type, message=repaired_text(request.error.message))
                 if request.error is not None
                 else None
             ),
-            metadata=dict(request.metadata),
+            metadata={repaired_text(k): repaired_text(v) for k, v in request.metadata.items()},
             queue_position=queue_position,
         )
 
@@ -259,6 +264,6 @@ class TransitionOut(BaseModel):
             status=change.to_status.value,
             at=iso(change.at) or "",
             attempt=change.attempt,
-            actor=change.actor,
-            detail=change.detail,
+            actor=repaired_text(change.actor),
+            detail=repaired_text(change.detail),
         )

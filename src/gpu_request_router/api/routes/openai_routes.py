@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import problems
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request as DomainRequest
@@ -30,7 +31,7 @@ from gpu_request_router.services.ai_orchestrator import StreamSink
 
 __all__ = ["BODIES", "HOT_PATHS", "router"]
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)
 
 _PRIORITY = TypeAdapter(Annotated[str, StringConstraints(max_length=64)])
 _HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}

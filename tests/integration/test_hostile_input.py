@@ -1,0 +1,117 @@
+"""Hostile input, as an attacker would send it, gets one clear answer on every route.
+
+JSON values the router could never send back (a lone surrogate, ``NaN``, ``Infinity``, numbers
+beyond a double, absurd nesting, integers of thousands of digits) are 422 on every route that
+takes a JSON body, located by their path, and change nothing. All through a real uvicorn
+server (httptools, as ``gpurouter serve`` runs it) on loopback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import LiveServer
+
+Serve = Callable[..., "LiveServer"]
+
+WORKER_TOKEN = "worker-token-0123456789abcdef"
+PROBLEM_JSON = "application/problem+json"
+
+# The JSON text of a value, and the rule it breaks (the error's type).
+HOSTILE: dict[str, tuple[bytes, str]] = {
+    "lone-surrogate": (b'"\\ud800"', "string_unicode"),
+    "lone-low-surrogate-in-text": (b'"abc\\udfffdef"', "string_unicode"),
+    "raw-surrogate-bytes": (b'"\xed\xa0\x80"', "string_unicode"),
+    "surrogate-in-a-key": (b'{"\\ud800": 1}', "string_unicode"),
+    "nan": (b"NaN", "finite_number"),
+    "infinity": (b"Infinity", "finite_number"),
+    "minus-infinity": (b"-Infinity", "finite_number"),
+    "beyond-a-double": (b"1e400", "finite_number"),
+    "below-minus-a-double": (b"-1e400", "finite_number"),
+    "900-deep": (b"[" * 900 + b"]" * 900, "json_too_deep"),
+    "5000-deep": (b"[" * 5000 + b"]" * 5000, "json_too_deep"),
+    "5000-digit-integer": (b"1" * 5000, "int_parsing_size"),
+}
+
+
+def routes(value: bytes) -> list[tuple[str, str, str, bytes]]:
+    """(user, method, path, body) of every route that takes JSON, with ``value`` inside."""
+    chat = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}], "x": %s}'
+    submit = (
+        b'{"model": "llama-3-8b", "input": {"messages": [{"role": "user", "content": "x"}],'
+        b' "max_tokens": 4, "x": %s}}'
+    )
+    return [
+        ("alice", "POST", "/v1/requests", submit % value),
+        ("alice", "POST", "/v1/estimate", submit % value),
+        ("alice", "POST", "/v1/chat/completions", chat % value),
+        ("alice", "POST", "/v1/completions", b'{"model": "tinyllama-1.1b", "prompt": %s}' % value),
+        ("alice", "POST", "/v1/embeddings", b'{"model": "all-minilm-l6-v2", "x": %s}' % value),
+        ("root", "PUT", "/v1/users/alice/quota", b'{"max_concurrent": 2, "x": %s}' % value),
+        ("worker", "POST", "/v1/workers", b'{"name": "w9", "url": "http://h:1", "x": %s}' % value),
+    ]
+
+
+def client_of(server: LiveServer, user: str) -> httpx.Client:
+    """A client presenting ``user``'s key (or the worker token for "worker")."""
+    if user == "worker":
+        return server.client(headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
+    return server.client(user)
+
+
+def first_error(response: httpx.Response) -> tuple[str | None, str, str]:
+    """(type, where, message) of the first error of a 422, as problem details or OpenAI's shape.
+
+    OpenAI's shape has no error type (``None``); its message is the problem's detail.
+    """
+    body: dict[str, Any] = response.json()
+    if response.url.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        error = body["error"]
+        assert error["type"] == "invalid_request_error"
+        return None, error["param"] or "", error["message"].split(": ", 1)[-1]
+    assert response.headers["content-type"].startswith(PROBLEM_JSON)
+    first = body["errors"][0]
+    return first["type"], ".".join(str(part) for part in first["loc"]), first["msg"]
+
+
+def nothing_changed(server: LiveServer) -> None:
+    """No request was stored and no quota override set."""
+    root = server.client("root")
+    assert root.get("/v1/requests").json()["items"] == []
+    alice = next(u for u in root.get("/v1/users").json()["items"] if u["name"] == "alice")
+    assert alice["quota"]["max_concurrent"] is None
+
+
+@pytest.mark.parametrize(("value", "kind"), HOSTILE.values(), ids=list(HOSTILE))
+def test_a_hostile_json_value_is_a_422_at_its_place_on_every_route(
+    serve: Serve, value: bytes, kind: str
+) -> None:
+    """Every route that takes JSON refuses the value with 422, naming the rule and the place.
+
+    The answer is the same on the hot routes (which read their body themselves) and on the
+    routes FastAPI reads, and nothing is stored.
+    """
+    server = serve(auth={"worker_token": WORKER_TOKEN})
+    answers = {}
+    for user, method, path, body in routes(value):
+        response = client_of(server, user).request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, (path, response.text)
+        error_kind, where, message = first_error(response)
+        assert error_kind in (kind, None), (path, response.text)
+        answers[path] = (where, message)
+    assert len({message for _, message in answers.values()}) == 1, answers
+    submitted, estimated = answers["/v1/requests"], answers["/v1/estimate"]
+    assert submitted == estimated
+    if kind != "json_too_deep":
+        assert submitted[0].startswith("body.input.x")
+        assert answers["/v1/chat/completions"][0].startswith("x")
+        assert answers["/v1/completions"][0].startswith("prompt")
+        assert answers["/v1/users/alice/quota"][0].startswith("body.x")
+    nothing_changed(server)
