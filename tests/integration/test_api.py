@@ -1269,6 +1269,12 @@ INVALID_BODIES: dict[str, Any] = {
     "timeout-just-over-max": chat_body(timeout_s=86_400.5),
     "zero-batch": chat_body(shape={"batch_size": 0}),
     "negative-tokens": chat_body(shape={"input_tokens": -1}),
+    "zero-max-tokens": chat_body(max_tokens=0),
+    "zero-max-completion-tokens": {
+        "model": "llama-3-8b",
+        "input": {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+    },
+    "string-max-tokens": chat_body(max_tokens="8"),
     "too-many-labels": chat_body(metadata=_long_metadata()),
     "label-value-too-long": chat_body(metadata={"k": "v" * 513}),
     "label-name-too-long": chat_body(metadata={"k" * 65: "v"}),
@@ -1345,6 +1351,7 @@ def test_malformed_bodies_are_422_problems(
         b'{"model": "llama-3-8b", "input": {"n": ' + b"7" * 5000 + b"}}",
         b'{"model": "llama-3-8b", "input": {"x": ' + b"[" * 900 + b"]" * 900 + b"}}",
         b'{"model": "llama-3-8b", "input": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        b'{"model": "llama-3-8b", "input": {"max_tokens": 0}}',
     ],
     ids=[
         "truncated",
@@ -1361,6 +1368,7 @@ def test_malformed_bodies_are_422_problems(
         "5000-digits",
         "900-deep",
         "5000-deep",
+        "zero-max-tokens",
     ],
 )
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])

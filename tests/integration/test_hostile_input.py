@@ -2,8 +2,9 @@
 
 JSON values the router could never send back (a lone surrogate, ``NaN``, ``Infinity``, numbers
 beyond a double, absurd nesting, integers of thousands of digits) are 422 on every route that
-takes a JSON body, located by their path, and change nothing. All through a real uvicorn
-server (httptools, as ``gpurouter serve`` runs it) on loopback.
+takes a JSON body, located by their path, and change nothing; ``max_tokens`` and
+``max_completion_tokens`` follow one rule everywhere. All through a real uvicorn server
+(httptools, as ``gpurouter serve`` runs it) on loopback.
 """
 
 from __future__ import annotations
@@ -115,3 +116,54 @@ def test_a_hostile_json_value_is_a_422_at_its_place_on_every_route(
         assert answers["/v1/completions"][0].startswith("prompt")
         assert answers["/v1/users/alice/quota"][0].startswith("body.x")
     nothing_changed(server)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/requests", {"input": {"max_tokens": 0}}),
+        ("/v1/requests", {"input": {"max_completion_tokens": 0}}),
+        ("/v1/requests", {"input": {"max_tokens": 10_000_001}}),
+        ("/v1/requests", {"task": "generic", "input": {"max_tokens": 0}}),
+        ("/v1/estimate", {"input": {"max_tokens": 0}}),
+        ("/v1/estimate", {"input": {"max_completion_tokens": 0}}),
+        ("/v1/chat/completions", {"max_tokens": 0}),
+        ("/v1/chat/completions", {"max_completion_tokens": 0}),
+        ("/v1/chat/completions", {"max_completion_tokens": 10_000_001}),
+        ("/v1/completions", {"max_tokens": 0}),
+        ("/v1/completions", {"max_completion_tokens": 0}),
+    ],
+)
+def test_max_tokens_below_one_is_refused_on_every_route(
+    server: LiveServer, path: str, body: dict[str, Any]
+) -> None:
+    """max_tokens and max_completion_tokens are integers from 1 to 10,000,000 on every route."""
+    messages = [{"role": "user", "content": "x"}]
+    if path in ("/v1/requests", "/v1/estimate"):
+        payload = {"model": "llama-3-8b", **body}
+        payload["input"] = {"messages": messages, **body["input"]}
+        if body.get("task") == "generic":
+            payload["input"] = dict(body["input"])
+    elif path == "/v1/completions":
+        payload = {"model": "tinyllama-1.1b", "prompt": "x", **body}
+    else:
+        payload = {"model": "llama-3-8b", "messages": messages, **body}
+    response = server.client("alice").post(path, json=payload)
+    assert response.status_code == 422, response.text
+    _, where, message = first_error(response)
+    (field,) = [key for key in ("max_tokens", "max_completion_tokens") if key in str(body)]
+    assert where.endswith(field), response.text
+    assert "greater than or equal to 1" in message or "less than or equal to 10000000" in message
+    assert server.client("root").get("/v1/requests").json()["items"] == []
+
+
+def test_max_tokens_of_one_is_served(server: LiveServer) -> None:
+    """The smallest value OpenAI takes, 1, is served on both doors."""
+    alice = server.client("alice")
+    messages = [{"role": "user", "content": "x"}]
+    body = {"model": "llama-3-8b", "input": {"messages": messages, "max_tokens": 1}}
+    assert alice.post("/v1/requests", json=body).status_code == 202
+    chat = {"model": "llama-3-8b", "messages": messages, "max_completion_tokens": 1}
+    answer = alice.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 1

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 from gpu_request_router.api.models.common import WireModel, iso
 from gpu_request_router.core.request_receiver import EstimateReport, Submission
@@ -13,6 +14,7 @@ from gpu_request_router.utils.json_values import repaired, repaired_text
 
 __all__ = [
     "EstimateOut",
+    "InputIn",
     "RequestOut",
     "SubmitBody",
     "TransitionOut",
@@ -42,13 +44,31 @@ class ResourcesIn(WireModel):
     gpu_type: str | None = Field(None, pattern=_NAME, description="Only GPUs of this type.")
 
 
+TokenLimit = Annotated[
+    int | None, Field(ge=1, le=10_000_000, description="New tokens at most (as OpenAI's API).")
+]
+
+
+@with_config(ConfigDict(strict=True, extra="allow"))
+class InputIn(TypedDict, total=False):
+    """The input, forwarded to the backend as it is; the router reads the fields declared here.
+
+    ``max_tokens`` and ``max_completion_tokens`` follow one rule on every route: an integer
+    from 1 to 10,000,000 (or null: the model's default).
+    """
+
+    max_tokens: TokenLimit
+    max_completion_tokens: TokenLimit
+
+
 class SubmitBody(WireModel):
     """A request to run on the fleet (also the body of the estimate dry run)."""
 
     model: str = Field(pattern=_NAME, description="A model of the catalog.")
     task: TaskName | None = Field(None, description="Default: the model's task.")
-    input: dict[str, Any] = Field(
-        default_factory=dict, description="Forwarded to the backend (e.g. OpenAI messages)."
+    input: InputIn = Field(
+        default_factory=lambda: InputIn(),
+        description="Forwarded to the backend (e.g. OpenAI messages).",
     )
     shape: ShapeIn | None = None
     priority: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
@@ -64,7 +84,7 @@ class SubmitBody(WireModel):
         return Submission(
             model=self.model,
             task=Task(self.task) if self.task is not None else None,
-            input=self.input,
+            input=dict(self.input),
             shape=(
                 Shape(self.shape.batch_size, self.shape.input_tokens, self.shape.output_tokens)
                 if self.shape is not None

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import problems
+from gpu_request_router.api.models.request_models import TokenLimit
 from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.core.request_receiver import Caller, Submission
@@ -46,7 +47,9 @@ class _OpenAIBody(BaseModel):
 
     model: str = Field(min_length=1, max_length=200)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    max_tokens: TokenLimit = None
+    # Forwarded only when given: the backend sees the body as the client wrote it.
+    max_completion_tokens: TokenLimit = Field(None, exclude_if=lambda value: value is None)
 
 
 class ChatBody(_OpenAIBody):
