@@ -3,8 +3,9 @@
 JSON values the router could never send back (a lone surrogate, ``NaN``, ``Infinity``, numbers
 beyond a double, absurd nesting, integers of thousands of digits) are 422 on every route that
 takes a JSON body, located by their path, and change nothing; ``max_tokens`` and
-``max_completion_tokens`` follow one rule everywhere. All through a real uvicorn server
-(httptools, as ``gpurouter serve`` runs it) on loopback.
+``max_completion_tokens`` follow one rule everywhere; request headers are capped (431) before
+authentication and routing. All through a real uvicorn server (httptools, as ``gpurouter
+serve`` runs it) on loopback.
 """
 
 from __future__ import annotations
@@ -167,3 +168,59 @@ def test_max_tokens_of_one_is_served(server: LiveServer) -> None:
     answer = alice.post("/v1/chat/completions", json=chat)
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] == 1
+
+
+# Request headers ------------------------------------------------------------------------------
+
+
+HEADER_ROUTES = [
+    ("alice", "GET", "/healthz"),
+    ("alice", "GET", "/v1/requests"),
+    ("alice", "POST", "/v1/requests"),
+    ("alice", "POST", "/v1/chat/completions"),
+    ("root", "GET", "/v1/users"),
+    ("alice", "GET", "/no/such/route"),
+    (None, "GET", "/v1/requests"),
+    (None, "POST", "/v1/chat/completions"),
+]
+
+
+def _send(server: LiveServer, user: str | None, method: str, path: str, **headers: str) -> Any:
+    body = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]}'
+    content = body if method == "POST" else None
+    extra = {"Content-Type": "application/json"} if content else {}
+    return server.client(user).request(method, path, content=content, headers={**extra, **headers})
+
+
+@pytest.mark.parametrize(("user", "method", "path"), HEADER_ROUTES)
+def test_headers_over_64_kib_are_a_431_before_auth_and_routing(
+    serve: Serve, user: str | None, method: str, path: str
+) -> None:
+    """70 KiB of headers are refused with 431 on every route, known or not, keyed or not."""
+    server = serve()
+    response = _send(server, user, method, path, **{"X-Padding": "a" * 70 * 1024})
+    assert response.status_code == 431, response.text
+    assert response.headers["x-request-id"]
+    if path == "/v1/chat/completions":
+        assert response.json()["error"]["code"] == 431
+    else:
+        assert response.headers["content-type"].startswith(PROBLEM_JSON)
+        problem = response.json()
+        assert problem["status"] == 431 and problem["title"] == "Request Header Fields Too Large"
+        assert "server.max_header_bytes" in problem["detail"]
+    assert server.client("root").get("/v1/requests").json()["items"] == []
+
+
+def test_the_header_cap_counts_all_headers_together_and_is_configurable(serve: Serve) -> None:
+    """server.max_header_bytes caps the headers' total: many small ones add up to a 431."""
+    server = serve(server={"max_header_bytes": 4096})
+    many = {f"X-Label-{i}": "v" * 100 for i in range(40)}
+    assert _send(server, "alice", "GET", "/v1/requests", **many).status_code == 431
+    few = {f"X-Label-{i}": "v" * 100 for i in range(10)}
+    assert _send(server, "alice", "GET", "/v1/requests", **few).status_code == 200
+    default = serve()
+    near_the_limit = {"X-Padding": "a" * 60 * 1024}
+    assert _send(default, "alice", "POST", "/v1/chat/completions", **near_the_limit).is_success
+    assert _send(
+        default, None, "GET", "/healthz", **{"X-Padding": "a" * 1_000_000}
+    ).status_code == (431)

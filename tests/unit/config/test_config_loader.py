@@ -357,6 +357,9 @@ def test_unparsable_env_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
         pytest.param(
             {"server": {"default_timeout_s": 10, "max_timeout_s": 5}}, "server", id="timeouts"
         ),
+        pytest.param(
+            {"server": {"max_header_bytes": 100}}, "server.max_header_bytes", id="header-cap"
+        ),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict[str, Any], key: str) -> None:
