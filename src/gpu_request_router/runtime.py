@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Self
 
@@ -63,8 +64,9 @@ from gpu_request_router.services.gpu_monitoring import (
 from gpu_request_router.services.simulator import SimulatedFleet
 from gpu_request_router.store.base import StateStore
 from gpu_request_router.utils.clock import Clock, SystemClock
+from gpu_request_router.utils.json_values import first_problem, repaired_text
 
-__all__ = ["POSITION_LIMIT", "Runtime"]
+__all__ = ["POSITION_LIMIT", "Runtime", "received"]
 
 _log = structlog.get_logger(__name__)
 
@@ -78,6 +80,26 @@ _CANCEL_TIMEOUT_S = 5.0
 _LOOKUP_TIMEOUT_S = 5.0
 # Cancellations kept for a backend not known yet (a worker that registers itself), at most.
 _PENDING_CANCELS = 10_000
+
+
+def received(outcome: ExecutionResult | Failure) -> ExecutionResult | Failure:
+    """A backend's outcome as the router may keep it: every backend answer enters here.
+
+    An answer that could not be sent back as JSON (a lone surrogate, a number that is not
+    finite, nesting over 64 levels: :mod:`~gpu_request_router.utils.json_values`) fails the
+    attempt as a ``backend_error`` naming the place; a failure's message keeps its text with
+    U+FFFD for any lone surrogate.
+    """
+    if isinstance(outcome, Failure):
+        message = repaired_text(outcome.message)
+        return outcome if message is outcome.message else replace(outcome, message=message)
+    problem = first_problem(outcome.output)
+    if problem is None:
+        return outcome
+    return Failure(
+        FailureKind.BACKEND_ERROR,
+        f"the backend's answer cannot be sent back as JSON: {problem.at('output')}",
+    )
 
 
 class Runtime:
@@ -412,6 +434,7 @@ class Runtime:
             _log.warning("cancel_not_delivered", execution_id=execution_id, error=repr(exc))
 
     async def _execute(self, dispatch: Dispatch) -> None:
+        """Run one execution on its backend and feed its outcome, as :func:`received`, back."""
         execution_id = dispatch.execution_id
         client = self._clients.get(dispatch.backend)
         sink = self._sinks.get(dispatch.request.id)
@@ -434,6 +457,7 @@ class Runtime:
             outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
         finally:
             self._executions.pop(execution_id, None)
+        outcome = received(outcome)
         partly_sent = sink is not None and sink.sent
         if isinstance(outcome, Failure) and partly_sent and outcome.kind.retryable:
             # Part of the answer already reached the client: another attempt would repeat it.

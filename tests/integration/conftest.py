@@ -1,10 +1,11 @@
 """Fixtures for integration tests: a real uvicorn server on loopback and HTTP clients per user.
 
-``serve(...)`` starts the router's application (``create_app``) in a uvicorn server on a
-background thread, listening on a free port of 127.0.0.1, and stops it (joining the thread) when
-the test ends. Three users are configured with authentication on: ``alice`` and ``bob`` (role
-user) and ``root`` (admin); :meth:`LiveServer.client` gives an ``httpx`` client that presents a
-user's key. ``serve_app(app)`` runs any other application (a worker's) the same way.
+``serve(...)`` starts the router's application (``create_app``) in a uvicorn server (httptools,
+as ``gpurouter serve`` runs it) on a background thread, listening on a free port of 127.0.0.1,
+and stops it (joining the thread) when the test ends, or before with :meth:`LiveServer.stop`.
+Three users are configured with authentication on: ``alice`` and ``bob`` (role user) and
+``root`` (admin); :meth:`LiveServer.client` gives an ``httpx`` client that presents a user's key.
+``serve_app(app)`` runs any other application (a worker's) the same way.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class LiveServer:
     app: FastAPI
     settings: Settings
     _clients: list[httpx.Client] = field(default_factory=list)
+    _stop: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def service(self) -> Service:
@@ -109,6 +111,13 @@ class LiveServer:
         client = httpx.Client(base_url=self.url, headers=headers, **options)
         self._clients.append(client)
         return client
+
+    def stop(self) -> None:
+        """Close its clients and stop the server now (e.g. to start another on its SQLite file)."""
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        self._stop()
 
     def async_client(self, user: str | None = None, **options: Any) -> httpx.AsyncClient:
         """An asynchronous client presenting ``user``'s key; use it as a context manager."""
@@ -132,6 +141,7 @@ class _Running:
             log_level="warning",
             lifespan="on",
             proxy_headers=False,  # as `gpurouter serve`: the router reads X-Forwarded-For itself
+            http="httptools",
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)
@@ -176,17 +186,17 @@ class _Servers:
         settings = settings if settings is not None else live_settings(**sections)
         app = create_app(settings, store=store, seed=1)
         runner = _Running(app)
-        live = LiveServer(url=f"http://127.0.0.1:{runner.port}", app=app, settings=settings)
+        live = LiveServer(
+            url=f"http://127.0.0.1:{runner.port}", app=app, settings=settings, _stop=runner.stop
+        )
         self._running.append((runner, live))
         runner.start()
         return live
 
     def close(self) -> None:
         """Close every client, then stop every server and join its thread."""
-        for runner, live in reversed(self._running):
-            for client in live._clients:
-                client.close()
-            runner.stop()
+        for _, live in reversed(self._running):
+            live.stop()
         self._running.clear()
 
 

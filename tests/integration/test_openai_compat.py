@@ -167,6 +167,15 @@ _CHAT = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]
         ("/v1/completions", b'{"model": "llama-3-8b", "prompt": 7}', {}, "prompt"),
         ("/v1/embeddings", b'{"model": "llama-3-8b", "input": {"text": "x"}}', {}, "input"),
         ("/v1/chat/completions", _CHAT, {"X-Priority": "p" * 65}, "X-Priority"),
+        ("/v1/chat/completions", _CHAT[:-1] + b', "max_tokens": 0}', {}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            _CHAT[:-1] + b', "max_completion_tokens": 0}',
+            {},
+            "max_completion_tokens",
+        ),
+        ("/v1/chat/completions", _CHAT[:-1] + b', "temperature": NaN}', {}, "temperature"),
+        ("/v1/completions", b'{"model": "tinyllama-1.1b", "prompt": "\\udc00"}', {}, "prompt"),
     ],
 )
 def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(

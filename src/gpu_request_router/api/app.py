@@ -20,6 +20,7 @@ from gpu_request_router.api.middleware.auth import Authenticator, AuthMiddleware
 from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
 from gpu_request_router.api.middleware.client_address import ClientAddress
 from gpu_request_router.api.middleware.error_handler import install_error_handlers, is_openai_path
+from gpu_request_router.api.middleware.header_limit import HeaderLimitMiddleware
 from gpu_request_router.api.middleware.logging import RequestContextMiddleware
 from gpu_request_router.api.models.common import OpenAIError, Problem
 from gpu_request_router.api.openapi import describe_catalog
@@ -107,8 +108,8 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    # Added innermost first: request context, then authentication, then the body limit, then
-    # the hot routes' fast path.
+    # Added innermost first: request context, then the header limit, then authentication, then
+    # the body limit, then the hot routes' fast path.
     app.add_middleware(HotPaths, routes={**openai_routes.HOT_PATHS, **request_routes.HOT_PATHS})
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(
@@ -117,6 +118,7 @@ def create_app(
         client_address=service.client_address,
         protect_metrics=settings.server.metrics_require_auth,
     )
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)
     app.add_middleware(RequestContextMiddleware)
     for module in (
         request_routes,

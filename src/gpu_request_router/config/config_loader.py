@@ -87,6 +87,7 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
     metrics_require_auth: bool = False
     default_timeout_s: float = Field(3600.0, gt=0)
     max_timeout_s: float = Field(86400.0, gt=0)

@@ -457,10 +457,11 @@ def _optional_int(input: Mapping[str, Any], key: str, default: int, minimum: int
 def _output_tokens(profile: ModelProfile, input: Mapping[str, Any], prompt: int) -> int:
     """New tokens per sequence: max_tokens, max_completion_tokens, or the model's default.
 
-    The model's default is cut to the context left after the prompt; an explicit value is not.
+    An explicit value is at least 1 (as OpenAI's API requires) and is not cut; the model's
+    default is cut to the context left after the prompt.
     """
     given = [
-        _checked_int(input[key], f"input.{key}", 0)
+        _checked_int(input[key], f"input.{key}", 1)
         for key in ("max_tokens", "max_completion_tokens")
         if input.get(key) is not None
     ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
@@ -455,7 +456,14 @@ def parse_vllm_load(text: str) -> float | None:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A finite number the backend reported (``None``: not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a double
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _integer(value: Any) -> int | None:

@@ -367,6 +367,9 @@ def test_unparsable_env_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
             "server.trusted_proxies.0",
             id="trusted-proxy-not-an-address",
         ),
+        pytest.param(
+            {"server": {"max_header_bytes": 100}}, "server.max_header_bytes", id="header-cap"
+        ),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict[str, Any], key: str) -> None:

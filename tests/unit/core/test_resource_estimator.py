@@ -398,6 +398,16 @@ def test_context_overflow_names_the_model_and_its_context(estimator: ResourceEst
         ),
         (
             Task.CHAT,
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "input.max_tokens",
+        ),
+        (
+            Task.COMPLETION,
+            {"prompt": "x", "max_completion_tokens": 0},
+            "input.max_completion_tokens",
+        ),
+        (
+            Task.CHAT,
             {"messages": [{"role": "user", "content": "x"}], "max_tokens": "10"},
             "input.max_tokens",
         ),
@@ -422,7 +432,7 @@ def test_context_overflow_names_the_model_and_its_context(estimator: ResourceEst
 def test_malformed_input_names_the_field(
     estimator: ResourceEstimator, task: Task, body: dict[str, Any], field: str
 ) -> None:
-    """Wrong types, negative or boolean counts raise InvalidRequest naming the offending field."""
+    """Wrong types, counts below their minimum (max_tokens: 1) or booleans name the field."""
     with pytest.raises(InvalidRequest) as caught:
         estimator.shape_of("llama-3-8b", task, body, None)
     assert caught.value.field == field

@@ -63,6 +63,14 @@ def not_json(gpu_index: int, request: dict[str, Any]) -> dict[str, Any]:
     return {"values": {1, 2}}
 
 
+def nested_900_deep(gpu_index: int, request: dict[str, Any]) -> dict[str, Any]:
+    """Return an answer nested 900 levels deep (JSON holds it; the router must not keep it)."""
+    value: Any = "bottom"
+    for _ in range(899):
+        value = [value]
+    return {"nested": value}
+
+
 def blocked(gpu_index: int, request: dict[str, Any]) -> dict[str, Any]:
     """Block until released."""
     RELEASE.wait(10)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 from gpu_request_router.api.models.common import WireModel, iso
 from gpu_request_router.core.request_receiver import EstimateReport, Submission
 from gpu_request_router.models.request import Request, ResourceHints, Shape, Task, Transition
+from gpu_request_router.utils.json_values import repaired, repaired_text
 
 __all__ = [
     "EstimateOut",
+    "InputIn",
     "RequestOut",
     "SubmitBody",
     "TransitionOut",
@@ -41,13 +44,31 @@ class ResourcesIn(WireModel):
     gpu_type: str | None = Field(None, pattern=_NAME, description="Only GPUs of this type.")
 
 
+TokenLimit = Annotated[
+    int | None, Field(ge=1, le=10_000_000, description="New tokens at most (as OpenAI's API).")
+]
+
+
+@with_config(ConfigDict(strict=True, extra="allow"))
+class InputIn(TypedDict, total=False):
+    """The input, forwarded to the backend as it is; the router reads the fields declared here.
+
+    ``max_tokens`` and ``max_completion_tokens`` follow one rule on every route: an integer
+    from 1 to 10,000,000 (or null: the model's default).
+    """
+
+    max_tokens: TokenLimit
+    max_completion_tokens: TokenLimit
+
+
 class SubmitBody(WireModel):
     """A request to run on the fleet (also the body of the estimate dry run)."""
 
     model: str = Field(pattern=_NAME, description="A model of the catalog.")
     task: TaskName | None = Field(None, description="Default: the model's task.")
-    input: dict[str, Any] = Field(
-        default_factory=dict, description="Forwarded to the backend (e.g. OpenAI messages)."
+    input: InputIn = Field(
+        default_factory=lambda: InputIn(),
+        description="Forwarded to the backend (e.g. OpenAI messages).",
     )
     shape: ShapeIn | None = None
     priority: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
@@ -63,7 +84,7 @@ class SubmitBody(WireModel):
         return Submission(
             model=self.model,
             task=Task(self.task) if self.task is not None else None,
-            input=self.input,
+            input=dict(self.input),
             shape=(
                 Shape(self.shape.batch_size, self.shape.input_tokens, self.shape.output_tokens)
                 if self.shape is not None
@@ -146,7 +167,11 @@ class RequestOut(BaseModel):
     def of(
         cls, request: Request, *, gpu_type: str | None, queue_position: int | None
     ) -> RequestOut:
-        """The wire form of a request; ``gpu_type`` is that of its placement, if any."""
+        """The wire form of a request; ``gpu_type`` is that of its placement, if any.
+
+        What an older version stored unchecked is repaired so that it can be sent
+        (:func:`~gpu_request_router.utils.json_values.repaired`): a read never fails on it.
+        """
         placement = request.placement
         estimate = request.estimate
         duration = (
@@ -184,13 +209,13 @@ class RequestOut(BaseModel):
                 input_tokens=request.shape.input_tokens,
                 output_tokens=request.shape.output_tokens,
             ),
-            result=request.result,
+            result=repaired(request.result),
             error=(
-                ErrorOut(type=request.error.type, message=request.error.message)
+                ErrorOut(type=request.error.type, message=repaired_text(request.error.message))
                 if request.error is not None
                 else None
             ),
-            metadata=dict(request.metadata),
+            metadata={repaired_text(k): repaired_text(v) for k, v in request.metadata.items()},
             queue_position=queue_position,
         )
 
@@ -259,6 +284,6 @@ class TransitionOut(BaseModel):
             status=change.to_status.value,
             at=iso(change.at) or "",
             attempt=change.attempt,
-            actor=change.actor,
-            detail=change.detail,
+            actor=repaired_text(change.actor),
+            detail=repaired_text(change.detail),
         )

@@ -15,11 +15,12 @@ from gpu_request_router.api.models.admin_models import (
     UserOut,
 )
 from gpu_request_router.api.models.common import Page, problems
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.exceptions import NotFound
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["quotas"])
+router = APIRouter(prefix="/v1", tags=["quotas"], route_class=JsonRoute)
 
 UserName = Annotated[str, Path(max_length=128)]
 

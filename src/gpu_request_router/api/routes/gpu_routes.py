@@ -9,12 +9,13 @@ from fastapi import APIRouter, Path, Query
 from gpu_request_router.api.dependencies import AdminCaller, CurrentCaller, Service, ServiceDep
 from gpu_request_router.api.models.common import Page, problems
 from gpu_request_router.api.models.gpu_models import GpuOut
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.models.gpu_state import GPUState
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/gpus", tags=["gpus"])
+router = APIRouter(prefix="/v1/gpus", tags=["gpus"], route_class=JsonRoute)
 
 GpuId = Annotated[str, Path(max_length=200, description="<worker>:<index>")]
 

@@ -3,11 +3,12 @@
 The routes that carry the traffic — the OpenAI door and ``POST /v1/requests`` — take the raw
 request and read their body, caller and headers themselves instead of through FastAPI's parameter
 and dependency machinery, which cost about a tenth of the router's CPU per call. Bad input gets the
-answer FastAPI would give: :func:`json_body` raises the same ``RequestValidationError`` for
-malformed JSON (422 at its position) or a 400 for a body that cannot be read at all, before
-anything else is checked; then the errors of the headers and of the body are
-reported together, headers first (:func:`header`). Their OpenAPI description is written out where
-they are declared (:func:`documented`), so the document is as it would otherwise be.
+answer FastAPI would give: :func:`json_body` reads the body with the parser every route uses
+(:mod:`~gpu_request_router.api.routes.body`: 422 for malformed JSON or a value against its
+rules, 400 for a body that cannot be read at all), before anything else is checked; then the
+errors of the headers and of the body are reported together, headers first (:func:`header`).
+Their OpenAPI description is written out where they are declared (:func:`documented`), so the
+document is as it would otherwise be.
 
 :class:`HotPaths`, the innermost middleware, then serves ``POST`` on those paths before FastAPI's
 routing, its exception middleware and its request-response wrapping (another fifth of the CPU);
@@ -17,18 +18,17 @@ answer of the app's own handler.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router.api.middleware.error_handler import HANDLED, answer_error
+from gpu_request_router.api.routes.body import is_json, parse, read_body
 
 __all__ = ["Handler", "HotPaths", "documented", "header", "json_body", "validated_body"]
 
@@ -42,30 +42,17 @@ async def json_body(request: Request) -> object:
     """The body as FastAPI would hand it to a body model: JSON only under a JSON content type.
 
     No body is a 422; one under another content type (or none) stays unparsed, so the model
-    refuses it (422); malformed JSON is a 422 at its position, an unreadable body (not UTF-8,
-    nested too deep, or the client gone while it was sent) a 400.
+    refuses it (422); JSON is read by :func:`~gpu_request_router.api.routes.body.parse`, as on
+    every route (malformed JSON or a value against its rules: 422; not text: 400). A body that
+    cannot be read at all (the client gone while it was sent) is a 400.
     """
-    try:
-        raw = await request.body()
-    except StarletteHTTPException:  # the body limit's 413
-        raise
-    except Exception:
-        raise HTTPException(400, "There was an error parsing the body") from None
+    raw = await read_body(request)
     if not raw:
         missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
         raise RequestValidationError([missing])
-    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if not (
-        kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
-    ):
+    if not is_json(request):
         return raw
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
-        raise RequestValidationError([{**error, "input": {}, "ctx": {"error": exc.msg}}]) from None
-    except (ValueError, RecursionError):
-        raise HTTPException(400, "There was an error parsing the body") from None
+    return parse(raw)
 
 
 def header(

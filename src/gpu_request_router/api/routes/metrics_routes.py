@@ -11,11 +11,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gpu_request_router.api.dependencies import CurrentCaller, ServiceDep
 from gpu_request_router.api.models.common import problems
 from gpu_request_router.api.models.metrics_models import GpuTotals, MetricsOut, Percentiles
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.exceptions import StoreUnavailable
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], route_class=JsonRoute)
 
 
 @router.get(

@@ -22,6 +22,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
 from gpu_request_router.api.models.common import JsonBody, problems, whole_number
+from gpu_request_router.api.models.request_models import TokenLimit
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import UnknownModel
@@ -31,7 +33,7 @@ from gpu_request_router.services.ai_orchestrator import StreamSink
 
 __all__ = ["BODIES", "HOT_PATHS", "router"]
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)
 
 _PRIORITY = TypeAdapter(Annotated[str, StringConstraints(max_length=64)])
 _HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}
@@ -46,7 +48,9 @@ class _OpenAIBody(JsonBody):
 
     model: str = Field(min_length=1, max_length=200)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    max_tokens: TokenLimit = None
+    # Forwarded only when given: the backend sees the body as the client wrote it.
+    max_completion_tokens: TokenLimit = Field(None, exclude_if=lambda value: value is None)
 
 
 class ContentPart(BaseModel):

@@ -22,6 +22,7 @@ from gpu_request_router.api.models.request_models import (
     SubmitBody,
     TransitionOut,
 )
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
 from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.store.base import RequestQuery
@@ -43,7 +44,7 @@ _STATUS_EVENT = {
     "required": ["event", "id", "data"],
 }
 
-router = APIRouter(prefix="/v1", tags=["requests"])
+router = APIRouter(prefix="/v1", tags=["requests"], route_class=JsonRoute)
 
 StatusName = Literal[
     "queued", "dispatching", "running", "succeeded", "failed", "cancelled", "expired"

@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpu_request_router.api.dependencies import ServiceDep, WorkerCaller
 from gpu_request_router.api.models.common import JsonBody, WireModel, problems
+from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.services.gpu_monitoring import reading_from_worker
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["workers"])
+router = APIRouter(prefix="/v1", tags=["workers"], route_class=JsonRoute)
 
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
