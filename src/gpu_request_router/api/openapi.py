@@ -102,7 +102,8 @@ _PROMPT = {
     ],
     "description": "A text, or a non-empty list of texts, token ids or token id lists.",
 }
-_OUTPUT = {"n": _COUNT, "max_tokens": _COUNT, "max_completion_tokens": _COUNT}
+_TOKENS = {"type": "integer", "minimum": 1, "maximum": 10_000_000}
+_OUTPUT = {"n": _COUNT, "max_tokens": _TOKENS, "max_completion_tokens": _TOKENS}
 # What each task reads from ``input`` to count the request's size (other fields are forwarded).
 _INPUTS: dict[Task, dict[str, Any]] = {
     Task.CHAT: {

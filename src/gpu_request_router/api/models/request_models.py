@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
-from gpu_request_router.api.models.common import WireModel, iso
+from gpu_request_router.api.models.common import WireModel, iso, whole_number
 from gpu_request_router.core.request_receiver import EstimateReport, Submission
 from gpu_request_router.models.request import Request, ResourceHints, Shape, Task, Transition
 from gpu_request_router.utils.json_values import repaired, repaired_text
@@ -45,7 +45,9 @@ class ResourcesIn(WireModel):
 
 
 TokenLimit = Annotated[
-    int | None, Field(ge=1, le=10_000_000, description="New tokens at most (as OpenAI's API).")
+    int | None,
+    Field(ge=1, le=10_000_000, description="New tokens at most (as OpenAI's API)."),
+    BeforeValidator(whole_number),
 ]
 
 

@@ -35,7 +35,7 @@ __all__ = ["BODIES", "HOT_PATHS", "router"]
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)
 
-_PRIORITY = TypeAdapter(Annotated[str, StringConstraints(max_length=64)])
+_PRIORITY = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=64)])
 _HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}
 # Waiting for a synchronous answer never outlasts the request's own deadline by more than this.
 _ANSWER_GRACE_S = 5.0
@@ -51,6 +51,7 @@ class _OpenAIBody(JsonBody):
     max_tokens: TokenLimit = None
     # Forwarded only when given: the backend sees the body as the client wrote it.
     max_completion_tokens: TokenLimit = Field(None, exclude_if=lambda value: value is None)
+    n: int | None = Field(None, ge=1, description="Choices per prompt (each counts as a sequence).")
 
 
 class ContentPart(BaseModel):
