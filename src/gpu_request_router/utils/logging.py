@@ -66,6 +66,9 @@ def configure_logging(settings: LoggingSettings, *, cache_loggers: bool = False)
     _route_stdlib(shared, rendering, level, stream)
 
 
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
 def _route_stdlib(
     shared: list[Processor], rendering: list[Processor], level: int, stream: TextIO
 ) -> None:
@@ -87,6 +90,15 @@ def _route_stdlib(
     root.addHandler(handler)
     _handler = handler
     root.setLevel(max(level, logging.WARNING))
+    # uvicorn's own logging set-up (any uvicorn.Config made with a log_config, an embedding
+    # application's say) gives its loggers handlers of their own that bypass the root's: take
+    # them back, so that every line goes out one way.
+    for name in _UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        for own in list(logger.handlers):
+            logger.removeHandler(own)
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
     logging.getLogger("uvicorn").setLevel(level)
 
 

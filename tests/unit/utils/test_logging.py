@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
+import uvicorn
 from structlog.testing import capture_logs
 
 from gpu_request_router.config.config_loader import LoggingSettings
@@ -121,6 +122,15 @@ def test_cached_loggers_keep_the_configuration_of_their_first_use(
     structlog.get_logger().info("fresh")  # a new logger follows the error level
     lines = capsys.readouterr().err.splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["first", "second"]
+
+
+def test_uvicorns_own_handlers_are_taken_back(capsys: pytest.CaptureFixture[str]) -> None:
+    """After uvicorn set up its own log handlers (a Config made with a log_config), lines are JSON."""
+    uvicorn.Config(app=lambda: None, log_level="info")  # installs uvicorn's default handlers
+    configure_logging(LoggingSettings(level="info", format="json"))
+    logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["Invalid HTTP request received."]
 
 
 def test_stdlib_records_are_json_lines_with_their_traceback(
