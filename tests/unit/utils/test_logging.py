@@ -125,7 +125,7 @@ def test_cached_loggers_keep_the_configuration_of_their_first_use(
 
 
 def test_uvicorns_own_handlers_are_taken_back(capsys: pytest.CaptureFixture[str]) -> None:
-    """After uvicorn set up its own log handlers (a Config made with a log_config), lines are JSON."""
+    """After uvicorn set up log handlers of its own (a Config with a log_config), lines are JSON."""
     uvicorn.Config(app=lambda: None, log_level="info")  # installs uvicorn's default handlers
     configure_logging(LoggingSettings(level="info", format="json"))
     logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
