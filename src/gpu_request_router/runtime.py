@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Self
@@ -442,22 +442,11 @@ class Runtime:
         def started() -> None:
             self._apply(self.router.started(execution_id, self.clock.now()))
 
-        outcome: ExecutionResult | Failure
-        try:
-            if client is None:
-                outcome = Failure(
-                    FailureKind.UNREACHABLE, f"no client for backend {dispatch.backend!r}"
-                )
-            else:
-                outcome = await client.execute(dispatch, started, sink)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a client bug must not take the router down: fail the attempt
-            _log.exception("backend_client_error", execution_id=execution_id)
-            outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
-        finally:
-            self._executions.pop(execution_id, None)
-        outcome = received(outcome)
+        outcome = await self._outcome(
+            execution_id,
+            None if client is None else lambda: client.execute(dispatch, started, sink),
+            f"no client for backend {dispatch.backend!r}",
+        )
         partly_sent = sink is not None and sink.sent
         if isinstance(outcome, Failure) and partly_sent and outcome.kind.retryable:
             # Part of the answer already reached the client: another attempt would repeat it.
@@ -469,7 +458,8 @@ class Runtime:
 
         Only ``agent`` backends can be asked: an in-process simulated fleet died with the
         previous process, and an OpenAI-compatible server has no execution ids. A worker that
-        does not answer within ``_LOOKUP_TIMEOUT_S`` is left out (its work is retried).
+        does not answer within ``_LOOKUP_TIMEOUT_S`` is left out (its work is retried). An
+        outcome taken this way enters as :func:`received`, like any other.
         """
 
         async def ask(execution_id: str, client: AgentClient) -> tuple[str, Lookup | None]:
@@ -486,28 +476,51 @@ class Runtime:
             if isinstance(client, AgentClient):
                 asks.append(ask(execution.execution_id, client))
         answers = await asyncio.gather(*asks)
-        return {execution_id: answer for execution_id, answer in answers if answer is not None}
+        return {
+            execution_id: received(answer)
+            if isinstance(answer, ExecutionResult | Failure)
+            else answer
+            for execution_id, answer in answers
+            if answer is not None
+        }
 
     async def _attach(self, dispatch: Dispatch) -> None:
         """Wait for the outcome of a re-attached execution and feed it back, as for dispatches."""
         execution_id = dispatch.execution_id
         client = self._clients.get(dispatch.backend)
+        attach = client.attach if isinstance(client, AgentClient) else None
+        outcome = await self._outcome(
+            execution_id,
+            None if attach is None else lambda: attach(dispatch),
+            f"no worker client for backend {dispatch.backend!r}",
+        )
+        await self._report(execution_id, outcome)
+
+    async def _outcome(
+        self,
+        execution_id: str,
+        call: Callable[[], Awaitable[ExecutionResult | Failure]] | None,
+        missing: str,
+    ) -> ExecutionResult | Failure:
+        """What became of an execution, as :func:`received`: the backend's answer to ``call``.
+
+        No call (no client for its backend) is ``unreachable``; a client that raises fails the
+        attempt (a client bug must not take the router down).
+        """
         outcome: ExecutionResult | Failure
         try:
-            if not isinstance(client, AgentClient):
-                outcome = Failure(
-                    FailureKind.UNREACHABLE, f"no worker client for backend {dispatch.backend!r}"
-                )
+            if call is None:
+                outcome = Failure(FailureKind.UNREACHABLE, missing)
             else:
-                outcome = await client.attach(dispatch)
+                outcome = await call()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a client bug must not take the router down: fail the attempt
+        except Exception as exc:
             _log.exception("backend_client_error", execution_id=execution_id)
             outcome = Failure(FailureKind.BACKEND_ERROR, f"backend client error: {exc!r}")
         finally:
             self._executions.pop(execution_id, None)
-        await self._report(execution_id, outcome)
+        return received(outcome)
 
     async def _report(self, execution_id: str, outcome: ExecutionResult | Failure) -> None:
         """Feed an execution's outcome to the router, again and again while the store is down.

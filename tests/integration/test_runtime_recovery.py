@@ -84,6 +84,35 @@ async def test_an_execution_still_running_on_its_worker_is_reattached(
     assert (await worker_state(url, f"exe_{submitted.id}_2"))[0] == 404
 
 
+@pytest.mark.parametrize("ends", ["after the restart", "before the restart"])
+async def test_an_unsendable_answer_taken_at_recovery_fails_the_request(
+    serve_app: Callable[[FastAPI], str], ends: str
+) -> None:
+    """A re-attached or collected answer is checked like any: 100 levels deep is backend_error."""
+    url = serve_app(worker_app())
+    settings = router_settings(url)
+    store = MemoryStore()
+    duration = 1.0 if ends == "after the restart" else 0.2
+    deep: dict[str, Any] = {}
+    for _ in range(100):
+        deep = {"a": deep}
+    async with Runtime.from_settings(settings, store=store) as first:
+        # Straight into the runtime: the HTTP API would refuse such an input at the door.
+        submitted = await first.submit(chat(duration_s=duration, output=deep), ALICE)
+        await until_running_on_worker(url, f"exe_{submitted.id}_1")
+    if ends == "before the restart":
+        for _ in range(200):
+            if (await worker_state(url, f"exe_{submitted.id}_1"))[1]["state"] != "running":
+                break
+            await asyncio.sleep(0.02)
+    async with Runtime.from_settings(settings, store=store) as second:
+        done = await second.wait(submitted.id, timeout_s=10)
+    # Like any backend_error it was retried; every attempt's answer was refused the same way.
+    assert done.status is RequestStatus.FAILED, done
+    assert done.error is not None and done.error.type == "backend_error"
+    assert "cannot be sent back as JSON" in done.error.message
+
+
 async def test_a_worker_that_does_not_answer_in_time_has_its_work_retried(
     serve_app: Callable[[FastAPI], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
