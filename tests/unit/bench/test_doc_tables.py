@@ -216,3 +216,16 @@ def test_a_result_without_provenance_fails_the_check_and_the_rewrite(
         assert result.exit_code == 1
         assert "store.json: provenance: commit None is not a 40-digit git commit" in result.output
     assert doc.read_text() == before
+
+
+def test_the_command_refuses_broken_markers_without_writing(copies: tuple[Path, Path]) -> None:
+    """Markers that do not pair up: exit 2 with the line and table named, the file untouched."""
+    doc, results = copies
+    broken = doc.read_text().replace("<!-- table:store:begin -->", "", 1)
+    doc.write_text(broken)
+    result = CliRunner().invoke(
+        app, ["bench", "tables", "--doc", str(doc), "--results", str(results)]
+    )
+    assert result.exit_code == 2
+    assert "table 'store' ends where it did not begin" in result.output
+    assert doc.read_text() == broken
