@@ -12,6 +12,7 @@ import httpx
 
 from gpu_request_router.bench.loadgen import percentiles
 from gpu_request_router.bench.overhead import _process
+from gpu_request_router.bench.provenance import problems
 from gpu_request_router.testing import free_port
 
 
@@ -28,19 +29,15 @@ def test_percentiles_take_the_nearest_rank() -> None:
 def test_a_short_run_measures_direct_passthrough_router_and_async_api(tmp_path: Path) -> None:
     """Every target answers without errors; the middle's CPU and added latency are reported.
 
-    The middle: the bare pass-through proxy, or the router.
+    The middle: the bare pass-through proxy, or the router. The JSON names the command line.
     """
     out = tmp_path / "overhead.json"
+    arguments = [
+        *("bench", "overhead", "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.1"),
+        *("--state", "sqlite", "--json", str(out)),
+    ]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpu_request_router.cli",
-            "bench",
-            "overhead",
-            *("--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.1"),
-            *("--state", "sqlite", "--json", str(out)),
-        ],
+        [sys.executable, "-m", "gpu_request_router.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=240,
@@ -50,6 +47,8 @@ def test_a_short_run_measures_direct_passthrough_router_and_async_api(tmp_path: 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Overhead (state: sqlite)" in done.stdout
     data = json.loads(out.read_text())
+    assert problems(data["provenance"]) == []
+    assert data["provenance"]["argv"] == ["cli.py", *arguments]
     rows = data["rows"]
     assert [(row["target"], row["concurrency"]) for row in rows] == [
         (target, concurrency)

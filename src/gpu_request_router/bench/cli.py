@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gpu_request_router.bench import decisions, overhead, packing, replay, store
+from gpu_request_router.bench import decisions, doc_tables, overhead, packing, replay, store
 from gpu_request_router.config.config_loader import LoggingSettings
 from gpu_request_router.utils.logging import configure_logging
 
@@ -13,7 +13,7 @@ __all__ = ["bench_app"]
 bench_app = typer.Typer(
     help=(
         "Benchmarks: router overhead, state-store cost, decision cost, placement quality on "
-        "traces, packing."
+        "traces, packing; the tables of the benchmarks document from their JSON."
     ),
     no_args_is_help=True,
 )
@@ -30,3 +30,4 @@ bench_app.command("store")(store.command)
 bench_app.command("decisions")(decisions.command)
 bench_app.command("replay")(replay.command)
 bench_app.command("packing")(packing.command)
+bench_app.command("tables")(doc_tables.command)

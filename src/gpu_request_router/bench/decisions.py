@@ -32,7 +32,8 @@ from typing import Annotated, Any
 
 import typer
 
-from gpu_request_router.bench.report import machine, parse_counts, print_table, write_json
+from gpu_request_router.bench.provenance import capture
+from gpu_request_router.bench.report import parse_counts, print_table, write_json
 from gpu_request_router.core.engine import Engine
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.load_balancer import POLICIES, LoadBalancer, Need, make_policy
@@ -106,10 +107,9 @@ class DecisionsReport:
     log_growth: float
 
     def to_json(self) -> dict[str, Any]:
-        """The report as JSON-ready data, with the machine it ran on."""
+        """The report as JSON-ready data."""
         return {
             "benchmark": "decisions",
-            "machine": machine(),
             "placement": [asdict(row) for row in self.placement],
             "admission": [asdict(row) for row in self.admission],
             "queue": [asdict(row) for row in self.queue],
@@ -396,9 +396,9 @@ def print_decisions(report: DecisionsReport) -> None:
         )
 
 
-def write_decisions(report: DecisionsReport, path: Path) -> None:
-    """Write the report as JSON."""
-    write_json(path, report.to_json())
+def write_decisions(report: DecisionsReport, path: Path, provenance: dict[str, Any]) -> None:
+    """Write the report as JSON with the provenance captured when the run started."""
+    write_json(path, report.to_json(), provenance)
 
 
 def command(
@@ -424,6 +424,7 @@ def command(
     Placement and admission over 10 to 10,000 GPUs; the queue at 10 to 1,000,000 requests. Prints
     the medians and whether the growth stays linear in GPUs and logarithmic in depth.
     """
+    provenance = capture()
     report = run_decisions(
         parse_counts(gpus, "--gpus"),
         parse_counts(depths, "--depths"),
@@ -433,4 +434,4 @@ def command(
     )
     print_decisions(report)
     if json_path is not None:
-        write_decisions(report, json_path)
+        write_decisions(report, json_path, provenance)

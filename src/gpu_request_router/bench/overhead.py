@@ -47,7 +47,8 @@ import typer
 import yaml
 
 from gpu_request_router.api.middleware.auth import hash_key
-from gpu_request_router.bench.report import machine, parse_counts, print_table, write_json
+from gpu_request_router.bench.provenance import capture
+from gpu_request_router.bench.report import parse_counts, print_table, write_json
 from gpu_request_router.testing import free_port
 
 __all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_overhead"]
@@ -82,10 +83,9 @@ class OverheadReport:
     setup: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The report as JSON-ready data, with the machine it ran on."""
+        """The report as JSON-ready data."""
         return {
             "benchmark": "overhead",
-            "machine": machine(),
             "setup": self.setup,
             "rows": [asdict(row) for row in self.rows],
         }
@@ -363,9 +363,9 @@ def print_overhead(report: OverheadReport) -> None:
     )
 
 
-def write_overhead(report: OverheadReport, path: Path) -> None:
-    """Write the report as JSON."""
-    write_json(path, report.to_json())
+def write_overhead(report: OverheadReport, path: Path, provenance: dict[str, Any]) -> None:
+    """Write the report as JSON with the provenance captured when the run started."""
+    write_json(path, report.to_json(), provenance)
 
 
 def command(
@@ -407,6 +407,7 @@ def command(
     for url in peer or []:
         if not url.startswith(("http://", "https://")):
             raise typer.BadParameter(f"not an http(s) URL: {url!r}", param_hint="--peer")
+    provenance = capture()
     report = run_overhead(
         parse_counts(concurrency, "--concurrency"),
         duration_s=duration,
@@ -418,4 +419,4 @@ def command(
     )
     print_overhead(report)
     if json_path is not None:
-        write_overhead(report, json_path)
+        write_overhead(report, json_path, provenance)

@@ -36,7 +36,6 @@ fragmentation of a node state is memoised, so FGD costs a dictionary look-up per
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
@@ -52,6 +51,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from gpu_request_router.bench.provenance import capture
+from gpu_request_router.bench.report import write_json
 
 __all__ = [
     "PAPER_ALLOCATION_AT_100",
@@ -1095,6 +1097,7 @@ def command(
 ) -> None:
     """Packing on the Alibaba GPU trace, the FGD paper's way: allocation and fragmentation."""
     console = Console()
+    provenance = capture()
     try:
         node_list = load_nodes(nodes)
         pod_list = load_pods(pods)
@@ -1127,7 +1130,7 @@ def command(
         raise typer.Exit(2) from exc
     _print_table(report, console)
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_json(json_path, report.to_json(), provenance)
         console.print(f"JSON: {json_path}")
     if plot is not None:
         write_plot(report, plot)

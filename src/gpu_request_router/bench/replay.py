@@ -54,7 +54,6 @@ every GPU of ``--gpus``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from bisect import bisect_right
@@ -68,6 +67,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gpu_request_router.bench.provenance import capture
+from gpu_request_router.bench.report import write_json
 from gpu_request_router.bench.traces import (
     FORMATS,
     TraceError,
@@ -762,6 +763,7 @@ def command(
     Prints p50/p99 queue wait, p99 latency, SLO attainment, GPU memory utilisation, OOM events,
     Jain's fairness between users and throughput per policy, then a load sweep.
     """
+    provenance = capture()
     out = Console()
     if not out.is_terminal:
         out = Console(width=max(out.width, 160))
@@ -862,8 +864,7 @@ def command(
                 },
             },
         }
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(document, indent=2) + "\n")
+        write_json(json_path, document, provenance)
         out.print(f"wrote {json_path}")
     if plot is not None:
         write_plot(

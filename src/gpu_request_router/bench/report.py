@@ -1,13 +1,9 @@
-"""What every benchmark shares: the machine it ran on, its tables, its JSON file."""
+"""What every benchmark shares: its option parsing, its tables, its JSON file with provenance."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpu_request_router import __version__
+from gpu_request_router.bench.provenance import finished
 
-__all__ = ["machine", "parse_counts", "print_table", "write_json"]
+__all__ = ["parse_counts", "print_table", "write_json"]
 
 _console = Console(width=200)
-
-
-def machine() -> dict[str, Any]:
-    """The machine and software a result was measured on."""
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "version": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-    }
 
 
 def parse_counts(text: str, option: str) -> list[int]:
@@ -59,7 +43,15 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
     _console.print(table)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` as indented JSON (creating its folder)."""
+def write_json(path: Path, data: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
+    """Write ``data`` to ``path`` as indented JSON (creating its folder), provenance first.
+
+    Args:
+        path: the file.
+        data: the result.
+        provenance: what :func:`gpu_request_router.bench.provenance.capture` gave when the run
+            started; it is written finished now, under the ``provenance`` key.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    document = {"provenance": finished(provenance), **data}
+    path.write_text(json.dumps(document, indent=2) + "\n")

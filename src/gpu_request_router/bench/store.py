@@ -22,7 +22,8 @@ from typing import Annotated, Any
 
 import typer
 
-from gpu_request_router.bench.report import machine, print_table, write_json
+from gpu_request_router.bench.provenance import capture
+from gpu_request_router.bench.report import print_table, write_json
 from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.models.request import (
     Estimate,
@@ -176,6 +177,7 @@ def command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every row here.")] = None,
 ) -> None:
     """What the state store costs per request: its four writes, in this process."""
+    provenance = capture()
     try:
         rows = run_store(store or tuple(STORES), requests)
     except ValueError as exc:
@@ -204,7 +206,6 @@ def command(
     if json_path is not None:
         data: dict[str, Any] = {
             "benchmark": "store",
-            "machine": machine(),
             "rows": [asdict(row) for row in rows],
         }
-        write_json(json_path, data)
+        write_json(json_path, data, provenance)

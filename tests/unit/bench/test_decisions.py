@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpu_request_router.bench.decisions import growth_exponent, run_decisions
+from gpu_request_router.bench.provenance import problems
 from gpu_request_router.cli import app
 from gpu_request_router.core.load_balancer import POLICIES
 
@@ -50,7 +51,10 @@ def test_bad_sizes_are_refused_by_name(arguments: list[str], field: str) -> None
 
 
 def test_command_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
-    """The command prints its three tables and the verdicts, and writes the same as JSON."""
+    """The command prints its three tables and the verdicts, and writes the same as JSON.
+
+    The JSON carries the provenance of the run: its commit, command line, machine and time.
+    """
     out = tmp_path / "decisions.json"
     result = CliRunner().invoke(
         app,
@@ -69,4 +73,5 @@ def test_command_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
     assert {row["gpus"] for row in data["placement"]} == {10, 1000}
     assert [row["depth"] for row in data["queue"]] == [10, 100]
     assert set(data["growth"]) == {"placement_exponent", "queue_growth", "log_growth"}
-    assert data["machine"]["cpus"] >= 1
+    assert problems(data["provenance"]) == []
+    assert data["provenance"]["recorded_after"] is False

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from gpu_request_router.bench import packing
 from gpu_request_router.bench.cli import bench_app
 from gpu_request_router.bench.packing import Node, Pod
+from gpu_request_router.bench.provenance import problems
 
 REFERENCE = Path(__file__).resolve().parents[3] / "benchmarks" / "fgd_reference_results"
 NODE_COLUMNS = "sn,cpu_milli,memory_mib,gpu,model"
@@ -262,7 +263,10 @@ def _cluster_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_command_prints_the_table_and_writes_json_and_a_png(tmp_path: Path) -> None:
-    """``gpurouter bench packing`` runs every policy, then writes the JSON and the plot."""
+    """``gpurouter bench packing`` runs every policy, then writes the JSON and the plot.
+
+    The JSON carries the provenance of the run: its commit, command line, machine and time.
+    """
     nodes, pods = _cluster_files(tmp_path)
     out_json, out_png = tmp_path / "packing.json", tmp_path / "packing.png"
     result = CliRunner().invoke(
@@ -288,6 +292,8 @@ def test_the_command_prints_the_table_and_writes_json_and_a_png(tmp_path: Path) 
     assert bestfit["at_100"]["paper_allocation_pct"] == pytest.approx(92.86)
     assert data["reference"]["FGD"]["allocation_at_100"] == pytest.approx(95.23)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert problems(data["provenance"]) == []
+    assert data["provenance"]["recorded_after"] is False
 
 
 def test_the_command_runs_one_policy_without_a_reference_and_hints_at_it(tmp_path: Path) -> None:

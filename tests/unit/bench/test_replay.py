@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gpu_request_router.bench.provenance import problems
 from gpu_request_router.bench.replay import (
     REQUIRED_METRICS,
     Fleet,
@@ -379,7 +380,10 @@ def test_the_starvation_bound_of_a_replay_is_the_one_asked_for() -> None:
 
 
 def test_command_writes_json_with_every_metric_and_a_plot(tmp_path: Path) -> None:
-    """The CLI replays a slice of the Azure trace per policy and scale, writes JSON and a PNG."""
+    """The CLI replays a slice of the Azure trace per policy and scale, writes JSON and a PNG.
+
+    The JSON carries the provenance of the run: its commit, command line, machine and time.
+    """
     out, plot = tmp_path / "out" / "replay.json", tmp_path / "replay.png"
     arguments = ["bench", "replay", "--trace", str(AZURE_CONV), "--limit", "300"]
     arguments += ["--gpus", "2xH100-80GB", "--sweep", "0.5,1", "--json", str(out)]
@@ -403,10 +407,15 @@ def test_command_writes_json_with_every_metric_and_a_plot(tmp_path: Path) -> Non
     assert document["sweep"]["scales"] == [0.5, 1.0]
     assert document["sweep"]["policies"]["random"]["1"] == policies["random"]
     assert plot.read_bytes().startswith(b"\x89PNG")
+    assert problems(document["provenance"]) == []
+    assert document["provenance"]["recorded_after"] is False
 
 
 def test_command_output_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
-    """Two runs of the same command write identical JSON (the random policies included)."""
+    """Two runs of the same command write identical results (the random policies included).
+
+    Only the provenance, which holds the times of each run, may differ.
+    """
     documents = []
     for name in ("first.json", "second.json"):
         arguments = ["bench", "replay", "--trace", str(AZURE_CONV), "--limit", "150"]
@@ -414,7 +423,9 @@ def test_command_output_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
         arguments += ["--policy", "random", "--policy", "power_of_two"]
         result = CliRunner().invoke(app, [*arguments, "--json", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
-        documents.append(json.loads((tmp_path / name).read_text()))
+        document = json.loads((tmp_path / name).read_text())
+        assert problems(document.pop("provenance")) == []
+        documents.append(document)
     assert documents[0] == documents[1]
     assert list(documents[0]["policies"]) == ["random", "power_of_two"]
     assert documents[0]["sweep"] == {"scales": [], "policies": {"random": {}, "power_of_two": {}}}

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpu_request_router.bench import store as bench_store
+from gpu_request_router.bench.provenance import problems
 from gpu_request_router.bench.store import run_store
 from gpu_request_router.cli import app
 from gpu_request_router.models.request import RequestStatus
@@ -48,7 +49,7 @@ def test_the_requests_end_succeeded_and_charged_in_the_store(
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path: Path) -> None:
-    """One command: a table on stdout, every row in the JSON."""
+    """One command: a table on stdout, every row in the JSON, with the run's provenance."""
     out = tmp_path / "store.json"
     result = CliRunner().invoke(
         app,
@@ -60,6 +61,8 @@ def test_command_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["benchmark"] == "store"
     assert [row["store"] for row in data["rows"]] == ["memory"]
+    assert problems(data["provenance"]) == []
+    assert data["provenance"]["recorded_after"] is False
 
 
 @pytest.mark.parametrize("arguments", [["--store", "postgres"], ["--requests", "0"]])
