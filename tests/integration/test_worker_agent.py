@@ -260,6 +260,22 @@ def test_out_of_memory_is_507(worker: str) -> None:
     assert too_big.status_code == 507 and too_big.json()["peak_memory_mb"] == 90_000
 
 
+def test_an_output_that_cannot_be_sent_as_json_is_a_clear_failure(worker: str) -> None:
+    """An executor's output with a lone surrogate fails the execution by name, not with a 500."""
+    body = json.dumps(execution("exe_lone", duration_s=0.01, output={"t": "\ud800"}))
+    answer = httpx.post(
+        f"{worker}/v1/executions",
+        content=body.encode(),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert answer.status_code == 500
+    assert answer.json()["error"] == "backend_error"
+    assert "cannot be sent as JSON" in answer.json()["message"]
+    assert "output.t" in answer.json()["message"]
+    state = httpx.get(f"{worker}/v1/executions/exe_lone", headers=AUTH)
+    assert state.status_code == 200 and state.json()["state"] == "failed"
+
+
 def test_bad_input_is_a_problem(worker: str) -> None:
     """A malformed body is 422 and another worker's GPU 409, both problem details."""
     malformed = httpx.post(

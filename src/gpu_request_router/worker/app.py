@@ -75,6 +75,7 @@ from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import Task
 from gpu_request_router.services.simulator import SimulatedFleet
+from gpu_request_router.utils.json_values import first_problem
 from gpu_request_router.utils.serving import AnnouncingServer
 from gpu_request_router.worker.executors import (
     CallableExecutor,
@@ -429,14 +430,25 @@ class Worker:
         return None
 
     async def _run(self, job: Job, indexes: Sequence[int]) -> ExecutionResult | Failure:
+        """The executor's outcome; an output that cannot be sent as JSON is a failure.
+
+        (A lone surrogate or a number that is not finite would make the answer itself fail,
+        an opaque 500; nesting past the router's limit would be refused there.)
+        """
         try:
             async with asyncio.timeout(job.deadline - time.time()):
-                return await self.executor.execute(job, indexes)
+                outcome = await self.executor.execute(job, indexes)
         except TimeoutError:
             return Failure(FailureKind.TIMEOUT, "the deadline passed before the execution ended")
         except Exception as exc:
             _log.exception("executor_failed", execution_id=job.execution_id)
             return Failure(FailureKind.BACKEND_ERROR, f"the executor failed: {exc!r}")
+        if isinstance(outcome, ExecutionResult):
+            problem = first_problem(outcome.output)
+            if problem is not None:
+                message = f"the executor's output cannot be sent as JSON: {problem.at('output')}"
+                return Failure(FailureKind.BACKEND_ERROR, message)
+        return outcome
 
     def _done(self, execution: _Execution) -> None:
         """Release the execution's accounting and store its outcome.
