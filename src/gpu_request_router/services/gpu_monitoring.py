@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
 from gpu_request_router.services.simulator import SimulatedFleet
+from gpu_request_router.utils.json_values import first_problem
 from gpu_request_router.worker.nvml import UNKNOWN_GPU_TYPE, NvmlReader, gpu_type_name
 
 __all__ = [
@@ -296,10 +297,17 @@ def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> G
     backend's name, or the name the worker registered with) and keeps the worker's own ``id`` as
     :attr:`~GPUReading.reported_id`, the id it sends back when it places work there.
 
+    A reading holding a value the router could not send back as JSON (a lone surrogate in a
+    name, say: :mod:`~gpu_request_router.utils.json_values`) is malformed too, so that no reading
+    can break ``GET /v1/gpus``.
+
     Raises:
         ValueError: the item is not a well-formed GPU reading.
     """
     try:
+        problem = first_problem(dict(item))
+        if problem is not None:
+            raise TypeError(problem.at("reading"))
         index = item["index"]
         reported = item["id"]
         if not isinstance(reported, str) or not 0 < len(reported) <= _MAX_ID_CHARS:

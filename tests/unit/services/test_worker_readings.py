@@ -61,3 +61,14 @@ def test_a_missing_or_malformed_id_is_refused(reported: Any) -> None:
         del body["id"]
     with pytest.raises(ValueError, match="malformed GPU reading"):
         reading_from_worker(body, "w1", "w1")
+
+
+@pytest.mark.parametrize(
+    "field",
+    [{"name": "H100\ud800"}, {"models_loaded": ["m\udc80"]}, {"temperature_c": float("nan")}],
+    ids=["lone-surrogate-name", "lone-surrogate-model", "nan"],
+)
+def test_a_reading_the_router_could_not_send_back_is_malformed(field: dict[str, Any]) -> None:
+    """A value no JSON answer can carry makes the reading malformed, so GET /v1/gpus stays sound."""
+    with pytest.raises(ValueError, match="malformed GPU reading"):
+        reading_from_worker(item(**field), "w1", "w1")
