@@ -33,7 +33,7 @@ __all__ = ["BODIES", "HOT_PATHS", "router"]
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_PRIORITY = TypeAdapter(Annotated[str, StringConstraints(max_length=64)])
+_PRIORITY = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=64)])
 _HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}
 # Waiting for a synchronous answer never outlasts the request's own deadline by more than this.
 _ANSWER_GRACE_S = 5.0
