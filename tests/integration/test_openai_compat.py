@@ -176,12 +176,18 @@ _CHAT = b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "x"}]
         ),
         ("/v1/chat/completions", _CHAT[:-1] + b', "temperature": NaN}', {}, "temperature"),
         ("/v1/completions", b'{"model": "tinyllama-1.1b", "prompt": "\\udc00"}', {}, "prompt"),
+        (
+            "/v1/embeddings",
+            b'{"model": "all-minilm-l6-v2", "input": "x"}',
+            {"X-Priority": ""},
+            "X-Priority",
+        ),
     ],
 )
 def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(
     server: LiveServer, path: str, body: bytes, headers: dict[str, str], param: str
 ) -> None:
-    """Bad bodies and an overlong X-Priority are refused before admission.
+    """Bad bodies and an empty or overlong X-Priority are refused before admission.
 
     As FastAPI refuses them on its other routes: malformed or invalid JSON, no body, a body
     that is not JSON by its content type. ``param`` names the offending field ("" for the body

@@ -9,9 +9,10 @@ levels never needs re-sorting as time passes: a heap on ``key`` serves all times
 **Fair share.** Within one level, users take turns by a virtual counter (VTC, Sheng et al.,
 OSDI 2024): the user with the smallest counter goes first, and each dispatch adds the request's
 estimated GPU cost to its user's counter. A user who becomes backlogged again is lifted to the
-smallest counter among the backlogged users (or, when none is, to the counter of the user served
-last), so idle time banks no credit and a heavy user cannot starve a light one. A user's own
-requests keep their ``key`` order.
+smallest counter among the backlogged users (or, when none is, to the largest counter a dispatch
+has been charged from), so idle time banks no credit and a heavy user cannot starve a light one.
+A user's own requests keep their ``key`` order; between users of equal counters the earlier
+``key`` goes first.
 
 **Cost.** ``push``, ``dispatched`` and ``remove`` are O(log n). The users with queued work are
 kept in buckets by the level of their first request, each bucket a heap on the fair-share

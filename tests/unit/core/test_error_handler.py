@@ -172,24 +172,53 @@ def test_budget_never_grants_more_than_its_share(firsts: int, ratio: float, mini
 # --- backoff -------------------------------------------------------------------------------------
 
 
-def test_backoff_doubles_and_is_capped_with_equal_jitter() -> None:
-    """The delay after attempt n lies in [cap/2, cap] where cap = min(max, base × 2^(n-1))."""
-    settings = retry_settings(backoff_s=0.5, max_backoff_s=30.0)
-    errors = ErrorHandler(settings, random.Random(7))
-    for attempts in range(1, 12):
-        capped = min(30.0, 0.5 * 2 ** (attempts - 1))
+class FixedDraws(random.Random):
+    """A generator whose ``random()`` returns the given numbers in turn: the jitter made visible."""
+
+    def __init__(self, *draws: float) -> None:
+        super().__init__(0)
+        self._draws = list(draws)
+
+    def random(self) -> float:
+        """The next of the given numbers."""
+        return self._draws.pop(0)
+
+
+# The ceiling of the delay after attempt n, worked out by hand from the documented rule: it
+# doubles from backoff_s per attempt and never passes max_backoff_s.
+CEILINGS = {
+    (0.5, 30.0): [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0],
+    (0.25, 5.0): [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0],
+    (1.0, 6.0): [1.0, 2.0, 4.0, 6.0, 6.0],
+    (3.0, 2.0): [2.0, 2.0, 2.0],
+}
+
+
+@pytest.mark.parametrize(("backoff_s", "max_backoff_s"), list(CEILINGS), ids=str)
+def test_backoff_doubles_from_backoff_s_up_to_max_backoff_s(
+    backoff_s: float, max_backoff_s: float
+) -> None:
+    """Equal jitter: a draw of 0 waits half the ceiling, 0.5 three quarters, 1 all of it."""
+    ceilings = CEILINGS[backoff_s, max_backoff_s]
+    settings = retry_settings(backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+    for draw, share in ((0.0, 0.5), (0.5, 0.75), (1.0, 1.0)):
+        errors = ErrorHandler(settings, FixedDraws(*[draw] * len(ceilings)))
+        delays = [errors.backoff(attempts) for attempts in range(1, len(ceilings) + 1)]
+        assert delays == [share * ceiling for ceiling in ceilings]
+
+
+def test_backoff_stays_within_its_ceiling_for_a_real_generator() -> None:
+    """With a seeded generator every delay after attempt n lies in [ceiling/2, ceiling]."""
+    errors = ErrorHandler(retry_settings(backoff_s=0.5, max_backoff_s=30.0), random.Random(7))
+    for attempts, ceiling in enumerate(CEILINGS[0.5, 30.0], start=1):
         for _ in range(20):
-            delay = errors.backoff(attempts)
-            assert capped / 2 <= delay <= capped
+            assert ceiling / 2 <= errors.backoff(attempts) <= ceiling
 
 
-def test_backoff_is_the_seeded_equal_jitter() -> None:
-    """The jitter comes from the handler's generator: half fixed, half random."""
-    errors = handler(seed=11)
-    rng = random.Random(11)
-    for attempts in (1, 2, 3, 4, 10):
-        capped = min(30.0, 0.5 * 2 ** (attempts - 1))
-        assert errors.backoff(attempts) == pytest.approx(capped / 2 + rng.random() * capped / 2)
+def test_each_backoff_takes_one_draw_of_the_handlers_generator() -> None:
+    """The jitter comes from the handler's generator, one draw per delay, in turn."""
+    errors = ErrorHandler(retry_settings(), FixedDraws(0.0, 1.0, 0.5, 0.25))
+    assert [errors.backoff(3) for _ in range(4)] == [1.0, 2.0, 1.5, 1.25]
 
 
 def test_backoff_is_deterministic_for_a_seed() -> None:

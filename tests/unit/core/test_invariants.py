@@ -379,7 +379,7 @@ class RouterMachine(RuleBasedStateMachine):
             assert count == 1, f"{request_id} runs {count} times"
         for execution_id, dispatch in self.live.items():
             current = self.router.execution_of(dispatch.request.id)
-            assert current in (None, execution_id)
+            assert current == execution_id, f"{execution_id} runs untracked (router: {current})"
 
     @invariant()
     def quotas_held(self) -> None:
