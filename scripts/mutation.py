@@ -1,0 +1,126 @@
+"""Mutation testing of the scheduling core (``make mutation``).
+
+Generates mutmut's mutants of ``src/gpu_request_router/core/`` (configured in ``[tool.mutmut]``
+of pyproject.toml), draws a seeded random sample of them, runs ``mutmut run`` on the sample and
+prints the score: killed / (sampled - equivalent). mutmut runs, for each mutant, only the core
+unit tests that executed the mutated function in its clean run.
+
+    .venv/bin/python scripts/mutation.py --sample 300 --seed 20261206
+    .venv/bin/python scripts/mutation.py --sample all
+
+Mutants listed in ``EQUIVALENT`` below (reviewed by hand: no test can tell them from the
+original) are taken out of the denominator. Everything is written under ``mutants/``;
+``mutants/sample.txt`` holds the drawn names and ``mutants/score.json`` the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from mutmut.__main__ import create_mutants
+from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir
+
+MUTANTS = Path("mutants")
+CORE = Path("src/gpu_request_router/core")
+
+# Mutants no test can kill, with the reason; see "Mutation testing" in docs/development.md.
+EQUIVALENT: dict[str, str] = {}
+
+# mutmut's exit codes per mutant, as its `results` command names them.
+_STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    None: "not checked",
+}
+
+
+def generate() -> list[str]:
+    """Write the mutated copy of the sources under ``mutants/`` and return every mutant's name."""
+    MUTANTS.mkdir(exist_ok=True)
+    copy_src_dir()
+    copy_also_copy_files()
+    create_mutants(2)
+    return sorted(_exit_codes())
+
+
+def _exit_codes() -> dict[str, int | None]:
+    """Each mutant's last recorded mutmut exit code (None: not run yet)."""
+    codes: dict[str, int | None] = {}
+    for meta in sorted((MUTANTS / CORE).glob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def main() -> int:
+    """Generate, sample, run and score; the exit status is mutmut's."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", default="300", help="how many mutants, or 'all'")
+    parser.add_argument("--seed", type=int, default=20261206, help="seed of the random sample")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutmut workers")
+    parser.add_argument("--list-only", action="store_true", help="print the sample, run nothing")
+    args = parser.parse_args()
+
+    names = generate()
+    if args.sample == "all":
+        sample = names
+    else:
+        sample = sorted(random.Random(args.seed).sample(names, min(int(args.sample), len(names))))
+    (MUTANTS / "sample.txt").write_text("".join(f"{name}\n" for name in sample))
+    print(f"{len(names)} mutants of {CORE}/; sample of {len(sample)} (seed {args.seed})")
+    if args.list_only:
+        print("\n".join(sample))
+        return 0
+
+    started = time.monotonic()
+    mutmut = Path(sys.executable).with_name("mutmut")
+    run = subprocess.run([mutmut, "run", f"--max-children={args.max_children}", *sample])
+    elapsed = time.monotonic() - started
+
+    codes = _exit_codes()
+    statuses = Counter(_STATUS.get(codes[name], "suspicious") for name in sample)
+    equivalent = [name for name in sample if name in EQUIVALENT]
+    killed = statuses["killed"] + statuses["timeout"]
+    denominator = len(sample) - len(equivalent)
+    survivors = [
+        name
+        for name in sample
+        if _STATUS.get(codes[name], "suspicious") not in {"killed", "timeout"}
+        and name not in EQUIVALENT
+    ]
+    score = {
+        "mutants_total": len(names),
+        "sampled": len(sample),
+        "seed": args.seed,
+        "statuses": dict(sorted(statuses.items())),
+        "equivalent": len(equivalent),
+        "killed_or_timeout": killed,
+        "score": round(killed / denominator, 4) if denominator else None,
+        "run_seconds": round(elapsed),
+        "survivors": survivors,
+    }
+    (MUTANTS / "score.json").write_text(json.dumps(score, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in score.items() if k != "survivors"}, indent=2))
+    print(f"survivors ({len(survivors)}): `.venv/bin/mutmut show <name>` shows each diff")
+    for name in survivors:
+        print(f"  {name}  [{_STATUS.get(codes[name], 'suspicious')}]")
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
