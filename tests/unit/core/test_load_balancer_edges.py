@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from test_load_balancer import chosen_ids, fleet, need, place
 
+from gpu_request_router.core.load_balancer import LoadBalancer, NoFit, make_policy
 from gpu_request_router.testing import reading
 
 
@@ -12,3 +13,14 @@ def test_balanced_prefers_healthy_over_degraded_for_an_exact_size_too() -> None:
     monitor = fleet(reading("a", 0), reading("a", 1, used_mb=50_000, temperature_c=95.0))
     assert monitor.get("a:1").health == "degraded"
     assert chosen_ids(place(monitor, need(exact=True), "balanced")) == ("a:0",)
+
+
+def test_prospect_skips_a_worker_with_too_few_gpus_and_looks_at_the_next() -> None:
+    """A worker with fewer GPUs than the request needs is passed over, not the end of the search."""
+    monitor = fleet(reading("a", 0), reading("b", 0), reading("b", 1))
+    for gpu_id in ("a:0", "b:0", "b:1"):
+        assert monitor.reserve(gpu_id, f"e_{gpu_id}", 70_000)
+    pair = need(40_000, gpu_count=2)
+    assert isinstance(place(monitor, pair), NoFit)
+    balancer = LoadBalancer(make_policy("best_fit"))
+    assert balancer.prospect(pair, monitor.schedulable.values()) == ("b:0", "b:1")
