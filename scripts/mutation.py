@@ -7,6 +7,7 @@ unit tests that executed the mutated function in its clean run.
 
     .venv/bin/python scripts/mutation.py --sample 300 --seed 20261206
     .venv/bin/python scripts/mutation.py --sample all
+    .venv/bin/python scripts/mutation.py --score-only     # the last run's sample, as recorded
 
 Mutants listed in ``EQUIVALENT`` below (reviewed by hand: no test can tell them from the
 original) are taken out of the denominator. Everything is written under ``mutants/``;
@@ -23,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from mutmut.__main__ import create_mutants
 from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir
@@ -67,6 +69,41 @@ def _exit_codes() -> dict[str, int | None]:
     return codes
 
 
+def score(
+    sample: list[str], total: int, seed: int | None, run_seconds: float | None
+) -> dict[str, Any]:
+    """Score ``sample`` from mutmut's records: killed / (checked - equivalent).
+
+    A run stopped early (Ctrl-C) leaves mutants "not checked": they count in neither term and
+    the result says ``"complete": false``.
+    """
+    codes = _exit_codes()
+    status = {name: _STATUS.get(codes.get(name), "suspicious") for name in sample}
+    counts = Counter(status.values())
+    checked = [name for name in sample if status[name] != "not checked"]
+    equivalent = [name for name in checked if name in EQUIVALENT]
+    killed = counts["killed"] + counts["timeout"]
+    denominator = len(checked) - len(equivalent)
+    survivors = [
+        name
+        for name in checked
+        if status[name] not in {"killed", "timeout"} and name not in EQUIVALENT
+    ]
+    return {
+        "mutants_total": total,
+        "sampled": len(sample),
+        "seed": seed,
+        "complete": len(checked) == len(sample),
+        "checked": len(checked),
+        "statuses": dict(sorted(counts.items())),
+        "equivalent": len(equivalent),
+        "killed_or_timeout": killed,
+        "score": round(killed / denominator, 4) if denominator else None,
+        "run_seconds": None if run_seconds is None else round(run_seconds),
+        "survivors": {name: status[name] for name in survivors},
+    }
+
+
 def main() -> int:
     """Generate, sample, run and score; the exit status is mutmut's."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,52 +111,38 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=20261206, help="seed of the random sample")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutmut workers")
     parser.add_argument("--list-only", action="store_true", help="print the sample, run nothing")
+    parser.add_argument(
+        "--score-only", action="store_true", help="score the last sample; run nothing"
+    )
     args = parser.parse_args()
 
-    names = generate()
-    if args.sample == "all":
-        sample = names
+    if args.score_only:
+        sample = (MUTANTS / "sample.txt").read_text().split()
+        total, run_seconds, returncode = len(_exit_codes()), None, 0
     else:
-        sample = sorted(random.Random(args.seed).sample(names, min(int(args.sample), len(names))))
-    (MUTANTS / "sample.txt").write_text("".join(f"{name}\n" for name in sample))
-    print(f"{len(names)} mutants of {CORE}/; sample of {len(sample)} (seed {args.seed})")
-    if args.list_only:
-        print("\n".join(sample))
-        return 0
+        names = generate()
+        if args.sample == "all":
+            sample = names
+        else:
+            count = min(int(args.sample), len(names))
+            sample = sorted(random.Random(args.seed).sample(names, count))
+        (MUTANTS / "sample.txt").write_text("".join(f"{name}\n" for name in sample))
+        print(f"{len(names)} mutants of {CORE}/; sample of {len(sample)} (seed {args.seed})")
+        if args.list_only:
+            print("\n".join(sample))
+            return 0
+        started = time.monotonic()
+        mutmut = Path(sys.executable).with_name("mutmut")
+        run = subprocess.run([mutmut, "run", f"--max-children={args.max_children}", *sample])
+        total, run_seconds, returncode = len(names), time.monotonic() - started, run.returncode
 
-    started = time.monotonic()
-    mutmut = Path(sys.executable).with_name("mutmut")
-    run = subprocess.run([mutmut, "run", f"--max-children={args.max_children}", *sample])
-    elapsed = time.monotonic() - started
-
-    codes = _exit_codes()
-    statuses = Counter(_STATUS.get(codes[name], "suspicious") for name in sample)
-    equivalent = [name for name in sample if name in EQUIVALENT]
-    killed = statuses["killed"] + statuses["timeout"]
-    denominator = len(sample) - len(equivalent)
-    survivors = [
-        name
-        for name in sample
-        if _STATUS.get(codes[name], "suspicious") not in {"killed", "timeout"}
-        and name not in EQUIVALENT
-    ]
-    score = {
-        "mutants_total": len(names),
-        "sampled": len(sample),
-        "seed": args.seed,
-        "statuses": dict(sorted(statuses.items())),
-        "equivalent": len(equivalent),
-        "killed_or_timeout": killed,
-        "score": round(killed / denominator, 4) if denominator else None,
-        "run_seconds": round(elapsed),
-        "survivors": survivors,
-    }
-    (MUTANTS / "score.json").write_text(json.dumps(score, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in score.items() if k != "survivors"}, indent=2))
-    print(f"survivors ({len(survivors)}): `.venv/bin/mutmut show <name>` shows each diff")
-    for name in survivors:
-        print(f"  {name}  [{_STATUS.get(codes[name], 'suspicious')}]")
-    return run.returncode
+    result = score(sample, total, None if args.score_only else args.seed, run_seconds)
+    (MUTANTS / "score.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "survivors"}, indent=2))
+    print(f"survivors ({len(result['survivors'])}): `.venv/bin/mutmut show <name>` shows each")
+    for name, status in result["survivors"].items():
+        print(f"  {name}  [{status}]")
+    return returncode
 
 
 if __name__ == "__main__":
