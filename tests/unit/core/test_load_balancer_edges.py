@@ -24,3 +24,15 @@ def test_prospect_skips_a_worker_with_too_few_gpus_and_looks_at_the_next() -> No
     assert isinstance(place(monitor, pair), NoFit)
     balancer = LoadBalancer(make_policy("best_fit"))
     assert balancer.prospect(pair, monitor.schedulable.values()) == ("b:0", "b:1")
+
+
+def test_balanced_prefers_a_healthy_pair_over_a_roomier_pair_with_a_degraded_gpu() -> None:
+    """A multi-GPU group with one degraded GPU counts as degraded and is placed on last."""
+    monitor = fleet(
+        reading("a", 0),
+        reading("a", 1, temperature_c=95.0),
+        reading("b", 0, used_mb=30_000),
+        reading("b", 1, used_mb=30_000),
+    )
+    assert monitor.get("a:1").health == "degraded"
+    assert chosen_ids(place(monitor, need(gpu_count=2), "balanced")) == ("b:0", "b:1")
