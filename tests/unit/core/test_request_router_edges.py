@@ -60,3 +60,17 @@ def test_an_expired_request_says_how_long_it_was_given(harness_for) -> None:
     assert stored.status.value == "expired"
     assert stored.error is not None
     assert (stored.error.type, stored.error.message) == ("timeout", "not finished within 5 s")
+
+
+def test_cancelling_a_running_request_tells_its_backend_which_request_and_execution(
+    harness_for,
+) -> None:
+    """The stop decision for a cancelled running request names its request, execution, backend."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    request = h.submit(chat())
+    dispatch = h.dispatch_of(request)
+    h.apply(h.router.started(dispatch.execution_id, h.now))
+    h.apply(h.router.cancel(request.id, h.now))
+    assert [(c.request_id, c.execution_id, c.backend) for c in h.cancelled] == [
+        (request.id, dispatch.execution_id, "sim")
+    ]
