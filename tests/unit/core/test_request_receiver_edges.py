@@ -1,4 +1,4 @@
-"""Submission cases that mutation testing found unchecked: label names, the max_queued wait."""
+"""Submission cases that mutation testing found unchecked: refusals and what they report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 from core_harness import Harness
 
 from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded
+from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, Unschedulable
+from gpu_request_router.models.request import ResourceHints
 from gpu_request_router.testing import chat
 
 
@@ -31,3 +32,12 @@ def test_max_queued_retry_after_is_when_the_running_request_should_end(harness_f
     with pytest.raises(QuotaExceeded) as info:
         h.submit(chat())
     assert info.value.retry_after_s == pytest.approx(duration - 0.5)
+
+
+def test_a_request_no_gpu_could_ever_hold_is_refused_on_its_resources(harness_for) -> None:
+    """Memory beyond every GPU is Unschedulable on "resources" and counted for the user."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    with pytest.raises(Unschedulable) as info:
+        h.submit(chat(resources=ResourceHints(gpu_memory_mb=10**6)))
+    assert info.value.field == "resources"
+    assert h.engine.router.metrics.counts_of("alice")["rejected"] == {"unschedulable": 1}
