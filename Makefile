@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit lock clean
+.PHONY: run test lint typecheck unit mutation lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,16 @@ typecheck: $(VENV)/.dev
 unit: $(VENV)/.dev
 	$(BIN)/pytest -q
 
+MUTATION_SAMPLE ?= 300
+MUTATION_SEED ?= 20261206
+
+mutation: $(VENV)/.dev  ## mutmut on core/: a seeded sample of MUTATION_SAMPLE mutants (or `all`); not in `test`
+	nice -n 10 $(BIN)/python scripts/mutation.py --sample $(MUTATION_SAMPLE) --seed $(MUTATION_SEED) --max-children 2
+
 lock:  ## re-pin requirements*.txt from pyproject.toml
 	$(BIN)/pip install --quiet pip-tools
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.txt pyproject.toml
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --extra dev -o requirements-dev.txt pyproject.toml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) mutants .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,154 @@
+"""Mutation testing of the scheduling core (``make mutation``).
+
+Generates mutmut's mutants of ``src/gpu_request_router/core/`` (configured in ``[tool.mutmut]``
+of pyproject.toml), draws a seeded random sample of them, runs ``mutmut run`` on the sample and
+prints the score: killed / (sampled - equivalent). mutmut runs, for each mutant, only the core
+unit tests that executed the mutated function in its clean run.
+
+    .venv/bin/python scripts/mutation.py --sample 300 --seed 20261206
+    .venv/bin/python scripts/mutation.py --sample all
+    .venv/bin/python scripts/mutation.py --score-only     # the last run's sample, as recorded
+
+Mutants listed in ``EQUIVALENT`` below (reviewed by hand: no test can tell them from the
+original) are taken out of the denominator. Everything is written under ``mutants/``;
+``mutants/sample.txt`` holds the drawn names and ``mutants/score.json`` the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from mutmut.__main__ import create_mutants
+from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir
+
+MUTANTS = Path("mutants")
+CORE = Path("src/gpu_request_router/core")
+
+# Mutants no test can kill, with the reason; see "Mutation testing" in docs/development.md.
+EQUIVALENT: dict[str, str] = {
+    "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁrelease__mutmut_31": (
+        "totals.get(gpu_id, None): StateStore.release returns a total for every GPU the holder"
+        " held, so the default is never used"
+    ),
+}
+
+# mutmut's exit codes per mutant, as its `results` command names them.
+_STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    None: "not checked",
+}
+
+
+def generate() -> list[str]:
+    """Write the mutated copy of the sources under ``mutants/`` and return every mutant's name."""
+    MUTANTS.mkdir(exist_ok=True)
+    copy_src_dir()
+    copy_also_copy_files()
+    create_mutants(2)
+    return sorted(_exit_codes())
+
+
+def _exit_codes() -> dict[str, int | None]:
+    """Each mutant's last recorded mutmut exit code (None: not run yet)."""
+    codes: dict[str, int | None] = {}
+    for meta in sorted((MUTANTS / CORE).glob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def score(
+    sample: list[str], total: int, seed: int | None, run_seconds: float | None
+) -> dict[str, Any]:
+    """Score ``sample`` from mutmut's records: killed / (checked - equivalent).
+
+    A run stopped early (Ctrl-C) leaves mutants "not checked": they count in neither term and
+    the result says ``"complete": false``.
+    """
+    codes = _exit_codes()
+    status = {name: _STATUS.get(codes.get(name), "suspicious") for name in sample}
+    counts = Counter(status.values())
+    checked = [name for name in sample if status[name] != "not checked"]
+    equivalent = [name for name in checked if name in EQUIVALENT]
+    killed = counts["killed"] + counts["timeout"]
+    denominator = len(checked) - len(equivalent)
+    survivors = [
+        name
+        for name in checked
+        if status[name] not in {"killed", "timeout"} and name not in EQUIVALENT
+    ]
+    return {
+        "mutants_total": total,
+        "sampled": len(sample),
+        "seed": seed,
+        "complete": len(checked) == len(sample),
+        "checked": len(checked),
+        "statuses": dict(sorted(counts.items())),
+        "equivalent": len(equivalent),
+        "killed_or_timeout": killed,
+        "score": round(killed / denominator, 4) if denominator else None,
+        "run_seconds": None if run_seconds is None else round(run_seconds),
+        "survivors": {name: status[name] for name in survivors},
+    }
+
+
+def main() -> int:
+    """Generate, sample, run and score; the exit status is mutmut's."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", default="300", help="how many mutants, or 'all'")
+    parser.add_argument("--seed", type=int, default=20261206, help="seed of the random sample")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutmut workers")
+    parser.add_argument("--list-only", action="store_true", help="print the sample, run nothing")
+    parser.add_argument(
+        "--score-only", action="store_true", help="score the last sample; run nothing"
+    )
+    args = parser.parse_args()
+
+    if args.score_only:
+        sample = (MUTANTS / "sample.txt").read_text().split()
+        total, run_seconds, returncode = len(_exit_codes()), None, 0
+    else:
+        names = generate()
+        if args.sample == "all":
+            sample = names
+        else:
+            count = min(int(args.sample), len(names))
+            sample = sorted(random.Random(args.seed).sample(names, count))
+        (MUTANTS / "sample.txt").write_text("".join(f"{name}\n" for name in sample))
+        print(f"{len(names)} mutants of {CORE}/; sample of {len(sample)} (seed {args.seed})")
+        if args.list_only:
+            print("\n".join(sample))
+            return 0
+        started = time.monotonic()
+        mutmut = Path(sys.executable).with_name("mutmut")
+        run = subprocess.run([mutmut, "run", f"--max-children={args.max_children}", *sample])
+        total, run_seconds, returncode = len(names), time.monotonic() - started, run.returncode
+
+    result = score(sample, total, None if args.score_only else args.seed, run_seconds)
+    (MUTANTS / "score.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "survivors"}, indent=2))
+    print(f"survivors ({len(result['survivors'])}): `.venv/bin/mutmut show <name>` shows each")
+    for name, status in result["survivors"].items():
+        print(f"  {name}  [{status}]")
+    return returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

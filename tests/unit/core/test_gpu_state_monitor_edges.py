@@ -1,0 +1,33 @@
+"""Edge cases of the GPU state monitor that mutation testing found unchecked."""
+
+from __future__ import annotations
+
+from test_gpu_state_monitor import H100_MB, MARGIN, make_monitor
+
+from gpu_request_router.models.gpu_state import GPUHealth
+from gpu_request_router.testing import reading
+
+
+def test_a_source_failing_before_its_first_reading_is_noted_and_a_reading_then_counts() -> None:
+    """A source failing before its worker ever reported is noted; the first reading is healthy."""
+    monitor = make_monitor()
+    monitor.source_failed("a", 0.0)
+    assert monitor.apply([reading("a", 0)], 1.0, worker="a") == []
+    assert monitor.get("a:0").health is GPUHealth.HEALTHY
+    assert set(monitor.schedulable) == {"a:0"}
+
+
+def test_two_thrifty_executions_ending_uncover_the_sum_of_their_excess() -> None:
+    """Each ending execution that used less than it reserved adds its excess to the hidden use."""
+    monitor = make_monitor()
+    monitor.apply([reading("a", 0)], 0.0, worker="a")
+    assert monitor.reserve("a:0", "big", 10_000)  # will use 20,000
+    assert monitor.reserve("a:0", "small_1", 10_000)  # will use 5,000
+    assert monitor.reserve("a:0", "small_2", 10_000)  # will use 5,000
+    # The reading sees 30,000 used against 30,000 reserved: the excess and the savings net out.
+    monitor.apply([reading("a", 0, used_mb=30_000, reserved_mb=30_000)], 1.0)
+    monitor.release("small_1", peak_mb=5_000)
+    monitor.release("small_2", peak_mb=5_000)
+    # 20,000 are in use by "big" alone: its 10,000 reserved and 10,000 uncovered.
+    assert monitor.get("a:0").hidden_mb == 10_000
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 20_000

@@ -1,0 +1,43 @@
+"""Submission cases that mutation testing found unchecked: refusals and what they report."""
+
+from __future__ import annotations
+
+import pytest
+from core_harness import Harness
+
+from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, Unschedulable
+from gpu_request_router.models.request import ResourceHints
+from gpu_request_router.testing import chat
+
+
+@pytest.mark.parametrize("name", ["", "k" * 65])
+def test_a_label_name_out_of_bounds_names_the_metadata(harness_for, name: str) -> None:
+    """An empty or overlong metadata label name is refused on the field "metadata"."""
+    h: Harness = harness_for()
+    submission = Submission(model="llama-3-8b", metadata={name: "v"})
+    with pytest.raises(InvalidRequest) as info:
+        h.engine.receiver.submit(submission, Caller("alice"), h.now)
+    assert info.value.field == "metadata"
+
+
+def test_max_queued_retry_after_is_when_the_running_request_should_end(harness_for) -> None:
+    """The wait offered past max_queued is the running request's estimated time left."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1, quota={"max_queued": 1})
+    running = h.submit(chat(max_tokens=900))
+    duration = h.dispatch_of(running).request.estimate.duration_on("H100-80GB")
+    assert duration > 1.0
+    h.submit(chat())
+    h.now += 0.5
+    with pytest.raises(QuotaExceeded) as info:
+        h.submit(chat())
+    assert info.value.retry_after_s == pytest.approx(duration - 0.5)
+
+
+def test_a_request_no_gpu_could_ever_hold_is_refused_on_its_resources(harness_for) -> None:
+    """Memory beyond every GPU is Unschedulable on "resources" and counted for the user."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    with pytest.raises(Unschedulable) as info:
+        h.submit(chat(resources=ResourceHints(gpu_memory_mb=10**6)))
+    assert info.value.field == "resources"
+    assert h.engine.router.metrics.counts_of("alice")["rejected"] == {"unschedulable": 1}
