@@ -785,6 +785,9 @@ class RequestRouter:
         """Place queued requests in priority order while they fit (see the module docstring)."""
         schedulable = self.monitor.schedulable
         rooms = [gpu.room_mb for gpu in schedulable.values() if gpu.free_slots > 0]
+        # A quota wait noted by an earlier pass is this pass's to renew: left in place, a time
+        # already past would make next_wakeup() ask for a tick at once, again and again.
+        self._quota_wakeup = None
         if not len(self.queue) or not rooms:
             self._publish_queue()
             return []
@@ -812,7 +815,6 @@ class RequestRouter:
         misses = 0
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
-        self._quota_wakeup = None
         examined: set[str] = set()
         for request in self.queue.candidates(now):
             if misses >= depth:

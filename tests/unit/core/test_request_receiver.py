@@ -311,17 +311,36 @@ def test_gpu_seconds_quota_refuses_once_the_hour_is_used_up(harness_for) -> None
 
 
 def test_gpu_seconds_quota_holds_requests_in_the_queue_at_dispatch(harness_for) -> None:
-    """A request whose estimate would pass the hour's budget waits until the budget frees."""
+    """A request whose estimate would pass the hour's budget starts when the first charge ages out.
+
+    Both requests outlive the hour, so the second can only wait for the budget: it is still
+    queued a second before the first one's charge is an hour old, and dispatched at that moment.
+    """
     h: Harness = harness_for(quota={"gpu_seconds_per_hour": 40})
-    first = h.submit(chat(shape=Shape(1, 100, 2000)))
-    # Two hours to live: the budget frees (after one) before the second request would expire.
+    first = h.submit(chat(shape=Shape(1, 100, 2000), timeout_s=7200))
     second = h.submit(chat(shape=Shape(1, 100, 2000), timeout_s=7200))
     assert h.status(first) == "dispatching"
     assert h.status(second) == "queued"
-    wakeup = h.router.next_wakeup()
-    assert wakeup is not None and wakeup <= first.created_at + 3600
-    h.advance(3601)
+    h.advance(3599)
+    assert h.status(second) == "queued"
+    h.advance(1)
     assert h.status(second) == "dispatching"
+    assert h.dispatch_of(second).request.dispatched_at == first.created_at + 3600
+
+
+def test_a_quota_wait_that_is_over_leaves_no_wakeup_in_the_past(harness_for) -> None:
+    """Once the request waiting for GPU-seconds is gone, the core asks for no tick that is due.
+
+    A wakeup left at a time already passed would have the runtime's timer tick without pause.
+    """
+    h: Harness = harness_for(quota={"gpu_seconds_per_hour": 40})
+    h.submit(chat(shape=Shape(1, 100, 2000), timeout_s=7200))
+    second = h.submit(chat(shape=Shape(1, 100, 2000), timeout_s=7200))
+    assert h.status(second) == "queued"  # until the budget frees, an hour from now
+    h.apply(h.router.cancel(second.id, h.now))
+    h.advance(3600)
+    wakeup = h.router.next_wakeup()
+    assert wakeup is None or wakeup > h.now
 
 
 def test_estimate_dry_run_stores_nothing_and_lists_fitting_gpus(harness_for) -> None:
