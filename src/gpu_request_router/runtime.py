@@ -43,6 +43,7 @@ from gpu_request_router.core.events import (
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
 from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.exceptions import InvalidRequest, NotFound, StoreUnavailable
 from gpu_request_router.models.gpu_state import GPUReading, GPUState
 from gpu_request_router.models.gpu_types import gpu_type
@@ -62,7 +63,7 @@ from gpu_request_router.services.gpu_monitoring import (
     SimulatedSource,
 )
 from gpu_request_router.services.simulator import SimulatedFleet
-from gpu_request_router.store.base import StateStore
+from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.utils.clock import Clock, SystemClock
 from gpu_request_router.utils.json_values import first_problem, repaired_text
 
@@ -150,6 +151,7 @@ class Runtime:
         hosts; ``openai`` ones are inference servers, read through their configuration, their
         dcgm-exporter (``dcgm_url``) and their metrics (``metrics_url``).
         """
+        store = store if store is not None else MemoryStore()
         engine = Engine.build(settings, store=store, seed=seed)
         clock = clock if clock is not None else SystemClock()
         estimator = engine.router.estimator

@@ -29,6 +29,7 @@ from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.services.simulator import FAILS_AFTER, Plan, SimulatedFleet
+from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.utils.clock import VirtualClock
 
 __all__ = ["Rejection", "RequestRecord", "Simulation", "SimulationReport"]
@@ -121,7 +122,7 @@ class Simulation:
 
     def __init__(self, settings: Settings, *, seed: int = 0, start_time: float = 0.0) -> None:
         self.clock = VirtualClock(start_time)
-        self.engine = Engine.build(settings, seed=seed)
+        self.engine = Engine.build(settings, store=MemoryStore(), seed=seed)
         self.router = self.engine.router
         self.fleet = SimulatedFleet.for_engine(settings, self.router.estimator)
         self._poll_s = settings.monitor.poll_interval_s

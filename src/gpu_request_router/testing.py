@@ -6,7 +6,7 @@ monitoring source would report them, chat submissions with ``simulate`` override
 Example::
 
     settings = make_settings(gpus=[("H100-80GB", 2)])
-    engine = Engine.build(settings, seed=1)
+    engine = Engine.build(settings, store=MemoryStore(), seed=1)
     engine.router.readings(readings_for(settings), now=0.0, worker="sim")
 """
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gpu_request_router.core.request_receiver import Caller
+from gpu_request_router.core.state_store import Charge, RateAdmission
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.runtime import Runtime
-from gpu_request_router.store.base import Charge, RateAdmission
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings
 

@@ -34,6 +34,7 @@ from gpu_request_router.api.routes import (
 )
 from gpu_request_router.api.routes.lean import HotPaths
 from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.services.logging_service import (
     AuditLog,
@@ -41,7 +42,6 @@ from gpu_request_router.services.logging_service import (
     otlp_tracer_provider,
 )
 from gpu_request_router.store import open_store
-from gpu_request_router.store.base import StateStore
 from gpu_request_router.utils.clock import Clock, SystemClock
 
 __all__ = ["create_app"]

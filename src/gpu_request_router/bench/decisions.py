@@ -212,7 +212,7 @@ def _admission(gpus: int, budget: int, seed: int) -> AdmissionRow:
             for worker in range(workers)
         ]
     )
-    engine = Engine.build(settings, seed=seed)
+    engine = Engine.build(settings, store=MemoryStore(), seed=seed)
     engine.router.readings(readings_for(settings), 0.0)
     submission = Submission(model=_MODEL, input={"messages": [{"role": "user", "content": "Hi"}]})
     callers = itertools.cycle([Caller(f"user{user}") for user in range(16)])

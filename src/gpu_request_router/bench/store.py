@@ -25,6 +25,7 @@ import typer
 from gpu_request_router.bench.provenance import capture
 from gpu_request_router.bench.report import print_table, write_json
 from gpu_request_router.core.request_router import transition_of
+from gpu_request_router.core.state_store import Charge, RateAdmission, StateStore
 from gpu_request_router.models.request import (
     Estimate,
     Placement,
@@ -34,7 +35,6 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, SQLiteStore
-from gpu_request_router.store.base import Charge, RateAdmission, StateStore
 
 __all__ = ["STORES", "StoreRow", "command", "run_store"]
 

@@ -16,9 +16,8 @@ from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.request_receiver import RequestReceiver
 from gpu_request_router.core.request_router import RequestRouter
 from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES, GPUType, gpu_type
-from gpu_request_router.store.base import StateStore
-from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.utils.ids import IdFactory
 
 __all__ = ["Engine", "fleet_gpu_types"]
@@ -40,7 +39,7 @@ class Engine:
 
     Example::
 
-        engine = Engine.build(load_settings(), seed=7)
+        engine = Engine.build(load_settings(), store=MemoryStore(), seed=7)
         admission = engine.receiver.submit(Submission(model="llama-3-8b"), Caller("alice"), now)
     """
 
@@ -56,7 +55,7 @@ class Engine:
         cls,
         settings: Settings,
         *,
-        store: StateStore | None = None,
+        store: StateStore,
         registry: CollectorRegistry | None = None,
         seed: int | None = None,
     ) -> Engine:
@@ -66,7 +65,6 @@ class Engine:
         simulation needs; without it ids come from the operating system's randomness. The
         placement policy's choices are always seeded by ``placement.seed``.
         """
-        store = store if store is not None else MemoryStore()
         registry = registry if registry is not None else CollectorRegistry()
         metrics = MetricCollector(registry)
         rng = random.Random(seed)

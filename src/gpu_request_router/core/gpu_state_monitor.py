@@ -23,9 +23,9 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.exceptions import NotFound
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
-from gpu_request_router.store.base import StateStore
 
 __all__ = ["GPUStateMonitor"]
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gpu_request_router.config.config_loader import QuotaSettings
+from gpu_request_router.core.state_store import RateAdmission, RateRefused, StateStore
 from gpu_request_router.exceptions import (
     InvalidRequest,
     QueueFull,
@@ -30,7 +31,6 @@ from gpu_request_router.exceptions import (
     QuotaForbidden,
 )
 from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
-from gpu_request_router.store.base import RateAdmission, RateRefused, StateStore
 
 __all__ = ["HOUR_S", "MINUTE_S", "QuotaEnforcer"]
 

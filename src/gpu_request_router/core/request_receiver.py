@@ -21,6 +21,7 @@ from typing import Any
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.events import Decision
 from gpu_request_router.core.request_router import RequestRouter, gpu_seconds, transition_of
+from gpu_request_router.core.state_store import RateRefused
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
@@ -28,7 +29,6 @@ from gpu_request_router.exceptions import (
     Unschedulable,
 )
 from gpu_request_router.models.request import Estimate, Request, ResourceHints, Shape, Task
-from gpu_request_router.store.base import RateRefused
 from gpu_request_router.utils.ids import IdFactory
 
 __all__ = ["Admission", "Caller", "EstimateReport", "RequestReceiver", "Submission"]

@@ -66,6 +66,7 @@ from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.core.state_store import Charge, StateStore
 from gpu_request_router.exceptions import (
     AlreadyTerminal,
     NotFound,
@@ -81,7 +82,6 @@ from gpu_request_router.models.request import (
     RequestStatus,
     Transition,
 )
-from gpu_request_router.store.base import Charge, StateStore
 
 __all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds", "transition_of"]
 

@@ -1,8 +1,8 @@
 """State stores: where requests, their audit trail, reservations and quota counters are kept."""
 
 from gpu_request_router.config.config_loader import StateSettings
+from gpu_request_router.core.state_store import Page, RequestQuery, StateStore
 from gpu_request_router.exceptions import ConfigError
-from gpu_request_router.store.base import Page, RequestQuery, StateStore
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.store.sqlite import SQLiteStore
 

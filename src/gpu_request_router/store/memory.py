@@ -7,9 +7,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
 
-from gpu_request_router.models.request import Request, RequestStatus, Transition
-from gpu_request_router.store._reservations import ReservationLedger
-from gpu_request_router.store.base import (
+from gpu_request_router.core.state_store import (
     Charge,
     Page,
     RateAdmission,
@@ -21,6 +19,8 @@ from gpu_request_router.store.base import (
     encode_cursor,
     retry_after,
 )
+from gpu_request_router.models.request import Request, RequestStatus, Transition
+from gpu_request_router.store._reservations import ReservationLedger
 
 __all__ = ["MemoryStore"]
 

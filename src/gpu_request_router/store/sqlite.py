@@ -87,11 +87,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
-from gpu_request_router.exceptions import StoreUnavailable
-from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
-from gpu_request_router.store._owner import OwnerLock
-from gpu_request_router.store._reservations import ReservationLedger
-from gpu_request_router.store.base import (
+from gpu_request_router.core.state_store import (
     Charge,
     Page,
     RateAdmission,
@@ -103,6 +99,10 @@ from gpu_request_router.store.base import (
     encode_cursor,
     retry_after,
 )
+from gpu_request_router.exceptions import StoreUnavailable
+from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
+from gpu_request_router.store._owner import OwnerLock
+from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_from_json,

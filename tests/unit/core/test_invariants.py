@@ -27,6 +27,7 @@ from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape, Task
+from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import reading
 
 AGING_S = 10.0
@@ -92,7 +93,7 @@ class RouterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.settings = _settings()
-        self.engine = Engine.build(self.settings, seed=0)
+        self.engine = Engine.build(self.settings, store=MemoryStore(), seed=0)
         self.restarts = 0
         self.router = self.engine.router
         self.now = 1000.0

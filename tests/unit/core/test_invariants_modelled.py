@@ -39,6 +39,7 @@ from gpu_request_router.exceptions import GpuRouterError, RequestRejected
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import Request, ResourceHints, Shape, Task, Transition
+from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import reading
 
 MARGIN_MB = 1024
@@ -110,7 +111,7 @@ class DrivenCore(RuleBasedStateMachine):
         super().__init__()
         self.fleet = fleet
         self.slots = slots
-        self.engine = Engine.build(settings, seed=0)
+        self.engine = Engine.build(settings, store=MemoryStore(), seed=0)
         self.router = self.engine.router
         self.store = self.engine.store
         self.now = 1000.0

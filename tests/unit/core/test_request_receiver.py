@@ -9,6 +9,7 @@ from core_harness import Harness
 
 from gpu_request_router.core.events import FailureKind
 from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.core.state_store import RequestQuery
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
@@ -20,7 +21,6 @@ from gpu_request_router.exceptions import (
     Unschedulable,
 )
 from gpu_request_router.models.request import ResourceHints, Shape, Task
-from gpu_request_router.store.base import RequestQuery
 from gpu_request_router.testing import UNLIMITED_QUOTA, chat, make_settings, reading
 
 

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission
 from gpu_request_router.core.request_router import gpu_seconds
+from gpu_request_router.core.state_store import Charge
 from gpu_request_router.exceptions import AlreadyTerminal, NotFound, StoreUnavailable
 from gpu_request_router.models.gpu_state import GPUHealth
 from gpu_request_router.models.request import (
@@ -22,7 +23,6 @@ from gpu_request_router.models.request import (
     Shape,
     Transition,
 )
-from gpu_request_router.store.base import Charge
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings, reading, readings_for
 

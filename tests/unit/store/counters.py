@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 
 from gpu_request_router.core.request_router import transition_of
+from gpu_request_router.core.state_store import Charge, RateAdmission, RateRefused, StateStore
 from gpu_request_router.models.request import Estimate, Request, RequestStatus, Task
-from gpu_request_router.store.base import Charge, RateAdmission, RateRefused, StateStore
 
 _ESTIMATE = Estimate(gpu_memory_mb=1, weights_mb=0, kv_cache_mb=1, activations_mb=0, duration_s={})
 _ids = itertools.count()

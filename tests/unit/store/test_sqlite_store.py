@@ -24,6 +24,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gpu_request_router.core.request_router import transition_of
+from gpu_request_router.core.state_store import Charge, RateAdmission
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import (
     ErrorInfo,
@@ -34,7 +35,6 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
-from gpu_request_router.store.base import Charge, RateAdmission
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_state_to_json,

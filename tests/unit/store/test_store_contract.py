@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpu_request_router.core.request_router import transition_of
+from gpu_request_router.core.state_store import Charge, RateAdmission, decode_cursor, encode_cursor
 from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import (
     Estimate,
@@ -30,7 +31,6 @@ from gpu_request_router.models.request import (
     Task,
 )
 from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
-from gpu_request_router.store.base import Charge, RateAdmission, decode_cursor, encode_cursor
 from gpu_request_router.store.sqlite import SQLiteStore
 
 S = RequestStatus

@@ -24,8 +24,8 @@ from gpu_request_router.api.models.request_models import (
 )
 from gpu_request_router.api.routes.body import JsonRoute
 from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
+from gpu_request_router.core.state_store import RequestQuery
 from gpu_request_router.models.request import RequestStatus
-from gpu_request_router.store.base import RequestQuery
 
 __all__ = ["HOT_PATHS", "router"]
 

@@ -1,0 +1,53 @@
+"""Layer contracts: the scheduling core imports no store, API or service module (SPEC §2)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import gpu_request_router
+
+PACKAGE = Path(gpu_request_router.__file__).parent
+CORE_MAY_NOT_IMPORT = ("store", "api", "services")
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Every module ``source`` (a module of ``package``) imports, relative imports resolved."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize(
+    "path", sorted((PACKAGE / "core").glob("*.py")), ids=lambda path: path.name
+)
+def test_the_core_imports_no_store_api_or_service_module(path: Path) -> None:
+    """A core module names no module of store/, api/ or services/, even lazily in a function."""
+    forbidden = tuple(f"gpu_request_router.{layer}" for layer in CORE_MAY_NOT_IMPORT)
+    found = sorted(
+        name
+        for name in imported_modules(path.read_text(), "gpu_request_router.core")
+        if any(name == layer or name.startswith(f"{layer}.") for layer in forbidden)
+    )
+    assert found == [], f"core/{path.name} imports {found}"
+
+
+def test_the_contract_sees_imports_of_every_form() -> None:
+    """The checker finds plain, from- and relative imports (so the contract can fail)."""
+    source = "import gpu_request_router.api.app\nfrom ..store import memory\nfrom . import engine\n"
+    names = imported_modules(source, "gpu_request_router.core")
+    assert "gpu_request_router.api.app" in names
+    assert "gpu_request_router.store.memory" in names
+    assert "gpu_request_router.core.engine" in names
