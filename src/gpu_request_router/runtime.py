@@ -3,12 +3,26 @@
 It owns the I/O the core does not: a timer loop that calls
 :meth:`~gpu_request_router.core.request_router.RequestRouter.tick` at
 :meth:`~gpu_request_router.core.request_router.RequestRouter.next_wakeup`, one polling loop per
-GPU source, and one task per execution that awaits the backend client and feeds the outcome back.
-The core is synchronous and the event loop single-threaded, so no locks are needed.
+GPU source, one task per execution that awaits the backend client and feeds the outcome back, and
+the :class:`~gpu_request_router.writer.Writer` that persists the core's status changes in group
+commits. The core is synchronous and the event loop single-threaded, so no locks are needed.
 
-On start it asks the workers about the executions the store shows in flight (all at once, each
-within five seconds), hands the answers to the core's recovery, and waits on the
-executions it re-attached to like on those it dispatches.
+Durability (SPEC §2, "Durability contract"):
+
+- **Async requests** (:meth:`Runtime.admit`): answered once the commit holding their creation
+  succeeded; a failed commit answers 503 and the core takes them back (none exists afterwards).
+- **A status change is durable before it is visible**: reads (:meth:`Runtime.get`), waits and
+  audit-trail watches show a request as its last committed change left it, and an execution
+  starts only once the change that dispatched it is committed (a crash can never leave a request
+  running that the store shows queued).
+- **Synchronous requests** (``durable=False``: the OpenAI door) are held in memory and visible at
+  once; the caller's open connection is their durability. Their changes are written behind when
+  they end (:meth:`~gpu_request_router.writer.Writer.add_behind`, within a second), so a crash
+  loses at most that second of their accounting.
+
+On start it reads the store's unfinished requests and quota windows, asks the workers about the
+executions in flight (all at once, each within five seconds), hands the answers to the core's
+recovery, and waits on the executions it re-attached to like on those it dispatches.
 
 Example::
 
@@ -39,15 +53,29 @@ from gpu_request_router.core.events import (
     FailureKind,
     InFlight,
     Lookup,
+    StateChange,
 )
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
+from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.core.state_store import StateStore
-from gpu_request_router.exceptions import InvalidRequest, NotFound, StoreUnavailable
+from gpu_request_router.core.state_store import (
+    Change,
+    OverrideChange,
+    Page,
+    RequestQuery,
+    StateStore,
+)
+from gpu_request_router.exceptions import (
+    AlreadyTerminal,
+    InvalidRequest,
+    NotFound,
+    StoreUnavailable,
+)
 from gpu_request_router.models.gpu_state import GPUReading, GPUState
 from gpu_request_router.models.gpu_types import gpu_type
-from gpu_request_router.models.request import Request, Transition
+from gpu_request_router.models.request import Request, RequestStatus, Transition
+from gpu_request_router.models.user_quota import QuotaUsage, UserQuota
 from gpu_request_router.services.ai_orchestrator import (
     AgentClient,
     BackendClient,
@@ -66,6 +94,7 @@ from gpu_request_router.services.simulator import SimulatedFleet
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.utils.clock import Clock, SystemClock
 from gpu_request_router.utils.json_values import first_problem, repaired_text
+from gpu_request_router.writer import Writer
 
 __all__ = ["POSITION_LIMIT", "Runtime", "received"]
 
@@ -73,8 +102,8 @@ _log = structlog.get_logger(__name__)
 
 # Queue positions are counted this far back at most.
 POSITION_LIMIT = 1_000
-# The longest wait between two tries of feeding an outcome to a store that is down.
-_STORE_RETRY_MAX_S = 2.0
+# The pause after a background event failed (a bug), before the loop goes on.
+_EVENT_RETRY_S = 0.2
 # How long a backend gets to acknowledge a cancellation before the router stops waiting.
 _CANCEL_TIMEOUT_S = 5.0
 # How long a worker gets, at start, to say what became of an execution; then it is retried.
@@ -110,13 +139,23 @@ class Runtime:
         self,
         engine: Engine,
         *,
+        store: StateStore,
         clients: Mapping[str, BackendClient],
         sources: Sequence[GpuSource],
         clock: Clock | None = None,
     ) -> None:
         self.engine = engine
         self.router = engine.router
+        self.store = store
         self.clock = clock if clock is not None else SystemClock()
+        self.writer = Writer(store, on_committed=self._committed, on_refused=self._refused)
+        # Requests as their last committed change left them (synchronous ones: as they are),
+        # until the store holds them finished.
+        self._view: dict[str, Request] = {}
+        # Creations of async requests waiting for their commit, by request id.
+        self._creations: dict[str, asyncio.Future[None]] = {}
+        # Synchronous requests not yet ended, and the changes each made so far.
+        self._unwritten: dict[str, list[Change]] = {}
         self._clients = dict(clients)
         self._sources = list(sources)
         self._poll_s = engine.settings.monitor.poll_interval_s
@@ -132,7 +171,8 @@ class Runtime:
         # backend name -> execution ids to cancel once the backend is known (it registers)
         self._pending_cancels: dict[str, list[str]] = {}
         self._running = False
-        self.router.listeners.append(self._on_transition)
+        # Called with every status change once it is visible (committed, for async requests).
+        self.listeners: list[Callable[[Request, Transition], None]] = [self._on_transition]
         # Called with (request id, start, end) of every admission that created a request.
         self.admission_listeners: list[Callable[[str, float, float], None]] = []
 
@@ -152,7 +192,7 @@ class Runtime:
         dcgm-exporter (``dcgm_url``) and their metrics (``metrics_url``).
         """
         store = store if store is not None else MemoryStore()
-        engine = Engine.build(settings, store=store, seed=seed)
+        engine = Engine.build(settings, seed=seed)
         clock = clock if clock is not None else SystemClock()
         estimator = engine.router.estimator
         fleet = SimulatedFleet.for_engine(settings, estimator)
@@ -174,7 +214,7 @@ class Runtime:
                 client = OpenAIClient(backend.name, backend.url, clock)
                 clients[backend.name] = client
                 sources.append(_openai_source(backend, client, estimator, settings))
-        runtime = cls(engine, clients=clients, sources=sources, clock=clock)
+        runtime = cls(engine, store=store, clients=clients, sources=sources, clock=clock)
         runtime._worker_token = token
         return runtime
 
@@ -219,10 +259,16 @@ class Runtime:
         The executions in flight are asked about at their workers first (see the module
         docstring); those still running there are re-attached, not run again.
         """
+        store = self.store
+        unfinished = store.unfinished_requests()
+        history = store.quota_history(self.clock.now(), MINUTE_S, HOUR_S)
+        self.router.quotas.load(history, store.quota_overrides())
+        self._view.update((request.id, request) for request in unfinished)
+        self.writer.start()
         for source in self._sources:
             await self._poll_once(source)
-        lookups = await self._look_up(self.router.in_flight())
-        recovery = self.router.recover(self.clock.now(), lookups)
+        lookups = await self._look_up(self.router.in_flight(unfinished))
+        recovery = self.router.recover(self.clock.now(), unfinished, lookups)
         self._apply(recovery.decisions)
         for dispatch in recovery.reattached:
             self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
@@ -237,13 +283,14 @@ class Runtime:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Stop the loops and the executions in flight (the store keeps their state)."""
+        """Stop the loops and the executions in flight, and commit what waits to be written."""
         self._running = False
         tasks = [*self._loops, *self._executions.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops.clear()
+        await self.writer.close()
         for client in self._clients.values():
             await client.aclose()
         for source in self._sources:
@@ -259,34 +306,118 @@ class Runtime:
         return request
 
     async def admit(
-        self, submission: Submission, caller: Caller, sink: StreamSink | None = None
+        self,
+        submission: Submission,
+        caller: Caller,
+        sink: StreamSink | None = None,
+        *,
+        durable: bool = True,
     ) -> tuple[Request, bool]:
         """Admit a submission; return it and whether it is new (not an idempotent replay).
 
-        With ``sink``, the answer is streamed into it as the backend produces it; the sink is
+        A durable (async) request is returned once its creation is committed; a synchronous
+        one (``durable=False``) at once, held in memory (see the module docstring). With
+        ``sink``, the answer is streamed into it as the backend produces it; the sink is
         closed when the request ends.
+
+        Raises:
+            RequestRejected: any reason the request is refused (see ``exceptions``).
+            StoreUnavailable: the store cannot take it (a failed commit, or the writer behind).
         """
+        self.writer.admitting()
         started = self.clock.now()
-        admission = self.engine.receiver.submit(submission, caller, started)
-        if admission.created:
-            finished = self.clock.now()
-            for listener in self.admission_listeners:
-                listener(admission.request.id, started, finished)
-            if sink is not None:
-                self._sinks[admission.request.id] = sink
+        key = submission.idempotency_key
+        known = None
+        if key is not None and self.router.find_live(caller.user, key) is None:
+            known = self.store.find_idempotent(caller.user, key)
+        admission = self.engine.receiver.submit(submission, caller, started, known)
+        request_id = admission.request.id
+        if not admission.created:
+            pending = self._creations.get(request_id)
+            if pending is not None:
+                await asyncio.shield(pending)
+            return self.get(request_id), False
+        if durable:
+            created = self._creations[request_id] = asyncio.get_running_loop().create_future()
+        else:
+            self._unwritten[request_id] = []
+        if sink is not None:
+            self._sinks[request_id] = sink
         self._apply(admission.decisions)
         self._wake.set()
-        return admission.request.snapshot(), admission.created
+        if durable:
+            try:
+                await asyncio.shield(created)
+            finally:
+                self._creations.pop(request_id, None)
+        finished = self.clock.now()
+        for listener in self.admission_listeners:
+            listener(request_id, started, finished)
+        return self.get(request_id), True
 
     def estimate(self, submission: Submission, caller: Caller) -> EstimateReport:
         """The dry run: validate and estimate without storing or queueing anything."""
         return self.engine.receiver.estimate(submission, caller, self.clock.now())
 
     async def cancel(self, request_id: str, actor: str = "user") -> Request:
-        """Cancel a request (``NotFound``, ``AlreadyTerminal`` as the router raises them)."""
-        self._apply(self.router.cancel(request_id, self.clock.now(), actor))
+        """Cancel a request; return it once the cancellation is visible.
+
+        Raises:
+            NotFound: no such request.
+            AlreadyTerminal: it has finished already.
+        """
+        if self.router.get(request_id) is None:
+            # Finished: once its end is committed, the store says how.
+            await self.writer.flushed()
+            ended = self.get(request_id)
+            raise AlreadyTerminal(request_id, ended.status.value, RequestStatus.CANCELLED.value)
+        done = self._apply(self.router.cancel(request_id, self.clock.now(), actor))
         self._wake.set()
+        await asyncio.shield(done)
         return self.get(request_id)
+
+    def set_quota(self, user: str, values: Mapping[str, object]) -> asyncio.Future[UserQuota]:
+        """Replace ``user``'s run-time quota override; the new quota once it is committed.
+
+        Raises:
+            InvalidRequest: a key is not a quota limit, or ``max_priority`` is not a class.
+        """
+        quota = self.router.quotas.set_override(user, values)
+        done = self.writer.add([OverrideChange(user, dict(values))])
+        answer: asyncio.Future[UserQuota] = asyncio.get_running_loop().create_future()
+
+        def settle(future: asyncio.Future[None]) -> None:
+            if future.exception() is not None:
+                answer.set_exception(future.exception())  # type: ignore[arg-type]
+            else:
+                answer.set_result(quota)
+
+        done.add_done_callback(settle)
+        return answer
+
+    def quota(self, user: str, *, admin: bool = False) -> UserQuota:
+        """``user``'s effective quota (see :meth:`QuotaEnforcer.quota_for`)."""
+        return self.router.quotas.quota_for(user, admin=admin)
+
+    def quota_usage(self, user: str, *, admin: bool = False) -> tuple[UserQuota, QuotaUsage]:
+        """``user``'s effective quota and live usage."""
+        router = self.router
+        quotas = router.quotas
+        usage = quotas.usage(
+            user,
+            queued=router.queued_count(user),
+            concurrent=router.active_count(user),
+            now=self.clock.now(),
+        )
+        return quotas.quota_for(user, admin=admin), usage
+
+    def check_store(self) -> None:
+        """Return if the store answers and takes writes, else raise ``StoreUnavailable``."""
+        failure = self.writer.failure
+        if failure is not None:
+            raise failure
+        self.store.ping()
+        self.store.check_writable(self.clock.now())
 
     def take_readings(self, worker: str, readings: list[GPUReading]) -> None:
         """Readings a worker pushed (its heartbeat): its complete report now."""
@@ -331,11 +462,26 @@ class Runtime:
 
     async def watch(self, request_id: str, after: int, timeout_s: float) -> list[Transition]:
         """The request's audit entries after ``after``, waiting up to ``timeout_s`` for one."""
-        entries = self.engine.store.transitions(request_id, after)
+        entries = self.transitions(request_id, after)
         if entries or timeout_s <= 0:
             return entries
         await self._signal(self._watchers, request_id, timeout_s)
-        return self.engine.store.transitions(request_id, after)
+        return self.transitions(request_id, after)
+
+    def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
+        """The visible audit trail: a synchronous request's from memory until it is written."""
+        unwritten = self._unwritten.get(request_id)
+        if unwritten is None:
+            return self.store.transitions(request_id, after)
+        return [
+            change.entry
+            for change in unwritten
+            if isinstance(change, StateChange) and change.entry.seq > after
+        ]
+
+    def list_requests(self, query: RequestQuery) -> Page:
+        """A page of stored requests (synchronous ones appear once written, when they end)."""
+        return self.store.list_requests(query)
 
     def get(self, request_id: str) -> Request:
         """The request as it is now.
@@ -343,10 +489,10 @@ class Runtime:
         Raises:
             NotFound: no such request.
         """
-        live = self.router.get(request_id)
-        if live is not None:
-            return live.snapshot()
-        stored = self.engine.store.get_request(request_id)
+        visible = self._view.get(request_id)
+        if visible is not None:
+            return visible.snapshot()
+        stored = self.store.get_request(request_id)
         if stored is None:
             raise NotFound("request", request_id)
         return stored
@@ -354,8 +500,8 @@ class Runtime:
     async def wait(self, request_id: str, timeout_s: float) -> Request:
         """The request once it is terminal, or as it is when ``timeout_s`` has passed.
 
-        A request that ends while waited on comes as its terminal transition left it (exactly
-        what was stored), without reading it back from the store.
+        A request that ends while waited on comes as its terminal transition left it (once it
+        is visible), without reading it back from the store.
         """
         request = self.get(request_id)
         if request.status.terminal or timeout_s <= 0:
@@ -402,13 +548,76 @@ class Runtime:
 
     # Decisions -----------------------------------------------------------------------------------
 
-    def _apply(self, decisions: list[Decision]) -> None:
+    def _apply(self, decisions: list[Decision]) -> asyncio.Future[None]:
+        """Carry out an event's decisions; the future is settled once its changes are durable.
+
+        Status changes of async requests go to the writer, as one group; a dispatch starts once
+        that group is committed. Those of synchronous requests are visible at once, and written
+        behind when the request ends.
+        """
+        durable: list[Change] = []
+        for decision in decisions:
+            if isinstance(decision, StateChange):
+                unwritten = self._unwritten.get(decision.request.id)
+                if unwritten is None:
+                    durable.append(decision)
+                else:
+                    self._in_memory(decision, unwritten)
+        done = self.writer.add(durable)
         for decision in decisions:
             if isinstance(decision, Dispatch):
-                task = asyncio.create_task(self._execute(decision))
+                after = done if decision.request.id not in self._unwritten else None
+                task = asyncio.create_task(self._execute(decision, after))
                 self._executions[decision.execution_id] = task
-            else:
+            elif isinstance(decision, CancelExecution):
                 self._stop(decision)
+        return done
+
+    def _in_memory(self, change: StateChange, unwritten: list[Change]) -> None:
+        """A synchronous request's change: visible now, written behind once it ends."""
+        request = change.request
+        unwritten.append(change)
+        self._view[request.id] = request
+        if request.status.terminal:
+            del self._unwritten[request.id]
+            self.writer.add_behind(unwritten)
+        self._announce(request, change.entry)
+
+    def _committed(self, durable: Sequence[Change], behind: Sequence[Change]) -> None:
+        """Changes the writer committed: the durable ones become visible, in order.
+
+        Requests written behind (ended synchronous ones) are now the store's to show.
+        """
+        view = self._view
+        for change in durable:
+            if not isinstance(change, StateChange):
+                continue
+            request = change.request
+            creation = self._creations.get(request.id)
+            if creation is not None and not creation.done():
+                creation.set_result(None)
+            if request.status.terminal:
+                view.pop(request.id, None)
+            else:
+                view[request.id] = request
+            self._announce(request, change.entry)
+        for change in behind:
+            if isinstance(change, StateChange) and change.request.status.terminal:
+                view.pop(change.request.id, None)
+
+    def _refused(self, request_ids: set[str], failure: StoreUnavailable) -> None:
+        """Requests whose creation a failed commit held: refused (503), taken back by the core."""
+        now = self.clock.now()
+        for request_id in request_ids:
+            creation = self._creations.get(request_id)
+            if creation is not None and not creation.done():
+                creation.set_exception(failure)
+            self._sinks.pop(request_id, None)
+            self._apply(self.router.forget(request_id, now))
+
+    def _announce(self, request: Request, change: Transition) -> None:
+        for listener in self.listeners:
+            listener(request, change)
 
     def _stop(self, decision: CancelExecution) -> None:
         task = self._executions.pop(decision.execution_id, None)
@@ -435,9 +644,18 @@ class Runtime:
         except Exception as exc:  # a backend that cannot be told is retried by nobody: log it
             _log.warning("cancel_not_delivered", execution_id=execution_id, error=repr(exc))
 
-    async def _execute(self, dispatch: Dispatch) -> None:
-        """Run one execution on its backend and feed its outcome, as :func:`received`, back."""
+    async def _execute(self, dispatch: Dispatch, after: asyncio.Future[None] | None) -> None:
+        """Run one execution on its backend and feed its outcome, as :func:`received`, back.
+
+        With ``after`` (the commit of the change that dispatched it), it starts once that
+        change is durable, and not at all if the core has since taken the request back.
+        """
         execution_id = dispatch.execution_id
+        if after is not None:
+            await asyncio.shield(after)
+            if self.router.execution_of(dispatch.request.id) != execution_id:
+                self._executions.pop(execution_id, None)
+                return
         client = self._clients.get(dispatch.backend)
         sink = self._sinks.get(dispatch.request.id)
 
@@ -525,27 +743,14 @@ class Runtime:
         return received(outcome)
 
     async def _report(self, execution_id: str, outcome: ExecutionResult | Failure) -> None:
-        """Feed an execution's outcome to the router, again and again while the store is down.
-
-        The outcome is not lost to a store outage: nothing changed when the store refused, so
-        the same report is simply made again (with a capped backoff) until it is taken.
-        """
-        delay = 0.05
-        while True:
-            now = self.clock.now()
-            try:
-                if isinstance(outcome, Failure):
-                    decisions = self.router.failed(execution_id, outcome, now)
-                else:
-                    decisions = self.router.finished(execution_id, outcome, now)
-            except StoreUnavailable as exc:
-                _log.warning("outcome_deferred", execution_id=execution_id, error=exc.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _STORE_RETRY_MAX_S)
-                continue
-            self._apply(decisions)
-            self._wake.set()
-            return
+        """Feed an execution's outcome to the router (the writer persists what it changes)."""
+        now = self.clock.now()
+        if isinstance(outcome, Failure):
+            decisions = self.router.failed(execution_id, outcome, now)
+        else:
+            decisions = self.router.finished(execution_id, outcome, now)
+        self._apply(decisions)
+        self._wake.set()
 
     # Loops ---------------------------------------------------------------------------------------
 
@@ -586,12 +791,9 @@ class Runtime:
         """Feed a background event to the router; a failure is logged, never ends a loop."""
         try:
             self._apply(event(self.clock.now()))
-        except StoreUnavailable as exc:
-            _log.warning("store_unavailable", error=exc.message)
-            await asyncio.sleep(_STORE_RETRY_MAX_S / 10)
         except Exception:  # a bug must not silently stop the timer or the polling
             _log.exception("router_event_failed")
-            await asyncio.sleep(_STORE_RETRY_MAX_S / 10)
+            await asyncio.sleep(_EVENT_RETRY_S)
 
 
 def _reported_ids(monitor: GPUStateMonitor) -> Callable[[str], str]:

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.engine import Engine
-from gpu_request_router.core.events import CancelExecution, Decision, Dispatch
+from gpu_request_router.core.events import CancelExecution, Decision, Dispatch, StateChange
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
-from gpu_request_router.models.request import Request, RequestStatus, Transition
+from gpu_request_router.models.request import Request, RequestStatus
 from gpu_request_router.services.simulator import FAILS_AFTER, Plan, SimulatedFleet
-from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.utils.clock import VirtualClock
 
 __all__ = ["Rejection", "RequestRecord", "Simulation", "SimulationReport"]
@@ -56,6 +55,7 @@ class RequestRecord:
     error: str | None
     gpu_memory_mb: int
     retried_after: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, request: Request, retried_after: tuple[str, ...] = ()) -> RequestRecord:
@@ -79,6 +79,7 @@ class RequestRecord:
             error=request.error.type if request.error else None,
             gpu_memory_mb=request.estimate.gpu_memory_mb,
             retried_after=retried_after,
+            metadata=dict(request.metadata),
         )
 
 
@@ -122,7 +123,7 @@ class Simulation:
 
     def __init__(self, settings: Settings, *, seed: int = 0, start_time: float = 0.0) -> None:
         self.clock = VirtualClock(start_time)
-        self.engine = Engine.build(settings, store=MemoryStore(), seed=seed)
+        self.engine = Engine.build(settings, seed=seed)
         self.router = self.engine.router
         self.fleet = SimulatedFleet.for_engine(settings, self.router.estimator)
         self._poll_s = settings.monitor.poll_interval_s
@@ -137,7 +138,6 @@ class Simulation:
         self._tick_at: float | None = None
         self._polling = False
         self._events = 0
-        self.router.listeners.append(self._on_transition)
         self._poll()
 
     # Scheduling inputs ------------------------------------------------------------------------
@@ -264,7 +264,9 @@ class Simulation:
     def _apply(self, decisions: list[Decision]) -> None:
         now = self.clock.now()
         for decision in decisions:
-            if isinstance(decision, CancelExecution):
+            if isinstance(decision, StateChange):
+                self._on_transition(decision.request)
+            elif isinstance(decision, CancelExecution):
                 self.fleet.stop(decision.execution_id)
                 self._plans.pop(decision.execution_id, None)
             else:
@@ -295,7 +297,7 @@ class Simulation:
         self._tick_at = max(wakeup, self.clock.now())
         self._push(self._tick_at, "tick", None)
 
-    def _on_transition(self, request: Request, change: Transition) -> None:
+    def _on_transition(self, request: Request) -> None:
         if request.status is RequestStatus.QUEUED and request.error is not None:
             self._retries.setdefault(request.id, []).append(request.error.type)
         elif request.status.terminal:

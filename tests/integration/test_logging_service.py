@@ -67,7 +67,7 @@ def collector() -> Iterator[_Collector]:
 async def test_audit_log_logs_every_transition_and_the_end_at_info() -> None:
     """Each status change is a structured event; the terminal one is request_finished."""
     runtime = Runtime.from_settings(SETTINGS, seed=1)
-    runtime.router.listeners.append(AuditLog())
+    runtime.listeners.append(AuditLog())
     with capture_logs() as events:
         async with runtime:
             request = await runtime.submit(chat(duration_s=0.05), Caller("alice"))
@@ -85,7 +85,7 @@ async def test_each_finished_request_is_exported_as_one_trace(collector: _Collec
     provider = otlp_tracer_provider(collector.url, "router-under-test")
     tracer = RequestTracer(provider.get_tracer("test"))
     runtime = Runtime.from_settings(SETTINGS, seed=1)
-    runtime.router.listeners.append(tracer)
+    runtime.listeners.append(tracer)
     runtime.admission_listeners.append(tracer.admitted)
     async with runtime:
         request = await runtime.submit(

@@ -300,7 +300,7 @@ async def test_a_waiter_cancelled_as_its_request_finishes_is_cancelled() -> None
             if request.id == submitted.id and request.status.terminal:
                 waiter.cancel()
 
-        runtime.router.listeners.append(cancel_waiter)
+        runtime.listeners.append(cancel_waiter)
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert waiter.cancelled()

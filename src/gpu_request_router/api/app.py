@@ -77,14 +77,14 @@ def create_app(
         Authenticator(settings.auth, clock.now),
         ClientAddress(settings.server.trusted_proxies),
     )
-    runtime.router.listeners.append(AuditLog())
+    runtime.listeners.append(AuditLog())
     provider = None
     if settings.logging.otlp_endpoint is not None:
         provider = otlp_tracer_provider(
             settings.logging.otlp_endpoint, settings.logging.service_name
         )
         tracer = RequestTracer(provider.get_tracer("gpu_request_router"))
-        runtime.router.listeners.append(tracer)
+        runtime.listeners.append(tracer)
         runtime.admission_listeners.append(tracer.admitted)
 
     @asynccontextmanager

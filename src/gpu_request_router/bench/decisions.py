@@ -42,7 +42,6 @@ from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import Estimate, Request, Task
-from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import make_settings, readings_for
 
 __all__ = [
@@ -147,7 +146,7 @@ def _repeats(size: int, budget: int) -> int:
 
 def _fleet(gpus: int, rng: random.Random) -> GPUStateMonitor:
     """A monitor holding ``gpus`` GPUs with work already placed on many of them."""
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=60.0, safety_margin_mb=1024)
+    monitor = GPUStateMonitor(stale_after_s=60.0, safety_margin_mb=1024)
     readings = []
     for index in range(gpus):
         kind = _TYPES[(index // _GPUS_PER_WORKER) % len(_TYPES)]
@@ -212,7 +211,7 @@ def _admission(gpus: int, budget: int, seed: int) -> AdmissionRow:
             for worker in range(workers)
         ]
     )
-    engine = Engine.build(settings, store=MemoryStore(), seed=seed)
+    engine = Engine.build(settings, seed=seed)
     engine.router.readings(readings_for(settings), 0.0)
     submission = Submission(model=_MODEL, input={"messages": [{"role": "user", "content": "Hi"}]})
     callers = itertools.cycle([Caller(f"user{user}") for user in range(16)])

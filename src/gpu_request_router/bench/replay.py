@@ -539,13 +539,10 @@ def replay(
     for item in planned:
         simulation.submit(item.at, item.submission, item.caller)
     report = simulation.run()
-    store = simulation.engine.store
     held: dict[str, int] = {}
     for record in report.records:
-        request = store.get_request(record.id)
-        if request is not None:
-            item = planned[int(request.metadata["row"])]
-            held[record.id] = item.peak_memory_mb * item.gpu_count
+        item = planned[int(record.metadata["row"])]
+        held[record.id] = item.peak_memory_mb * item.gpu_count
     metrics, waits = summarize(
         report,
         held,

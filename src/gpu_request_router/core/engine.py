@@ -16,7 +16,6 @@ from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.request_receiver import RequestReceiver
 from gpu_request_router.core.request_router import RequestRouter
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES, GPUType, gpu_type
 from gpu_request_router.utils.ids import IdFactory
 
@@ -35,16 +34,18 @@ def fleet_gpu_types(settings: Settings) -> dict[str, GPUType]:
 
 @dataclass(frozen=True, slots=True)
 class Engine:
-    """The receiver (admission) and the router (everything after), sharing one state store.
+    """The receiver (admission) and the router (everything after), deciding in memory.
+
+    The engine holds no store: what must persist comes out with the router's decisions
+    (:class:`~gpu_request_router.core.state_store.StateChange`), for the driver to hand to one.
 
     Example::
 
-        engine = Engine.build(load_settings(), store=MemoryStore(), seed=7)
+        engine = Engine.build(load_settings(), seed=7)
         admission = engine.receiver.submit(Submission(model="llama-3-8b"), Caller("alice"), now)
     """
 
     settings: Settings
-    store: StateStore
     router: RequestRouter
     receiver: RequestReceiver
     metrics: MetricCollector
@@ -55,7 +56,6 @@ class Engine:
         cls,
         settings: Settings,
         *,
-        store: StateStore,
         registry: CollectorRegistry | None = None,
         seed: int | None = None,
     ) -> Engine:
@@ -69,21 +69,19 @@ class Engine:
         metrics = MetricCollector(registry)
         rng = random.Random(seed)
         monitor = GPUStateMonitor(
-            store,
             stale_after_s=settings.monitor.stale_after_s,
             safety_margin_mb=settings.placement.memory_safety_margin_mb,
             max_temperature_c=settings.monitor.max_temperature_c,
         )
         router = RequestRouter(
             settings,
-            store=store,
             monitor=monitor,
             estimator=ResourceEstimator(settings.models, fleet_gpu_types(settings)),
             balancer=LoadBalancer(make_policy(settings.placement.policy, settings.placement.seed)),
             errors=ErrorHandler(settings.retries, rng),
-            quotas=QuotaEnforcer(settings.quotas, settings.priorities.classes, store),
+            quotas=QuotaEnforcer(settings.quotas, settings.priorities.classes),
             metrics=metrics,
         )
         ids = IdFactory(random.Random(rng.getrandbits(64)) if seed is not None else None)
         receiver = RequestReceiver(settings, router, ids)
-        return cls(settings, store, router, receiver, metrics, registry)
+        return cls(settings, router, receiver, metrics, registry)

@@ -2,7 +2,9 @@
 
 Drivers (the asyncio runtime, the discrete-event simulator, tests) call the core's methods with
 the current time and what happened (an execution finished, a GPU reading arrived ...) and get
-back a list of :data:`Decision` objects to carry out: start an execution, cancel one.
+back a list of :data:`Decision` objects to carry out: persist a status change
+(:class:`~gpu_request_router.core.state_store.StateChange`), start an execution, cancel one. The
+status changes an event made come first; a dispatch must not start before they are persisted.
 
 After a restart the driver asks each backend about the executions the store shows in flight
 (:class:`InFlight`), and hands what it learned (a :data:`Lookup` per execution id) to the core's
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from gpu_request_router.core.state_store import StateChange
 from gpu_request_router.models.request import Placement, Request
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "Lookup",
     "NotKnown",
     "Recovery",
+    "StateChange",
     "StillRunning",
 ]
 
@@ -102,7 +106,7 @@ class CancelExecution:
     reason: str
 
 
-Decision = Dispatch | CancelExecution
+Decision = Dispatch | CancelExecution | StateChange
 
 
 @dataclass(frozen=True, slots=True)

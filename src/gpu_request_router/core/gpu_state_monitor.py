@@ -19,11 +19,9 @@ lost; work on an ``unknown`` one may still finish.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.exceptions import NotFound
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
 
@@ -51,20 +49,18 @@ class GPUStateMonitor:
 
     Example::
 
-        monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+        monitor = GPUStateMonitor(stale_after_s=10, safety_margin_mb=1024)
         monitor.apply(readings, now, worker="node-a")
         monitor.reserve("node-a:0", "exe_1", 20_000)
     """
 
     def __init__(
         self,
-        store: StateStore,
         *,
         stale_after_s: float,
         safety_margin_mb: int,
         max_temperature_c: float = 90.0,
     ) -> None:
-        self._store = store
         self._stale_after_s = stale_after_s
         self._margin = safety_margin_mb
         self._max_temperature = max_temperature_c
@@ -288,8 +284,10 @@ class GPUStateMonitor:
         state = self.get(gpu_id)
         if state.free_slots <= 0:
             return False
-        total = self._store.reserve(gpu_id, holder, memory_mb, self.limit_mb(state))
-        if total is None:
+        if memory_mb < 0:
+            raise ValueError("a reservation cannot be negative")
+        total = state.reserved_mb - state.running.get(holder, 0) + memory_mb
+        if total > self.limit_mb(state):
             return False
         state.reserved_mb = total
         state.running[holder] = memory_mb
@@ -306,9 +304,7 @@ class GPUStateMonitor:
         the room, so this is never refused. Readings taken since the restart saw it already.
         """
         state = self.get(gpu_id)
-        total = self._store.reserve(gpu_id, holder, memory_mb, sys.maxsize)
-        assert total is not None  # no limit was set
-        state.reserved_mb = total
+        state.reserved_mb += memory_mb - state.running.get(holder, 0)
         state.running[holder] = memory_mb
         self._holders.setdefault(holder, []).append(gpu_id)
         self._recompute(state)
@@ -345,13 +341,12 @@ class GPUStateMonitor:
         if not gpu_ids:
             return []
         self._seq += 1
-        totals = self._store.release(holder)
         for gpu_id in gpu_ids:
             state = self._gpus[gpu_id]
             reserved = state.running.pop(holder, 0)
             seen = state.unseen.pop(holder, None) is None
             size = size_mb if size_mb is not None else reserved
-            state.reserved_mb = totals.get(gpu_id, 0)
+            state.reserved_mb -= reserved
             if out_of_memory:
                 needed = reserved if peak_mb is None else peak_mb - (size - reserved)
                 room = self.limit_mb(state) - state.reserved_mb

@@ -5,8 +5,9 @@ the rate-limit check, which records the admission, runs last. Refusals that wait
 (bad input, a request no GPU could hold, a class above the user's) come before those that it does
 (the user's own quotas, then the router's bound on waiting requests), so a client is never told
 to retry what can never succeed. An idempotent replay of an accepted request is answered before
-any of the limits. A refused request changes nothing. An accepted one is in the state store
-before the router queues it.
+any of the limits. A refused request changes nothing. An accepted one is queued in memory; its
+creation goes out first among the router's decisions, for the driver to persist (and to take back
+with :meth:`~gpu_request_router.core.request_router.RequestRouter.forget` if the store cannot).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import Any
 
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.events import Decision
-from gpu_request_router.core.request_router import RequestRouter, gpu_seconds, transition_of
-from gpu_request_router.core.state_store import RateRefused
+from gpu_request_router.core.request_router import RequestRouter, gpu_seconds
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
@@ -121,28 +121,36 @@ class RequestReceiver:
         need = self._router.need_of(draft)
         return EstimateReport(estimate, shape, self._router.fitting_gpus(need))
 
-    def submit(self, submission: Submission, caller: Caller, now: float) -> Admission:
-        """Admit a submission: store it and queue it, or raise why not.
+    def submit(
+        self, submission: Submission, caller: Caller, now: float, known: Request | None = None
+    ) -> Admission:
+        """Admit a submission: queue it, or raise why not.
 
-        A repeated idempotency key with the same body returns the request it created first.
+        A repeated idempotency key with the same body returns the request it created first:
+        a live one, else ``known`` (what the driver found in the store under the key).
 
         Raises:
             RequestRejected: any reason the request is refused (see ``exceptions``).
         """
         try:
-            return self._submit(submission, caller, now)
+            return self._submit(submission, caller, now, known)
         except RequestRejected as exc:
             self._router.metrics.request_rejected(exc.reason, caller.user)
             raise
 
-    def _submit(self, submission: Submission, caller: Caller, now: float) -> Admission:
+    def _submit(
+        self, submission: Submission, caller: Caller, now: float, known: Request | None
+    ) -> Admission:
         task, priority, timeout_s = self._validate(submission)
         fingerprint = ""  # only an idempotent replay is compared with what was stored
         if submission.idempotency_key is not None:
             fingerprint = submission.fingerprint()
-            existing = self._find_idempotent(caller.user, submission.idempotency_key, fingerprint)
+            key = submission.idempotency_key
+            existing = self._router.find_live(caller.user, key) or known
             if existing is not None:
-                return Admission(existing, created=False, decisions=[])
+                if existing.fingerprint != fingerprint:
+                    raise IdempotencyConflict(key, existing.id)
+                return Admission(existing.snapshot(), created=False, decisions=[])
         shape, estimate = self._estimate(submission, task)
         request = self._draft(submission, caller, task, shape, estimate, now)
         request.priority = priority
@@ -157,7 +165,7 @@ class RequestReceiver:
                 + "; no worker of the fleet has that",
             )
         quotas = self._router.quotas
-        admission = quotas.admit(
+        quota = quotas.admit(
             caller.user,
             admin=caller.admin,
             priority=priority,
@@ -168,26 +176,9 @@ class RequestReceiver:
             queue_retry_after_s=lambda: self._router.queue_retry_after(now),
         )
         quotas.check_room(self._router.queued_total(), lambda: self._router.queue_retry_after(now))
-        created = transition_of(request, None, caller.user, now)
-        try:
-            stored = self._router.store.add_request(request, created, admission)
-        except RateRefused as refused:
-            raise quotas.rate_exceeded(admission, refused) from None
-        if stored.id != request.id:
-            if stored.fingerprint != fingerprint:
-                raise IdempotencyConflict(submission.idempotency_key or "", stored.id)
-            return Admission(stored, created=False, decisions=[])
+        quotas.record(quota, request.id, now)
         decisions = self._router.enqueue(request, now)
         return Admission(request, created=True, decisions=decisions)
-
-    def _find_idempotent(self, user: str, key: str, fingerprint: str) -> Request | None:
-        page = self._router.store.find_idempotent(user, key)
-        if page is None:
-            return None
-        if page.fingerprint != fingerprint:
-            raise IdempotencyConflict(key, page.id)
-        live = self._router.get(page.id)
-        return live if live is not None else page
 
     def _draft(
         self,

@@ -13,9 +13,13 @@ Drivers call one method per event, always with the current time, and carry out t
   :meth:`~RequestRouter.drain` — users and operators;
 - :meth:`~RequestRouter.tick` — time passed (call it at :meth:`~RequestRouter.next_wakeup`).
 
-Every status change is written to the store with its audit entry (a
-:class:`~gpu_request_router.models.request.Transition`: who, from which status, when) and
-announced to the callables in ``listeners``, for logs and waiting clients.
+The core decides in memory and never waits on I/O. Every status change comes out among the
+decisions as a :class:`~gpu_request_router.core.state_store.StateChange` (the request as it now
+is, its audit entry — a :class:`~gpu_request_router.models.request.Transition`: who, from which
+status, when — and the GPU-seconds charge that goes with it), ahead of the decisions that depend
+on it: the driver persists the changes, and starts an execution only once the change that
+dispatched it is stored. A request whose creation the store could not take is taken back
+(:meth:`RequestRouter.forget`).
 
 After every event a *dispatch pass* walks the queue in priority order and places what fits. A
 request that fits nowhere does not block the ones behind it (backfill), but once it has waited
@@ -25,11 +29,11 @@ leaves the queue: nothing of its priority level or below is placed there, so the
 accumulates for it. A pass looks at no more than ``placement.backfill_depth`` requests that cannot
 start (holds of requests beyond are dropped), and stops early when no GPU has a free slot.
 
-Every status change is a guarded write to the state store (SPEC §2, RELIABILITY §1.1 rule 4),
-every reservation a check-and-add in the store, so the invariants hold by construction:
-I1 (one terminal state), I2 (reservations within each GPU's room), I3 (one live execution per
-request: results of superseded executions are ignored), I4 (quotas at admission and dispatch),
-I6 (dispatch in effective-priority order among requests that fit).
+Every status change is checked against the lifecycle, every reservation against its GPU's room,
+so the invariants hold by construction: I1 (one terminal state), I2 (reservations within each
+GPU's room), I3 (one live execution per request: results of superseded executions are ignored),
+I4 (quotas at admission and dispatch), I6 (dispatch in effective-priority order among requests
+that fit).
 """
 
 from __future__ import annotations
@@ -66,13 +70,8 @@ from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.core.state_store import Charge, StateStore
-from gpu_request_router.exceptions import (
-    AlreadyTerminal,
-    NotFound,
-    StateConflict,
-    StoreUnavailable,
-)
+from gpu_request_router.core.state_store import Charge, StateChange
+from gpu_request_router.exceptions import NotFound, StateConflict
 from gpu_request_router.models.gpu_state import GPUReading, GPUState
 from gpu_request_router.models.request import (
     ErrorInfo,
@@ -87,8 +86,6 @@ __all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds", "transition_of"]
 
 _log = structlog.get_logger(__name__)
 _S = RequestStatus
-# After the store refused a time-driven change, try it again this much later.
-_STORE_RETRY_S = 1.0
 
 
 def gpu_seconds(request: Request) -> float:
@@ -130,7 +127,6 @@ class RequestRouter:
         self,
         settings: Settings,
         *,
-        store: StateStore,
         monitor: GPUStateMonitor,
         estimator: ResourceEstimator,
         balancer: LoadBalancer,
@@ -140,7 +136,6 @@ class RequestRouter:
         perf_counter: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._settings = settings
-        self.store = store
         self.monitor = monitor
         self.estimator = estimator
         self.balancer = balancer
@@ -164,7 +159,9 @@ class RequestRouter:
         self._margin = settings.placement.memory_safety_margin_mb
         self._fit_limits: dict[tuple[object, ...], int] = {}
         self._fit_version = -1
-        self.listeners: list[Callable[[Request, Transition], None]] = []
+        self._keys: dict[tuple[str, str], str] = {}
+        # Status changes made since the last event returned, to go out with its decisions.
+        self._changes: list[Decision] = []
 
     # Views ---------------------------------------------------------------------------------------
 
@@ -181,6 +178,11 @@ class RequestRouter:
     def holds(self) -> Mapping[str, tuple[str, ...]]:
         """GPUs held for starving requests, by request id (see :meth:`_hold`)."""
         return self._holds
+
+    def find_live(self, user: str, key: str) -> Request | None:
+        """The live request ``user`` submitted with idempotency key ``key``, or ``None``."""
+        request_id = self._keys.get((user, key))
+        return None if request_id is None else self._requests[request_id]
 
     def execution_of(self, request_id: str) -> str | None:
         """The id of the request's live execution, or ``None``."""
@@ -300,22 +302,60 @@ class RequestRouter:
     # Events: admission and recovery ------------------------------------------------------------
 
     def enqueue(self, request: Request, now: float) -> list[Decision]:
-        """Queue an admitted request (already in the store) and dispatch what fits."""
+        """Queue an admitted request and dispatch what fits; its creation goes out first."""
         if request.status is not _S.QUEUED:
             raise ValueError(f"request {request.id} is {request.status}, not queued")
+        self._changes.append(
+            StateChange(request.snapshot(), transition_of(request, None, request.user, now))
+        )
         self._track(request)
         self.queue.push(request, fair_share_cost(request))
-        return self._pass(now)
+        return self._emit(self._pass(now))
 
-    def in_flight(self) -> list[InFlight]:
-        """The executions the store shows in flight, not yet recovered: whom to ask about each.
+    def forget(self, request_id: str, now: float) -> list[Decision]:
+        """Take back a request whose creation the store could not take: as if never admitted.
+
+        Whatever the core decided for it since (a dispatch not yet carried out, a charge, its
+        rate admission) is undone; its changes are not to be written. Unknown ids are ignored.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            return []
+        execution_id = self._current.pop(request.id, None)
+        if execution_id is not None:
+            self._executions.pop(execution_id, None)
+            self.quotas.undo_charge(request.user, execution_id)
+            for gpu_id in self.monitor.release(execution_id):
+                self.metrics.gpu(self.monitor.gpus[gpu_id])
+        if request.status is _S.QUEUED:
+            self._queued[request.user] -= 1
+            self._queued_total -= 1
+        elif request.status.active:
+            self._active[request.user] -= 1
+        self.queue.remove(request.id)
+        self._holds.pop(request.id, None)
+        self._avoid.pop(request.id, None)
+        self._untrack(request)
+        self.quotas.undo_admission(request.user, request.id)
+        return self._emit(self._pass(now))
+
+    def _emit(self, decisions: list[Decision]) -> list[Decision]:
+        """An event's decisions, after the status changes it made (which they depend on)."""
+        if not self._changes:
+            return decisions
+        out = self._changes + decisions
+        self._changes = []
+        return out
+
+    def in_flight(self, unfinished: Iterable[Request]) -> list[InFlight]:
+        """The executions ``unfinished`` (the store's) shows in flight: whom to ask about each.
 
         Call it after the first GPU readings and before :meth:`recover`. The backend is the one
         of the placement's first GPU where that GPU is known, else the placement's worker (a
         worker that registers itself is its own backend).
         """
         asks: list[InFlight] = []
-        for stored in self.store.unfinished_requests():
+        for stored in unfinished:
             placement = stored.placement
             if stored.id in self._requests or not stored.status.active or placement is None:
                 continue
@@ -326,8 +366,13 @@ class RequestRouter:
             )
         return asks
 
-    def recover(self, now: float, lookups: Mapping[str, Lookup] | None = None) -> Recovery:
-        """Rebuild the live state from the store after a restart.
+    def recover(
+        self,
+        now: float,
+        unfinished: Iterable[Request],
+        lookups: Mapping[str, Lookup] | None = None,
+    ) -> Recovery:
+        """Rebuild the live state after a restart from the store's ``unfinished`` requests.
 
         Queued requests are queued again; terminal ones stay as they are. A dispatching or
         running request's execution is judged by what its backend said of it (``lookups``, by
@@ -345,12 +390,7 @@ class RequestRouter:
         decisions: list[Decision] = []
         reattached: list[Dispatch] = []
         ended: list[tuple[str, ExecutionResult | Failure]] = []
-        unfinished = [r for r in self.store.unfinished_requests() if r.id not in self._requests]
-        for stored in unfinished:
-            if stored.status.active:
-                # What the dead process reserved is freed; an execution re-attached reserves anew.
-                self.store.release(stored.execution_id)
-        for stored in unfinished:
+        for stored in [r.snapshot() for r in unfinished if r.id not in self._requests]:
             if stored.status.active:
                 placement = stored.placement
                 answer = lookups.get(stored.execution_id)
@@ -374,7 +414,7 @@ class RequestRouter:
                 decisions += self.failed(execution_id, outcome, now)
             else:
                 decisions += self.finished(execution_id, outcome, now)
-        return Recovery(decisions + self._pass(now), reattached)
+        return Recovery(self._emit(decisions + self._pass(now)), reattached)
 
     def _backend_of(self, placement: Placement) -> str:
         """The backend of a placement: its first GPU's, else its worker (its own backend)."""
@@ -426,9 +466,9 @@ class RequestRouter:
         """
         execution_id = stored.execution_id
         placement = stored.placement
-        before, attempt = stored.status, stored.attempts
+        before = stored.status
         stored.transition(_S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown"))
-        self._write(stored, before, attempt, "router", now)
+        self._record(stored, before, "router", now)
         if not tell or placement is None:
             return []
         return [
@@ -443,6 +483,8 @@ class RequestRouter:
 
     def _track(self, request: Request) -> None:
         self._requests[request.id] = request
+        if request.idempotency_key is not None:
+            self._keys[request.user, request.idempotency_key] = request.id
         if request.status.active:
             self._active[request.user] += 1
         else:
@@ -460,7 +502,7 @@ class RequestRouter:
         request = self._requests[execution.request_id]
         if request.status is _S.DISPATCHING:
             self._set(request, _S.RUNNING, now, actor=f"backend:{execution.backend}")
-        return []
+        return self._emit([])
 
     def finished(self, execution_id: str, result: ExecutionResult, now: float) -> list[Decision]:
         """An execution succeeded; results of superseded or unknown executions are ignored."""
@@ -500,7 +542,7 @@ class RequestRouter:
                 if model == request.model:
                     self.metrics.estimate_error(model, kind, ratio)
         self._circuit_success(execution)
-        return self._pass(now)
+        return self._emit(self._pass(now))
 
     def failed(self, execution_id: str, failure: Failure, now: float) -> list[Decision]:
         """An execution failed: fail, retry (elsewhere, after a backoff) or expire the request."""
@@ -510,7 +552,7 @@ class RequestRouter:
             return []
         actor = f"backend:{execution.backend}"
         decisions = self._fail(execution_id, execution, failure, now, actor)
-        return decisions + self._pass(now)
+        return self._emit(decisions + self._pass(now))
 
     def _fail(
         self, execution_id: str, execution: _Execution, failure: Failure, now: float, actor: str
@@ -546,7 +588,6 @@ class RequestRouter:
                     "fits no GPU of the fleet"
                 )
                 error = ErrorInfo(error.type, message)
-        # The store first: if it cannot take the change, nothing else changes either.
         self._set(request, to, now, actor=actor, error=error, estimate=estimate, charge=used)
         out_of_memory = failure.kind is FailureKind.OUT_OF_MEMORY
         self._end_execution(
@@ -610,17 +651,13 @@ class RequestRouter:
         """Cancel a request on behalf of ``actor``; a running one's execution is told to stop.
 
         Raises:
-            NotFound: no such request.
-            AlreadyTerminal: it has finished already.
+            NotFound: no live request has this id (it may have finished: the store knows).
         """
         request = self._requests.get(request_id)
         if request is None:
-            stored = self.store.get_request(request_id)
-            if stored is None:
-                raise NotFound("request", request_id)
-            raise AlreadyTerminal(request_id, stored.status.value, _S.CANCELLED.value)
+            raise NotFound("request", request_id)
         decisions = self._stop(request, _S.CANCELLED, now, None, actor)
-        return decisions + self._pass(now)
+        return self._emit(decisions + self._pass(now))
 
     def _stop(
         self,
@@ -647,17 +684,17 @@ class RequestRouter:
     def cordon(self, gpu_id: str, now: float) -> list[Decision]:
         """Stop placing work on a GPU."""
         self.metrics.gpu(self.monitor.cordon(gpu_id))
-        return self._pass(now)
+        return self._emit(self._pass(now))
 
     def uncordon(self, gpu_id: str, now: float) -> list[Decision]:
         """Resume placing work on a GPU."""
         self.metrics.gpu(self.monitor.uncordon(gpu_id))
-        return self._pass(now)
+        return self._emit(self._pass(now))
 
     def drain(self, gpu_id: str, now: float) -> list[Decision]:
         """Cordon a GPU and let its running work finish."""
         self.metrics.gpu(self.monitor.drain(gpu_id))
-        return self._pass(now)
+        return self._emit(self._pass(now))
 
     # Events: monitoring and time ---------------------------------------------------------------
 
@@ -678,7 +715,7 @@ class RequestRouter:
         for reading in readings:
             self.metrics.gpu(self.monitor.gpus[reading.gpu_id])
         decisions = self._fail_over(lost, now)
-        return decisions + self._pass(now)
+        return self._emit(decisions + self._pass(now))
 
     def source_failed(self, worker: str, now: float) -> list[Decision]:
         """Reading ``worker`` failed (its GPUs go unhealthy if it stays silent)."""
@@ -695,12 +732,7 @@ class RequestRouter:
                 heapq.heappop(self._deadlines)
                 continue
             error = ErrorInfo("timeout", f"not finished within {request.timeout_s:g} s")
-            try:
-                decisions += self._stop(request, _S.EXPIRED, now, error)
-            except StoreUnavailable as exc:
-                _log.warning("expiry_deferred", request_id=request_id, error=exc.message)
-                heapq.heapreplace(self._deadlines, (now + _STORE_RETRY_S, request_id))
-                break
+            decisions += self._stop(request, _S.EXPIRED, now, error)
         while self._backoff and self._backoff[0][0] <= now:
             _, _, request_id = heapq.heappop(self._backoff)
             request = self._requests.get(request_id)
@@ -708,7 +740,7 @@ class RequestRouter:
                 self.queue.push(request, fair_share_cost(request))
         for key in self.errors.circuits.advance(now):
             self._refresh_circuit(key)
-        return decisions + self._pass(now)
+        return self._emit(decisions + self._pass(now))
 
     def next_wakeup(self) -> float | None:
         """When :meth:`tick` next has something to do, or ``None``."""
@@ -726,8 +758,7 @@ class RequestRouter:
     def _fail_over(self, lost_gpus: Iterable[str], now: float) -> list[Decision]:
         """Retry elsewhere the work of lost GPUs, and tell their executions to stop.
 
-        Besides the GPUs just lost, every unhealthy GPU still holding work is handled, so work
-        whose fail-over the store deferred is picked up by the next reading or tick.
+        Besides the GPUs just lost, every unhealthy GPU still holding work is handled.
         """
         decisions: list[Decision] = []
         for gpu_id in dict.fromkeys([*lost_gpus, *self.monitor.unhealthy_with_work()]):
@@ -737,11 +768,7 @@ class RequestRouter:
                 if execution is None:
                     continue
                 failure = Failure(FailureKind.WORKER_LOST, f"GPU {gpu_id} was lost")
-                try:
-                    decisions += self._fail(execution_id, execution, failure, now, "router")
-                except StoreUnavailable as exc:
-                    _log.warning("fail_over_deferred", execution_id=execution_id, error=exc.message)
-                    continue
+                decisions += self._fail(execution_id, execution, failure, now, "router")
                 decisions.append(_cancel(execution_id, execution, "gpu_lost"))
         return decisions
 
@@ -865,13 +892,9 @@ class RequestRouter:
                 continue
             try:
                 decisions.append(self._dispatch(request, chosen, now))
-            except StoreUnavailable as exc:
-                # Nothing changed for this request; the next event tries again.
-                _log.warning("dispatch_deferred", request_id=request.id, error=exc.message)
-                break
             except StateConflict as exc:
-                # The store refused the memory or the claim (another writer got there first);
-                # nothing changed here, and the dispatches already decided still go out.
+                # A GPU refused the memory (its room changed under the choice); nothing changed
+                # here, and the dispatches already decided still go out.
                 _log.warning("dispatch_conflict", request_id=request.id, error=str(exc))
                 misses += 1
                 continue
@@ -974,20 +997,13 @@ class RequestRouter:
         placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
         wait = now - request.queued_at
         # Memory first, then the claim with the estimate's charge (settled when the execution
-        # ends): if either is refused, the other is undone or never made.
+        # ends): if a GPU refuses, what the others reserved is given back.
         for gpu_id, memory_mb in chosen.reservations.items():
             if not self.monitor.reserve(gpu_id, execution_id, memory_mb):
                 self.monitor.release(execution_id)
                 raise StateConflict(request.id, f"room for {memory_mb} MiB on {gpu_id}")
         charge = Charge(request.user, execution_id, now, gpu_seconds(request))
-        try:
-            self._set(
-                request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge
-            )
-        except BaseException:
-            if request.status is _S.QUEUED:  # the claim was not made: give the memory back
-                self.monitor.release(execution_id)
-            raise
+        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge)
         for gpu_id in chosen.gpu_ids:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.queue.dispatched(request.id)
@@ -1034,18 +1050,22 @@ class RequestRouter:
         estimate: Estimate | None = None,
         charge: Charge | None = None,
     ) -> None:
-        """Move a request to ``to``: the store first, then the live object and the counts.
+        """Move a request to ``to``, with the counts; the change goes out to be persisted.
 
-        ``charge`` (an execution's GPU-seconds) is written in the same store step. If the store
-        refuses (``StoreUnavailable``, ``StateConflict``) nothing has changed.
+        ``charge`` (an execution's GPU-seconds) is counted now and persisted with the change.
+
+        Raises:
+            IllegalTransition: ``to`` does not follow the request's status (nothing changed).
         """
-        before, attempt = request.status, request.attempts
+        before = request.status
         draft = request.snapshot()
         if estimate is not None:
             draft.estimate = estimate
         draft.transition(to, now, placement=placement, result=result, error=error)
-        change = self._write(draft, before, attempt, actor, now, charge)
+        if charge is not None:
+            self.quotas.charge(charge)
         request.adopt(draft)
+        self._record(request, before, actor, now, charge)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
             self._queued_total -= 1
@@ -1058,26 +1078,26 @@ class RequestRouter:
         elif to.active and not before.active:
             self._active[request.user] += 1
         if to.terminal:
-            del self._requests[request.id]
+            self._untrack(request)
             self._avoid.pop(request.id, None)
             self.metrics.request_finished(request, now)
-        for listener in self.listeners:
-            listener(request, change)
 
-    def _write(
+    def _record(
         self,
         request: Request,
         before: RequestStatus,
-        attempt: int,
         actor: str,
         now: float,
         charge: Charge | None = None,
-    ) -> Transition:
-        """Write a changed request and its audit entry, guarded by the status and attempt it had."""
+    ) -> None:
+        """Send out a changed request and its audit entry (and charge) to be persisted."""
         change = transition_of(request, before, actor, now)
-        if not self.store.transition(request, before, attempt, change, charge):
-            raise StateConflict(request.id, f"{before.value} (attempt {attempt})")
-        return change
+        self._changes.append(StateChange(request.snapshot(), change, charge))
+
+    def _untrack(self, request: Request) -> None:
+        del self._requests[request.id]
+        if request.idempotency_key is not None:
+            self._keys.pop((request.user, request.idempotency_key), None)
 
 
 def transition_of(

@@ -1,17 +1,15 @@
-"""The state-store interface: requests and their audit trail, reservations, quota counters.
+"""The state-store interface: what the core hands over to persist, and what it reads back.
 
-Every operation that decides something is atomic in the store, so several router processes can
-share one store (SQLite, Redis) without double-claiming a request or over-committing a GPU:
+The core decides in memory and never waits on the store. Every status change it makes comes out
+with its decisions as a :class:`StateChange` (the request as it now is, its audit entry, and the
+GPU-seconds charge or rate admission that goes with it); the runtime hands those to the store in
+batches (:meth:`StateStore.write`: all of a batch or none of it) and feeds the outcome back.
 
-- a status change is a guarded write: it succeeds only if the stored request still has the
-  status and attempt the writer saw (claiming a queued request is ``queued -> dispatching``);
-- a reservation is a check-and-add against a limit, per GPU;
-- a rate-limit admission is a check-and-record in a sliding window, made with the request it admits.
-
-Each status change is written together with its audit-trail entry (:class:`Transition`), so
-the trail never misses or invents a change. Implementations raise
-:class:`~gpu_request_router.exceptions.StoreUnavailable` when they cannot be used (disk full,
-locked database, lost connection); nothing is half-written then.
+The store is read for what the core does not keep: finished requests, listings, audit trails,
+idempotency keys of requests no longer live, and, after a restart, the unfinished requests and
+the quota windows (:meth:`StateStore.unfinished_requests`, :meth:`StateStore.quota_history`).
+Implementations raise :class:`~gpu_request_router.exceptions.StoreUnavailable` when they cannot
+be used (disk full, locked database, lost connection); nothing is half-written then.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import binascii
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +27,13 @@ from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 
 __all__ = [
+    "Change",
     "Charge",
+    "OverrideChange",
     "Page",
-    "RateAdmission",
-    "RateRefused",
+    "QuotaHistory",
     "RequestQuery",
+    "StateChange",
     "StateStore",
     "check_charge",
     "decode_cursor",
@@ -82,35 +83,6 @@ class Charge:
 
 
 @dataclass(frozen=True, slots=True)
-class RateAdmission:
-    """An admission of a new request's user at ``at`` in a sliding window of ``window_s``.
-
-    Refused when ``limit`` admissions already fall within the window; ``limit=None`` records it
-    without limiting (usage is counted for every user).
-    """
-
-    at: float
-    window_s: float
-    limit: int | None
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("a rate limit admits at least one request per window")
-
-
-class RateRefused(Exception):
-    """The rate admission would pass its limit; neither the request nor the admission was written.
-
-    ``retry_after_s``: seconds until the oldest admission leaves the window (positive, and
-    enough: an admission at ``at + retry_after_s`` is accepted).
-    """
-
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"rate limit reached; retry after {retry_after_s:.3f} s")
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True, slots=True)
 class Page:
     """One page of a listing and the cursor of the next (``None`` on the last page)."""
 
@@ -142,28 +114,64 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     return float(created_at), request_id
 
 
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """A status change to persist: the request as the change left it, and its audit entry.
+
+    A creation (``entry.from_status`` is ``None``) writes the whole request and the user's rate
+    admission at its creation time; any later change writes its changing part. ``charge``, the
+    GPU-seconds of an execution, is written with it.
+    """
+
+    request: Request
+    entry: Transition
+    charge: Charge | None = None
+
+    @property
+    def created(self) -> bool:
+        """Whether this change creates the request."""
+        return self.entry.from_status is None
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideChange:
+    """A user's run-time quota override to persist (``{}``: none)."""
+
+    user: str
+    values: dict[str, Any]
+
+
+Change = StateChange | OverrideChange
+"""Anything the core hands to the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaHistory:
+    """The quota windows as stored: each admission as (user, at, request id), and the charges."""
+
+    admissions: list[tuple[str, float, str]]
+    charges: list[Charge]
+
+
 class StateStore(ABC):
-    """Where requests, reservations and quota counters live.
+    """Where requests, their audit trails, quota counters and overrides are persisted.
 
     Implementations return copies: changing a returned request does not change the store.
     """
 
-    # Requests ------------------------------------------------------------------------------
-
     @abstractmethod
-    def add_request(
-        self, request: Request, created: Transition, admission: RateAdmission | None = None
-    ) -> Request:
-        """Store a new request and its creation entry, atomically.
+    def write(self, changes: Sequence[Change]) -> None:
+        """Persist ``changes``, in order, in one atomic step: all of them or none.
 
-        Returns the stored one instead (writing nothing) when the user already has a request
-        with the same idempotency key. With ``admission``, the user's rate admission is part of
-        the same step: recorded exactly when the request is added.
+        Several changes of one request may come together (its creation and first status
+        changes): each audit entry is kept, the request row ends as the last one left it.
 
         Raises:
-            RateRefused: the admission would pass its limit; neither the request nor the
-                admission is written (admissions that have left the window are dropped).
+            StoreUnavailable: nothing was written.
+            ValueError: a charge is negative or not finite (nothing was written).
         """
+
+    # Reads -------------------------------------------------------------------------------------
 
     @abstractmethod
     def get_request(self, request_id: str) -> Request | None:
@@ -172,26 +180,6 @@ class StateStore(ABC):
     @abstractmethod
     def find_idempotent(self, user: str, key: str) -> Request | None:
         """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
-
-    @abstractmethod
-    def transition(
-        self,
-        request: Request,
-        from_status: RequestStatus,
-        attempt: int,
-        change: Transition,
-        charge: Charge | None = None,
-    ) -> bool:
-        """Write ``request`` and its audit entry if the stored one has ``from_status``, ``attempt``.
-
-        Returns whether the write happened. Claiming a queued request is this with
-        ``from_status=queued``. With ``charge``, the GPU-seconds :class:`Charge` is part of the same
-        atomic step: written exactly when the status change is.
-
-        Raises:
-            ValueError: the charge's ``gpu_seconds`` is negative or not finite (nothing is
-                written).
-        """
 
     @abstractmethod
     def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
@@ -205,15 +193,19 @@ class StateStore(ABC):
     def unfinished_requests(self) -> list[Request]:
         """Every request not yet in a terminal status, oldest first (for recovery)."""
 
-    # Quota overrides set at run time ----------------------------------------------------------
-
     @abstractmethod
     def quota_overrides(self) -> dict[str, dict[str, Any]]:
         """Per-user quota overrides set through the API (they win over the configuration)."""
 
     @abstractmethod
-    def set_quota_override(self, user: str, values: dict[str, Any]) -> None:
-        """Replace ``user``'s run-time quota override (``None`` values mean unlimited)."""
+    def quota_history(
+        self, now: float, rate_window_s: float, charge_window_s: float
+    ) -> QuotaHistory:
+        """The quota windows that end at ``now``, for recovery (older entries may be dropped).
+
+        The admissions of the last ``rate_window_s`` and the charges of the last
+        ``charge_window_s``.
+        """
 
     # Health and lifetime ------------------------------------------------------------------------
 
@@ -231,37 +223,6 @@ class StateStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
         """Release connections and files."""
-
-    # GPU memory reservations -----------------------------------------------------------------
-
-    @abstractmethod
-    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
-        """Reserve ``memory_mb`` on a GPU for ``holder`` unless the total would pass ``limit_mb``.
-
-        Returns the GPU's new reserved total, or ``None`` when refused (nothing changes).
-        """
-
-    @abstractmethod
-    def release(self, holder: str) -> dict[str, int]:
-        """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
-
-    @abstractmethod
-    def reserved_mb(self, gpu_id: str) -> int:
-        """The memory reserved on a GPU right now."""
-
-    # Quota counters ----------------------------------------------------------------------------
-
-    @abstractmethod
-    def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
-        """How many admissions of ``user`` fall within the last ``window_s``."""
-
-    @abstractmethod
-    def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
-        """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
-
-    @abstractmethod
-    def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
-        """The time of the oldest charge still in the window (when usage next drops)."""
 
 
 def retry_after(now: float, oldest: float, window_s: float) -> float:

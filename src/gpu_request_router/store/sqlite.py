@@ -1,9 +1,9 @@
 """A durable :class:`StateStore` in one SQLite file (the stdlib ``sqlite3`` module).
 
 Durability promise
-    A request is on disk when :meth:`SQLiteStore.add_request` returns, and so is every status
-    change when :meth:`SQLiteStore.transition` returns ``True``, with its audit entry (and its
-    GPU-seconds charge, when it carries one). The file is in WAL mode; with
+    Every change handed to :meth:`SQLiteStore.write` is on disk when it returns: the whole batch
+    (requests, audit entries, charges, admissions, overrides) in one transaction. The file is in
+    WAL mode; with
     ``synchronous="normal"`` (the default) a commit survives a crash of the router process (the
     WAL is in the operating system's hands), but the last commits may be lost if the host loses
     power; ``synchronous="full"`` syncs the WAL on every commit and survives a power loss too,
@@ -20,16 +20,16 @@ One owner
 
 Pitfalls avoided
     - Every write runs in ``BEGIN IMMEDIATE ... COMMIT``: the write lock is taken up front, so
-      two connections never both read and then fail to upgrade to a write (``SQLITE_BUSY`` in
-      the middle of a deferred transaction), and a check-and-write (the guarded status change,
-      the rate admission, the idempotency check) is atomic across connections. On any error the
-      transaction is rolled back, so nothing is half-written.
-    - The connection is in autocommit mode (``isolation_level=None``): the ``sqlite3`` module
-      opens no implicit transactions; reads run without one (each statement sees a consistent
-      snapshot) and never block writers, thanks to WAL.
+      a connection never reads and then fails to upgrade to a write (``SQLITE_BUSY`` in the
+      middle of a deferred transaction). On any error the transaction is rolled back, so nothing
+      is half-written.
+    - Writes and reads use two connections, each behind its own lock: the router commits on a
+      writer thread while the event loop reads, and a read never waits for a commit's sync
+      (WAL lets readers and the writer run together; a read sees what was committed before it).
+    - Both are in autocommit mode (``isolation_level=None``): the ``sqlite3`` module opens no
+      implicit transactions; reads run without one (each statement sees a consistent snapshot).
     - No transaction is ever held across an ``await``: every method is synchronous and opens
-      and closes its transaction before it returns, so an event loop cannot interleave two
-      callers inside one transaction. A lock serialises threads sharing the one connection.
+      and closes its transaction before it returns.
     - ``busy_timeout`` (5 s) makes a writer wait for another process's write lock instead of
       failing at once; past it the store raises ``StoreUnavailable``.
     - Every ``sqlite3.Error`` (locked, disk I/O error, disk full, read-only file, closed store)
@@ -42,9 +42,8 @@ Readiness
     :data:`WRITE_PROBE_INTERVAL_S`, so a full disk and its recovery are seen without traffic.
 
 GPU memory reservations are *not* in the file: they are derived state (the memory of the
-dispatching and running requests of this router's GPUs), owned by the one router process that
-drives those GPUs and rebuilt at recovery, when the requests that held them are queued again. They
-live in memory inside the store object, as in :class:`~gpu_request_router.store.MemoryStore`.
+dispatching and running requests of this router's GPUs), kept by the core in memory and rebuilt at
+recovery from the placements of the requests in flight.
 
 Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refused)::
 
@@ -59,11 +58,12 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refuse
     transitions(request_id REFERENCES requests, seq, body, PRIMARY KEY (request_id, seq))
     admissions(user, at, request_id, PRIMARY KEY (user, at, request_id))
     charges(user, charge_id, at, gpu_seconds, PRIMARY KEY (user, charge_id))
-        charges_user_at (user, at)
-    admission_counts(user PRIMARY KEY, n)       -- each user's rows in admissions, and
-    charge_totals(user PRIMARY KEY, gpu_seconds) -- the sum of their charges, kept by triggers on
-                                                -- those tables: a quota check reads one row
     quota_overrides(user PRIMARY KEY, body)     -- body: JSON object
+
+Admissions and charges are written with the requests and status changes they belong to; the
+core counts them in memory and reads them back only at a restart
+(:meth:`SQLiteStore.quota_history`). Rows that have left their window are deleted by a write at
+most every :data:`PRUNE_INTERVAL_S`.
 
 Only ``status``, ``attempts`` and ``state`` change after a request is added; its id, user,
 creation time, model, priority, idempotency key and ``body`` are fixed at creation. Every table
@@ -73,8 +73,9 @@ second one): each page a transaction changes is written whole to the WAL, and th
 most of a commit's cost.
 
 Schema history: 1 had no counter tables; 2 added them; 3 split the request into body and state,
-keyed the admissions by request, and made the tables ``WITHOUT ROWID``. Opening an older file
-migrates it in one transaction (the counters are rebuilt from the rows by their triggers).
+keyed the admissions by request, and made the tables ``WITHOUT ROWID``; 4 dropped the counter
+tables and their triggers (the core counts in memory). Opening an older file migrates it in one
+transaction.
 """
 
 from __future__ import annotations
@@ -82,27 +83,26 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
 from gpu_request_router.core.state_store import (
+    Change,
     Charge,
+    OverrideChange,
     Page,
-    RateAdmission,
-    RateRefused,
+    QuotaHistory,
     RequestQuery,
     StateStore,
     check_charge,
     decode_cursor,
     encode_cursor,
-    retry_after,
 )
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import TERMINAL_STATUSES, Request, RequestStatus, Transition
 from gpu_request_router.store._owner import OwnerLock
-from gpu_request_router.store._reservations import ReservationLedger
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_from_json,
@@ -113,7 +113,7 @@ from gpu_request_router.store.codec import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema this code writes and reads (``PRAGMA user_version``; see the module docstring)."""
 
 BUSY_TIMEOUT_MS = 5000
@@ -121,6 +121,12 @@ BUSY_TIMEOUT_MS = 5000
 
 WRITE_PROBE_INTERVAL_S = 1.0
 """The most often :meth:`SQLiteStore.check_writable` writes to learn whether writes work."""
+
+PRUNE_INTERVAL_S = 30.0
+"""The most often a write deletes the admissions and charges that have left their windows."""
+
+RATE_WINDOW_S = 60.0
+CHARGE_WINDOW_S = 3600.0
 
 _UNFINISHED = tuple(sorted(s.value for s in RequestStatus if s not in TERMINAL_STATUSES))
 _UNFINISHED_SQL = "status IN ({})".format(", ".join(f"'{status}'" for status in _UNFINISHED))
@@ -162,38 +168,6 @@ _SCHEMA = (
         gpu_seconds REAL NOT NULL,
         PRIMARY KEY (user, charge_id)
     ) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS charges_user_at ON charges (user, at)",
-    """CREATE TABLE IF NOT EXISTS admission_counts (
-        user TEXT PRIMARY KEY,
-        n INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS charge_totals (
-        user TEXT PRIMARY KEY,
-        gpu_seconds REAL NOT NULL
-    ) WITHOUT ROWID""",
-    # Triggers keep the counters, so that every writer of the rows does, whatever its code.
-    """CREATE TRIGGER IF NOT EXISTS admissions_counted AFTER INSERT ON admissions BEGIN
-        INSERT INTO admission_counts (user, n) VALUES (NEW.user, 1)
-            ON CONFLICT (user) DO UPDATE SET n = n + 1;
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS admissions_uncounted AFTER DELETE ON admissions BEGIN
-        UPDATE admission_counts SET n = n - 1 WHERE user = OLD.user;
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS charges_added AFTER INSERT ON charges BEGIN
-        INSERT INTO charge_totals (user, gpu_seconds) VALUES (NEW.user, NEW.gpu_seconds)
-            ON CONFLICT (user) DO UPDATE SET gpu_seconds = gpu_seconds + NEW.gpu_seconds;
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS charges_changed AFTER UPDATE OF gpu_seconds ON charges BEGIN
-        UPDATE charge_totals SET gpu_seconds = gpu_seconds - OLD.gpu_seconds + NEW.gpu_seconds
-            WHERE user = NEW.user;
-    END""",
-    # With no charge left the total is exactly 0: rounding never builds up.
-    """CREATE TRIGGER IF NOT EXISTS charges_removed AFTER DELETE ON charges BEGIN
-        UPDATE charge_totals SET gpu_seconds = CASE
-            WHEN EXISTS (SELECT 1 FROM charges WHERE user = OLD.user)
-            THEN gpu_seconds - OLD.gpu_seconds ELSE 0 END
-            WHERE user = OLD.user;
-    END""",
     "CREATE TABLE IF NOT EXISTS quota_overrides (user TEXT PRIMARY KEY, body TEXT NOT NULL)",
 )
 
@@ -202,6 +176,8 @@ _INSERT_REQUEST = """
         (id, user, status, attempts, created_at, model, priority, idempotency_key, body, state)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+_UPDATE_REQUEST = "UPDATE requests SET status = ?, attempts = ?, state = ? WHERE id = ?"
+_INSERT_ADMISSION = "INSERT INTO admissions (user, at, request_id) VALUES (?, ?, ?)"
 _INSERT_TRANSITION = "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, ?)"
 _UPSERT_CHARGE = """
     INSERT INTO charges (user, charge_id, at, gpu_seconds) VALUES (?, ?, ?, ?)
@@ -209,28 +185,43 @@ _UPSERT_CHARGE = """
 """
 
 
+_COUNTERS = ("admission_counts", "charge_totals")
+_COUNTER_TRIGGERS = (
+    "admissions_counted",
+    "admissions_uncounted",
+    "charges_added",
+    "charges_changed",
+    "charges_removed",
+)
+
+
+def _drop_counters(conn: sqlite3.Connection) -> None:
+    """Drop the counter tables of schemas 2 and 3 and what kept them."""
+    for trigger in _COUNTER_TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    conn.execute("DROP INDEX IF EXISTS charges_user_at")
+    for table in _COUNTERS:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a schema 1, 2 or 3 file to the current schema, in the open transaction."""
+    _drop_counters(conn)
+    if version < 3:
+        _migrate_to_3(conn)
+
+
 def _migrate_to_3(conn: sqlite3.Connection) -> None:
-    """Bring a schema 1 or 2 file to schema 3, in the open transaction.
+    """Bring a schema 1 or 2 file (its counters dropped) to schema 3's tables.
 
     The old tables are renamed, the new ones created and filled from them, the old ones
-    dropped; the counter tables start empty and their triggers count the copied rows. Old
-    admissions are keyed by their old row id (they were not keyed by request).
+    dropped. Old admissions are keyed by their old row id (they were not keyed by request).
     """
-    for trigger in (
-        "admissions_counted",
-        "admissions_uncounted",
-        "charges_added",
-        "charges_changed",
-        "charges_removed",
-    ):
-        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    for index in ("requests_status", "admissions_user_at", "charges_user_at"):
+    for index in ("requests_status", "admissions_user_at"):
         conn.execute(f"DROP INDEX IF EXISTS {index}")
     conn.execute("ALTER TABLE requests ADD COLUMN state TEXT")
     for table in ("transitions", "admissions", "charges"):
         conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
-    conn.execute("DROP TABLE IF EXISTS admission_counts")
-    conn.execute("DROP TABLE IF EXISTS charge_totals")
     for statement in _SCHEMA:
         conn.execute(statement)
     conn.execute(
@@ -270,27 +261,32 @@ class SQLiteStore(StateStore):
         self.path = Path(path)
         self.synchronous = synchronous
         self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
         self._closed = False
-        self._reservations = ReservationLedger()
         # Why the last write failed (None once one succeeds), and when a probe last wrote.
         self._write_failure: str | None = None
         self._probed_at: float | None = None
+        self._pruned_at: float | None = None
         self._owner = OwnerLock.acquire(self.path)  # before the file is read at all
+        conns: list[sqlite3.Connection] = []
         try:
-            self._conn = sqlite3.connect(
-                self.path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
+            conns.extend(
+                sqlite3.connect(
+                    self.path,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=BUSY_TIMEOUT_MS / 1000,
+                )
+                for _ in range(2)
             )
-        except sqlite3.Error as exc:
-            self._owner.release()
-            raise self._unavailable("open the database", exc) from exc
-        try:
+            self._conn, self._reader = conns
             self._open()
-        except BaseException:
-            self._conn.close()
+        except BaseException as exc:
+            for conn in conns:
+                conn.close()
             self._owner.release()
+            if isinstance(exc, sqlite3.Error):
+                raise self._unavailable("open the database", exc) from exc
             raise
 
     def _open(self) -> None:
@@ -305,6 +301,7 @@ class SQLiteStore(StateStore):
                 )
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys = ON")
+            self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.Error as exc:
             raise self._unavailable("open the database", exc) from exc
         with self._write("create the schema") as conn:
@@ -312,11 +309,13 @@ class SQLiteStore(StateStore):
             fresh = not conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'"
             ).fetchone()
-            if not fresh and version < 3:
+            if not fresh and version < SCHEMA_VERSION:
                 try:
-                    _migrate_to_3(conn)
+                    _migrate(conn, version)
                 except sqlite3.IntegrityError as exc:  # rows another program left inconsistent
-                    raise self._unavailable(f"migrate schema {version} to 3", exc) from exc
+                    raise self._unavailable(
+                        f"migrate schema {version} to {SCHEMA_VERSION}", exc
+                    ) from exc
             else:
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -375,55 +374,95 @@ class SQLiteStore(StateStore):
 
     def _read(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """Run one query outside any explicit transaction (its own consistent snapshot)."""
-        with self._lock:
+        with self._read_lock:
+            if self._closed:
+                raise StoreUnavailable(f"SQLite state store {self.path}: closed")
             try:
-                return self._conn.execute(sql, params).fetchall()
+                return self._reader.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise self._unavailable(action, exc) from exc
 
     # Requests ------------------------------------------------------------------------------
 
-    def add_request(
-        self, request: Request, created: Transition, admission: RateAdmission | None = None
-    ) -> Request:
-        """Store a new request and its creation entry, or return the one with its key."""
-        body = request_fixed_to_json(request)
-        state = request_state_to_json(request)
-        entry = transition_to_json(created)
-        refused: float | None = None
-        with self._write("add a request") as conn:
-            key = request.idempotency_key
-            if key is not None:
-                # Under the write lock no other process can add one with this key meanwhile.
-                row = conn.execute(
-                    "SELECT body, state FROM requests WHERE user = ? AND idempotency_key = ?",
-                    (request.user, key),
-                ).fetchone()
-                if row is not None:
-                    return request_from_json(*row)
-            if admission is not None:
-                # As in memory: the window is pruned even when the admission is refused.
-                refused = self._admit(conn, request.user, request.id, admission)
-            if refused is None:
-                conn.execute(
-                    _INSERT_REQUEST,
+    def write(self, changes: Sequence[Change]) -> None:
+        """Persist ``changes`` in one transaction (see the module docstring)."""
+        last: dict[str, Request] = {}
+        created: dict[str, Request] = {}
+        entries: list[tuple[str, int, str]] = []
+        charges: list[tuple[str, str, float, float]] = []
+        admissions: list[tuple[str, float, str]] = []
+        overrides: list[OverrideChange] = []
+        newest = None
+        for change in changes:
+            if isinstance(change, OverrideChange):
+                overrides.append(change)
+                continue
+            request, entry = change.request, change.entry
+            last[request.id] = request
+            if change.created:
+                created[request.id] = request
+                admissions.append((request.user, request.created_at, request.id))
+            entries.append((entry.request_id, entry.seq, transition_to_json(entry)))
+            charge = change.charge
+            if charge is not None:
+                check_charge(charge.gpu_seconds)
+                charges.append((charge.user, charge.charge_id, charge.at, charge.gpu_seconds))
+            newest = entry.at if newest is None else max(newest, entry.at)
+        with self._write("write changes") as conn:
+            # Each request's row as the batch leaves it: a new one inserted whole, others updated.
+            conn.executemany(
+                _INSERT_REQUEST,
+                [
                     (
                         request.id,
                         request.user,
-                        request.status.value,
-                        request.attempts,
+                        final.status.value,
+                        final.attempts,
                         request.created_at,
                         request.model,
                         request.priority,
-                        key,
-                        body,
-                        state,
-                    ),
-                )
-                conn.execute(_INSERT_TRANSITION, (created.request_id, created.seq, entry))
-        if refused is not None:
-            raise RateRefused(refused)
-        return request.snapshot()
+                        request.idempotency_key,
+                        request_fixed_to_json(request),
+                        request_state_to_json(final),
+                    )
+                    for request_id, request in created.items()
+                    for final in (last[request_id],)
+                ],
+            )
+            conn.executemany(
+                _UPDATE_REQUEST,
+                [
+                    (final.status.value, final.attempts, request_state_to_json(final), request_id)
+                    for request_id, final in last.items()
+                    if request_id not in created
+                ],
+            )
+            conn.executemany(_INSERT_TRANSITION, entries)
+            conn.executemany(_INSERT_ADMISSION, admissions)
+            conn.executemany(_UPSERT_CHARGE, charges)
+            for override in overrides:
+                self._set_override(conn, override)
+            if newest is not None:
+                self._prune(conn, newest)
+
+    @staticmethod
+    def _set_override(conn: sqlite3.Connection, override: OverrideChange) -> None:
+        if not override.values:
+            conn.execute("DELETE FROM quota_overrides WHERE user = ?", (override.user,))
+            return
+        conn.execute(
+            "INSERT INTO quota_overrides (user, body) VALUES (?, ?)"
+            " ON CONFLICT (user) DO UPDATE SET body = excluded.body",
+            (override.user, json.dumps(override.values, separators=(",", ":"))),
+        )
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        """Delete admissions and charges that have left their windows, every so often."""
+        if self._pruned_at is not None and 0 <= now - self._pruned_at < PRUNE_INTERVAL_S:
+            return
+        self._pruned_at = now
+        conn.execute("DELETE FROM admissions WHERE at <= ?", (now - RATE_WINDOW_S,))
+        conn.execute("DELETE FROM charges WHERE at <= ?", (now - CHARGE_WINDOW_S,))
 
     def get_request(self, request_id: str) -> Request | None:
         """The stored request, or ``None``."""
@@ -440,42 +479,6 @@ class SQLiteStore(StateStore):
             (user, key),
         )
         return request_from_json(*rows[0]) if rows else None
-
-    def transition(
-        self,
-        request: Request,
-        from_status: RequestStatus,
-        attempt: int,
-        change: Transition,
-        charge: Charge | None = None,
-    ) -> bool:
-        """Write ``request`` and its entry if the stored one has ``from_status``, ``attempt``."""
-        if charge is not None:
-            check_charge(charge.gpu_seconds)
-        state = request_state_to_json(request)
-        entry = transition_to_json(change)
-        with self._write("write a status change") as conn:
-            updated = conn.execute(
-                "UPDATE requests SET status = ?, attempts = ?, state = ?"
-                " WHERE id = ? AND status = ? AND attempts = ?",
-                (
-                    request.status.value,
-                    request.attempts,
-                    state,
-                    request.id,
-                    from_status.value,
-                    attempt,
-                ),
-            ).rowcount
-            if updated != 1:
-                return False
-            conn.execute(_INSERT_TRANSITION, (change.request_id, change.seq, entry))
-            if charge is not None:
-                conn.execute(
-                    _UPSERT_CHARGE,
-                    (charge.user, charge.charge_id, charge.at, charge.gpu_seconds),
-                )
-        return True
 
     def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
         """The request's audit trail, oldest first, after entry ``after``."""
@@ -535,15 +538,24 @@ class SQLiteStore(StateStore):
         )
         return {user: json.loads(body) for user, body in rows}
 
-    def set_quota_override(self, user: str, values: dict[str, Any]) -> None:
-        """Replace ``user``'s run-time quota override."""
-        body = json.dumps(values, separators=(",", ":"))
-        with self._write("set a quota override") as conn:
-            conn.execute(
-                "INSERT INTO quota_overrides (user, body) VALUES (?, ?)"
-                " ON CONFLICT (user) DO UPDATE SET body = excluded.body",
-                (user, body),
-            )
+    def quota_history(
+        self, now: float, rate_window_s: float, charge_window_s: float
+    ) -> QuotaHistory:
+        """The admissions and charges still in their windows at ``now``."""
+        admissions = self._read(
+            "read admissions",
+            "SELECT user, at, request_id FROM admissions WHERE at > ?",
+            (now - rate_window_s,),
+        )
+        charges = self._read(
+            "read charges",
+            "SELECT user, charge_id, at, gpu_seconds FROM charges WHERE at > ?",
+            (now - charge_window_s,),
+        )
+        return QuotaHistory(
+            [(user, float(at), request_id) for user, at, request_id in admissions],
+            [Charge(user, charge_id, float(at), float(gs)) for user, charge_id, at, gs in charges],
+        )
 
     # Health and lifetime ------------------------------------------------------------------------
 
@@ -573,100 +585,10 @@ class SQLiteStore(StateStore):
 
         Later calls raise StoreUnavailable.
         """
-        with self._lock:
+        with self._lock, self._read_lock:
             if not self._closed:
                 self._closed = True
                 self._rollback()
+                self._reader.close()
                 self._conn.close()
                 self._owner.release()
-
-    # GPU memory reservations (in memory, see the module docstring) --------------------------
-
-    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
-        """Reserve memory on a GPU unless the total would pass ``limit_mb``."""
-        return self._reservations.reserve(gpu_id, holder, memory_mb, limit_mb)
-
-    def release(self, holder: str) -> dict[str, int]:
-        """Drop every reservation of ``holder``; return each touched GPU's new reserved total."""
-        return self._reservations.release(holder)
-
-    def reserved_mb(self, gpu_id: str) -> int:
-        """The memory reserved on a GPU right now."""
-        return self._reservations.reserved_mb(gpu_id)
-
-    # Quota counters ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _admit(
-        conn: sqlite3.Connection, user: str, request_id: str, admission: RateAdmission
-    ) -> float | None:
-        """Record a request's admission in the open transaction; if refused, the retry-after."""
-        now, window_s, limit = admission.at, admission.window_s, admission.limit
-        # Admissions at or before the cutoff never count again: drop them on the way.
-        conn.execute("DELETE FROM admissions WHERE user = ? AND at <= ?", (user, now - window_s))
-        if limit is not None:
-            row = conn.execute("SELECT n FROM admission_counts WHERE user = ?", (user,)).fetchone()
-            if row is not None and row[0] >= limit:
-                (oldest,) = conn.execute(
-                    "SELECT min(at) FROM admissions WHERE user = ?", (user,)
-                ).fetchone()
-                return retry_after(now, oldest, window_s)
-        conn.execute(
-            "INSERT INTO admissions (user, at, request_id) VALUES (?, ?, ?)",
-            (user, now, request_id),
-        )
-        return None
-
-    def admissions_in_window(self, user: str, now: float, window_s: float) -> int:
-        """How many admissions of ``user`` fall within the last ``window_s``."""
-        self._prune("admissions", user, now - window_s)
-        rows = self._read(
-            "count admissions", "SELECT n FROM admission_counts WHERE user = ?", (user,)
-        )
-        return int(rows[0][0]) if rows else 0
-
-    def gpu_seconds_in_window(self, user: str, now: float, window_s: float) -> float:
-        """GPU-seconds charged to ``user`` at times within the last ``window_s``."""
-        cutoff = now - window_s
-        # One read answers both: the total, and whether charges have left the window (which
-        # is checked on every admission and dispatch, and seldom true).
-        ((total, due),) = self._read(
-            "sum charges",
-            "SELECT (SELECT gpu_seconds FROM charge_totals WHERE user = ?),"
-            " EXISTS (SELECT 1 FROM charges WHERE user = ? AND at <= ?)",
-            (user, user, cutoff),
-        )
-        if due:
-            self._prune("charges", user, cutoff)
-            ((total,),) = self._read(
-                "sum charges", "SELECT gpu_seconds FROM charge_totals WHERE user = ?", (user,)
-            )
-        return 0.0 if total is None else max(0.0, float(total))
-
-    def oldest_charge_in_window(self, user: str, now: float, window_s: float) -> float | None:
-        """The time of the oldest charge still in the window."""
-        self._prune("charges", user, now - window_s)
-        rows = self._read(
-            "read charges",
-            "SELECT min(at) FROM charges WHERE user = ? AND at > ?",
-            (user, now - window_s),
-        )
-        oldest = rows[0][0]
-        return None if oldest is None else float(oldest)
-
-    def _prune(self, table: Literal["admissions", "charges"], user: str, cutoff: float) -> None:
-        """Drop ``user``'s rows dated at or before ``cutoff``, when there are any.
-
-        As in the in-memory store, a charge that has left the window is forgotten, so charging
-        its id again starts a new charge. The check is a read, so reading counters writes
-        only when something is due for pruning.
-        """
-        due = self._read(
-            f"read {table}",
-            f"SELECT 1 FROM {table} WHERE user = ? AND at <= ? LIMIT 1",
-            (user, cutoff),
-        )
-        if not due:
-            return
-        with self._write(f"prune {table}") as conn:
-            conn.execute(f"DELETE FROM {table} WHERE user = ? AND at <= ?", (user, cutoff))

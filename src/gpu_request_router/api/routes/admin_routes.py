@@ -26,19 +26,8 @@ UserName = Annotated[str, Path(max_length=128)]
 
 
 def _quota_out(service: Service, user: str, *, admin: bool) -> QuotaOut:
-    runtime = service.runtime
-    quotas = runtime.router.quotas
-    usage = quotas.usage(
-        user,
-        queued=runtime.router.queued_count(user),
-        concurrent=runtime.router.active_count(user),
-        now=runtime.clock.now(),
-    )
-    return QuotaOut(
-        user=user,
-        limits=QuotaLimitsOut.of(quotas.quota_for(user, admin=admin)),
-        usage=UsageOut.of(usage),
-    )
+    quota, usage = service.runtime.quota_usage(user, admin=admin)
+    return QuotaOut(user=user, limits=QuotaLimitsOut.of(quota), usage=UsageOut.of(usage))
 
 
 @router.get("/quota", response_model=QuotaOut, summary="Your quota", responses=problems(401))
@@ -55,12 +44,12 @@ async def own_quota(caller: CurrentCaller, service: ServiceDep) -> QuotaOut:
 )
 async def list_users(caller: AdminCaller, service: ServiceDep) -> Page[UserOut]:
     """Every configured user with their role and effective limits."""
-    quotas = service.runtime.router.quotas
+    runtime = service.runtime
     items = [
         UserOut(
             name=name,
             role="admin" if role == "admin" else "user",
-            quota=QuotaLimitsOut.of(quotas.quota_for(name, admin=role == "admin")),
+            quota=QuotaLimitsOut.of(runtime.quota(name, admin=role == "admin")),
         )
         for name, role in sorted(service.auth.roles.items())
     ]
@@ -83,5 +72,5 @@ async def set_quota(
     if user not in service.auth.roles:
         raise NotFound("user", user)
     values = {field: getattr(body, field) for field in body.model_fields_set}
-    service.runtime.router.quotas.set_override(user, values)
+    await service.runtime.set_quota(user, values)
     return _quota_out(service, user, admin=service.auth.roles[user] == "admin")

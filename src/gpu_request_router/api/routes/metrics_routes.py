@@ -106,10 +106,8 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     write (the SQLite store writes a one-page probe at most once a second to find out).
     """
     checks: dict[str, str] = {}
-    store = service.runtime.engine.store
     try:
-        store.ping()
-        store.check_writable(service.runtime.clock.now())
+        service.runtime.check_store()
         checks["store"] = "ok"
     except StoreUnavailable as exc:
         checks["store"] = exc.message

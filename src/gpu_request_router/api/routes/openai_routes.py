@@ -145,7 +145,7 @@ async def _serve(
     submission = Submission(model=payload["model"], task=task, input=payload, priority=priority)
     runtime = service.runtime
     sink = StreamSink() if streaming else None
-    request, _ = await runtime.admit(submission, caller, sink=sink)
+    request, _ = await runtime.admit(submission, caller, sink=sink, durable=False)
     if sink is None:
         done = await runtime.wait(request.id, request.timeout_s + _ANSWER_GRACE_S)
         if done.status is RequestStatus.SUCCEEDED:

@@ -141,7 +141,7 @@ async def list_requests(
         limit=limit,
         cursor=cursor,
     )
-    page = service.runtime.engine.store.list_requests(query)
+    page = service.runtime.list_requests(query)
     items = service.requests_out(page.items)
     return Page[RequestOut](items=items, next_cursor=page.next_cursor)
 
@@ -213,7 +213,7 @@ async def request_events(
     async def stream() -> AsyncIterator[str]:
         last = after
         while True:
-            entries = service.runtime.engine.store.transitions(request_id, last)
+            entries = service.runtime.transitions(request_id, last)
             if not entries:
                 if service.runtime.get(request_id).status.terminal:
                     return  # resumed after the last event: nothing more will come
