@@ -236,7 +236,7 @@ def test_a_nonzero_xid_makes_the_gpu_unhealthy() -> None:
     first, second = parse_dcgm(text(*lines), "node-b")
     assert first.health is GPUHealth.HEALTHY
     assert second.health is GPUHealth.UNHEALTHY
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+    monitor = GPUStateMonitor(stale_after_s=10, safety_margin_mb=1024)
     assert monitor.apply([first, second], 0.0, worker="node-b") == ["node-b:1"]
 
 
@@ -249,7 +249,7 @@ def test_uncorrected_ecc_errors_make_the_monitor_mark_the_gpu() -> None:
     )
     first, second = parse_dcgm(body, "node-b")
     assert (first.ecc_uncorrected, second.ecc_uncorrected) == (0, 3)
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+    monitor = GPUStateMonitor(stale_after_s=10, safety_margin_mb=1024)
     monitor.apply([first, second], 0.0, worker="node-b")
     assert monitor.gpus["node-b:0"].health is GPUHealth.HEALTHY
     assert monitor.gpus["node-b:1"].health is GPUHealth.UNHEALTHY

@@ -15,7 +15,9 @@ from gpu_request_router.core.events import (
     FailureKind,
     Lookup,
     Recovery,
+    StateChange,
 )
+from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request
 from gpu_request_router.store.memory import MemoryStore
@@ -23,29 +25,40 @@ from gpu_request_router.testing import readings_for
 
 
 class Harness:
-    """The core plus a hand-driven fleet: every dispatch is recorded and can be finished."""
+    """The core plus a hand-driven fleet: every dispatch is recorded and can be finished.
 
-    def __init__(self, settings: Settings, *, store: MemoryStore | None = None) -> None:
+    Each event's status changes are written to ``store`` as one batch, as the runtime's writer
+    would; a harness made on the store of another one is that router restarted (its quota
+    windows and overrides are loaded back; :meth:`recover` takes back its requests).
+    """
+
+    def __init__(
+        self, settings: Settings, *, store: MemoryStore | None = None, now: float = 1_000.0
+    ) -> None:
         self.settings = settings
         self.store = store if store is not None else MemoryStore()
-        self.engine = Engine.build(settings, store=self.store, seed=1)
+        self.engine = Engine.build(settings, seed=1)
         self.router = self.engine.router
-        self.now = 1_000.0
+        self.now = now
+        self.router.quotas.load(
+            self.store.quota_history(now, MINUTE_S, HOUR_S), self.store.quota_overrides()
+        )
         self.dispatches: list[Dispatch] = []
         self.cancelled: list[CancelExecution] = []
         self.apply(self.router.readings(readings_for(settings), self.now))
 
     def apply(self, decisions: list[Decision]) -> list[Decision]:
+        self.store.write([d for d in decisions if isinstance(d, StateChange)])
         for decision in decisions:
             if isinstance(decision, Dispatch):
                 self.dispatches.append(decision)
-            else:
+            elif isinstance(decision, CancelExecution):
                 self.cancelled.append(decision)
         return decisions
 
     def recover(self, lookups: dict[str, Lookup] | None = None) -> Recovery:
         """Recover from the store (a restart) with what the backends said; carry it out."""
-        recovery = self.router.recover(self.now, lookups)
+        recovery = self.router.recover(self.now, self.store.unfinished_requests(), lookups)
         self.apply(recovery.decisions)
         return recovery
 

@@ -33,7 +33,7 @@ MODEL = "llama-3-8b"
 
 def fleet(*readings: GPUReading, margin: int = MARGIN) -> GPUStateMonitor:
     """A monitor on a memory store that has taken in ``readings`` at time 0."""
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10.0, safety_margin_mb=margin)
+    monitor = GPUStateMonitor(stale_after_s=10.0, safety_margin_mb=margin)
     monitor.apply(readings, 0.0)
     return monitor
 

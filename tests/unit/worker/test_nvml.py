@@ -242,7 +242,7 @@ def test_uncorrected_ecc_errors_are_reported_for_the_monitor() -> None:
     standin.devices[0]["ecc_uncorrected_volatile"] = 2
     reading = read_one(reader_for(standin))
     assert reading.ecc_uncorrected == 2
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+    monitor = GPUStateMonitor(stale_after_s=10, safety_margin_mb=1024)
     monitor.apply([reading], 0.0, worker="node-a")
     assert monitor.gpus["node-a:0"].health is GPUHealth.UNHEALTHY
 
@@ -270,7 +270,7 @@ def test_a_lost_gpu_is_still_reported_unhealthy(function: str, error: type[NVMLE
     assert reading.health is GPUHealth.UNHEALTHY
     assert (reading.index, reading.name, reading.uuid) == (0, "NVIDIA H200", UUID)
     assert (reading.type, reading.memory_total_mb) == ("H200-141GB", 143771)
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+    monitor = GPUStateMonitor(stale_after_s=10, safety_margin_mb=1024)
     assert monitor.apply([reading], 0.0, worker="node-a") == ["node-a:0"]
 
 
@@ -301,7 +301,7 @@ def test_a_device_dropping_off_the_count_gives_fewer_readings() -> None:
     standin = NvmlStandIn()
     standin.add_device(1, "GPU-placeholder-1")
     reader = reader_for(standin)
-    monitor = GPUStateMonitor(MemoryStore(), stale_after_s=10, safety_margin_mb=1024)
+    monitor = GPUStateMonitor(stale_after_s=10, safety_margin_mb=1024)
     assert [r.gpu_id for r in reader.read()] == ["node-a:0", "node-a:1"]
     monitor.apply(reader.read(), 0.0, worker="node-a")
     standin.device_count = 1
