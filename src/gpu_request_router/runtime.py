@@ -148,7 +148,9 @@ class Runtime:
         self.router = engine.router
         self.store = store
         self.clock = clock if clock is not None else SystemClock()
-        self.writer = Writer(store, on_committed=self._committed, on_refused=self._refused)
+        self.writer = Writer(
+            store, self.clock.now, on_committed=self._committed, on_refused=self._refused
+        )
         # Requests as their last committed change left them (synchronous ones: as they are),
         # until the store holds them finished.
         self._view: dict[str, Request] = {}
@@ -171,7 +173,8 @@ class Runtime:
         # backend name -> execution ids to cancel once the backend is known (it registers)
         self._pending_cancels: dict[str, list[str]] = {}
         self._running = False
-        # Called with every status change once it is visible (committed, for async requests).
+        # Called with every status change after a request's creation, once it is visible
+        # (committed, for async requests).
         self.listeners: list[Callable[[Request, Transition], None]] = [self._on_transition]
         # Called with (request id, start, end) of every admission that created a request.
         self.admission_listeners: list[Callable[[str, float, float], None]] = []
@@ -269,7 +272,8 @@ class Runtime:
             await self._poll_once(source)
         lookups = await self._look_up(self.router.in_flight(unfinished))
         recovery = self.router.recover(self.clock.now(), unfinished, lookups)
-        self._apply(recovery.decisions)
+        # What recovery changed is durable, and so visible, before anything is served.
+        await self._apply(recovery.decisions)
         for dispatch in recovery.reattached:
             self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
         self._loops.append(asyncio.create_task(self._timer_loop()))
@@ -581,7 +585,8 @@ class Runtime:
         if request.status.terminal:
             del self._unwritten[request.id]
             self.writer.add_behind(unwritten)
-        self._announce(request, change.entry)
+        if not change.created:
+            self._announce(request, change.entry)
 
     def _committed(self, durable: Sequence[Change], behind: Sequence[Change]) -> None:
         """Changes the writer committed: the durable ones become visible, in order.
@@ -600,7 +605,8 @@ class Runtime:
                 view.pop(request.id, None)
             else:
                 view[request.id] = request
-            self._announce(request, change.entry)
+            if not change.created:
+                self._announce(request, change.entry)
         for change in behind:
             if isinstance(change, StateChange) and change.request.status.terminal:
                 view.pop(change.request.id, None)

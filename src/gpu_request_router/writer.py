@@ -13,7 +13,9 @@ when they fall together, go in one transaction; the store writes the row once.
 - **A failed commit** changes nothing in the store. The requests it would have created are
   refused (``on_refused``: each waiter gets 503, and the core takes them back); every other
   change is kept, in order, and tried again after a pause that grows to
-  :data:`RETRY_MAX_S`. While commits fail, and while more than ``max_pending`` changes wait,
+  :data:`RETRY_MAX_S`; with nothing left to try again, the store is probed
+  (:meth:`~gpu_request_router.core.state_store.StateStore.check_writable`) at that pace until it
+  takes writes. While commits fail, and while more than ``max_pending`` changes wait,
   :meth:`Writer.admitting` refuses new work with 503 and ``Retry-After`` (back-pressure): memory
   never grows without bound.
 """
@@ -69,12 +71,14 @@ class Writer:
     def __init__(
         self,
         store: StateStore,
+        clock: Callable[[], float],
         *,
         on_committed: Callable[[Sequence[Change], Sequence[Change]], None],
         on_refused: Callable[[set[str], StoreUnavailable], None],
         max_pending: int = MAX_PENDING,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._on_committed = on_committed
         self._on_refused = on_refused
         self._max_pending = max_pending
@@ -164,6 +168,20 @@ class Writer:
         loop = asyncio.get_running_loop()
         delay = 0.02
         while True:
+            if self._failure is not None and not (self._groups or self._behind or self._closing):
+                # Nothing to try again: probe the store until it takes writes.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                try:
+                    await loop.run_in_executor(
+                        self._executor, self._store.check_writable, self._clock()
+                    )
+                except StoreUnavailable as exc:
+                    self._failure = exc
+                    continue
+                self._failure = None
+                delay = 0.02
+                continue
             await self._wake.wait()
             self._wake.clear()
             if self._closing and not (self._groups or self._behind):

@@ -112,6 +112,22 @@ class LiveServer:
         self._clients.append(client)
         return client
 
+    def listed(self, within_s: float = 1.5) -> list[dict[str, Any]]:
+        """The stored requests (admin's listing), once nothing waits to be written.
+
+        Synchronous requests (the OpenAI door) are written behind, within a second of their
+        end: this waits for the router's writer to have committed everything, up to
+        ``within_s``, and fails if it has not by then.
+        """
+        writer = self.service.runtime.writer
+        deadline = time.monotonic() + within_s
+        while writer.pending:
+            assert time.monotonic() < deadline, f"{writer.pending} changes unwritten"
+            time.sleep(0.02)
+        response = self.client("root").get("/v1/requests", params={"limit": 500})
+        items: list[dict[str, Any]] = response.json()["items"]
+        return items
+
     def stop(self) -> None:
         """Close its clients and stop the server now (e.g. to start another on its SQLite file)."""
         for client in self._clients:

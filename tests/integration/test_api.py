@@ -196,7 +196,7 @@ def test_submit_answers_202_with_the_request_already_stored(server: LiveServer) 
     assert first["estimate"]["duration_s"] > 0
     assert first["queue_position"] == 0
     # Durable before the 202: the store has it the moment the answer arrives.
-    stored = server.service.runtime.engine.store.get_request(first["id"])
+    stored = server.service.runtime.store.get_request(first["id"])
     assert stored is not None and stored.user == "alice"
     second = submit(alice, chat_body(priority="low"))
     assert second["queue_position"] == 1

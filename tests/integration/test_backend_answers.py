@@ -263,7 +263,7 @@ def test_an_openai_backend_answer_with_a_lone_surrogate_fails_the_call_not_the_r
     assert error["code"] == "backend_error" and error["type"] == "server_error"
     assert "cannot be sent back as JSON" in error["message"]
     assert "output.choices[0].message.content" in error["message"]
-    (listed,) = server.client("root").get("/v1/requests").json()["items"]
+    (listed,) = server.listed()
     (request,) = every_read(server, [listed["id"]])
     assert request["status"] == "failed" and request["error"]["type"] == "backend_error"
     assert request["result"] is None

@@ -30,12 +30,6 @@ def _client(server: LiveServer, user: str = "alice", **options: Any) -> openai.O
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, **options)
 
 
-def _requests(server: LiveServer) -> list[dict[str, Any]]:
-    response = server.client("root").get("/v1/requests", params={"limit": 500})
-    items: list[dict[str, Any]] = response.json()["items"]
-    return items
-
-
 MESSAGES = [{"role": "user", "content": "Say something"}]
 
 
@@ -54,7 +48,7 @@ def test_chat_completion_plain_and_streamed(server: LiveServer) -> None:
         if chunk.choices
     ]
     assert len(pieces) == 6 and len("".join(pieces).split()) == 6
-    assert [r["status"] for r in _requests(server)] == ["succeeded", "succeeded"]
+    assert [r["status"] for r in server.listed()] == ["succeeded", "succeeded"]
 
 
 def test_completions_plain_and_streamed(server: LiveServer) -> None:
@@ -87,7 +81,7 @@ def test_priority_header_and_quota_apply(serve: Any) -> None:
     server: LiveServer = serve(user_quotas={"alice": {"max_priority": "high"}})
     high = _client(server, default_headers={"X-Priority": "high"})
     high.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=2)
-    assert _requests(server)[0]["priority"] == "high"
+    assert server.listed()[0]["priority"] == "high"
     critical = _client(server, default_headers={"X-Priority": "critical"})
     with pytest.raises(openai.PermissionDeniedError) as info:
         critical.chat.completions.create(model="llama-3-8b", messages=MESSAGES)
@@ -146,7 +140,7 @@ def test_a_full_queue_is_a_503_with_retry_after_in_openai_shape(
     error = response.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "queue-full"
     assert "waiting" in error["message"]
-    assert [item["id"] for item in _requests(server)] == [waiting.json()["id"]]
+    assert [item["id"] for item in server.listed()] == [waiting.json()["id"]]
     with pytest.raises(openai.InternalServerError) as info:
         _client(server, "bob").chat.completions.create(model="llama-3-8b", messages=MESSAGES)
     assert info.value.status_code == 503
@@ -201,7 +195,7 @@ def test_bad_input_is_a_422_in_openai_shape_and_changes_nothing(
     assert error["type"] == "invalid_request_error"
     where = (error["param"] or "").split(".")[0]
     assert where.isdigit() if param == "#" else where == param
-    assert _requests(server) == []
+    assert server.listed() == []
 
 
 @pytest.mark.parametrize(
@@ -224,7 +218,7 @@ def test_an_unreadable_body_is_a_400(server: LiveServer) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 400, response.text
-    assert _requests(server) == []
+    assert server.listed() == []
 
 
 def test_the_caller_is_authenticated_under_a_root_path(server: LiveServer) -> None:
@@ -251,7 +245,7 @@ def test_another_method_on_an_openai_route_is_a_405_naming_post(
     response = server.client("alice").get(path)
     assert response.status_code == 405, response.text
     assert response.headers["Allow"] == "POST"
-    assert _requests(server) == []
+    assert server.listed() == []
 
 
 def test_a_failure_before_the_first_byte_is_retried_invisibly(server: LiveServer) -> None:
@@ -266,7 +260,7 @@ def test_a_failure_before_the_first_byte_is_retried_invisibly(server: LiveServer
     )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert len("".join(pieces).split()) == 5
-    (request,) = _requests(server)
+    (request,) = server.listed()
     assert request["attempts"] == 2 and request["status"] == "succeeded"
 
 

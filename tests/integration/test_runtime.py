@@ -309,11 +309,13 @@ async def test_a_waiter_cancelled_as_its_request_finishes_is_cancelled() -> None
 
 def runtime_on(settings: Settings, store: MemoryStore) -> Runtime:
     """A runtime on ``store`` with a fresh simulated fleet (as after a process restart)."""
-    engine = Engine.build(settings, store=store)
+    engine = Engine.build(settings)
     fleet = SimulatedFleet(settings.backends)
     clock = SystemClock()
     clients = {"sim": SimulatedBackend("sim", fleet, clock)}
-    return Runtime(engine, clients=clients, sources=[SimulatedSource(fleet, "sim")], clock=clock)
+    return Runtime(
+        engine, store=store, clients=clients, sources=[SimulatedSource(fleet, "sim")], clock=clock
+    )
 
 
 async def test_a_restarted_runtime_retries_work_that_was_running() -> None:

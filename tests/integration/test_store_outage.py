@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from gpu_request_router.core.request_receiver import Caller
-from gpu_request_router.core.state_store import Charge, RateAdmission
+from gpu_request_router.core.state_store import Change
 from gpu_request_router.exceptions import StoreUnavailable
-from gpu_request_router.models.request import Request, RequestStatus, Transition
+from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings
@@ -32,24 +32,11 @@ class FlakyStore(MemoryStore):
         if self.down:
             raise StoreUnavailable("database or disk is full", retry_after_s=2.0)
 
-    def add_request(
-        self, request: Request, created: Transition, admission: RateAdmission | None = None
-    ) -> Request:
+    def write(self, changes: Sequence[Change]) -> None:
         self._check()
-        return super().add_request(request, created, admission)
+        super().write(changes)
 
-    def transition(
-        self,
-        request: Request,
-        from_status: RequestStatus,
-        attempt: int,
-        change: Transition,
-        charge: Charge | None = None,
-    ) -> bool:
-        self._check()
-        return super().transition(request, from_status, attempt, change, charge)
-
-    def ping(self) -> None:
+    def check_writable(self, now: float) -> None:
         self._check()
 
 
@@ -69,7 +56,7 @@ async def test_an_outcome_reported_while_the_store_is_down_is_kept_and_applied_l
         store.down = True
         await asyncio.sleep(0.6)  # it finished meanwhile; the store refused the change
         assert store.get_request(request.id).status is RequestStatus.RUNNING
-        assert runtime.get(request.id).status is RequestStatus.RUNNING, "memory = store"
+        assert runtime.get(request.id).status is RequestStatus.RUNNING, "visible = durable"
         store.down = False
         done = await runtime.wait(request.id, 10)
     assert done.status is RequestStatus.SUCCEEDED
