@@ -77,6 +77,8 @@ class _Window:
             entry = entries.popleft()
             self.total -= entry.amount
             dropped.append(entry.entry_id)
+        if not entries:
+            self.total = 0.0  # no rounding left behind by the amounts that came and went
         return dropped
 
     def remove(self, entry_id: str) -> None:
@@ -84,7 +86,7 @@ class _Window:
         for entry in self.entries:
             if entry.entry_id == entry_id:
                 self.entries.remove(entry)
-                self.total -= entry.amount
+                self.total = self.total - entry.amount if self.entries else 0.0
                 return
 
     def oldest(self) -> float | None:

@@ -37,12 +37,7 @@ class MemoryStore(StateStore):
 
     def write(self, changes: Sequence[Change]) -> None:
         """Apply ``changes`` in order (all are checked first: all or none)."""
-        for change in changes:
-            if not isinstance(change, OverrideChange):
-                if change.charge is not None:
-                    check_charge(change.charge.gpu_seconds)
-                if change.created and change.request.id in self._requests:
-                    raise ValueError(f"request {change.request.id} is stored already")
+        self._check(changes)
         for change in changes:
             if isinstance(change, OverrideChange):
                 if change.values:
@@ -68,6 +63,34 @@ class MemoryStore(StateStore):
                 self._charges[charge.user, charge.charge_id] = Charge(
                     charge.user, charge.charge_id, at, charge.gpu_seconds
                 )
+
+    def _check(self, changes: Sequence[Change]) -> None:
+        """Refuse a batch the SQLite store would refuse too, before anything is applied.
+
+        Raises:
+            ValueError: a charge no window could hold, a request created twice or under an
+                idempotency key already taken, or a change of a request never created.
+        """
+        known: set[str] = set()
+        keys: set[tuple[str, str]] = set()
+        for change in changes:
+            if isinstance(change, OverrideChange):
+                continue
+            if change.charge is not None:
+                check_charge(change.charge.gpu_seconds)
+            request = change.request
+            stored = request.id in self._requests or request.id in known
+            if change.created:
+                if stored:
+                    raise ValueError(f"request {request.id} is stored already")
+                known.add(request.id)
+                if request.idempotency_key is not None:
+                    key = (request.user, request.idempotency_key)
+                    if key in self._by_key or key in keys:
+                        raise ValueError(f"idempotency key {key} is taken already")
+                    keys.add(key)
+            elif not stored:
+                raise ValueError(f"request {request.id} was never created")
 
     # Reads -------------------------------------------------------------------------------------
 
