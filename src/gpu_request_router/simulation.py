@@ -27,7 +27,7 @@ from gpu_request_router.core.engine import Engine
 from gpu_request_router.core.events import CancelExecution, Decision, Dispatch, StateChange
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import GpuRouterError, RequestRejected
-from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.services.simulator import FAILS_AFTER, Plan, SimulatedFleet
 from gpu_request_router.utils.clock import VirtualClock
 
@@ -138,6 +138,8 @@ class Simulation:
         self._tick_at: float | None = None
         self._polling = False
         self._events = 0
+        # Called with every status change after a request's creation, as the core makes it.
+        self.listeners: list[Callable[[Request, Transition], None]] = []
         self._poll()
 
     # Scheduling inputs ------------------------------------------------------------------------
@@ -266,6 +268,9 @@ class Simulation:
         for decision in decisions:
             if isinstance(decision, StateChange):
                 self._on_transition(decision.request)
+                if not decision.created:
+                    for listener in self.listeners:
+                        listener(decision.request, decision.entry)
             elif isinstance(decision, CancelExecution):
                 self.fleet.stop(decision.execution_id)
                 self._plans.pop(decision.execution_id, None)

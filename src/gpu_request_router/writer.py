@@ -18,6 +18,10 @@ when they fall together, go in one transaction; the store writes the row once.
   takes writes. While commits fail, and while more than ``max_pending`` changes wait,
   :meth:`Writer.admitting` refuses new work with 503 and ``Retry-After`` (back-pressure): memory
   never grows without bound.
+- **A batch the store refuses for good** (not ``StoreUnavailable``: a bug, or a row written behind
+  the router's back that a change collides with) is logged with its traceback and committed one
+  event at a time; what is refused again is dropped (logged, its creations refused), so one bad
+  change never blocks the writer.
 """
 
 from __future__ import annotations
@@ -215,28 +219,75 @@ class Writer:
         groups, behind = self._groups, self._behind
         self._groups, self._behind, self._behind_since = [], [], None
         batch = [change for group in groups for change in group.changes] + behind
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._store.write, batch)
-        except Exception as exc:
-            failure = (
-                exc
-                if isinstance(exc, StoreUnavailable)
-                else StoreUnavailable(f"the state store failed a commit: {exc!r}")
-            )
-            if not isinstance(exc, StoreUnavailable):
-                _log.error("commit_failed", error=repr(exc), changes=len(batch))
-            self._failed(groups, behind, failure)
-            raise failure from exc
+            await self._write(batch)
+        except StoreUnavailable as exc:
+            if self._failure is None:
+                _log.warning("commit_failed", error=exc.message, changes=len(batch))
+            self._failed(groups, behind, exc)
+            raise
+        except Exception:
+            _log.exception("commit_refused", changes=len(batch))
+            await self._one_by_one(groups, behind)
+            return
+        self._done(groups, behind)
+
+    async def _write(self, changes: list[Change]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._store.write, changes)
+
+    def _done(self, groups: list[_Group], behind: list[Change]) -> None:
+        """A commit succeeded: count it, make its changes visible, settle its groups."""
+        durable = [change for group in groups for change in group.changes]
         self.commits += 1
         self._failure = None
-        self._pending -= len(batch)
+        self._pending -= len(durable) + len(behind)
         if not (self._groups or self._behind):
             self._idle.set()
-        self._on_committed(batch[: len(batch) - len(behind)], behind)
+        self._on_committed(durable, behind)
         for group in groups:
             if not group.done.done():
                 group.done.set_result(None)
+
+    async def _one_by_one(self, groups: list[_Group], behind: list[Change]) -> None:
+        """Commit a batch the store refused for good, one event at a time.
+
+        A refusal that waiting does not lift (a bug, or a row written behind the router's back
+        that a change now collides with) would otherwise block every commit after it. Each
+        event's changes are tried alone; those refused again are dropped, logged, and their
+        creations refused, so the writer goes on with the rest.
+        """
+        parts: list[tuple[list[Change], _Group | None]] = [(g.changes, g) for g in groups]
+        if behind:
+            parts.append((behind, None))
+        for index, (changes, group) in enumerate(parts):
+            try:
+                await self._write(changes)
+            except StoreUnavailable as exc:
+                rest = [g for _, g in parts[index:] if g is not None]
+                self._failed(rest, behind if parts[-1][1] is None else [], exc)
+                raise
+            except Exception as exc:
+                self._drop(changes, group, exc)
+                continue
+            self._done([group] if group is not None else [], [] if group else changes)
+
+    def _drop(self, changes: list[Change], group: _Group | None, exc: Exception) -> None:
+        """Give up changes the store refuses for good; refuse the requests they would create."""
+        states = [change for change in changes if isinstance(change, StateChange)]
+        _log.error(
+            "changes_dropped",
+            request_ids=sorted({change.request.id for change in states}),
+            error=repr(exc),
+        )
+        self._pending -= len(changes)
+        if not (self._groups or self._behind):
+            self._idle.set()
+        if group is not None and not group.done.done():
+            group.done.set_result(None)
+        created = {change.request.id for change in states if change.created}
+        if created:
+            self._on_refused(created, StoreUnavailable(f"the state store refused it: {exc!r}"))
 
     def _failed(
         self, groups: list[_Group], behind: list[Change], failure: StoreUnavailable

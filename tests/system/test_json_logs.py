@@ -38,33 +38,43 @@ def wait_for_line(path: Path, text: str) -> None:
         time.sleep(0.05)
 
 
-def test_router_stderr_is_json_through_a_background_task_traceback(tmp_path: Path) -> None:
-    """Uvicorn's warnings and an unretrieved task exception with its traceback are JSON lines."""
+def test_router_stderr_is_json_through_a_refused_commit_traceback(tmp_path: Path) -> None:
+    """Uvicorn's warnings and a commit the store refuses, with its traceback, are JSON lines.
+
+    Another program writes the audit entry the router is about to write (behind the owner's
+    lock, which SQLite itself does not check): the router's commit at the end of the execution
+    collides with it. The writer logs the traceback, drops that one change, and serves on.
+    """
     router = Router(tmp_path)
     try:
         router.wait_ready()
         request_id = submit(router.url, duration_s=3.0)
         wait_status(router.url, request_id, "running")
-        # Another writer changes the row behind the router's back: its guarded write at the
-        # end of the execution fails (StateConflict) inside a background task.
         database = sqlite3.connect(tmp_path / "router.db", timeout=10)
         try:
             with database:
+                (seq,) = database.execute(
+                    "SELECT max(seq) FROM transitions WHERE request_id = ?", (request_id,)
+                ).fetchone()
                 database.execute(
-                    "UPDATE requests SET attempts = attempts + 1 WHERE id = ?", (request_id,)
+                    "INSERT INTO transitions (request_id, seq, body) VALUES (?, ?, '{}')",
+                    (request_id, seq + 1),
                 )
         finally:
             database.close()
         assert send_garbage(router.port).startswith(b"HTTP/1.1 400")
-        wait_for_line(router.err, "Task exception was never retrieved")
+        wait_for_line(router.err, "changes_dropped")
+        after = submit(router.url, duration_s=0.1)
+        assert wait_status(router.url, after, "succeeded")["attempts"] == 1
     finally:
         router.stop()
     events = json_lines(router.err.read_text())
-    (lost,) = [event for event in events if event.get("logger") == "asyncio"]
-    assert lost["level"] == "error"
-    assert lost["event"].startswith("Task exception was never retrieved")
-    assert lost["exception"][0]["exc_type"] == "StateConflict"
-    assert lost["exception"][0]["frames"], "the traceback is in the JSON"
+    (refused,) = [event for event in events if event["event"] == "commit_refused"]
+    assert refused["level"] == "error"
+    assert refused["exception"][0]["exc_type"] == "IntegrityError"
+    assert refused["exception"][0]["frames"], "the traceback is in the JSON"
+    (dropped,) = [event for event in events if event["event"] == "changes_dropped"]
+    assert dropped["request_ids"] == [request_id]
     garbage = [event for event in events if event["event"] == "Invalid HTTP request received."]
     assert [(event["logger"], event["level"]) for event in garbage] == [
         ("uvicorn.error", "warning")

@@ -15,7 +15,13 @@ import pytest
 
 from gpu_request_router.core.events import Decision
 from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Task
+from gpu_request_router.models.request import (
+    Request,
+    RequestStatus,
+    ResourceHints,
+    Task,
+    Transition,
+)
 from gpu_request_router.simulation import Simulation, SimulationReport
 from gpu_request_router.testing import chat, make_settings
 
@@ -75,11 +81,11 @@ def flaky_workload(sim: Simulation) -> None:
         )
 
 
-def i2_watcher(sim: Simulation, violations: list[str]) -> Callable[[Request, RequestStatus], None]:
+def i2_watcher(sim: Simulation, violations: list[str]) -> Callable[[Request, Transition], None]:
     """A listener checking, at every status change, reservations and slots on every GPU."""
     monitor = sim.router.monitor
 
-    def check(request: Request, before: RequestStatus) -> None:
+    def check(request: Request, change: Transition) -> None:
         for gpu in monitor.gpus.values():
             if gpu.reserved_mb > monitor.limit_mb(gpu):
                 violations.append(f"{gpu.id}: {gpu.reserved_mb} MiB > {monitor.limit_mb(gpu)}")
@@ -105,7 +111,7 @@ def test_ten_thousand_requests_over_an_hour_finish_in_well_under_a_minute() -> N
     started = time.perf_counter()
     sim = Simulation(make_settings(gpus=[("H100-80GB", 4)]), seed=1)
     violations: list[str] = []
-    sim.router.listeners.append(i2_watcher(sim, violations))
+    sim.listeners.append(i2_watcher(sim, violations))
     mixed_workload(sim, 10_000, 3600.0, seed=1)
     report = sim.run()
     elapsed = time.perf_counter() - started
@@ -181,7 +187,7 @@ def test_overloaded_fleet_queues_everything_and_loses_nothing() -> None:
     """With demand far above the fleet's room, requests queue, none is lost, I2 always holds."""
     sim = Simulation(make_settings(gpus=[("H100-80GB", 2)]), seed=5)
     violations: list[str] = []
-    sim.router.listeners.append(i2_watcher(sim, violations))
+    sim.listeners.append(i2_watcher(sim, violations))
     for index in range(300):
         sim.submit(
             index * 0.1,
@@ -239,7 +245,7 @@ def test_loaded_run_survives_a_lost_gpu_and_uses_it_again_once_restored() -> Non
     settings = make_settings(gpus=[("H100-80GB", 3)], placement={"policy": "least_loaded"})
     sim = Simulation(settings, seed=9)
     violations: list[str] = []
-    sim.router.listeners.append(i2_watcher(sim, violations))
+    sim.listeners.append(i2_watcher(sim, violations))
     for index in range(200):
         sim.submit(index * 0.5, chat(duration_s=4.0, max_tokens=32), Caller(f"u{index % 4}"))
     sim.lose_gpu(20.0, "sim:1")
