@@ -92,7 +92,7 @@ def serve(
     import uvicorn
 
     from gpu_request_router.api import create_app
-    from gpu_request_router.api.middleware.auth import hash_key
+    from gpu_request_router.http.keys import hash_key
     from gpu_request_router.store import open_store
     from gpu_request_router.utils.serving import AnnouncingServer, listen
 
@@ -245,7 +245,7 @@ def create_key(
     role: Annotated[str, typer.Option(help="admin or user.")] = "user",
 ) -> None:
     """Make a new API key: print it once, and the config line that holds its hash."""
-    from gpu_request_router.api.middleware.auth import hash_key
+    from gpu_request_router.http.keys import hash_key
 
     try:
         entry = UserEntry.model_validate({"name": name, "role": role, "api_key_sha256": "0" * 64})

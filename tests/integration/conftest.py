@@ -24,9 +24,9 @@ from fastapi import FastAPI
 
 from gpu_request_router.api.app import create_app
 from gpu_request_router.api.dependencies import Service
-from gpu_request_router.api.middleware.auth import hash_key
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.state_store import StateStore
+from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import UNLIMITED_QUOTA, make_settings
 
 KEYS = {

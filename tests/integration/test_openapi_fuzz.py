@@ -25,8 +25,8 @@ import httpx
 import uvicorn
 
 from gpu_request_router.api import create_app
-from gpu_request_router.api.middleware.auth import hash_key
 from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port, make_settings
 
 HERE = Path(__file__).parent

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
-from gpu_request_router.api.middleware.auth import hash_key
+from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
 
 KEY = "crash-test-key"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from gpu_request_router.api.middleware.auth import hash_key
+from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
 
 KEY = "disk-full-test-key"

@@ -1,4 +1,8 @@
-"""Layer contracts: the scheduling core imports no store, API or service module (SPEC §2)."""
+"""Layer contracts.
+
+The scheduling core imports no store, API or service module (SPEC §2); the worker agent imports
+nothing from the router's API (the HTTP plumbing both use lives in ``http/``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import gpu_request_router
 
 PACKAGE = Path(gpu_request_router.__file__).parent
 CORE_MAY_NOT_IMPORT = ("store", "api", "services")
+WORKER_MAY_NOT_IMPORT = ("api",)
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -30,18 +35,32 @@ def imported_modules(source: str, package: str) -> set[str]:
     return names
 
 
+def forbidden_imports(path: Path, layer: str, may_not_import: tuple[str, ...]) -> list[str]:
+    """The modules of ``may_not_import`` that ``path`` (a module of ``layer``) imports."""
+    forbidden = tuple(f"gpu_request_router.{other}" for other in may_not_import)
+    return sorted(
+        name
+        for name in imported_modules(path.read_text(), f"gpu_request_router.{layer}")
+        if any(name == other or name.startswith(f"{other}.") for other in forbidden)
+    )
+
+
 @pytest.mark.parametrize(
     "path", sorted((PACKAGE / "core").glob("*.py")), ids=lambda path: path.name
 )
 def test_the_core_imports_no_store_api_or_service_module(path: Path) -> None:
     """A core module names no module of store/, api/ or services/, even lazily in a function."""
-    forbidden = tuple(f"gpu_request_router.{layer}" for layer in CORE_MAY_NOT_IMPORT)
-    found = sorted(
-        name
-        for name in imported_modules(path.read_text(), "gpu_request_router.core")
-        if any(name == layer or name.startswith(f"{layer}.") for layer in forbidden)
-    )
+    found = forbidden_imports(path, "core", CORE_MAY_NOT_IMPORT)
     assert found == [], f"core/{path.name} imports {found}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((PACKAGE / "worker").glob("*.py")), ids=lambda path: path.name
+)
+def test_the_worker_imports_no_api_module(path: Path) -> None:
+    """A worker module names no module of api/, even lazily in a function."""
+    found = forbidden_imports(path, "worker", WORKER_MAY_NOT_IMPORT)
+    assert found == [], f"worker/{path.name} imports {found}"
 
 
 def test_the_contract_sees_imports_of_every_form() -> None:

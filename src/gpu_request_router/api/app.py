@@ -17,11 +17,8 @@ from fastapi import FastAPI
 from gpu_request_router import __version__
 from gpu_request_router.api.dependencies import Service
 from gpu_request_router.api.middleware.auth import Authenticator, AuthMiddleware
-from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
 from gpu_request_router.api.middleware.client_address import ClientAddress
-from gpu_request_router.api.middleware.error_handler import install_error_handlers, is_openai_path
 from gpu_request_router.api.middleware.header_limit import HeaderLimitMiddleware
-from gpu_request_router.api.middleware.logging import RequestContextMiddleware
 from gpu_request_router.api.models.common import OpenAIError, Problem
 from gpu_request_router.api.openapi import describe_catalog
 from gpu_request_router.api.routes import (
@@ -35,6 +32,9 @@ from gpu_request_router.api.routes import (
 from gpu_request_router.api.routes.lean import HotPaths
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.state_store import StateStore
+from gpu_request_router.http.body_limit import BodyLimitMiddleware
+from gpu_request_router.http.problems import install_error_handlers, is_openai_path
+from gpu_request_router.http.request_context import RequestContextMiddleware
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.services.logging_service import (
     AuditLog,

@@ -9,12 +9,13 @@ import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gpu_request_router.api.middleware.auth import WORKER_PREFIX, Authenticator, bearer_key
+from gpu_request_router.api.middleware.auth import WORKER_PREFIX, Authenticator
 from gpu_request_router.api.middleware.client_address import ClientAddress
 from gpu_request_router.api.models.request_models import RequestOut
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.exceptions import Forbidden, NotFound
+from gpu_request_router.http.keys import bearer_key
 from gpu_request_router.models.request import Request as DomainRequest
 from gpu_request_router.models.request import RequestStatus
 from gpu_request_router.runtime import Runtime

@@ -46,9 +46,9 @@ import httpx
 import typer
 import yaml
 
-from gpu_request_router.api.middleware.auth import hash_key
 from gpu_request_router.bench.provenance import capture
 from gpu_request_router.bench.report import parse_counts, print_table, write_json
+from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
 
 __all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_overhead"]

@@ -56,14 +56,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router import __version__
-from gpu_request_router.api.middleware.auth import bearer_key
-from gpu_request_router.api.middleware.body_limit import BodyLimitMiddleware
-from gpu_request_router.api.middleware.error_handler import (
-    install_error_handlers,
-    problem_response,
-)
-from gpu_request_router.api.middleware.logging import RequestContextMiddleware
-from gpu_request_router.api.models.common import iso
 from gpu_request_router.config.config_loader import (
     BackendSettings,
     GpuGroup,
@@ -72,6 +64,14 @@ from gpu_request_router.config.config_loader import (
 )
 from gpu_request_router.core.events import ExecutionResult, Failure, FailureKind
 from gpu_request_router.exceptions import ConfigError
+from gpu_request_router.http.body_limit import BodyLimitMiddleware
+from gpu_request_router.http.keys import bearer_key
+from gpu_request_router.http.problems import (
+    install_error_handlers,
+    problem_response,
+)
+from gpu_request_router.http.request_context import RequestContextMiddleware
+from gpu_request_router.http.timestamps import iso
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import Task
 from gpu_request_router.services.simulator import SimulatedFleet

@@ -20,7 +20,6 @@ names (:mod:`~gpu_request_router.api.middleware.client_address`).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router.api.middleware.client_address import ClientAddress
-from gpu_request_router.api.middleware.error_handler import error_response
 from gpu_request_router.api.middleware.failure_limiter import FailureLimiter
 from gpu_request_router.config.config_loader import AuthSettings
 from gpu_request_router.core.request_receiver import Caller
@@ -41,6 +39,8 @@ from gpu_request_router.exceptions import (
     TooManyAuthFailures,
     Unauthenticated,
 )
+from gpu_request_router.http.keys import bearer_key, hash_key
+from gpu_request_router.http.problems import error_response
 
 __all__ = [
     "ANONYMOUS",
@@ -48,8 +48,6 @@ __all__ = [
     "WORKER_PREFIX",
     "AuthMiddleware",
     "Authenticator",
-    "bearer_key",
-    "hash_key",
 ]
 
 # Workers authenticate with the shared worker token and act as "worker:<name>".
@@ -60,11 +58,6 @@ ANONYMOUS = Caller("anonymous", admin=True)
 KEY_PREFIX_CHARS = 8
 """Bad keys sharing this many first characters are throttled together, from any address."""
 _WINDOW_S = 60.0
-
-
-def hash_key(key: str) -> str:
-    """The SHA-256 hex digest of an API key, as ``api_key_sha256`` stores it."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,15 +149,6 @@ class Authenticator:
         if not caller.admin:
             raise Forbidden("this needs the admin role")
         return caller
-
-
-def bearer_key(scope: Scope) -> str | None:
-    """The key of an ``Authorization: Bearer <key>`` header (scheme in any case), or ``None``."""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, key = value.decode("latin-1").strip().partition(" ")
-            return key.strip() or None if scheme.lower() == "bearer" else None
-    return None
 
 
 class AuthMiddleware:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpu_request_router.api.middleware.error_handler import problem_response
+from gpu_request_router.http.problems import problem_response
 
 __all__ = ["HeaderLimitMiddleware", "header_bytes"]
 

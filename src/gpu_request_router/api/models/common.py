@@ -1,8 +1,7 @@
-"""Shared wire types: problem details, pages, timestamps."""
+"""Shared wire types: request body bases, problem details, pages."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,7 +13,6 @@ __all__ = [
     "Page",
     "Problem",
     "WireModel",
-    "iso",
     "whole_number",
 ]
 
@@ -46,13 +44,6 @@ class WireModel(JsonBody):
     """Base of request bodies: strict types, no unknown fields, no NaN or infinity."""
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-
-def iso(epoch: float | None) -> str | None:
-    """An epoch time as ISO 8601 UTC (``None`` stays ``None``)."""
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 class FieldError(BaseModel):

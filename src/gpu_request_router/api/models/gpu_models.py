@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from gpu_request_router.api.models.common import iso
+from gpu_request_router.http.timestamps import iso
 from gpu_request_router.models.gpu_state import GPUState
 
 __all__ = ["GpuOut"]

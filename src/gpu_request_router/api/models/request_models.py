@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
-from gpu_request_router.api.models.common import WireModel, iso, whole_number
+from gpu_request_router.api.models.common import WireModel, whole_number
 from gpu_request_router.core.request_receiver import EstimateReport, Submission
+from gpu_request_router.http.timestamps import iso
 from gpu_request_router.models.request import Request, ResourceHints, Shape, Task, Transition
 from gpu_request_router.utils.json_values import repaired, repaired_text
 

@@ -27,8 +27,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpu_request_router.api.middleware.error_handler import HANDLED, answer_error
 from gpu_request_router.api.routes.body import is_json, parse, read_body
+from gpu_request_router.http.problems import HANDLED, answer_error
 
 __all__ = ["Handler", "HotPaths", "documented", "header", "json_body", "validated_body"]
 

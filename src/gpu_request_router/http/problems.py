@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from gpu_request_router.api.middleware.logging import SECURITY_HEADERS
 from gpu_request_router.exceptions import (
     AlreadyTerminal,
     AuthError,
@@ -40,6 +39,7 @@ from gpu_request_router.exceptions import (
     Unauthenticated,
     UnknownModel,
 )
+from gpu_request_router.http.request_context import SECURITY_HEADERS
 
 __all__ = [
     "HANDLED",

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpu_request_router.api.middleware.error_handler import problem_response
+from gpu_request_router.http.problems import problem_response
 
 __all__ = ["BodyLimitMiddleware"]
 
