@@ -54,31 +54,19 @@ def stock_app() -> FastAPI:
     install_error_handlers(app)
 
     @app.post("/v1/requests", status_code=202)
-    async def submit(
-        body: SubmitBody,
-        key: IdempotencyKey = None,
-    ) -> dict[str, Any]:
+    async def submit(body: SubmitBody, key: IdempotencyKey = None) -> dict[str, Any]:
         return {}
 
     @app.post("/v1/chat/completions")
-    async def chat(
-        body: ChatBody,
-        priority: Priority = None,
-    ) -> dict[str, Any]:
+    async def chat(body: ChatBody, priority: Priority = None) -> dict[str, Any]:
         return {}
 
     @app.post("/v1/completions")
-    async def completions(
-        body: CompletionBody,
-        priority: Priority = None,
-    ) -> dict[str, Any]:
+    async def completions(body: CompletionBody, priority: Priority = None) -> dict[str, Any]:
         return {}
 
     @app.post("/v1/embeddings")
-    async def embeddings(
-        body: EmbeddingBody,
-        priority: Priority = None,
-    ) -> dict[str, Any]:
+    async def embeddings(body: EmbeddingBody, priority: Priority = None) -> dict[str, Any]:
         return {}
 
     return app
@@ -183,7 +171,7 @@ def cases(route: Route) -> dict[str, Case]:
         "not-text-at-all": Case(b"\x80\x81{", JSON),
         "nan": Case(route.body % b"NaN", JSON, by_design="finite_number"),
         "infinity": Case(route.body % b"-Infinity", JSON, by_design="finite_number"),
-        "65-deep": Case(route.body % (b"[" * 64 + b"]" * 64), JSON, by_design="json_too_deep"),
+        "over-64-deep": Case(route.body % (b"[" * 64 + b"]" * 64), JSON, by_design="json_too_deep"),
         "5000-deep": Case(
             route.body % (b"[" * 5000 + b"]" * 5000), JSON, "json_too_deep", located=False
         ),
