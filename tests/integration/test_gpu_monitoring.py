@@ -15,7 +15,6 @@ import pytest
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
 from gpu_request_router.services.gpu_monitoring import DcgmSource, parse_dcgm
-from gpu_request_router.store.memory import MemoryStore
 
 SAMPLE = (
     Path(__file__).resolve().parents[1] / "data" / "gpu" / "dcgm_exporter_sample.txt"

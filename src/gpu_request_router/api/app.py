@@ -159,7 +159,9 @@ def _register_problem_schema(app: FastAPI, settings: Settings) -> None:
                 ref_template="#/components/schemas/{model}"
             )
             components.update(components["OpenAIError"].pop("$defs", {}))
-            for body in openai_routes.BODIES:  # read by their handlers, not by FastAPI
+            # As pydantic describes them, null defaults included, as the document has always
+            # shown them (FastAPI's own description of a body leaves a null default out).
+            for body in openai_routes.BODIES:
                 described = body.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(described.pop("$defs", {}))
                 components[body.__name__] = described

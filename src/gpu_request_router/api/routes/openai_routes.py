@@ -6,25 +6,24 @@ placed, and forwarded — answered when it ends, or streamed (``"stream": true``
 Events ending in ``data: [DONE]``. Failures before the first byte are retried like any request's;
 once bytes have gone, a failure ends the stream. Errors use OpenAI's shape on these routes.
 
-The three POST routes are hot routes (:mod:`~gpu_request_router.api.routes.lean`): their
-handlers read the body, the caller and ``X-Priority`` themselves, :data:`HOT_PATHS` serves them
-before FastAPI's routing, and ``lean.documented`` describes them in the OpenAPI document.
+The three POST routes are hot routes (:mod:`~gpu_request_router.api.routes.lean`), each
+declared once: FastAPI documents them, and :data:`HOT_PATHS` serves them before its routing.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
+from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep
 from gpu_request_router.api.models.common import JsonBody, problems, whole_number
 from gpu_request_router.api.models.request_models import TokenLimit
 from gpu_request_router.api.routes.body import JsonRoute
-from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
+from gpu_request_router.api.routes.lean import Handler, HotRoutes, OptionalHeader
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import UnknownModel
 from gpu_request_router.models.request import Request as DomainRequest
@@ -34,9 +33,9 @@ from gpu_request_router.services.ai_orchestrator import StreamSink
 __all__ = ["BODIES", "HOT_PATHS", "router"]
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)
+_HOT = HotRoutes(router)
 
-_PRIORITY = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=64)])
-_HEADERS = {"X-Priority": (_PRIORITY, "The priority class of the call.")}
+_HEADERS = [OptionalHeader("X-Priority", "The priority class of the call.", max_length=64)]
 # Waiting for a synchronous answer never outlasts the request's own deadline by more than this.
 _ANSWER_GRACE_S = 5.0
 
@@ -103,7 +102,7 @@ class EmbeddingBody(JsonBody):
 
 
 BODIES: tuple[type[BaseModel], ...] = (ChatBody, CompletionBody, EmbeddingBody)
-"""The request bodies of the OpenAI routes, documented as components of the OpenAPI document."""
+"""The request bodies of the OpenAI routes (their components of the OpenAPI document)."""
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -126,15 +125,6 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **problems(401, 403, 404, 413, 422, 429, 503),
 }
-
-
-async def _handle(request: Request, task: Task, model: type[BaseModel]) -> Response:
-    """Validate the call as FastAPI would (422 on bad input), then serve it."""
-    priority, header_errors = header(request, "X-Priority", _PRIORITY)
-    service: Service = request.app.state.service
-    caller = caller_of(request, service)
-    body = await validated_body(request, model, header_errors)
-    return await _serve(service, caller, task, body, priority)
 
 
 async def _serve(
@@ -184,48 +174,50 @@ def _ended_badly(request: DomainRequest) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers={"X-Request-Id": request.id})
 
 
-@router.post(
+@_HOT.post(
     "/chat/completions",
+    body=ChatBody,
+    headers=_HEADERS,
     summary="OpenAI chat completions",
-    response_model=None,
     responses=_RESPONSES,
-    openapi_extra=documented("ChatBody", _HEADERS),
 )
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(
+    service: Service, caller: Caller, body: ChatBody, headers: Mapping[str, str | None]
+) -> Response:
     """Run a chat completion on the fleet, answered when done or streamed."""
-    return await _handle(request, Task.CHAT, ChatBody)
+    return await _serve(service, caller, Task.CHAT, body, headers["X-Priority"])
 
 
-@router.post(
+@_HOT.post(
     "/completions",
+    body=CompletionBody,
+    headers=_HEADERS,
     summary="OpenAI completions",
-    response_model=None,
     responses=_RESPONSES,
-    openapi_extra=documented("CompletionBody", _HEADERS),
 )
-async def completions(request: Request) -> Response:
+async def completions(
+    service: Service, caller: Caller, body: CompletionBody, headers: Mapping[str, str | None]
+) -> Response:
     """Run a text completion on the fleet, answered when done or streamed."""
-    return await _handle(request, Task.COMPLETION, CompletionBody)
+    return await _serve(service, caller, Task.COMPLETION, body, headers["X-Priority"])
 
 
-@router.post(
+@_HOT.post(
     "/embeddings",
+    body=EmbeddingBody,
+    headers=_HEADERS,
     summary="OpenAI embeddings",
-    response_model=None,
     responses=_RESPONSES,
-    openapi_extra=documented("EmbeddingBody", _HEADERS),
 )
-async def embeddings(request: Request) -> Response:
+async def embeddings(
+    service: Service, caller: Caller, body: EmbeddingBody, headers: Mapping[str, str | None]
+) -> Response:
     """Compute embeddings on the fleet."""
-    return await _handle(request, Task.EMBEDDING, EmbeddingBody)
+    return await _serve(service, caller, Task.EMBEDDING, body, headers["X-Priority"])
 
 
-HOT_PATHS: dict[str, Handler] = {
-    "/v1/chat/completions": chat_completions,
-    "/v1/completions": completions,
-    "/v1/embeddings": embeddings,
-}
-"""The hot routes of this module, by path (served by ``lean.HotPaths``)."""
+HOT_PATHS: dict[str, Handler] = _HOT.handlers
+"""The fast handlers of this module's hot routes, by path (served by ``lean.HotPaths``)."""
 
 
 class ModelOut(BaseModel):

@@ -1,20 +1,19 @@
 """Requests: submit, estimate, get (with long-poll), list, cancel, and their status events.
 
-Submitting is a hot route (:mod:`~gpu_request_router.api.routes.lean`): its handler reads the
-body, the caller and ``Idempotency-Key`` itself and is served from :data:`HOT_PATHS`.
+Submitting is a hot route (:mod:`~gpu_request_router.api.routes.lean`), declared once: FastAPI
+documents it, and :data:`HOT_PATHS` serves it before FastAPI's routing.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request, status
+from fastapi import APIRouter, Header, Path, Query, status
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import StringConstraints, TypeAdapter
 
-from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
+from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep
 from gpu_request_router.api.models.common import Page, problems
 from gpu_request_router.api.models.request_models import (
     EstimateOut,
@@ -23,7 +22,8 @@ from gpu_request_router.api.models.request_models import (
     TransitionOut,
 )
 from gpu_request_router.api.routes.body import JsonRoute
-from gpu_request_router.api.routes.lean import Handler, documented, header, validated_body
+from gpu_request_router.api.routes.lean import Handler, HotRoutes, OptionalHeader
+from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.core.state_store import RequestQuery
 from gpu_request_router.models.request import RequestStatus
 
@@ -45,40 +45,39 @@ _STATUS_EVENT = {
 }
 
 router = APIRouter(prefix="/v1", tags=["requests"], route_class=JsonRoute)
+_HOT = HotRoutes(router)
 
 StatusName = Literal[
     "queued", "dispatching", "running", "succeeded", "failed", "cancelled", "expired"
 ]
 RequestId = Annotated[str, Path(max_length=64, description="The request's id (req_...).")]
-_IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, StringConstraints(min_length=1, max_length=255)])
-_SUBMIT_HEADERS = {
-    "Idempotency-Key": (
-        _IDEMPOTENCY_KEY,
-        "Retrying with the same key and body returns the first request.",
-    )
-}
+_IDEMPOTENCY_KEY = OptionalHeader(
+    "Idempotency-Key",
+    "Retrying with the same key and body returns the first request.",
+    max_length=255,
+)
 # How long an event stream stays quiet before it sends a keep-alive comment.
 _KEEPALIVE_S = 15.0
 
 
-@router.post(
+@_HOT.post(
     "/requests",
+    body=SubmitBody,
+    headers=[_IDEMPOTENCY_KEY],
     status_code=status.HTTP_202_ACCEPTED,
     response_model=RequestOut,
     summary="Submit a request",
     responses=problems(401, 403, 413, 422, 429, 503),
-    openapi_extra=documented("SubmitBody", _SUBMIT_HEADERS),
 )
-async def submit(request: Request) -> JSONResponse:
+async def submit(
+    service: Service, caller: Caller, body: SubmitBody, headers: Mapping[str, str | None]
+) -> JSONResponse:
     """Queue a request; it is stored durably before this answers 202.
 
     A request that no GPU of the fleet could ever hold is 422; one that fits the fleet but not
     its free room now waits in the queue.
     """
-    key, header_errors = header(request, "Idempotency-Key", _IDEMPOTENCY_KEY)
-    service: Service = request.app.state.service
-    caller = caller_of(request, service)
-    body = await validated_body(request, SubmitBody, header_errors)
+    key = headers[_IDEMPOTENCY_KEY.name]
     stored, created = await service.runtime.admit(body.to_submission(key), caller)
     return JSONResponse(
         service.request_out(stored).model_dump(mode="json", by_alias=True),
@@ -87,8 +86,8 @@ async def submit(request: Request) -> JSONResponse:
     )
 
 
-HOT_PATHS: dict[str, Handler] = {"/v1/requests": submit}
-"""The hot route of this module, by path (served by ``lean.HotPaths``)."""
+HOT_PATHS: dict[str, Handler] = _HOT.handlers
+"""The fast handler of this module's hot route, by path (served by ``lean.HotPaths``)."""
 
 
 @router.post(
