@@ -146,6 +146,8 @@ class Runtime:
     ) -> None:
         self.engine = engine
         self.router = engine.router
+        self.metrics = engine.metrics
+        self.registry = engine.registry
         self.store = store
         self.clock = clock if clock is not None else SystemClock()
         self.writer = Writer(
@@ -442,6 +444,38 @@ class Runtime:
         """Cordon a GPU and let its running work finish."""
         self._apply(self.router.drain(gpu_id, self.clock.now()))
         return self.router.monitor.get(gpu_id)
+
+    def gpus(self) -> list[GPUState]:
+        """Every GPU the router knows, in id order."""
+        return sorted(self.router.monitor.gpus.values(), key=lambda gpu: gpu.id)
+
+    def gpu(self, gpu_id: str) -> GPUState:
+        """One GPU (``NotFound`` for an unknown id)."""
+        return self.router.monitor.get(gpu_id)
+
+    def gpu_type(self, gpu_id: str) -> str | None:
+        """The type of a GPU the router knows, else ``None``."""
+        gpu = self.router.monitor.gpus.get(gpu_id)
+        return None if gpu is None else gpu.type
+
+    def requests_on(self, gpu_id: str, user: str | None = None) -> list[str]:
+        """The ids of the requests running on a GPU (with ``user``: that user's only)."""
+        running = self.router.requests_on(gpu_id)
+        if user is None:
+            return running
+        return [
+            request_id
+            for request_id in running
+            if (live := self.router.get(request_id)) is not None and live.user == user
+        ]
+
+    def unfinished(self, user: str | None = None) -> list[Request]:
+        """The requests not yet finished, as visible (with ``user``: that user's only)."""
+        return [
+            request
+            for request in self._view.values()
+            if not request.status.terminal and (user is None or request.user == user)
+        ]
 
     def queue_positions(self, request_ids: Collection[str]) -> dict[str, int]:
         """How many queued requests go before each of these now, in one walk of the queue.

@@ -1,7 +1,8 @@
 """Layer contracts.
 
 The scheduling core imports no store, API or service module (SPEC §2); the worker agent imports
-nothing from the router's API (the HTTP plumbing both use lives in ``http/``).
+nothing from the router's API (the HTTP plumbing both use lives in ``http/``); the API reaches the
+core and the store only through the ``Runtime`` (no ``runtime.router.…`` or ``runtime.engine.…``).
 """
 
 from __future__ import annotations
@@ -70,3 +71,33 @@ def test_the_contract_sees_imports_of_every_form() -> None:
     assert "gpu_request_router.api.app" in names
     assert "gpu_request_router.store.memory" in names
     assert "gpu_request_router.core.engine" in names
+
+
+RUNTIME_INSIDES = ("router", "engine", "store", "writer")
+
+
+def reaches_past_the_runtime(source: str) -> list[str]:
+    """Every ``runtime.<inside>`` chain of ``source`` (``<inside>`` among RUNTIME_INSIDES)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in RUNTIME_INSIDES:
+            owner = node.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if name == "runtime":
+                found.append(f"line {node.lineno}: runtime.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", sorted((PACKAGE / "api").rglob("*.py")), ids=lambda path: str(path.relative_to(PACKAGE))
+)
+def test_the_api_reaches_the_core_only_through_the_runtime(path: Path) -> None:
+    """An API module calls the Runtime's methods, never into its router, engine or store."""
+    found = reaches_past_the_runtime(path.read_text())
+    assert found == [], f"{path.relative_to(PACKAGE)}: {found}"
+
+
+def test_the_runtime_contract_sees_every_chain() -> None:
+    """The checker finds ``service.runtime.router.x`` and ``runtime.engine.y`` alike."""
+    source = "a = service.runtime.router.monitor\nb = runtime.engine.store\nc = runtime.get(1)\n"
+    assert reaches_past_the_runtime(source) == ["line 1: runtime.router", "line 2: runtime.engine"]

@@ -54,13 +54,10 @@ class Service:
         """The wire form of requests, with queue positions for those queued."""
         queued = [r.id for r in requests if r.status is RequestStatus.QUEUED]
         positions = self.runtime.queue_positions(queued) if queued else {}
-        gpus = self.runtime.router.monitor.gpus
         out = []
         for request in requests:
             placement = request.placement
-            gpu_type = (
-                gpus[placement.gpu_id].type if placement and placement.gpu_id in gpus else None
-            )
+            gpu_type = self.runtime.gpu_type(placement.gpu_id) if placement else None
             position = positions.get(request.id)
             out.append(RequestOut.of(request, gpu_type=gpu_type, queue_position=position))
         return out

@@ -22,14 +22,7 @@ GpuId = Annotated[str, Path(max_length=200, description="<worker>:<index>")]
 
 def _out(service: Service, gpu: GPUState, caller: Caller) -> GpuOut:
     """A GPU as ``caller`` may see it: other users' request ids are left out."""
-    running = service.runtime.router.requests_on(gpu.id)
-    if not caller.admin:
-        router_ = service.runtime.router
-        running = [
-            request_id
-            for request_id in running
-            if (live := router_.get(request_id)) is not None and live.user == caller.user
-        ]
+    running = service.runtime.requests_on(gpu.id, None if caller.admin else caller.user)
     return GpuOut.of(gpu, running)
 
 
@@ -41,7 +34,7 @@ async def list_gpus(
     cursor: Annotated[str | None, Query(max_length=200, description="A GPU id.")] = None,
 ) -> Page[GpuOut]:
     """Every GPU the router knows, in id order."""
-    gpus = sorted(service.runtime.router.monitor.gpus.values(), key=lambda gpu: gpu.id)
+    gpus = service.runtime.gpus()
     if cursor is not None:
         gpus = [gpu for gpu in gpus if gpu.id > cursor]
     page = gpus[:limit]
@@ -52,7 +45,7 @@ async def list_gpus(
 @router.get("/{gpu_id}", response_model=GpuOut, summary="Get a GPU", responses=problems(401, 404))
 async def get_gpu(gpu_id: GpuId, caller: CurrentCaller, service: ServiceDep) -> GpuOut:
     """One GPU."""
-    return _out(service, service.runtime.router.monitor.get(gpu_id), caller)
+    return _out(service, service.runtime.gpu(gpu_id), caller)
 
 
 @router.post(

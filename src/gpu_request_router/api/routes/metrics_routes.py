@@ -32,18 +32,14 @@ async def metrics_summary(caller: CurrentCaller, service: ServiceDep) -> Metrics
     (``scope`` says which); the queue, the percentiles, throughput and GPUs are the fleet's.
     """
     runtime = service.runtime
-    metrics = runtime.engine.metrics
+    metrics = runtime.metrics
     summary = metrics.summary(runtime.clock.now())
     own = None if caller.admin else caller.user
     if own is not None:
         summary.update(metrics.counts_of(own))
     counts: Counter[str] = Counter(summary["requests"])
-    counts.update(
-        request.status.value
-        for request in runtime.router.live.values()
-        if own is None or request.user == own
-    )
-    gpus = list(runtime.router.monitor.gpus.values())
+    counts.update(request.status.value for request in runtime.unfinished(own))
+    gpus = runtime.gpus()
     utilizations = [
         gpu.reading.utilization_pct for gpu in gpus if gpu.reading.utilization_pct is not None
     ]
@@ -81,7 +77,7 @@ async def metrics_summary(caller: CurrentCaller, service: ServiceDep) -> Metrics
 )
 async def prometheus(service: ServiceDep) -> Response:
     """The metrics of SPEC §9 in the Prometheus text format (an API key if configured so)."""
-    body = generate_latest(service.runtime.engine.registry)
+    body = generate_latest(service.runtime.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -111,7 +107,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         checks["store"] = "ok"
     except StoreUnavailable as exc:
         checks["store"] = exc.message
-    known = len(service.runtime.router.monitor.gpus)
+    known = len(service.runtime.gpus())
     checks["gpus"] = f"{known} known" if known else "none known yet"
     ready = checks["store"] == "ok" and known > 0
     return JSONResponse(
