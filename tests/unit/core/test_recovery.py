@@ -28,10 +28,7 @@ def _sized(memory_mb: int, **kwargs: Any) -> Any:
 
 def _restart(h: Harness, settings: Settings | None = None) -> Harness:
     """A new core on the same store, five seconds later, with fresh readings (a restart)."""
-    restarted = Harness(settings or h.settings, store=h.store)
-    restarted.now = h.now + 5
-    restarted.apply(restarted.router.readings(restarted._readings(), restarted.now))
-    return restarted
+    return Harness(settings or h.settings, store=h.store, now=h.now + 5)
 
 
 def _running(h: Harness, request: Request) -> str:
@@ -53,7 +50,7 @@ def test_in_flight_names_each_execution_and_the_backend_to_ask() -> None:
     h.submit(chat())  # no slot left: queued
     execution_id = _running(h, running)
     restarted = _restart(h)
-    asks = restarted.router.in_flight()
+    asks = restarted.router.in_flight(h.store.unfinished_requests())
     assert sorted(asks, key=lambda ask: ask.request_id) == sorted(
         [
             InFlight(running.id, execution_id, "sim", "sim"),
@@ -90,7 +87,7 @@ def test_a_still_running_execution_is_reattached_not_run_again() -> None:
     assert done.status.value == "succeeded" and done.attempts == 1 and done.result == output
     assert gpu.reserved_mb == 0 and restarted.router.active_count("alice") == 0
     # The charge of the dispatch is settled by its own id: replaced, not added to.
-    assert restarted.store.gpu_seconds_in_window("alice", restarted.now, 3600) == 9.0
+    assert restarted.charged("alice") == 9.0
 
 
 def test_a_reattached_dispatching_request_is_marked_running_by_its_backend() -> None:
@@ -135,7 +132,7 @@ def test_an_execution_that_finished_while_the_router_was_down_gets_its_result() 
     assert _statuses(restarted, request) == ["queued", "dispatching", "running", "succeeded"]
     assert restarted.router.get(request.id) is None
     assert restarted.router.monitor.gpus["sim:0"].reserved_mb == 0
-    assert restarted.store.gpu_seconds_in_window("alice", restarted.now, 3600) == 2.5
+    assert restarted.charged("alice") == 2.5
 
 
 def test_an_execution_that_failed_while_the_router_was_down_is_handled_as_a_failure() -> None:
@@ -196,7 +193,9 @@ def test_an_answer_about_gpus_no_longer_known_counts_as_no_answer() -> None:
     request = h.submit(chat())
     execution_id = _running(h, request)
     restarted = _restart(h, make_settings(gpus=[("H100-80GB", 1)], worker="other"))
-    assert restarted.router.in_flight() == [InFlight(request.id, execution_id, "sim", "sim")]
+    assert restarted.router.in_flight(h.store.unfinished_requests()) == [
+        InFlight(request.id, execution_id, "sim", "sim")
+    ]
     recovery = restarted.recover({execution_id: StillRunning()})
     assert recovery.reattached == []
     again = restarted.dispatch_of(request)
