@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from core_harness import Harness
@@ -14,6 +15,7 @@ from gpu_request_router.core.events import (
     FailureKind,
     InFlight,
     NotKnown,
+    StateChange,
     StillRunning,
 )
 from gpu_request_router.models.gpu_state import GPUHealth
@@ -231,3 +233,27 @@ def test_a_reattached_execution_on_a_lost_gpu_fails_over_elsewhere() -> None:
     again = restarted.dispatch_of(request)
     assert again.attempt == 2 and again.placement.gpu_ids == (other,)
     assert [(c.execution_id, c.reason) for c in restarted.cancelled] == [(execution_id, "gpu_lost")]
+
+
+def test_a_recovery_hands_out_every_status_change_first_in_the_order_made() -> None:
+    """Outcomes taken and work retried in one recovery: all status changes lead, each in order.
+
+    Each request's changes follow one another (each from the status the one before left), ahead
+    of the cancel and the dispatch that depend on them, so the store ends as the core is.
+    """
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=2, retries={"backoff_s": 0}))
+    silent, done = h.submit(chat()), h.submit(chat(), user="bob")
+    silent_id, done_id = _running(h, silent), _running(h, done)
+    restarted = _restart(h)
+    recovery = restarted.recover({done_id: ExecutionResult({"text": "done"})})
+    leading = [isinstance(d, StateChange) for d in recovery.decisions]
+    assert leading == sorted(leading, reverse=True), recovery.decisions
+    assert [c.execution_id for c in restarted.cancelled] == [silent_id]
+    assert restarted.dispatch_of(silent).attempt == 2
+    changes = [d for d in recovery.decisions if isinstance(d, StateChange)]
+    for request in (silent, done):
+        entries = [c.entry for c in changes if c.request.id == request.id]
+        for before, after in itertools.pairwise(entries):
+            assert after.from_status is before.to_status and after.seq > before.seq
+    assert _statuses(restarted, silent)[-2:] == ["queued", "dispatching"]
+    assert _statuses(restarted, done)[-1] == "succeeded"
