@@ -9,7 +9,7 @@ from core_harness import Harness
 
 from gpu_request_router.core.events import FailureKind
 from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.core.state_store import RequestQuery
+from gpu_request_router.core.state_store import OverrideChange, RequestQuery
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
@@ -401,3 +401,33 @@ def test_settings_default_priority_and_timeout_apply() -> None:
     request = h.submit(chat())
     assert request.priority == "low"
     assert request.timeout_s == 99
+
+
+def test_a_restarted_router_keeps_the_quota_windows_and_the_overrides(harness_for) -> None:
+    """The minute's admissions, the hour's GPU-seconds and run-time overrides come back.
+
+    They are loaded from what the store kept with the status changes (and the override the
+    driver persisted); a minute later the rate window has emptied.
+    """
+    h: Harness = harness_for(quota={"requests_per_minute": 2, "gpu_seconds_per_hour": 1000})
+    first = h.submit(chat())
+    h.finish(first, gpu_seconds=600.0)
+    h.submit(chat())
+    h.router.quotas.set_override("bob", {"max_priority": "low"})
+    h.store.write([OverrideChange("bob", {"max_priority": "low"})])
+    used = h.charged("alice")
+    assert used > 600.0
+    restarted = Harness(h.settings, store=h.store, now=h.now + 1)
+    assert restarted.charged("alice") == pytest.approx(used)
+    assert restarted.admitted("alice") == 2
+    assert restarted.router.quotas.quota_for("bob").max_priority == "low"
+    with pytest.raises(QuotaExceeded) as info:
+        restarted.submit(chat())
+    assert info.value.quota == "requests_per_minute"
+    with pytest.raises(QuotaForbidden):
+        restarted.submit(chat(priority="high"), user="bob")
+    later = Harness(h.settings, store=h.store, now=h.now + 61)
+    assert later.admitted("alice") == 0
+    assert later.charged("alice") == pytest.approx(used)
+    later.submit(chat())
+    assert later.admitted("alice") == 1
