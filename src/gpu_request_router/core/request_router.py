@@ -417,10 +417,11 @@ class RequestRouter:
         decisions += self._pass(now)
         # Each outcome taken handed out, among its decisions, the changes made until then: all
         # the changes go first, in the order they were made (a request's last one last).
-        changes = [d for d in decisions if isinstance(d, StateChange)] + self._changes
+        ordered: list[Decision] = [d for d in decisions if isinstance(d, StateChange)]
+        ordered += self._changes
         self._changes = []
-        rest = [d for d in decisions if not isinstance(d, StateChange)]
-        return Recovery(changes + rest, reattached)
+        ordered += [d for d in decisions if not isinstance(d, StateChange)]
+        return Recovery(ordered, reattached)
 
     def _backend_of(self, placement: Placement) -> str:
         """The backend of a placement: its first GPU's, else its worker (its own backend)."""
