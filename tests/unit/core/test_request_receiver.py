@@ -25,7 +25,9 @@ from gpu_request_router.testing import UNLIMITED_QUOTA, chat, make_settings, rea
 
 
 def _nothing_stored(h: Harness) -> bool:
-    return h.store.list_requests(RequestQuery(limit=500)).items == []
+    """Nothing stored, nothing live in the core, no admission of alice's counted."""
+    stored = h.store.list_requests(RequestQuery(limit=500)).items
+    return stored == [] and not h.router.live and h.admitted("alice") == 0
 
 
 def _rejected(h: Harness, reason: str) -> float | None:
