@@ -414,7 +414,14 @@ class RequestRouter:
                 decisions += self.failed(execution_id, outcome, now)
             else:
                 decisions += self.finished(execution_id, outcome, now)
-        return Recovery(self._emit(decisions + self._pass(now)), reattached)
+        decisions += self._pass(now)
+        # Each outcome taken handed out, among its decisions, the changes made until then: all
+        # the changes go first, in the order they were made (a request's last one last).
+        ordered: list[Decision] = [d for d in decisions if isinstance(d, StateChange)]
+        ordered += self._changes
+        self._changes = []
+        ordered += [d for d in decisions if not isinstance(d, StateChange)]
+        return Recovery(ordered, reattached)
 
     def _backend_of(self, placement: Placement) -> str:
         """The backend of a placement: its first GPU's, else its worker (its own backend)."""

@@ -18,12 +18,12 @@ from gpu_request_router.store import SQLiteStore
 
 
 def test_a_small_run_measures_every_write_of_every_store() -> None:
-    """Each store takes the four writes of every request; every time is positive."""
+    """Each store takes the four writes of every request, alone and batched; all times positive."""
     rows = run_store(("memory", "sqlite"), requests=30)
     assert [row.store for row in rows] == ["memory", "sqlite"]
     for row in rows:
         assert row.requests == 30
-        assert min(row.add_us, row.claim_us, row.start_us, row.end_us) > 0
+        assert min(row.add_us, row.claim_us, row.start_us, row.end_us, row.batched_us) > 0
         assert row.request_wall_us >= row.add_us + row.claim_us + row.start_us + row.end_us
 
 
@@ -32,7 +32,9 @@ def test_the_requests_end_succeeded_and_charged_in_the_store(
 ) -> None:
     """The writes are the router's: each request succeeded, with four audit entries.
 
-    The charge kept is the settled one, not the estimate the claim carried.
+    Twice as many requests as asked are written: each one's changes alone, then as many again
+    with the changes of up to ``BATCH`` requests in one commit (12 here: one partial batch). The
+    charge kept is the settled one, not the estimate the claim carried.
     """
     monkeypatch.setitem(bench_store.STORES, "kept", lambda _: SQLiteStore(tmp_path / "kept.db"))
     run_store(("kept",), requests=12)
@@ -40,12 +42,14 @@ def test_the_requests_end_succeeded_and_charged_in_the_store(
     statuses = connection.execute(
         "SELECT status, count(*) FROM requests GROUP BY status"
     ).fetchall()
+    ids = connection.execute("SELECT count(DISTINCT id) FROM requests").fetchone()
     trail = connection.execute("SELECT count(*) FROM transitions").fetchone()
     charged = connection.execute("SELECT total(gpu_seconds) FROM charges").fetchone()
     connection.close()
-    assert statuses == [(RequestStatus.SUCCEEDED.value, 12)]
-    assert trail == (12 * 4,)
-    assert charged == (pytest.approx(12 * 0.4),)
+    assert statuses == [(RequestStatus.SUCCEEDED.value, 24)]
+    assert ids == (24,)
+    assert trail == (24 * 4,)
+    assert charged == (pytest.approx(24 * 0.4),)
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path: Path) -> None:

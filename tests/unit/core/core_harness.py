@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from gpu_request_router.config.config_loader import Settings
@@ -20,6 +21,7 @@ from gpu_request_router.core.events import (
 from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.request import Request
+from gpu_request_router.models.user_quota import QuotaUsage
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import readings_for
 
@@ -99,6 +101,30 @@ class Harness:
 
     def _readings(self) -> list[Any]:
         return readings_for(self.settings)
+
+    def charged(self, user: str) -> float:
+        """GPU-seconds charged to ``user`` in the last hour, as the core counts them.
+
+        The charges persisted with the status changes must add up to the same figure.
+        """
+        counted = self._usage(user).gpu_seconds_last_hour
+        history = self.store.quota_history(self.now, MINUTE_S, HOUR_S)
+        stored = sum(c.gpu_seconds for c in history.charges if c.user == user)
+        assert math.isclose(counted, stored, abs_tol=1e-9), (counted, stored)
+        return counted
+
+    def admitted(self, user: str) -> int:
+        """``user``'s rate admissions in the last minute, as the core counts them.
+
+        The admissions persisted with the requests' creations must be as many.
+        """
+        counted = self._usage(user).requests_last_minute
+        history = self.store.quota_history(self.now, MINUTE_S, HOUR_S)
+        assert counted == sum(1 for a in history.admissions if a[0] == user), counted
+        return counted
+
+    def _usage(self, user: str) -> QuotaUsage:
+        return self.router.quotas.usage(user, queued=0, concurrent=0, now=self.now)
 
     def status(self, request: Request) -> str:
         stored = self.store.get_request(request.id)

@@ -11,7 +11,6 @@ from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.exceptions import NotFound
 from gpu_request_router.models.gpu_state import GPUHealth
 from gpu_request_router.models.gpu_types import gpu_type
-from gpu_request_router.store import MemoryStore
 from gpu_request_router.testing import reading
 
 H100_MB = gpu_type("H100-80GB").memory_mb
@@ -19,12 +18,11 @@ MARGIN = 1024
 STALE = 10.0
 
 
-def make_monitor(store: MemoryStore | None = None, *, margin: int = MARGIN) -> GPUStateMonitor:
-    """A monitor with the default monitor settings over a fresh memory store."""
+def make_monitor(*, margin: int = MARGIN) -> GPUStateMonitor:
+    """A monitor with the default monitor settings, holding its reservations in memory."""
     monitor_settings = load_settings().monitor
     assert monitor_settings.stale_after_s == STALE
     return GPUStateMonitor(
-        store or MemoryStore(),
         stale_after_s=monitor_settings.stale_after_s,
         safety_margin_mb=margin,
         max_temperature_c=monitor_settings.max_temperature_c,
@@ -79,45 +77,43 @@ def test_a_new_reading_updates_the_room() -> None:
 
 
 def test_reserve_takes_room_and_a_slot() -> None:
-    """A reservation lowers room by its size and uses one slot; the store sees it too."""
-    store = MemoryStore()
-    monitor = make_monitor(store)
+    """A reservation lowers room by its size and uses one slot, held under its execution."""
+    monitor = make_monitor()
     monitor.apply([reading("a", 0, slots=2)], 0.0)
     assert monitor.reserve("a:0", "exe_1", 20_000)
     state = monitor.get("a:0")
     assert state.room_mb == H100_MB - MARGIN - 20_000
     assert state.free_slots == 1
     assert state.reserved_mb == 20_000
-    assert store.reserved_mb("a:0") == 20_000
+    assert state.running == {"exe_1": 20_000}
     assert monitor.holders_on("a:0") == ["exe_1"]
 
 
 def test_reserve_refuses_without_a_free_slot_and_changes_nothing() -> None:
     """With every slot taken a reservation is refused, however small."""
-    store = MemoryStore()
-    monitor = make_monitor(store)
+    monitor = make_monitor()
     monitor.apply([reading("a", 0, slots=1)], 0.0)
     assert monitor.reserve("a:0", "exe_1", 1000)
     assert not monitor.reserve("a:0", "exe_2", 0)
     state = monitor.get("a:0")
     assert state.free_slots == 0
     assert state.reserved_mb == 1000
-    assert store.reserved_mb("a:0") == 1000
+    assert state.running == {"exe_1": 1000}
     assert monitor.holders_on("a:0") == ["exe_1"]
     assert monitor.release("exe_2") == []
 
 
 def test_reserve_refuses_without_enough_room_and_changes_nothing() -> None:
     """A reservation larger than the room is refused and leaves room and slots alone."""
-    store = MemoryStore()
-    monitor = make_monitor(store)
+    monitor = make_monitor()
     monitor.apply([reading("a", 0, used_mb=50_000)], 0.0)
     room = monitor.get("a:0").room_mb
     assert not monitor.reserve("a:0", "exe_1", room + 1)
     state = monitor.get("a:0")
     assert state.room_mb == room
     assert state.free_slots == 8
-    assert store.reserved_mb("a:0") == 0
+    assert state.reserved_mb == 0
+    assert state.running == {}
     assert monitor.reserve("a:0", "exe_1", room)
     assert monitor.get("a:0").room_mb == 0
 

@@ -21,10 +21,12 @@ from gpu_request_router.core.events import (
     FailureKind,
     Lookup,
     NotKnown,
+    StateChange,
     StillRunning,
 )
+from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.exceptions import GpuRouterError, RequestRejected
+from gpu_request_router.exceptions import NotFound, RequestRejected
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape, Task
 from gpu_request_router.store.memory import MemoryStore
@@ -93,7 +95,8 @@ class RouterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.settings = _settings()
-        self.engine = Engine.build(self.settings, store=MemoryStore(), seed=0)
+        self.store = MemoryStore()
+        self.engine = Engine.build(self.settings, seed=0)
         self.restarts = 0
         self.router = self.engine.router
         self.now = 1000.0
@@ -102,15 +105,10 @@ class RouterMachine(RuleBasedStateMachine):
         self.accepted: dict[str, str] = {}  # request id -> user
         self.admissions: dict[str, list[float]] = defaultdict(list)
         self.terminal_transitions: Counter[str] = Counter()
-        self.router.listeners.append(self._on_transition)
         self._carry_out(self.router.readings(self._readings("a"), self.now, worker="a"))
         self._carry_out(self.router.readings(self._readings("b"), self.now, worker="b"))
 
     # The world ---------------------------------------------------------------------------------
-
-    def _on_transition(self, request: Request, before: RequestStatus) -> None:
-        if request.status.terminal:
-            self.terminal_transitions[request.id] += 1
 
     def _readings(self, worker: str) -> list[GPUReading]:
         result = []
@@ -123,7 +121,29 @@ class RouterMachine(RuleBasedStateMachine):
         return result
 
     def _carry_out(self, decisions: list[Decision]) -> None:
-        """Carry out decisions as a fleet would, checking I6 for every dispatch."""
+        """Persist the status changes, then carry out the rest as a fleet would; check I6.
+
+        The changes come first, and each follows the status its request has in the store (the
+        guarded write the store no longer makes): a creation for a request not stored, else a
+        change from the stored status and attempt.
+        """
+        changes = [d for d in decisions if isinstance(d, StateChange)]
+        assert decisions[: len(changes)] == changes, "status changes come before what they allow"
+        written: dict[str, Request] = {}
+        for change in changes:
+            request = change.request
+            before = written.get(request.id) or self.store.get_request(request.id)
+            if change.created:
+                assert before is None, f"{request.id} created twice"
+            else:
+                assert before is not None, f"{request.id} changed before it was created"
+                assert change.entry.from_status is before.status, change.entry
+                assert not before.status.terminal, f"{request.id} left a terminal status"
+            assert change.entry.to_status is request.status
+            written[request.id] = request
+            if request.status.terminal:
+                self.terminal_transitions[request.id] += 1
+        self.store.write(changes)
         dispatched = [d for d in decisions if isinstance(d, Dispatch)]
         for decision in decisions:
             if isinstance(decision, CancelExecution):
@@ -256,11 +276,12 @@ class RouterMachine(RuleBasedStateMachine):
         request_id = data.draw(st.sampled_from(sorted(self.accepted)))
         try:
             decisions = self.router.cancel(request_id, self.now)
-        except GpuRouterError:
+        except NotFound:
             assert self.router.get(request_id) is None
+            assert self.store.get_request(request_id).status.terminal
             return
-        assert self.engine.store.get_request(request_id).status is RequestStatus.CANCELLED
         self._carry_out(decisions)
+        assert self.store.get_request(request_id).status is RequestStatus.CANCELLED
 
     @rule(gpu=st.sampled_from(["a:0", "a:1", "b:0", "b:1"]))
     def lose_gpu(self, gpu: str) -> None:
@@ -302,15 +323,16 @@ class RouterMachine(RuleBasedStateMachine):
         The world runs on: each execution it runs is still running, ended (succeeded or failed)
         or silent (its worker does not answer); one it does not run is unknown or silent.
         """
-        store = self.engine.store
         self.restarts += 1  # a new seed: request ids of a new process never repeat old ones
-        self.engine = Engine.build(self.settings, store=store, seed=self.restarts)
+        self.engine = Engine.build(self.settings, seed=self.restarts)
         self.router = self.engine.router
-        self.router.listeners.append(self._on_transition)
+        self.router.quotas.load(
+            self.store.quota_history(self.now, MINUTE_S, HOUR_S), self.store.quota_overrides()
+        )
         for worker in FLEET:
             self._carry_out(self.router.readings(self._readings(worker), self.now, worker=worker))
         lookups: dict[str, Lookup] = {}
-        for ask in self.router.in_flight():
+        for ask in self.router.in_flight(self.store.unfinished_requests()):
             dispatch = self.live.get(ask.execution_id)
             if dispatch is None:
                 said = data.draw(st.sampled_from(["unknown", "silent"]))
@@ -327,7 +349,7 @@ class RouterMachine(RuleBasedStateMachine):
             elif said == "failed":
                 del self.live[ask.execution_id]
                 lookups[ask.execution_id] = Failure(FailureKind.BACKEND_ERROR, "while away")
-        recovery = self.router.recover(self.now, lookups)
+        recovery = self.router.recover(self.now, self.store.unfinished_requests(), lookups)
         self._carry_out(recovery.decisions)
         for dispatch in recovery.reattached:
             assert isinstance(lookups.get(dispatch.execution_id), StillRunning)
@@ -339,7 +361,7 @@ class RouterMachine(RuleBasedStateMachine):
     def one_terminal_state_each(self) -> None:
         """I1: every accepted request is stored, and terminal exactly once when it has ended."""
         for request_id in self.accepted:
-            stored = self.engine.store.get_request(request_id)
+            stored = self.store.get_request(request_id)
             assert stored is not None, f"{request_id} was lost"
             expected = 1 if stored.status.terminal else 0
             assert self.terminal_transitions[request_id] == expected

@@ -4,11 +4,13 @@
 the router's queue bound, which the machines here do not send.)
 
 Two machines drive the core. ``RouterMachine`` covers every kind of event (submits, starts,
-completions, failures, cancels, GPU loss, cordons, time, and another router replica taking the
-room on a GPU through the shared store). ``QueueMachine`` keeps capacity scarce (few GPUs and
-slots, large requests, bursts, GPU-seconds quotas) so that the queue's order decides who runs.
+completions, failures, cancels, GPU loss, cordons, time, and another execution taking the room
+on a GPU between the core's choice and its reservation). ``QueueMachine`` keeps capacity scarce
+(few GPUs and slots, large requests, bursts, GPU-seconds quotas) so that the queue's order decides
+who runs.
 Both check the core against the test's own model (``fleet_model.py``), built from the decisions
-alone, and both end every run with a drain: all work finishes or expires, and then every request
+alone, persist the status changes the core hands out to a store of their own (as the runtime
+does), and both end every run with a drain: all work finishes or expires, and then every request
 must have reached one terminal state and every reservation must be gone.
 """
 
@@ -33,12 +35,13 @@ from gpu_request_router.core.events import (
     ExecutionResult,
     Failure,
     FailureKind,
+    StateChange,
 )
 from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.exceptions import GpuRouterError, RequestRejected
+from gpu_request_router.exceptions import NotFound, RequestRejected
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.gpu_types import gpu_type
-from gpu_request_router.models.request import Request, ResourceHints, Shape, Task, Transition
+from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape, Task
 from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import reading
 
@@ -103,7 +106,8 @@ class DrivenCore(RuleBasedStateMachine):
     """The real core and the test's model of it, fed the same events; what both machines share.
 
     The model (``self.model``) learns only from what the test did and what the core decided:
-    every check compares the core with it.
+    every check compares the core with it. ``self.store`` holds what the core's status changes
+    persisted.
     """
 
     def __init__(self, settings: Settings, fleet: dict[str, tuple[str, ...]], slots: int) -> None:
@@ -111,9 +115,9 @@ class DrivenCore(RuleBasedStateMachine):
         super().__init__()
         self.fleet = fleet
         self.slots = slots
-        self.engine = Engine.build(settings, store=MemoryStore(), seed=0)
+        self.engine = Engine.build(settings, seed=0)
         self.router = self.engine.router
-        self.store = self.engine.store
+        self.store = MemoryStore()
         self.now = 1000.0
         quota = settings.quotas.default
         self.model = FleetModel(
@@ -130,15 +134,10 @@ class DrivenCore(RuleBasedStateMachine):
         )
         self.default_timeout_s = settings.server.default_timeout_s
         self.terminal_transitions: Counter[str] = Counter()
-        self.router.listeners.append(self._on_transition)
         for worker in self.fleet:
             self._report(worker)
 
     # The world ---------------------------------------------------------------------------------
-
-    def _on_transition(self, request: Request, change: Transition) -> None:
-        if request.status.terminal:
-            self.terminal_transitions[request.id] += 1
 
     def _report(self, worker: str) -> None:
         """A complete report of ``worker``: its GPUs but the lost ones, used = reserved."""
@@ -154,10 +153,11 @@ class DrivenCore(RuleBasedStateMachine):
         self._carry_out(self.router.readings(readings, self.now, worker=worker))
 
     def _carry_out(self, decisions: list[Decision], *, check_order: bool = True) -> None:
-        """Carry out decisions as a fleet would, checking each dispatch before it starts.
+        """Persist the status changes, then carry out the rest as a fleet would, checked.
 
         Cancellations come first: the core frees what they held before its dispatch pass.
         """
+        self._persist(decisions)
         for decision in decisions:
             if isinstance(decision, CancelExecution):
                 self.model.end(decision.execution_id, self.now)
@@ -174,6 +174,49 @@ class DrivenCore(RuleBasedStateMachine):
             if check_order:
                 self._check_order(decision)
             self.model.dispatch(decision, self.now)
+
+    def _persist(self, decisions: list[Decision]) -> None:
+        """Write the status changes, checked: they lead, and follow what the store holds.
+
+        Each is a creation of a request not stored, or a change from the stored status (the
+        guarded write the store no longer makes), never out of a terminal one. Every dispatch
+        comes with the change that claimed its request: to dispatching, with its placement and
+        attempt, so the store holds each placement the fleet runs (I2 against the store).
+        """
+        changes = [d for d in decisions if isinstance(d, StateChange)]
+        assert decisions[: len(changes)] == changes, "status changes come before what they allow"
+        written: dict[str, Request] = {}
+        for change in changes:
+            request = change.request
+            before = written.get(request.id) or self.store.get_request(request.id)
+            if change.created:
+                assert before is None, f"{request.id} created twice"
+            else:
+                assert before is not None, f"{request.id} changed before it was created"
+                assert change.entry.from_status is before.status, change.entry
+                assert not before.status.terminal, f"I1: {request.id} left a terminal status"
+            assert change.entry.to_status is request.status
+            written[request.id] = request
+            if request.status.terminal:
+                self.terminal_transitions[request.id] += 1
+        for dispatch in decisions:
+            if isinstance(dispatch, Dispatch):
+                claimed = written.get(dispatch.request.id)
+                assert claimed is not None, f"{dispatch.execution_id} dispatched unclaimed"
+                assert claimed.status is RequestStatus.DISPATCHING
+                assert claimed.placement == dispatch.placement
+                assert claimed.execution_id == dispatch.execution_id
+        self.store.write(changes)
+
+    def _stored_holders(self, gpu_id: str) -> set[str]:
+        """The executions the store shows in flight on a GPU."""
+        return {
+            request.execution_id
+            for request in self.store.unfinished_requests()
+            if request.status.active
+            and request.placement is not None
+            and gpu_id in request.placement.gpu_ids
+        }
 
     def _could_take(self, waiting: Submitted, dispatch: Dispatch) -> bool:
         """Whether ``waiting`` could have been placed where the core placed ``dispatch``."""
@@ -226,13 +269,13 @@ class DrivenCore(RuleBasedStateMachine):
         """Cancel as its user; refused only once the request has ended."""
         try:
             decisions = self.router.cancel(request_id, self.now)
-        except GpuRouterError:
+        except NotFound:
             assert self.terminal_transitions[request_id] == 1, f"{request_id} was not ended"
             return
         self.model.requests[request_id].cancelled = True
+        self._carry_out(decisions)
         stored = self.store.get_request(request_id)
         assert stored is not None and stored.status.value == "cancelled"
-        self._carry_out(decisions)
 
     # Rules both machines have ------------------------------------------------------------------
 
@@ -278,13 +321,17 @@ class DrivenCore(RuleBasedStateMachine):
 
     @invariant()
     def reservations_are_the_placements(self) -> None:
-        """I2: each GPU's reservations are exactly those of the live executions placed there."""
+        """I2: each GPU's reservations are exactly those of the live executions placed there.
+
+        The monitor holds their memory, and the store shows those executions in flight there.
+        """
         for gpu_id, gpu in self.router.monitor.gpus.items():
             holders = self.model.holders_on(gpu_id)
             placed = self.model.reserved_on(gpu_id)
             assert set(gpu.running) == holders, f"{gpu_id} holds {sorted(gpu.running)}"
             assert gpu.reserved_mb == placed, f"{gpu_id}: {gpu.reserved_mb} MiB, placed {placed}"
-            assert self.store.reserved_mb(gpu_id) == placed, f"{gpu_id}: the store disagrees"
+            assert sum(gpu.running.values()) == placed
+            assert self._stored_holders(gpu_id) == holders, f"{gpu_id}: the store disagrees"
             total = self.model.gpus[gpu_id].memory_mb
             assert placed <= total - MARGIN_MB, f"{gpu_id} over-committed"
             assert len(holders) <= self.slots
@@ -332,7 +379,7 @@ class DrivenCore(RuleBasedStateMachine):
         assert not self.router.live and self.router.queued_total() == 0
         for gpu_id, gpu in self.router.monitor.gpus.items():
             assert not gpu.running and gpu.reserved_mb == 0, f"I2: {gpu_id} holds memory at rest"
-            assert self.store.reserved_mb(gpu_id) == 0, f"I2: the store holds {gpu_id} at rest"
+        assert self.store.unfinished_requests() == [], "the store shows work at rest"
 
 
 # The machine with every kind of event -------------------------------------------------------------
@@ -441,22 +488,46 @@ class RouterMachine(DrivenCore):
         priority=st.sampled_from(CLASSES),
     )
     def replica_race(self, gpu: str, user: str, size: str, priority: str) -> None:
-        """Another replica (sharing the store) takes all the room left on a GPU meanwhile.
+        """Another execution takes all the room left on a GPU between the choice and the memory.
 
-        This router does not know: it may choose that GPU, and the store refuses the
-        reservation. A two-GPU request is submitted meanwhile; the replica's work then ends.
+        A two-GPU request is submitted. When the core first reserves on ``gpu`` in that event,
+        the other execution has just taken its room: the core chose the GPU on what it saw, and
+        the GPU refuses. What the core reserved on the other GPU of the placement is given back
+        (the request stays queued). The other execution then ends.
         """
-        limit = self.model.gpus[gpu].memory_mb - MARGIN_MB
-        free = limit - self.store.reserved_mb(gpu)
-        if free <= 0:
+        monitor = self.router.monitor
+        state = monitor.gpus.get(gpu)
+        if state is None or monitor.limit_mb(state) - state.reserved_mb <= 0:
             return
-        assert self.store.reserve(gpu, "replica-2", free, limit) is not None
+        reserve = monitor.reserve
+        refused: list[str] = []
+
+        def reserve_after_another(gpu_id: str, holder: str, memory_mb: int) -> bool:
+            if gpu_id == gpu and not refused:
+                monitor.adopt(gpu, "replica-2", monitor.limit_mb(state) - state.reserved_mb)
+                assert not reserve(gpu_id, holder, memory_mb), "the room was all taken"
+                refused.append(holder)
+                others = [g for g, other in monitor.gpus.items() if holder in other.running]
+                event(
+                    "replica race: refused on the second GPU, the first given back"
+                    if others
+                    else "replica race: refused on the first GPU"
+                )
+                return False
+            return reserve(gpu_id, holder, memory_mb)
+
+        monitor.reserve = reserve_after_another  # type: ignore[method-assign]
         try:
             submitted = self._submit(
                 user, _submission(size, priority, 2, None, None), check_order=False
             )
         finally:
-            self.store.release("replica-2")
+            del monitor.reserve
+            monitor.release("replica-2")
+        for holder in refused:
+            held = [g for g, other in monitor.gpus.items() if holder in other.running]
+            assert held == [], f"{holder} keeps {held} after a GPU refused it"
+            assert holder not in self.model.live, f"{holder} was dispatched though refused"
         if submitted is not None:
             self.admissions[user].append(self.now)
 

@@ -21,7 +21,6 @@ from gpu_request_router.core.load_balancer import (
 )
 from gpu_request_router.models.gpu_state import GPUReading, GPUState
 from gpu_request_router.models.gpu_types import gpu_type
-from gpu_request_router.store import MemoryStore
 from gpu_request_router.testing import reading
 
 MARGIN = 1024

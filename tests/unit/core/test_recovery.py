@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from core_harness import Harness
@@ -14,6 +15,7 @@ from gpu_request_router.core.events import (
     FailureKind,
     InFlight,
     NotKnown,
+    StateChange,
     StillRunning,
 )
 from gpu_request_router.models.gpu_state import GPUHealth
@@ -28,10 +30,7 @@ def _sized(memory_mb: int, **kwargs: Any) -> Any:
 
 def _restart(h: Harness, settings: Settings | None = None) -> Harness:
     """A new core on the same store, five seconds later, with fresh readings (a restart)."""
-    restarted = Harness(settings or h.settings, store=h.store)
-    restarted.now = h.now + 5
-    restarted.apply(restarted.router.readings(restarted._readings(), restarted.now))
-    return restarted
+    return Harness(settings or h.settings, store=h.store, now=h.now + 5)
 
 
 def _running(h: Harness, request: Request) -> str:
@@ -53,7 +52,7 @@ def test_in_flight_names_each_execution_and_the_backend_to_ask() -> None:
     h.submit(chat())  # no slot left: queued
     execution_id = _running(h, running)
     restarted = _restart(h)
-    asks = restarted.router.in_flight()
+    asks = restarted.router.in_flight(h.store.unfinished_requests())
     assert sorted(asks, key=lambda ask: ask.request_id) == sorted(
         [
             InFlight(running.id, execution_id, "sim", "sim"),
@@ -90,7 +89,7 @@ def test_a_still_running_execution_is_reattached_not_run_again() -> None:
     assert done.status.value == "succeeded" and done.attempts == 1 and done.result == output
     assert gpu.reserved_mb == 0 and restarted.router.active_count("alice") == 0
     # The charge of the dispatch is settled by its own id: replaced, not added to.
-    assert restarted.store.gpu_seconds_in_window("alice", restarted.now, 3600) == 9.0
+    assert restarted.charged("alice") == 9.0
 
 
 def test_a_reattached_dispatching_request_is_marked_running_by_its_backend() -> None:
@@ -135,7 +134,7 @@ def test_an_execution_that_finished_while_the_router_was_down_gets_its_result() 
     assert _statuses(restarted, request) == ["queued", "dispatching", "running", "succeeded"]
     assert restarted.router.get(request.id) is None
     assert restarted.router.monitor.gpus["sim:0"].reserved_mb == 0
-    assert restarted.store.gpu_seconds_in_window("alice", restarted.now, 3600) == 2.5
+    assert restarted.charged("alice") == 2.5
 
 
 def test_an_execution_that_failed_while_the_router_was_down_is_handled_as_a_failure() -> None:
@@ -196,7 +195,9 @@ def test_an_answer_about_gpus_no_longer_known_counts_as_no_answer() -> None:
     request = h.submit(chat())
     execution_id = _running(h, request)
     restarted = _restart(h, make_settings(gpus=[("H100-80GB", 1)], worker="other"))
-    assert restarted.router.in_flight() == [InFlight(request.id, execution_id, "sim", "sim")]
+    assert restarted.router.in_flight(h.store.unfinished_requests()) == [
+        InFlight(request.id, execution_id, "sim", "sim")
+    ]
     recovery = restarted.recover({execution_id: StillRunning()})
     assert recovery.reattached == []
     again = restarted.dispatch_of(request)
@@ -232,3 +233,27 @@ def test_a_reattached_execution_on_a_lost_gpu_fails_over_elsewhere() -> None:
     again = restarted.dispatch_of(request)
     assert again.attempt == 2 and again.placement.gpu_ids == (other,)
     assert [(c.execution_id, c.reason) for c in restarted.cancelled] == [(execution_id, "gpu_lost")]
+
+
+def test_a_recovery_hands_out_every_status_change_first_in_the_order_made() -> None:
+    """Outcomes taken and work retried in one recovery: all status changes lead, each in order.
+
+    Each request's changes follow one another (each from the status the one before left), ahead
+    of the cancel and the dispatch that depend on them, so the store ends as the core is.
+    """
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=2, retries={"backoff_s": 0}))
+    silent, done = h.submit(chat()), h.submit(chat(), user="bob")
+    silent_id, done_id = _running(h, silent), _running(h, done)
+    restarted = _restart(h)
+    recovery = restarted.recover({done_id: ExecutionResult({"text": "done"})})
+    leading = [isinstance(d, StateChange) for d in recovery.decisions]
+    assert leading == sorted(leading, reverse=True), recovery.decisions
+    assert [c.execution_id for c in restarted.cancelled] == [silent_id]
+    assert restarted.dispatch_of(silent).attempt == 2
+    changes = [d for d in recovery.decisions if isinstance(d, StateChange)]
+    for request in (silent, done):
+        entries = [c.entry for c in changes if c.request.id == request.id]
+        for before, after in itertools.pairwise(entries):
+            assert after.from_status is before.to_status and after.seq > before.seq
+    assert _statuses(restarted, silent)[-2:] == ["queued", "dispatching"]
+    assert _statuses(restarted, done)[-1] == "succeeded"

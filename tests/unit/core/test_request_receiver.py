@@ -9,7 +9,7 @@ from core_harness import Harness
 
 from gpu_request_router.core.events import FailureKind
 from gpu_request_router.core.request_receiver import Caller, Submission
-from gpu_request_router.core.state_store import RequestQuery
+from gpu_request_router.core.state_store import OverrideChange, RequestQuery
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
     InvalidRequest,
@@ -25,7 +25,9 @@ from gpu_request_router.testing import UNLIMITED_QUOTA, chat, make_settings, rea
 
 
 def _nothing_stored(h: Harness) -> bool:
-    return h.store.list_requests(RequestQuery(limit=500)).items == []
+    """Nothing stored, nothing live in the core, no admission of alice's counted."""
+    stored = h.store.list_requests(RequestQuery(limit=500)).items
+    return stored == [] and not h.router.live and h.admitted("alice") == 0
 
 
 def _rejected(h: Harness, reason: str) -> float | None:
@@ -132,6 +134,27 @@ def test_idempotency_key_returns_the_first_request(harness_for) -> None:
     assert len(h.store.list_requests(RequestQuery(limit=10)).items) == 2
 
 
+def test_a_replay_of_a_finished_request_is_answered_from_what_the_store_found(harness_for) -> None:
+    """Once a request has left the core, the driver's stored copy (``known``) answers its key.
+
+    The same body gets the stored request and changes nothing; another body is a conflict.
+    """
+    h: Harness = harness_for()
+    first = h.submit(chat(idempotency_key="k1"))
+    h.finish(first)
+    assert h.router.find_live("alice", "k1") is None
+    known = h.store.find_idempotent("alice", "k1")
+    assert known is not None and known.id == first.id
+    receiver = h.engine.receiver
+    again = receiver.submit(chat(idempotency_key="k1"), Caller("alice"), h.now + 1, known)
+    assert not again.created and again.decisions == []
+    assert again.request.id == first.id and again.request.status.value == "succeeded"
+    with pytest.raises(IdempotencyConflict):
+        receiver.submit(chat(text="other", idempotency_key="k1"), Caller("alice"), h.now, known)
+    assert h.admitted("alice") == 1
+    assert len(h.store.list_requests(RequestQuery(limit=10)).items) == 1
+
+
 def test_only_a_request_with_an_idempotency_key_carries_a_body_digest(harness_for) -> None:
     """The digest tells a replay from a conflict; without a key there is nothing to compare."""
     h: Harness = harness_for()
@@ -215,7 +238,7 @@ def test_the_routers_queue_bound_refuses_every_user_until_a_place_frees(harness_
     assert info.value.reason == "queue_full" and info.value.limit == 2
     assert info.value.retry_after_s >= 1.0
     assert _stored(h) == 3 and h.router.queued_total() == 2
-    assert h.store.admissions_in_window("carol", h.now, 60) == 0
+    assert h.admitted("carol") == 0
     assert _rejected(h, "queue_full") == 1
     h.finish(running)  # a queued request takes the slot: one place frees
     assert h.router.queued_total() == 1
@@ -352,7 +375,7 @@ def test_estimate_dry_run_stores_nothing_and_lists_fitting_gpus(harness_for) -> 
     big = h.engine.receiver.estimate(chat(shape=Shape(8, 6000, 1000)), Caller("alice"), h.now)
     assert big.fits_now == ["sim:0"]
     assert _nothing_stored(h)
-    assert h.store.admissions_in_window("alice", h.now, 60) == 0
+    assert h.admitted("alice") == 0
 
 
 def test_refused_request_does_not_count_against_the_rate(harness_for) -> None:
@@ -360,7 +383,7 @@ def test_refused_request_does_not_count_against_the_rate(harness_for) -> None:
     h: Harness = harness_for(quota={"requests_per_minute": 1, "max_priority": "normal"})
     with pytest.raises(QuotaForbidden):
         h.submit(chat(priority="critical"))
-    assert h.store.admissions_in_window("alice", h.now, 60) == 0
+    assert h.admitted("alice") == 0
     h.submit(chat())
 
 
@@ -380,3 +403,33 @@ def test_settings_default_priority_and_timeout_apply() -> None:
     request = h.submit(chat())
     assert request.priority == "low"
     assert request.timeout_s == 99
+
+
+def test_a_restarted_router_keeps_the_quota_windows_and_the_overrides(harness_for) -> None:
+    """The minute's admissions, the hour's GPU-seconds and run-time overrides come back.
+
+    They are loaded from what the store kept with the status changes (and the override the
+    driver persisted); a minute later the rate window has emptied.
+    """
+    h: Harness = harness_for(quota={"requests_per_minute": 2, "gpu_seconds_per_hour": 1000})
+    first = h.submit(chat())
+    h.finish(first, gpu_seconds=600.0)
+    h.submit(chat())
+    h.router.quotas.set_override("bob", {"max_priority": "low"})
+    h.store.write([OverrideChange("bob", {"max_priority": "low"})])
+    used = h.charged("alice")
+    assert used > 600.0
+    restarted = Harness(h.settings, store=h.store, now=h.now + 1)
+    assert restarted.charged("alice") == pytest.approx(used)
+    assert restarted.admitted("alice") == 2
+    assert restarted.router.quotas.quota_for("bob").max_priority == "low"
+    with pytest.raises(QuotaExceeded) as info:
+        restarted.submit(chat())
+    assert info.value.quota == "requests_per_minute"
+    with pytest.raises(QuotaForbidden):
+        restarted.submit(chat(priority="high"), user="bob")
+    later = Harness(h.settings, store=h.store, now=h.now + 61)
+    assert later.admitted("alice") == 0
+    assert later.charged("alice") == pytest.approx(used)
+    later.submit(chat())
+    assert later.admitted("alice") == 1

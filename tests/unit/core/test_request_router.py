@@ -10,20 +10,19 @@ import pytest
 from core_harness import Harness
 from structlog.testing import capture_logs
 
-from gpu_request_router.core.events import CancelExecution, Dispatch, ExecutionResult, FailureKind
-from gpu_request_router.core.request_receiver import Submission
-from gpu_request_router.core.request_router import gpu_seconds
-from gpu_request_router.core.state_store import Charge
-from gpu_request_router.exceptions import AlreadyTerminal, NotFound, StoreUnavailable
-from gpu_request_router.models.gpu_state import GPUHealth
-from gpu_request_router.models.request import (
-    Request,
-    RequestStatus,
-    ResourceHints,
-    Shape,
-    Transition,
+from gpu_request_router.core.events import (
+    CancelExecution,
+    Dispatch,
+    ExecutionResult,
+    FailureKind,
+    StateChange,
 )
-from gpu_request_router.store.memory import MemoryStore
+from gpu_request_router.core.request_receiver import Caller, Submission
+from gpu_request_router.core.request_router import gpu_seconds
+from gpu_request_router.exceptions import NotFound
+from gpu_request_router.models.gpu_state import GPUHealth
+from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape
+from gpu_request_router.models.user_quota import QuotaUsage
 from gpu_request_router.testing import chat, make_settings, reading, readings_for
 
 
@@ -365,7 +364,10 @@ def test_cancel_queued_request_removes_it_from_the_queue(harness_for) -> None:
     h.submit(chat())
     queued = h.submit(chat())
     assert h.router.queue.depths()["normal"] == 1
-    assert h.apply(h.router.cancel(queued.id, h.now)) == []
+    decisions = h.apply(h.router.cancel(queued.id, h.now))
+    assert [(d.entry.from_status, d.entry.to_status, d.entry.actor) for d in decisions] == [
+        (RequestStatus.QUEUED, RequestStatus.CANCELLED, "user")
+    ], "the status change alone: nothing to start or stop"
     assert h.status(queued) == "cancelled"
     assert h.router.queue.depths()["normal"] == 0
     assert h.router.queued_count("alice") == 0
@@ -382,22 +384,36 @@ def test_cancel_running_request_releases_its_reservation_and_stops_the_execution
     gpu = h.router.monitor.gpus["sim:0"]
     assert gpu.reserved_mb > 0
     decisions = h.apply(h.router.cancel(running.id, h.now))
-    assert isinstance(decisions[0], CancelExecution)
-    assert decisions[0].execution_id == dispatch.execution_id
-    assert isinstance(decisions[1], Dispatch) and decisions[1].request.id == waiting.id
-    assert gpu.reserved_mb == decisions[1].reservations["sim:0"]
+    changes = [(d.request.id, d.entry.to_status) for d in decisions[:2]]
+    assert changes == [
+        (running.id, RequestStatus.CANCELLED),
+        (waiting.id, RequestStatus.DISPATCHING),
+    ], "the status changes come first, to be persisted before they are acted on"
+    assert isinstance(decisions[2], CancelExecution)
+    assert decisions[2].execution_id == dispatch.execution_id
+    assert isinstance(decisions[3], Dispatch) and decisions[3].request.id == waiting.id
+    assert len(decisions) == 4
+    assert gpu.reserved_mb == decisions[3].reservations["sim:0"]
+    assert gpu.running == {decisions[3].execution_id: gpu.reserved_mb}
     h.finish(running)  # a late answer of the cancelled execution
     assert h.status(running) == "cancelled"
 
 
 def test_cancel_twice_and_unknown_ids(harness_for) -> None:
-    """Cancelling a finished request says so; an unknown id is not found."""
+    """A finished request leaves the core (the store says how it ended); unknown ids are not found.
+
+    Cancelling it again changes nothing: the core knows only live requests, and the driver answers
+    from the store that it has finished.
+    """
     h: Harness = harness_for()
     request = h.submit(chat())
-    h.router.cancel(request.id, h.now)
-    with pytest.raises(AlreadyTerminal) as info:
+    h.apply(h.router.cancel(request.id, h.now))
+    assert h.router.get(request.id) is None
+    with pytest.raises(NotFound):
         h.router.cancel(request.id, h.now)
-    assert info.value.status == "cancelled"
+    assert h.status(request) == "cancelled"
+    assert [t.to_status for t in h.store.transitions(request.id)][-1] is RequestStatus.CANCELLED
+    assert len(h.store.transitions(request.id)) == 3, "queued, dispatching, cancelled: once"
     with pytest.raises(NotFound):
         h.router.cancel("req_nope", h.now)
 
@@ -502,7 +518,7 @@ def test_restart_recovers_queued_and_retries_in_flight_work() -> None:
     running = h.submit(chat())
     waiting = h.submit(chat())
     done = h.submit(chat(), user="bob")
-    h.router.cancel(done.id, h.now)
+    h.apply(h.router.cancel(done.id, h.now))
     restarted = Harness(settings, store=h.store)
     restarted.recover()
     again = restarted.dispatch_of(running)
@@ -590,7 +606,7 @@ def test_a_backend_reporting_impossible_gpu_seconds_is_charged_its_measured_time
     h.now += 7.0
     h.apply(h.router.finished(dispatch.execution_id, ExecutionResult(gpu_seconds=reported), h.now))
     assert h.status(request) == "succeeded"
-    assert h.store.gpu_seconds_in_window("alice", h.now, 3600.0) == pytest.approx(7.0)
+    assert h.charged("alice") == pytest.approx(7.0)
 
 
 def test_each_execution_is_charged_its_estimate_when_claimed_and_its_time_when_it_ends(
@@ -600,7 +616,7 @@ def test_each_execution_is_charged_its_estimate_when_claimed_and_its_time_when_i
     h: Harness = harness_for(gpus=[("H100-80GB", 1)])
 
     def charged() -> float:
-        return h.store.gpu_seconds_in_window("alice", h.now, 3600.0)
+        return h.charged("alice")
 
     request = h.submit(chat())
     first = h.dispatch_of(request)
@@ -627,68 +643,73 @@ def test_each_execution_is_charged_its_estimate_when_claimed_and_its_time_when_i
     assert charged() == pytest.approx(9.0)
 
 
-class _ClaimRefusingStore(MemoryStore):
-    """A memory store that refuses every claim (queued → dispatching) while ``down``."""
+def test_a_request_whose_creation_the_store_refused_is_taken_back_entirely(harness_for) -> None:
+    """Forgetting a request undoes all the core decided for it: dispatch, memory, charge, rate.
 
-    down = True
-
-    def transition(
-        self,
-        request: Request,
-        from_status: RequestStatus,
-        attempt: int,
-        change: Transition,
-        charge: Charge | None = None,
-    ) -> bool:
-        if self.down and request.status is RequestStatus.DISPATCHING:
-            raise StoreUnavailable("database or disk is full", retry_after_s=1.0)
-        return super().transition(request, from_status, attempt, change, charge)
-
-
-def test_a_claim_the_store_refuses_reserves_nothing_and_charges_nothing() -> None:
-    """The request stays queued with the GPU's memory free; it starts once the store is back."""
-    store = _ClaimRefusingStore()
-    h = Harness(make_settings(gpus=[("H100-80GB", 1)]), store=store)
-    request = h.submit(chat())
-    assert h.dispatches == []
-    assert h.status(request) == "queued"
-    assert h.router.monitor.gpus["sim:0"].reserved_mb == 0
-    assert store.gpu_seconds_in_window("alice", h.now, 3600.0) == 0.0
-    store.down = False
-    h.advance(1.0)
-    assert h.dispatch_of(request).attempt == 1
-    assert h.router.monitor.gpus["sim:0"].reserved_mb > 0
-
-
-class _ReservationRefusingStore(MemoryStore):
-    """A memory store that refuses the next ``refusals`` reservations (another writer took them)."""
-
-    refusals = 0
-
-    def reserve(self, gpu_id: str, holder: str, memory_mb: int, limit_mb: int) -> int | None:
-        if self.refusals > 0:
-            self.refusals -= 1
-            return None
-        return super().reserve(gpu_id, holder, memory_mb, limit_mb)
+    Its changes are never written (the store refused their batch); the GPU it held goes to the
+    next request waiting, and its idempotency key is free again.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    admission = h.engine.receiver.submit(chat(idempotency_key="k1"), Caller("alice"), h.now)
+    refused = admission.request
+    assert [type(d) for d in admission.decisions] == [StateChange, StateChange, Dispatch]
+    gpu = h.router.monitor.gpus["sim:0"]
+    assert gpu.reserved_mb > 0
+    waiting = h.submit(chat(), user="bob")
+    assert h.status(waiting) == "queued"
+    assert h.router.quotas.usage("alice", queued=0, concurrent=0, now=h.now) == QuotaUsage(
+        "alice", 1, 0, 0, gpu_seconds(refused)
+    )
+    decisions = h.apply(h.router.forget(refused.id, h.now))
+    assert [type(d) for d in decisions] == [StateChange, Dispatch]
+    assert h.dispatched_ids() == [waiting.id]
+    assert gpu.running == {h.dispatch_of(waiting).execution_id: gpu.reserved_mb}
+    assert h.router.get(refused.id) is None
+    assert h.router.find_live("alice", "k1") is None
+    assert h.router.active_count("alice") == 0 and h.router.queued_count("alice") == 0
+    assert h.router.queued_total() == 0
+    assert h.charged("alice") == 0.0 and h.admitted("alice") == 0
+    assert h.store.get_request(refused.id) is None
+    assert h.router.forget(refused.id, h.now) == [], "a second time (or an unknown id) is ignored"
+    again = h.submit(chat(idempotency_key="k1"))
+    assert again.id != refused.id and h.status(again) == "queued"
 
 
 def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_going() -> None:
-    """The refused request stays queued and uncharged, the next one in the pass still starts."""
-    store = _ReservationRefusingStore()
-    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=2), store=store)
+    """A GPU whose room changed under the choice refuses the memory: the request stays queued.
+
+    Another execution takes room on the GPU between the choice and the reservation. The refused
+    request is not charged, and the next one in the pass, which fits beside it, still starts.
+    """
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=3))
     h.apply(h.router.cordon("sim:0", h.now))
-    first = h.submit(chat(), user="ann")
-    second = h.submit(chat(), user="bob")
-    store.refusals = 1
+    first = h.submit(_sized(40_000), user="ann")
+    second = h.submit(_sized(20_000), user="bob")
+    monitor = h.router.monitor
+    reserve = monitor.reserve
+    intruded: list[str] = []
+
+    def reserve_after_an_intruder(gpu_id: str, holder: str, memory_mb: int) -> bool:
+        if not intruded:
+            intruded.append(holder)
+            monitor.adopt(gpu_id, "exe_intruder", 50_000)
+        return reserve(gpu_id, holder, memory_mb)
+
+    monitor.reserve = reserve_after_an_intruder  # type: ignore[method-assign]
     with capture_logs() as logs:
         h.apply(h.router.uncordon("sim:0", h.now))  # one pass over both
     assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
         "dispatch_conflict"
     ]
+    assert intruded == [f"exe_{first.id}_1"]
     assert h.dispatched_ids() == [second.id]
     assert h.status(first) == "queued"
-    assert store.gpu_seconds_in_window("ann", h.now, 3600.0) == 0.0
-    assert store.gpu_seconds_in_window("bob", h.now, 3600.0) > 0.0
+    assert h.charged("ann") == 0.0
+    assert h.charged("bob") > 0.0
+    gpu = monitor.gpus["sim:0"]
+    assert gpu.running == {"exe_intruder": 50_000, h.dispatch_of(second).execution_id: 20_000}
+    assert gpu.reserved_mb == 70_000
+    monitor.release("exe_intruder")
     h.advance(1.0)
     assert h.dispatch_of(first).attempt == 1
     assert h.status(first) == "dispatching"

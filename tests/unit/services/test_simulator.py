@@ -20,7 +20,6 @@ from gpu_request_router.services.simulator import (
     openai_output,
     plan_execution,
 )
-from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.testing import chat, make_settings, readings_for
 
 
@@ -29,7 +28,7 @@ class Router:
 
     def __init__(self, settings: Settings, seed: int = 1) -> None:
         self.settings = settings
-        self.engine = Engine.build(settings, store=MemoryStore(), seed=seed)
+        self.engine = Engine.build(settings, seed=seed)
         self.engine.router.readings(readings_for(settings), 0.0, worker="sim")
         self.now = 0.0
 

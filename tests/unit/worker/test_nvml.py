@@ -26,7 +26,6 @@ from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
 from gpu_request_router.services.gpu_monitoring import NvmlSource
-from gpu_request_router.store.memory import MemoryStore
 from gpu_request_router.worker.nvml import (
     UNKNOWN_GPU_TYPE,
     NvmlReader,
