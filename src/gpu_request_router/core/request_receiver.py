@@ -21,6 +21,7 @@ from typing import Any
 
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.events import Decision
+from gpu_request_router.core.fit import need_of
 from gpu_request_router.core.request_router import RequestRouter, gpu_seconds
 from gpu_request_router.exceptions import (
     IdempotencyConflict,
@@ -118,8 +119,8 @@ class RequestReceiver:
         task, _, _ = self._validate(submission)
         shape, estimate = self._estimate(submission, task)
         draft = self._draft(submission, caller, task, shape, estimate, now)
-        need = self._router.need_of(draft)
-        return EstimateReport(estimate, shape, self._router.fitting_gpus(need))
+        need = need_of(draft)
+        return EstimateReport(estimate, shape, self._router.fit.fitting_gpus(need))
 
     def submit(
         self, submission: Submission, caller: Caller, now: float, known: Request | None = None
@@ -156,8 +157,8 @@ class RequestReceiver:
         request.priority = priority
         request.timeout_s = timeout_s
         request.fingerprint = fingerprint
-        need = self._router.need_of(request)
-        if not self._router.could_ever_fit(need):
+        need = need_of(request)
+        if not self._router.fit.could_ever_fit(need):
             raise Unschedulable(
                 "resources",
                 f"needs {estimate.gpu_memory_mb} MiB on each of {need.gpu_count} GPU(s)"

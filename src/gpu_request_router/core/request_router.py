@@ -21,13 +21,11 @@ on it: the driver persists the changes, and starts an execution only once the ch
 dispatched it is stored. A request whose creation the store could not take is taken back
 (:meth:`RequestRouter.forget`).
 
-After every event a *dispatch pass* walks the queue in priority order and places what fits. A
-request that fits nowhere does not block the ones behind it (backfill), but once it has waited
-``placement.starvation_bound_s`` it *holds* the GPUs expected to fit it soonest
-(:meth:`LoadBalancer.prospect`, :meth:`RequestRouter._frees_at`), across passes, until it starts or
-leaves the queue: nothing of its priority level or below is placed there, so the memory they free
-accumulates for it. A pass looks at no more than ``placement.backfill_depth`` requests that cannot
-start (holds of requests beyond are dropped), and stops early when no GPU has a free slot.
+After every event a *dispatch pass* walks the queue in priority order and places what fits,
+backfilling past what does not and keeping GPUs for requests that have starved: see
+:mod:`~gpu_request_router.core.holds`. What a request needs and whether the fleet could ever hold
+it is :mod:`~gpu_request_router.core.fit`'s; executions' outcomes reach the circuit breakers
+through :mod:`~gpu_request_router.core.circuits`.
 
 Every status change is checked against the lifecycle, every reservation against its GPU's room,
 so the invariants hold by construction: I1 (one terminal state), I2 (reservations within each
@@ -50,6 +48,7 @@ from dataclasses import dataclass
 import structlog
 
 from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.circuits import Circuits
 from gpu_request_router.core.error_handler import Action, ErrorHandler
 from gpu_request_router.core.events import (
     CancelExecution,
@@ -64,15 +63,17 @@ from gpu_request_router.core.events import (
     Recovery,
     StillRunning,
 )
+from gpu_request_router.core.fit import FleetFit, need_of
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
-from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit
+from gpu_request_router.core.holds import Holds
+from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, NoFit
 from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.core.state_store import Charge, StateChange
 from gpu_request_router.exceptions import NotFound, StateConflict
-from gpu_request_router.models.gpu_state import GPUReading, GPUState
+from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import (
     ErrorInfo,
     Estimate,
@@ -121,7 +122,12 @@ def _cancel(execution_id: str, execution: _Execution, reason: str) -> CancelExec
 
 
 class RequestRouter:
-    """Queues, places, tracks and finishes requests; see the module docstring for the events."""
+    """Queues, places, tracks and finishes requests; see the module docstring for the events.
+
+    ``fit`` answers what the fleet could hold (:class:`~gpu_request_router.core.fit.FleetFit`);
+    ``holds`` are the GPUs kept for starving requests
+    (:class:`~gpu_request_router.core.holds.Holds`).
+    """
 
     def __init__(
         self,
@@ -154,11 +160,16 @@ class RequestRouter:
         self._backoff: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._avoid: dict[str, set[str]] = {}
-        self._holds: dict[str, tuple[str, ...]] = {}
+        self.fit = FleetFit(monitor, settings.placement.memory_safety_margin_mb)
+        self.holds = Holds(
+            balancer,
+            self.queue,
+            requests=self._requests,
+            executions=self._executions,
+            avoid=self._avoid,
+        )
+        self._circuits = Circuits(errors.circuits, monitor, metrics)
         self._quota_wakeup: float | None = None
-        self._margin = settings.placement.memory_safety_margin_mb
-        self._fit_limits: dict[tuple[object, ...], int] = {}
-        self._fit_version = -1
         self._keys: dict[tuple[str, str], str] = {}
         # Status changes made since the last event returned, to go out with its decisions.
         self._changes: list[Decision] = []
@@ -173,11 +184,6 @@ class RequestRouter:
     def live(self) -> Mapping[str, Request]:
         """Every request not yet in a terminal status, by id."""
         return self._requests
-
-    @property
-    def holds(self) -> Mapping[str, tuple[str, ...]]:
-        """GPUs held for starving requests, by request id (see :meth:`_hold`)."""
-        return self._holds
 
     def find_live(self, user: str, key: str) -> Request | None:
         """The live request ``user`` submitted with idempotency key ``key``, or ``None``."""
@@ -205,88 +211,6 @@ class RequestRouter:
     def queued_total(self) -> int:
         """How many requests of all users are waiting (including those backing off to retry)."""
         return self._queued_total
-
-    def need_of(self, request: Request, *, avoid: Iterable[str] = ()) -> Need:
-        """What ``request`` needs from the fleet.
-
-        Its memory is exact when the client gave it (and no out-of-memory failure has proved it
-        short since) or there is nothing to guess (weights only).
-        """
-        estimate = request.estimate
-        return Need(
-            model=request.model,
-            memory_mb=estimate.gpu_memory_mb,
-            weights_mb=estimate.weights_mb,
-            gpu_count=request.gpu_count,
-            gpu_type=request.resources.gpu_type,
-            avoid=frozenset(avoid),
-            exact=estimate.gpu_memory_mb
-            <= max(request.resources.gpu_memory_mb or 0, estimate.weights_mb),
-        )
-
-    def could_ever_fit(self, need: Need) -> bool:
-        """Whether a worker of the fleet could hold ``need`` when idle (True if none is known).
-
-        The answer for a kind of request (model, GPU type and count, weights) is the most
-        memory per GPU it may ask for; that is kept until the fleet's make-up changes, so
-        admission does not look at every GPU of a large fleet each time.
-        """
-        if not self.monitor.gpus:
-            return True
-        if self._fit_version != self.monitor.fleet_version or len(self._fit_limits) > 1024:
-            self._fit_limits.clear()
-            self._fit_version = self.monitor.fleet_version
-        kind = (need.model, need.gpu_type, need.gpu_count, need.weights_mb)
-        limit = self._fit_limits.get(kind)
-        if limit is None:
-            limit = self._fit_limits[kind] = self._largest_fit(need)
-        return need.memory_mb <= limit
-
-    def _largest_fit(self, need: Need) -> int:
-        """The most memory per GPU a request of ``need``'s kind may ask for on an idle worker.
-
-        A GPU holds it when memory ≤ total − margin (+ the weights, where they are loaded), so a
-        worker holds it up to its ``gpu_count``-th largest such capacity; -1 when none can.
-        """
-        capacities: dict[str, list[int]] = {}
-        for gpu in self.monitor.gpus.values():
-            if need.gpu_type is not None and gpu.type != need.gpu_type:
-                continue
-            if not gpu.serves(need.model):
-                continue
-            capacity = gpu.memory_total_mb - self._margin
-            if gpu.has_loaded(need.model):
-                capacity += need.weights_mb
-            capacities.setdefault(gpu.worker, []).append(capacity)
-        return max(
-            (
-                sorted(worker, reverse=True)[need.gpu_count - 1]
-                for worker in capacities.values()
-                if len(worker) >= need.gpu_count
-            ),
-            default=-1,
-        )
-
-    def fitting_gpus(self, need: Need) -> list[str]:
-        """GPUs that could take ``need`` right now, in id order (for the estimate dry run).
-
-        With ``gpu_count`` > 1, only GPUs of workers that have enough such GPUs count.
-        """
-        by_worker: dict[str, list[str]] = {}
-        for gpu in self.monitor.schedulable.values():
-            if (
-                gpu.free_slots > 0
-                and gpu.serves(need.model)
-                and (need.gpu_type is None or gpu.type == need.gpu_type)
-                and need.memory_on(gpu) <= gpu.room_mb
-            ):
-                by_worker.setdefault(gpu.worker, []).append(gpu.id)
-        return sorted(
-            gpu_id
-            for gpu_ids in by_worker.values()
-            if len(gpu_ids) >= need.gpu_count
-            for gpu_id in gpu_ids
-        )
 
     def queue_retry_after(self, now: float) -> float:
         """Seconds until the running request expected to finish first does so (at least 1 s)."""
@@ -333,7 +257,7 @@ class RequestRouter:
         elif request.status.active:
             self._active[request.user] -= 1
         self.queue.remove(request.id)
-        self._holds.pop(request.id, None)
+        self.holds.drop(request.id)
         self._avoid.pop(request.id, None)
         self._untrack(request)
         self.quotas.undo_admission(request.user, request.id)
@@ -439,7 +363,7 @@ class RequestRouter:
         execution_id = stored.execution_id
         backend = self._backend_of(placement)
         dispatched_at = stored.dispatched_at if stored.dispatched_at is not None else now
-        need = self.need_of(stored)
+        need = need_of(stored)
         reservations = {
             gpu_id: need.memory_on(self.monitor.gpus[gpu_id]) for gpu_id in placement.gpu_ids
         }
@@ -548,7 +472,7 @@ class RequestRouter:
             for (model, kind), ratio in self.estimator.error_ratios().items():
                 if model == request.model:
                     self.metrics.estimate_error(model, kind, ratio)
-        self._circuit_success(execution)
+        self._circuits.succeeded(execution.backend, execution.gpu_ids)
         return self._emit(self._pass(now))
 
     def failed(self, execution_id: str, failure: Failure, now: float) -> list[Decision]:
@@ -588,7 +512,7 @@ class RequestRouter:
                 hints=request.resources,
             )
             grown = dataclasses.replace(request, estimate=estimate)
-            if not self.could_ever_fit(self.need_of(grown)):
+            if not self.fit.could_ever_fit(need_of(grown)):
                 to = _S.FAILED
                 message = (
                     f"out of GPU memory; {estimate.gpu_memory_mb} MiB per GPU "
@@ -605,7 +529,7 @@ class RequestRouter:
             out_of_memory=out_of_memory,
         )
         if self.errors.counts_against_circuit(failure):
-            self._circuit_failure(execution, now)
+            self._circuits.failed(execution.backend, execution.gpu_ids, now)
         if to is _S.QUEUED:
             self.metrics.retry(verdict.reason, request.user)
             self._avoid.setdefault(request.id, set()).update(execution.gpu_ids)
@@ -745,8 +669,7 @@ class RequestRouter:
             request = self._requests.get(request_id)
             if request is not None and request.status is _S.QUEUED and request_id not in self.queue:
                 self.queue.push(request, fair_share_cost(request))
-        for key in self.errors.circuits.advance(now):
-            self._refresh_circuit(key)
+        self._circuits.advance(now)
         return self._emit(decisions + self._pass(now))
 
     def next_wakeup(self) -> float | None:
@@ -779,44 +702,13 @@ class RequestRouter:
                 decisions.append(_cancel(execution_id, execution, "gpu_lost"))
         return decisions
 
-    # Circuit breakers --------------------------------------------------------------------------
-
-    def _circuit_keys(self, execution: _Execution) -> list[str]:
-        return [f"backend:{execution.backend}"] + [f"gpu:{gpu}" for gpu in execution.gpu_ids]
-
-    def _circuit_failure(self, execution: _Execution, now: float) -> None:
-        for key in self._circuit_keys(execution):
-            if self.errors.circuits.failure(key, now):
-                _log.warning("circuit_opened", circuit=key)
-            self._refresh_circuit(key)
-
-    def _circuit_success(self, execution: _Execution) -> None:
-        for key in self._circuit_keys(execution):
-            if self.errors.circuits.success(key):
-                _log.info("circuit_closed", circuit=key)
-                self._refresh_circuit(key)
-
-    def _refresh_circuit(self, key: str) -> None:
-        """Push a circuit's state to the GPUs it covers (and the backend gauge)."""
-        kind, _, name = key.partition(":")
-        circuits = self.errors.circuits
-        if kind == "backend":
-            self.metrics.circuit(name, circuits.blocked(key))
-            gpus: Iterable[GPUState] = [
-                gpu for gpu in self.monitor.gpus.values() if gpu.reading.backend == name
-            ]
-        else:
-            gpus = [self.monitor.gpus[name]] if name in self.monitor.gpus else []
-        for gpu in gpus:
-            blocked = circuits.blocked(f"gpu:{gpu.id}") or circuits.blocked(
-                f"backend:{gpu.reading.backend}"
-            )
-            self.monitor.set_circuit(gpu.id, blocked)
-
     # The dispatch pass ----------------------------------------------------------------------------
 
     def _pass(self, now: float) -> list[Decision]:
-        """Place queued requests in priority order while they fit (see the module docstring)."""
+        """Place queued requests in priority order while they fit.
+
+        Backfill and starvation holds: see :mod:`~gpu_request_router.core.holds`.
+        """
         schedulable = self.monitor.schedulable
         rooms = [gpu.room_mb for gpu in schedulable.values() if gpu.free_slots > 0]
         # A quota wait noted by an earlier pass is this pass's to renew: left in place, a time
@@ -827,10 +719,8 @@ class RequestRouter:
             return []
         started = self._perf()
         decisions: list[Decision] = []
-        holds = self._holds
-        for request_id, gpu_ids in list(holds.items()):
-            if not self._still_holds(request_id, gpu_ids, schedulable):
-                del holds[request_id]
+        holds = self.holds
+        holds.prune(schedulable)
         # A hold binds the requests of its holder's priority level and below; candidates come
         # level by level, so ``held`` grows along the pass. Room only shrinks during a pass and
         # ``held`` only grows (but for a holder that starts, which clears ``no_fit``), so a need
@@ -853,8 +743,7 @@ class RequestRouter:
         for request in self.queue.candidates(now):
             if misses >= depth:
                 # Holds of requests this pass did not reach would keep their GPUs idle.
-                for request_id in [r for r in holds if r not in examined]:
-                    del holds[request_id]
+                holds.keep_only(examined)
                 break
             waiting_for = self.quotas.blocks_dispatch(
                 request.user, self._active[request.user], gpu_seconds(request), now
@@ -862,7 +751,7 @@ class RequestRouter:
             if waiting_for is not None:
                 misses += 1
                 # Held GPUs wait for the request, not for its quota.
-                dropped = holds.pop(request.id, ())
+                dropped = holds.drop(request.id)
                 if dropped:
                     taken.difference_update(dropped)
                     no_prospect.clear()
@@ -874,9 +763,9 @@ class RequestRouter:
                 while bound_so_far < len(binding) and binding[bound_so_far][0] <= level:
                     held.update(binding[bound_so_far][1])
                     bound_so_far += 1
-            need = self.need_of(request, avoid=self._avoid.get(request.id, ()))
+            need = need_of(request, avoid=self._avoid.get(request.id, ()))
             shape = (need.model, need.memory_mb, need.weights_mb, need.gpu_count, need.gpu_type)
-            own = holds.get(request.id, ())
+            own = holds.of(request.id)
             examined.add(request.id)
             chosen: Chosen | NoFit | None = None if own else no_fit.get(shape)
             if chosen is None and need.memory_mb - need.weights_mb > most_room:
@@ -889,7 +778,7 @@ class RequestRouter:
                 if not own:
                     no_fit[shape] = chosen
                     if now - request.created_at >= bound and shape not in no_prospect:
-                        own = self._hold(request, need, schedulable.values(), taken, now)
+                        own = holds.hold(request, need, schedulable.values(), taken, now)
                         if not own:
                             no_prospect.add(shape)
                         held.update(own)
@@ -917,79 +806,7 @@ class RequestRouter:
     def _publish_queue(self) -> None:
         """Queue depth per priority class and the GPUs held, as a pass leaves them."""
         self.metrics.set_queue_depth(self._depths())
-        self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self._holds.values()))
-
-    def _hold(
-        self,
-        request: Request,
-        need: Need,
-        gpus: Iterable[GPUState],
-        taken: set[str],
-        now: float,
-    ) -> tuple[str, ...]:
-        """Hold the GPUs expected to fit a starving request soonest; return them (none: none).
-
-        Nothing of the request's priority level or below is placed on them, across passes,
-        until it starts (anywhere) or leaves the queue, so the memory they free accumulates for
-        it instead of going to the smaller requests that kept passing it; higher levels still
-        may. ``taken`` (GPUs held already) is never offered again: holds never overlap. The
-        soonest (:meth:`_frees_at`), not the closest in memory: a GPU a few GB short whose work
-        runs long would keep the request and the held memory waiting.
-        """
-        prospect = self.balancer.prospect(
-            need,
-            (gpu for gpu in gpus if gpu.id not in taken),
-            lambda gpu, short_mb: self._frees_at(gpu, short_mb, now),
-        )
-        if prospect is None:
-            return ()
-        self._holds[request.id] = prospect
-        taken.update(prospect)
-        _log.debug("gpus_held", request_id=request.id, gpu_ids=list(prospect))
-        return prospect
-
-    def _frees_at(self, gpu: GPUState, short_mb: int, now: float) -> float:
-        """When ``gpu`` is expected to have freed ``short_mb`` more: ``now`` if nothing is short.
-
-        Its executions are expected to end, soonest first, at their start plus their estimated
-        duration on this GPU's type; one already past that is expected to run half as long again
-        as it has (an answer longer than assumed is likely a long one). Memory of executions this
-        router does not drive is not expected to free; if what is expected cannot cover the
-        shortfall, never (infinity).
-        """
-        if short_mb <= 0:
-            return now
-        ends: list[tuple[float, int]] = []
-        for execution_id, memory_mb in gpu.running.items():
-            execution = self._executions.get(execution_id)
-            request = None if execution is None else self._requests.get(execution.request_id)
-            if execution is None or request is None:
-                continue
-            start = (
-                request.started_at if request.started_at is not None else execution.dispatched_at
-            )
-            estimate = request.estimate
-            duration = estimate.duration_s.get(gpu.type, estimate.typical_duration_s)
-            ends.append((start + max(duration, 1.5 * max(0.0, now - start)), memory_mb))
-        ends.sort()
-        for end, memory_mb in ends:
-            short_mb -= memory_mb
-            if short_mb <= 0:
-                return max(end, now)
-        return math.inf
-
-    def _still_holds(
-        self, request_id: str, gpu_ids: tuple[str, ...], schedulable: Mapping[str, GPUState]
-    ) -> bool:
-        """Whether a hold still makes sense: its request is queued, its GPUs still a prospect.
-
-        Memory used by others may have grown since the hold began; then the hold is dropped.
-        """
-        request = self.queue.get(request_id)
-        if request is None or not all(gpu_id in schedulable for gpu_id in gpu_ids):
-            return False
-        need = self.need_of(request, avoid=self._avoid.get(request_id, ()))
-        return self.balancer.prospect(need, [schedulable[g] for g in gpu_ids]) is not None
+        self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self.holds.values()))
 
     def _note_quota_wait(self, user: str, now: float) -> None:
         frees = self.quotas.gpu_seconds_frees_at(user, now)
@@ -1020,9 +837,7 @@ class RequestRouter:
         self._current[request.id] = execution_id
         if attempt == 1:
             self.errors.budget.first_attempt(now)
-        for key in self._circuit_keys(execution):
-            if self.errors.circuits.probe(key):
-                self._refresh_circuit(key)
+        self._circuits.dispatched(backend, chosen.gpu_ids)
         self.metrics.request_dispatched(request, wait)
         return Dispatch(
             request=request.snapshot(),
@@ -1076,7 +891,7 @@ class RequestRouter:
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
             self._queued_total -= 1
-            self._holds.pop(request.id, None)  # dispatched or ended: its GPUs wait no more
+            self.holds.drop(request.id)  # dispatched or ended: its GPUs wait no more
         elif before.active and not to.active:
             self._active[request.user] -= 1
         if to is _S.QUEUED:

@@ -24,6 +24,7 @@ from gpu_request_router.core.events import (
     StateChange,
     StillRunning,
 )
+from gpu_request_router.core.fit import need_of
 from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import NotFound, RequestRejected
@@ -182,7 +183,7 @@ class RouterMachine(RuleBasedStateMachine):
             active = self.router.active_count(queued.user) - (queued.user == placed.user)
             if active >= QUOTA["max_concurrent"]:
                 continue
-            need = self.router.need_of(queued)
+            need = need_of(queued)
             fitting = [
                 gpu
                 for gpu in gpus

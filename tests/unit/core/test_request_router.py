@@ -17,6 +17,7 @@ from gpu_request_router.core.events import (
     FailureKind,
     StateChange,
 )
+from gpu_request_router.core.fit import need_of
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.core.request_router import gpu_seconds
 from gpu_request_router.exceptions import NotFound
@@ -563,13 +564,13 @@ def test_balanced_packs_sized_requests_and_spreads_estimated_ones(harness_for) -
     assert h.dispatch_of(sized).placement.gpu_id == gpu
     guessed = h.submit(chat(), user="carol")
     assert h.dispatch_of(guessed).placement.gpu_id != gpu
-    assert h.router.need_of(sized).exact and not h.router.need_of(guessed).exact
+    assert need_of(sized).exact and not need_of(guessed).exact
     # An out-of-memory failure proves the hint short: the grown size is a guess from then on.
     h.fail(sized, FailureKind.OUT_OF_MEMORY, message="CUDA out of memory", peak_memory_mb=None)
     grown = h.router.get(sized.id)
     assert grown is not None
     assert grown.estimate.gpu_memory_mb > 30_000
-    assert not h.router.need_of(grown).exact
+    assert not need_of(grown).exact
 
 
 def test_a_finished_execution_below_its_reservation_keeps_the_others_excess_counted(
