@@ -55,7 +55,7 @@ __all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_ove
 
 _MODEL = "llama-3-8b"
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_STATES = ("sqlite", "memory", "redis")
+_STATES = ("sqlite", "sqlite-full", "memory", "redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +151,10 @@ def _process(
 
 
 def _router_config(folder: Path, port: int, backend_url: str, key: str, state: str) -> Path:
-    store: dict[str, Any] = {"backend": state}
-    if state == "sqlite":
+    store: dict[str, Any] = {"backend": "sqlite" if state == "sqlite-full" else state}
+    if state in ("sqlite", "sqlite-full"):
         store["sqlite_path"] = str(folder / "state.db")
+        store["sqlite_synchronous"] = "full" if state == "sqlite-full" else "normal"
     elif state == "redis":
         store["redis_url"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
     config = {
@@ -379,7 +380,11 @@ def command(
         float, typer.Option("--warmup", help="Unmeasured seconds before each measurement.")
     ] = 1.0,
     state: Annotated[
-        str, typer.Option("--state", help="The router's state store: sqlite | memory | redis.")
+        str,
+        typer.Option(
+            "--state",
+            help="The router's state store: sqlite | sqlite-full | memory | redis.",
+        ),
     ] = "sqlite",
     peer: Annotated[
         list[str] | None,

@@ -100,8 +100,18 @@ def _overhead(documents: Sequence[Document]) -> list[str]:
 
 def _store(documents: Sequence[Document]) -> list[str]:
     (document,) = documents
-    keys = ("add_us", "claim_us", "start_us", "end_us", "request_wall_us", "request_cpu_us")
-    lines = _head("store", "add", "claim", "start", "end", "request wall", "request CPU")
+    keys = (
+        "add_us",
+        "claim_us",
+        "start_us",
+        "end_us",
+        "request_wall_us",
+        "request_cpu_us",
+        "batched_us",
+    )
+    lines = _head(
+        "store", "add", "claim", "start", "end", "request wall", "request CPU", "batched wall"
+    )
     lines += [
         _row([_code(row["store"]), *(_fixed(row[key], 0) for key in keys)])
         for row in document["rows"]
