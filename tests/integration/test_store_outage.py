@@ -28,16 +28,16 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.down = False
 
-    def _check(self) -> None:
+    def _fail_while_down(self) -> None:
         if self.down:
             raise StoreUnavailable("database or disk is full", retry_after_s=2.0)
 
     def write(self, changes: Sequence[Change]) -> None:
-        self._check()
+        self._fail_while_down()
         super().write(changes)
 
     def check_writable(self, now: float) -> None:
-        self._check()
+        self._fail_while_down()
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
