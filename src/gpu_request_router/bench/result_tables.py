@@ -323,6 +323,7 @@ _SEEDS = tuple(f"replay_seed{seed}.json" for seed in range(4))
 
 TABLES: Mapping[str, Table] = {
     "overhead": Table(("overhead.json",), _overhead),
+    "overhead-before": Table(("overhead_before.json",), _overhead),
     "store": Table(("store.json",), _store),
     "decisions-placement": Table(("decisions.json",), _decisions_placement),
     "decisions-admission": Table(("decisions.json",), _decisions_admission),
