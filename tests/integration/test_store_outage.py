@@ -100,12 +100,21 @@ def test_submits_during_an_outage_are_503_with_retry_after_and_store_nothing(ser
     assert refused.headers["retry-after"] == "2"
     assert refused.headers["content-type"].startswith("application/problem+json")
     assert server.client("root").get("/readyz").status_code == 503
+    again = alice.post(
+        "/v1/requests",
+        json={"model": "llama-3-8b", "input": {"messages": [{"role": "user", "content": "x"}]}},
+    )
+    assert again.status_code == 503, "refused at once while the store is down, not tried"
     store.down = False
     assert alice.get("/v1/requests").json()["items"] == []
     assert alice.get("/v1/quota").json()["usage"]["requests_last_minute"] == 0
+    # The writer probes the store at least every second, and is ready once a probe succeeds.
+    deadline = time.monotonic() + 3.0
+    while server.client("root").get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "not ready again 3 s after the store came back"
+        time.sleep(0.05)
     accepted = alice.post(
         "/v1/requests",
         json={"model": "llama-3-8b", "input": {"messages": [{"role": "user", "content": "x"}]}},
     )
     assert accepted.status_code == 202
-    assert server.client("root").get("/readyz").status_code == 200
