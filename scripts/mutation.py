@@ -33,12 +33,7 @@ MUTANTS = Path("mutants")
 CORE = Path("src/gpu_request_router/core")
 
 # Mutants no test can kill, with the reason; see "Mutation testing" in docs/development.md.
-EQUIVALENT: dict[str, str] = {
-    "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁrelease__mutmut_31": (
-        "totals.get(gpu_id, None): StateStore.release returns a total for every GPU the holder"
-        " held, so the default is never used"
-    ),
-}
+EQUIVALENT: dict[str, str] = {}
 
 # mutmut's exit codes per mutant, as its `results` command names them.
 _STATUS = {
