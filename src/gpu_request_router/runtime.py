@@ -382,24 +382,16 @@ class Runtime:
         await asyncio.shield(done)
         return self.get(request_id)
 
-    def set_quota(self, user: str, values: Mapping[str, object]) -> asyncio.Future[UserQuota]:
-        """Replace ``user``'s run-time quota override; the new quota once it is committed.
+    async def set_quota(self, user: str, values: Mapping[str, object]) -> UserQuota:
+        """Replace ``user``'s run-time quota override; return the new quota once committed.
 
         Raises:
-            InvalidRequest: a key is not a quota limit, or ``max_priority`` is not a class.
+            InvalidRequest: a key is not a quota limit, or ``max_priority`` is not a class
+                (nothing changes).
         """
         quota = self.router.quotas.set_override(user, values)
-        done = self.writer.add([OverrideChange(user, dict(values))])
-        answer: asyncio.Future[UserQuota] = asyncio.get_running_loop().create_future()
-
-        def settle(future: asyncio.Future[None]) -> None:
-            if future.exception() is not None:
-                answer.set_exception(future.exception())  # type: ignore[arg-type]
-            else:
-                answer.set_result(quota)
-
-        done.add_done_callback(settle)
-        return answer
+        await asyncio.shield(self.writer.add([OverrideChange(user, dict(values))]))
+        return quota
 
     def quota(self, user: str, *, admin: bool = False) -> UserQuota:
         """``user``'s effective quota (see :meth:`QuotaEnforcer.quota_for`)."""

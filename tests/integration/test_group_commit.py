@@ -107,8 +107,6 @@ async def test_submits_behind_a_slow_commit_share_the_next_one(tmp_path: Path) -
         assert store.batches[1] >= 30
         assert runtime.writer.commits - commits >= 2
     assert len({request.id for request in accepted}) == 31
-    reopened = SQLiteStore.__new__(SQLiteStore)  # read the file as a new process would
-    del reopened
     for request in accepted:
         assert store.get_request(request.id) is not None
 
@@ -160,10 +158,10 @@ async def test_a_dispatch_waits_for_its_commit_and_is_visible_only_then(tmp_path
         done = await runtime.wait(request.id, 5)
         assert done.status is RequestStatus.SUCCEEDED
         store.gate.clear()
-        cancel_me = asyncio.create_task(runtime.submit(chat(failure="hang"), ALICE))
+        held = asyncio.create_task(runtime.submit(chat(failure="hang"), ALICE))
         await _held(store)
         # The creation is held: not answered, not visible, not started anywhere.
-        assert not cancel_me.done()
+        assert not held.done()
         assert runtime.router.live, "the core has it"
         (request_id,) = runtime.router.live
         with pytest.raises(NotFound):
@@ -173,7 +171,7 @@ async def test_a_dispatch_waits_for_its_commit_and_is_visible_only_then(tmp_path
         await asyncio.sleep(0.1)
         assert not fleet.running(execution_id), "an execution started before its commit"
         store.gate.set()
-        admitted = await cancel_me
+        admitted = await held
         await until(lambda: fleet.running(execution_id))
         assert runtime.get(admitted.id).status in (RequestStatus.DISPATCHING, RequestStatus.RUNNING)
 
