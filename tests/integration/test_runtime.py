@@ -11,7 +11,7 @@ import pytest
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.engine import Engine
 from gpu_request_router.core.request_receiver import Caller
-from gpu_request_router.exceptions import AlreadyTerminal, NotFound
+from gpu_request_router.exceptions import AlreadyTerminal, InvalidRequest, NotFound
 from gpu_request_router.models.request import Request, RequestStatus
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.services.ai_orchestrator import SimulatedBackend
@@ -347,3 +347,18 @@ async def test_a_restarted_runtime_frees_the_reservation_of_the_dead_execution()
         done = await second.wait(submitted.id, timeout_s=5)
         assert done.status is RequestStatus.SUCCEEDED
         assert second.router.monitor.gpus["sim:0"].reserved_mb == 0
+
+
+async def test_a_quota_override_is_committed_before_it_is_answered_and_survives_a_restart() -> None:
+    """set_quota returns once the override is stored; the next runtime on the store applies it."""
+    settings = make_settings(gpus=[("H100-80GB", 1)], monitor=FAST_MONITOR)
+    store = MemoryStore()
+    async with runtime_on(settings, store) as first:
+        quota = await first.set_quota("alice", {"max_queued": 3})
+        assert quota.max_queued == 3
+        assert store.quota_overrides() == {"alice": {"max_queued": 3}}
+    async with runtime_on(settings, store) as second:
+        assert second.quota("alice").max_queued == 3
+        with pytest.raises(InvalidRequest):
+            await second.set_quota("alice", {"max_queue": 1})
+        assert store.quota_overrides() == {"alice": {"max_queued": 3}}, "a bad key changes nothing"
