@@ -191,7 +191,11 @@ class StateStore(ABC):
 
     @abstractmethod
     def unfinished_requests(self) -> list[Request]:
-        """Every request not yet in a terminal status, oldest first (for recovery)."""
+        """Every request not yet in a terminal status, for recovery.
+
+        Oldest first; requests created at the same instant come in the order they were created,
+        so that a recovered queue keeps its first-come order (I6).
+        """
 
     @abstractmethod
     def quota_overrides(self) -> dict[str, dict[str, Any]]:

@@ -120,9 +120,9 @@ class MemoryStore(StateStore):
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
 
     def unfinished_requests(self) -> list[Request]:
-        """Every request not yet in a terminal status, oldest first."""
+        """Every request not yet in a terminal status, oldest first, ties in creation order."""
         unfinished = (self._requests[request_id] for request_id in self._unfinished)
-        ordered = sorted(unfinished, key=lambda r: (r.created_at, r.id))
+        ordered = sorted(unfinished, key=lambda r: r.created_at)  # stable: creation order
         return [request.snapshot() for request in ordered]
 
     def quota_overrides(self) -> dict[str, dict[str, Any]]:

@@ -522,10 +522,10 @@ class SQLiteStore(StateStore):
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
 
     def unfinished_requests(self) -> list[Request]:
-        """Every request not yet in a terminal status, oldest first."""
+        """Every request not yet in a terminal status, oldest first, ties in creation order."""
         rows = self._read(
             "list unfinished requests",
-            f"SELECT body, state FROM requests WHERE {_UNFINISHED_SQL} ORDER BY created_at, id",
+            f"SELECT body, state FROM requests WHERE {_UNFINISHED_SQL} ORDER BY created_at, rowid",
         )
         return [request_from_json(body, state) for body, state in rows]
 

@@ -1,11 +1,8 @@
 """Stateful property tests: the real core driven by random events, SPEC §2 checked after each.
 
-(``test_invariants.py`` beside this module is the older machine; it adds router restarts and
-the router's queue bound, which the machines here do not send.)
-
 Two machines drive the core. ``RouterMachine`` covers every kind of event (submits, starts,
-completions, failures, cancels, GPU loss, cordons, time, and another execution taking the room
-on a GPU between the core's choice and its reservation). ``QueueMachine`` keeps capacity scarce
+completions, failures, cancels, GPU loss, cordons, time, router restarts, and another execution
+taking the room on a GPU between the core's choice and its reservation). ``QueueMachine`` keeps capacity scarce
 (few GPUs and slots, large requests, bursts, GPU-seconds quotas) so that the queue's order decides
 who runs.
 Both check the core against the test's own model (``fleet_model.py``), built from the decisions
@@ -35,8 +32,12 @@ from gpu_request_router.core.events import (
     ExecutionResult,
     Failure,
     FailureKind,
+    Lookup,
+    NotKnown,
     StateChange,
+    StillRunning,
 )
+from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import NotFound, RequestRejected
 from gpu_request_router.models.gpu_state import GPUReading
@@ -294,6 +295,14 @@ class DrivenCore(RuleBasedStateMachine):
     @rule(data=st.data(), on=st.booleans())
     def cordon(self, data: st.DataObject, on: bool) -> None:
         gpu_id = data.draw(st.sampled_from(sorted(self.model.gpus)))
+        if gpu_id not in self.router.monitor.gpus:
+            # Lost before a restart: the new router never heard of it, and refuses.
+            assert gpu_id in self.model.lost, f"{gpu_id} is unknown to the router"
+            try:
+                self.router.cordon(gpu_id, self.now)
+            except NotFound:
+                return
+            raise AssertionError(f"{gpu_id}, never reported, was cordoned")
         if on:
             self.model.cordoned.add(gpu_id)
             self._carry_out(self.router.cordon(gpu_id, self.now))
@@ -419,6 +428,7 @@ class RouterMachine(DrivenCore):
         # GPUs whose room an out-of-memory failure cut until their worker's next report.
         self.cut: set[str] = set()
         self.held_before: dict[str, tuple[str, ...]] = {}
+        self.restarts = 0
         super().__init__(ROUTER_SETTINGS, FLEET, ROUTER_SLOTS)
 
     def _report(self, worker: str) -> None:
@@ -578,6 +588,48 @@ class RouterMachine(DrivenCore):
         wakeup = self.router.next_wakeup()
         if wakeup is not None and wakeup <= self.now:
             self._carry_out(self.router.tick(self.now))
+
+    @rule(data=st.data())
+    def restart(self, data: st.DataObject) -> None:
+        """The router dies; a new one on the same store asks the world about work in flight.
+
+        The world runs on: each execution it runs is still running, ended (succeeded or failed)
+        or silent (its worker does not answer); one it does not run is unknown or silent. The
+        new router knows only what the store holds: cordons and holds are gone, quota windows
+        are reloaded, and what an out-of-memory failure cut is measured afresh.
+        """
+        self.restarts += 1  # a new seed: request ids of a new process never repeat old ones
+        self.engine = Engine.build(ROUTER_SETTINGS, seed=self.restarts)
+        self.router = self.engine.router
+        self.router.quotas.load(
+            self.store.quota_history(self.now, MINUTE_S, HOUR_S), self.store.quota_overrides()
+        )
+        self.model.cordoned.clear()
+        self.held_before = {}
+        for worker in FLEET:
+            self._report(worker)
+        lookups: dict[str, Lookup] = {}
+        for ask in self.router.in_flight(self.store.unfinished_requests()):
+            live = self.model.live.get(ask.execution_id)
+            choices = ["unknown", "silent"] if live is None else ["running", "ended", "silent"]
+            said = data.draw(st.sampled_from(choices))
+            if said == "running":
+                lookups[ask.execution_id] = StillRunning()
+            elif said == "unknown":
+                lookups[ask.execution_id] = NotKnown()
+            elif said == "ended" and live is not None:
+                self.model.end(ask.execution_id, self.now)
+                if data.draw(st.booleans()):
+                    peak = max(live.dispatch.reservations.values())
+                    lookups[ask.execution_id] = ExecutionResult({"ok": True}, peak_memory_mb=peak)
+                else:
+                    lookups[ask.execution_id] = Failure(FailureKind.BACKEND_ERROR, "while away")
+        recovery = self.router.recover(self.now, self.store.unfinished_requests(), lookups)
+        self._carry_out(recovery.decisions)
+        for dispatch in recovery.reattached:
+            assert isinstance(lookups.get(dispatch.execution_id), StillRunning)
+            assert dispatch.execution_id in self.model.live, f"{dispatch.execution_id} reattached"
+        event(f"restart: {len(recovery.reattached)} re-attached")
 
     # Invariants ----------------------------------------------------------------------------------
 

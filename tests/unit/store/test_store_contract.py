@@ -254,6 +254,20 @@ def test_one_batch_holds_many_requests_and_overrides(store: StateStore) -> None:
     assert history.charges == [Charge("ann", "exe_a1_1", T0 + 3, 7.0)]
 
 
+def test_unfinished_requests_of_one_instant_come_back_in_creation_order(
+    store: StateStore,
+) -> None:
+    """Recovery rebuilds the queue from this list: ties on the clock keep first-come order.
+
+    The ids sort against creation order, as random ids of one millisecond may.
+    """
+    names = ["r9", "r5", "r7", "r1"]
+    store.write([created(make_request(name)) for name in names[:2]])
+    store.write([created(make_request(name)) for name in names[2:]])
+    older = add(store, make_request("r8", created_at=T0 - 1))
+    assert [r.id for r in store.unfinished_requests()] == [older.id, *names]
+
+
 def test_an_empty_batch_writes_nothing(store: StateStore) -> None:
     """Nothing to persist is no error."""
     store.write([])
