@@ -71,7 +71,11 @@ def _task_variants(settings: Settings) -> list[dict[str, Any]]:
         for given in [None, *entry.task.served()]:
             groups.setdefault((given, given or entry.task), []).append(model)
     variants = []
-    for (given, task), models in sorted(groups.items(), key=lambda item: sorted(item[1])):
+    def order(item: tuple[tuple[Task | None, Task], list[str]]) -> tuple[list[str], str, str]:
+        (given, task), models = item
+        return sorted(models), given.value if given is not None else "", task.value
+
+    for (given, task), models in sorted(groups.items(), key=order):
         variant: dict[str, Any] = {
             "properties": {
                 "model": _enum(sorted(models), {"type": "string"}),
