@@ -71,6 +71,7 @@ def _task_variants(settings: Settings) -> list[dict[str, Any]]:
         for given in [None, *entry.task.served()]:
             groups.setdefault((given, given or entry.task), []).append(model)
     variants = []
+
     def order(item: tuple[tuple[Task | None, Task], list[str]]) -> tuple[list[str], str, str]:
         (given, task), models = item
         return sorted(models), given.value if given is not None else "", task.value

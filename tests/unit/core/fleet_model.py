@@ -1,10 +1,10 @@
 """The invariant tests' own account of the fleet, built only from what the core decided.
 
-The stateful tests (``test_invariants_modelled.py``) check SPEC §2 against this model, never against the
-core's bookkeeping: which executions are live (from the ``Dispatch`` and ``CancelExecution``
-decisions, and from what the test itself finished or failed), the memory they reserve on each
-GPU, the GPU-seconds charged to each user in the last hour, and which waiting request must go
-before which (priority classes with aging, then arrival order per user).
+The stateful tests (``test_invariants_modelled.py``) check SPEC §2 against this model, never
+against the core's bookkeeping: which executions are live (from the ``Dispatch`` and
+``CancelExecution`` decisions, and from what the test itself finished or failed), the memory they
+reserve on each GPU, the GPU-seconds charged to each user in the last hour, and which waiting
+request must go before which (priority classes with aging, then arrival order per user).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Two machines drive the core. ``RouterMachine`` covers every kind of event (submits, starts,
 completions, failures, cancels, GPU loss, cordons, time, router restarts, and another execution
-taking the room on a GPU between the core's choice and its reservation). ``QueueMachine`` keeps capacity scarce
-(few GPUs and slots, large requests, bursts, GPU-seconds quotas) so that the queue's order decides
-who runs.
+taking the room on a GPU between the core's choice and its reservation). ``QueueMachine`` keeps
+capacity scarce (few GPUs and slots, large requests, bursts, GPU-seconds quotas) so that the
+queue's order decides who runs.
 Both check the core against the test's own model (``fleet_model.py``), built from the decisions
 alone, persist the status changes the core hands out to a store of their own (as the runtime
 does), and both end every run with a drain: all work finishes or expires, and then every request
