@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import pytest
 from core_harness import Harness
 
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, Unschedulable
-from gpu_request_router.models.request import ResourceHints
+from gpu_request_router.models.request import ResourceHints, Shape
 from gpu_request_router.testing import chat
 
 
@@ -41,3 +44,53 @@ def test_a_request_no_gpu_could_ever_hold_is_refused_on_its_resources(harness_fo
         h.submit(chat(resources=ResourceHints(gpu_memory_mb=10**6)))
     assert info.value.field == "resources"
     assert h.engine.router.metrics.counts_of("alice")["rejected"] == {"unschedulable": 1}
+
+
+_BASE = Submission(
+    model="llama-3-8b",
+    task="chat",
+    input={"messages": [{"role": "user", "content": "hi"}]},
+    shape=Shape(2, 300, 40),
+    priority="high",
+    resources=ResourceHints(gpu_memory_mb=30_000, gpu_count=1, gpu_type="H100-80GB"),
+    timeout_s=60.0,
+    metadata={"team": "a"},
+    idempotency_key="k1",
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "qwen2.5-7b"},
+        {"task": "completion"},
+        {"input": {"messages": [{"role": "user", "content": "ho"}]}},
+        {"shape": Shape(2, 300, 41)},
+        {"shape": None},
+        {"priority": "low"},
+        {"resources": ResourceHints(gpu_memory_mb=30_001, gpu_count=1, gpu_type="H100-80GB")},
+        {"resources": ResourceHints(gpu_memory_mb=30_000, gpu_count=2, gpu_type="H100-80GB")},
+        {"resources": ResourceHints(gpu_memory_mb=30_000, gpu_count=1, gpu_type=None)},
+        {"timeout_s": 61.0},
+        {"metadata": {"team": "b"}},
+    ],
+)
+def test_any_change_to_the_body_changes_its_fingerprint(change: dict[str, object]) -> None:
+    """An idempotent retry is told from a conflicting body by every field but the key."""
+    changed = dataclasses.replace(_BASE, **change)  # type: ignore[arg-type]
+    assert changed.fingerprint() != _BASE.fingerprint()
+    assert dataclasses.replace(changed, idempotency_key="k2").fingerprint() == changed.fingerprint()
+
+
+def test_the_fingerprint_is_the_sha256_of_the_canonical_body() -> None:
+    """Fingerprints are stored with their requests, so their form is part of the stored data.
+
+    A router upgraded between a request and its retry must still see the same body: the digest
+    is SHA-256 of the body as compact JSON with sorted keys, written out here by hand.
+    """
+    canonical = (
+        '{"input":{"messages":[{"content":"hi","role":"user"}]},"metadata":{"team":"a"},'
+        '"model":"llama-3-8b","priority":"high","resources":[30000,1,"H100-80GB"],'
+        '"shape":[2,300,40],"task":"chat","timeout_s":60.0}'
+    )
+    assert _BASE.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()

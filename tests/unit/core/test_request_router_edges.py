@@ -1,13 +1,16 @@
-"""Request-router cases that mutation testing found unchecked: audit actors, charges, expiry."""
+"""Request-router cases that mutation testing found unchecked: audit, charges, expiry, holds."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from core_harness import Harness
 
 from gpu_request_router.core.events import ExecutionResult
-from gpu_request_router.models.request import Request
-from gpu_request_router.testing import chat
+from gpu_request_router.core.request_receiver import Submission
+from gpu_request_router.models.request import Request, ResourceHints
+from gpu_request_router.testing import chat, make_settings
 
 
 def trail(h: Harness, request: Request) -> list[tuple[str, str]]:
@@ -74,3 +77,101 @@ def test_cancelling_a_running_request_tells_its_backend_which_request_and_execut
     assert [(c.request_id, c.execution_id, c.backend) for c in h.cancelled] == [
         (request.id, dispatch.execution_id, "sim")
     ]
+
+
+def test_forgetting_a_queued_request_takes_it_out_of_the_queue_counts_once(harness_for) -> None:
+    """A queued request whose creation the store refused leaves the user's and the total count.
+
+    Only it: the other request waiting stays counted, and the global bound sees one place free.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], slots=1)
+    h.submit(chat())
+    refused, kept = h.submit(chat(), user="bob"), h.submit(chat(), user="bob")
+    assert (h.status(refused), h.status(kept)) == ("queued", "queued")
+    assert h.router.queued_total() == 2
+    h.apply(h.router.forget(refused.id, h.now))
+    assert h.router.queued_total() == 1
+    assert h.router.queued_count("bob") == 1
+
+
+def test_requests_on_names_the_requests_running_on_a_gpu(harness_for) -> None:
+    """What runs on each GPU, by request id; nothing for an idle GPU or one never reported."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)], slots=2)
+    first, second = h.submit(chat()), h.submit(chat(), user="bob")
+    placed = {request.id: h.dispatch_of(request).placement.gpu_ids for request in (first, second)}
+    for gpu_id in ("sim:0", "sim:1"):
+        expected = sorted(rid for rid, gpu_ids in placed.items() if gpu_id in gpu_ids)
+        assert sorted(h.router.requests_on(gpu_id)) == expected
+    assert sorted(h.router.requests_on("sim:0") + h.router.requests_on("sim:1")) == sorted(placed)
+    assert h.router.requests_on("nowhere:0") == []
+    h.finish(first)
+    assert first.id not in h.router.requests_on("sim:0") + h.router.requests_on("sim:1")
+
+
+STARVING_AFTER_5_S = {"starvation_bound_s": 5}
+
+
+def _pinned(memory_mb: int, gpu_type: str | None = None, **kwargs: Any) -> Submission:
+    """A chat asking for exactly ``memory_mb`` per GPU (above its weights), on ``gpu_type``."""
+    return chat(resources=ResourceHints(gpu_memory_mb=memory_mb, gpu_type=gpu_type), **kwargs)
+
+
+def _starving_beside(h: Harness, starts: dict[str, float]) -> Request:
+    """Start each running request at its time, then a 45 GB request starves 6 s past it.
+
+    A request that fits nowhere either arrives then: its pass makes the hold.
+    """
+    for request_id, at in sorted(starts.items(), key=lambda item: item[1]):
+        execution_id = h.router.execution_of(request_id)
+        assert execution_id is not None
+        h.apply(h.router.started(execution_id, at))
+    large = h.submit(_pinned(45_000), user="b")
+    h.now += 6
+    assert h.status(h.submit(_pinned(40_000), user="c")) == "queued"
+    return large
+
+
+def test_a_hold_counts_running_work_from_its_start_not_its_dispatch() -> None:
+    """Work that waited on its worker before starting ends that much later.
+
+    sim:0's work was dispatched first but started 40 s later; sim:1's, dispatched 5 s after
+    it, started at once. Both are estimated alike, so sim:1 frees its memory first.
+    """
+    h = Harness(make_settings(gpus=[("H100-80GB", 2)], placement=STARVING_AFTER_5_S))
+    early = h.submit(_pinned(60_000, max_tokens=8_000), user="a")
+    h.now += 5
+    prompt = h.submit(_pinned(60_000, max_tokens=8_000), user="a")
+    assert [h.dispatch_of(r).placement.gpu_ids for r in (early, prompt)] == [
+        ("sim:0",),
+        ("sim:1",),
+    ]
+    h.now = 1_040.0
+    large = _starving_beside(h, {prompt.id: 1_005.0, early.id: 1_040.0})
+    assert h.router.holds == {large.id: ("sim:1",)}
+
+
+def test_a_hold_counts_running_work_at_the_speed_of_its_gpu_type() -> None:
+    """The same work ends sooner on an H100 than on an A100, though it started 5 s later there."""
+    settings = make_settings(
+        gpus=[("A100-80GB", 1), ("H100-80GB", 1)], placement=STARVING_AFTER_5_S
+    )
+    h = Harness(settings)
+    slow = h.submit(_pinned(60_000, "A100-80GB", max_tokens=8_000), user="a")
+    h.now += 5
+    fast = h.submit(_pinned(60_000, "H100-80GB", max_tokens=8_000), user="a")
+    estimate = h.dispatch_of(fast).request.estimate
+    assert estimate.duration_on("A100-80GB") > estimate.duration_on("H100-80GB") + 5
+    assert [h.dispatch_of(r).placement.gpu_ids for r in (slow, fast)] == [("sim:0",), ("sim:1",)]
+    large = _starving_beside(h, {slow.id: 1_000.0, fast.id: 1_005.0})
+    assert h.router.holds == {large.id: ("sim:1",)}
+
+
+def test_a_hold_on_a_gpu_taken_out_of_service_moves_to_one_in_service() -> None:
+    """Cordoning the held GPU drops the hold there; the starving request holds another."""
+    h = Harness(make_settings(gpus=[("H100-80GB", 2)], placement=STARVING_AFTER_5_S))
+    h.submit(_pinned(60_000), user="a")  # sim:0: 20.5 GB room
+    h.submit(_pinned(50_000), user="a")  # sim:1: 30.5 GB room, the closest for 45 GB
+    large = _starving_beside(h, {})
+    assert h.router.holds == {large.id: ("sim:1",)}
+    h.apply(h.router.cordon("sim:1", h.now))
+    assert h.router.holds == {large.id: ("sim:0",)}
