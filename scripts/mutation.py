@@ -33,7 +33,17 @@ MUTANTS = Path("mutants")
 CORE = Path("src/gpu_request_router/core")
 
 # Mutants no test can kill, with the reason; see "Mutation testing" in docs/development.md.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "gpu_request_router.core.request_receiver.xǁRequestReceiverǁestimate__mutmut_12": (
+        "the dry run's draft request (shape -> None) feeds only need_of, which reads the "
+        "estimate, resources and model, never the shape"
+    ),
+    "gpu_request_router.core.request_router.xǁRequestRouterǁin_flight__mutmut_3": (
+        "`not active or placement is None` -> `and`: differs only for a queued request with a "
+        "placement or an active one without; a requeued request's placement is cleared and a "
+        "dispatch always sets one, so neither is ever stored"
+    ),
+}
 
 # mutmut's exit codes per mutant, as its `results` command names them.
 _STATUS = {

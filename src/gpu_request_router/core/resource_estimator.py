@@ -66,7 +66,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, assert_never
 
 from gpu_request_router.config.config_loader import Architecture, ModelSpec
 from gpu_request_router.exceptions import ContextLengthExceeded, InvalidRequest, UnknownModel
@@ -433,20 +433,20 @@ def _count(profile: ModelProfile, task: Task, input: Mapping[str, Any]) -> Shape
     """Count the shape of a request from its OpenAI-style input."""
     if not isinstance(input, Mapping):
         raise InvalidRequest("input", f"must be an object, got {type(input).__name__}")
-    if task == Task.GENERIC:
+    if task is Task.GENERIC:
         return Shape(1, 0, 0)
-    if task == Task.CHAT:
+    if task is Task.CHAT:
         prompt = _chat_tokens(input.get("messages"))
         batch = _optional_int(input, "n", 1, 1)
         return Shape(batch, prompt, _output_tokens(profile, input, prompt))
-    if task == Task.COMPLETION:
+    if task is Task.COMPLETION:
         prompts, prompt = _prompt_tokens(input, "prompt")
         batch = prompts * _optional_int(input, "n", 1, 1)
         return Shape(batch, prompt, _output_tokens(profile, input, prompt))
-    if task == Task.EMBEDDING:
+    if task is Task.EMBEDDING:
         inputs, prompt = _prompt_tokens(input, "input")
         return Shape(inputs, prompt, 0)
-    raise InvalidRequest("task", f"unknown task {task!r}")
+    assert_never(task)
 
 
 def _optional_int(input: Mapping[str, Any], key: str, default: int, minimum: int) -> int:

@@ -257,3 +257,19 @@ def test_a_recovery_hands_out_every_status_change_first_in_the_order_made() -> N
             assert after.from_status is before.to_status and after.seq > before.seq
     assert _statuses(restarted, silent)[-2:] == ["queued", "dispatching"]
     assert _statuses(restarted, done)[-1] == "succeeded"
+
+
+def test_in_flight_asks_the_gpus_backend_where_it_differs_from_the_worker() -> None:
+    """A worker named unlike its backend (host-port) is asked through the backend of its GPU."""
+    agent = reading("host-9001", 0, backend="sim")
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)]))
+    h.apply(h.router.readings([agent], h.now, worker="sim"))
+    h.apply(h.router.cordon("sim:0", h.now))
+    request = h.submit(chat())
+    execution_id = _running(h, request)
+    assert h.dispatch_of(request).placement.worker == "host-9001"
+    restarted = _restart(h)
+    restarted.apply(restarted.router.readings([agent], restarted.now, worker="sim"))
+    assert restarted.router.in_flight(h.store.unfinished_requests()) == [
+        InFlight(request.id, execution_id, "sim", "host-9001")
+    ]

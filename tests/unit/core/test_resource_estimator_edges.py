@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gpu_request_router.config import load_settings
 from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
 from gpu_request_router.models.request import Estimate, Shape, Task
 
@@ -27,3 +30,48 @@ def test_growing_a_multi_gpu_estimate_after_oom_keeps_its_gpu_count() -> None:
     grown = make_estimator().grow_after_oom("llama-3-8b", estimate, 1.5, None)
     assert grown.gpu_memory_mb == 1500
     assert grown.gpu_count == 2
+
+
+def _chat_shape(content: object) -> Shape:
+    return make_estimator().shape_of(
+        "llama-3-8b",
+        Task.CHAT,
+        {"messages": [{"role": "user", "content": content}], "max_tokens": 1},
+        None,
+    )
+
+
+def test_text_parts_count_as_the_same_text_in_one_string() -> None:
+    """Content given as parts is counted as its text parts joined; other parts add nothing."""
+    parts = [
+        {"type": "text", "text": "abcd"},
+        {"type": "image_url", "image_url": {"url": "data:,"}},
+        {"type": "text", "text": "efgh"},
+    ]
+    assert _chat_shape(parts) == _chat_shape("abcdefgh")
+    assert _chat_shape(parts).input_tokens < _chat_shape("abcdefghi").input_tokens
+
+
+@pytest.mark.parametrize(
+    ("input", "field", "message"),
+    [
+        (["not", "an", "object"], "input", "must be an object, got list"),
+        (
+            {"messages": [{"role": "user", "content": 7}]},
+            "input.messages[0].content",
+            "must be a string or a list of content parts",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]},
+            "input.messages[0].content[1]",
+            "must be a content part object",
+        ),
+    ],
+)
+def test_an_input_that_cannot_be_counted_names_where_and_why(
+    input: object, field: str, message: str
+) -> None:
+    """The 422 says which part of the input is wrong and what was expected there."""
+    with pytest.raises(InvalidRequest) as info:
+        make_estimator().shape_of("llama-3-8b", Task.CHAT, input, None)  # type: ignore[arg-type]
+    assert (info.value.field, info.value.message) == (field, f"{field}: {message}")

@@ -254,20 +254,6 @@ def test_one_batch_holds_many_requests_and_overrides(store: StateStore) -> None:
     assert history.charges == [Charge("ann", "exe_a1_1", T0 + 3, 7.0)]
 
 
-def test_unfinished_requests_of_one_instant_come_back_in_creation_order(
-    store: StateStore,
-) -> None:
-    """Recovery rebuilds the queue from this list: ties on the clock keep first-come order.
-
-    The ids sort against creation order, as random ids of one millisecond may.
-    """
-    names = ["r9", "r5", "r7", "r1"]
-    store.write([created(make_request(name)) for name in names[:2]])
-    store.write([created(make_request(name)) for name in names[2:]])
-    older = add(store, make_request("r8", created_at=T0 - 1))
-    assert [r.id for r in store.unfinished_requests()] == [older.id, *names]
-
-
 def test_an_empty_batch_writes_nothing(store: StateStore) -> None:
     """Nothing to persist is no error."""
     store.write([])
@@ -431,13 +417,13 @@ def test_unfinished_requests_oldest_first_without_terminal_ones(store: StateStor
 
 
 def test_unfinished_requests_are_ordered_by_creation_not_insertion(store: StateStore) -> None:
-    """Oldest first means by creation time (then id), even when written out of order."""
+    """Oldest first means by creation time, even when written out of order; ties as written."""
     add(store, make_request("late", created_at=T0 + 50))
     store.write(
         [created(make_request("b", created_at=T0)), created(make_request("a", created_at=T0))]
     )
     add(store, make_request("middle", created_at=T0 + 20))
-    assert [r.id for r in store.unfinished_requests()] == ["a", "b", "middle", "late"]
+    assert [r.id for r in store.unfinished_requests()] == ["b", "a", "middle", "late"]
 
 
 def test_a_request_created_terminal_is_not_unfinished(store: StateStore) -> None:
@@ -701,11 +687,12 @@ def test_pagination_has_no_duplicates_or_gaps(
     ],
 )
 def test_a_tampered_cursor_is_an_invalid_request(store: StateStore, cursor: str) -> None:
-    """A cursor not made by the store raises InvalidRequest naming the cursor field."""
+    """A cursor not made by the store is a 400 on the query parameter ``cursor``."""
     add(store, make_request("r1"))
     with pytest.raises(InvalidRequest) as info:
         store.list_requests(RequestQuery(cursor=cursor))
-    assert info.value.field == "cursor"
+    assert (info.value.field, info.value.location) == ("cursor", "query")
+    assert info.value.message == "cursor: not a cursor returned by a previous page"
 
 
 def test_cursor_round_trips() -> None:
@@ -717,10 +704,12 @@ def test_cursor_round_trips() -> None:
 
 @pytest.mark.parametrize("limit", [0, -1])
 def test_a_page_size_below_one_is_an_invalid_request(limit: int) -> None:
-    """A listing must ask for at least one request per page."""
+    """A listing must ask for at least one request per page; one is enough."""
     with pytest.raises(InvalidRequest) as info:
         RequestQuery(limit=limit)
-    assert info.value.field == "limit"
+    assert (info.value.field, info.value.location) == ("limit", "query")
+    assert info.value.message == "limit: a page holds at least one request"
+    assert RequestQuery(limit=1).limit == 1
 
 
 # --- health --------------------------------------------------------------------------------------
