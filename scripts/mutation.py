@@ -38,6 +38,10 @@ EQUIVALENT: dict[str, str] = {
         "the dry run's draft request (shape -> None) feeds only need_of, which reads the "
         "estimate, resources and model, never the shape"
     ),
+    "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁ_hide__mutmut_1": (
+        "`memory_mb > 0` -> `>= 0`: also records a 0 MiB hidden entry, which adds nothing to "
+        "hidden_mb and is dropped with the others at the next reading"
+    ),
     "gpu_request_router.core.request_router.xǁRequestRouterǁin_flight__mutmut_3": (
         "`not active or placement is None` -> `and`: differs only for a queued request with a "
         "placement or an active one without; a requeued request's placement is cleared and a "

@@ -265,6 +265,7 @@ def test_threshold_consecutive_failures_open_the_circuit() -> None:
     assert not breaker.failure("k", 1.0)
     assert not breaker.failure("k", 2.0)
     assert breaker.state("k") is CircuitState.CLOSED
+    assert breaker.blocked("k") is False, "a bool: it is published as a gauge and logged"
     assert breaker.failure("k", 3.0)
     assert breaker.state("k") is CircuitState.OPEN
     assert breaker.blocked("k")

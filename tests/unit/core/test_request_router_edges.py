@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from core_harness import Harness
 
-from gpu_request_router.core.events import ExecutionResult
+from gpu_request_router.core.events import ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission
 from gpu_request_router.models.request import Request, ResourceHints
 from gpu_request_router.testing import chat, make_settings
@@ -175,3 +175,24 @@ def test_a_hold_on_a_gpu_taken_out_of_service_moves_to_one_in_service() -> None:
     assert h.router.holds == {large.id: ("sim:1",)}
     h.apply(h.router.cordon("sim:1", h.now))
     assert h.router.holds == {large.id: ("sim:0",)}
+
+
+def test_a_backends_circuit_blocks_every_gpu_of_it_and_shows_on_its_gauge() -> None:
+    """Failures spread over a backend's GPUs open its circuit though no GPU's own circuit opens.
+
+    Three 60 GB requests fail on three different GPUs: each GPU has one failure (threshold 3),
+    the backend three. All its GPUs are then blocked, and the backend's gauge says open.
+    """
+    settings = make_settings(
+        gpus=[("H100-80GB", 3)],
+        retries={"max_attempts": 1, "circuit_breaker": {"failure_threshold": 3, "reset_s": 30}},
+    )
+    h = Harness(settings)
+    requests = [h.submit(_pinned(60_000), user=user) for user in ("a", "b", "c")]
+    placed = {h.dispatch_of(r).placement.gpu_ids[0] for r in requests}
+    assert placed == {"sim:0", "sim:1", "sim:2"}
+    for request in requests:
+        h.fail(request, FailureKind.BACKEND_ERROR)
+    assert all(h.router.monitor.gpus[g].circuit_open for g in placed)
+    assert h.engine.registry.get_sample_value("gpurouter_circuit_open", {"backend": "sim"}) == 1
+    assert h.status(h.submit(chat())) == "queued"
