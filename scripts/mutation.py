@@ -42,6 +42,10 @@ EQUIVALENT: dict[str, str] = {
         "`memory_mb > 0` -> `>= 0`: also records a 0 MiB hidden entry, which adds nothing to "
         "hidden_mb and is dropped with the others at the next reading"
     ),
+    "gpu_request_router.core.load_balancer.xǁLoadBalancerǁprospect__mutmut_56": (
+        "`score < best` -> `<=`: the score ends with the GPU ids, which differ between the "
+        "workers compared, so two scores are never equal"
+    ),
     "gpu_request_router.core.request_router.xǁRequestRouterǁin_flight__mutmut_3": (
         "`not active or placement is None` -> `and`: differs only for a queued request with a "
         "placement or an active one without; a requeued request's placement is cleared and a "

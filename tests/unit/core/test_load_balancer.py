@@ -559,3 +559,18 @@ def test_any_chosen_placement_fits(
         assert result.reservations[gpu_id] <= state.room_mb
     for gpu_id, mb in result.reservations.items():
         assert monitor.reserve(gpu_id, "the-placement", mb)
+
+
+def test_a_prospect_counts_no_weights_where_the_model_is_loaded() -> None:
+    """A held GPU is one where the request could fit once drained: there, without its weights.
+
+    Both GPUs have 6 GB of room, taken by work outside the router; the request needs 20 GB,
+    15 GB of it weights. Only on a:0, where the model is resident, do the 5 GB left fit.
+    """
+    need_ = need(20_000, weights_mb=15_000)
+    monitor = fleet(
+        reading("a", 0, used_mb=H100_ROOM - 6000, models_loaded=(MODEL,)),
+        reading("a", 1, used_mb=H100_ROOM - 6000),
+    )
+    balancer = LoadBalancer(make_policy("best_fit", 0))
+    assert balancer.prospect(need_, monitor.schedulable.values()) == ("a:0",)
