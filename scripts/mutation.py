@@ -46,6 +46,9 @@ EQUIVALENT: dict[str, str] = {
         "`score < best` -> `<=`: the score ends with the GPU ids, which differ between the "
         "workers compared, so two scores are never equal"
     ),
+    "gpu_request_router.core.request_router.xǁRequestRouterǁ_note_quota_wait__mutmut_11": (
+        "`frees < wakeup` -> `<=`: on equality the wakeup is set to the value it already has"
+    ),
     "gpu_request_router.core.request_router.xǁRequestRouterǁin_flight__mutmut_3": (
         "`not active or placement is None` -> `and`: differs only for a queued request with a "
         "placement or an active one without; a requeued request's placement is cleared and a "

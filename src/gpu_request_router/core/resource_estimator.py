@@ -323,8 +323,8 @@ class ResourceEstimator:
             if issued is not None and issued > 0:
                 self._record_error(model, "duration", duration_s / issued)
         hinted = hints is not None and hints.gpu_memory_mb is not None
-        if peak_memory_mb is None or hinted or peak_memory_mb < 0:
-            return
+        if peak_memory_mb is None or hinted or peak_memory_mb <= 0:
+            return  # no peak measured: a real one holds the weights at least
         base_mb = self._uncorrected_working_mb(profile, estimate, shape)
         if base_mb > 0:
             factor = self._memory_factors.get(model, 1.0)

@@ -10,7 +10,7 @@ from core_harness import Harness
 from gpu_request_router.core.events import ExecutionResult, FailureKind
 from gpu_request_router.core.request_receiver import Submission
 from gpu_request_router.models.request import Request, ResourceHints
-from gpu_request_router.testing import chat, make_settings
+from gpu_request_router.testing import chat, make_settings, reading
 
 
 def trail(h: Harness, request: Request) -> list[tuple[str, str]]:
@@ -196,3 +196,30 @@ def test_a_backends_circuit_blocks_every_gpu_of_it_and_shows_on_its_gauge() -> N
     assert all(h.router.monitor.gpus[g].circuit_open for g in placed)
     assert h.engine.registry.get_sample_value("gpurouter_circuit_open", {"backend": "sim"}) == 1
     assert h.status(h.submit(chat())) == "queued"
+
+
+def test_an_ended_execution_beside_its_resident_weights_counts_its_full_size() -> None:
+    """The hidden excess of an execution that ends is its full size less its peak.
+
+    The model is resident on sim:0, so the request reserves only its working memory (its size
+    less the weights). It ends having used 2 GB less than its size, weights included: until the
+    next reading, those 2 GB count as used by others, not the size of its reservation less peak.
+    """
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)]))
+    loaded = reading("sim", 0, models_loaded=("llama-3-8b",))
+    h.apply(h.router.readings([loaded], h.now, worker="sim"))
+    request = h.submit(_pinned(40_000))
+    dispatch = h.dispatch_of(request)
+    size = dispatch.request.estimate.gpu_memory_mb
+    reserved = dispatch.reservations["sim:0"]
+    assert reserved == size - dispatch.request.estimate.weights_mb
+    h.now += 1
+    h.apply(h.router.readings([loaded], h.now, worker="sim"))  # it has seen the execution
+    gpu = h.router.monitor.gpus["sim:0"]
+    limit = h.router.monitor.limit_mb(gpu)
+    h.apply(
+        h.router.finished(
+            dispatch.execution_id, ExecutionResult(peak_memory_mb=size - 2_000), h.now
+        )
+    )
+    assert gpu.room_mb == limit - 2_000

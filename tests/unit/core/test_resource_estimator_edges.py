@@ -75,3 +75,29 @@ def test_an_input_that_cannot_be_counted_names_where_and_why(
     with pytest.raises(InvalidRequest) as info:
         make_estimator().shape_of("llama-3-8b", Task.CHAT, input, None)  # type: ignore[arg-type]
     assert (info.value.field, info.value.message) == (field, f"{field}: {message}")
+
+
+def test_a_peak_as_estimated_leaves_the_estimate_as_it_was() -> None:
+    """Learning without the shape compares the peak with the estimate's own working memory.
+
+    TinyLlama's activations are derived (not zero), so the working memory is the KV cache plus
+    them: a peak equal to the estimate confirms it.
+    """
+    estimator = make_estimator()
+    shape = Shape(1, 100, 2_000)
+    first = estimator.estimate("tinyllama-1.1b", shape)
+    assert first.kv_cache_mb > first.activations_mb > 0
+    took = first.duration_on("H100-80GB")
+    estimator.observe("tinyllama-1.1b", "H100-80GB", first, took, first.gpu_memory_mb)
+    assert estimator.estimate("tinyllama-1.1b", shape) == first
+
+
+def test_a_peak_of_zero_is_no_measurement() -> None:
+    """A backend that reports 0 MiB measured nothing (the weights alone are more): no learning."""
+    estimator = make_estimator()
+    shape = Shape(1, 100, 2_000)
+    first = estimator.estimate("tinyllama-1.1b", shape)
+    took = first.duration_on("H100-80GB")
+    for _ in range(5):
+        estimator.observe("tinyllama-1.1b", "H100-80GB", first, took, 0, shape=shape)
+    assert estimator.estimate("tinyllama-1.1b", shape) == first
