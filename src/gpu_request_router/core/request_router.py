@@ -599,18 +599,16 @@ class RequestRouter:
         actor: str = "router",
     ) -> list[Decision]:
         """End a live request as cancelled or expired, stopping its execution if it has one."""
-        decisions: list[Decision] = []
         execution_id = self._current.get(request.id)
-        execution = self._executions[execution_id] if execution_id is not None else None
-        charge = None
-        if execution_id is not None and execution is not None:
-            charge = self._settle(request, execution_id, execution, now, None)
+        if execution_id is None:
+            self._set(request, to, now, actor=actor, error=error)
+            self.queue.remove(request.id)
+            return []
+        execution = self._executions[execution_id]
+        charge = self._settle(request, execution_id, execution, now, None)
         self._set(request, to, now, actor=actor, error=error, charge=charge)
-        self.queue.remove(request.id)
-        if execution_id is not None and execution is not None:
-            self._end_execution(execution_id, request)
-            decisions.append(_cancel(execution_id, execution, to.value))
-        return decisions
+        self._end_execution(execution_id, request)
+        return [_cancel(execution_id, execution, to.value)]
 
     def cordon(self, gpu_id: str, now: float) -> list[Decision]:
         """Stop placing work on a GPU."""
