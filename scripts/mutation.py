@@ -42,6 +42,10 @@ EQUIVALENT: dict[str, str] = {
         "`memory_mb > 0` -> `>= 0`: also records a 0 MiB hidden entry, which adds nothing to "
         "hidden_mb and is dropped with the others at the next reading"
     ),
+    "gpu_request_router.core.load_balancer.xǁGPUGroupǁ__init____mutmut_5": (
+        "`degraded = False` -> `None`: a group is never empty, so the loop's `degraded or ...` "
+        "always replaces it with a bool before it is read"
+    ),
     "gpu_request_router.core.load_balancer.xǁLoadBalancerǁprospect__mutmut_56": (
         "`score < best` -> `<=`: the score ends with the GPU ids, which differ between the "
         "workers compared, so two scores are never equal"

@@ -17,6 +17,15 @@ def test_a_source_failing_before_its_first_reading_is_noted_and_a_reading_then_c
     assert set(monitor.schedulable) == {"a:0"}
 
 
+def test_time_passing_over_a_worker_that_never_reported_loses_nothing() -> None:
+    """A worker that failed before its first reading has no GPUs: time makes none of them lost."""
+    monitor = make_monitor()
+    monitor.apply([reading("b", 0)], 0.0, worker="b")
+    monitor.source_failed("a", 0.0)
+    assert monitor.refresh(1_000.0) == []
+    assert set(monitor.gpus) == {"b:0"}
+
+
 def test_two_thrifty_executions_ending_uncover_the_sum_of_their_excess() -> None:
     """Each ending execution that used less than it reserved adds its excess to the hidden use."""
     monitor = make_monitor()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from test_load_balancer import chosen_ids, fleet, need, place
 
-from gpu_request_router.core.load_balancer import LoadBalancer, NoFit, make_policy
+from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, NoFit, make_policy
 from gpu_request_router.testing import reading
 
 
@@ -36,3 +36,12 @@ def test_balanced_prefers_a_healthy_pair_over_a_roomier_pair_with_a_degraded_gpu
     )
     assert monitor.get("a:1").health == "degraded"
     assert chosen_ids(place(monitor, need(gpu_count=2), "balanced")) == ("b:0", "b:1")
+
+
+def test_a_multi_gpu_placement_reason_counts_the_slots_of_all_its_gpus() -> None:
+    """The reason of a two-GPU placement counts busy slots out of both GPUs' slots."""
+    monitor = fleet(reading("a", 0, slots=4), reading("a", 1, slots=4))
+    monitor.reserve("a:0", "exe_other", 1_000)
+    result = place(monitor, need(gpu_count=2))
+    assert isinstance(result, Chosen)
+    assert result.reason.endswith("1/8 slots busy"), result.reason

@@ -328,9 +328,12 @@ def test_gpu_seconds_quota_refuses_once_the_hour_is_used_up(harness_for) -> None
     with pytest.raises(QuotaExceeded) as info:
         h.submit(chat())
     assert info.value.quota == "gpu_seconds_per_hour"
+    assert str(info.value) == "you used 30 of 30 GPU-seconds in the last hour"
     assert info.value.retry_after_s == pytest.approx(3600.0, abs=1)
-    with pytest.raises(QuotaForbidden):
+    with pytest.raises(QuotaForbidden) as forbidden:
         h.submit(chat(shape=Shape(1, 100, 4000)), user="bob")
+    assert forbidden.value.quota == "gpu_seconds_per_hour"
+    assert str(forbidden.value).endswith("GPU-seconds; your hourly limit is 30")
 
 
 def test_gpu_seconds_quota_holds_requests_in_the_queue_at_dispatch(harness_for) -> None:

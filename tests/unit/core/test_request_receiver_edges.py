@@ -11,7 +11,7 @@ from core_harness import Harness
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.exceptions import InvalidRequest, QuotaExceeded, Unschedulable
 from gpu_request_router.models.request import ResourceHints, Shape
-from gpu_request_router.testing import chat
+from gpu_request_router.testing import chat, reading
 
 
 @pytest.mark.parametrize("name", ["", "k" * 65])
@@ -94,3 +94,34 @@ def test_the_fingerprint_is_the_sha256_of_the_canonical_body() -> None:
         '"shape":[2,300,40],"task":"chat","timeout_s":60.0}'
     )
     assert _BASE.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_labels_up_to_the_limits_are_kept_and_a_value_not_a_string_is_refused(
+    harness_for,
+) -> None:
+    """A value of 512 characters is a label; a number is not one (strings only)."""
+    h: Harness = harness_for()
+    labels = {"team": "t" * 512, "run": ""}
+    request = h.submit(dataclasses.replace(chat(), metadata=labels))
+    assert request.metadata == labels
+    with pytest.raises(InvalidRequest) as info:
+        h.submit(dataclasses.replace(chat(), metadata={"team": 7}))
+    assert info.value.field == "metadata.team"
+    assert str(info.value) == "metadata.team: values must be strings of 512 characters at most"
+
+
+def test_a_batch_of_none_is_refused_with_why(harness_for) -> None:
+    """The shape's batch size must be at least 1, and the message says so."""
+    h: Harness = harness_for()
+    with pytest.raises(InvalidRequest) as info:
+        h.submit(chat(shape=Shape(0, 10, 10)))
+    assert str(info.value) == "shape.batch_size: must be at least 1"
+
+
+def test_a_dispatch_names_the_gpus_backend_not_its_workers_name(harness_for) -> None:
+    """Work goes out through the backend that reported the GPU (a worker may be named apart)."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    h.apply(h.router.readings([reading("host-9001", 0, backend="sim")], h.now, worker="sim"))
+    h.apply(h.router.cordon("sim:0", h.now))
+    dispatch = h.dispatch_of(h.submit(chat()))
+    assert (dispatch.backend, dispatch.placement.worker) == ("sim", "host-9001")
