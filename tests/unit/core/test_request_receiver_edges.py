@@ -43,7 +43,15 @@ def test_a_request_no_gpu_could_ever_hold_is_refused_on_its_resources(harness_fo
     with pytest.raises(Unschedulable) as info:
         h.submit(chat(resources=ResourceHints(gpu_memory_mb=10**6)))
     assert info.value.field == "resources"
-    assert h.engine.router.metrics.counts_of("alice")["rejected"] == {"unschedulable": 1}
+    assert str(info.value) == (
+        "resources: needs 1000000 MiB on each of 1 GPU(s); no worker of the fleet has that"
+    )
+    with pytest.raises(Unschedulable) as typed:
+        h.submit(chat(resources=ResourceHints(gpu_count=2, gpu_type="L4-24GB")))
+    assert str(typed.value).endswith(
+        "on each of 2 GPU(s) of type L4-24GB; no worker of the fleet has that"
+    )
+    assert h.engine.router.metrics.counts_of("alice")["rejected"] == {"unschedulable": 2}
 
 
 _BASE = Submission(
