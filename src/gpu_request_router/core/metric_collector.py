@@ -210,7 +210,8 @@ class MetricCollector:
         )
         self._estimate_error = Gauge(
             "gpurouter_estimate_error_ratio",
-            "Relative error of the latest estimate against the observed value.",
+            "Observed / estimated (1 is exact), averaged over recent executions; kind is duration "
+            "or memory.",
             ("model", "kind"),
             registry=registry,
         )

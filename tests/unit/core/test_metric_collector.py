@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -455,3 +456,32 @@ class TestThroughput:
         collector.retry("timeout", "alice")
         text = json.dumps(collector.summary(T0 + 10))
         assert json.loads(text)["latency_s"]["p50"] == 5.0
+
+
+ARCHITECTURE = Path(__file__).parents[3] / "docs" / "architecture.md"
+
+
+def _documented_metrics() -> dict[str, tuple[str, str]]:
+    """The metrics table under "## Metrics" of docs/architecture.md: name -> (type, meaning)."""
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("\n## Metrics\n") :]
+    section = section[: section.index("\n## ", 1)]
+    rows: dict[str, tuple[str, str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`gpurouter_"):
+            rows[cells[0].strip("`")] = (cells[1], cells[3])
+    return rows
+
+
+def test_every_metric_is_documented_with_its_type_and_meaning(registry: CollectorRegistry) -> None:
+    """Operators read what a metric means in the docs: each HELP text is there word for word."""
+    MetricCollector(registry)
+    exported = {
+        (family.name + "_total" if family.type == "counter" else family.name): (
+            family.type,
+            family.documentation,
+        )
+        for family in registry.collect()
+    }
+    assert exported == _documented_metrics()
