@@ -680,9 +680,10 @@ def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_
     """A GPU whose room changed under the choice refuses the memory: the request stays queued.
 
     Another execution takes room on the GPU between the choice and the reservation. The refused
-    request is not charged, and the next one in the pass, which fits beside it, still starts.
+    request is not charged, and the next one in the pass, which fits beside it, still starts: the
+    conflict counts as one request passed over, within a backfill depth of two.
     """
-    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=3))
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)], slots=3, placement={"backfill_depth": 2}))
     h.apply(h.router.cordon("sim:0", h.now))
     first = h.submit(_sized(40_000), user="ann")
     second = h.submit(_sized(20_000), user="bob")

@@ -90,6 +90,13 @@ def test_a_peak_as_estimated_leaves_the_estimate_as_it_was() -> None:
     took = first.duration_on("H100-80GB")
     estimator.observe("tinyllama-1.1b", "H100-80GB", first, took, first.gpu_memory_mb)
     assert estimator.estimate("tinyllama-1.1b", shape) == first
+    # Once the model's factor has grown, the estimate as issued is still the reference.
+    big = first.weights_mb + 3 * (first.kv_cache_mb + first.activations_mb)
+    estimator.observe("tinyllama-1.1b", "H100-80GB", first, took, big, shape=shape)
+    grown = estimator.estimate("tinyllama-1.1b", shape)
+    assert grown.gpu_memory_mb > first.gpu_memory_mb
+    estimator.observe("tinyllama-1.1b", "H100-80GB", grown, took, grown.gpu_memory_mb)
+    assert estimator.estimate("tinyllama-1.1b", shape) == grown
 
 
 def test_a_peak_of_zero_is_no_measurement() -> None:
