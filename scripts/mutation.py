@@ -46,6 +46,19 @@ EQUIVALENT: dict[str, str] = {
         "`degraded = False` -> `None`: a group is never empty, so the loop's `degraded or ...` "
         "always replaces it with a bool before it is read"
     ),
+    "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁreserve__mutmut_26": (
+        "`_seq += 1` -> `+= 2`: the sequence only orders reservations against reading marks; "
+        "any increasing step orders them alike"
+    ),
+    "gpu_request_router.core.load_balancer.x_make_policy__mutmut_1": (
+        "the default seed 0 -> 1: every caller that draws (the engine, the benchmarks, the "
+        "random-policy tests) passes its seed; the default serves callers that read only the name "
+        "or use a policy that draws nothing"
+    ),
+    "gpu_request_router.core.resource_estimator.x_profile_from_spec__mutmut_53": (
+        "`weights_bytes // 2` -> `/ 2`: weights_bytes is a whole number of MiB, so even, and "
+        "params only enters float arithmetic (throughput)"
+    ),
     "gpu_request_router.core.load_balancer.xǁLoadBalancerǁprospect__mutmut_56": (
         "`score < best` -> `<=`: the score ends with the GPU ids, which differ between the "
         "workers compared, so two scores are never equal"

@@ -44,4 +44,5 @@ def test_a_multi_gpu_placement_reason_counts_the_slots_of_all_its_gpus() -> None
     monitor.reserve("a:0", "exe_other", 1_000)
     result = place(monitor, need(gpu_count=2))
     assert isinstance(result, Chosen)
+    assert result.reason.startswith("best_fit: leaves "), "no affinity said where none is"
     assert result.reason.endswith("1/8 slots busy"), result.reason
