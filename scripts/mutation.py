@@ -46,6 +46,14 @@ EQUIVALENT: dict[str, str] = {
         "`degraded = False` -> `None`: a group is never empty, so the loop's `degraded or ...` "
         "always replaces it with a bool before it is read"
     ),
+    "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁ__init____mutmut_13": (
+        "the sequence starting at 1 instead of 0: it only orders reservations against reading "
+        "marks taken from it"
+    ),
+    "gpu_request_router.core.priority_manager.xǁPriorityManagerǁ_take__mutmut_18": (
+        "`_removed += 1` -> `+= 2`: the count only decides when stale heap entries are "
+        "compacted, which happens sooner; the order never depends on it"
+    ),
     "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁreserve__mutmut_26": (
         "`_seq += 1` -> `+= 2`: the sequence only orders reservations against reading marks; "
         "any increasing step orders them alike"

@@ -40,3 +40,12 @@ def test_two_thrifty_executions_ending_uncover_the_sum_of_their_excess() -> None
     # 20,000 are in use by "big" alone: its 10,000 reserved and 10,000 uncovered.
     assert monitor.get("a:0").hidden_mb == 10_000
     assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 20_000
+
+
+def test_busy_is_the_larger_of_the_busy_slots_and_the_backends_own_load() -> None:
+    """An idle GPU is 0 busy; a backend's load signal (vLLM's KV cache use) counts when larger."""
+    monitor = make_monitor()
+    monitor.apply([reading("a", 0, slots=4), reading("a", 1, slots=4, load=0.9)], 0.0, worker="a")
+    assert (monitor.get("a:0").busy, monitor.get("a:1").busy) == (0.0, 0.9)
+    monitor.reserve("a:0", "exe_1", 1_000)
+    assert monitor.get("a:0").busy == 0.25

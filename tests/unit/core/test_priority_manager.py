@@ -271,6 +271,21 @@ def test_pushing_while_iterating_is_an_error() -> None:
         next(iterator)
 
 
+def test_users_going_idle_and_coming_back_leave_no_garbage() -> None:
+    """Fifty users each sending one request at a time: a drained queue holds nothing stale.
+
+    Every push files the user's counter anew; those of users gone idle must be dropped, which
+    needs the count of users with work waiting to go down as each goes idle.
+    """
+    queue = PriorityManager(CLASSES, aging_s=60)
+    for step in range(5_000):
+        queue.push(_request(user=f"u{step % 50}", created_at=step), cost=1)
+        queue.dispatched(next(iter(queue.candidates(step))).id)
+    assert len(queue) == 0
+    assert len(queue._counters) <= 64 + 1
+    assert sum(len(user.heap) for user in queue._users.values()) <= 64 + 1
+
+
 def test_long_churn_keeps_internal_heaps_bounded() -> None:
     """Many push/dispatch cycles leave no unbounded garbage behind (lazy deletion compacts)."""
     queue = PriorityManager(CLASSES, aging_s=60)
