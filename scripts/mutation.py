@@ -54,6 +54,10 @@ EQUIVALENT: dict[str, str] = {
         "`_removed += 1` -> `+= 2`: the count only decides when stale heap entries are "
         "compacted, which happens sooner; the order never depends on it"
     ),
+    "gpu_request_router.core.priority_manager.xǁPriorityManagerǁ_refresh__mutmut_49": (
+        "`len(crossings) > 2 * backlogged + 64` -> `- 64`: the buckets are rebuilt from the "
+        "users' own heaps sooner, which changes no order"
+    ),
     "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁreserve__mutmut_26": (
         "`_seq += 1` -> `+= 2`: the sequence only orders reservations against reading marks; "
         "any increasing step orders them alike"

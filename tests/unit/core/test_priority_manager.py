@@ -286,6 +286,25 @@ def test_users_going_idle_and_coming_back_leave_no_garbage() -> None:
     assert sum(len(user.heap) for user in queue._users.values()) <= 64 + 1
 
 
+def test_compacting_around_a_waiting_backlog_keeps_every_waiting_request() -> None:
+    """Compaction drops what was taken and nothing that waits: a backlog stays whole, in order.
+
+    Of 300 requests of one user, 250 behind the first are cancelled: the removed entries sit
+    inside the user's heap and outnumber the waiting ones, so the next push rebuilds the heaps.
+    """
+    queue = PriorityManager(CLASSES, aging_s=60)
+    backlog = [_request(user="ann", created_at=float(step)) for step in range(300)]
+    for request in backlog:
+        queue.push(request, cost=1)
+    for request in backlog[1:251]:
+        queue.remove(request.id)
+    late = _request(user="bob", created_at=300.0)
+    queue.push(late, cost=1)
+    kept = [backlog[0], *backlog[251:]]
+    assert sorted(_order(queue, 300.0)) == sorted(request.id for request in [*kept, late])
+    assert [r for r in _order(queue, 300.0) if r != late.id] == [r.id for r in kept]
+
+
 @pytest.mark.parametrize("aging_s", [60, 10**7])
 def test_long_churn_keeps_internal_heaps_bounded(aging_s: int) -> None:
     """Many push/dispatch cycles leave no unbounded garbage behind (lazy deletion compacts).
