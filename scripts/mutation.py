@@ -58,6 +58,10 @@ EQUIVALENT: dict[str, str] = {
         "`len(crossings) > 2 * backlogged + 64` -> `- 64`: the buckets are rebuilt from the "
         "users' own heaps sooner, which changes no order"
     ),
+    "gpu_request_router.core.priority_manager.xǁPriorityManagerǁ__init____mutmut_26": (
+        "the count of users with work waiting starting at 1: it only sets when stale heap "
+        "entries are compacted (two entries later); the order never depends on it"
+    ),
     "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁreserve__mutmut_26": (
         "`_seq += 1` -> `+= 2`: the sequence only orders reservations against reading marks; "
         "any increasing step orders them alike"
