@@ -62,6 +62,17 @@ EQUIVALENT: dict[str, str] = {
         "the count of users with work waiting starting at 1: it only sets when stale heap "
         "entries are compacted (two entries later); the order never depends on it"
     ),
+    "gpu_request_router.core.request_router.xǁRequestRouterǁ_end_execution__mutmut_5": (
+        "`_current.pop(id, None)` -> `pop(id)`: an execution that ends is always its request's "
+        "current one (results of other executions are ignored before this point)"
+    ),
+    "gpu_request_router.core.resource_estimator.x__count__mutmut_14": (
+        "`Shape(1, 0, 0)` -> `Shape(1, 0)`: output_tokens defaults to 0"
+    ),
+    "gpu_request_router.core.state_store.x_encode_cursor__mutmut_6": (
+        "`rstrip('=')` -> `rstrip('XX=XX')`: also strips trailing 'X', but the encoded JSON always "
+        'ends in `"]`, whose base64 ends in `Q`, `0` or `d`, never in `X`'
+    ),
     "gpu_request_router.core.gpu_state_monitor.xǁGPUStateMonitorǁreserve__mutmut_26": (
         "`_seq += 1` -> `+= 2`: the sequence only orders reservations against reading marks; "
         "any increasing step orders them alike"

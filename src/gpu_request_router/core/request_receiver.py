@@ -80,7 +80,7 @@ class Submission:
             "timeout_s": self.timeout_s,
             "metadata": dict(self.metadata),
         }
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -458,7 +458,8 @@ def _output_tokens(profile: ModelProfile, input: Mapping[str, Any], prompt: int)
     """New tokens per sequence: max_tokens, max_completion_tokens, or the model's default.
 
     An explicit value is at least 1 (as OpenAI's API requires) and is not cut; the model's
-    default is cut to the context left after the prompt.
+    default is cut to the context left after the prompt, and is at least 1 too: a prompt that
+    fills the context leaves no room for an answer.
     """
     given = [
         _checked_int(input[key], f"input.{key}", 1)
@@ -467,7 +468,7 @@ def _output_tokens(profile: ModelProfile, input: Mapping[str, Any], prompt: int)
     ]
     if given:
         return given[0]
-    return max(0, min(profile.max_output_tokens, profile.max_context - prompt))
+    return max(1, min(profile.max_output_tokens, profile.max_context - prompt))
 
 
 def _chat_tokens(messages: object) -> int:

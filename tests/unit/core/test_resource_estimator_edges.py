@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_request_router.config import load_settings
+from gpu_request_router.config import ModelSpec, load_settings
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.exceptions import InvalidRequest
+from gpu_request_router.exceptions import ContextLengthExceeded, InvalidRequest
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
 from gpu_request_router.models.request import Estimate, Shape, Task
 
@@ -66,6 +66,7 @@ def test_text_parts_count_as_the_same_text_in_one_string() -> None:
             "input.messages[0].content[1]",
             "must be a content part object",
         ),
+        ({"messages": [{"role": 1, "content": "a"}]}, "input.messages[0].role", "must be a string"),
     ],
 )
 def test_an_input_that_cannot_be_counted_names_where_and_why(
@@ -108,3 +109,35 @@ def test_a_peak_of_zero_is_no_measurement() -> None:
     for _ in range(5):
         estimator.observe("tinyllama-1.1b", "H100-80GB", first, took, 0, shape=shape)
     assert estimator.estimate("tinyllama-1.1b", shape) == first
+
+
+def test_a_chat_may_ask_for_one_choice() -> None:
+    """``n: 1`` is the default made explicit: a batch of one."""
+    shape = make_estimator().shape_of(
+        "llama-3-8b", Task.CHAT, {"messages": [{"role": "user", "content": "hi"}], "n": 1}, None
+    )
+    assert shape.batch_size == 1
+
+
+def test_a_prompt_that_fills_the_context_leaves_no_room_for_an_answer() -> None:
+    """Without max_tokens the answer gets what the context leaves, and at least one token."""
+    estimator = ResourceEstimator(
+        {"m": ModelSpec(task=Task.COMPLETION, weights_mb=1, max_context=100)}, BUILTIN_GPU_TYPES
+    )
+    assert estimator.shape_of("m", Task.COMPLETION, {"prompt": [1] * 99}, None).output_tokens == 1
+    with pytest.raises(ContextLengthExceeded):
+        estimator.shape_of("m", Task.COMPLETION, {"prompt": [1] * 100}, None)
+
+
+def test_learning_skips_what_it_cannot_compare() -> None:
+    """A job of no GPU memory teaches no memory; a GPU type the estimate lacks, no duration."""
+    estimator = ResourceEstimator(
+        {"job": ModelSpec(task=Task.GENERIC, weights_mb=0)}, BUILTIN_GPU_TYPES
+    )
+    estimate = estimator.estimate("job", Shape(1, 0, 0))
+    assert estimate.gpu_memory_mb == 0
+    estimator.observe("job", "H100-80GB", estimate, estimate.duration_on("H100-80GB"), 500)
+    assert estimator.estimate("job", Shape(1, 0, 0)).gpu_memory_mb == 0
+    partial = Estimate(100, 50, 30, 20, {"H100-80GB": 1.0})
+    estimator.observe("job", "L4-24GB", partial, 9.0, None)
+    assert estimator.estimate("job", Shape(1, 0, 0)).duration_s == estimate.duration_s
