@@ -133,3 +133,10 @@ def test_a_dispatch_names_the_gpus_backend_not_its_workers_name(harness_for) -> 
     h.apply(h.router.cordon("sim:0", h.now))
     dispatch = h.dispatch_of(h.submit(chat()))
     assert (dispatch.backend, dispatch.placement.worker) == ("sim", "host-9001")
+
+
+def test_an_idempotency_key_of_one_character_is_a_key(harness_for) -> None:
+    """The shortest key is one printable character; it makes the second submit a replay."""
+    h: Harness = harness_for()
+    first = h.submit(chat(idempotency_key="k"))
+    assert h.submit(chat(idempotency_key="k")).id == first.id

@@ -63,6 +63,7 @@ def test_an_expired_request_says_how_long_it_was_given(harness_for) -> None:
     assert stored.status.value == "expired"
     assert stored.error is not None
     assert (stored.error.type, stored.error.message) == ("timeout", "not finished within 5 s")
+    assert trail(h, request)[-1] == ("expired", "router"), "the router's doing, not the user's"
 
 
 def test_cancelling_a_running_request_tells_its_backend_which_request_and_execution(

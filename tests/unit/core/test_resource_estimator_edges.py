@@ -141,3 +141,18 @@ def test_learning_skips_what_it_cannot_compare() -> None:
     partial = Estimate(100, 50, 30, 20, {"H100-80GB": 1.0})
     estimator.observe("job", "L4-24GB", partial, 9.0, None)
     assert estimator.estimate("job", Shape(1, 0, 0)).duration_s == estimate.duration_s
+
+
+@pytest.mark.parametrize(
+    ("shape", "field"),
+    [
+        (Shape(0, 1, 1), "shape.batch_size"),
+        (Shape(1, -1, 1), "shape.input_tokens"),
+        (Shape(1, 1, -1), "shape.output_tokens"),
+    ],
+)
+def test_an_estimate_of_an_impossible_shape_names_the_count(shape: Shape, field: str) -> None:
+    """The estimator checks a shape it is handed directly, and says which count is wrong."""
+    with pytest.raises(InvalidRequest) as info:
+        make_estimator().estimate("llama-3-8b", shape)
+    assert info.value.field == field
