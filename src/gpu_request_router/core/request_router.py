@@ -333,14 +333,17 @@ class RequestRouter:
                 )
             self._track(stored)
             self.queue.push(stored, fair_share_cost(stored))
+        # Every outcome is taken before the one pass: a pass between them would see the
+        # executions not yet taken as still running (their users' concurrency, their slots).
         for execution_id, outcome in ended:
+            execution = self._executions[execution_id]
             if isinstance(outcome, Failure):
-                decisions += self.failed(execution_id, outcome, now)
+                actor = f"backend:{execution.backend}"
+                decisions += self._fail(execution_id, execution, outcome, now, actor)
             else:
-                decisions += self.finished(execution_id, outcome, now)
+                self._succeed(execution_id, execution, outcome, now)
         decisions += self._pass(now)
-        # Each outcome taken handed out, among its decisions, the changes made until then: all
-        # the changes go first, in the order they were made (a request's last one last).
+        # All the changes go first, in the order they were made (a request's last one last).
         ordered: list[Decision] = [d for d in decisions if isinstance(d, StateChange)]
         ordered += self._changes
         self._changes = []
@@ -441,6 +444,12 @@ class RequestRouter:
         if execution is None:
             _log.debug("stale_result_ignored", execution_id=execution_id)
             return []
+        self._succeed(execution_id, execution, result, now)
+        return self._emit(self._pass(now))
+
+    def _succeed(
+        self, execution_id: str, execution: _Execution, result: ExecutionResult, now: float
+    ) -> None:
         request = self._requests[execution.request_id]
         reported = result.gpu_seconds
         if reported is not None and not (math.isfinite(reported) and reported >= 0):
@@ -473,7 +482,6 @@ class RequestRouter:
                 if model == request.model:
                     self.metrics.estimate_error(model, kind, ratio)
         self._circuits.succeeded(execution.backend, execution.gpu_ids)
-        return self._emit(self._pass(now))
 
     def failed(self, execution_id: str, failure: Failure, now: float) -> list[Decision]:
         """An execution failed: fail, retry (elsewhere, after a backoff) or expire the request."""

@@ -273,3 +273,24 @@ def test_in_flight_asks_the_gpus_backend_where_it_differs_from_the_worker() -> N
     assert restarted.router.in_flight(h.store.unfinished_requests()) == [
         InFlight(request.id, execution_id, "sim", "host-9001")
     ]
+
+
+def test_work_that_ended_while_down_is_all_taken_before_the_queue_moves() -> None:
+    """The first pass after a restart sees every ended execution gone (I6 across a restart).
+
+    Bob's request and Ann's two fill the three slots, so Ann's critical request waits (at her
+    concurrency of two) beside Bob's low one. All three end while the router is down, Bob's
+    first. Were a pass to run once Bob's outcome is taken, before Ann's, she would still count
+    two running and Bob's low request would start ahead of her critical one.
+    """
+    settings = make_settings(gpus=[("H100-80GB", 1)], slots=3, quota={"max_concurrent": 2})
+    h = Harness(settings)
+    running = [h.submit(chat(), user="bob"), *(h.submit(chat(), user="ann") for _ in range(2))]
+    executions = [_running(h, request) for request in running]
+    h.now += 1
+    urgent = h.submit(chat(priority="critical"), user="ann")
+    low = h.submit(chat(priority="low"), user="bob")
+    assert (h.status(urgent), h.status(low)) == ("queued", "queued")
+    restarted = _restart(h)
+    restarted.recover({e: ExecutionResult({"ok": True}) for e in executions})
+    assert [d.request.id for d in restarted.dispatches] == [urgent.id, low.id]
