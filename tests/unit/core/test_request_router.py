@@ -463,6 +463,8 @@ def test_lost_gpu_work_is_retried_elsewhere_and_late_results_are_ignored() -> No
     decisions = h.apply(h.router.readings(remaining, h.now, worker="sim"))
     assert any(isinstance(d, CancelExecution) for d in decisions)
     assert h.router.monitor.gpus[lost_gpu].health is GPUHealth.UNHEALTHY
+    failed_over = h.store.transitions(request.id)[-1]
+    assert (failed_over.to_status.value, failed_over.actor) == ("queued", "router")
     h.now += 2
     h.apply(h.router.readings(remaining, h.now, worker="sim"))
     h.apply(h.router.tick(h.now))
@@ -674,6 +676,40 @@ def test_a_request_whose_creation_the_store_refused_is_taken_back_entirely(harne
     assert h.router.forget(refused.id, h.now) == [], "a second time (or an unknown id) is ignored"
     again = h.submit(chat(idempotency_key="k1"))
     assert again.id != refused.id and h.status(again) == "queued"
+
+
+def test_a_dispatch_conflict_counts_toward_the_backfill_depth_after_other_misses() -> None:
+    """Held by its quota, then refused by its GPU: two misses, so a depth of two ends the pass.
+
+    The request behind them would fit beside the intruder, but waits for the next pass.
+    """
+    settings = make_settings(
+        gpus=[("H100-80GB", 1)],
+        slots=4,
+        placement={"backfill_depth": 2},
+        quota={"max_concurrent": 1},
+    )
+    h = Harness(settings)
+    h.submit(_sized(16_000), user="ann")
+    h.apply(h.router.cordon("sim:0", h.now))
+    held = h.submit(_sized(10_000, priority="critical"), user="ann")  # at her quota: a miss
+    refused = h.submit(_sized(40_000, priority="high"), user="bob")
+    behind = h.submit(_sized(10_000), user="cat")
+    monitor = h.router.monitor
+    reserve = monitor.reserve
+    intruded: list[str] = []
+
+    def reserve_after_an_intruder(gpu_id: str, holder: str, memory_mb: int) -> bool:
+        if not intruded:
+            intruded.append(holder)
+            monitor.adopt(gpu_id, "exe_intruder", 45_000)
+        return reserve(gpu_id, holder, memory_mb)
+
+    monitor.reserve = reserve_after_an_intruder  # type: ignore[method-assign]
+    h.apply(h.router.uncordon("sim:0", h.now))
+    assert intruded == [f"exe_{refused.id}_1"]
+    assert len(h.dispatched_ids()) == 1, "only ann's first request, from before the cordon"
+    assert {h.status(r) for r in (held, refused, behind)} == {"queued"}
 
 
 def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_going() -> None:
