@@ -64,6 +64,10 @@ Online learning (EWMA with ``EWMA_ALPHA``), from :meth:`ResourceEstimator.observ
 * memory factor of the model: ``m <- (1 - a) * m + a * (peak - weights_mb) / uncorrected``
   where ``uncorrected`` is the non-weights MiB per GPU without any factor, clamped to
   ``MEMORY_FACTOR_BOUNDS``. Requests with a memory hint do not teach it.
+* out-of-memory floors: :meth:`grow_after_oom` of an unhinted request with its shape and a
+  reported peak P records P for (model, shape, GPU count); every later unhinted estimate of that
+  key is at least P (the difference goes to activations), however m moves. The
+  ``OOM_FLOOR_ENTRIES`` most recently failed keys are kept.
 
 The uncorrected figures are recomputed from the request's shape when the caller passes it;
 otherwise they are the estimate divided by the factor in force now (which overshoots when many
@@ -94,6 +98,7 @@ __all__ = [
     "DURATION_FACTOR_BOUNDS",
     "EWMA_ALPHA",
     "MEMORY_FACTOR_BOUNDS",
+    "OOM_FLOOR_ENTRIES",
     "PREFILL_EFFICIENCY",
     "ModelProfile",
     "ResourceEstimator",
@@ -109,6 +114,7 @@ DECODE_EFFICIENCY: Final = 0.6  # share of the datasheet memory bandwidth decode
 EWMA_ALPHA: Final = 0.2  # weight of the newest observation in every learned average
 DURATION_FACTOR_BOUNDS: Final = (0.1, 10.0)
 MEMORY_FACTOR_BOUNDS: Final = (0.5, 4.0)
+OOM_FLOOR_ENTRIES: Final = 4096  # failed (model, shape, GPU count) keys whose peaks are kept
 
 _MIB: Final = 2**20
 _MESSAGE_OVERHEAD_TOKENS: Final = 4  # role and separators of one chat message
@@ -240,6 +246,9 @@ class ResourceEstimator:
         self._gpu_types = dict(gpu_types)
         self._duration_factors: dict[tuple[str, str], float] = {}
         self._memory_factors: dict[str, float] = {}
+        # (model, shape, GPU count) -> peak MiB per GPU of an out-of-memory failure; insertion
+        # order is recency, the oldest key goes first past OOM_FLOOR_ENTRIES.
+        self._oom_floors: dict[tuple[str, Shape, int], int] = {}
         self._errors: dict[tuple[str, str], float] = {}
 
     def profile(self, model: str) -> ModelProfile:
@@ -283,6 +292,9 @@ class ResourceEstimator:
             working = kv_mb + activations_mb
             kv_mb = rest * kv_mb // working if working else 0
             activations_mb = rest - kv_mb
+        else:
+            floor = self._oom_floors.get((model, shape, gpus), 0)
+            activations_mb += max(floor - weights_mb - kv_mb - activations_mb, 0)
         durations = {
             gpu: self._duration_factors.get((model, gpu), 1.0)
             * self._uncorrected_duration(profile, gpu, shape)
@@ -315,7 +327,9 @@ class ResourceEstimator:
 
         The new ``gpu_memory_mb`` is ``max(ceil(old * growth), peak_memory_mb, old + 1)``, the
         extra going to ``activations_mb``. Unless ``hints`` carry a memory hint, the model's
-        memory factor rises (never falls) so that the same shape would now get as much.
+        memory factor rises (never falls) so that the same shape would now get as much, and
+        ``peak_memory_mb``, given ``shape``, becomes a floor of every later estimate of this
+        model, shape and GPU count.
         """
         profile = self.profile(model)
         old = estimate.gpu_memory_mb
@@ -329,6 +343,8 @@ class ResourceEstimator:
             gpu_count=estimate.gpu_count,
         )
         if hints is None or hints.gpu_memory_mb is None:
+            if shape is not None and peak_memory_mb is not None:
+                self._record_oom_floor((model, shape, estimate.gpu_count), peak_memory_mb)
             base = self._uncorrected_working_mb(profile, estimate, shape)
             if base > 0:
                 factor = self._memory_factors.get(model, 1.0)
@@ -385,6 +401,13 @@ class ResourceEstimator:
     def error_ratios(self) -> dict[tuple[str, str], float]:
         """(model, "duration" | "memory") -> EWMA of observed / estimated, as issued."""
         return dict(self._errors)
+
+    def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
+        floors = self._oom_floors
+        floor = max(floors.pop(key, 0), peak_mb)  # popped: re-inserted as the most recent
+        floors[key] = floor
+        if len(floors) > OOM_FLOOR_ENTRIES:
+            del floors[next(iter(floors))]
 
     def _record_error(self, model: str, kind: str, ratio: float) -> None:
         key = (model, kind)

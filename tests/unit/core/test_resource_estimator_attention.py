@@ -3,7 +3,8 @@
 Every shape below is copied from the model's Hugging Face ``config.json`` (URL beside it), and
 every expected figure is worked out by hand in the test from those shapes and the formulas of
 docs/architecture.md ("Activations and their sources"), never by calling the estimator's own
-helpers.
+helpers. The last part checks that an estimate grown after an out-of-memory failure never falls
+below the peak the failure reported, whatever the estimator learns afterwards.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from hypothesis import strategies as st
 
 from gpu_request_router.config import ModelSpec
 from gpu_request_router.config.config_loader import Architecture
-from gpu_request_router.core.resource_estimator import ResourceEstimator, profile_from_spec
+from gpu_request_router.core.resource_estimator import (
+    OOM_FLOOR_ENTRIES,
+    ResourceEstimator,
+    profile_from_spec,
+)
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
-from gpu_request_router.models.request import Shape, Task
+from gpu_request_router.models.request import ResourceHints, Shape, Task
 
 MIB = 2**20
 
@@ -225,3 +230,108 @@ def test_an_explicit_activation_figure_replaces_every_derived_term() -> None:
     )
     estimate = estimator_of(llama=explicit).estimate("llama", Shape(1, 8000, 0))
     assert estimate.activations_mb == -(-(1000 * 8000 + 513024) // MIB) == 9
+
+
+# --- out-of-memory growth never falls below the observed peak -------------------------------
+
+_SHAPES = st.builds(Shape, st.integers(1, 16), st.integers(0, 4000), st.integers(0, 1000))
+
+
+def tinyllama() -> ModelSpec:
+    """TinyLlama-1.1B, whose estimates have KV cache and activations."""
+    return spec(
+        {
+            "num_hidden_layers": 22,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+            "vocab_size": 32000,
+            "dtype": "float16",
+        },
+        Task.COMPLETION,
+    )
+
+
+def test_small_peaks_after_an_oom_do_not_shrink_the_estimate_below_its_peak() -> None:
+    """Twenty executions that used only their weights leave the failed shape at its peak."""
+    estimator = estimator_of(tiny=tinyllama())
+    shape = Shape(4, 2000, 100)
+    estimate = estimator.estimate("tiny", shape)
+    peak = estimate.gpu_memory_mb + 3000
+    estimator.grow_after_oom("tiny", estimate, 1.5, peak, shape=shape)
+    for _ in range(20):
+        current = estimator.estimate("tiny", shape)
+        estimator.observe("tiny", "H100-80GB", current, 1.0, current.weights_mb, shape=shape)
+    assert estimator.estimate("tiny", shape).gpu_memory_mb >= peak
+
+
+def test_a_floor_is_exact_shape_and_a_hinted_failure_sets_none() -> None:
+    """An OOM floor leaves other shapes and GPU counts as learned; hinted failures set none."""
+    estimator = estimator_of(tiny=tinyllama())
+    shape, other = Shape(4, 2000, 100), Shape(4, 2001, 100)
+    estimate = estimator.estimate("tiny", shape)
+    peak = estimate.gpu_memory_mb + 50_000  # far beyond what the factor (capped at 4) can give
+    estimator.grow_after_oom("tiny", estimate, 1.5, peak, shape=shape)
+    assert estimator.estimate("tiny", shape).gpu_memory_mb == peak
+    assert estimator.estimate("tiny", other).gpu_memory_mb < peak - 40_000
+    two = ResourceHints(gpu_count=2)
+    assert estimator.estimate("tiny", shape, two).gpu_memory_mb < peak - 40_000
+    hinted = ResourceHints(gpu_memory_mb=3000)
+    hinted_estimate = estimator.estimate("tiny", other, hinted)
+    estimator.grow_after_oom("tiny", hinted_estimate, 1.5, 90_000, shape=other, hints=hinted)
+    assert estimator.estimate("tiny", other).gpu_memory_mb < 90_000
+
+
+def test_the_floors_kept_are_bounded_and_the_oldest_goes_first() -> None:
+    """Past OOM_FLOOR_ENTRIES failed shapes, the oldest shape's floor is dropped, no other."""
+    estimator = estimator_of(tiny=tinyllama())
+    estimate = estimator.estimate("tiny", Shape(1, 1, 0))
+    peak = estimate.gpu_memory_mb + 100_000
+    for batch in range(1, OOM_FLOOR_ENTRIES + 2):
+        estimator.grow_after_oom("tiny", estimate, 1.0, peak, shape=Shape(batch, 1, 0))
+    assert estimator.estimate("tiny", Shape(1, 1, 0)).gpu_memory_mb < peak
+    assert estimator.estimate("tiny", Shape(2, 1, 0)).gpu_memory_mb == peak
+    assert estimator.estimate("tiny", Shape(OOM_FLOOR_ENTRIES + 1, 1, 0)).gpu_memory_mb == peak
+
+
+def test_a_peak_beyond_the_factor_bound_still_holds() -> None:
+    """A peak 10× the working memory needs a factor past the upper bound of 4; it gets it."""
+    estimator = estimator_of(tiny=tinyllama())
+    shape = Shape(1, 1000, 0)
+    estimate = estimator.estimate("tiny", shape)
+    peak = estimate.weights_mb + 10 * (estimate.kv_cache_mb + estimate.activations_mb)
+    estimator.grow_after_oom("tiny", estimate, 1.5, peak, shape=shape)
+    assert estimator.estimate("tiny", shape).gpu_memory_mb >= peak
+
+
+_EVENTS = st.lists(
+    st.tuples(st.booleans(), _SHAPES, st.floats(0.0, 3.0), st.integers(1, 3)),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=_EVENTS)
+def test_no_estimate_of_a_failed_shape_falls_below_its_peak(
+    events: list[tuple[bool, Shape, float, int]],
+) -> None:
+    """Any mix of OOMs (peak above the estimate) and observations (any peak), on 1 to 3 GPUs."""
+    estimator = estimator_of(tiny=tinyllama())
+    failed: list[tuple[Shape, int, int]] = []
+    for oom, shape, scale, gpus in events:
+        hints = ResourceHints(gpu_count=gpus)
+        estimate = estimator.estimate("tiny", shape, hints)
+        working = estimate.gpu_memory_mb - estimate.weights_mb
+        peak = estimate.weights_mb + round(working * scale)
+        if oom:
+            peak = max(peak, estimate.gpu_memory_mb + 1)
+            estimator.grow_after_oom("tiny", estimate, 1.5, peak, shape=shape, hints=hints)
+            failed.append((shape, gpus, peak))
+        else:
+            estimator.observe("tiny", "H100-80GB", estimate, 1.0, peak, shape=shape, hints=hints)
+        for old_shape, old_gpus, old_peak in failed:
+            again = estimator.estimate("tiny", old_shape, ResourceHints(gpu_count=old_gpus))
+            assert again.gpu_memory_mb >= old_peak
