@@ -6,25 +6,39 @@ Pure computation (no I/O, no clock). Sizes are bytes internally; the MiB fields 
 Model figures (:func:`profile_from_spec`), with ``b`` the bytes of the dtype (float32 4,
 float16/bfloat16 2, float8/int8 1) and the ``architecture`` block's L layers, hidden size h,
 intermediate size i, nh attention heads, nkv KV heads (default nh), head dim hd (default h // nh),
-vocabulary V::
+vocabulary V, a = nh*hd, k = nkv*hd. Decoders (Llama family: RMSNorm, gated MLP, no biases)::
 
-    params           = V*h + L*(h*nh*hd + 2*h*nkv*hd + nh*hd*h + 3*h*i + 2*h) + h
+    params           = V*h + L*(h*a + 2*h*k + a*h + 3*h*i + 2*h) + h
                        + (0 if tie_word_embeddings else V*h)
-    weights          = params * b
-    kv per token     = L * nkv * hd * 2 * b
-    act. per token   = b * (2*h + 2*nh*hd + 2*nkv*hd + 3*i)    (one layer's live prefill tensors)
-    logits per seq.  = V * 4                                     (fp32 logits, last position)
+    kv per token     = L * k * 2 * b
+    attn. per token  = b*(2*h + 2*a + 2*k) + 4*nh         sdpa / flash_attention_2
+                     = b*(2*h + 2*a + 2*k + 2*a)          eager (repeat_kv), 2*a only if nkv < nh
+    other per token  = b*(3*h + 3*i)                      (the MLP stage)
+    scores per pair  = nh * (2*b + 4)  eager only         (scores, fp32 softmax, its cast)
+    logits per seq.  = V * 4                              (fp32 logits, last position)
 
-Without an architecture: weights = weights_mb MiB, params = weights // 2 (16-bit weights), the
-per-token figures as given (default 0), logits 0. An explicit catalog figure wins over a
-derived one.
+Encoders (BERT family: LayerNorm, biases, GELU MLP, learned positions P and token types T)::
+
+    params           = V*h + P*h + T*h + 2*h
+                       + L*(h*a + a + 2*(h*k + k) + a*h + h + 2*h*i + i + h + 4*h) + h*h + h
+    kv per token     = 0;  logits = 0
+    attn. per token  = b*(h + 2*a + 2*k) + 4*nh           sdpa / flash_attention_2
+                     = b*(h + 2*a + 2*k)                  eager
+    other per token  = b * max(2*h + 2*i, 5*h + i)        (feed-forward, output sublayer)
+    scores per pair  = nh * 2*b  eager only               (scores, softmax in the dtype)
+
+Weights = params * b. Without an architecture: weights = weights_mb MiB, params = weights // 2
+(16-bit weights), the per-token figures as given (default 0), attention and logits 0. An
+explicit catalog figure wins over a derived one; an explicit activation figure replaces all of
+the derived activation terms.
 
 Memory of a request of shape (batch B, input I, output O) on g GPUs (tensor parallel splits
-everything evenly), with m the model's learned memory factor (starts at 1)::
+everything evenly), with m the model's learned memory factor (starts at 1), n = B * max(I, 1)::
 
     weights_mb     = ceil(weights / g)
     kv_cache_mb    = ceil(m * kv_per_token * B * (I + O) / g)
-    activations_mb = ceil(m * (act_per_token * B * max(I, 1) + logits * B) / g)
+    activations    = max(other * n, attn * n + scores * B * I**2) + logits * B
+    activations_mb = ceil(m * activations / g)
     gpu_memory_mb  = weights_mb + kv_cache_mb + activations_mb
 
 A memory hint H (per GPU) replaces the total with ``max(H, weights_mb)``; the non-weights part
@@ -50,6 +64,10 @@ Online learning (EWMA with ``EWMA_ALPHA``), from :meth:`ResourceEstimator.observ
 * memory factor of the model: ``m <- (1 - a) * m + a * (peak - weights_mb) / uncorrected``
   where ``uncorrected`` is the non-weights MiB per GPU without any factor, clamped to
   ``MEMORY_FACTOR_BOUNDS``. Requests with a memory hint do not teach it.
+* out-of-memory floors: :meth:`grow_after_oom` of an unhinted request with its shape and a
+  reported peak P records P for (model, shape, GPU count); every later unhinted estimate of that
+  key is at least P (the difference goes to activations), however m moves. The
+  ``OOM_FLOOR_ENTRIES`` most recently failed keys are kept.
 
 The uncorrected figures are recomputed from the request's shape when the caller passes it;
 otherwise they are the estimate divided by the factor in force now (which overshoots when many
@@ -80,6 +98,7 @@ __all__ = [
     "DURATION_FACTOR_BOUNDS",
     "EWMA_ALPHA",
     "MEMORY_FACTOR_BOUNDS",
+    "OOM_FLOOR_ENTRIES",
     "PREFILL_EFFICIENCY",
     "ModelProfile",
     "ResourceEstimator",
@@ -95,18 +114,25 @@ DECODE_EFFICIENCY: Final = 0.6  # share of the datasheet memory bandwidth decode
 EWMA_ALPHA: Final = 0.2  # weight of the newest observation in every learned average
 DURATION_FACTOR_BOUNDS: Final = (0.1, 10.0)
 MEMORY_FACTOR_BOUNDS: Final = (0.5, 4.0)
+OOM_FLOOR_ENTRIES: Final = 4096  # failed (model, shape, GPU count) keys whose peaks are kept
 
 _MIB: Final = 2**20
 _MESSAGE_OVERHEAD_TOKENS: Final = 4  # role and separators of one chat message
 _REPLY_PRIMING_TOKENS: Final = 2  # the assistant header the reply starts with
-_LOGIT_BYTES: Final = 4  # logits are fp32
+_FP32_BYTES: Final = 4  # logits, the fused kernels' softmax statistics, eager's fp32 softmax
 _PROMPT_FORMS: Final = "must be a string or a non-empty list of strings, token ids or id lists"
 _NO_HINTS: Final = ResourceHints()
 
 
 @dataclass(frozen=True, slots=True)
 class ModelProfile:
-    """The derived figures of one catalog model that estimates are computed from."""
+    """The derived figures of one catalog model that estimates are computed from.
+
+    Activations per layer stage (module docstring): ``activation_bytes_per_token`` is the
+    largest stage other than attention (or the catalog's figure), ``attention_bytes_per_token``
+    the attention stage's per-token tensors and ``score_bytes_per_pair`` its bytes per (query,
+    key) pair, non-zero only for eager attention, which holds the score matrix.
+    """
 
     name: str
     task: Task
@@ -121,6 +147,8 @@ class ModelProfile:
     throughput: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    attention_bytes_per_token: int = 0
+    score_bytes_per_pair: int = 0
 
 
 class _Derived(NamedTuple):
@@ -128,25 +156,46 @@ class _Derived(NamedTuple):
     weights_bytes: int
     kv_bytes_per_token: int
     activation_bytes_per_token: int
+    attention_bytes_per_token: int
+    score_bytes_per_pair: int
     logits_bytes_per_sequence: int
 
 
 def _derive(arch: Architecture) -> _Derived:
-    """The figures of a transformer decoder described by Hugging Face config fields."""
+    """The figures of a transformer described by Hugging Face config fields (module docstring)."""
     layers, h, i = arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size
     nh = arch.num_attention_heads
     nkv = arch.num_key_value_heads or nh
     hd = arch.head_dim or h // nh
+    a, k = nh * hd, nkv * hd
     vocab = arch.vocab_size
     b = DTYPE_BYTES[arch.dtype]
-    per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * i + 2 * h
+    eager = arch.attn_implementation == "eager"
+    kernel_stats = 0 if eager else _FP32_BYTES * nh
+    if arch.kind == "encoder":
+        embeddings = (vocab + arch.max_position_embeddings + arch.type_vocab_size) * h + 2 * h
+        per_layer = h * a + a + 2 * (h * k + k) + a * h + h + 2 * h * i + i + h + 4 * h
+        params = embeddings + layers * per_layer + h * h + h
+        return _Derived(
+            params=params,
+            weights_bytes=params * b,
+            kv_bytes_per_token=0,
+            activation_bytes_per_token=b * max(2 * h + 2 * i, 5 * h + i),
+            attention_bytes_per_token=b * (h + 2 * a + 2 * k) + kernel_stats,
+            score_bytes_per_pair=nh * 2 * b if eager else 0,
+            logits_bytes_per_sequence=0,
+        )
+    per_layer = h * a + 2 * h * k + a * h + 3 * h * i + 2 * h
     params = vocab * h + layers * per_layer + h + (0 if arch.tie_word_embeddings else vocab * h)
+    repeated_kv = 2 * a if eager and nkv < nh else 0
     return _Derived(
         params=params,
         weights_bytes=params * b,
-        kv_bytes_per_token=layers * nkv * hd * 2 * b,
-        activation_bytes_per_token=b * (2 * h + 2 * nh * hd + 2 * nkv * hd + 3 * i),
-        logits_bytes_per_sequence=vocab * _LOGIT_BYTES,
+        kv_bytes_per_token=layers * k * 2 * b,
+        activation_bytes_per_token=b * (3 * h + 3 * i),
+        attention_bytes_per_token=b * (2 * h + 2 * a + 2 * k + repeated_kv) + kernel_stats,
+        score_bytes_per_pair=nh * (2 * b + _FP32_BYTES) if eager else 0,
+        logits_bytes_per_sequence=vocab * _FP32_BYTES,
     )
 
 
@@ -161,6 +210,8 @@ def profile_from_spec(name: str, spec: ModelSpec) -> ModelProfile:
         raise ValueError(f"model {name}: give weights_mb or an architecture block")
     kv = spec.kv_bytes_per_token
     activation = spec.activation_bytes_per_token
+    # An explicit activation figure replaces every derived activation term.
+    attention = derived if derived is not None and activation is None else None
     return ModelProfile(
         name=name,
         task=spec.task,
@@ -171,6 +222,8 @@ def profile_from_spec(name: str, spec: ModelSpec) -> ModelProfile:
             if activation is not None
             else (derived.activation_bytes_per_token if derived else 0)
         ),
+        attention_bytes_per_token=attention.attention_bytes_per_token if attention else 0,
+        score_bytes_per_pair=attention.score_bytes_per_pair if attention else 0,
         logits_bytes_per_sequence=derived.logits_bytes_per_sequence if derived else 0,
         params=derived.params if derived else weights_bytes // 2,
         max_context=spec.max_context,
@@ -193,6 +246,9 @@ class ResourceEstimator:
         self._gpu_types = dict(gpu_types)
         self._duration_factors: dict[tuple[str, str], float] = {}
         self._memory_factors: dict[str, float] = {}
+        # (model, shape, GPU count) -> peak MiB per GPU of an out-of-memory failure; insertion
+        # order is recency, the oldest key goes first past OOM_FLOOR_ENTRIES.
+        self._oom_floors: dict[tuple[str, Shape, int], int] = {}
         self._errors: dict[tuple[str, str], float] = {}
 
     def profile(self, model: str) -> ModelProfile:
@@ -236,6 +292,9 @@ class ResourceEstimator:
             working = kv_mb + activations_mb
             kv_mb = rest * kv_mb // working if working else 0
             activations_mb = rest - kv_mb
+        else:
+            floor = self._oom_floors.get((model, shape, gpus), 0)
+            activations_mb += max(floor - weights_mb - kv_mb - activations_mb, 0)
         durations = {
             gpu: self._duration_factors.get((model, gpu), 1.0)
             * self._uncorrected_duration(profile, gpu, shape)
@@ -268,7 +327,9 @@ class ResourceEstimator:
 
         The new ``gpu_memory_mb`` is ``max(ceil(old * growth), peak_memory_mb, old + 1)``, the
         extra going to ``activations_mb``. Unless ``hints`` carry a memory hint, the model's
-        memory factor rises (never falls) so that the same shape would now get as much.
+        memory factor rises (never falls) so that the same shape would now get as much, and
+        ``peak_memory_mb``, given ``shape``, becomes a floor of every later estimate of this
+        model, shape and GPU count.
         """
         profile = self.profile(model)
         old = estimate.gpu_memory_mb
@@ -282,6 +343,8 @@ class ResourceEstimator:
             gpu_count=estimate.gpu_count,
         )
         if hints is None or hints.gpu_memory_mb is None:
+            if shape is not None and peak_memory_mb is not None:
+                self._record_oom_floor((model, shape, estimate.gpu_count), peak_memory_mb)
             base = self._uncorrected_working_mb(profile, estimate, shape)
             if base > 0:
                 factor = self._memory_factors.get(model, 1.0)
@@ -338,6 +401,13 @@ class ResourceEstimator:
     def error_ratios(self) -> dict[tuple[str, str], float]:
         """(model, "duration" | "memory") -> EWMA of observed / estimated, as issued."""
         return dict(self._errors)
+
+    def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
+        floors = self._oom_floors
+        floor = max(floors.pop(key, 0), peak_mb)  # popped: re-inserted as the most recent
+        floors[key] = floor
+        if len(floors) > OOM_FLOOR_ENTRIES:
+            del floors[next(iter(floors))]
 
     def _record_error(self, model: str, kind: str, ratio: float) -> None:
         key = (model, kind)
@@ -401,8 +471,11 @@ def _working_bytes(profile: ModelProfile, shape: Shape) -> tuple[int, int]:
     """(KV cache, activations + logits) bytes of a request over all its GPUs, uncorrected."""
     batch, prompt = shape.batch_size, shape.input_tokens
     kv = profile.kv_bytes_per_token * batch * (prompt + shape.output_tokens)
+    tokens = batch * max(prompt, 1)
+    scores = profile.score_bytes_per_pair * batch * prompt**2  # 0 unless attention is eager
+    attention = profile.attention_bytes_per_token * tokens + scores
     activations = (
-        profile.activation_bytes_per_token * batch * max(prompt, 1)
+        max(profile.activation_bytes_per_token * tokens, attention)
         + profile.logits_bytes_per_sequence * batch
     )
     return kv, activations
