@@ -1,0 +1,207 @@
+"""The schedulable GPUs, indexed so that one placement need not look at every GPU.
+
+The :class:`~gpu_request_router.core.gpu_state_monitor.GPUStateMonitor` owns one
+:class:`PlacementIndex` and hands it every GPU whose placement attributes it recomputes (the one
+funnel through which readings, health, staleness, cordons, circuits, reservations and releases
+all pass), so the index is never stale.
+
+It keeps:
+
+- :attr:`PlacementIndex.schedulable`: the schedulable GPUs by id, in the order they became
+  schedulable (a GPU that leaves and comes back goes to the end), with that position as a number
+  (``order``): every policy breaks its last tie by it, as a scan of the mapping does;
+- the schedulable GPUs with a free slot, in *shelves*: one per GPU type, served models, loaded
+  models and health (healthy or degraded). On one shelf a need reserves the same memory on every
+  GPU (the weights are loaded on all or on none), so "fits" is "room ≥ that memory". Each shelf
+  holds two bisect-maintained lists: by ``(room, busy, order)``, and per distinct ``busy`` value
+  by ``(-room, order)``.
+
+A fleet has a handful of shelves whatever its size; the queries are in :class:`PlacementIndex`'s
+methods, their costs in docs/architecture.md ("Placement").
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from gpu_request_router.models.gpu_state import GPUHealth, GPUState
+
+__all__ = ["Best", "PlacementIndex", "Shelf"]
+
+_GIB = 1024
+_ABOVE = float("inf")
+
+_ByRoom = tuple[int, float, int, GPUState]
+"""``(room, busy, order, gpu)``: the order is unique, so the GPU itself is never compared."""
+_ByLevel = tuple[int, int, GPUState]
+"""``(-room, order, gpu)`` within one busy level."""
+
+Best = tuple[tuple[float, ...], GPUState]
+"""A shelf's best GPU for a query: its full ranking key (ending in its order) and the GPU."""
+
+
+@dataclass(slots=True)
+class Shelf:
+    """The schedulable GPUs with a free slot that share a type, models, loaded models and health."""
+
+    type: str
+    models: tuple[str, ...]
+    models_loaded: tuple[str, ...]
+    degraded: bool
+    by_room: list[_ByRoom] = field(default_factory=list)
+    levels: list[float] = field(default_factory=list)
+    by_level: dict[float, list[_ByLevel]] = field(default_factory=dict)
+
+    def serves(self, model: str) -> bool:
+        """Whether the GPUs of this shelf serve ``model``."""
+        return "*" in self.models or model in self.models
+
+    def add(self, entry: _ByRoom) -> None:
+        """File one GPU."""
+        room, busy, order, gpu = entry
+        insort(self.by_room, entry)
+        level = self.by_level.get(busy)
+        if level is None:
+            self.by_level[busy] = [(-room, order, gpu)]
+            insort(self.levels, busy)
+        else:
+            insort(level, (-room, order, gpu))
+
+    def remove(self, entry: _ByRoom) -> None:
+        """Take one filed GPU out (``entry`` is what :meth:`add` was given)."""
+        room, busy, order, gpu = entry
+        del self.by_room[bisect_left(self.by_room, entry)]
+        level = self.by_level[busy]
+        del level[bisect_left(level, (-room, order, gpu))]
+        if not level:
+            del self.by_level[busy]
+            del self.levels[bisect_left(self.levels, busy)]
+
+    # Queries: each returns the best GPU with room ≥ ``memory`` that ``skip`` lets through ---------
+
+    def tightest(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Least room left after ``memory``, then least busy, then order."""
+        by_room = self.by_room
+        for position in range(bisect_left(by_room, (memory,)), len(by_room)):
+            room, busy, order, gpu = by_room[position]
+            if not skip(gpu.id):
+                return (room - memory, busy, order), gpu
+        return None
+
+    def tightest_gib(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Least room left after ``memory`` in whole GiB, then least busy, then order.
+
+        Every GPU left with the same whole GiB as the tightest one is a candidate; within each
+        distinct room the list is in (busy, order), so one look per distinct room suffices.
+        """
+        by_room = self.by_room
+        size = len(by_room)
+        position = bisect_left(by_room, (memory,))
+        best: tuple[float, int, int, GPUState] | None = None
+        ceiling = 0
+        while position < size:
+            room, busy, order, gpu = by_room[position]
+            if best is not None and room >= ceiling:
+                break
+            if skip(gpu.id):
+                position += 1
+                continue
+            if best is None:
+                ceiling = memory + ((room - memory) // _GIB + 1) * _GIB
+            if best is None or (busy, order) < best[:2]:
+                best = (busy, order, room, gpu)
+            position = bisect_right(by_room, (room, _ABOVE), position)
+        if best is None:
+            return None
+        busy, order, room, gpu = best
+        return ((room - memory) // _GIB, busy, order), gpu
+
+    def roomiest(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Most room, then least busy, then order."""
+        by_room = self.by_room
+        end = len(by_room)
+        while end:
+            room = by_room[end - 1][0]
+            if room < memory:
+                return None
+            start = bisect_left(by_room, (room,), 0, end)
+            for position in range(start, end):
+                _, busy, order, gpu = by_room[position]
+                if not skip(gpu.id):
+                    return (memory - room, busy, order), gpu
+            end = start
+        return None
+
+    def least_busy(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Least busy, then most room, then order: the first busy level with a fitting GPU."""
+        for busy in self.levels:
+            for negative_room, order, gpu in self.by_level[busy]:
+                if -negative_room < memory:
+                    break
+                if not skip(gpu.id):
+                    return (busy, memory + negative_room, order), gpu
+        return None
+
+
+class PlacementIndex:
+    """The schedulable GPUs, in the order they became schedulable, and shelved for placement."""
+
+    def __init__(self) -> None:
+        self._schedulable: dict[str, GPUState] = {}
+        self._order: dict[str, int] = {}
+        self._next_order = 0
+        self._filed: dict[str, tuple[Shelf, _ByRoom]] = {}
+        self._shelves: dict[tuple[object, ...], Shelf] = {}
+
+    @property
+    def schedulable(self) -> Mapping[str, GPUState]:
+        """The schedulable GPUs by id, in the order they became schedulable."""
+        return self._schedulable
+
+    def order_of(self, gpu_id: str) -> int:
+        """A schedulable GPU's position: lower for GPUs that became schedulable earlier."""
+        return self._order[gpu_id]
+
+    @property
+    def any_free_slot(self) -> bool:
+        """Whether any schedulable GPU has a free slot."""
+        return bool(self._filed)
+
+    def shelves(self) -> Iterator[Shelf]:
+        """The non-empty shelves."""
+        return (shelf for shelf in self._shelves.values() if shelf.by_room)
+
+    def most_room(self) -> int | None:
+        """The most room of a schedulable GPU with a free slot, or ``None`` when there is none."""
+        return max((shelf.by_room[-1][0] for shelf in self.shelves()), default=None)
+
+    def update(self, state: GPUState) -> None:
+        """Re-file ``state`` after its placement attributes were recomputed."""
+        gpu_id = state.id
+        filed = self._filed.pop(gpu_id, None)
+        if filed is not None:
+            filed[0].remove(filed[1])
+        if not state.schedulable:
+            if self._schedulable.pop(gpu_id, None) is not None:
+                del self._order[gpu_id]
+            return
+        order = self._order.get(gpu_id)
+        if order is None:
+            self._schedulable[gpu_id] = state
+            order = self._order[gpu_id] = self._next_order
+            self._next_order += 1
+        if state.free_slots <= 0:
+            return
+        reading = state.reading
+        degraded = state.health is GPUHealth.DEGRADED
+        key = (reading.type, reading.models, reading.models_loaded, degraded)
+        shelf = self._shelves.get(key)
+        if shelf is None:
+            shelf = self._shelves[key] = Shelf(
+                reading.type, reading.models, reading.models_loaded, degraded
+            )
+        entry = (state.room_mb, state.busy, order, state)
+        shelf.add(entry)
+        self._filed[gpu_id] = (shelf, entry)
