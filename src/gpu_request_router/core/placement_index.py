@@ -160,10 +160,6 @@ class PlacementIndex:
         """The schedulable GPUs by id, in the order they became schedulable."""
         return self._schedulable
 
-    def order_of(self, gpu_id: str) -> int:
-        """A schedulable GPU's position: lower for GPUs that became schedulable earlier."""
-        return self._order[gpu_id]
-
     @property
     def any_free_slot(self) -> bool:
         """Whether any schedulable GPU has a free slot."""
