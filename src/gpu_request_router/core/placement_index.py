@@ -16,14 +16,16 @@ It keeps:
   holds two bisect-maintained lists: by ``(room, busy, order)``, and per distinct ``busy`` value
   by ``(-room, order)``.
 
-A fleet has a handful of shelves whatever its size; the queries are in :class:`PlacementIndex`'s
-methods, their costs in docs/architecture.md ("Placement").
+A fleet has as many shelves as distinct (type, served models, loaded models, health) among its
+GPUs with a free slot, a handful in a fleet of few models and types whatever its size; an empty
+shelf is dropped. The queries are :class:`Shelf`'s methods, their costs in docs/architecture.md
+("Placement").
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gpu_request_router.models.gpu_state import GPUHealth, GPUState
@@ -37,6 +39,9 @@ _ByRoom = tuple[int, float, int, GPUState]
 """``(room, busy, order, gpu)``: the order is unique, so the GPU itself is never compared."""
 _ByLevel = tuple[int, int, GPUState]
 """``(-room, order, gpu)`` within one busy level."""
+
+_ShelfKey = tuple[str, tuple[str, ...], tuple[str, ...], bool]
+"""GPU type, served models, loaded models, degraded."""
 
 Best = tuple[tuple[float, ...], GPUState]
 """A shelf's best GPU for a query: its full ranking key (ending in its order) and the GPU."""
@@ -152,8 +157,8 @@ class PlacementIndex:
         self._schedulable: dict[str, GPUState] = {}
         self._order: dict[str, int] = {}
         self._next_order = 0
-        self._filed: dict[str, tuple[Shelf, _ByRoom]] = {}
-        self._shelves: dict[tuple[object, ...], Shelf] = {}
+        self._filed: dict[str, tuple[_ShelfKey, _ByRoom]] = {}
+        self._shelves: dict[_ShelfKey, Shelf] = {}
 
     @property
     def schedulable(self) -> Mapping[str, GPUState]:
@@ -165,20 +170,24 @@ class PlacementIndex:
         """Whether any schedulable GPU has a free slot."""
         return bool(self._filed)
 
-    def shelves(self) -> Iterator[Shelf]:
-        """The non-empty shelves."""
-        return (shelf for shelf in self._shelves.values() if shelf.by_room)
+    def shelves(self) -> Iterable[Shelf]:
+        """The shelves (none is empty)."""
+        return self._shelves.values()
 
     def most_room(self) -> int | None:
         """The most room of a schedulable GPU with a free slot, or ``None`` when there is none."""
-        return max((shelf.by_room[-1][0] for shelf in self.shelves()), default=None)
+        return max((shelf.by_room[-1][0] for shelf in self._shelves.values()), default=None)
 
     def update(self, state: GPUState) -> None:
         """Re-file ``state`` after its placement attributes were recomputed."""
         gpu_id = state.id
         filed = self._filed.pop(gpu_id, None)
         if filed is not None:
-            filed[0].remove(filed[1])
+            key, entry = filed
+            shelf = self._shelves[key]
+            shelf.remove(entry)
+            if not shelf.by_room:
+                del self._shelves[key]
         if not state.schedulable:
             if self._schedulable.pop(gpu_id, None) is not None:
                 del self._order[gpu_id]
@@ -193,11 +202,11 @@ class PlacementIndex:
         reading = state.reading
         degraded = state.health is GPUHealth.DEGRADED
         key = (reading.type, reading.models, reading.models_loaded, degraded)
-        shelf = self._shelves.get(key)
-        if shelf is None:
-            shelf = self._shelves[key] = Shelf(
+        target = self._shelves.get(key)
+        if target is None:
+            target = self._shelves[key] = Shelf(
                 reading.type, reading.models, reading.models_loaded, degraded
             )
         entry = (state.room_mb, state.busy, order, state)
-        shelf.add(entry)
-        self._filed[gpu_id] = (shelf, entry)
+        target.add(entry)
+        self._filed[gpu_id] = (key, entry)

@@ -224,13 +224,20 @@ def outcome(chosen: Chosen | NoFit) -> tuple[str, int] | None:
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_indexed_policies_choose_what_a_scan_of_every_gpu_chooses(data: st.DataObject) -> None:
-    """After every change, each indexed policy picks the oracle's GPU (ties: schedulable order)."""
+    """After every change, each indexed policy picks the oracle's GPU (ties: schedulable order).
+
+    The index also knows the most room of a GPU with a free slot, and keeps no empty shelf.
+    """
     fleet = Fleet(data.draw(gpu_readings()))
     balancers = {name: LoadBalancer(make_policy(name)) for name in RANKINGS}
     for _ in range(data.draw(st.integers(1, 25))):
         change(data.draw, fleet)
         assert list(fleet.monitor.schedulable) == fleet.order
         gpus = fleet.schedulable()
+        index = fleet.monitor.index
+        rooms = [gpu.room_mb for gpu in gpus if gpu.slots > len(gpu.running)]
+        assert index.most_room() == max(rooms, default=None)
+        assert all(shelf.by_room for shelf in index.shelves())
         ids = [gpu.id for gpu in gpus] or ["none"]
         for _ in range(3):
             need = data.draw(needs)
