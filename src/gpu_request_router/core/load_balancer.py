@@ -217,8 +217,8 @@ class BalancedPolicy(Policy):
         found = (shelf.tightest_gib if need.exact else shelf.roomiest)(memory, skip)
         if found is None:
             return None
-        key, gpu = found
-        return (need.model not in shelf.models_loaded, shelf.degraded, *key), gpu
+        key, gpu_id = found
+        return (need.model not in shelf.models_loaded, shelf.degraded, *key), gpu_id
 
 
 class BestFitPolicy(Policy):
@@ -373,7 +373,7 @@ class LoadBalancer:
                     best = found
                     best_memory, best_loaded = memory, loaded
             if best is not None:
-                option: Option = (best[1], best_memory, best_loaded)
+                option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
                 return Chosen.of(option, self.policy.name)
         return NoFit(free_slots=True)
 

@@ -35,16 +35,17 @@ __all__ = ["Best", "PlacementIndex", "Shelf"]
 _GIB = 1024
 _ABOVE = float("inf")
 
-_ByRoom = tuple[int, float, int, GPUState]
-"""``(room, busy, order, gpu)``: the order is unique, so the GPU itself is never compared."""
-_ByLevel = tuple[int, int, GPUState]
-"""``(-room, order, gpu)`` within one busy level."""
+_ByRoom = tuple[int, float, int, str]
+"""``(room, busy, order, GPU id)``. Plain values only: the garbage collector need not track
+the entries, so a large index does not slow down collections (and with them every scan)."""
+_ByLevel = tuple[int, int, str]
+"""``(-room, order, GPU id)`` within one busy level."""
 
 _ShelfKey = tuple[str, tuple[str, ...], tuple[str, ...], bool]
 """GPU type, served models, loaded models, degraded."""
 
-Best = tuple[tuple[float, ...], GPUState]
-"""A shelf's best GPU for a query: its full ranking key (ending in its order) and the GPU."""
+Best = tuple[tuple[float, ...], str]
+"""A shelf's best GPU for a query: its full ranking key (ending in its order) and its id."""
 
 
 @dataclass(slots=True)
@@ -65,21 +66,21 @@ class Shelf:
 
     def add(self, entry: _ByRoom) -> None:
         """File one GPU."""
-        room, busy, order, gpu = entry
+        room, busy, order, gpu_id = entry
         insort(self.by_room, entry)
         level = self.by_level.get(busy)
         if level is None:
-            self.by_level[busy] = [(-room, order, gpu)]
+            self.by_level[busy] = [(-room, order, gpu_id)]
             insort(self.levels, busy)
         else:
-            insort(level, (-room, order, gpu))
+            insort(level, (-room, order, gpu_id))
 
     def remove(self, entry: _ByRoom) -> None:
         """Take one filed GPU out (``entry`` is what :meth:`add` was given)."""
-        room, busy, order, gpu = entry
+        room, busy, order, gpu_id = entry
         del self.by_room[bisect_left(self.by_room, entry)]
         level = self.by_level[busy]
-        del level[bisect_left(level, (-room, order, gpu))]
+        del level[bisect_left(level, (-room, order, gpu_id))]
         if not level:
             del self.by_level[busy]
             del self.levels[bisect_left(self.levels, busy)]
@@ -90,9 +91,9 @@ class Shelf:
         """Least room left after ``memory``, then least busy, then order."""
         by_room = self.by_room
         for position in range(bisect_left(by_room, (memory,)), len(by_room)):
-            room, busy, order, gpu = by_room[position]
-            if not skip(gpu.id):
-                return (room - memory, busy, order), gpu
+            room, busy, order, gpu_id = by_room[position]
+            if not skip(gpu_id):
+                return (room - memory, busy, order), gpu_id
         return None
 
     def tightest_gib(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
@@ -104,24 +105,24 @@ class Shelf:
         by_room = self.by_room
         size = len(by_room)
         position = bisect_left(by_room, (memory,))
-        best: tuple[float, int, int, GPUState] | None = None
+        best: tuple[float, int, int, str] | None = None
         ceiling = 0
         while position < size:
-            room, busy, order, gpu = by_room[position]
+            room, busy, order, gpu_id = by_room[position]
             if best is not None and room >= ceiling:
                 break
-            if skip(gpu.id):
+            if skip(gpu_id):
                 position += 1
                 continue
             if best is None:
                 ceiling = memory + ((room - memory) // _GIB + 1) * _GIB
             if best is None or (busy, order) < best[:2]:
-                best = (busy, order, room, gpu)
+                best = (busy, order, room, gpu_id)
             position = bisect_right(by_room, (room, _ABOVE), position)
         if best is None:
             return None
-        busy, order, room, gpu = best
-        return ((room - memory) // _GIB, busy, order), gpu
+        busy, order, room, gpu_id = best
+        return ((room - memory) // _GIB, busy, order), gpu_id
 
     def roomiest(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
         """Most room, then least busy, then order."""
@@ -133,20 +134,20 @@ class Shelf:
                 return None
             start = bisect_left(by_room, (room,), 0, end)
             for position in range(start, end):
-                _, busy, order, gpu = by_room[position]
-                if not skip(gpu.id):
-                    return (memory - room, busy, order), gpu
+                _, busy, order, gpu_id = by_room[position]
+                if not skip(gpu_id):
+                    return (memory - room, busy, order), gpu_id
             end = start
         return None
 
     def least_busy(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
         """Least busy, then most room, then order: the first busy level with a fitting GPU."""
         for busy in self.levels:
-            for negative_room, order, gpu in self.by_level[busy]:
+            for negative_room, order, gpu_id in self.by_level[busy]:
                 if -negative_room < memory:
                     break
-                if not skip(gpu.id):
-                    return (busy, memory + negative_room, order), gpu
+                if not skip(gpu_id):
+                    return (busy, memory + negative_room, order), gpu_id
         return None
 
 
@@ -207,6 +208,6 @@ class PlacementIndex:
             target = self._shelves[key] = Shelf(
                 reading.type, reading.models, reading.models_loaded, degraded
             )
-        entry = (state.room_mb, state.busy, order, state)
+        entry = (state.room_mb, state.busy, order, gpu_id)
         target.add(entry)
         self._filed[gpu_id] = (key, entry)
