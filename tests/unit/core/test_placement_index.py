@@ -281,3 +281,19 @@ def test_an_exact_size_takes_the_tightest_whole_gib_even_from_a_less_busy_gpu() 
     # Room: 23,219 MiB (691 MiB left over) against 23,552 MiB (exactly 1 GiB left over).
     chosen = LoadBalancer(make_policy("balanced")).place(need, fleet.monitor.index)
     assert outcome(chosen) == oracle("balanced", need, fleet.schedulable(), ()) == ("w:0", 22 * GIB)
+
+
+def test_a_gpu_that_comes_back_loses_ties_to_those_that_stayed() -> None:
+    """Cordoned and uncordoned, a GPU goes to the end of the order, as in a scan of the mapping."""
+    twins = [
+        GPUReading(worker="w", index=index, type="L4-24GB", memory_total_mb=24_576)
+        for index in (0, 1)
+    ]
+    fleet = Fleet(twins)
+    need = Need(model="m1", memory_mb=GIB)
+    balancer = LoadBalancer(make_policy("best_fit"))
+    assert outcome(balancer.place(need, fleet.monitor.index)) == ("w:0", GIB)
+    fleet.monitor.cordon("w:0")
+    fleet.monitor.uncordon("w:0")
+    assert list(fleet.monitor.schedulable) == ["w:1", "w:0"]
+    assert outcome(balancer.place(need, fleet.monitor.index)) == ("w:1", GIB)
