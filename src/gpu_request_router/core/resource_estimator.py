@@ -46,7 +46,7 @@ is split between KV cache and activations in proportion to the computed figures 
 activations when both are 0).
 
 Duration on GPU type t, with (P, D) = :meth:`ResourceEstimator.throughput` in tokens/s and
-f the learned factor of (model, t) (starts at 1)::
+f the learned duration factor of (model, t, shape bucket) (below; starts at 1)::
 
     duration = f * (B * I / P + O / D)      (sequences of a batch decode in parallel)
     duration = f * default_duration_s       when I + O == 0
@@ -59,8 +59,18 @@ prefill and bandwidth(t)/bandwidth(r) for decode; else a roofline,
 
 Online learning (EWMA with ``EWMA_ALPHA``), from :meth:`ResourceEstimator.observe`:
 
-* duration factor of (model, t): ``f <- (1 - a) * f + a * observed / uncorrected``, clamped to
-  ``DURATION_FACTOR_BOUNDS``; ``uncorrected`` is the estimate without any factor;
+* duration factors, with ``s = observed / uncorrected`` (``uncorrected`` the estimate without
+  any factor) and ``clamp`` to ``DURATION_FACTOR_BOUNDS``:
+
+  - of (model, t): ``F <- clamp((1 - a) * F + a * s)``;
+  - of (model, t, bucket), the shape bucket ``(bit_length(B * I), bit_length(O))`` (log2 of
+    the prefill and the decode tokens, rounded down, plus one; 0 for none):
+    ``f <- clamp((1 - a) * f + a * s)``, where a bucket not yet learned starts from F (before
+    this sample), not from 1. An estimate uses f of its shape's bucket, else F, else 1. The
+    ``DURATION_BUCKET_ENTRIES`` most recently observed buckets are kept (the least recently
+    observed goes first); an evicted bucket starts again from F.
+
+  A caller that does not pass the shape teaches F only, from ``issued / F``;
 * memory factor of the model: ``m <- (1 - a) * m + a * (peak - weights_mb) / uncorrected``
   where ``uncorrected`` is the non-weights MiB per GPU without any factor, clamped to
   ``MEMORY_FACTOR_BOUNDS``. Requests with a memory hint do not teach it.
@@ -95,6 +105,7 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "DECODE_EFFICIENCY",
     "DTYPE_BYTES",
+    "DURATION_BUCKET_ENTRIES",
     "DURATION_FACTOR_BOUNDS",
     "EWMA_ALPHA",
     "MEMORY_FACTOR_BOUNDS",
@@ -103,6 +114,7 @@ __all__ = [
     "ModelProfile",
     "ResourceEstimator",
     "profile_from_spec",
+    "shape_bucket",
 ]
 
 DTYPE_BYTES: Final[Mapping[str, int]] = MappingProxyType(
@@ -113,6 +125,7 @@ PREFILL_EFFICIENCY: Final = 0.4  # share of the datasheet tensor FLOPS prefill r
 DECODE_EFFICIENCY: Final = 0.6  # share of the datasheet memory bandwidth decode reaches
 EWMA_ALPHA: Final = 0.2  # weight of the newest observation in every learned average
 DURATION_FACTOR_BOUNDS: Final = (0.1, 10.0)
+DURATION_BUCKET_ENTRIES: Final = 4096  # (model, GPU type, shape bucket) duration factors kept
 MEMORY_FACTOR_BOUNDS: Final = (0.5, 4.0)
 OOM_FLOOR_ENTRIES: Final = 4096  # failed (model, shape, GPU count) keys whose peaks are kept
 
@@ -245,6 +258,9 @@ class ResourceEstimator:
         self._profiles = {name: profile_from_spec(name, spec) for name, spec in models.items()}
         self._gpu_types = dict(gpu_types)
         self._duration_factors: dict[tuple[str, str], float] = {}
+        # (model, GPU type, shape bucket) -> factor; insertion order is recency of observation,
+        # the least recently observed goes first past DURATION_BUCKET_ENTRIES.
+        self._bucket_factors: dict[tuple[str, str, tuple[int, int]], float] = {}
         self._memory_factors: dict[str, float] = {}
         # (model, shape, GPU count) -> peak MiB per GPU of an out-of-memory failure; insertion
         # order is recency, the oldest key goes first past OOM_FLOOR_ENTRIES.
@@ -295,8 +311,9 @@ class ResourceEstimator:
         else:
             floor = self._oom_floors.get((model, shape, gpus), 0)
             activations_mb += max(floor - weights_mb - kv_mb - activations_mb, 0)
+        bucket = shape_bucket(shape)
         durations = {
-            gpu: self._duration_factors.get((model, gpu), 1.0)
+            gpu: self.duration_factor(model, gpu, bucket)
             * self._uncorrected_duration(profile, gpu, shape)
             for gpu in self._gpu_types
         }
@@ -308,6 +325,16 @@ class ResourceEstimator:
             duration_s=durations,
             gpu_count=gpus,
         )
+
+    def duration_factor(self, model: str, gpu_type: str, bucket: tuple[int, int]) -> float:
+        """The learned duration factor of ``model`` on ``gpu_type`` for shapes of ``bucket``.
+
+        The bucket's own factor, else the factor of (model, GPU type), else 1 (module docstring).
+        """
+        found = self._bucket_factors.get((model, gpu_type, bucket))
+        if found is not None:
+            return found
+        return self._duration_factors.get((model, gpu_type), 1.0)
 
     def throughput(self, model: str, gpu_type: str) -> tuple[float, float]:
         """(prefill, decode) tokens/s of ``model`` on ``gpu_type``: catalog, scaled, or roofline."""
@@ -369,7 +396,6 @@ class ResourceEstimator:
         ``shape`` for exact learning, and its ``hints``: a memory hint stops memory learning.
         """
         profile = self.profile(model)
-        alpha = EWMA_ALPHA
         issued = estimate.duration_s.get(gpu_type)
         if math.isfinite(duration_s) and duration_s >= 0:
             key = (model, gpu_type)
@@ -380,9 +406,9 @@ class ResourceEstimator:
                 base = issued / factor if issued is not None else 0.0
             if base > 0:
                 sample = duration_s / base
-                self._duration_factors[key] = _clamp(
-                    (1 - alpha) * factor + alpha * sample, DURATION_FACTOR_BOUNDS
-                )
+                if shape is not None:
+                    self._learn_bucket((model, gpu_type, shape_bucket(shape)), factor, sample)
+                self._duration_factors[key] = _ewma(factor, sample, DURATION_FACTOR_BOUNDS)
             if issued is not None and issued > 0:
                 self._record_error(model, "duration", duration_s / issued)
         hinted = hints is not None and hints.gpu_memory_mb is not None
@@ -392,15 +418,26 @@ class ResourceEstimator:
         if base_mb > 0:
             factor = self._memory_factors.get(model, 1.0)
             sample = max(peak_memory_mb - estimate.weights_mb, 0) / base_mb
-            self._memory_factors[model] = _clamp(
-                (1 - alpha) * factor + alpha * sample, MEMORY_FACTOR_BOUNDS
-            )
+            self._memory_factors[model] = _ewma(factor, sample, MEMORY_FACTOR_BOUNDS)
         if estimate.gpu_memory_mb > 0:
             self._record_error(model, "memory", peak_memory_mb / estimate.gpu_memory_mb)
 
     def error_ratios(self) -> dict[tuple[str, str], float]:
         """(model, "duration" | "memory") -> EWMA of observed / estimated, as issued."""
         return dict(self._errors)
+
+    def bucket_count(self) -> int:
+        """How many (model, GPU type, shape bucket) duration factors are kept now."""
+        return len(self._bucket_factors)
+
+    def _learn_bucket(
+        self, key: tuple[str, str, tuple[int, int]], model_factor: float, sample: float
+    ) -> None:
+        buckets = self._bucket_factors
+        prior = buckets.pop(key, model_factor)  # popped: re-inserted as the most recent
+        buckets[key] = _ewma(prior, sample, DURATION_FACTOR_BOUNDS)
+        if len(buckets) > DURATION_BUCKET_ENTRIES:
+            del buckets[next(iter(buckets))]
 
     def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
         floors = self._oom_floors
@@ -465,6 +502,20 @@ def _scaled(size: int, factor: float) -> int:
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
     return min(max(value, bounds[0]), bounds[1])
+
+
+def _ewma(average: float, sample: float, bounds: tuple[float, float]) -> float:
+    """One EWMA step with weight ``EWMA_ALPHA`` on ``sample``, clamped to ``bounds``."""
+    return _clamp((1 - EWMA_ALPHA) * average + EWMA_ALPHA * sample, bounds)
+
+
+def shape_bucket(shape: Shape) -> tuple[int, int]:
+    """The duration-learning bucket of ``shape``: bit lengths of its prefill and decode tokens.
+
+    ``(bit_length(batch_size * input_tokens), bit_length(output_tokens))``: 0 for no tokens,
+    then one bucket per power of two (1, 2–3, 4–7, ...).
+    """
+    return (shape.batch_size * shape.input_tokens).bit_length(), shape.output_tokens.bit_length()
 
 
 def _working_bytes(profile: ModelProfile, shape: Shape) -> tuple[int, int]:
