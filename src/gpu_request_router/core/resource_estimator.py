@@ -71,17 +71,22 @@ Online learning (EWMA with ``EWMA_ALPHA``), from :meth:`ResourceEstimator.observ
     observed goes first); an evicted bucket starts again from F.
 
   A caller that does not pass the shape teaches F only, from ``issued / F``;
-* memory factor of the model: ``m <- (1 - a) * m + a * (peak - weights_mb) / uncorrected``
-  where ``uncorrected`` is the non-weights MiB per GPU without any factor, clamped to
-  ``MEMORY_FACTOR_BOUNDS``. Requests with a memory hint do not teach it.
+* memory factors, with ``s = (peak - weights_mb) / uncorrected`` (``uncorrected`` the
+  non-weights MiB per GPU without any factor) and ``clamp`` to ``MEMORY_FACTOR_BOUNDS``: of the
+  model, ``M <- clamp((1 - a) * M + a * s)``; of (model, shape bucket),
+  ``m <- clamp((1 - a) * m + a * s)``, a bucket not yet learned starting from M. An estimate
+  uses m of its shape's bucket, else M, else 1; the ``MEMORY_BUCKET_ENTRIES`` most recently
+  observed buckets are kept. Requests with a memory hint do not teach them; a caller that does
+  not pass the shape teaches M only.
 * out-of-memory floors: :meth:`grow_after_oom` of an unhinted request with its shape and a
   reported peak P records P for (model, shape, GPU count); every later unhinted estimate of that
-  key is at least P (the difference goes to activations), however m moves. The
+  key is at least P (the difference goes to activations), however M and m move. The
   ``OOM_FLOOR_ENTRIES`` most recently failed keys are kept.
 
 The uncorrected figures are recomputed from the request's shape when the caller passes it;
-otherwise they are the estimate divided by the factor in force now (which overshoots when many
-requests estimated under an older factor report at once).
+otherwise they are the estimate divided by the model's factor in force now (which overshoots
+when many requests estimated under an older factor report at once; without the shape the
+bucket is unknown).
 
 :meth:`ResourceEstimator.error_ratios` reports, per model, the EWMA (first sample as the start)
 of observed / estimated *as issued*: ``"duration"`` over all GPU types of the model together,
@@ -108,6 +113,7 @@ __all__ = [
     "DURATION_BUCKET_ENTRIES",
     "DURATION_FACTOR_BOUNDS",
     "EWMA_ALPHA",
+    "MEMORY_BUCKET_ENTRIES",
     "MEMORY_FACTOR_BOUNDS",
     "OOM_FLOOR_ENTRIES",
     "PREFILL_EFFICIENCY",
@@ -127,6 +133,7 @@ EWMA_ALPHA: Final = 0.2  # weight of the newest observation in every learned ave
 DURATION_FACTOR_BOUNDS: Final = (0.1, 10.0)
 DURATION_BUCKET_ENTRIES: Final = 4096  # (model, GPU type, shape bucket) duration factors kept
 MEMORY_FACTOR_BOUNDS: Final = (0.5, 4.0)
+MEMORY_BUCKET_ENTRIES: Final = 4096  # (model, shape bucket) memory factors kept
 OOM_FLOOR_ENTRIES: Final = 4096  # failed (model, shape, GPU count) keys whose peaks are kept
 
 _MIB: Final = 2**20
@@ -260,8 +267,10 @@ class ResourceEstimator:
         self._duration_factors: dict[tuple[str, str], float] = {}
         # (model, GPU type, shape bucket) -> factor; insertion order is recency of observation,
         # the least recently observed goes first past DURATION_BUCKET_ENTRIES.
-        self._bucket_factors: dict[tuple[str, str, tuple[int, int]], float] = {}
+        self._duration_buckets: dict[tuple[str, str, tuple[int, int]], float] = {}
         self._memory_factors: dict[str, float] = {}
+        # (model, shape bucket) -> factor; recency as for the duration buckets.
+        self._memory_buckets: dict[tuple[str, tuple[int, int]], float] = {}
         # (model, shape, GPU count) -> peak MiB per GPU of an out-of-memory failure; insertion
         # order is recency, the oldest key goes first past OOM_FLOOR_ENTRIES.
         self._oom_floors: dict[tuple[str, Shape, int], int] = {}
@@ -298,7 +307,8 @@ class ResourceEstimator:
         if hint is not None:
             _checked_int(hint, "resources.gpu_memory_mb", 1)
         kv_bytes, activation_bytes = _working_bytes(profile, shape)
-        factor = self._memory_factors.get(model, 1.0)
+        bucket = shape_bucket(shape)
+        factor = self.memory_factor(model, bucket)
         per_gpu = gpus * _MIB
         weights_mb = _ceil_div(profile.weights_bytes, per_gpu)
         kv_mb = _ceil_div(_scaled(kv_bytes, factor), per_gpu)
@@ -311,7 +321,6 @@ class ResourceEstimator:
         else:
             floor = self._oom_floors.get((model, shape, gpus), 0)
             activations_mb += max(floor - weights_mb - kv_mb - activations_mb, 0)
-        bucket = shape_bucket(shape)
         durations = {
             gpu: self.duration_factor(model, gpu, bucket)
             * self._uncorrected_duration(profile, gpu, shape)
@@ -331,10 +340,20 @@ class ResourceEstimator:
 
         The bucket's own factor, else the factor of (model, GPU type), else 1 (module docstring).
         """
-        found = self._bucket_factors.get((model, gpu_type, bucket))
+        found = self._duration_buckets.get((model, gpu_type, bucket))
         if found is not None:
             return found
         return self._duration_factors.get((model, gpu_type), 1.0)
+
+    def memory_factor(self, model: str, bucket: tuple[int, int]) -> float:
+        """The learned memory factor of ``model`` for shapes of ``bucket``.
+
+        The bucket's own factor, else the model's, else 1 (module docstring).
+        """
+        found = self._memory_buckets.get((model, bucket))
+        if found is not None:
+            return found
+        return self._memory_factors.get(model, 1.0)
 
     def throughput(self, model: str, gpu_type: str) -> tuple[float, float]:
         """(prefill, decode) tokens/s of ``model`` on ``gpu_type``: catalog, scaled, or roofline."""
@@ -354,9 +373,9 @@ class ResourceEstimator:
 
         The new ``gpu_memory_mb`` is ``max(ceil(old * growth), peak_memory_mb, old + 1)``, the
         extra going to ``activations_mb``. Unless ``hints`` carry a memory hint, the model's
-        memory factor rises (never falls) so that the same shape would now get as much, and
-        ``peak_memory_mb``, given ``shape``, becomes a floor of every later estimate of this
-        model, shape and GPU count.
+        memory factor, and given ``shape`` its bucket's, rise (never fall) so that the same shape
+        would now get as much, and ``peak_memory_mb``, given ``shape``, becomes a floor of every
+        later estimate of this model, shape and GPU count.
         """
         profile = self.profile(model)
         old = estimate.gpu_memory_mb
@@ -376,6 +395,11 @@ class ResourceEstimator:
             if base > 0:
                 factor = self._memory_factors.get(model, 1.0)
                 target = (new - estimate.weights_mb) / base
+                if shape is not None:
+                    key = (model, shape_bucket(shape))
+                    prior = self._memory_buckets.pop(key, factor)
+                    self._memory_buckets[key] = _clamp(max(prior, target), MEMORY_FACTOR_BOUNDS)
+                    _bound(self._memory_buckets, MEMORY_BUCKET_ENTRIES)
                 self._memory_factors[model] = _clamp(max(factor, target), MEMORY_FACTOR_BOUNDS)
         return grown
 
@@ -407,7 +431,11 @@ class ResourceEstimator:
             if base > 0:
                 sample = duration_s / base
                 if shape is not None:
-                    self._learn_bucket((model, gpu_type, shape_bucket(shape)), factor, sample)
+                    buckets = self._duration_buckets
+                    bucket_key = (model, gpu_type, shape_bucket(shape))
+                    prior = buckets.pop(bucket_key, factor)  # popped: re-inserted as the newest
+                    buckets[bucket_key] = _ewma(prior, sample, DURATION_FACTOR_BOUNDS)
+                    _bound(buckets, DURATION_BUCKET_ENTRIES)
                 self._duration_factors[key] = _ewma(factor, sample, DURATION_FACTOR_BOUNDS)
             if issued is not None and issued > 0:
                 self._record_error(model, "duration", duration_s / issued)
@@ -418,6 +446,11 @@ class ResourceEstimator:
         if base_mb > 0:
             factor = self._memory_factors.get(model, 1.0)
             sample = max(peak_memory_mb - estimate.weights_mb, 0) / base_mb
+            if shape is not None:
+                memory_key = (model, shape_bucket(shape))
+                prior = self._memory_buckets.pop(memory_key, factor)
+                self._memory_buckets[memory_key] = _ewma(prior, sample, MEMORY_FACTOR_BOUNDS)
+                _bound(self._memory_buckets, MEMORY_BUCKET_ENTRIES)
             self._memory_factors[model] = _ewma(factor, sample, MEMORY_FACTOR_BOUNDS)
         if estimate.gpu_memory_mb > 0:
             self._record_error(model, "memory", peak_memory_mb / estimate.gpu_memory_mb)
@@ -426,18 +459,9 @@ class ResourceEstimator:
         """(model, "duration" | "memory") -> EWMA of observed / estimated, as issued."""
         return dict(self._errors)
 
-    def bucket_count(self) -> int:
-        """How many (model, GPU type, shape bucket) duration factors are kept now."""
-        return len(self._bucket_factors)
-
-    def _learn_bucket(
-        self, key: tuple[str, str, tuple[int, int]], model_factor: float, sample: float
-    ) -> None:
-        buckets = self._bucket_factors
-        prior = buckets.pop(key, model_factor)  # popped: re-inserted as the most recent
-        buckets[key] = _ewma(prior, sample, DURATION_FACTOR_BOUNDS)
-        if len(buckets) > DURATION_BUCKET_ENTRIES:
-            del buckets[next(iter(buckets))]
+    def bucket_counts(self) -> tuple[int, int]:
+        """How many (duration, memory) bucket factors are kept now."""
+        return len(self._duration_buckets), len(self._memory_buckets)
 
     def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
         floors = self._oom_floors
@@ -504,13 +528,19 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
     return min(max(value, bounds[0]), bounds[1])
 
 
+def _bound(recent_last: dict[Any, float], entries: int) -> None:
+    """Drop the least recent keys (the first inserted) past ``entries``."""
+    while len(recent_last) > entries:
+        del recent_last[next(iter(recent_last))]
+
+
 def _ewma(average: float, sample: float, bounds: tuple[float, float]) -> float:
     """One EWMA step with weight ``EWMA_ALPHA`` on ``sample``, clamped to ``bounds``."""
     return _clamp((1 - EWMA_ALPHA) * average + EWMA_ALPHA * sample, bounds)
 
 
 def shape_bucket(shape: Shape) -> tuple[int, int]:
-    """The duration-learning bucket of ``shape``: bit lengths of its prefill and decode tokens.
+    """The learning bucket of ``shape``: bit lengths of its prefill and decode tokens.
 
     ``(bit_length(batch_size * input_tokens), bit_length(output_tokens))``: 0 for no tokens,
     then one bucket per power of two (1, 2–3, 4–7, ...).

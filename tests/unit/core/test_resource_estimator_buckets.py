@@ -1,4 +1,4 @@
-"""Tests of the estimator's duration learning per (model, GPU type, shape bucket)."""
+"""Tests of the estimator's learning per shape bucket: durations and peak memory."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_request_router.config import load_settings
+from gpu_request_router.config import ModelSpec, load_settings
 from gpu_request_router.core.resource_estimator import (
     DURATION_BUCKET_ENTRIES,
     DURATION_FACTOR_BOUNDS,
     EWMA_ALPHA,
+    MEMORY_BUCKET_ENTRIES,
+    MEMORY_FACTOR_BOUNDS,
     ResourceEstimator,
     shape_bucket,
 )
@@ -85,7 +87,7 @@ def test_without_the_shape_only_the_pair_learns() -> None:
     shape = Shape(1, 1200, 90)
     issued = estimator.estimate(MODEL, shape)
     estimator.observe(MODEL, H100, issued, 2 * issued.duration_s[H100], None)
-    assert estimator.bucket_count() == 0
+    assert estimator.bucket_counts() == (0, 0)
     assert estimator.duration_factor(MODEL, H100, shape_bucket(shape)) == pytest.approx(1.2)
 
 
@@ -114,10 +116,10 @@ def test_buckets_are_bounded_and_the_least_recently_observed_goes_first() -> Non
     # Fill up to the bound with buckets of other (unknown, so H100-like) GPU types.
     for index in range(DURATION_BUCKET_ENTRIES - 2):
         observe_ratio(estimator, first, 1.0, f"other-{index}")
-    assert estimator.bucket_count() == DURATION_BUCKET_ENTRIES
+    assert estimator.bucket_counts()[0] == DURATION_BUCKET_ENTRIES
     assert estimator.duration_factor(MODEL, "victim", shape_bucket(second)) == pytest.approx(1.32)
     observe_ratio(estimator, first, 1.0, "one-more")
-    assert estimator.bucket_count() == DURATION_BUCKET_ENTRIES
+    assert estimator.bucket_counts()[0] == DURATION_BUCKET_ENTRIES
     # The second bucket was the least recently observed: evicted, it falls back to the pair.
     assert estimator.duration_factor(MODEL, "victim", shape_bucket(second)) == pytest.approx(pair)
     assert estimator.duration_factor(MODEL, "victim", shape_bucket(first)) == pytest.approx(1.72)
@@ -150,4 +152,90 @@ def test_every_observation_is_one_clamped_ewma_step_of_its_bucket(
         assert estimator.estimate(MODEL, shape).duration_s[H100] == pytest.approx(
             learned * uncorrected(estimator, shape)
         )
-    assert estimator.bucket_count() <= len({shape_bucket(shape) for shape, _ in observations})
+    assert estimator.bucket_counts()[0] <= len({shape_bucket(shape) for shape, _ in observations})
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+MIB = 2**20
+KV_MODEL = "kv"
+# A model of KV cache only (1 MiB per token, no weights, no activations): its non-weights
+# memory per GPU is exactly input + output tokens MiB.
+KV_CATALOG = {
+    KV_MODEL: ModelSpec(
+        weights_mb=0, kv_bytes_per_token=MIB, activation_bytes_per_token=0, max_context=2**20
+    )
+}
+
+
+def kv_estimator() -> ResourceEstimator:
+    """An estimator over the KV-only model, nothing learned."""
+    return ResourceEstimator(KV_CATALOG, BUILTIN_GPU_TYPES)
+
+
+def observe_peak(estimator: ResourceEstimator, shape: Shape, ratio: float) -> None:
+    """Report a peak of ``ratio`` × the shape's uncorrected KV memory (MiB per GPU)."""
+    issued = estimator.estimate(KV_MODEL, shape)
+    peak = round(ratio * (shape.input_tokens + shape.output_tokens))
+    estimator.observe(KV_MODEL, H100, issued, 1.0, peak, shape=shape)
+
+
+def test_a_memory_bucket_learns_its_own_factor_and_a_new_one_starts_from_the_model() -> None:
+    """Peaks teach the shape's bucket and the model; an unseen bucket takes the model's factor."""
+    estimator = kv_estimator()
+    short, long = Shape(1, 1000, 100), Shape(1, 1000, 1000)
+    a, b = shape_bucket(short), shape_bucket(long)
+    assert a != b
+    observe_peak(estimator, short, 2.0)
+    assert estimator.memory_factor(KV_MODEL, a) == pytest.approx(1.2, rel=1e-3)
+    assert estimator.memory_factor(KV_MODEL, b) == pytest.approx(1.2, rel=1e-3)
+    observe_peak(estimator, long, 0.5)
+    assert estimator.memory_factor(KV_MODEL, b) == pytest.approx(0.8 * 1.2 + 0.1, rel=1e-3)
+    assert estimator.memory_factor(KV_MODEL, a) == pytest.approx(1.2, rel=1e-3)  # untouched
+    assert estimator.estimate(KV_MODEL, short).kv_cache_mb == round(1.2 * 1100)
+    assert estimator.bucket_counts() == (2, 2)
+
+
+def test_an_out_of_memory_failure_raises_its_bucket_and_never_lowers_it() -> None:
+    """grow_after_oom lifts the failed shape's bucket so the shape gets as much; never down."""
+    estimator = kv_estimator()
+    shape, other = Shape(1, 1000, 100), Shape(1, 10, 10)
+    observe_peak(estimator, shape, 3.0)  # bucket 1.4
+    issued = estimator.estimate(KV_MODEL, shape)
+    grown = estimator.grow_after_oom(KV_MODEL, issued, 1.5, None, shape=shape)
+    assert estimator.estimate(KV_MODEL, shape).gpu_memory_mb >= grown.gpu_memory_mb
+    assert estimator.memory_factor(KV_MODEL, shape_bucket(shape)) == pytest.approx(
+        grown.gpu_memory_mb / 1100, rel=1e-3
+    )
+    # A smaller growth than the factor already learned leaves the bucket where it is.
+    before = estimator.memory_factor(KV_MODEL, shape_bucket(other))
+    estimator.grow_after_oom(KV_MODEL, estimator.estimate(KV_MODEL, other), 1.0, None, shape=other)
+    assert estimator.memory_factor(KV_MODEL, shape_bucket(other)) >= before
+
+
+def test_memory_buckets_are_bounded_and_clamped() -> None:
+    """Past MEMORY_BUCKET_ENTRIES the least recently observed bucket goes; factors stay bounded."""
+    models = {f"kv{index}": KV_CATALOG[KV_MODEL] for index in range(17)}
+    estimator = ResourceEstimator(models, BUILTIN_GPU_TYPES)
+    shapes = [Shape(1, 2**i, 2**j) for i in range(16) for j in range(16)]  # 256 buckets
+    assert len(models) * len(shapes) > MEMORY_BUCKET_ENTRIES
+    oldest = shapes[0]
+    tokens = oldest.input_tokens + oldest.output_tokens
+    estimator.observe(
+        "kv0", H100, estimator.estimate("kv0", oldest), 1.0, tokens // 2, shape=oldest
+    )
+    assert estimator.memory_factor("kv0", shape_bucket(oldest)) == pytest.approx(0.9)
+    high = MEMORY_FACTOR_BOUNDS[1]
+    for model in models:
+        for shape in shapes:
+            if (model, shape) == ("kv0", oldest):
+                continue
+            issued = estimator.estimate(model, shape)
+            peak = 1_000_000 * (shape.input_tokens + shape.output_tokens)
+            estimator.observe(model, H100, issued, 1.0, peak, shape=shape)
+            assert estimator.bucket_counts()[1] <= MEMORY_BUCKET_ENTRIES
+    assert estimator.bucket_counts()[1] == MEMORY_BUCKET_ENTRIES
+    # The oldest bucket was dropped: it falls back to its model's factor, clamped at the top.
+    assert estimator.memory_factor("kv0", shape_bucket(oldest)) == high
+    assert estimator.memory_factor("kv16", shape_bucket(shapes[-1])) == high
+    assert estimator.estimate("kv16", shapes[-1]).kv_cache_mb == high * (2**15 + 2**15)
