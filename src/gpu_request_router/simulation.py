@@ -56,6 +56,8 @@ class RequestRecord:
     gpu_memory_mb: int
     retried_after: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # The duration estimated at admission on every GPU type of the fleet (s).
+    duration_estimates: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, request: Request, retried_after: tuple[str, ...] = ()) -> RequestRecord:
@@ -80,6 +82,7 @@ class RequestRecord:
             gpu_memory_mb=request.estimate.gpu_memory_mb,
             retried_after=retried_after,
             metadata=dict(request.metadata),
+            duration_estimates=dict(request.estimate.duration_s),
         )
 
 

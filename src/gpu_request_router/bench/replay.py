@@ -44,7 +44,20 @@ index, ``--users`` and ``--seed``: the same for every policy, every load scale a
 - ``throughput_rps``: completed / makespan, the makespan running from the first arrival to the
   last request's end;
 - ``completed`` (succeeded), ``failed``, ``expired``, ``cancelled``, ``rejected``, ``submitted``,
-  ``clipped_rows``, ``retries``, ``makespan_s``.
+  ``clipped_rows``, ``retries``, ``makespan_s``;
+- ``duration_error_by_tenth``: the estimator's duration error, ten figures, one per tenth of the
+  trace's rows (in file order): the median over the tenth's completed requests of
+  ``|estimated / true − 1|``, the estimate being the duration the router issued at admission on
+  the GPU type the request ran on (``None`` for a tenth with none completed).
+
+**A wrong catalog on purpose.** ``catalog_duration_scale`` S (``--catalog-duration-scale``) gives
+the router a catalog whose durations are S× the truth: for every model, its prefill and decode
+throughput on every GPU type of the fleet (as the true catalog gives them, scaled or roofline
+included) divided by S, and ``default_duration_s`` times S. The true durations and memory are
+computed from the true catalog as above, so the router's duration learning has S to find. With
+``known_output`` (``--known-output``) a chat or completion row's input carries ``max_tokens`` = its
+true answer length (when at least 1), so the router estimates the shape that runs and a duration
+error is the catalog's alone; without it, the error also holds the unknown answer length.
 
 Requests never time out during a replay (their timeout is ``server.max_timeout_s``), quotas and
 the router's bound on waiting requests are unlimited, and there is one simulated worker holding
@@ -76,7 +89,7 @@ from gpu_request_router.bench.traces import (
     detect_format,
     read_trace,
 )
-from gpu_request_router.config.config_loader import Settings, load_settings
+from gpu_request_router.config.config_loader import Settings, Throughput, load_settings
 from gpu_request_router.core.engine import fleet_gpu_types
 from gpu_request_router.core.load_balancer import POLICIES
 from gpu_request_router.core.request_receiver import Caller, Submission
@@ -98,6 +111,7 @@ __all__ = [
     "PolicyResult",
     "assign_users",
     "command",
+    "duration_errors",
     "jain_index",
     "parse_gpus",
     "percentile",
@@ -105,6 +119,7 @@ __all__ = [
     "replay",
     "replay_settings",
     "run_all",
+    "scaled_catalog",
     "summarize",
     "user_of",
     "write_plot",
@@ -131,6 +146,7 @@ _OOM: Final = "gpu_out_of_memory"
 # A chat message costs its text plus these tokens (role, separators, the reply's header).
 _CHAT_OVERHEAD_TOKENS: Final = 6
 _DIGITS: Final = 6
+_TENTHS: Final = 10
 
 
 # The fleet -------------------------------------------------------------------------------------
@@ -268,6 +284,27 @@ def replay_settings(
     return load_settings(config, overrides=overrides)
 
 
+def scaled_catalog(settings: Settings, fleet: Fleet, scale: float) -> Settings:
+    """``settings`` with every model's durations ``scale``× the truth (module docstring)."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError("the catalog duration scale must be positive")
+    if scale == 1.0:
+        return settings
+    truth = ResourceEstimator(settings.models, fleet_gpu_types(settings))
+    models = {}
+    for name, spec in settings.models.items():
+        throughput = {}
+        for kind, _ in fleet.groups:
+            prefill, decode = truth.throughput(name, kind)
+            throughput[kind] = Throughput(
+                prefill_tokens_per_s=prefill / scale, decode_tokens_per_s=decode / scale
+            )
+        models[name] = spec.model_copy(
+            update={"throughput": throughput, "default_duration_s": spec.default_duration_s * scale}
+        )
+    return settings.model_copy(update={"models": models})
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedRow:
     """A trace row made ready to submit: when, as what, and the truth the GPU will see."""
@@ -317,8 +354,11 @@ def plan_rows(
     users: int = 16,
     seed: int = 0,
     load_scale: float = 1.0,
+    known_output: bool = False,
 ) -> list[PlannedRow]:
     """Turn trace rows into submissions carrying their truth (see the module docstring).
+
+    ``known_output``: chat and completion inputs carry ``max_tokens`` = the true answer length.
 
     Raises:
         TraceError: a row names a model or priority class that the configuration does not know.
@@ -368,6 +408,8 @@ def plan_rows(
         if duration is None:
             duration = truth.duration_on(fleet.first_type)
         body = _input_for(task, prompt, texts)
+        if known_output and task in (Task.CHAT, Task.COMPLETION) and output >= 1:
+            body["max_tokens"] = output
         # No generated answer: nobody reads it, and making one costs more than the placement.
         body["simulate"] = {"duration_s": duration, "peak_memory_mb": peak, "output": None}
         submission = Submission(
@@ -493,6 +535,27 @@ def _rounded(metrics: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def duration_errors(
+    report: SimulationReport, planned: Sequence[PlannedRow], gpu_types: Mapping[str, str]
+) -> list[float | None]:
+    """Median ``|estimated / true − 1|`` of completed requests per tenth of the rows.
+
+    ``gpu_types`` maps GPU ids to types; a request's estimate is the duration issued at
+    admission on the type of its first GPU (module docstring).
+    """
+    tenths: list[list[float]] = [[] for _ in range(_TENTHS)]
+    rows = len(planned)
+    for record in report.records:
+        if record.status != "succeeded" or not record.gpu_ids:
+            continue
+        item = planned[int(record.metadata["row"])]
+        estimated = record.duration_estimates.get(gpu_types[record.gpu_ids[0]])
+        if estimated is None or item.duration_s <= 0:
+            continue
+        tenths[item.index * _TENTHS // rows].append(abs(estimated / item.duration_s - 1))
+    return [round(percentile(errors, 50), _DIGITS) if errors else None for errors in tenths]
+
+
 # Replaying -------------------------------------------------------------------------------------
 
 
@@ -520,8 +583,14 @@ def replay(
     slots: int = 8,
     config: str | Path | None = None,
     starvation_bound_s: float | None = None,
+    catalog_duration_scale: float = 1.0,
+    known_output: bool = False,
 ) -> PolicyResult:
-    """Replay ``rows`` through the real engine in virtual time with one placement policy."""
+    """Replay ``rows`` through the real engine in virtual time with one placement policy.
+
+    ``catalog_duration_scale`` and ``known_output``: the module docstring's "A wrong catalog on
+    purpose".
+    """
     started = time.perf_counter()
     fleet = parse_gpus(gpus) if isinstance(gpus, str) else gpus
     settings = replay_settings(
@@ -533,9 +602,16 @@ def replay(
         starvation_bound_s=starvation_bound_s,
     )
     planned = plan_rows(
-        rows, settings, fleet, model=model, users=users, seed=seed, load_scale=load_scale
+        rows,
+        settings,
+        fleet,
+        model=model,
+        users=users,
+        seed=seed,
+        load_scale=load_scale,
+        known_output=known_output,
     )
-    simulation = Simulation(settings, seed=seed)
+    simulation = Simulation(scaled_catalog(settings, fleet, catalog_duration_scale), seed=seed)
     for item in planned:
         simulation.submit(item.at, item.submission, item.caller)
     report = simulation.run()
@@ -551,6 +627,8 @@ def replay(
         submitted=len(planned),
         clipped=sum(1 for item in planned if item.clipped),
     )
+    gpu_types = {gpu_id: gpu.type for gpu_id, gpu in simulation.router.monitor.gpus.items()}
+    metrics["duration_error_by_tenth"] = duration_errors(report, planned, gpu_types)
     return PolicyResult(policy, load_scale, metrics, waits, time.perf_counter() - started)
 
 
@@ -661,6 +739,19 @@ def _base_table(results: Mapping[str, PolicyResult], title: str) -> Table:
     return table
 
 
+def _error_table(results: Mapping[str, PolicyResult]) -> Table:
+    table = Table(
+        title="estimator duration error: median |estimated / true − 1| per tenth of the trace"
+    )
+    table.add_column("policy")
+    for tenth in range(1, _TENTHS + 1):
+        table.add_column(f"{tenth}/{_TENTHS}", justify="right")
+    for policy, result in results.items():
+        errors = result.metrics["duration_error_by_tenth"]
+        table.add_row(policy, *("–" if e is None else f"{e:.1%}" for e in errors))
+    return table
+
+
 def _sweep_table(
     results: Mapping[tuple[str, float], PolicyResult],
     policies: Sequence[str],
@@ -745,6 +836,20 @@ def command(
             min=0.0,
         ),
     ] = None,
+    catalog_duration_scale: Annotated[
+        float,
+        typer.Option(
+            "--catalog-duration-scale",
+            help="Give the router a catalog whose durations are X× the truth (default 1).",
+        ),
+    ] = 1.0,
+    known_output: Annotated[
+        bool,
+        typer.Option(
+            "--known-output",
+            help="Clients send max_tokens = the true answer length (the router knows shapes).",
+        ),
+    ] = False,
     jobs: Annotated[
         int, typer.Option("--jobs", help="Replays to run in parallel processes.", min=1)
     ] = 1,
@@ -769,6 +874,8 @@ def command(
         raise typer.BadParameter(f"expected one of {', '.join(FORMATS)}", param_hint="--format")
     if load_scale <= 0:
         raise typer.BadParameter("must be positive", param_hint="--load-scale")
+    if not (math.isfinite(catalog_duration_scale) and catalog_duration_scale > 0):
+        raise typer.BadParameter("must be positive", param_hint="--catalog-duration-scale")
     try:
         fleet = parse_gpus(gpus)
     except ValueError as exc:
@@ -817,6 +924,8 @@ def command(
         "slots": slots,
         "config": config,
         "starvation_bound_s": starvation_bound_s,
+        "catalog_duration_scale": catalog_duration_scale,
+        "known_output": known_output,
     }
     all_scales = sorted(set(scales) | {load_scale})
     started = time.perf_counter()
@@ -824,6 +933,7 @@ def command(
     elapsed = time.perf_counter() - started
     base = {name: results[(name, load_scale)] for name in names}
     out.print(_base_table(base, f"{trace.name} on {fleet}, load ×{load_scale:g}, SLO {slo_s:g} s"))
+    out.print(_error_table(base))
     if scales:
         out.print(_sweep_table(results, names, scales))
     runs = len(results)
@@ -851,6 +961,8 @@ def command(
                 "seed": seed,
                 "limit": limit,
                 "starvation_bound_s": settings.placement.starvation_bound_s,
+                "catalog_duration_scale": catalog_duration_scale,
+                "known_output": known_output,
             },
             "policies": {name: result.metrics for name, result in base.items()},
             "sweep": {

@@ -292,6 +292,33 @@ def _replay_bounds(documents: Sequence[Document]) -> list[str]:
     return lines
 
 
+def _learning(documents: Sequence[Document]) -> list[str]:
+    """The estimator's duration error per tenth of the trace, one replay per catalog and view."""
+    _like_for_like(documents, "catalog_duration_scale", "known_output")
+    (policy,) = _shared_policies(documents)
+    lines = _head(
+        "catalog durations",
+        "answer length",
+        "policy",
+        *(f"{tenth}/10" for tenth in range(1, 11)),
+        left=(1, 2),
+    )
+    for document in documents:
+        settings = document["settings"]
+        errors = document["policies"][policy]["duration_error_by_tenth"]
+        lines.append(
+            _row(
+                [
+                    f"×{settings['catalog_duration_scale']:g}",
+                    "known" if settings["known_output"] else "unknown",
+                    _code(policy),
+                    *("" if error is None else _percent(error, 1) for error in errors),
+                ]
+            )
+        )
+    return lines
+
+
 def _packing(documents: Sequence[Document]) -> list[str]:
     (document,) = documents
     lines = _head(
@@ -339,6 +366,15 @@ TABLES: Mapping[str, Table] = {
         _replay_bounds,
     ),
     "packing": Table(("packing.json",), _packing),
+    "learning": Table(
+        (
+            "learning_x2.json",
+            "learning_x0.5.json",
+            "learning_x2_unknown_output.json",
+            "learning_x1_unknown_output.json",
+        ),
+        _learning,
+    ),
 }
 """Every generated table of the document, by the name its markers give it."""
 

@@ -219,6 +219,14 @@ class Architecture(_Section):
     vocab_size: int = Field(ge=1)
     dtype: Literal["float32", "float16", "bfloat16", "float8", "int8"] = "bfloat16"
     tie_word_embeddings: bool = False
+    # Not config.json fields: the family of the model and the attention kernel it is served with
+    # (the names of Hugging Face's attn_implementation; sdpa and flash_attention_2 never hold
+    # the score matrix, eager does).
+    kind: Literal["decoder", "encoder"] = "decoder"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    # Encoders only (BERT family): learned position and token-type embeddings.
+    max_position_embeddings: int = Field(0, ge=0)
+    type_vocab_size: int = Field(0, ge=0)
 
 
 class ModelSpec(_Section):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from gpu_request_router.core.placement_index import PlacementIndex
 from gpu_request_router.exceptions import NotFound
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
 
@@ -67,7 +68,7 @@ class GPUStateMonitor:
         self._gpus: dict[str, GPUState] = {}
         self._workers: dict[str, _Worker] = {}
         self._by_worker: dict[str, list[GPUState]] = {}
-        self._schedulable: dict[str, GPUState] = {}
+        self._index = PlacementIndex()
         self._holders: dict[str, list[str]] = {}
         self._fleet_version = 0
         self._seq = 0  # placements and releases, numbered (see mark)
@@ -81,8 +82,13 @@ class GPUStateMonitor:
 
     @property
     def schedulable(self) -> Mapping[str, GPUState]:
-        """The GPUs that may take new work now, by id."""
-        return self._schedulable
+        """The GPUs that may take new work now, by id, in the order they became schedulable."""
+        return self._index.schedulable
+
+    @property
+    def index(self) -> PlacementIndex:
+        """The schedulable GPUs indexed for placement, kept current with every change here."""
+        return self._index
 
     @property
     def fleet_version(self) -> int:
@@ -377,14 +383,14 @@ class GPUStateMonitor:
         return list(self.get(gpu_id).running)
 
     def _recompute(self, state: GPUState) -> None:
-        """Refresh the derived placement attributes of one GPU."""
+        """Refresh the derived placement attributes of one GPU, and its place in the index.
+
+        Every change to a GPU's reading, health, cordon, circuit or reservations ends here.
+        """
         state.room_mb = self.limit_mb(state) - state.reserved_mb
         state.free_slots = state.slots - len(state.running)
         state.busy = max(1.0 - state.free_slots / max(state.slots, 1), state.reading.load or 0.0)
         state.schedulable = (
             state.health in _USABLE and not state.cordoned and not state.circuit_open
         )
-        if state.schedulable:
-            self._schedulable[state.id] = state
-        else:
-            self._schedulable.pop(state.id, None)
+        self._index.update(state)

@@ -22,9 +22,13 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 - ``round_robin``: the next candidate after the last one chosen, in GPU order;
 - ``random``: any candidate.
 
-One decision costs O(GPUs): one pass filters, one pass ranks. A single-GPU option is the GPU
-itself (no object is built per GPU), so a decision over 1,000 GPUs stays well under a millisecond
-(``gpurouter bench decisions`` measures it).
+A one-GPU decision of ``balanced``, ``best_fit`` and ``least_loaded`` searches the monitor's
+:class:`~gpu_request_router.core.placement_index.PlacementIndex` (GPUs shelved by type, models,
+loaded models and health, sorted by room and by load) in time logarithmic in the GPUs and
+choosing exactly the GPU a scan would, ties broken by the order in which GPUs became schedulable.
+``power_of_two``, ``round_robin`` and ``random`` pick by position among all candidates, and a
+multi-GPU request ranks whole workers: those scan every schedulable GPU, O(GPUs).
+``gpurouter bench decisions`` measures both (docs/architecture.md, "Placement").
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from gpu_request_router.core.placement_index import Best, PlacementIndex, Shelf
 from gpu_request_router.models.gpu_state import GPUHealth, GPUState
 
 __all__ = [
@@ -157,13 +162,33 @@ class NoFit:
 
 
 class Policy(ABC):
-    """Ranks feasible options; filtering is done before a policy is asked."""
+    """Ranks feasible options; filtering is done before a policy is asked.
+
+    A policy whose ranking is a key of one GPU's room, load, health and model affinity also
+    answers :meth:`search` on one shelf of the placement index; the best of the shelves' answers
+    is then what :meth:`choose` would pick among every fitting GPU.
+    """
 
     name: str = ""
 
     @abstractmethod
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick one of ``options`` (never empty) for ``need``."""
+
+    def search(
+        self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
+    ) -> Best | None:
+        """The shelf's best GPU for ``need`` (reserving ``memory``), with its full ranking key.
+
+        Raises:
+            NotImplementedError: the policy picks by position among all candidates (a scan).
+        """
+        raise NotImplementedError(self.name)
+
+    @property
+    def indexed(self) -> bool:
+        """Whether :meth:`search` answers (else one-GPU placement scans the GPUs)."""
+        return type(self).search is not Policy.search
 
 
 def _tightest(option: Option) -> tuple[bool, bool, int, float]:
@@ -185,6 +210,16 @@ class BalancedPolicy(Policy):
         """Pack what is known, leave room where the size is a guess (module docstring)."""
         return min(options, key=_tightest if need.exact else _spread)
 
+    def search(
+        self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
+    ) -> Best | None:
+        """The shelf's tightest fit in whole GiB (exact) or its roomiest GPU (estimated)."""
+        found = (shelf.tightest_gib if need.exact else shelf.roomiest)(memory, skip)
+        if found is None:
+            return None
+        key, gpu_id = found
+        return (need.model not in shelf.models_loaded, shelf.degraded, *key), gpu_id
+
 
 class BestFitPolicy(Policy):
     """The least memory left over."""
@@ -194,6 +229,12 @@ class BestFitPolicy(Policy):
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick the option with the least room left after placement."""
         return min(options, key=lambda o: (o[0].room_mb - o[1], o[0].busy))
+
+    def search(
+        self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
+    ) -> Best | None:
+        """The shelf's GPU with the least room left."""
+        return shelf.tightest(memory, skip)
 
 
 def _least_busy(option: Option) -> tuple[float, int]:
@@ -208,6 +249,12 @@ class LeastLoadedPolicy(Policy):
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick the least busy option."""
         return min(options, key=_least_busy)
+
+    def search(
+        self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
+    ) -> Best | None:
+        """The shelf's least busy fitting GPU."""
+        return shelf.least_busy(memory, skip)
 
 
 class PowerOfTwoPolicy(Policy):
@@ -286,10 +333,52 @@ class LoadBalancer:
     def place(
         self,
         need: Need,
-        gpus: Iterable[GPUState],
+        fleet: PlacementIndex,
         held: Collection[str] = (),
     ) -> Chosen | NoFit:
-        """Choose GPUs for ``need`` among ``gpus`` (schedulable ones), skipping ``held`` GPUs."""
+        """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones."""
+        if not fleet.any_free_slot:
+            return NoFit(free_slots=False)
+        if need.gpu_count == 1 and self.policy.indexed:
+            return self._search(need, fleet, held)
+        return self._scan(need, fleet.schedulable.values(), held)
+
+    def _search(self, need: Need, fleet: PlacementIndex, held: Collection[str]) -> Chosen | NoFit:
+        """The policy's best GPU over the index's shelves: GPUs to avoid only if nothing else fits.
+
+        The same choice as :meth:`_scan`, since every shelf answers with its best by the
+        policy's full key, ties broken by the order the scan would meet the GPUs in.
+        """
+        avoid = need.avoid
+
+        def skip_avoided(gpu_id: str) -> bool:
+            return gpu_id in held or gpu_id in avoid
+
+        def skip_held(gpu_id: str) -> bool:
+            return gpu_id in held
+
+        shelves = [
+            shelf
+            for shelf in fleet.shelves()
+            if (need.gpu_type is None or shelf.type == need.gpu_type) and shelf.serves(need.model)
+        ]
+        without_weights = need.memory_mb - need.weights_mb
+        for skip in (skip_avoided, skip_held) if avoid else (skip_held,):
+            best: Best | None = None
+            for shelf in shelves:
+                loaded = need.model in shelf.models_loaded
+                memory = without_weights if loaded else need.memory_mb
+                found = self.policy.search(shelf, memory, need, skip)
+                if found is not None and (best is None or found[0] < best[0]):
+                    best = found
+                    best_memory, best_loaded = memory, loaded
+            if best is not None:
+                option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
+                return Chosen.of(option, self.policy.name)
+        return NoFit(free_slots=True)
+
+    def _scan(self, need: Need, gpus: Iterable[GPUState], held: Collection[str]) -> Chosen | NoFit:
+        """Filter every GPU, then let the policy choose among the survivors: O(GPUs)."""
         # The hot loop of the router: plain attribute reads, one small tuple per feasible GPU.
         fitting: list[tuple[GPUState, int, bool]] = []
         feasible: list[tuple[GPUState, int, bool]] = []

@@ -716,11 +716,12 @@ class RequestRouter:
         Backfill and starvation holds: see :mod:`~gpu_request_router.core.holds`.
         """
         schedulable = self.monitor.schedulable
-        rooms = [gpu.room_mb for gpu in schedulable.values() if gpu.free_slots > 0]
+        fleet = self.monitor.index
+        most_room = fleet.most_room()
         # A quota wait noted by an earlier pass is this pass's to renew: left in place, a time
         # already past would make next_wakeup() ask for a tick at once, again and again.
         self._quota_wakeup = None
-        if not len(self.queue) or not rooms:
+        if not len(self.queue) or most_room is None:
             self._publish_queue()
             return []
         started = self._perf()
@@ -741,7 +742,6 @@ class RequestRouter:
         taken = {gpu_id for gpu_ids in holds.values() for gpu_id in gpu_ids}
         no_prospect: set[tuple[object, ...]] = set()
         no_fit: dict[tuple[object, ...], NoFit] = {}
-        most_room = max(rooms)
         misses = 0
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
@@ -777,9 +777,7 @@ class RequestRouter:
             if chosen is None and need.memory_mb - need.weights_mb > most_room:
                 chosen = NoFit(free_slots=True)
             if chosen is None:
-                chosen = self.balancer.place(
-                    need, schedulable.values(), held.difference(own) if own else held
-                )
+                chosen = self.balancer.place(need, fleet, held.difference(own) if own else held)
             if isinstance(chosen, NoFit):
                 if not own:
                     no_fit[shape] = chosen

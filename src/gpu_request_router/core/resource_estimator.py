@@ -6,25 +6,39 @@ Pure computation (no I/O, no clock). Sizes are bytes internally; the MiB fields 
 Model figures (:func:`profile_from_spec`), with ``b`` the bytes of the dtype (float32 4,
 float16/bfloat16 2, float8/int8 1) and the ``architecture`` block's L layers, hidden size h,
 intermediate size i, nh attention heads, nkv KV heads (default nh), head dim hd (default h // nh),
-vocabulary V::
+vocabulary V, a = nh*hd, k = nkv*hd. Decoders (Llama family: RMSNorm, gated MLP, no biases)::
 
-    params           = V*h + L*(h*nh*hd + 2*h*nkv*hd + nh*hd*h + 3*h*i + 2*h) + h
+    params           = V*h + L*(h*a + 2*h*k + a*h + 3*h*i + 2*h) + h
                        + (0 if tie_word_embeddings else V*h)
-    weights          = params * b
-    kv per token     = L * nkv * hd * 2 * b
-    act. per token   = b * (2*h + 2*nh*hd + 2*nkv*hd + 3*i)    (one layer's live prefill tensors)
-    logits per seq.  = V * 4                                     (fp32 logits, last position)
+    kv per token     = L * k * 2 * b
+    attn. per token  = b*(2*h + 2*a + 2*k) + 4*nh         sdpa / flash_attention_2
+                     = b*(2*h + 2*a + 2*k + 2*a)          eager (repeat_kv), 2*a only if nkv < nh
+    other per token  = b*(3*h + 3*i)                      (the MLP stage)
+    scores per pair  = nh * (2*b + 4)  eager only         (scores, fp32 softmax, its cast)
+    logits per seq.  = V * 4                              (fp32 logits, last position)
 
-Without an architecture: weights = weights_mb MiB, params = weights // 2 (16-bit weights), the
-per-token figures as given (default 0), logits 0. An explicit catalog figure wins over a
-derived one.
+Encoders (BERT family: LayerNorm, biases, GELU MLP, learned positions P and token types T)::
+
+    params           = V*h + P*h + T*h + 2*h
+                       + L*(h*a + a + 2*(h*k + k) + a*h + h + 2*h*i + i + h + 4*h) + h*h + h
+    kv per token     = 0;  logits = 0
+    attn. per token  = b*(h + 2*a + 2*k) + 4*nh           sdpa / flash_attention_2
+                     = b*(h + 2*a + 2*k)                  eager
+    other per token  = b * max(2*h + 2*i, 5*h + i)        (feed-forward, output sublayer)
+    scores per pair  = nh * 2*b  eager only               (scores, softmax in the dtype)
+
+Weights = params * b. Without an architecture: weights = weights_mb MiB, params = weights // 2
+(16-bit weights), the per-token figures as given (default 0), attention and logits 0. An
+explicit catalog figure wins over a derived one; an explicit activation figure replaces all of
+the derived activation terms.
 
 Memory of a request of shape (batch B, input I, output O) on g GPUs (tensor parallel splits
-everything evenly), with m the model's learned memory factor (starts at 1)::
+everything evenly), with m the model's learned memory factor (starts at 1), n = B * max(I, 1)::
 
     weights_mb     = ceil(weights / g)
     kv_cache_mb    = ceil(m * kv_per_token * B * (I + O) / g)
-    activations_mb = ceil(m * (act_per_token * B * max(I, 1) + logits * B) / g)
+    activations    = max(other * n, attn * n + scores * B * I**2) + logits * B
+    activations_mb = ceil(m * activations / g)
     gpu_memory_mb  = weights_mb + kv_cache_mb + activations_mb
 
 A memory hint H (per GPU) replaces the total with ``max(H, weights_mb)``; the non-weights part
@@ -32,7 +46,7 @@ is split between KV cache and activations in proportion to the computed figures 
 activations when both are 0).
 
 Duration on GPU type t, with (P, D) = :meth:`ResourceEstimator.throughput` in tokens/s and
-f the learned factor of (model, t) (starts at 1)::
+f the learned duration factor of (model, t, shape bucket) (below; starts at 1)::
 
     duration = f * (B * I / P + O / D)      (sequences of a batch decode in parallel)
     duration = f * default_duration_s       when I + O == 0
@@ -45,15 +59,34 @@ prefill and bandwidth(t)/bandwidth(r) for decode; else a roofline,
 
 Online learning (EWMA with ``EWMA_ALPHA``), from :meth:`ResourceEstimator.observe`:
 
-* duration factor of (model, t): ``f <- (1 - a) * f + a * observed / uncorrected``, clamped to
-  ``DURATION_FACTOR_BOUNDS``; ``uncorrected`` is the estimate without any factor;
-* memory factor of the model: ``m <- (1 - a) * m + a * (peak - weights_mb) / uncorrected``
-  where ``uncorrected`` is the non-weights MiB per GPU without any factor, clamped to
-  ``MEMORY_FACTOR_BOUNDS``. Requests with a memory hint do not teach it.
+* duration factors, with ``s = observed / uncorrected`` (``uncorrected`` the estimate without
+  any factor) and ``clamp`` to ``DURATION_FACTOR_BOUNDS``:
+
+  - of (model, t): ``F <- clamp((1 - a) * F + a * s)``;
+  - of (model, t, bucket), the shape bucket ``(bit_length(B * I), bit_length(O))`` (log2 of
+    the prefill and the decode tokens, rounded down, plus one; 0 for none):
+    ``f <- clamp((1 - a) * f + a * s)``, where a bucket not yet learned starts from F (before
+    this sample), not from 1. An estimate uses f of its shape's bucket, else F, else 1. The
+    ``DURATION_BUCKET_ENTRIES`` most recently observed buckets are kept (the least recently
+    observed goes first); an evicted bucket starts again from F.
+
+  A caller that does not pass the shape teaches F only, from ``issued / F``;
+* memory factors, with ``s = (peak - weights_mb) / uncorrected`` (``uncorrected`` the
+  non-weights MiB per GPU without any factor) and ``clamp`` to ``MEMORY_FACTOR_BOUNDS``: of the
+  model, ``M <- clamp((1 - a) * M + a * s)``; of (model, shape bucket),
+  ``m <- clamp((1 - a) * m + a * s)``, a bucket not yet learned starting from M. An estimate
+  uses m of its shape's bucket, else M, else 1; the ``MEMORY_BUCKET_ENTRIES`` most recently
+  observed buckets are kept. Requests with a memory hint do not teach them; a caller that does
+  not pass the shape teaches M only.
+* out-of-memory floors: :meth:`grow_after_oom` of an unhinted request with its shape and a
+  reported peak P records P for (model, shape, GPU count); every later unhinted estimate of that
+  key is at least P (the difference goes to activations), however M and m move. The
+  ``OOM_FLOOR_ENTRIES`` most recently failed keys are kept.
 
 The uncorrected figures are recomputed from the request's shape when the caller passes it;
-otherwise they are the estimate divided by the factor in force now (which overshoots when many
-requests estimated under an older factor report at once).
+otherwise they are the estimate divided by the model's factor in force now (which overshoots
+when many requests estimated under an older factor report at once; without the shape the
+bucket is unknown).
 
 :meth:`ResourceEstimator.error_ratios` reports, per model, the EWMA (first sample as the start)
 of observed / estimated *as issued*: ``"duration"`` over all GPU types of the model together,
@@ -77,13 +110,17 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "DECODE_EFFICIENCY",
     "DTYPE_BYTES",
+    "DURATION_BUCKET_ENTRIES",
     "DURATION_FACTOR_BOUNDS",
     "EWMA_ALPHA",
+    "MEMORY_BUCKET_ENTRIES",
     "MEMORY_FACTOR_BOUNDS",
+    "OOM_FLOOR_ENTRIES",
     "PREFILL_EFFICIENCY",
     "ModelProfile",
     "ResourceEstimator",
     "profile_from_spec",
+    "shape_bucket",
 ]
 
 DTYPE_BYTES: Final[Mapping[str, int]] = MappingProxyType(
@@ -94,19 +131,28 @@ PREFILL_EFFICIENCY: Final = 0.4  # share of the datasheet tensor FLOPS prefill r
 DECODE_EFFICIENCY: Final = 0.6  # share of the datasheet memory bandwidth decode reaches
 EWMA_ALPHA: Final = 0.2  # weight of the newest observation in every learned average
 DURATION_FACTOR_BOUNDS: Final = (0.1, 10.0)
+DURATION_BUCKET_ENTRIES: Final = 4096  # (model, GPU type, shape bucket) duration factors kept
 MEMORY_FACTOR_BOUNDS: Final = (0.5, 4.0)
+MEMORY_BUCKET_ENTRIES: Final = 4096  # (model, shape bucket) memory factors kept
+OOM_FLOOR_ENTRIES: Final = 4096  # failed (model, shape, GPU count) keys whose peaks are kept
 
 _MIB: Final = 2**20
 _MESSAGE_OVERHEAD_TOKENS: Final = 4  # role and separators of one chat message
 _REPLY_PRIMING_TOKENS: Final = 2  # the assistant header the reply starts with
-_LOGIT_BYTES: Final = 4  # logits are fp32
+_FP32_BYTES: Final = 4  # logits, the fused kernels' softmax statistics, eager's fp32 softmax
 _PROMPT_FORMS: Final = "must be a string or a non-empty list of strings, token ids or id lists"
 _NO_HINTS: Final = ResourceHints()
 
 
 @dataclass(frozen=True, slots=True)
 class ModelProfile:
-    """The derived figures of one catalog model that estimates are computed from."""
+    """The derived figures of one catalog model that estimates are computed from.
+
+    Activations per layer stage (module docstring): ``activation_bytes_per_token`` is the
+    largest stage other than attention (or the catalog's figure), ``attention_bytes_per_token``
+    the attention stage's per-token tensors and ``score_bytes_per_pair`` its bytes per (query,
+    key) pair, non-zero only for eager attention, which holds the score matrix.
+    """
 
     name: str
     task: Task
@@ -121,6 +167,8 @@ class ModelProfile:
     throughput: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    attention_bytes_per_token: int = 0
+    score_bytes_per_pair: int = 0
 
 
 class _Derived(NamedTuple):
@@ -128,25 +176,46 @@ class _Derived(NamedTuple):
     weights_bytes: int
     kv_bytes_per_token: int
     activation_bytes_per_token: int
+    attention_bytes_per_token: int
+    score_bytes_per_pair: int
     logits_bytes_per_sequence: int
 
 
 def _derive(arch: Architecture) -> _Derived:
-    """The figures of a transformer decoder described by Hugging Face config fields."""
+    """The figures of a transformer described by Hugging Face config fields (module docstring)."""
     layers, h, i = arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size
     nh = arch.num_attention_heads
     nkv = arch.num_key_value_heads or nh
     hd = arch.head_dim or h // nh
+    a, k = nh * hd, nkv * hd
     vocab = arch.vocab_size
     b = DTYPE_BYTES[arch.dtype]
-    per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * i + 2 * h
+    eager = arch.attn_implementation == "eager"
+    kernel_stats = 0 if eager else _FP32_BYTES * nh
+    if arch.kind == "encoder":
+        embeddings = (vocab + arch.max_position_embeddings + arch.type_vocab_size) * h + 2 * h
+        per_layer = h * a + a + 2 * (h * k + k) + a * h + h + 2 * h * i + i + h + 4 * h
+        params = embeddings + layers * per_layer + h * h + h
+        return _Derived(
+            params=params,
+            weights_bytes=params * b,
+            kv_bytes_per_token=0,
+            activation_bytes_per_token=b * max(2 * h + 2 * i, 5 * h + i),
+            attention_bytes_per_token=b * (h + 2 * a + 2 * k) + kernel_stats,
+            score_bytes_per_pair=nh * 2 * b if eager else 0,
+            logits_bytes_per_sequence=0,
+        )
+    per_layer = h * a + 2 * h * k + a * h + 3 * h * i + 2 * h
     params = vocab * h + layers * per_layer + h + (0 if arch.tie_word_embeddings else vocab * h)
+    repeated_kv = 2 * a if eager and nkv < nh else 0
     return _Derived(
         params=params,
         weights_bytes=params * b,
-        kv_bytes_per_token=layers * nkv * hd * 2 * b,
-        activation_bytes_per_token=b * (2 * h + 2 * nh * hd + 2 * nkv * hd + 3 * i),
-        logits_bytes_per_sequence=vocab * _LOGIT_BYTES,
+        kv_bytes_per_token=layers * k * 2 * b,
+        activation_bytes_per_token=b * (3 * h + 3 * i),
+        attention_bytes_per_token=b * (2 * h + 2 * a + 2 * k + repeated_kv) + kernel_stats,
+        score_bytes_per_pair=nh * (2 * b + _FP32_BYTES) if eager else 0,
+        logits_bytes_per_sequence=vocab * _FP32_BYTES,
     )
 
 
@@ -161,6 +230,8 @@ def profile_from_spec(name: str, spec: ModelSpec) -> ModelProfile:
         raise ValueError(f"model {name}: give weights_mb or an architecture block")
     kv = spec.kv_bytes_per_token
     activation = spec.activation_bytes_per_token
+    # An explicit activation figure replaces every derived activation term.
+    attention = derived if derived is not None and activation is None else None
     return ModelProfile(
         name=name,
         task=spec.task,
@@ -171,6 +242,8 @@ def profile_from_spec(name: str, spec: ModelSpec) -> ModelProfile:
             if activation is not None
             else (derived.activation_bytes_per_token if derived else 0)
         ),
+        attention_bytes_per_token=attention.attention_bytes_per_token if attention else 0,
+        score_bytes_per_pair=attention.score_bytes_per_pair if attention else 0,
         logits_bytes_per_sequence=derived.logits_bytes_per_sequence if derived else 0,
         params=derived.params if derived else weights_bytes // 2,
         max_context=spec.max_context,
@@ -192,7 +265,15 @@ class ResourceEstimator:
         self._profiles = {name: profile_from_spec(name, spec) for name, spec in models.items()}
         self._gpu_types = dict(gpu_types)
         self._duration_factors: dict[tuple[str, str], float] = {}
+        # (model, GPU type, shape bucket) -> factor; insertion order is recency of observation,
+        # the least recently observed goes first past DURATION_BUCKET_ENTRIES.
+        self._duration_buckets: dict[tuple[str, str, tuple[int, int]], float] = {}
         self._memory_factors: dict[str, float] = {}
+        # (model, shape bucket) -> factor; recency as for the duration buckets.
+        self._memory_buckets: dict[tuple[str, tuple[int, int]], float] = {}
+        # (model, shape, GPU count) -> peak MiB per GPU of an out-of-memory failure; insertion
+        # order is recency, the oldest key goes first past OOM_FLOOR_ENTRIES.
+        self._oom_floors: dict[tuple[str, Shape, int], int] = {}
         self._errors: dict[tuple[str, str], float] = {}
 
     def profile(self, model: str) -> ModelProfile:
@@ -226,7 +307,8 @@ class ResourceEstimator:
         if hint is not None:
             _checked_int(hint, "resources.gpu_memory_mb", 1)
         kv_bytes, activation_bytes = _working_bytes(profile, shape)
-        factor = self._memory_factors.get(model, 1.0)
+        bucket = shape_bucket(shape)
+        factor = self.memory_factor(model, bucket)
         per_gpu = gpus * _MIB
         weights_mb = _ceil_div(profile.weights_bytes, per_gpu)
         kv_mb = _ceil_div(_scaled(kv_bytes, factor), per_gpu)
@@ -236,8 +318,11 @@ class ResourceEstimator:
             working = kv_mb + activations_mb
             kv_mb = rest * kv_mb // working if working else 0
             activations_mb = rest - kv_mb
+        else:
+            floor = self._oom_floors.get((model, shape, gpus), 0)
+            activations_mb += max(floor - weights_mb - kv_mb - activations_mb, 0)
         durations = {
-            gpu: self._duration_factors.get((model, gpu), 1.0)
+            gpu: self.duration_factor(model, gpu, bucket)
             * self._uncorrected_duration(profile, gpu, shape)
             for gpu in self._gpu_types
         }
@@ -249,6 +334,26 @@ class ResourceEstimator:
             duration_s=durations,
             gpu_count=gpus,
         )
+
+    def duration_factor(self, model: str, gpu_type: str, bucket: tuple[int, int]) -> float:
+        """The learned duration factor of ``model`` on ``gpu_type`` for shapes of ``bucket``.
+
+        The bucket's own factor, else the factor of (model, GPU type), else 1 (module docstring).
+        """
+        found = self._duration_buckets.get((model, gpu_type, bucket))
+        if found is not None:
+            return found
+        return self._duration_factors.get((model, gpu_type), 1.0)
+
+    def memory_factor(self, model: str, bucket: tuple[int, int]) -> float:
+        """The learned memory factor of ``model`` for shapes of ``bucket``.
+
+        The bucket's own factor, else the model's, else 1 (module docstring).
+        """
+        found = self._memory_buckets.get((model, bucket))
+        if found is not None:
+            return found
+        return self._memory_factors.get(model, 1.0)
 
     def throughput(self, model: str, gpu_type: str) -> tuple[float, float]:
         """(prefill, decode) tokens/s of ``model`` on ``gpu_type``: catalog, scaled, or roofline."""
@@ -268,7 +373,9 @@ class ResourceEstimator:
 
         The new ``gpu_memory_mb`` is ``max(ceil(old * growth), peak_memory_mb, old + 1)``, the
         extra going to ``activations_mb``. Unless ``hints`` carry a memory hint, the model's
-        memory factor rises (never falls) so that the same shape would now get as much.
+        memory factor, and given ``shape`` its bucket's, rise (never fall) so that the same shape
+        would now get as much, and ``peak_memory_mb``, given ``shape``, becomes a floor of every
+        later estimate of this model, shape and GPU count.
         """
         profile = self.profile(model)
         old = estimate.gpu_memory_mb
@@ -282,10 +389,17 @@ class ResourceEstimator:
             gpu_count=estimate.gpu_count,
         )
         if hints is None or hints.gpu_memory_mb is None:
+            if shape is not None and peak_memory_mb is not None:
+                self._record_oom_floor((model, shape, estimate.gpu_count), peak_memory_mb)
             base = self._uncorrected_working_mb(profile, estimate, shape)
             if base > 0:
                 factor = self._memory_factors.get(model, 1.0)
                 target = (new - estimate.weights_mb) / base
+                if shape is not None:
+                    key = (model, shape_bucket(shape))
+                    prior = self._memory_buckets.pop(key, factor)
+                    self._memory_buckets[key] = _clamp(max(prior, target), MEMORY_FACTOR_BOUNDS)
+                    _bound(self._memory_buckets, MEMORY_BUCKET_ENTRIES)
                 self._memory_factors[model] = _clamp(max(factor, target), MEMORY_FACTOR_BOUNDS)
         return grown
 
@@ -306,7 +420,6 @@ class ResourceEstimator:
         ``shape`` for exact learning, and its ``hints``: a memory hint stops memory learning.
         """
         profile = self.profile(model)
-        alpha = EWMA_ALPHA
         issued = estimate.duration_s.get(gpu_type)
         if math.isfinite(duration_s) and duration_s >= 0:
             key = (model, gpu_type)
@@ -317,9 +430,13 @@ class ResourceEstimator:
                 base = issued / factor if issued is not None else 0.0
             if base > 0:
                 sample = duration_s / base
-                self._duration_factors[key] = _clamp(
-                    (1 - alpha) * factor + alpha * sample, DURATION_FACTOR_BOUNDS
-                )
+                if shape is not None:
+                    buckets = self._duration_buckets
+                    bucket_key = (model, gpu_type, shape_bucket(shape))
+                    prior = buckets.pop(bucket_key, factor)  # popped: re-inserted as the newest
+                    buckets[bucket_key] = _ewma(prior, sample, DURATION_FACTOR_BOUNDS)
+                    _bound(buckets, DURATION_BUCKET_ENTRIES)
+                self._duration_factors[key] = _ewma(factor, sample, DURATION_FACTOR_BOUNDS)
             if issued is not None and issued > 0:
                 self._record_error(model, "duration", duration_s / issued)
         hinted = hints is not None and hints.gpu_memory_mb is not None
@@ -329,15 +446,29 @@ class ResourceEstimator:
         if base_mb > 0:
             factor = self._memory_factors.get(model, 1.0)
             sample = max(peak_memory_mb - estimate.weights_mb, 0) / base_mb
-            self._memory_factors[model] = _clamp(
-                (1 - alpha) * factor + alpha * sample, MEMORY_FACTOR_BOUNDS
-            )
+            if shape is not None:
+                memory_key = (model, shape_bucket(shape))
+                prior = self._memory_buckets.pop(memory_key, factor)
+                self._memory_buckets[memory_key] = _ewma(prior, sample, MEMORY_FACTOR_BOUNDS)
+                _bound(self._memory_buckets, MEMORY_BUCKET_ENTRIES)
+            self._memory_factors[model] = _ewma(factor, sample, MEMORY_FACTOR_BOUNDS)
         if estimate.gpu_memory_mb > 0:
             self._record_error(model, "memory", peak_memory_mb / estimate.gpu_memory_mb)
 
     def error_ratios(self) -> dict[tuple[str, str], float]:
         """(model, "duration" | "memory") -> EWMA of observed / estimated, as issued."""
         return dict(self._errors)
+
+    def bucket_counts(self) -> tuple[int, int]:
+        """How many (duration, memory) bucket factors are kept now."""
+        return len(self._duration_buckets), len(self._memory_buckets)
+
+    def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
+        floors = self._oom_floors
+        floor = max(floors.pop(key, 0), peak_mb)  # popped: re-inserted as the most recent
+        floors[key] = floor
+        if len(floors) > OOM_FLOOR_ENTRIES:
+            del floors[next(iter(floors))]
 
     def _record_error(self, model: str, kind: str, ratio: float) -> None:
         key = (model, kind)
@@ -397,12 +528,35 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
     return min(max(value, bounds[0]), bounds[1])
 
 
+def _bound(recent_last: dict[Any, float], entries: int) -> None:
+    """Drop the least recent keys (the first inserted) past ``entries``."""
+    while len(recent_last) > entries:
+        del recent_last[next(iter(recent_last))]
+
+
+def _ewma(average: float, sample: float, bounds: tuple[float, float]) -> float:
+    """One EWMA step with weight ``EWMA_ALPHA`` on ``sample``, clamped to ``bounds``."""
+    return _clamp((1 - EWMA_ALPHA) * average + EWMA_ALPHA * sample, bounds)
+
+
+def shape_bucket(shape: Shape) -> tuple[int, int]:
+    """The learning bucket of ``shape``: bit lengths of its prefill and decode tokens.
+
+    ``(bit_length(batch_size * input_tokens), bit_length(output_tokens))``: 0 for no tokens,
+    then one bucket per power of two (1, 2–3, 4–7, ...).
+    """
+    return (shape.batch_size * shape.input_tokens).bit_length(), shape.output_tokens.bit_length()
+
+
 def _working_bytes(profile: ModelProfile, shape: Shape) -> tuple[int, int]:
     """(KV cache, activations + logits) bytes of a request over all its GPUs, uncorrected."""
     batch, prompt = shape.batch_size, shape.input_tokens
     kv = profile.kv_bytes_per_token * batch * (prompt + shape.output_tokens)
+    tokens = batch * max(prompt, 1)
+    scores = profile.score_bytes_per_pair * batch * prompt**2  # 0 unless attention is eager
+    attention = profile.attention_bytes_per_token * tokens + scores
     activations = (
-        profile.activation_bytes_per_token * batch * max(prompt, 1)
+        max(profile.activation_bytes_per_token * tokens, attention)
         + profile.logits_bytes_per_sequence * batch
     )
     return kv, activations

@@ -37,6 +37,8 @@ def test_a_small_run_measures_every_policy_size_and_depth() -> None:
         for row in report.queue
     )
     assert report.log_growth == pytest.approx(math.log(500) / math.log(10))
+    assert set(report.indexed_growth) == {"balanced", "best_fit", "least_loaded"}
+    assert report.fleet_log_growth == pytest.approx(math.log(64) / math.log(8))
 
 
 @pytest.mark.parametrize(
@@ -66,12 +68,19 @@ def test_command_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    for title in ("Placement", "Admission", "Queue operations", "one decision over 1,000 GPUs"):
+    for title in ("Placement", "Admission", "Queue operations", "µs over 1,000 GPUs"):
         assert title in result.output
     data = json.loads(out.read_text())
     assert data["benchmark"] == "decisions"
     assert {row["gpus"] for row in data["placement"]} == {10, 1000}
     assert [row["depth"] for row in data["queue"]] == [10, 100]
-    assert set(data["growth"]) == {"placement_exponent", "queue_growth", "log_growth"}
+    assert set(data["growth"]) == {
+        "placement_exponent",
+        "indexed_growth",
+        "fleet_log_growth",
+        "queue_growth",
+        "log_growth",
+    }
+    assert set(data["growth"]["indexed_growth"]) == {"balanced", "best_fit", "least_loaded"}
     assert problems(data["provenance"]) == []
     assert data["provenance"]["recorded_after"] is False

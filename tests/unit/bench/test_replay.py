@@ -20,6 +20,7 @@ from gpu_request_router.bench.replay import (
     plan_rows,
     replay,
     replay_settings,
+    scaled_catalog,
     summarize,
     user_of,
 )
@@ -34,7 +35,9 @@ from gpu_request_router.bench.traces import (
     read_trace,
 )
 from gpu_request_router.cli import app
-from gpu_request_router.models.request import Task
+from gpu_request_router.core.engine import fleet_gpu_types
+from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.models.request import Shape, Task
 from gpu_request_router.simulation import Rejection, RequestRecord, SimulationReport
 
 AZURE_CONV = (
@@ -328,6 +331,64 @@ def test_rows_carry_their_truth_and_the_router_sees_only_the_prompt() -> None:
     assert clipped.duration_s == pytest.approx(8000 / 12000 + 192 / 90)
 
 
+def test_known_output_sends_the_true_answer_length_as_max_tokens() -> None:
+    """With known_output the router's shape is the one that runs: max_tokens = true output."""
+    fleet = parse_gpus("1xH100-80GB")
+    settings = replay_settings(fleet, "balanced")
+    rows = [
+        TraceRow(0.0, input_tokens=1000, output_tokens=1000),
+        TraceRow(1.0, input_tokens=8000, output_tokens=1000),
+    ]
+    short, clipped = plan_rows(rows, settings, fleet, known_output=True)
+    assert short.submission.input["max_tokens"] == 1000
+    assert clipped.submission.input["max_tokens"] == 192  # cut to the context left
+    assert short.duration_s == plan_rows(rows, settings, fleet)[0].duration_s
+
+
+def test_a_scaled_catalog_makes_every_duration_that_many_times_the_truth() -> None:
+    """Catalog, datasheet-scaled and roofline throughputs and default durations all scale."""
+    fleet = parse_gpus("1xH100-80GB,1xL4-24GB")
+    settings = replay_settings(fleet, "balanced")
+    wrong = scaled_catalog(settings, fleet, 2.0)
+    types = fleet_gpu_types(settings)
+    truth = ResourceEstimator(settings.models, types)
+    scaled = ResourceEstimator(wrong.models, types)
+    assert set(wrong.models) == set(settings.models)
+    for model in settings.models:
+        shape = Shape(1, 0, 0) if truth.profile(model).task is Task.GENERIC else Shape(2, 300, 40)
+        true_durations = truth.estimate(model, shape).duration_s
+        for kind, seconds in scaled.estimate(model, shape).duration_s.items():
+            assert seconds == pytest.approx(2 * true_durations[kind]), (model, kind)
+        assert (
+            scaled.estimate(model, shape).gpu_memory_mb
+            == truth.estimate(model, shape).gpu_memory_mb
+        )
+    assert scaled_catalog(settings, fleet, 1.0) is settings
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_a_replay_learns_a_catalog_that_is_wrong_by_a_factor_of_two(scale: float) -> None:
+    """Durations 2× too long or too short at first; the learned estimates meet the truth.
+
+    The router knows each answer's length (``known_output``), so the catalog is the only thing
+    wrong: an estimate issued before anything was learned is off by |scale − 1| exactly.
+    Learning acts within the first tenth of the rows and is done by the second.
+    """
+    rows = read_azure(AZURE_CONV)[:200]
+    result = replay(
+        rows,
+        gpus="2xH100-80GB",
+        policy="round_robin",
+        catalog_duration_scale=scale,
+        known_output=True,
+    )
+    errors = result.metrics["duration_error_by_tenth"]
+    assert len(errors) == 10 and result.metrics["completed"] == 200
+    assert errors[0] < 0.5 * abs(scale - 1), errors
+    assert all(error <= 0.05 for error in errors[1:]), errors
+    assert errors[-1] <= 0.001, errors
+
+
 def test_tiny_replay_is_deterministic() -> None:
     """The same rows, fleet, policy and seed give the same metrics, every time."""
     rows = read_azure(AZURE_CONV)[:200]
@@ -403,6 +464,10 @@ def test_command_writes_json_with_every_metric_and_a_plot(tmp_path: Path) -> Non
     for metrics in policies.values():
         assert set(REQUIRED_METRICS) <= set(metrics)
         assert metrics["completed"] == 300
+        assert len(metrics["duration_error_by_tenth"]) == 10
+    assert "duration error" in result.output
+    assert document["settings"]["catalog_duration_scale"] == 1.0
+    assert document["settings"]["known_output"] is False
     assert document["trace"]["format"] == "azure" and document["trace"]["rows"] == 300
     assert document["sweep"]["scales"] == [0.5, 1.0]
     assert document["sweep"]["policies"]["random"]["1"] == policies["random"]
@@ -440,6 +505,7 @@ def test_command_output_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
         (["--sweep", "1,x"], "not a number"),
         (["--format", "parquet"], "expected one of"),
         (["--starvation-bound-s", "0"], "starvation_bound_s"),
+        (["--catalog-duration-scale", "0"], "must be positive"),
     ],
 )
 def test_command_refuses_bad_options(option: list[str], message: str) -> None:

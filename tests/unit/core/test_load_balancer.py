@@ -45,7 +45,7 @@ def place(
     seed: int = 0,
 ) -> Chosen | NoFit:
     """Place ``need`` on the schedulable GPUs of ``monitor`` with a fresh ``policy``."""
-    return LoadBalancer(make_policy(policy, seed)).place(need, monitor.schedulable.values(), held)
+    return LoadBalancer(make_policy(policy, seed)).place(need, monitor.index, held)
 
 
 def chosen_ids(result: Chosen | NoFit) -> tuple[str, ...]:
@@ -300,7 +300,7 @@ def test_round_robin_cycles_in_id_order() -> None:
     """round_robin walks the candidates in GPU id order and wraps around."""
     monitor = fleet(reading("b", 0), reading("a", 1), reading("a", 0))
     balancer = LoadBalancer(make_policy("round_robin"))
-    picks = [chosen_ids(balancer.place(need(), monitor.schedulable.values()))[0] for _ in range(7)]
+    picks = [chosen_ids(balancer.place(need(), monitor.index))[0] for _ in range(7)]
     assert picks == ["a:0", "a:1", "b:0", "a:0", "a:1", "b:0", "a:0"]
 
 
@@ -308,7 +308,7 @@ def test_round_robin_orders_gpu_indexes_as_numbers() -> None:
     """GPU a:10 comes after a:2, not before it as the strings would sort."""
     monitor = fleet(*(reading("a", index) for index in (10, 2, 1)))
     balancer = LoadBalancer(make_policy("round_robin"))
-    picks = [chosen_ids(balancer.place(need(), monitor.schedulable.values()))[0] for _ in range(4)]
+    picks = [chosen_ids(balancer.place(need(), monitor.index))[0] for _ in range(4)]
     assert picks == ["a:1", "a:2", "a:10", "a:1"]
 
 
@@ -316,9 +316,9 @@ def test_round_robin_skips_gpus_that_no_longer_fit() -> None:
     """round_robin moves to the next candidate after the last pick, among those that fit now."""
     monitor = fleet(reading("a", 0), reading("a", 1), reading("a", 2))
     balancer = LoadBalancer(make_policy("round_robin"))
-    assert chosen_ids(balancer.place(need(), monitor.schedulable.values())) == ("a:0",)
+    assert chosen_ids(balancer.place(need(), monitor.index)) == ("a:0",)
     monitor.cordon("a:1")
-    assert chosen_ids(balancer.place(need(), monitor.schedulable.values())) == ("a:2",)
+    assert chosen_ids(balancer.place(need(), monitor.index)) == ("a:2",)
 
 
 @pytest.mark.parametrize("policy", ["random", "power_of_two"])
@@ -328,9 +328,7 @@ def test_random_policies_are_deterministic_for_a_seed(policy: str) -> None:
 
     def run(seed: int) -> list[str]:
         balancer = LoadBalancer(make_policy(policy, seed))
-        return [
-            chosen_ids(balancer.place(need(), monitor.schedulable.values()))[0] for _ in range(20)
-        ]
+        return [chosen_ids(balancer.place(need(), monitor.index))[0] for _ in range(20)]
 
     assert run(3) == run(3)
     assert len({tuple(run(seed)) for seed in range(5)}) > 1

@@ -110,9 +110,9 @@ def test_tinyllama_params_weights_activations_and_logits() -> None:
     assert profile.params == pytest.approx(1.1e9, rel=0.01)
     assert profile.weights_bytes == 2_200_096_768
     assert ceil_mib(profile.weights_bytes) == 2099
-    assert profile.activation_bytes_per_token == 2 * (
-        2 * 2048 + 2 * 32 * 64 + 2 * 4 * 64 + 3 * 5632
-    )
+    assert profile.activation_bytes_per_token == 2 * (3 * 2048 + 3 * 5632) == 46080
+    assert profile.attention_bytes_per_token == 2 * (2 * 2048 + 2 * 32 * 64 + 2 * 4 * 64) + 4 * 32
+    assert profile.score_bytes_per_pair == 0
     assert profile.logits_bytes_per_sequence == 32000 * 4
 
 
@@ -160,7 +160,7 @@ def test_explicit_catalog_figures_win_over_derived_ones() -> None:
     profile = profile_from_spec("mixed", spec)
     assert profile.weights_bytes == 100 * MIB
     assert profile.kv_bytes_per_token == 5
-    assert profile.activation_bytes_per_token == 51200
+    assert profile.activation_bytes_per_token == 46080
     assert profile.params == 1_100_048_384
 
 
@@ -193,14 +193,14 @@ def test_largest_grid_point_is_16_gib_of_kv_cache(estimator: ResourceEstimator) 
 def test_activations_and_logits_count_for_an_architecture_model(
     estimator: ResourceEstimator,
 ) -> None:
-    """TinyLlama adds activations over max(input, 1) tokens and fp32 logits per sequence."""
+    """TinyLlama adds its MLP stage over max(input, 1) tokens and fp32 logits per sequence."""
     estimate = estimator.estimate("tinyllama-1.1b", Shape(2, 100, 50))
     kv = 22528 * 2 * 150
-    activations = 51200 * 2 * 100 + 128000 * 2
+    activations = 46080 * 2 * 100 + 128000 * 2
     assert estimate.weights_mb == 2099
     assert estimate.kv_cache_mb == ceil_mib(kv) == 7
-    assert estimate.activations_mb == ceil_mib(activations) == 11
-    assert estimate.gpu_memory_mb == 2099 + 7 + 11
+    assert estimate.activations_mb == ceil_mib(activations) == 10
+    assert estimate.gpu_memory_mb == 2099 + 7 + 10
 
 
 def test_a_request_without_prompt_tokens_still_holds_one_token_of_activations(
@@ -208,7 +208,7 @@ def test_a_request_without_prompt_tokens_still_holds_one_token_of_activations(
 ) -> None:
     """Activations count max(input, 1) tokens per sequence, so an empty prompt counts as one."""
     estimate = estimator.estimate("tinyllama-1.1b", Shape(64, 0, 10))
-    assert estimate.activations_mb == ceil_mib(51200 * 64 * 1 + 128000 * 64) == 11
+    assert estimate.activations_mb == ceil_mib(46080 * 64 * 1 + 128000 * 64) == 11
 
 
 def test_two_gpus_halve_the_memory_per_gpu(estimator: ResourceEstimator) -> None:
@@ -231,7 +231,7 @@ def test_a_memory_hint_raises_the_estimate(estimator: ResourceEstimator) -> None
     assert estimate.gpu_memory_mb == 10000
     assert estimate.weights_mb == 2099
     assert estimate.kv_cache_mb + estimate.activations_mb == 10000 - 2099
-    assert estimate.kv_cache_mb == (10000 - 2099) * 7 // 18
+    assert estimate.kv_cache_mb == (10000 - 2099) * 7 // 17
 
 
 def test_a_memory_hint_lowers_the_estimate_but_not_below_the_weights(

@@ -1,0 +1,213 @@
+"""The schedulable GPUs, indexed so that one placement need not look at every GPU.
+
+The :class:`~gpu_request_router.core.gpu_state_monitor.GPUStateMonitor` owns one
+:class:`PlacementIndex` and hands it every GPU whose placement attributes it recomputes (the one
+funnel through which readings, health, staleness, cordons, circuits, reservations and releases
+all pass), so the index is never stale.
+
+It keeps:
+
+- :attr:`PlacementIndex.schedulable`: the schedulable GPUs by id, in the order they became
+  schedulable (a GPU that leaves and comes back goes to the end), with that position as a number
+  (``order``): every policy breaks its last tie by it, as a scan of the mapping does;
+- the schedulable GPUs with a free slot, in *shelves*: one per GPU type, served models, loaded
+  models and health (healthy or degraded). On one shelf a need reserves the same memory on every
+  GPU (the weights are loaded on all or on none), so "fits" is "room ≥ that memory". Each shelf
+  holds two bisect-maintained lists: by ``(room, busy, order)``, and per distinct ``busy`` value
+  by ``(-room, order)``.
+
+A fleet has as many shelves as distinct (type, served models, loaded models, health) among its
+GPUs with a free slot, a handful in a fleet of few models and types whatever its size; an empty
+shelf is dropped. The queries are :class:`Shelf`'s methods, their costs in docs/architecture.md
+("Placement").
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from gpu_request_router.models.gpu_state import GPUHealth, GPUState
+
+__all__ = ["Best", "PlacementIndex", "Shelf"]
+
+_GIB = 1024
+_ABOVE = float("inf")
+
+_ByRoom = tuple[int, float, int, str]
+"""``(room, busy, order, GPU id)``. Plain values only: the garbage collector need not track
+the entries, so a large index does not slow down collections (and with them every scan)."""
+_ByLevel = tuple[int, int, str]
+"""``(-room, order, GPU id)`` within one busy level."""
+
+_ShelfKey = tuple[str, tuple[str, ...], tuple[str, ...], bool]
+"""GPU type, served models, loaded models, degraded."""
+
+Best = tuple[tuple[float, ...], str]
+"""A shelf's best GPU for a query: its full ranking key (ending in its order) and its id."""
+
+
+@dataclass(slots=True)
+class Shelf:
+    """The schedulable GPUs with a free slot that share a type, models, loaded models and health."""
+
+    type: str
+    models: tuple[str, ...]
+    models_loaded: tuple[str, ...]
+    degraded: bool
+    by_room: list[_ByRoom] = field(default_factory=list)
+    levels: list[float] = field(default_factory=list)
+    by_level: dict[float, list[_ByLevel]] = field(default_factory=dict)
+
+    def serves(self, model: str) -> bool:
+        """Whether the GPUs of this shelf serve ``model``."""
+        return "*" in self.models or model in self.models
+
+    def add(self, entry: _ByRoom) -> None:
+        """File one GPU."""
+        room, busy, order, gpu_id = entry
+        insort(self.by_room, entry)
+        level = self.by_level.get(busy)
+        if level is None:
+            self.by_level[busy] = [(-room, order, gpu_id)]
+            insort(self.levels, busy)
+        else:
+            insort(level, (-room, order, gpu_id))
+
+    def remove(self, entry: _ByRoom) -> None:
+        """Take one filed GPU out (``entry`` is what :meth:`add` was given)."""
+        room, busy, order, gpu_id = entry
+        del self.by_room[bisect_left(self.by_room, entry)]
+        level = self.by_level[busy]
+        del level[bisect_left(level, (-room, order, gpu_id))]
+        if not level:
+            del self.by_level[busy]
+            del self.levels[bisect_left(self.levels, busy)]
+
+    # Queries: each returns the best GPU with room ≥ ``memory`` that ``skip`` lets through ---------
+
+    def tightest(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Least room left after ``memory``, then least busy, then order."""
+        by_room = self.by_room
+        for position in range(bisect_left(by_room, (memory,)), len(by_room)):
+            room, busy, order, gpu_id = by_room[position]
+            if not skip(gpu_id):
+                return (room - memory, busy, order), gpu_id
+        return None
+
+    def tightest_gib(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Least room left after ``memory`` in whole GiB, then least busy, then order.
+
+        Every GPU left with the same whole GiB as the tightest one is a candidate; within each
+        distinct room the list is in (busy, order), so one look per distinct room suffices.
+        """
+        by_room = self.by_room
+        size = len(by_room)
+        position = bisect_left(by_room, (memory,))
+        best: tuple[float, int, int, str] | None = None
+        ceiling = 0
+        while position < size:
+            room, busy, order, gpu_id = by_room[position]
+            if best is not None and room >= ceiling:
+                break
+            if skip(gpu_id):
+                position += 1
+                continue
+            if best is None:
+                ceiling = memory + ((room - memory) // _GIB + 1) * _GIB
+            if best is None or (busy, order) < best[:2]:
+                best = (busy, order, room, gpu_id)
+            position = bisect_right(by_room, (room, _ABOVE), position)
+        if best is None:
+            return None
+        busy, order, room, gpu_id = best
+        return ((room - memory) // _GIB, busy, order), gpu_id
+
+    def roomiest(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Most room, then least busy, then order."""
+        by_room = self.by_room
+        end = len(by_room)
+        while end:
+            room = by_room[end - 1][0]
+            if room < memory:
+                return None
+            start = bisect_left(by_room, (room,), 0, end)
+            for position in range(start, end):
+                _, busy, order, gpu_id = by_room[position]
+                if not skip(gpu_id):
+                    return (memory - room, busy, order), gpu_id
+            end = start
+        return None
+
+    def least_busy(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
+        """Least busy, then most room, then order: the first busy level with a fitting GPU."""
+        for busy in self.levels:
+            for negative_room, order, gpu_id in self.by_level[busy]:
+                if -negative_room < memory:
+                    break
+                if not skip(gpu_id):
+                    return (busy, memory + negative_room, order), gpu_id
+        return None
+
+
+class PlacementIndex:
+    """The schedulable GPUs, in the order they became schedulable, and shelved for placement."""
+
+    def __init__(self) -> None:
+        self._schedulable: dict[str, GPUState] = {}
+        self._order: dict[str, int] = {}
+        self._next_order = 0
+        self._filed: dict[str, tuple[_ShelfKey, _ByRoom]] = {}
+        self._shelves: dict[_ShelfKey, Shelf] = {}
+
+    @property
+    def schedulable(self) -> Mapping[str, GPUState]:
+        """The schedulable GPUs by id, in the order they became schedulable."""
+        return self._schedulable
+
+    @property
+    def any_free_slot(self) -> bool:
+        """Whether any schedulable GPU has a free slot."""
+        return bool(self._filed)
+
+    def shelves(self) -> Iterable[Shelf]:
+        """The shelves (none is empty)."""
+        return self._shelves.values()
+
+    def most_room(self) -> int | None:
+        """The most room of a schedulable GPU with a free slot, or ``None`` when there is none."""
+        return max((shelf.by_room[-1][0] for shelf in self._shelves.values()), default=None)
+
+    def update(self, state: GPUState) -> None:
+        """Re-file ``state`` after its placement attributes were recomputed."""
+        gpu_id = state.id
+        filed = self._filed.pop(gpu_id, None)
+        if filed is not None:
+            key, entry = filed
+            shelf = self._shelves[key]
+            shelf.remove(entry)
+            if not shelf.by_room:
+                del self._shelves[key]
+        if not state.schedulable:
+            if self._schedulable.pop(gpu_id, None) is not None:
+                del self._order[gpu_id]
+            return
+        order = self._order.get(gpu_id)
+        if order is None:
+            self._schedulable[gpu_id] = state
+            order = self._order[gpu_id] = self._next_order
+            self._next_order += 1
+        if state.free_slots <= 0:
+            return
+        reading = state.reading
+        degraded = state.health is GPUHealth.DEGRADED
+        key = (reading.type, reading.models, reading.models_loaded, degraded)
+        target = self._shelves.get(key)
+        if target is None:
+            target = self._shelves[key] = Shelf(
+                reading.type, reading.models, reading.models_loaded, degraded
+            )
+        entry = (state.room_mb, state.busy, order, gpu_id)
+        target.add(entry)
+        self._filed[gpu_id] = (key, entry)

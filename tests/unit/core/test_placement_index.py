@@ -1,0 +1,299 @@
+"""The placement index chooses what a scan of every GPU would, however the fleet changes.
+
+Random fleets (GPU types, served and loaded models, memory used by others, health, backend
+load) go through random changes on the monitor's own paths: reservations, releases (with
+out-of-memory cuts), new readings, complete worker reports, staleness, silent workers, cordons,
+drains and circuits. After every change, each indexed policy's choice for random needs (model,
+size, exact or estimated, GPU type, GPUs to avoid, held GPUs) must be the one a brute-force
+oracle written here from the policies' documented rankings picks, scanning every GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
+from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit, make_policy
+from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
+
+MARGIN = 1024
+STALE_S = 10.0
+TYPES = {"L4-24GB": 24_576, "A100-40GB": 40_960, "H100-80GB": 81_920}
+MODELS = ("m1", "m2", "m3")
+SERVED = [("*",), ("*",), ("m1",), ("m1", "m2")]
+GIB = 1024
+
+Key = Callable[[GPUState, int, bool], tuple[float, ...]]
+
+# Each indexed policy's ranking as documented (load_balancer's module docstring), smallest first.
+RANKINGS: dict[str, Callable[[Need], Key]] = {
+    "balanced": lambda need: (
+        (
+            lambda gpu, memory, loaded: (
+                not loaded,
+                gpu.health is GPUHealth.DEGRADED,
+                (gpu.room_mb - memory) // GIB,
+                gpu.busy,
+            )
+        )
+        if need.exact
+        else (
+            lambda gpu, memory, loaded: (
+                not loaded,
+                gpu.health is GPUHealth.DEGRADED,
+                -(gpu.room_mb - memory),
+                gpu.busy,
+            )
+        )
+    ),
+    "best_fit": lambda need: lambda gpu, memory, loaded: (gpu.room_mb - memory, gpu.busy),
+    "least_loaded": lambda need: lambda gpu, memory, loaded: (gpu.busy, -(gpu.room_mb - memory)),
+}
+
+
+def oracle(
+    policy: str, need: Need, gpus: list[GPUState], held: Collection[str]
+) -> tuple[str, int] | None:
+    """Scan ``gpus`` (schedulable, in the order they became so): the GPU and memory to take."""
+    candidates = []
+    for gpu in gpus:
+        assert gpu.schedulable
+        if gpu.slots - len(gpu.running) <= 0 or gpu.id in held:
+            continue
+        if need.gpu_type is not None and gpu.type != need.gpu_type:
+            continue
+        if not gpu.serves(need.model):
+            continue
+        loaded = need.model in gpu.reading.models_loaded
+        memory = need.memory_mb - need.weights_mb if loaded else need.memory_mb
+        if memory <= gpu.room_mb:
+            candidates.append((gpu, memory, loaded))
+    preferred = [c for c in candidates if c[0].id not in need.avoid] or candidates
+    if not preferred:
+        return None
+    rank = RANKINGS[policy](need)
+    best = preferred[0]
+    for candidate in preferred[1:]:  # the first of equals wins, as in a scan
+        if rank(*candidate) < rank(*best):
+            best = candidate
+    return best[0].id, best[1]
+
+
+class Fleet:
+    """A monitor and, kept here independently, the order in which its GPUs became schedulable."""
+
+    def __init__(self, readings: list[GPUReading]) -> None:
+        self.monitor = GPUStateMonitor(
+            stale_after_s=STALE_S, safety_margin_mb=MARGIN, max_temperature_c=90.0
+        )
+        self.readings = {r.gpu_id: r for r in readings}
+        self.order: list[str] = []
+        self.now = 0.0
+        self.holders: list[str] = []
+        self.count = 0
+        self.apply(readings)
+
+    def apply(self, readings: list[GPUReading], worker: str | None = None) -> None:
+        self.monitor.apply(readings, self.now, worker=worker)
+        self.settle([reading.gpu_id for reading in readings])
+
+    def settle(self, changed: list[str] | None = None) -> None:
+        """Note GPUs that stopped being schedulable, and those that became so (at the end).
+
+        Only readings make several GPUs schedulable at once, in the order they are given.
+        """
+        gpus = self.monitor.gpus
+        self.order = [g for g in self.order if gpus[g].schedulable]
+        self.order += [g for g in changed or gpus if gpus[g].schedulable and g not in self.order]
+
+    def schedulable(self) -> list[GPUState]:
+        return [self.monitor.gpus[g] for g in self.order]
+
+
+@st.composite
+def gpu_readings(draw: st.DrawFn) -> list[GPUReading]:
+    """A fleet of 1-4 workers of 1-6 GPUs; a worker's GPUs share a type and served models."""
+    readings = []
+    for worker in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(sorted(TYPES)))
+        served = draw(st.sampled_from(SERVED))
+        readings += [
+            draw(a_reading(f"w{worker}", index, kind, served))
+            for index in range(draw(st.integers(1, 6)))
+        ]
+    return readings
+
+
+def a_reading(
+    worker: str, index: int, kind: str, served: tuple[str, ...]
+) -> st.SearchStrategy[GPUReading]:
+    """One reading: few distinct values of used memory, health and load, so that ties abound."""
+    return st.builds(
+        GPUReading,
+        worker=st.just(worker),
+        index=st.just(index),
+        type=st.just(kind),
+        memory_total_mb=st.just(TYPES[kind]),
+        memory_used_mb=st.sampled_from([0, 0, 0, GIB, 4 * GIB, 4 * GIB + 333]),
+        health=st.sampled_from([GPUHealth.HEALTHY] * 5 + [GPUHealth.DEGRADED, GPUHealth.UNHEALTHY]),
+        temperature_c=st.sampled_from([None, None, 95.0]),
+        slots=st.integers(1, 3),
+        models=st.just(served),
+        models_loaded=st.sampled_from([(), (), ("m1",), ("m2",), ("m1", "m2")]),
+        load=st.sampled_from([None, None, None, 0.5, 0.9]),
+    )
+
+
+needs = st.builds(
+    Need,
+    model=st.sampled_from(MODELS),
+    memory_mb=st.sampled_from([0, 1, 2 * GIB, 6 * GIB, 6 * GIB + 100, 16 * GIB, 21 * GIB]),
+    weights_mb=st.sampled_from([0, GIB, 2 * GIB]),
+    gpu_type=st.sampled_from([None, None, *sorted(TYPES)]),
+    exact=st.booleans(),
+)
+
+
+def change(draw: st.DrawFn, fleet: Fleet) -> None:
+    """One random change to the fleet, through the monitor's public paths."""
+    monitor = fleet.monitor
+    gpu_ids = sorted(monitor.gpus)
+    op = draw(
+        st.sampled_from(
+            ["reserve"] * 4
+            + ["release"] * 3
+            + ["reading", "report", "cordon", "uncordon", "drain", "circuit", "time"]
+        )
+    )
+    if op == "reserve":
+        fleet.count += 1
+        holder = f"exe{fleet.count}"
+        memory = draw(st.sampled_from([0, GIB, GIB, 3 * GIB, 5 * GIB + 7, 12 * GIB]))
+        placed = False
+        for gpu_id in draw(st.lists(st.sampled_from(gpu_ids), min_size=1, max_size=2, unique=True)):
+            placed = monitor.reserve(gpu_id, holder, memory) or placed
+        if placed:
+            fleet.holders.append(holder)
+    elif op == "release" and fleet.holders:
+        holder = fleet.holders.pop(draw(st.integers(0, len(fleet.holders) - 1)))
+        monitor.release(
+            holder,
+            peak_mb=draw(st.sampled_from([None, 0, 2 * GIB])),
+            size_mb=draw(st.sampled_from([None, 8 * GIB])),
+            out_of_memory=draw(st.booleans()),
+        )
+    elif op == "reading":
+        old = fleet.readings[draw(st.sampled_from(gpu_ids))]
+        kind = draw(st.sampled_from([old.type, old.type, *sorted(TYPES)]))
+        new = draw(a_reading(old.worker, old.index, kind, draw(st.sampled_from(SERVED))))
+        fleet.readings[new.gpu_id] = new
+        fleet.now += 1.0
+        fleet.apply([new])
+        return
+    elif op == "report":
+        worker = draw(st.sampled_from(sorted({r.worker for r in fleet.readings.values()})))
+        mine = [r for r in fleet.readings.values() if r.worker == worker]
+        kept = draw(st.lists(st.sampled_from(mine), unique=True))
+        fleet.now += 1.0
+        fleet.apply(kept, worker=worker)
+        return
+    elif op in ("cordon", "uncordon", "drain"):
+        getattr(monitor, op)(draw(st.sampled_from(gpu_ids)))
+    elif op == "circuit":
+        monitor.set_circuit(draw(st.sampled_from(gpu_ids)), draw(st.booleans()))
+    elif op == "time":
+        if draw(st.booleans()):
+            workers = sorted({r.worker for r in fleet.readings.values()})
+            monitor.source_failed(draw(st.sampled_from(workers)), fleet.now)
+        fleet.now += draw(st.sampled_from([1.0, STALE_S]))
+        monitor.refresh(fleet.now)
+    fleet.settle()
+
+
+def outcome(chosen: Chosen | NoFit) -> tuple[str, int] | None:
+    """The one GPU chosen and the memory reserved on it, or ``None`` for no fit."""
+    if isinstance(chosen, NoFit):
+        return None
+    assert chosen.gpu_ids == (chosen.gpu_ids[0],)
+    return chosen.gpu_ids[0], chosen.reservations[chosen.gpu_ids[0]]
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_indexed_policies_choose_what_a_scan_of_every_gpu_chooses(data: st.DataObject) -> None:
+    """After every change, each indexed policy picks the oracle's GPU (ties: schedulable order).
+
+    The index also knows the most room of a GPU with a free slot, and keeps no empty shelf.
+    """
+    fleet = Fleet(data.draw(gpu_readings()))
+    balancers = {name: LoadBalancer(make_policy(name)) for name in RANKINGS}
+    for _ in range(data.draw(st.integers(1, 25))):
+        change(data.draw, fleet)
+        assert list(fleet.monitor.schedulable) == fleet.order
+        gpus = fleet.schedulable()
+        index = fleet.monitor.index
+        rooms = [gpu.room_mb for gpu in gpus if gpu.slots > len(gpu.running)]
+        assert index.most_room() == max(rooms, default=None)
+        assert all(shelf.by_room for shelf in index.shelves())
+        ids = [gpu.id for gpu in gpus] or ["none"]
+        for _ in range(3):
+            need = data.draw(needs)
+            need = Need(
+                model=need.model,
+                memory_mb=need.memory_mb + need.weights_mb,
+                weights_mb=need.weights_mb,
+                gpu_type=need.gpu_type,
+                avoid=frozenset(data.draw(st.sets(st.sampled_from(ids), max_size=2))),
+                exact=need.exact,
+            )
+            held = data.draw(st.sets(st.sampled_from(ids), max_size=2))
+            for name, balancer in balancers.items():
+                expected = oracle(name, need, gpus, held)
+                assert outcome(balancer.place(need, fleet.monitor.index, held)) == expected, name
+
+
+def test_no_gpu_with_a_free_slot_is_no_fit_without_free_slots() -> None:
+    """A fleet whose every slot is taken answers "no free slot", as a scan does."""
+    fleet = Fleet(
+        [GPUReading(worker="w", index=0, type="L4-24GB", memory_total_mb=24_576, slots=1)]
+    )
+    need = Need(model="m1", memory_mb=GIB)
+    balancer = LoadBalancer(make_policy("best_fit"))
+    assert outcome(balancer.place(need, fleet.monitor.index)) == ("w:0", GIB)
+    assert fleet.monitor.reserve("w:0", "exe", GIB)
+    assert balancer.place(need, fleet.monitor.index) == NoFit(free_slots=False)
+    assert balancer.place(need, fleet.monitor.index, held={"w:0"}) == NoFit(free_slots=False)
+    fleet.monitor.release("exe")
+    assert balancer.place(need, fleet.monitor.index, held={"w:0"}) == NoFit(free_slots=True)
+
+
+def test_an_exact_size_takes_the_tightest_whole_gib_even_from_a_less_busy_gpu() -> None:
+    """A GPU left with exactly one GiB more than the tightest is a GiB looser, however idle."""
+    busy = GPUReading(
+        worker="w", index=0, type="L4-24GB", memory_total_mb=24_576, memory_used_mb=333, load=0.9
+    )
+    idle = GPUReading(worker="w", index=1, type="L4-24GB", memory_total_mb=24_576)
+    fleet = Fleet([busy, idle])
+    need = Need(model="m1", memory_mb=22 * GIB, exact=True)
+    # Room: 23,219 MiB (691 MiB left over) against 23,552 MiB (exactly 1 GiB left over).
+    chosen = LoadBalancer(make_policy("balanced")).place(need, fleet.monitor.index)
+    assert outcome(chosen) == oracle("balanced", need, fleet.schedulable(), ()) == ("w:0", 22 * GIB)
+
+
+def test_a_gpu_that_comes_back_loses_ties_to_those_that_stayed() -> None:
+    """Cordoned and uncordoned, a GPU goes to the end of the order, as in a scan of the mapping."""
+    twins = [
+        GPUReading(worker="w", index=index, type="L4-24GB", memory_total_mb=24_576)
+        for index in (0, 1)
+    ]
+    fleet = Fleet(twins)
+    need = Need(model="m1", memory_mb=GIB)
+    balancer = LoadBalancer(make_policy("best_fit"))
+    assert outcome(balancer.place(need, fleet.monitor.index)) == ("w:0", GIB)
+    fleet.monitor.cordon("w:0")
+    fleet.monitor.uncordon("w:0")
+    assert list(fleet.monitor.schedulable) == ["w:1", "w:0"]
+    assert outcome(balancer.place(need, fleet.monitor.index)) == ("w:1", GIB)
