@@ -30,8 +30,8 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.dev
-	$(BIN)/pytest -q
+unit: $(VENV)/.dev  ## two workers; the system tests (processes, kills, timing) run one after another on one of them
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 MUTATION_SAMPLE ?= 300
 MUTATION_SEED ?= 20261206

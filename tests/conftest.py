@@ -1,12 +1,27 @@
-"""Shared by every test: no test leaves structlog or the stdlib loggers configured for the next."""
+"""Shared by every test: no test leaves structlog or the stdlib loggers configured for the next.
+
+Under ``pytest -n 2 --dist loadgroup`` (``make test``) the system tests form one group, so they
+run one after another on one worker: they start routers and workers as processes, kill them and
+wait on real time, and two of them at once on two cores would compete for both.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
+
+_SYSTEM = Path(__file__).parent / "system"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put every system test in one xdist group (see the module docstring)."""
+    for item in items:
+        if _SYSTEM in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("system"))
 
 
 @pytest.fixture(autouse=True)
