@@ -441,6 +441,10 @@ class Runtime:
         """Every GPU the router knows, in id order."""
         return sorted(self.router.monitor.gpus.values(), key=lambda gpu: gpu.id)
 
+    def gpu_count(self) -> int:
+        """How many GPUs the router knows (``/readyz`` polls it: no list is built)."""
+        return len(self.router.monitor.gpus)
+
     def gpu(self, gpu_id: str) -> GPUState:
         """One GPU (``NotFound`` for an unknown id)."""
         return self.router.monitor.get(gpu_id)

@@ -107,7 +107,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         checks["store"] = "ok"
     except StoreUnavailable as exc:
         checks["store"] = exc.message
-    known = len(service.runtime.gpus())
+    known = service.runtime.gpu_count()
     checks["gpus"] = f"{known} known" if known else "none known yet"
     ready = checks["store"] == "ok" and known > 0
     return JSONResponse(
