@@ -38,7 +38,13 @@ from gpu_request_router.bench.provenance import capture
 from gpu_request_router.bench.report import parse_counts, print_table, write_json
 from gpu_request_router.core.engine import Engine
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
-from gpu_request_router.core.load_balancer import POLICIES, LoadBalancer, Need, make_policy
+from gpu_request_router.core.load_balancer import (
+    POLICIES,
+    IndexedPolicy,
+    LoadBalancer,
+    Need,
+    make_policy,
+)
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.models.gpu_state import GPUReading
@@ -335,7 +341,7 @@ def run_decisions(
         indexed_growth={
             name: single[name, largest] / single[name, smallest]
             for name in POLICIES
-            if make_policy(name).indexed
+            if isinstance(make_policy(name), IndexedPolicy)
         },
         fleet_log_growth=math.log(max(largest, 2)) / math.log(max(smallest, 2)),
         queue_growth=costs[-1] / costs[0],

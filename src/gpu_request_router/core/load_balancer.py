@@ -45,6 +45,7 @@ __all__ = [
     "POLICIES",
     "Chosen",
     "GPUGroup",
+    "IndexedPolicy",
     "LoadBalancer",
     "Need",
     "NoFit",
@@ -162,12 +163,7 @@ class NoFit:
 
 
 class Policy(ABC):
-    """Ranks feasible options; filtering is done before a policy is asked.
-
-    A policy whose ranking is a key of one GPU's room, load, health and model affinity also
-    answers :meth:`search` on one shelf of the placement index; the best of the shelves' answers
-    is then what :meth:`choose` would pick among every fitting GPU.
-    """
+    """Ranks feasible options; filtering is done before a policy is asked."""
 
     name: str = ""
 
@@ -175,20 +171,21 @@ class Policy(ABC):
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick one of ``options`` (never empty) for ``need``."""
 
+
+class IndexedPolicy(Policy):
+    """A policy whose ranking is a key of one GPU's room, load, health and model affinity.
+
+    It also answers :meth:`search` on one shelf of the placement index; the best of the
+    shelves' answers is then what :meth:`choose` would pick among every fitting GPU, so a
+    one-GPU placement need not scan. The other policies pick by position among all candidates,
+    and scan.
+    """
+
+    @abstractmethod
     def search(
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
     ) -> Best | None:
-        """The shelf's best GPU for ``need`` (reserving ``memory``), with its full ranking key.
-
-        Raises:
-            NotImplementedError: the policy picks by position among all candidates (a scan).
-        """
-        raise NotImplementedError(self.name)
-
-    @property
-    def indexed(self) -> bool:
-        """Whether :meth:`search` answers (else one-GPU placement scans the GPUs)."""
-        return type(self).search is not Policy.search
+        """The shelf's best GPU for ``need`` (reserving ``memory``), with its full ranking key."""
 
 
 def _tightest(option: Option) -> tuple[bool, bool, int, float]:
@@ -201,7 +198,7 @@ def _spread(option: Option) -> tuple[bool, bool, int, float]:
     return not loaded, unit.health is _DEGRADED, memory - unit.room_mb, unit.busy
 
 
-class BalancedPolicy(Policy):
+class BalancedPolicy(IndexedPolicy):
     """Model affinity, then health; then exact sizes pack tightly, estimated ones spread."""
 
     name = "balanced"
@@ -221,7 +218,7 @@ class BalancedPolicy(Policy):
         return (need.model not in shelf.models_loaded, shelf.degraded, *key), gpu_id
 
 
-class BestFitPolicy(Policy):
+class BestFitPolicy(IndexedPolicy):
     """The least memory left over."""
 
     name = "best_fit"
@@ -241,7 +238,7 @@ def _least_busy(option: Option) -> tuple[float, int]:
     return option[0].busy, option[1] - option[0].room_mb
 
 
-class LeastLoadedPolicy(Policy):
+class LeastLoadedPolicy(IndexedPolicy):
     """The fewest busy slots, then the most room."""
 
     name = "least_loaded"
@@ -339,11 +336,15 @@ class LoadBalancer:
         """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones."""
         if not fleet.any_free_slot:
             return NoFit(free_slots=False)
-        if need.gpu_count == 1 and self.policy.indexed:
-            return self._search(need, fleet, held)
+        policy = self.policy
+        if need.gpu_count == 1 and isinstance(policy, IndexedPolicy):
+            return self._search(policy, need, fleet, held)
         return self._scan(need, fleet.schedulable.values(), held)
 
-    def _search(self, need: Need, fleet: PlacementIndex, held: Collection[str]) -> Chosen | NoFit:
+    @staticmethod
+    def _search(
+        policy: IndexedPolicy, need: Need, fleet: PlacementIndex, held: Collection[str]
+    ) -> Chosen | NoFit:
         """The policy's best GPU over the index's shelves: GPUs to avoid only if nothing else fits.
 
         The same choice as :meth:`_scan`, since every shelf answers with its best by the
@@ -368,13 +369,13 @@ class LoadBalancer:
             for shelf in shelves:
                 loaded = need.model in shelf.models_loaded
                 memory = without_weights if loaded else need.memory_mb
-                found = self.policy.search(shelf, memory, need, skip)
+                found = policy.search(shelf, memory, need, skip)
                 if found is not None and (best is None or found[0] < best[0]):
                     best = found
                     best_memory, best_loaded = memory, loaded
             if best is not None:
                 option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
-                return Chosen.of(option, self.policy.name)
+                return Chosen.of(option, policy.name)
         return NoFit(free_slots=True)
 
     def _scan(self, need: Need, gpus: Iterable[GPUState], held: Collection[str]) -> Chosen | NoFit:
