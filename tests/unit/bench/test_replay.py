@@ -35,6 +35,7 @@ from gpu_request_router.bench.traces import (
     read_trace,
 )
 from gpu_request_router.cli import app
+from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.engine import fleet_gpu_types
 from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.models.request import Shape, Task
@@ -310,14 +311,19 @@ def test_equal_users_are_perfectly_fair() -> None:
 # Replays ---------------------------------------------------------------------------------------
 
 
-def test_rows_carry_their_truth_and_the_router_sees_only_the_prompt() -> None:
-    """The router gets the prompt and no max_tokens; the simulated GPU gets the true shape."""
+def _short_and_clipped() -> tuple[Fleet, Settings, list[TraceRow]]:
+    """One H100 under balanced, and two rows: one that fits the context, one cut by it."""
     fleet = parse_gpus("1xH100-80GB")
-    settings = replay_settings(fleet, "balanced")
     rows = [
         TraceRow(0.0, input_tokens=1000, output_tokens=1000),
         TraceRow(1.0, input_tokens=8000, output_tokens=1000),
     ]
+    return fleet, replay_settings(fleet, "balanced"), rows
+
+
+def test_rows_carry_their_truth_and_the_router_sees_only_the_prompt() -> None:
+    """The router gets the prompt and no max_tokens; the simulated GPU gets the true shape."""
+    fleet, settings, rows = _short_and_clipped()
     short, clipped = plan_rows(rows, settings, fleet, load_scale=2.0)
     assert short.at == 0.0 and clipped.at == 0.5
     assert "max_tokens" not in short.submission.input
@@ -333,12 +339,7 @@ def test_rows_carry_their_truth_and_the_router_sees_only_the_prompt() -> None:
 
 def test_known_output_sends_the_true_answer_length_as_max_tokens() -> None:
     """With known_output the router's shape is the one that runs: max_tokens = true output."""
-    fleet = parse_gpus("1xH100-80GB")
-    settings = replay_settings(fleet, "balanced")
-    rows = [
-        TraceRow(0.0, input_tokens=1000, output_tokens=1000),
-        TraceRow(1.0, input_tokens=8000, output_tokens=1000),
-    ]
+    fleet, settings, rows = _short_and_clipped()
     short, clipped = plan_rows(rows, settings, fleet, known_output=True)
     assert short.submission.input["max_tokens"] == 1000
     assert clipped.submission.input["max_tokens"] == 192  # cut to the context left

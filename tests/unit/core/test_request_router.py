@@ -678,6 +678,25 @@ def test_a_request_whose_creation_the_store_refused_is_taken_back_entirely(harne
     assert again.id != refused.id and h.status(again) == "queued"
 
 
+def _intrude_at_first_reservation(h: Harness, memory_mb: int) -> list[str]:
+    """Another execution takes ``memory_mb`` on the GPU just before the core's next reservation.
+
+    Returns the list that will name the execution whose reservation met the intruder.
+    """
+    monitor = h.router.monitor
+    reserve = monitor.reserve
+    intruded: list[str] = []
+
+    def reserve_after_an_intruder(gpu_id: str, holder: str, size_mb: int) -> bool:
+        if not intruded:
+            intruded.append(holder)
+            monitor.adopt(gpu_id, "exe_intruder", memory_mb)
+        return reserve(gpu_id, holder, size_mb)
+
+    monitor.reserve = reserve_after_an_intruder  # type: ignore[method-assign]
+    return intruded
+
+
 def test_a_dispatch_conflict_counts_toward_the_backfill_depth_after_other_misses() -> None:
     """Held by its quota, then refused by its GPU: two misses, so a depth of two ends the pass.
 
@@ -695,17 +714,7 @@ def test_a_dispatch_conflict_counts_toward_the_backfill_depth_after_other_misses
     held = h.submit(_sized(10_000, priority="critical"), user="ann")  # at her quota: a miss
     refused = h.submit(_sized(40_000, priority="high"), user="bob")
     behind = h.submit(_sized(10_000), user="cat")
-    monitor = h.router.monitor
-    reserve = monitor.reserve
-    intruded: list[str] = []
-
-    def reserve_after_an_intruder(gpu_id: str, holder: str, memory_mb: int) -> bool:
-        if not intruded:
-            intruded.append(holder)
-            monitor.adopt(gpu_id, "exe_intruder", 45_000)
-        return reserve(gpu_id, holder, memory_mb)
-
-    monitor.reserve = reserve_after_an_intruder  # type: ignore[method-assign]
+    intruded = _intrude_at_first_reservation(h, 45_000)
     h.apply(h.router.uncordon("sim:0", h.now))
     assert intruded == [f"exe_{refused.id}_1"]
     assert len(h.dispatched_ids()) == 1, "only ann's first request, from before the cordon"
@@ -724,16 +733,7 @@ def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_
     first = h.submit(_sized(40_000), user="ann")
     second = h.submit(_sized(20_000), user="bob")
     monitor = h.router.monitor
-    reserve = monitor.reserve
-    intruded: list[str] = []
-
-    def reserve_after_an_intruder(gpu_id: str, holder: str, memory_mb: int) -> bool:
-        if not intruded:
-            intruded.append(holder)
-            monitor.adopt(gpu_id, "exe_intruder", 50_000)
-        return reserve(gpu_id, holder, memory_mb)
-
-    monitor.reserve = reserve_after_an_intruder  # type: ignore[method-assign]
+    intruded = _intrude_at_first_reservation(h, 50_000)
     with capture_logs() as logs:
         h.apply(h.router.uncordon("sim:0", h.now))  # one pass over both
     assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [

@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_resource_estimator import tinyllama_architecture
 
 from gpu_request_router.config import ModelSpec
 from gpu_request_router.config.config_loader import Architecture
@@ -239,19 +240,7 @@ _SHAPES = st.builds(Shape, st.integers(1, 16), st.integers(0, 4000), st.integers
 
 def tinyllama() -> ModelSpec:
     """TinyLlama-1.1B, whose estimates have KV cache and activations."""
-    return spec(
-        {
-            "num_hidden_layers": 22,
-            "hidden_size": 2048,
-            "intermediate_size": 5632,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 4,
-            "head_dim": 64,
-            "vocab_size": 32000,
-            "dtype": "float16",
-        },
-        Task.COMPLETION,
-    )
+    return ModelSpec(task=Task.COMPLETION, max_context=32768, architecture=tinyllama_architecture())
 
 
 def test_small_peaks_after_an_oom_do_not_shrink_the_estimate_below_its_peak() -> None:
