@@ -358,17 +358,15 @@ class LoadBalancer:
         def skip_held(gpu_id: str) -> bool:
             return gpu_id in held
 
-        shelves = [
-            shelf
-            for shelf in fleet.shelves()
-            if (need.gpu_type is None or shelf.type == need.gpu_type) and shelf.serves(need.model)
-        ]
         without_weights = need.memory_mb - need.weights_mb
+        candidates: list[tuple[Shelf, int, bool]] = []  # once, not once per skip rule
+        for shelf in fleet.shelves():
+            if (need.gpu_type is None or shelf.type == need.gpu_type) and shelf.serves(need.model):
+                loaded = need.model in shelf.models_loaded
+                candidates.append((shelf, without_weights if loaded else need.memory_mb, loaded))
         for skip in (skip_avoided, skip_held) if avoid else (skip_held,):
             best: Best | None = None
-            for shelf in shelves:
-                loaded = need.model in shelf.models_loaded
-                memory = without_weights if loaded else need.memory_mb
+            for shelf, memory, loaded in candidates:
                 found = policy.search(shelf, memory, need, skip)
                 if found is not None and (best is None or found[0] < best[0]):
                     best = found

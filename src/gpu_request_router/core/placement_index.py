@@ -180,8 +180,13 @@ class PlacementIndex:
         return max((shelf.by_room[-1][0] for shelf in self._shelves.values()), default=None)
 
     def update(self, state: GPUState) -> None:
-        """Re-file ``state`` after its placement attributes were recomputed."""
+        """Re-file ``state`` after its placement attributes were recomputed (if they changed)."""
         gpu_id = state.id
+        filed = self._filed.get(gpu_id)
+        if filed is not None and state.schedulable and state.free_slots > 0:
+            key, entry = filed
+            if key == _shelf_key(state) and entry == (state.room_mb, state.busy, entry[2], gpu_id):
+                return  # filed as it is: most readings change nothing placement looks at
         filed = self._filed.pop(gpu_id, None)
         if filed is not None:
             key, entry = filed
@@ -200,14 +205,21 @@ class PlacementIndex:
             self._next_order += 1
         if state.free_slots <= 0:
             return
-        reading = state.reading
-        degraded = state.health is GPUHealth.DEGRADED
-        key = (reading.type, reading.models, reading.models_loaded, degraded)
+        key = _shelf_key(state)
         target = self._shelves.get(key)
         if target is None:
-            target = self._shelves[key] = Shelf(
-                reading.type, reading.models, reading.models_loaded, degraded
-            )
+            target = self._shelves[key] = Shelf(*key)
         entry = (state.room_mb, state.busy, order, gpu_id)
         target.add(entry)
         self._filed[gpu_id] = (key, entry)
+
+
+def _shelf_key(state: GPUState) -> _ShelfKey:
+    """The shelf a GPU belongs on: its type, served and loaded models, and whether degraded."""
+    reading = state.reading
+    return (
+        reading.type,
+        reading.models,
+        reading.models_loaded,
+        state.health is GPUHealth.DEGRADED,
+    )

@@ -338,8 +338,7 @@ class RequestRouter:
         for execution_id, outcome in ended:
             execution = self._executions[execution_id]
             if isinstance(outcome, Failure):
-                actor = f"backend:{execution.backend}"
-                decisions += self._fail(execution_id, execution, outcome, now, actor)
+                decisions += self._fail(execution_id, execution, outcome, now)
             else:
                 self._succeed(execution_id, execution, outcome, now)
         decisions += self._pass(now)
@@ -489,13 +488,20 @@ class RequestRouter:
         if execution is None:
             _log.debug("stale_failure_ignored", execution_id=execution_id)
             return []
-        actor = f"backend:{execution.backend}"
-        decisions = self._fail(execution_id, execution, failure, now, actor)
+        decisions = self._fail(execution_id, execution, failure, now)
         return self._emit(decisions + self._pass(now))
 
     def _fail(
-        self, execution_id: str, execution: _Execution, failure: Failure, now: float, actor: str
+        self,
+        execution_id: str,
+        execution: _Execution,
+        failure: Failure,
+        now: float,
+        actor: str | None = None,
     ) -> list[Decision]:
+        """Handle a failed execution; ``actor`` defaults to its backend (the one reporting it)."""
+        if actor is None:
+            actor = f"backend:{execution.backend}"
         request = self._requests[execution.request_id]
         size_mb = request.estimate.gpu_memory_mb  # of this attempt, before any growth
         used = self._settle(request, execution_id, execution, now, None)

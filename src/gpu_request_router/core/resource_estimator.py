@@ -465,10 +465,8 @@ class ResourceEstimator:
 
     def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
         floors = self._oom_floors
-        floor = max(floors.pop(key, 0), peak_mb)  # popped: re-inserted as the most recent
-        floors[key] = floor
-        if len(floors) > OOM_FLOOR_ENTRIES:
-            del floors[next(iter(floors))]
+        floors[key] = max(floors.pop(key, 0), peak_mb)  # popped: re-inserted as the most recent
+        _bound(floors, OOM_FLOOR_ENTRIES)
 
     def _record_error(self, model: str, kind: str, ratio: float) -> None:
         key = (model, kind)
@@ -528,7 +526,7 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
     return min(max(value, bounds[0]), bounds[1])
 
 
-def _bound(recent_last: dict[Any, float], entries: int) -> None:
+def _bound(recent_last: dict[Any, Any], entries: int) -> None:
     """Drop the least recent keys (the first inserted) past ``entries``."""
     while len(recent_last) > entries:
         del recent_last[next(iter(recent_last))]
