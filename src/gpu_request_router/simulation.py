@@ -215,14 +215,14 @@ class Simulation:
             self._actions -= 1
         if kind == "finish":
             execution_id = event.payload
-            if not self.fleet.running(execution_id):
-                return []
+            if self.fleet.due(execution_id) != event.at:
+                return []  # it ended otherwise, or its end moved
             plan, started = self._plans.pop(execution_id)
-            result = self.fleet.finish(execution_id, plan, now - started)
+            result = self.fleet.finish(execution_id, plan, now - started, now)
             return router.finished(execution_id, result, now)
         if kind == "fail":
             execution_id, failure = event.payload
-            self.fleet.stop(execution_id)
+            self.fleet.stop(execution_id, now)
             self._plans.pop(execution_id, None)
             return router.failed(execution_id, failure, now)
         if kind == "start":
@@ -235,7 +235,7 @@ class Simulation:
         if kind == "submit":
             return self._admit(*event.payload)
         if kind == "lose":
-            self.fleet.lose_gpu(event.payload)
+            self.fleet.lose_gpu(event.payload, now)
             return []
         if kind == "restore":
             self.fleet.restore_gpu(event.payload)
@@ -275,26 +275,24 @@ class Simulation:
                     for listener in self.listeners:
                         listener(decision.request, decision.entry)
             elif isinstance(decision, CancelExecution):
-                self.fleet.stop(decision.execution_id)
+                self.fleet.stop(decision.execution_id, now)
                 self._plans.pop(decision.execution_id, None)
             else:
                 self._start(decision, now)
+        for execution_id, due in self.fleet.changed().items():
+            self._push(due, "finish", execution_id)
 
     def _start(self, dispatch: Dispatch, now: float) -> None:
         execution_id = dispatch.execution_id
         plan = self.fleet.plan(dispatch)
-        refused = self.fleet.start(dispatch, plan)
+        refused = self.fleet.start(dispatch, plan, now)
         if refused is not None:
             self._push(now, "fail", (execution_id, refused))
             return
         self._plans[execution_id] = (plan, now)
         self._push(now, "start", execution_id)
-        if plan.duration_s is None:
-            return
-        if plan.failure is not None:
+        if plan.duration_s is not None and plan.failure is not None:
             self._push(now + plan.duration_s * FAILS_AFTER, "fail", (execution_id, plan.failure))
-        else:
-            self._push(now + plan.duration_s, "finish", execution_id)
 
     def _schedule_tick(self) -> None:
         wakeup = self.router.next_wakeup()

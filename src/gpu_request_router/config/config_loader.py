@@ -249,6 +249,14 @@ class ModelSpec(_Section):
         return self
 
 
+class ServiceSettings(_Section):
+    """How GPUs serve work (core/service_model.py): sharing slowdowns and load bandwidth."""
+
+    batch_slowdown: float = Field(0.03, ge=0)
+    job_slowdown: float = Field(1.0, ge=0)
+    load_gb_s: float = Field(1.7, gt=0)
+
+
 class PlacementSettings(_Section):
     """The placement policy and the knobs of the dispatch loop."""
 
@@ -257,6 +265,7 @@ class PlacementSettings(_Section):
     backfill_depth: int = Field(256, ge=1)
     starvation_bound_s: float = Field(2.0, gt=0)
     seed: int = 0
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
 
 
 class GpuGroup(_Section):
@@ -285,6 +294,7 @@ class BackendSettings(_Section):
     slots_per_gpu: int = Field(8, ge=1, le=1024)
     models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     models_loaded: list[str] = Field(default_factory=list)
+    service: Literal["fixed", "shared"] = "fixed"
     dcgm_url: str | None = Field(None, pattern=r"^https?://")
     dcgm_gpu: int = Field(0, ge=0)
     metrics_url: str | None = Field(None, pattern=r"^https?://")
@@ -297,6 +307,8 @@ class BackendSettings(_Section):
             raise ValueError(f"a backend of kind {self.kind} needs a url")
         if self.kind == "openai" and self.gpu is None:
             raise ValueError("an openai backend needs gpu: {type, memory_mb}")
+        if self.kind != "simulated" and self.service != "fixed":
+            raise ValueError("service belongs to simulated backends")
         if self.kind != "openai" and (self.dcgm_url or self.metrics_url):
             raise ValueError("dcgm_url and metrics_url belong to openai backends")
         return self
@@ -313,6 +325,7 @@ class WorkerSettings(_Section):
     port: int = Field(9090, ge=1, le=65535)
     slots: int = Field(8, ge=1, le=1024)
     simulate: str | None = Field(None, pattern=_SIMULATE)
+    simulate_service: Literal["fixed", "shared"] = "fixed"
     executor: Literal["simulated", "callable", "openai"] = "simulated"
     callable: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     openai_url: str | None = Field(None, pattern=r"^https?://")

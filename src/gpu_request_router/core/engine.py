@@ -16,6 +16,7 @@ from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.request_receiver import RequestReceiver
 from gpu_request_router.core.request_router import RequestRouter
 from gpu_request_router.core.resource_estimator import ResourceEstimator
+from gpu_request_router.core.service_model import ServiceModel
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES, GPUType, gpu_type
 from gpu_request_router.utils.ids import IdFactory
 
@@ -77,7 +78,13 @@ class Engine:
             settings,
             monitor=monitor,
             estimator=ResourceEstimator(settings.models, fleet_gpu_types(settings)),
-            balancer=LoadBalancer(make_policy(settings.placement.policy, settings.placement.seed)),
+            balancer=LoadBalancer(
+                make_policy(
+                    settings.placement.policy,
+                    settings.placement.seed,
+                    ServiceModel.of(settings.placement.service),
+                )
+            ),
             errors=ErrorHandler(settings.retries, rng),
             quotas=QuotaEnforcer(settings.quotas, settings.priorities.classes),
             metrics=metrics,

@@ -34,6 +34,8 @@ def need_of(request: Request, *, avoid: Iterable[str] = ()) -> Need:
         avoid=frozenset(avoid),
         exact=estimate.gpu_memory_mb
         <= max(request.resources.gpu_memory_mb or 0, estimate.weights_mb),
+        duration_s=estimate.duration_s,
+        task=request.task,
     )
 
 

@@ -322,6 +322,8 @@ class GPUStateMonitor:
         size_mb: int | None = None,
         *,
         out_of_memory: bool = False,
+        model: str = "",
+        weights_mb: int = 0,
     ) -> list[str]:
         """Release every reservation of execution ``holder``; return the GPUs it was on.
 
@@ -342,6 +344,14 @@ class GPUStateMonitor:
         next ones placed there fail too. The cut errs on the safe side — the need may have been
         larger than the peak, and which GPU of a multi-GPU execution failed is not reported —
         and lasts one reading.
+
+        ``model`` and ``weights_mb`` (its per-GPU weights, within ``size_mb``): an execution that
+        reserved its weights (its model was not loaded there) on a GPU whose latest reading
+        lists the model as loaded leaves the weights behind, in use by another execution of
+        the model, so they count as used (``hidden_mb``) until a reading taken after the
+        release. Where the reading listed them because of this execution alone, the backend
+        has moved them to its cache (``models_cached``) and the next reading shows them free:
+        the hold errs on the safe side for one reading.
         """
         gpu_ids = self._holders.pop(holder, [])
         if not gpu_ids:
@@ -357,8 +367,13 @@ class GPUStateMonitor:
                 needed = reserved if peak_mb is None else peak_mb - (size - reserved)
                 room = self.limit_mb(state) - state.reserved_mb
                 self._hide(state, room - max(0, needed - self._margin - 1), holder)
-            elif seen and peak_mb is not None:
-                self._hide(state, min(reserved, size - peak_mb), holder)
+            else:
+                hidden = 0
+                if seen and peak_mb is not None:
+                    hidden = min(reserved, size - peak_mb)
+                if weights_mb and reserved == size and model in state.reading.models_loaded:
+                    hidden = max(0, hidden) + min(weights_mb, reserved)
+                self._hide(state, hidden, holder)
             if state.draining and not state.running:
                 state.draining = False
             self._recompute(state)

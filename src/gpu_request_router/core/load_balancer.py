@@ -36,10 +36,12 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpu_request_router.core.placement_index import Best, PlacementIndex, Shelf
+from gpu_request_router.core.service_model import ServiceModel
 from gpu_request_router.models.gpu_state import GPUHealth, GPUState
+from gpu_request_router.models.request import Task, duration_on
 
 __all__ = [
     "POLICIES",
@@ -63,6 +65,7 @@ class Need:
     """What a request needs from the fleet: per-GPU memory (with its weights share) and GPUs.
 
     ``exact``: the memory is known (a client's hint, or weights only), not a guess.
+    ``duration_s``: the estimated duration alone on each GPU type; ``task``: how it shares a GPU.
     """
 
     model: str
@@ -72,10 +75,16 @@ class Need:
     gpu_type: str | None = None
     avoid: frozenset[str] = frozenset()
     exact: bool = False
+    duration_s: Mapping[str, float] = field(default_factory=dict)
+    task: Task = Task.CHAT
 
     def memory_on(self, gpu: GPUState) -> int:
         """Memory to reserve on ``gpu``: no weights where the model is loaded already."""
         return self.memory_mb - self.weights_mb if gpu.has_loaded(self.model) else self.memory_mb
+
+    def duration_on(self, gpu_type: str) -> float:
+        """The estimated duration alone on ``gpu_type`` (the slowest known type if not listed)."""
+        return duration_on(self.duration_s, gpu_type)
 
 
 Option = tuple["GPUState | GPUGroup", int, bool]
@@ -135,8 +144,11 @@ class Chosen:
     reason: str
 
     @classmethod
-    def of(cls, option: Option, policy: str) -> Chosen:
-        """The placement for ``option``, chosen by ``policy``, with the reason in a few words."""
+    def of(cls, option: Option, policy: str, why: str = "") -> Chosen:
+        """The placement for ``option``, chosen by ``policy``, with the reason in a few words.
+
+        ``why``: what the policy weighed, put before the memory and slots the choice leaves.
+        """
         unit, memory, loaded = option
         if isinstance(unit, GPUGroup):
             gpu_ids = tuple(gpu.id for gpu in unit.gpus)
@@ -151,7 +163,10 @@ class Chosen:
             worker=unit.worker,
             gpu_ids=gpu_ids,
             reservations=reservations,
-            reason=f"{policy}: {affinity}leaves {leftover:.1f} GiB, {busy}/{unit.slots} slots busy",
+            reason=(
+                f"{policy}: {why}{affinity}leaves {leftover:.1f} GiB, "
+                f"{busy}/{unit.slots} slots busy"
+            ),
         )
 
 
@@ -170,6 +185,10 @@ class Policy(ABC):
     @abstractmethod
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pick one of ``options`` (never empty) for ``need``."""
+
+    def explain(self, option: Option, need: Need) -> str:
+        """What the policy weighed in choosing ``option``, for the placement reason."""
+        return ""
 
 
 class IndexedPolicy(Policy):
@@ -193,29 +212,88 @@ def _tightest(option: Option) -> tuple[bool, bool, int, float]:
     return not loaded, unit.health is _DEGRADED, (unit.room_mb - memory) // _GIB, unit.busy
 
 
-def _spread(option: Option) -> tuple[bool, bool, int, float]:
-    unit, memory, loaded = option
-    return not loaded, unit.health is _DEGRADED, memory - unit.room_mb, unit.busy
-
-
 class BalancedPolicy(IndexedPolicy):
-    """Model affinity, then health; then exact sizes pack tightly, estimated ones spread."""
+    """Health first; then exact sizes pack tightly, estimated ones go where they finish first.
+
+    The expected finish of an estimated request on a GPU (``service``,
+    :class:`~gpu_request_router.core.service_model.ServiceModel`) is its load time where the
+    GPU holds no copy of its model's weights (neither loaded nor cached), plus its duration alone
+    on the GPU's type times the slowdown of sharing the GPU with what runs there (its busy share
+    of slots); among equal finishes, the most room left (the room absorbs the estimate's error),
+    then the least busy.
+    """
 
     name = "balanced"
 
+    def __init__(self, service: ServiceModel | None = None) -> None:
+        self.service = service or ServiceModel()
+
     def choose(self, options: Sequence[Option], need: Need) -> Option:
-        """Pack what is known, leave room where the size is a guess (module docstring)."""
-        return min(options, key=_tightest if need.exact else _spread)
+        """Pack what is known, send the rest where it finishes first (class docstring)."""
+        if need.exact:
+            return min(options, key=_tightest)
+
+        def finishing(option: Option) -> tuple[bool, float, int, float]:
+            unit, memory, _ = option
+            return (
+                unit.health is _DEGRADED,
+                self.finish_s(need, unit),
+                memory - unit.room_mb,
+                unit.busy,
+            )
+
+        return min(options, key=finishing)
+
+    def finish_s(self, need: Need, unit: GPUState | GPUGroup) -> float:
+        """Seconds until ``need`` would finish on ``unit`` if started now (class docstring)."""
+        gpus = unit.gpus if isinstance(unit, GPUGroup) else (unit,)
+        first = gpus[0].reading
+        cold = not all(gpu.holds(need.model) for gpu in gpus)
+        return self._finish(need, first.type, cold, unit.busy * first.slots)
+
+    def _finish(self, need: Need, gpu_type: str, cold: bool, running: float) -> float:
+        service = self.service
+        load = service.load_s(need.weights_mb) if cold else 0.0
+        return load + need.duration_on(gpu_type) * service.slowdown(need.task, running + 1)
 
     def search(
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
     ) -> Best | None:
-        """The shelf's tightest fit in whole GiB (exact) or its roomiest GPU (estimated)."""
-        found = (shelf.tightest_gib if need.exact else shelf.roomiest)(memory, skip)
+        """The shelf's tightest fit in whole GiB (exact) or its soonest finish (estimated).
+
+        On one shelf the finish grows with the busy share alone: the least busy GPU with the
+        most room is the shelf's best, or the roomiest where sharing costs nothing.
+        """
+        if need.exact:
+            found = shelf.tightest_gib(memory, skip)
+            if found is None:
+                return None
+            key, gpu_id = found
+            return (need.model not in shelf.models_loaded, shelf.degraded, *key), gpu_id
+        duration = need.duration_on(shelf.type)
+        sharing_costs = duration * (self.service.slowdown(need.task, 2) - 1) > 0
+        found = (shelf.least_busy if sharing_costs else shelf.roomiest)(memory, skip)
         if found is None:
             return None
         key, gpu_id = found
-        return (need.model not in shelf.models_loaded, shelf.degraded, *key), gpu_id
+        busy, spread = (key[0], key[1]) if sharing_costs else (key[1], key[0])
+        cold = need.model not in shelf.models_loaded and need.model not in shelf.models_cached
+        finish = self._finish(need, shelf.type, cold, busy * shelf.slots)
+        return (shelf.degraded, finish, spread, busy, key[2]), gpu_id
+
+    def explain(self, option: Option, need: Need) -> str:
+        """The expected finish behind an estimated request's placement, and its parts."""
+        if need.exact:
+            return ""
+        unit = option[0]
+        first = unit.gpus[0] if isinstance(unit, GPUGroup) else unit
+        gpus = unit.gpus if isinstance(unit, GPUGroup) else (unit,)
+        sharing = unit.busy * first.slots
+        load = "" if all(gpu.holds(need.model) for gpu in gpus) else ", a cold start"
+        return (
+            f"expected to finish in {self.finish_s(need, unit):.1f} s "
+            f"({first.type}, {sharing:g} running beside it{load}); "
+        )
 
 
 class BestFitPolicy(IndexedPolicy):
@@ -302,23 +380,26 @@ class RandomPolicy(Policy):
         return self._rng.choice(options)
 
 
-POLICIES: Mapping[str, Callable[[random.Random], Policy]] = {
-    "balanced": lambda rng: BalancedPolicy(),
-    "best_fit": lambda rng: BestFitPolicy(),
-    "least_loaded": lambda rng: LeastLoadedPolicy(),
-    "power_of_two": PowerOfTwoPolicy,
-    "round_robin": lambda rng: RoundRobinPolicy(),
-    "random": RandomPolicy,
+POLICIES: Mapping[str, Callable[[random.Random, ServiceModel], Policy]] = {
+    "balanced": lambda rng, service: BalancedPolicy(service),
+    "best_fit": lambda rng, service: BestFitPolicy(),
+    "least_loaded": lambda rng, service: LeastLoadedPolicy(),
+    "power_of_two": lambda rng, service: PowerOfTwoPolicy(rng),
+    "round_robin": lambda rng, service: RoundRobinPolicy(),
+    "random": lambda rng, service: RandomPolicy(rng),
 }
 
 
-def make_policy(name: str, seed: int = 0) -> Policy:
-    """The policy called ``name``, its random choices seeded with ``seed``."""
+def make_policy(name: str, seed: int = 0, service: ServiceModel | None = None) -> Policy:
+    """The policy called ``name``, its random choices seeded with ``seed``.
+
+    ``service``: how GPUs serve work, for the policies that predict finish times (``balanced``).
+    """
     try:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown placement policy {name!r}") from None
-    return factory(random.Random(seed))
+    return factory(random.Random(seed), service or ServiceModel())
 
 
 class LoadBalancer:
@@ -373,7 +454,7 @@ class LoadBalancer:
                     best_memory, best_loaded = memory, loaded
             if best is not None:
                 option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
-                return Chosen.of(option, policy.name)
+                return Chosen.of(option, policy.name, policy.explain(option, need))
         return NoFit(free_slots=True)
 
     def _scan(self, need: Need, gpus: Iterable[GPUState], held: Collection[str]) -> Chosen | NoFit:
@@ -409,7 +490,9 @@ class LoadBalancer:
         )
         if not options:
             return NoFit(free_slots=free_slots)
-        return Chosen.of(self.policy.choose(options, need), self.policy.name)
+        policy = self.policy
+        chosen = policy.choose(options, need)
+        return Chosen.of(chosen, policy.name, policy.explain(chosen, need))
 
     @staticmethod
     def _groups(options: Iterable[tuple[GPUState, int, bool]], need: Need) -> list[Option]:

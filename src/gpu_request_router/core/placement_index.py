@@ -11,15 +11,17 @@ It keeps:
   schedulable (a GPU that leaves and comes back goes to the end), with that position as a number
   (``order``): every policy breaks its last tie by it, as a scan of the mapping does;
 - the schedulable GPUs with a free slot, in *shelves*: one per GPU type, served models, loaded
-  models and health (healthy or degraded). On one shelf a need reserves the same memory on every
-  GPU (the weights are loaded on all or on none), so "fits" is "room ≥ that memory". Each shelf
-  holds two bisect-maintained lists: by ``(room, busy, order)``, and per distinct ``busy`` value
-  by ``(-room, order)``.
+  and cached models, slots and health (healthy or degraded). On one shelf a need reserves the
+  same memory on every GPU (the weights are loaded on all or on none), so "fits" is "room ≥ that
+  memory". Each shelf holds two bisect-maintained lists: by ``(room, busy, order)``, and per
+  distinct ``busy`` value by ``(-room, order)``.
 
-A fleet has as many shelves as distinct (type, served models, loaded models, health) among its
-GPUs with a free slot, a handful in a fleet of few models and types whatever its size; an empty
-shelf is dropped. The queries are :class:`Shelf`'s methods, their costs in docs/architecture.md
-("Placement").
+A fleet has as many shelves as distinct (type, models, loaded and cached models, slots, health)
+among its GPUs with a free slot, a handful in a fleet of few models and types whatever its size;
+an empty shelf is dropped. The queries are :class:`Shelf`'s methods, their costs in
+docs/architecture.md ("Placement"). Where GPUs load models on demand and keep them, each
+distinct set of resident models is a shelf of its own: a fleet in which every GPU holds another
+set has as many shelves as GPUs, and a search is then as costly as a scan.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ the entries, so a large index does not slow down collections (and with them ever
 _ByLevel = tuple[int, int, str]
 """``(-room, order, GPU id)`` within one busy level."""
 
-_ShelfKey = tuple[str, tuple[str, ...], tuple[str, ...], bool]
-"""GPU type, served models, loaded models, degraded."""
+_ShelfKey = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], int, bool]
+"""GPU type, served models, loaded models, cached models, slots, degraded."""
 
 Best = tuple[tuple[float, ...], str]
 """A shelf's best GPU for a query: its full ranking key (ending in its order) and its id."""
@@ -50,11 +52,16 @@ Best = tuple[tuple[float, ...], str]
 
 @dataclass(slots=True)
 class Shelf:
-    """The schedulable GPUs with a free slot that share a type, models, loaded models and health."""
+    """The schedulable GPUs with a free slot alike in type, models, slots and health.
+
+    The models are the served, the loaded and the cached ones.
+    """
 
     type: str
     models: tuple[str, ...]
     models_loaded: tuple[str, ...]
+    models_cached: tuple[str, ...]
+    slots: int
     degraded: bool
     by_room: list[_ByRoom] = field(default_factory=list)
     levels: list[float] = field(default_factory=list)
@@ -215,11 +222,13 @@ class PlacementIndex:
 
 
 def _shelf_key(state: GPUState) -> _ShelfKey:
-    """The shelf a GPU belongs on: its type, served and loaded models, and whether degraded."""
+    """The shelf a GPU belongs on: type, served, loaded and cached models, slots, degraded."""
     reading = state.reading
     return (
         reading.type,
         reading.models,
         reading.models_loaded,
+        reading.models_cached,
+        reading.slots,
         state.health is GPUHealth.DEGRADED,
     )

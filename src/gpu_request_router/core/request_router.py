@@ -585,7 +585,12 @@ class RequestRouter:
         self._executions.pop(execution_id)
         self._current.pop(request.id, None)
         touched = self.monitor.release(
-            execution_id, peak_memory_mb, size_mb, out_of_memory=out_of_memory
+            execution_id,
+            peak_memory_mb,
+            size_mb,
+            out_of_memory=out_of_memory,
+            model=request.model,
+            weights_mb=request.estimate.weights_mb if size_mb is not None else 0,
         )
         for gpu_id in touched:
             self.metrics.gpu(self.monitor.gpus[gpu_id])

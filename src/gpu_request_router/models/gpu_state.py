@@ -34,8 +34,11 @@ class GPUReading:
     on the GPU (a worker says; ``None`` for sources that cannot tell). ``reported_id`` is the id
     a ``gpurouter worker`` itself gives the GPU (``<its own name>:<index>``), which the router
     sends back when it names the GPU to that worker; the router's own id is always
-    ``<worker>:<index>`` (``None`` for sources that are not workers). Fields a device does not
-    support are ``None``.
+    ``<worker>:<index>`` (``None`` for sources that are not workers). ``models_loaded`` are the
+    models whose weights are resident and counted in ``memory_used_mb`` (pinned, or in use);
+    ``models_cached`` those whose weights stay resident without use and are not counted: the
+    backend frees them, least recently used first, when a load needs the room, and a request
+    for one of them starts without loading. Fields a device does not support are ``None``.
     """
 
     worker: str
@@ -55,6 +58,7 @@ class GPUReading:
     slots: int = 8
     models: tuple[str, ...] = ("*",)
     models_loaded: tuple[str, ...] = ()
+    models_cached: tuple[str, ...] = ()
     load: float | None = None
     running: tuple[str, ...] | None = None
     reported_id: str | None = None
@@ -136,5 +140,10 @@ class GPUState:
         return "*" in models or model in models
 
     def has_loaded(self, model: str) -> bool:
-        """Whether ``model``'s weights are resident on the GPU already."""
+        """Whether ``model``'s weights are resident on the GPU and counted as used already."""
         return model in self.reading.models_loaded
+
+    def holds(self, model: str) -> bool:
+        """Whether ``model``'s weights are on the GPU (loaded or cached): no load to wait for."""
+        reading = self.reading
+        return model in reading.models_loaded or model in reading.models_cached

@@ -117,6 +117,14 @@ class ResourceHints:
     gpu_type: str | None = None
 
 
+def duration_on(durations: Mapping[str, float], gpu_type: str) -> float:
+    """The duration on ``gpu_type`` among ``durations`` by type: the slowest when not listed."""
+    known = durations.get(gpu_type)
+    if known is not None:
+        return known
+    return max(durations.values(), default=1.0)
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """Peak GPU memory per GPU (with its breakdown) and duration per GPU type.
@@ -138,10 +146,7 @@ class Estimate:
 
     def duration_on(self, gpu_type: str) -> float:
         """Expected duration on ``gpu_type`` (the slowest known type when it is not listed)."""
-        known = self.duration_s.get(gpu_type)
-        if known is not None:
-            return known
-        return max(self.duration_s.values(), default=1.0)
+        return duration_on(self.duration_s, gpu_type)
 
     @property
     def typical_duration_s(self) -> float:

@@ -61,6 +61,8 @@ _LOOKUP_GRACE_S = 5.0
 _ATTACH_RETRY_S = (0.2, 5.0)
 # The pause between long-polls that found the execution still running.
 _ATTACH_PAUSE_S = 0.05
+# How often a simulated execution looks whether its end moved (others started or ended beside it).
+_RESHARE_CHECK_S = 0.25
 _OPENAI_PATHS = {
     Task.CHAT: "/v1/chat/completions",
     Task.COMPLETION: "/v1/completions",
@@ -150,11 +152,13 @@ class SimulatedBackend:
     ) -> ExecutionResult | Failure:
         """Hold the execution's memory for its simulated duration, then answer (or stream)."""
         fleet = self._fleet
+        clock = self._clock
         plan = fleet.plan(dispatch)
-        refused = fleet.start(dispatch, plan)
+        began = clock.now()
+        refused = fleet.start(dispatch, plan, began)
         if refused is not None:
             return refused
-        began = self._clock.now()
+        execution_id = dispatch.execution_id
         started()
         try:
             duration = plan.duration_s
@@ -163,20 +167,25 @@ class SimulatedBackend:
             if plan.failure is not None:
                 await asyncio.sleep(duration * FAILS_AFTER)
                 return plan.failure
-            if sink is None:
-                await asyncio.sleep(duration)
-            else:
-                chunks = _stream_chunks(plan.output)
-                for chunk in chunks:
-                    await asyncio.sleep(duration / len(chunks))
-                    sink.put(chunk)
-            return fleet.finish(dispatch.execution_id, plan, self._clock.now() - began)
+            chunks = [] if sink is None else _stream_chunks(plan.output)
+            marks = [(i + 1) / len(chunks) for i in range(len(chunks))] or [1.0]
+            for sent, mark in enumerate(marks):
+                # A chunk (or the end) at its share of the run; on a shared GPU the end moves
+                # as others start and end beside it, so look again now and then.
+                while (due := fleet.due(execution_id)) is not None:
+                    wait = began + (due - began) * mark - clock.now()
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(min(wait, _RESHARE_CHECK_S))
+                if chunks and sink is not None:
+                    sink.put(chunks[sent])
+            return fleet.finish(execution_id, plan, clock.now() - began, clock.now())
         finally:
-            fleet.stop(dispatch.execution_id)
+            fleet.stop(execution_id, clock.now())
 
     async def cancel(self, execution_id: str) -> None:
         """Free the execution's simulated GPUs."""
-        self._fleet.stop(execution_id)
+        self._fleet.stop(execution_id, self._clock.now())
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -230,6 +239,7 @@ def agent_payload(dispatch: Dispatch, reported_id: Callable[[str], str]) -> dict
         "reservations": {reported_id(gpu_id): mb for gpu_id, mb in dispatch.reservations.items()},
         "estimate": {
             "gpu_memory_mb": request.estimate.gpu_memory_mb,
+            "weights_mb": request.estimate.weights_mb,
             "duration_s": dict(request.estimate.duration_s),
         },
         "deadline": dispatch.deadline,

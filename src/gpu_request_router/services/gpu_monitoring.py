@@ -322,6 +322,7 @@ def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> G
         health = GPUHealth(item.get("health", "healthy"))
         models = tuple(str(m) for m in item.get("models") or ("*",))
         loaded = tuple(str(m) for m in item.get("models_loaded") or ())
+        cached = tuple(str(m) for m in item.get("models_cached") or ())
         running = item.get("running")
         if running is not None and not (
             isinstance(running, list) and all(isinstance(e, str) for e in running)
@@ -345,6 +346,7 @@ def reading_from_worker(item: Mapping[str, Any], worker: str, backend: str) -> G
             slots=int(item.get("slots") or 8),
             models=models,
             models_loaded=loaded,
+            models_cached=cached,
             running=tuple(running) if running is not None else None,
             reported_id=reported,
         )

@@ -59,10 +59,12 @@ from gpu_request_router import __version__
 from gpu_request_router.config.config_loader import (
     BackendSettings,
     GpuGroup,
+    ServiceSettings,
     Settings,
     WorkerSettings,
 )
 from gpu_request_router.core.events import ExecutionResult, Failure, FailureKind
+from gpu_request_router.core.service_model import ServiceModel
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.http.body_limit import BodyLimitMiddleware
 from gpu_request_router.http.keys import bearer_key
@@ -73,7 +75,7 @@ from gpu_request_router.http.problems import (
 from gpu_request_router.http.request_context import RequestContextMiddleware
 from gpu_request_router.http.timestamps import iso
 from gpu_request_router.models.gpu_state import GPUReading
-from gpu_request_router.models.request import Task
+from gpu_request_router.models.request import Task, duration_on
 from gpu_request_router.services.simulator import SimulatedFleet
 from gpu_request_router.utils.json_values import first_problem
 from gpu_request_router.utils.serving import AnnouncingServer
@@ -130,8 +132,13 @@ def worker_name(settings: WorkerSettings) -> str:
     return f"{host or 'worker'}{suffix}"
 
 
-def simulated_fleet(name: str, settings: WorkerSettings) -> SimulatedFleet:
+def simulated_fleet(
+    name: str, settings: WorkerSettings, service: ServiceSettings | None = None
+) -> SimulatedFleet:
     """The simulated GPUs ``worker.simulate`` describes (``4xH100-80GB[,2xL4-24GB]``).
+
+    They serve as ``worker.simulate_service`` says, with ``service``'s constants (the
+    ``placement.service`` section).
 
     Raises:
         ConfigError: ``simulate`` is unset or names a GPU type that is not built in.
@@ -148,9 +155,13 @@ def simulated_fleet(name: str, settings: WorkerSettings) -> SimulatedFleet:
                 "worker.simulate", str(exc).splitlines()[-1].strip().removeprefix("Value error, ")
             ) from exc
     backend = BackendSettings(
-        name=name, kind="simulated", gpus=groups, slots_per_gpu=settings.slots
+        name=name,
+        kind="simulated",
+        gpus=groups,
+        slots_per_gpu=settings.slots,
+        service=settings.simulate_service,
     )
-    return SimulatedFleet([backend])
+    return SimulatedFleet([backend], service=ServiceModel.of(service or ServiceSettings()))
 
 
 class SimulatedReader:
@@ -182,6 +193,7 @@ class _EstimateIn(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     gpu_memory_mb: int = Field(ge=0)
+    weights_mb: int = Field(0, ge=0)  # the per-GPU share of the weights within gpu_memory_mb
     # Seconds, or seconds by GPU type (as the router's estimate holds them).
     duration_s: Annotated[float, Field(ge=0)] | dict[str, Annotated[float, Field(ge=0)]]
 
@@ -189,10 +201,7 @@ class _EstimateIn(BaseModel):
         """The estimated duration on ``gpu_type`` (the slowest listed type when it is not)."""
         if isinstance(self.duration_s, float | int):
             return float(self.duration_s)
-        known = self.duration_s.get(gpu_type)
-        if known is not None:
-            return known
-        return max(self.duration_s.values(), default=1.0)
+        return duration_on(self.duration_s, gpu_type)
 
 
 class ExecutionIn(BaseModel):
@@ -342,6 +351,7 @@ class Worker:
             "ecc_uncorrected": reading.ecc_uncorrected,
             "slots": reading.slots,
             "models_loaded": list(reading.models_loaded),
+            "models_cached": list(reading.models_cached),
             "running": sorted(running),
             "last_seen": iso(now),
         }
@@ -414,6 +424,7 @@ class Worker:
             gpu_ids=tuple(body.gpu_ids),
             reservations=reservations,
             estimate_memory_mb=body.estimate.gpu_memory_mb,
+            estimate_weights_mb=min(body.estimate.weights_mb, body.estimate.gpu_memory_mb),
             estimate_duration_s=body.estimate.duration_on(self._known[body.gpu_ids[0]].type),
             deadline=body.deadline,
             worker=self.name,
@@ -655,7 +666,7 @@ def create_worker_app(
     """
     section = settings.worker
     name = worker_name(section)
-    fleet = simulated_fleet(name, section) if section.simulate else None
+    fleet = simulated_fleet(name, section, settings.placement.service) if section.simulate else None
     if reader is None:
         reader = (
             SimulatedReader(fleet, name) if fleet is not None else _nvml_reader(name, section.slots)

@@ -65,7 +65,8 @@ class Job:
     """One execution the router sent (the body of ``POST /v1/executions``).
 
     ``reservations`` holds the memory the router reserved on each GPU of ``gpu_ids`` (MiB);
-    ``estimate_memory_mb`` and ``estimate_duration_s`` are the router's estimate per GPU;
+    ``estimate_memory_mb`` and ``estimate_duration_s`` are the router's estimate per GPU,
+    ``estimate_weights_mb`` the weights' share of that memory;
     ``deadline`` (epoch seconds) is when the request expires.
     """
 
@@ -81,6 +82,7 @@ class Job:
     estimate_duration_s: float
     deadline: float
     worker: str = ""
+    estimate_weights_mb: int = 0
     created_at: float = field(default_factory=time.time)
 
     def request_dict(self, gpu_indexes: Sequence[int]) -> dict[str, Any]:
@@ -145,8 +147,8 @@ class SimulatedExecutor:
         gpu_type = self.fleet.gpu_types[job.gpu_ids[0]]
         estimate = Estimate(
             gpu_memory_mb=job.estimate_memory_mb,
-            weights_mb=0,
-            kv_cache_mb=job.estimate_memory_mb,
+            weights_mb=job.estimate_weights_mb,
+            kv_cache_mb=job.estimate_memory_mb - job.estimate_weights_mb,
             activations_mb=0,
             duration_s={gpu_type: job.estimate_duration_s},
             gpu_count=len(job.gpu_ids),

@@ -278,8 +278,8 @@ def test_balanced_with_an_exact_size_within_one_gib_prefers_idle() -> None:
     assert chosen_ids(place(monitor, need(), "best_fit")) == ("a:0",)
 
 
-def test_balanced_spreads_an_estimated_size_to_the_most_room_left_then_the_least_busy() -> None:
-    """A guessed size goes where the most room is left to absorb its error, however many run."""
+def test_balanced_sends_an_estimated_size_where_the_fewest_share_then_the_most_room() -> None:
+    """Alike in type and weights, the GPU running the fewest wins; among equals, the most room."""
     monitor = fleet(
         reading("a", 0, used_mb=10_000),
         reading("a", 1, used_mb=50_000),
@@ -288,12 +288,43 @@ def test_balanced_spreads_an_estimated_size_to_the_most_room_left_then_the_least
     monitor.reserve("a:0", "busy", 0)
     monitor.reserve("a:0", "busier", 0)
     monitor.reserve("a:2", "busy", 0)
-    # a:0 and a:2 leave the same room; a:2 runs fewer. a:1 is idle but has the least room.
+    # a:1 is idle though it has the least room: it finishes first.
+    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:1",)
+    monitor.reserve("a:1", "busy", 0)
+    # a:1 and a:2 run one each; a:2 leaves more room.
     assert chosen_ids(place(monitor, need(), "balanced")) == ("a:2",)
-    monitor.reserve("a:2", "more", 1)
-    assert chosen_ids(place(monitor, need(), "balanced")) == ("a:0",)
     # Packing takes the fullest GPU.
     assert chosen_ids(place(monitor, need(exact=True), "balanced")) == ("a:1",)
+
+
+def test_balanced_weighs_gpu_speed_sharing_and_a_cold_start_into_the_finish() -> None:
+    """The expected finish: load where no copy of the weights is held, then the duration
+    alone on the GPU's type, slowed by what shares the GPU (1 + 0.03 per other execution)."""
+    monitor = fleet(
+        reading("a", 0, "H100-80GB"),
+        reading("a", 1, "L4-24GB", models_cached=(MODEL,)),
+        reading("a", 2, "H100-80GB", models_cached=(MODEL,)),
+    )
+    for holder in ("x", "y", "z"):
+        monitor.reserve("a:2", holder, 0)
+    durations = {"H100-80GB": 2.0, "L4-24GB": 10.0}
+    quick = need(weights_mb=15_317, duration_s=durations)
+    # A cold start of 15,317 MiB at 1.7 GB/s is 9.4 s: the L4 holding the weights (10 s)
+    # finishes before the idle H100 without them (11.4 s), and the busy H100 holding them
+    # (2 × 1.09 = 2.18 s) before both.
+    chosen = place(monitor, quick, "balanced")
+    assert chosen_ids(chosen) == ("a:2",)
+    assert isinstance(chosen, Chosen)
+    assert chosen.reason.startswith(
+        "balanced: expected to finish in 2.2 s (H100-80GB, 3 running beside it); "
+    )
+    monitor.cordon("a:2")
+    assert chosen_ids(place(monitor, quick, "balanced")) == ("a:1",)
+    slow = need(weights_mb=15_317, duration_s={"H100-80GB": 2.0, "L4-24GB": 12.0})
+    chosen = place(monitor, slow, "balanced")
+    assert chosen_ids(chosen) == ("a:0",)
+    assert isinstance(chosen, Chosen)
+    assert "(H100-80GB, 0 running beside it, a cold start)" in chosen.reason
 
 
 def test_round_robin_cycles_in_id_order() -> None:

@@ -1,10 +1,10 @@
 """The placement index chooses what a scan of every GPU would, however the fleet changes.
 
-Random fleets (GPU types, served and loaded models, memory used by others, health, backend
-load) go through random changes on the monitor's own paths: reservations, releases (with
+Random fleets (GPU types, served, loaded and cached models, memory used by others, health,
+backend load) go through random changes on the monitor's own paths: reservations, releases (with
 out-of-memory cuts), new readings, complete worker reports, staleness, silent workers, cordons,
 drains and circuits. After every change, each indexed policy's choice for random needs (model,
-size, exact or estimated, GPU type, GPUs to avoid, held GPUs) must be the one a brute-force
+size, exact or estimated, durations, task, GPU type, GPUs to avoid, held GPUs) must be the one a brute-force
 oracle written here from the policies' documented rankings picks, scanning every GPU.
 """
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit, make_policy
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
+from gpu_request_router.models.request import Task
 
 MARGIN = 1024
 STALE_S = 10.0
@@ -27,6 +28,22 @@ SERVED = [("*",), ("*",), ("m1",), ("m1", "m2")]
 GIB = 1024
 
 Key = Callable[[GPUState, int, bool], tuple[float, ...]]
+
+# The service model's documented defaults (core/service_model.py): sharing slowdown per other
+# execution for an inference server and for a generic job, and the load bandwidth.
+BATCH_SLOWDOWN, JOB_SLOWDOWN, LOAD_BYTES_PER_S = 0.03, 1.0, 1.7e9
+
+
+def expected_finish(need: Need, gpu: GPUState) -> float:
+    """Load (where the GPU holds no copy) + duration alone × (1 + α × executions beside it)."""
+    reading = gpu.reading
+    held = need.model in reading.models_loaded or need.model in reading.models_cached
+    load = 0.0 if held else need.weights_mb * 2**20 / LOAD_BYTES_PER_S
+    durations = need.duration_s
+    duration = durations.get(gpu.type, max(durations.values(), default=1.0))
+    alpha = JOB_SLOWDOWN if need.task is Task.GENERIC else BATCH_SLOWDOWN
+    return load + duration * (1 + alpha * gpu.busy * gpu.slots)
+
 
 # Each indexed policy's ranking as documented (load_balancer's module docstring), smallest first.
 RANKINGS: dict[str, Callable[[Need], Key]] = {
@@ -42,8 +59,8 @@ RANKINGS: dict[str, Callable[[Need], Key]] = {
         if need.exact
         else (
             lambda gpu, memory, loaded: (
-                not loaded,
                 gpu.health is GPUHealth.DEGRADED,
+                expected_finish(need, gpu),
                 -(gpu.room_mb - memory),
                 gpu.busy,
             )
@@ -143,6 +160,7 @@ def a_reading(
         slots=st.integers(1, 3),
         models=st.just(served),
         models_loaded=st.sampled_from([(), (), ("m1",), ("m2",), ("m1", "m2")]),
+        models_cached=st.sampled_from([(), (), ("m3",), ("m1", "m3")]),
         load=st.sampled_from([None, None, None, 0.5, 0.9]),
     )
 
@@ -154,6 +172,10 @@ needs = st.builds(
     weights_mb=st.sampled_from([0, GIB, 2 * GIB]),
     gpu_type=st.sampled_from([None, None, *sorted(TYPES)]),
     exact=st.booleans(),
+    duration_s=st.sampled_from(
+        [{}, {"H100-80GB": 2.0, "A100-40GB": 3.0, "L4-24GB": 12.0}, {"H100-80GB": 0.0}]
+    ),
+    task=st.sampled_from([Task.CHAT, Task.GENERIC]),
 )
 
 
@@ -248,6 +270,8 @@ def test_indexed_policies_choose_what_a_scan_of_every_gpu_chooses(data: st.DataO
                 gpu_type=need.gpu_type,
                 avoid=frozenset(data.draw(st.sets(st.sampled_from(ids), max_size=2))),
                 exact=need.exact,
+                duration_s=need.duration_s,
+                task=need.task,
             )
             held = data.draw(st.sets(st.sampled_from(ids), max_size=2))
             for name, balancer in balancers.items():

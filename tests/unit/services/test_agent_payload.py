@@ -44,4 +44,8 @@ def test_gpus_are_named_as_the_worker_reported_them() -> None:
     assert body["gpu_ids"] == ["node-7-9090:0", "node-7-9090:1"]
     assert body["reservations"] == {"node-7-9090:0": 46_080, "node-7-9090:1": 40_000}
     assert (body["execution_id"], body["request_id"], body["attempt"]) == ("exe_1_2", "req_1", 2)
-    assert body["estimate"] == {"gpu_memory_mb": 46_080, "duration_s": {"H100-80GB": 2.0}}
+    assert body["estimate"] == {
+        "gpu_memory_mb": 46_080,
+        "weights_mb": 16_000,
+        "duration_s": {"H100-80GB": 2.0},
+    }

@@ -35,6 +35,9 @@ class GpuOut(BaseModel):
     schedulable: bool
     slots: int
     models_loaded: list[str]
+    models_cached: list[str] = Field(
+        description="Models whose weights stay on the GPU unused (freed when a load needs room)."
+    )
     running_requests: list[str]
     last_seen: str | None
 
@@ -61,6 +64,7 @@ class GpuOut(BaseModel):
             schedulable=gpu.schedulable,
             slots=gpu.slots,
             models_loaded=list(reading.models_loaded),
+            models_cached=list(reading.models_cached),
             running_requests=running_requests,
             last_seen=iso(gpu.last_seen),
         )

@@ -53,6 +53,7 @@ class WorkerGpuIn(JsonBody):
     slots: int | None = Field(None, ge=1, le=1024)
     models: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=1024)
     models_loaded: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=1024)
+    models_cached: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=1024)
     running: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=65_536)
 
 
