@@ -40,11 +40,14 @@ def make_settings(
     slots: int = 8,
     worker: str = "sim",
     quota: dict[str, Any] | None = None,
+    service: str = "fixed",
+    models_loaded: Sequence[str] = (),
     **sections: Any,
 ) -> Settings:
     """Packaged defaults with one simulated worker and unlimited quotas unless overridden.
 
-    ``sections`` are merged over the defaults, e.g. ``placement={"policy": "best_fit"}``.
+    The worker serves as ``service`` says, with ``models_loaded`` resident. ``sections`` are
+    merged over the defaults, e.g. ``placement={"policy": "best_fit"}``.
     """
     overrides: dict[str, Any] = {
         "auth": {"enabled": False},
@@ -56,6 +59,8 @@ def make_settings(
                 "kind": "simulated",
                 "gpus": [{"type": kind, "count": count} for kind, count in gpus],
                 "slots_per_gpu": slots,
+                "service": service,
+                "models_loaded": list(models_loaded),
             }
         ],
     }

@@ -600,3 +600,70 @@ async def test_an_answer_the_agent_client_cannot_read_is_no_answer(
         assert await client.lookup(execution_id) is None
     finally:
         await client.aclose()
+
+
+def test_a_shared_worker_loads_a_model_once_reports_the_load_and_keeps_it_cached(
+    tmp_path: Path,
+) -> None:
+    """A shared worker loads a model once, reports the load, and keeps the weights cached.
+
+    ``worker.simulate_service: shared``: the first execution of a model loads its weights
+    (15,317 MiB at 100 GB/s: 0.16 s) and says so in ``usage.load_s``, which the agent client
+    reads; the GPU then lists the model as cached, its weights not counted as used, and the
+    next execution starts without a load.
+    """
+    port = free_port()
+    config = {
+        "auth": {"worker_token": TOKEN},
+        "worker": {"simulate_service": "shared"},
+        "placement": {"service": {"load_gb_s": 100.0}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
+    command = [GPUROUTER, "worker", "--config", str(tmp_path / "config.yaml")]
+    command += ["--simulate", "1xH100-80GB", "--port", str(port), "--name", NAME]
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    load = 15_317 * 2**20 / 100e9
+
+    async def lookup(execution_id: str) -> object:
+        client = AgentClient(NAME, url, TOKEN, SystemClock(), reported_id=str)
+        try:
+            return await client.lookup(execution_id)
+        finally:
+            await client.aclose()
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        bodies = []
+        for name in ("exe_cold", "exe_warm"):
+            body = execution(name, reserved=17_000, duration_s=0.1, peak_memory_mb=17_000)
+            body["estimate"]["weights_mb"] = 15_317
+            bodies.append(body)
+        with httpx.Client(headers=AUTH, timeout=10) as http:
+            cold = http.post(f"{url}/v1/executions", json=bodies[0]).json()
+            reported = asyncio.run(lookup("exe_cold"))
+            items = http.get(f"{url}/v1/gpus").json()["items"]
+            warm = http.post(f"{url}/v1/executions", json=bodies[1]).json()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+    assert cold["usage"]["load_s"] == pytest.approx(load, abs=0.05)
+    assert cold["usage"]["gpu_seconds"] >= 0.1 + load - 0.01
+    assert isinstance(reported, ExecutionResult)
+    assert reported.load_s == cold["usage"]["load_s"]
+    (gpu,) = items
+    assert gpu["models_cached"] == ["llama-3-8b"] and gpu["models_loaded"] == []
+    assert gpu["memory_used_mb"] == 0
+    assert warm["usage"]["load_s"] == 0.0

@@ -105,10 +105,12 @@ __all__ = [
     "DEFAULT_SWEEP",
     "GENERIC_MODEL",
     "REQUIRED_METRICS",
+    "SERVICES",
     "SLOWDOWN_FLOOR_S",
     "Fleet",
     "PlannedRow",
     "PolicyResult",
+    "assign_models",
     "assign_users",
     "command",
     "duration_errors",
@@ -139,6 +141,7 @@ REQUIRED_METRICS: Final = (
     "completed",
 )
 SLOWDOWN_FLOOR_S: Final = 1.0
+SERVICES: Final = ("shared", "fixed")
 GENERIC_MODEL: Final = "generic"
 # A catalog entry for trace rows that are jobs rather than LLM calls (Alibaba pods).
 _GENERIC_SPEC: Final[Mapping[str, Any]] = {"task": "generic", "weights_mb": 0}
@@ -221,6 +224,13 @@ def user_of(index: int, *, users: int = 16, seed: int = 0) -> str:
     return assign_users([TraceRow(0.0)], users=users, seed=seed, start=index)[0]
 
 
+def _zipf_rank(cumulative: Sequence[float], key: str) -> int:
+    """A Zipf draw (1-based rank) keyed by ``key``: ``blake2b(key)`` as a uniform number."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    draw = int.from_bytes(digest, "big") / 2.0**64
+    return min(bisect_right(cumulative, draw), len(cumulative) - 1) + 1
+
+
 def assign_users(
     rows: Sequence[TraceRow], *, users: int = 16, seed: int = 0, start: int = 0
 ) -> list[str]:
@@ -233,11 +243,24 @@ def assign_users(
         if row.user is not None:
             result.append(row.user)
             continue
-        digest = hashlib.blake2b(f"{seed}:{start + offset}".encode(), digest_size=8).digest()
-        draw = int.from_bytes(digest, "big") / 2.0**64
-        rank = min(bisect_right(cumulative, draw), users - 1) + 1
+        rank = _zipf_rank(cumulative, f"{seed}:{start + offset}")
         result.append(_user_name(rank, users))
     return result
+
+
+def assign_models(rows: Sequence[TraceRow], models: Sequence[str], *, seed: int = 0) -> list[str]:
+    """The model of every row: its own, else a Zipf(1) draw over ``models``.
+
+    The first model is the most asked for; the draw is keyed by ``model:<seed>:<row index>``,
+    independent of the users' draw.
+    """
+    if not models:
+        raise ValueError("give at least one model")
+    cumulative = _zipf_cumulative(len(models))
+    return [
+        row.model or models[_zipf_rank(cumulative, f"model:{seed}:{index}") - 1]
+        for index, row in enumerate(rows)
+    ]
 
 
 # Settings and submissions ----------------------------------------------------------------------
@@ -251,13 +274,15 @@ def replay_settings(
     slots: int = 8,
     config: str | Path | None = None,
     starvation_bound_s: float | None = None,
+    service: str = "shared",
 ) -> Settings:
     """Settings of a replay: ``config`` (or the defaults), with the replay's fleet and policy.
 
     Memory store, no auth, unlimited quotas and queue, one simulated worker ``sim`` with every
-    GPU of ``fleet`` and ``slots`` executions per GPU, ``placement.policy`` = ``policy`` seeded
-    with ``seed`` (and ``placement.starvation_bound_s`` when given), and a ``generic`` catalog
-    model (no weights) for job traces.
+    GPU of ``fleet``, ``slots`` executions per GPU and the ``service`` model (``shared`` or
+    ``fixed``), ``placement.policy`` = ``policy`` seeded with ``seed`` (and
+    ``placement.starvation_bound_s`` when given), and a ``generic`` catalog model (no weights)
+    for job traces.
     """
     base = load_settings(config)
     models: dict[str, Any] = {}
@@ -277,6 +302,7 @@ def replay_settings(
                 "kind": "simulated",
                 "gpus": [{"type": kind, "count": count} for kind, count in fleet.groups],
                 "slots_per_gpu": slots,
+                "service": service,
             }
         ],
         "models": models,
@@ -315,8 +341,9 @@ class PlannedRow:
     caller: Caller
     peak_memory_mb: int  # true peak per GPU
     gpu_count: int
-    duration_s: float  # true duration
+    duration_s: float  # true duration alone on the fleet's first GPU type
     clipped: bool
+    durations: Mapping[str, float] = field(default_factory=dict)  # alone, per fleet GPU type
 
 
 class _Texts:
@@ -350,7 +377,7 @@ def plan_rows(
     settings: Settings,
     fleet: Fleet,
     *,
-    model: str = "llama-3-8b",
+    model: str | Sequence[str] = "llama-3-8b",
     users: int = 16,
     seed: int = 0,
     load_scale: float = 1.0,
@@ -358,6 +385,7 @@ def plan_rows(
 ) -> list[PlannedRow]:
     """Turn trace rows into submissions carrying their truth (see the module docstring).
 
+    ``model``: the model of rows that name none, or several, drawn by :func:`assign_models`.
     ``known_output``: chat and completion inputs carry ``max_tokens`` = the true answer length.
 
     Raises:
@@ -370,9 +398,9 @@ def plan_rows(
     timeout = settings.server.max_timeout_s
     texts = _Texts()
     names = assign_users(rows, users=users, seed=seed)
+    mix = assign_models(rows, [model] if isinstance(model, str) else model, seed=seed)
     planned = []
-    for index, (row, user) in enumerate(zip(rows, names, strict=True)):
-        name = row.model or model
+    for index, (row, user, name) in enumerate(zip(rows, names, mix, strict=True)):
         if name not in settings.models:
             known = ", ".join(settings.models)
             raise TraceError(f"row {index + 1}: unknown model {name!r} (known: {known})")
@@ -404,14 +432,15 @@ def plan_rows(
         hints = ResourceHints(gpu_memory_mb=hint, gpu_count=row.gpu_count)
         truth = estimator.estimate(name, Shape(1, prompt, output), hints)
         peak = row.gpu_memory_mb if row.gpu_memory_mb is not None else truth.gpu_memory_mb
-        duration = row.duration_s
-        if duration is None:
-            duration = truth.duration_on(fleet.first_type)
+        durations = {kind: truth.duration_on(kind) for kind, _ in fleet.groups}
+        if row.duration_s is not None:
+            durations = dict.fromkeys(durations, row.duration_s)
+        duration = durations[fleet.first_type]
         body = _input_for(task, prompt, texts)
         if known_output and task in (Task.CHAT, Task.COMPLETION) and output >= 1:
             body["max_tokens"] = output
         # No generated answer: nobody reads it, and making one costs more than the placement.
-        body["simulate"] = {"duration_s": duration, "peak_memory_mb": peak, "output": None}
+        body["simulate"] = {"duration_s": durations, "peak_memory_mb": peak, "output": None}
         submission = Submission(
             model=name,
             task=task,
@@ -431,6 +460,7 @@ def plan_rows(
                 gpu_count=row.gpu_count,
                 duration_s=duration,
                 clipped=clipped,
+                durations=durations,
             )
         )
     return planned
@@ -549,10 +579,12 @@ def duration_errors(
         if record.status != "succeeded" or not record.gpu_ids:
             continue
         item = planned[int(record.metadata["row"])]
-        estimated = record.duration_estimates.get(gpu_types[record.gpu_ids[0]])
-        if estimated is None or item.duration_s <= 0:
+        kind = gpu_types[record.gpu_ids[0]]
+        estimated = record.duration_estimates.get(kind)
+        true = item.durations.get(kind, item.duration_s)
+        if estimated is None or true <= 0:
             continue
-        tenths[item.index * _TENTHS // rows].append(abs(estimated / item.duration_s - 1))
+        tenths[item.index * _TENTHS // rows].append(abs(estimated / true - 1))
     return [round(percentile(errors, 50), _DIGITS) if errors else None for errors in tenths]
 
 
@@ -578,18 +610,20 @@ def replay(
     load_scale: float = 1.0,
     seed: int = 0,
     users: int = 16,
-    model: str = "llama-3-8b",
+    model: str | Sequence[str] = "llama-3-8b",
     slo_s: float = 30.0,
     slots: int = 8,
     config: str | Path | None = None,
     starvation_bound_s: float | None = None,
     catalog_duration_scale: float = 1.0,
     known_output: bool = False,
+    service: str = "shared",
 ) -> PolicyResult:
     """Replay ``rows`` through the real engine in virtual time with one placement policy.
 
+    ``model``: the model of rows that name none, or several to draw from (:func:`plan_rows`).
     ``catalog_duration_scale`` and ``known_output``: the module docstring's "A wrong catalog on
-    purpose".
+    purpose". ``service``: the simulated fleet's service model, ``shared`` or ``fixed``.
     """
     started = time.perf_counter()
     fleet = parse_gpus(gpus) if isinstance(gpus, str) else gpus
@@ -600,6 +634,7 @@ def replay(
         slots=slots,
         config=config,
         starvation_bound_s=starvation_bound_s,
+        service=service,
     )
     planned = plan_rows(
         rows,
@@ -627,6 +662,10 @@ def replay(
         submitted=len(planned),
         clipped=sum(1 for item in planned if item.clipped),
     )
+    if service == "shared" and metrics["makespan_s"] > 0:
+        # Weights are held once per GPU, not per execution: the fleet's own account.
+        used = simulation.fleet.memory_mb_seconds / (fleet.memory_mb * metrics["makespan_s"])
+        metrics["gpu_memory_utilization"] = round(used, _DIGITS)
     gpu_types = {gpu_id: gpu.type for gpu_id, gpu in simulation.router.monitor.gpus.items()}
     metrics["duration_error_by_tenth"] = duration_errors(report, planned, gpu_types)
     return PolicyResult(policy, load_scale, metrics, waits, time.perf_counter() - started)
@@ -820,6 +859,22 @@ def command(
     model: Annotated[
         str, typer.Option("--model", help="Catalog model of rows that name none.")
     ] = "llama-3-8b",
+    models: Annotated[
+        str | None,
+        typer.Option(
+            "--models",
+            help="Several catalog models, comma-separated, drawn Zipf(1) for rows that name "
+            "none, the first the most asked for (instead of --model).",
+        ),
+    ] = None,
+    service: Annotated[
+        str,
+        typer.Option(
+            "--service",
+            help="shared: GPUs shared by their executions, models loaded on demand; "
+            "fixed: every execution takes its duration alone (the earlier model).",
+        ),
+    ] = "shared",
     slo_s: Annotated[
         float, typer.Option("--slo-s", help="End-to-end latency objective (s).", min=0.0)
     ] = 30.0,
@@ -872,6 +927,13 @@ def command(
     err = Console(stderr=True)
     if format not in FORMATS:
         raise typer.BadParameter(f"expected one of {', '.join(FORMATS)}", param_hint="--format")
+    if service not in SERVICES:
+        raise typer.BadParameter(f"expected one of {', '.join(SERVICES)}", param_hint="--service")
+    mix: str | list[str] = model
+    if models is not None:
+        mix = [name.strip() for name in models.split(",") if name.strip()]
+        if not mix:
+            raise typer.BadParameter("name at least one model", param_hint="--models")
     if load_scale <= 0:
         raise typer.BadParameter("must be positive", param_hint="--load-scale")
     if not (math.isfinite(catalog_duration_scale) and catalog_duration_scale > 0):
@@ -896,6 +958,7 @@ def command(
             slots=slots,
             config=config,
             starvation_bound_s=starvation_bound_s,
+            service=service,
         )
         margin = settings.placement.memory_safety_margin_mb
         placeable = BUILTIN_GPU_TYPES[fleet.first_type].memory_mb - margin
@@ -904,7 +967,7 @@ def command(
             rows = rows[:limit]
         if not rows:
             raise TraceError(f"{trace}: no rows to replay")
-        plan_rows(rows, settings, fleet, model=model, users=users, seed=seed)  # validates
+        plan_rows(rows, settings, fleet, model=mix, users=users, seed=seed)  # validates
     except (TraceError, ConfigError) as exc:
         err.print(f"[red]cannot replay[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -919,13 +982,14 @@ def command(
         "gpus": fleet,
         "seed": seed,
         "users": users,
-        "model": model,
+        "model": mix,
         "slo_s": slo_s,
         "slots": slots,
         "config": config,
         "starvation_bound_s": starvation_bound_s,
         "catalog_duration_scale": catalog_duration_scale,
         "known_output": known_output,
+        "service": service,
     }
     all_scales = sorted(set(scales) | {load_scale})
     started = time.perf_counter()
@@ -954,7 +1018,8 @@ def command(
                 "slots_per_gpu": slots,
             },
             "settings": {
-                "model": model,
+                "model": mix,
+                "service": service,
                 "load_scale": load_scale,
                 "slo_s": slo_s,
                 "users": users,

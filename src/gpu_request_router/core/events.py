@@ -62,11 +62,16 @@ class FailureKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ExecutionResult:
-    """A finished execution: the backend's output and what it used, where it reports that."""
+    """A finished execution: the backend's output and what it used, where it reports that.
+
+    ``load_s``: the part of its run spent loading its model's weights (a cold start), which
+    says nothing about how long the work itself takes.
+    """
 
     output: Any = None
     gpu_seconds: float | None = None
     peak_memory_mb: int | None = None
+    load_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -458,6 +458,8 @@ class RequestRouter:
             duration = reported / len(execution.gpu_ids)
         elif request.started_at is not None:
             duration = now - request.started_at
+        if duration is not None:
+            duration = max(0.0, duration - result.load_s)  # the work, without the cold start
         actor = f"backend:{execution.backend}"
         if request.status is _S.DISPATCHING:
             self._set(request, _S.RUNNING, now, actor=actor)

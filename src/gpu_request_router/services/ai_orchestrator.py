@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol
 
 import aiohttp
@@ -246,6 +246,17 @@ def agent_payload(dispatch: Dispatch, reported_id: Callable[[str], str]) -> dict
     }
 
 
+def _result(output: Any, usage: Mapping[str, Any]) -> ExecutionResult:
+    """A worker's answer for a finished execution: its output and its ``usage`` figures."""
+    load = _number(usage.get("load_s"))
+    return ExecutionResult(
+        output=output,
+        gpu_seconds=_number(usage.get("gpu_seconds")),
+        peak_memory_mb=_integer(usage.get("peak_memory_mb")),
+        load_s=load if load is not None and load >= 0 else 0.0,
+    )
+
+
 def _failure_of(status: int, body: Any, text: str) -> Failure:
     """The failure an HTTP error answer of a backend means."""
     message = text[:500]
@@ -319,11 +330,7 @@ class AgentClient(_HttpBackend):
         if sink is not None:
             for chunk in _stream_chunks(output):
                 sink.put(chunk)
-        return ExecutionResult(
-            output=output,
-            gpu_seconds=_number(usage.get("gpu_seconds")),
-            peak_memory_mb=_integer(usage.get("peak_memory_mb")),
-        )
+        return _result(output, usage)
 
     async def cancel(self, execution_id: str) -> None:
         """DELETE the execution on the worker."""
@@ -355,13 +362,7 @@ class AgentClient(_HttpBackend):
             return StillRunning()
         if state == "succeeded":
             usage = body.get("usage")
-            if not isinstance(usage, dict):
-                usage = {}
-            return ExecutionResult(
-                output=body.get("output"),
-                gpu_seconds=_number(usage.get("gpu_seconds")),
-                peak_memory_mb=_integer(usage.get("peak_memory_mb")),
-            )
+            return _result(body.get("output"), usage if isinstance(usage, dict) else {})
         answered = _integer(body.get("status"))
         if state in ("failed", "cancelled") and answered is not None and answered >= 400:
             return _failure_of(answered, body, text)

@@ -314,6 +314,9 @@ class SimulatedFleet:
         self._runs: dict[str, _Run] = {}
         self._weights_of: dict[str, tuple[str, int]] = {}
         self._changed: set[str] = set()
+        self._used_mb = 0  # memory counted as used on every GPU together, since _used_at
+        self._used_at = 0.0
+        self.memory_mb_seconds = 0.0  # that memory integrated over time
         self.service = service or ServiceModel()
         weights = weights_mb or {}
         for backend in backends:
@@ -435,6 +438,7 @@ class SimulatedFleet:
                 )
             needs.append(need)
         ready_at = now
+        before = self._account(gpus, now)
         for gpu_id, gpu, need in zip(gpu_ids, gpus, needs, strict=True):
             gpu.reserved[execution_id] = dispatch.reservations.get(gpu_id, 0)
             if not gpu.shared:
@@ -448,6 +452,7 @@ class SimulatedFleet:
                 gpu.users[key] = gpu.users.get(key, 0) + 1
                 ready_at = max(ready_at, gpu.ready[key])
             gpu.running[execution_id] = max(0, plan.peak_memory_mb.get(gpu_id, 0) - key[1])
+        self._used_mb += sum(gpu.used_mb for gpu in gpus) - before
         self._executions[execution_id] = gpu_ids
         self._weights_of[execution_id] = key
         if plan.duration_s is not None and plan.failure is None:
@@ -497,10 +502,15 @@ class SimulatedFleet:
         self, execution_id: str, plan: Plan, duration_s: float, now: float = 0.0
     ) -> ExecutionResult:
         """End an execution that ran ``duration_s``: free its GPUs and report what it used."""
+        run = self._runs.get(execution_id)
+        load = 0.0 if run is None else max(0.0, run.ready_at - (now - duration_s))
         gpu_ids = self.stop(execution_id, now)
         peak = max((plan.peak_memory_mb.get(gpu_id, 0) for gpu_id in gpu_ids), default=0)
         return ExecutionResult(
-            output=plan.output, gpu_seconds=duration_s * len(gpu_ids), peak_memory_mb=peak
+            output=plan.output,
+            gpu_seconds=duration_s * len(gpu_ids),
+            peak_memory_mb=peak,
+            load_s=min(load, duration_s),
         )
 
     def stop(self, execution_id: str, now: float = 0.0) -> tuple[str, ...]:
@@ -512,16 +522,25 @@ class SimulatedFleet:
         key = self._weights_of.pop(execution_id, None)
         self._runs.pop(execution_id, None)
         self._changed.discard(execution_id)
-        for gpu_id in gpu_ids:
-            gpu = self._gpus[gpu_id]
+        gpus = [self._gpus[gpu_id] for gpu_id in gpu_ids]
+        before = self._account(gpus, now)
+        for gpu in gpus:
             gpu.running.pop(execution_id, None)
             gpu.reserved.pop(execution_id, None)
             if key is not None and key in gpu.users:
                 gpu.users[key] -= 1
                 if not gpu.users[key]:
                     del gpu.users[key]
+        self._used_mb += sum(gpu.used_mb for gpu in gpus) - before
         self._reshare(gpu_ids, now)
         return gpu_ids
+
+    def _account(self, gpus: Sequence[_SimGPU], now: float) -> int:
+        """Integrate the memory used up to ``now``; return what ``gpus`` use before a change."""
+        if now > self._used_at:
+            self.memory_mb_seconds += self._used_mb * (now - self._used_at)
+            self._used_at = now
+        return sum(gpu.used_mb for gpu in gpus)
 
     def lose_gpu(self, gpu_id: str, now: float = 0.0) -> list[str]:
         """The GPU disappears (falls off the bus); return the executions that died with it."""

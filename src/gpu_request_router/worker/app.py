@@ -8,7 +8,8 @@ with the router and heartbeats. Every ``/v1`` call needs ``Authorization: Bearer
 * ``GET /v1/gpus`` → ``{"items": [gpu, ...]}``, one reading per GPU; ``memory_reserved_mb`` and
   ``running`` are the worker's own accounting (the reservations of the executions it runs);
 * ``POST /v1/executions`` runs one execution to its end: **200** ``{"output", "usage":
-  {"gpu_seconds", "peak_memory_mb"}}``, **507** ``{"error": "gpu_out_of_memory", "message",
+  {"gpu_seconds", "peak_memory_mb", "load_s"}}`` (``load_s``: the time spent loading weights),
+  **507** ``{"error": "gpu_out_of_memory", "message",
   "peak_memory_mb"}``, 4xx problem details for bad input (422; 409 for GPUs of another worker,
   or an execution cancelled), 5xx ``{"error": <failure kind>, "message"}`` for failures (500
   backend error or no free slot, 502 unreachable, 503 worker shutting down, 504 timeout);
@@ -581,18 +582,19 @@ class _WorkerAuth:
         await self.app(scope, receive, send)
 
 
+def _usage(result: ExecutionResult) -> dict[str, Any]:
+    """What a finished execution used, as the router reads it."""
+    return {
+        "gpu_seconds": result.gpu_seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "load_s": result.load_s,
+    }
+
+
 def _render(request: Request, outcome: _Outcome) -> JSONResponse:
     """The answer of ``POST /v1/executions`` for an outcome."""
     if isinstance(outcome, ExecutionResult):
-        return JSONResponse(
-            {
-                "output": outcome.output,
-                "usage": {
-                    "gpu_seconds": outcome.gpu_seconds,
-                    "peak_memory_mb": outcome.peak_memory_mb,
-                },
-            }
-        )
+        return JSONResponse({"output": outcome.output, "usage": _usage(outcome)})
     if isinstance(outcome, _Cancelled):
         return problem_response(
             request,
@@ -627,7 +629,7 @@ def _state(execution_id: str, known: _Outcome | _Running) -> dict[str, Any]:
             "execution_id": execution_id,
             "state": "succeeded",
             "output": known.output,
-            "usage": {"gpu_seconds": known.gpu_seconds, "peak_memory_mb": known.peak_memory_mb},
+            "usage": _usage(known),
         }
     if isinstance(known, _Cancelled):
         return {

@@ -13,6 +13,7 @@ from gpu_request_router.bench.provenance import problems
 from gpu_request_router.bench.replay import (
     REQUIRED_METRICS,
     Fleet,
+    assign_models,
     assign_users,
     jain_index,
     parse_gpus,
@@ -41,6 +42,7 @@ from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.models.request import Shape, Task
 from gpu_request_router.simulation import Rejection, RequestRecord, SimulationReport
 
+MIXED_CATALOG = Path(__file__).parents[3] / "benchmarks" / "replay" / "mixed_catalog.yaml"
 AZURE_CONV = (
     Path(__file__).parents[3]
     / "benchmarks"
@@ -373,7 +375,8 @@ def test_a_replay_learns_a_catalog_that_is_wrong_by_a_factor_of_two(scale: float
 
     The router knows each answer's length (``known_output``), so the catalog is the only thing
     wrong: an estimate issued before anything was learned is off by |scale − 1| exactly.
-    Learning acts within the first tenth of the rows and is done by the second.
+    Learning acts within the first tenth of the rows and is done by the second. On fixed GPUs
+    the true duration is one figure; shared ones would add their sharing to it.
     """
     rows = read_azure(AZURE_CONV)[:200]
     result = replay(
@@ -382,6 +385,7 @@ def test_a_replay_learns_a_catalog_that_is_wrong_by_a_factor_of_two(scale: float
         policy="round_robin",
         catalog_duration_scale=scale,
         known_output=True,
+        service="fixed",
     )
     errors = result.metrics["duration_error_by_tenth"]
     assert len(errors) == 10 and result.metrics["completed"] == 200
@@ -404,13 +408,14 @@ def test_tiny_replay_is_deterministic() -> None:
 def test_answers_longer_than_assumed_run_out_of_memory_on_a_packed_gpu() -> None:
     """True peaks above the estimates on a full GPU make real out-of-memory failures."""
     # The router estimates ~15.5 GB from the prompt; each really needs 20 GB: five fit by the
-    # estimate on one H100 but only four in truth.
+    # estimate on one fixed H100 (every execution holds its own weights) but only four in truth.
     rows = [TraceRow(0.0, input_tokens=500, gpu_memory_mb=20000) for _ in range(10)]
-    result = replay(rows, gpus="1xH100-80GB", policy="balanced")
+    result = replay(rows, gpus="1xH100-80GB", policy="balanced", service="fixed")
     assert result.metrics["oom_events"] > 0
     assert result.metrics["retries"] >= result.metrics["oom_events"] - result.metrics["failed"]
     exact = [TraceRow(0.0, input_tokens=500) for _ in range(10)]
-    assert replay(exact, gpus="1xH100-80GB", policy="balanced").metrics["oom_events"] == 0
+    fits = replay(exact, gpus="1xH100-80GB", policy="balanced", service="fixed")
+    assert fits.metrics["oom_events"] == 0
 
 
 def test_alibaba_pods_replay_as_generic_jobs(tmp_path: Path) -> None:
@@ -424,18 +429,77 @@ def test_alibaba_pods_replay_as_generic_jobs(tmp_path: Path) -> None:
 
 
 def test_the_starvation_bound_of_a_replay_is_the_one_asked_for() -> None:
-    """A large request behind a steady stream of small ones waits about the bound, no longer."""
+    """A large request behind a steady stream of small ones waits about the bound, no longer.
+
+    Fixed GPUs: the stream's jobs take their second each, however many run.
+    """
     small = [
         TraceRow(0.3 * i, model="generic", duration_s=1.0, gpu_memory_mb=20000) for i in range(100)
     ]
     large = TraceRow(1.0, model="generic", duration_s=1.0, gpu_memory_mb=60000)
     rows = sorted([*small, large], key=lambda row: row.timestamp_s)
     waits = {
-        bound: max(replay(rows, gpus="1xH100-80GB", starvation_bound_s=bound, slots=64).queue_waits)
+        bound: max(
+            replay(
+                rows, gpus="1xH100-80GB", starvation_bound_s=bound, slots=64, service="fixed"
+            ).queue_waits
+        )
         for bound in (0.5, 1000.0)
     }
     assert waits[0.5] < 3.0  # held after 0.5 s: the GPU drains for it
     assert waits[1000.0] > 20.0  # never held: it waits for the stream to end
+
+
+def test_models_are_drawn_zipf_over_the_list_the_first_most_often() -> None:
+    """Rows naming no model get a seeded Zipf(1) draw over the list; named ones keep theirs."""
+    rows = [TraceRow(float(i)) for i in range(3000)] + [TraceRow(0.0, model="named")]
+    models = ["a", "b", "c", "d"]
+    drawn = assign_models(rows, models, seed=7)
+    assert drawn == assign_models(rows, models, seed=7)
+    assert drawn != assign_models(rows, models, seed=8)
+    assert drawn[-1] == "named"
+    counts = Counter(drawn[:-1])
+    assert counts["a"] > counts["b"] > counts["c"] > counts["d"] > 0
+    share = counts["a"] / 3000  # 1 / (1 + 1/2 + 1/3 + 1/4) = 0.48
+    assert 0.44 < share < 0.52
+    with pytest.raises(ValueError, match="at least one model"):
+        assign_models(rows, [])
+
+
+def test_on_a_mixed_shared_fleet_balanced_cuts_the_tail_round_robin_leaves() -> None:
+    """On a mixed fleet of shared GPUs balanced cuts the tail that round robin leaves.
+
+    Four models on an H100 and an L4: balanced sends work where it finishes first (the faster
+    GPU, the weights already there), round robin sends half to the slow GPU and loads models
+    there; its p99 latency is far worse, and nothing runs out of memory. On one GPU, the first
+    request of a model waits for its weights to load, as a fixed GPU never makes it.
+    """
+    rows = [
+        TraceRow(row.timestamp_s, input_tokens=row.input_tokens, output_tokens=row.output_tokens)
+        for row in read_azure(AZURE_CONV)[:300]
+    ]
+    models = ["llama-3.2-1b", "qwen2.5-0.5b", "qwen2.5-1.5b", "llama-3.2-3b"]
+    results = {
+        policy: replay(
+            rows,
+            gpus="1xH100-80GB,1xL4-24GB",
+            policy=policy,
+            model=models,
+            config=MIXED_CATALOG,
+        ).metrics
+        for policy in ("balanced", "round_robin")
+    }
+    assert results["balanced"]["completed"] == results["round_robin"]["completed"] == 300
+    assert results["balanced"]["p99_latency_s"] < 0.5 * results["round_robin"]["p99_latency_s"]
+    assert results["balanced"]["oom_events"] == 0
+    fixed = replay(
+        rows[:1], gpus="1xH100-80GB", model=models[:1], config=MIXED_CATALOG, service="fixed"
+    )
+    cold = replay(rows[:1], gpus="1xH100-80GB", model=models[:1], config=MIXED_CATALOG)
+    weights_s = 2357 * 2**20 / 1.7e9  # llama-3.2-1b's weights at 1.7 GB/s
+    assert cold.metrics["p50_latency_s"] == pytest.approx(
+        fixed.metrics["p50_latency_s"] + weights_s, rel=1e-3
+    )
 
 
 # The command -----------------------------------------------------------------------------------

@@ -159,6 +159,34 @@ def test_an_ending_execution_that_used_less_than_it_reserved_uncovers_the_others
     assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 16_000
 
 
+def test_weights_an_ending_execution_loaded_stay_counted_while_the_model_is_in_use() -> None:
+    """Weights an ending execution loaded stay counted while its model is in use.
+
+    Two executions of a model share the weights the first one loaded (and reserved): when the
+    first ends, the weights stay in use, so its release frees its working memory only until a
+    reading shows the truth. A model the reading does not list as loaded leaves nothing behind.
+    """
+    monitor = two_gpu_monitor()
+    assert monitor.reserve("a:0", "loader", 20_000)  # 15,000 weights + 5,000 working
+    assert monitor.reserve("a:0", "rider", 5_000)  # the weights were loaded: working only
+    loaded = reading("a", 0, used_mb=25_000, reserved_mb=25_000, models_loaded=("m",))
+    monitor.apply([loaded], 1.0)
+    monitor.release("loader", peak_mb=20_000, size_mb=20_000, model="m", weights_mb=15_000)
+    assert monitor.get("a:0").hidden_mb == 15_000
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 5_000 - 15_000
+    monitor.apply([reading("a", 0, used_mb=20_000, reserved_mb=5_000, models_loaded=("m",))], 2.0)
+    assert monitor.get("a:0").hidden_mb == 0
+    assert monitor.get("a:0").room_mb == H100_MB - MARGIN - 5_000 - 15_000
+    # Reserved without the weights (the model was loaded): they were never its to leave.
+    monitor.release("rider", peak_mb=20_000, size_mb=20_000, model="m", weights_mb=15_000)
+    assert monitor.get("a:0").hidden_mb == 0
+    # Elsewhere, the model unlisted: the weights went with the execution (or to the cache).
+    assert monitor.reserve("a:1", "alone", 20_000)
+    monitor.release("alone", peak_mb=20_000, size_mb=20_000, model="m", weights_mb=15_000)
+    assert monitor.get("a:1").hidden_mb == 0
+    assert monitor.get("a:1").room_mb == H100_MB - MARGIN
+
+
 def test_a_reading_begun_before_a_release_does_not_wipe_what_the_release_uncovered() -> None:
     """A reading on its way while an execution ends still nets it: the hidden excess stays."""
     monitor = two_gpu_monitor()

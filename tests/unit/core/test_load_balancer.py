@@ -298,8 +298,11 @@ def test_balanced_sends_an_estimated_size_where_the_fewest_share_then_the_most_r
 
 
 def test_balanced_weighs_gpu_speed_sharing_and_a_cold_start_into_the_finish() -> None:
-    """The expected finish: load where no copy of the weights is held, then the duration
-    alone on the GPU's type, slowed by what shares the GPU (1 + 0.03 per other execution)."""
+    """The expected finish counts the GPU's speed, what shares it, and a cold start.
+
+    Load where no copy of the weights is held, then the duration alone on the GPU's type,
+    slowed by what shares the GPU (1 + 0.03 per other execution).
+    """
     monitor = fleet(
         reading("a", 0, "H100-80GB"),
         reading("a", 1, "L4-24GB", models_cached=(MODEL,)),

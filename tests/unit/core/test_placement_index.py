@@ -4,8 +4,9 @@ Random fleets (GPU types, served, loaded and cached models, memory used by other
 backend load) go through random changes on the monitor's own paths: reservations, releases (with
 out-of-memory cuts), new readings, complete worker reports, staleness, silent workers, cordons,
 drains and circuits. After every change, each indexed policy's choice for random needs (model,
-size, exact or estimated, durations, task, GPU type, GPUs to avoid, held GPUs) must be the one a brute-force
-oracle written here from the policies' documented rankings picks, scanning every GPU.
+size, exact or estimated, durations, task, GPU type, GPUs to avoid, held GPUs) must be the one
+a brute-force oracle written here from the policies' documented rankings picks, scanning every
+GPU.
 """
 
 from __future__ import annotations

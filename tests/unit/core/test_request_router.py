@@ -10,6 +10,7 @@ import pytest
 from core_harness import Harness
 from structlog.testing import capture_logs
 
+from gpu_request_router.core.engine import fleet_gpu_types
 from gpu_request_router.core.events import (
     CancelExecution,
     Dispatch,
@@ -20,6 +21,7 @@ from gpu_request_router.core.events import (
 from gpu_request_router.core.fit import need_of
 from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.core.request_router import gpu_seconds
+from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.exceptions import NotFound
 from gpu_request_router.models.gpu_state import GPUHealth
 from gpu_request_router.models.request import Request, RequestStatus, ResourceHints, Shape
@@ -751,3 +753,30 @@ def test_a_refused_reservation_leaves_the_request_queued_uncharged_and_the_pass_
     h.advance(1.0)
     assert h.dispatch_of(first).attempt == 1
     assert h.status(first) == "dispatching"
+
+
+def test_the_time_a_cold_start_spent_loading_is_not_learned_as_work() -> None:
+    """The time a cold start spent loading weights is not learned as work.
+
+    An execution that loaded its weights for 10 s of its 12 teaches the estimator 2 s of work:
+    exactly what a twin estimator learns from a 2 s execution without a load.
+    """
+    harness = Harness(make_settings(gpus=[("H100-80GB", 1)]))
+    request = harness.submit(chat(max_tokens=200))
+    twin = ResourceEstimator(harness.settings.models, fleet_gpu_types(harness.settings))
+    twin.observe(
+        request.model,
+        "H100-80GB",
+        request.estimate,
+        2.0,
+        20_000,
+        shape=request.shape,
+        hints=request.resources,
+    )
+    harness.now += 12.0
+    harness.finish(request, gpu_seconds=12.0, peak_memory_mb=20_000, load_s=10.0)
+    learned = harness.router.estimator.estimate(request.model, request.shape, request.resources)
+    expected = twin.estimate(request.model, request.shape, request.resources)
+    assert learned.duration_s == expected.duration_s
+    untaught = ResourceEstimator(harness.settings.models, fleet_gpu_types(harness.settings))
+    assert learned.duration_s != untaught.estimate(request.model, request.shape).duration_s

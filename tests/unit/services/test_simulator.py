@@ -512,3 +512,149 @@ def test_output_is_deterministic_for_the_same_request() -> None:
     again = Router(make_settings(gpus=[("H100-80GB", 1)])).dispatch(chat(max_tokens=12)).request
     assert again.id == first.id
     assert openai_output(again) == openai_output(first)
+
+
+# Shared GPUs: sharing, loading on demand, caching -------------------------------------------------
+
+LLAMA_MB = 15_317  # llama-3-8b's weights in the built-in catalog
+TINY_MB = 2_098  # tinyllama-1.1b's, derived from its architecture
+QWEN_MB = 14_540  # qwen2.5-7b's
+
+
+def shared_gpu(
+    kind: str = "H100-80GB", models_loaded: tuple[str, ...] = (), **service: Any
+) -> tuple[Router, SimulatedFleet]:
+    """A router and a fleet of one shared GPU of ``kind``, with ``placement.service``."""
+    settings = make_settings(
+        gpus=[(kind, 1)],
+        service="shared",
+        models_loaded=models_loaded,
+        placement={"service": service},
+    )
+    router = Router(settings)
+    return router, SimulatedFleet.for_engine(settings, router.engine.router.estimator)
+
+
+def dispatch_of(model: str, seed: int, kind: str = "H100-80GB", **simulate: Any) -> Dispatch:
+    """A dispatch of ``model`` on an idle GPU ``sim:0`` (its own router, so ids differ)."""
+    router = Router(make_settings(gpus=[(kind, 1)], service="shared"), seed=seed)
+    return router.dispatch(chat(model, **simulate))
+
+
+def test_executions_sharing_a_gpu_slow_each_other_down_and_speed_up_when_one_ends() -> None:
+    """Processor sharing: each of n runs 1 + α(n − 1) times slower; the work left carries over."""
+    router, fleet = shared_gpu(models_loaded=("llama-3-8b",), batch_slowdown=0.5)
+    first = router.dispatch(chat(duration_s=10.0, peak_memory_mb=20_000))
+    second = router.dispatch(chat(duration_s=10.0, peak_memory_mb=20_000))
+    assert fleet.start(first, fleet.plan(first), 0.0) is None
+    assert fleet.changed() == {first.execution_id: 10.0}
+    assert fleet.start(second, fleet.plan(second), 0.0) is None
+    assert fleet.changed() == {first.execution_id: 15.0, second.execution_id: 15.0}
+    fleet.stop(second.execution_id, 6.0)  # 4 s of work done, 6 s left, alone again
+    assert fleet.changed() == {first.execution_id: 12.0}
+    assert fleet.due(second.execution_id) is None
+    (reading,) = fleet.readings("sim")
+    assert reading.models_loaded == ("llama-3-8b",) and reading.models_cached == ()
+    assert reading.memory_used_mb == LLAMA_MB + (20_000 - LLAMA_MB)  # pinned weights once
+
+
+def test_a_generic_job_is_time_sliced() -> None:
+    """Jobs take turns (α = 1): two together each take twice as long."""
+    router, fleet = shared_gpu()
+    jobs = [
+        router.dispatch(
+            Submission(model="tinyllama-1.1b", task=Task.GENERIC, input={"simulate": spec})
+        )
+        for spec in ({"duration_s": 4.0}, {"duration_s": 4.0})
+    ]
+    weights = jobs[0].request.estimate.weights_mb
+    load = fleet.service.load_s(weights)
+    for job in jobs:
+        assert fleet.start(job, fleet.plan(job), 0.0) is None
+    assert fleet.changed() == {job.execution_id: pytest.approx(load + 8.0) for job in jobs}
+
+
+def test_a_cold_model_loads_first_and_stays_cached_after_its_last_execution() -> None:
+    """A cold model loads first and stays cached after its last execution.
+
+    Loading takes weights ÷ bandwidth (a second execution waits for the same load); once unused
+    the weights stay, listed as cached and not counted as used, and the next execution of the
+    model starts at once.
+    """
+    router, fleet = shared_gpu(load_gb_s=1.0, batch_slowdown=0.0)
+    load = LLAMA_MB * 2**20 / 1e9
+    first = router.dispatch(chat(duration_s=2.0, peak_memory_mb=20_000))
+    second = router.dispatch(chat(duration_s=2.0, peak_memory_mb=20_000))
+    plan = fleet.plan(first)
+    assert fleet.start(first, plan, 0.0) is None
+    assert fleet.start(second, fleet.plan(second), 1.0) is None
+    assert fleet.changed() == {
+        first.execution_id: pytest.approx(load + 2.0),
+        second.execution_id: pytest.approx(load + 2.0),
+    }
+    (loading,) = fleet.readings("sim")
+    assert loading.models_loaded == ("llama-3-8b",)
+    assert loading.memory_used_mb == LLAMA_MB + 2 * (20_000 - LLAMA_MB)  # weights once
+    result = fleet.finish(first.execution_id, plan, load + 2.0, load + 2.0)
+    assert result.load_s == pytest.approx(load)
+    second_result = fleet.finish(second.execution_id, plan, load + 1.0, load + 2.0)
+    assert second_result.load_s == pytest.approx(load - 1.0)
+    (idle,) = fleet.readings("sim")
+    assert idle.models_loaded == () and idle.models_cached == ("llama-3-8b",)
+    assert idle.memory_used_mb == 0
+    third = router.dispatch(chat(duration_s=2.0, peak_memory_mb=20_000))
+    assert fleet.start(third, fleet.plan(third), 100.0) is None
+    assert fleet.changed() == {third.execution_id: 102.0}
+
+
+def test_a_load_evicts_the_least_recently_used_idle_model_only() -> None:
+    """A load evicts the least recently used unused weights, and no more.
+
+    On an L4, a third model's load evicts one cached model; what no eviction of unused weights
+    can make room for is out of memory, and changes nothing.
+    """
+    _, fleet = shared_gpu("L4-24GB", load_gb_s=100.0)
+    llama = dispatch_of("llama-3-8b", 1, "L4-24GB", duration_s=1.0, peak_memory_mb=LLAMA_MB + 500)
+    tiny = dispatch_of("tinyllama-1.1b", 2, "L4-24GB", duration_s=1.0, peak_memory_mb=TINY_MB)
+    for at, execution in enumerate((llama, tiny)):
+        assert fleet.start(execution, fleet.plan(execution), float(at)) is None
+        fleet.stop(execution.execution_id, at + 0.5)
+    (reading,) = fleet.readings("sim")
+    assert reading.models_cached == ("llama-3-8b", "tinyllama-1.1b")
+    qwen = dispatch_of("qwen2.5-7b", 3, "L4-24GB", duration_s=1.0, peak_memory_mb=QWEN_MB + 500)
+    assert fleet.start(qwen, fleet.plan(qwen), 5.0) is None
+    (reading,) = fleet.readings("sim")
+    assert reading.models_loaded == ("qwen2.5-7b",)
+    assert reading.models_cached == ("tinyllama-1.1b",)
+    again = dispatch_of("llama-3-8b", 4, "L4-24GB", duration_s=1.0, peak_memory_mb=LLAMA_MB)
+    refused = fleet.start(again, fleet.plan(again), 6.0)
+    assert refused is not None and refused.kind is FailureKind.OUT_OF_MEMORY
+    assert not fleet.running(again.execution_id)
+    assert fleet.readings("sim") == [reading]
+
+
+def test_fixed_gpus_keep_the_earlier_model() -> None:
+    """A fixed GPU: each execution takes its duration whatever runs beside it, weights and all."""
+    settings = make_settings(gpus=[("H100-80GB", 1)])
+    router = Router(settings)
+    fleet = SimulatedFleet.for_engine(settings, router.engine.router.estimator)
+    first = router.dispatch(chat(duration_s=3.0, peak_memory_mb=20_000))
+    second = router.dispatch(chat(duration_s=5.0, peak_memory_mb=20_000))
+    assert fleet.start(first, fleet.plan(first), 1.0) is None
+    assert fleet.start(second, fleet.plan(second), 2.0) is None
+    assert fleet.changed() == {first.execution_id: 4.0, second.execution_id: 7.0}
+    (reading,) = fleet.readings("sim")
+    assert reading.memory_used_mb == 40_000 and reading.models_loaded == ()
+    result = fleet.finish(first.execution_id, fleet.plan(first), 3.0, 4.0)
+    assert result.load_s == 0.0
+    assert fleet.changed() == {}
+
+
+def test_durations_by_gpu_type_pick_the_one_the_execution_runs_on() -> None:
+    """``simulate.duration_s`` as an object: the duration of the GPU's type."""
+    router, fleet = one_gpu()
+    dispatch = router.dispatch(chat(duration_s={"H100-80GB": 2.5, "L4-24GB": 9.0}))
+    assert fleet.plan(dispatch).duration_s == 2.5
+    refused = fleet.plan(router.dispatch(chat(duration_s={"H100-80GB": -1}))).failure
+    assert refused is not None and refused.kind is FailureKind.CLIENT_ERROR
+    assert "or an object of them by GPU type" in refused.message
