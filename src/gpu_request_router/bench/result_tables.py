@@ -260,6 +260,45 @@ def _replay_seeds(documents: Sequence[Document]) -> list[str]:
     return lines
 
 
+def _service_seeds(documents: Sequence[Document]) -> list[str]:
+    """Seeds of one replay on the service model: each policy's p99 latency against balanced's."""
+    _like_for_like(documents, "seed")
+    policies = _shared_policies(documents)
+    metrics = {
+        policy: [document["policies"][policy] for document in documents] for policy in policies
+    }
+
+    def mean(policy: str, key: str) -> float:
+        return _mean([m[key] for m in metrics[policy]])
+
+    lines = _head(
+        "policy",
+        "p99 latency s",
+        "balanced's p99 lower by",
+        "p50 latency s",
+        "p99 wait s",
+        "req/s",
+        "OOM events",
+    )
+    for policy in policies:
+        p99 = [m["p99_latency_s"] for m in metrics[policy]]
+        gain = 1 - mean("balanced", "p99_latency_s") / mean(policy, "p99_latency_s")
+        lines.append(
+            _row(
+                [
+                    _code(policy),
+                    f"{_fixed(_mean(p99), 2)} ({_fixed(min(p99), 2)}–{_fixed(max(p99), 2)})",
+                    "" if policy == "balanced" else _percent(gain, 1),
+                    _fixed(mean(policy, "p50_latency_s"), 2),
+                    _fixed(mean(policy, "p99_queue_wait_s"), 2),
+                    _fixed(mean(policy, "throughput_rps"), 2),
+                    _fixed(mean(policy, "oom_events"), 1),
+                ]
+            )
+        )
+    return lines
+
+
 def _replay_bounds(documents: Sequence[Document]) -> list[str]:
     _like_for_like(documents, "seed", "starvation_bound_s")
     policies = _shared_policies(documents)
@@ -364,6 +403,12 @@ TABLES: Mapping[str, Table] = {
             *(f"replay_bound{bound}_seed{seed}.json" for bound in (5, 10, 1000) for seed in (0, 1)),
         ),
         _replay_bounds,
+    ),
+    "service-mixed": Table(
+        tuple(f"service_mixed_seed{seed}.json" for seed in range(4)), _service_seeds
+    ),
+    "service-single": Table(
+        tuple(f"service_single_seed{seed}.json" for seed in range(4)), _service_seeds
     ),
     "packing": Table(("packing.json",), _packing),
     "learning": Table(
