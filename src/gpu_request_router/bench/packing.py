@@ -943,6 +943,8 @@ class PackingReport:
     runs: dict[str, list[SeedRun]]
     reference: dict[str, ReferenceCurves]
     seconds: float
+    workload: str = ""
+    """The workload's name (the pod file's, e.g. ``openb_pod_list_default``)."""
 
     def paper_fgd(self) -> float | None:
         """The paper's FGD at 100 %: the workload's reference curves, else the published figure.
@@ -1007,6 +1009,7 @@ class PackingReport:
         return {
             "benchmark": "packing",
             "protocol": {
+                "workload": self.workload,
                 "nodes": self.nodes,
                 "gpus": self.gpus,
                 "pods": self.pods,
@@ -1063,6 +1066,7 @@ def run_benchmark(
     order: str = "shuffle",
     reference: Mapping[str, ReferenceCurves] | None = None,
     jobs: int = 1,
+    workload: str = "",
 ) -> PackingReport:
     """Run every policy on seeds 42, 43, … (``jobs`` processes) and collect the report."""
     unknown = [policy for policy in policies if policy not in _POLICIES]
@@ -1089,6 +1093,7 @@ def run_benchmark(
         runs=runs,
         reference=dict(reference or {}),
         seconds=time.perf_counter() - started,
+        workload=workload,
     )
 
 
@@ -1138,7 +1143,8 @@ def write_plot(report: PackingReport, path: Path) -> None:
     alloc_axes.legend(fontsize=7, loc="upper left")
     frag_axes.legend(fontsize=7, loc="lower left")
     figure.suptitle(
-        f"Packing, FGD protocol: {report.nodes} nodes, {report.gpus} GPUs, "
+        f"Packing, FGD protocol, {report.workload or 'workload'}: {report.nodes} nodes, "
+        f"{report.gpus} GPUs, "
         f"{len(report.seeds)} seeds, arrivals in {report.order} order"
     )
     figure.savefig(path, dpi=110)
@@ -1251,6 +1257,7 @@ def command(
             order=order,
             reference=curves,
             jobs=jobs or os.cpu_count() or 1,
+            workload=pods.stem,
         )
     except (OSError, ValueError) as exc:
         console.print(f"[red]packing:[/red] {exc}")
