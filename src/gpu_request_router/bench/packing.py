@@ -355,25 +355,25 @@ class _FragModel:
         return bisect_right(self.thresholds, cpu_left)
 
     def amount(self, model: int, rank: int, left: tuple[int, ...]) -> float:
-        """The fragmentation amount (GPU milli) of a node state; ``left`` sorted ascending."""
+        """The fragmentation amount (GPU milli) of a node state; ``left`` sorted ascending.
+
+        The router's own measure (:func:`~gpu_request_router.core.fragmentation.fragmentation`)
+        under the trace's typical pods.
+        """
         key = (model, rank, left)
         found = self._amounts.get(key)
         if found is not None:
             return found
-        idle = sum(left)
         model_name = self.models[model]
-        amount = 0.0
-        for share, milli, count, cpu_index, spec in self._rows:
-            if milli == 0 or (spec is not None and model_name not in spec):
-                amount += share * idle
-                continue
-            fitting = len(left) - bisect_left(left, milli)
-            if fitting >= count and cpu_index < rank:
-                amount += share * sum(value for value in left if value < milli)
-            else:
-                amount += share * idle
-        self._amounts[key] = amount
-        return amount
+        found = fragmentation(
+            left,
+            [
+                Demand(milli, count, share, (spec is None or model_name in spec) and cpu < rank)
+                for share, milli, count, cpu, spec in self._rows
+            ],
+        )
+        self._amounts[key] = found
+        return found
 
     def state_id(self, model: int, cpu_left: int, left: tuple[int, ...]) -> int:
         """The id of a node state (interned), its amount in :attr:`state_amounts`."""
