@@ -19,7 +19,8 @@ their published numbers depend on, so that our own placement idea can be measure
   simulator's BestFit: per node ``int(100 · (1 − (½·cpu_left/max_cpu + ½·gpu_left/max_gpu)))``
   after placement, the highest wins; a fraction goes to the tightest GPU of the node), ``fgd``
   (Fragmentation Gradient Descent: the node, and GPU, whose expected fragmentation grows least),
-  and ``ours`` (the router's best-fit idea, see :data:`POLICY_DESCRIPTIONS`). Score ties go to
+  and ``ours`` (the router's fragmentation-aware fit, :mod:`gpu_request_router.core.fragmentation`,
+  with the request mix learnt online, see :data:`POLICY_DESCRIPTIONS`). Score ties go to
   the first node of a random node order drawn per run: the simulator prefixes node names with a
   random permutation and its scheduler breaks ties by the smallest name.
 - **Metrics** (the artifact's ``analysis.py`` and ``merge_*_discrete.py``): after every arrival,
@@ -54,6 +55,7 @@ from rich.table import Table
 
 from gpu_request_router.bench.provenance import capture
 from gpu_request_router.bench.report import write_json
+from gpu_request_router.core.fragmentation import Demand, RequestMix, cost_bucket, fragmentation
 
 __all__ = [
     "PAPER_ALLOCATION_AT_100",
@@ -83,6 +85,7 @@ __all__ = [
 MILLI = 1000
 FIRST_SEED = 42  # the artifact's seeds are 42..51
 TYPICAL_POD_PERCENT = 95  # the artifact's --pod-popularity-threshold
+REFRESH_EVERY = 512  # arrivals between two refreshes of ours' learnt request mix
 
 POLICY_NAMES: tuple[str, ...] = ("random", "bestfit", "fgd", "ours")
 
@@ -97,10 +100,10 @@ POLICY_DESCRIPTIONS: Mapping[str, str] = {
         "(sigmoid of the change, in whole points)"
     ),
     "ours": (
-        "the router's best_fit (balanced, here: no model affinity or health to tell GPUs apart): "
-        "the tightest GPU fit anywhere, first in node order on ties; a fraction takes the GPU "
-        "with the least room left over, whole GPUs the first node with enough free ones, a "
-        "CPU-only pod (no GPU asked) the node with the least free GPU"
+        "the router's fragmentation-aware fit (core/fragmentation.py): FGD's fragmentation "
+        "growth under the request mix learnt from the arrivals so far, in buckets of 7 % of a "
+        "GPU; ties to the tightest fit (a fraction: the fullest GPU that fits; else the node with "
+        "the least free GPU), then the run's node order"
     ),
 }
 
@@ -352,25 +355,25 @@ class _FragModel:
         return bisect_right(self.thresholds, cpu_left)
 
     def amount(self, model: int, rank: int, left: tuple[int, ...]) -> float:
-        """The fragmentation amount (GPU milli) of a node state; ``left`` sorted ascending."""
+        """The fragmentation amount (GPU milli) of a node state; ``left`` sorted ascending.
+
+        The router's own measure (:func:`~gpu_request_router.core.fragmentation.fragmentation`)
+        under the trace's typical pods.
+        """
         key = (model, rank, left)
         found = self._amounts.get(key)
         if found is not None:
             return found
-        idle = sum(left)
         model_name = self.models[model]
-        amount = 0.0
-        for share, milli, count, cpu_index, spec in self._rows:
-            if milli == 0 or (spec is not None and model_name not in spec):
-                amount += share * idle
-                continue
-            fitting = len(left) - bisect_left(left, milli)
-            if fitting >= count and cpu_index < rank:
-                amount += share * sum(value for value in left if value < milli)
-            else:
-                amount += share * idle
-        self._amounts[key] = amount
-        return amount
+        found = fragmentation(
+            left,
+            [
+                Demand(milli, count, share, (spec is None or model_name in spec) and cpu < rank)
+                for share, milli, count, cpu, spec in self._rows
+            ],
+        )
+        self._amounts[key] = found
+        return found
 
     def state_id(self, model: int, cpu_left: int, left: tuple[int, ...]) -> int:
         """The id of a node state (interned), its amount in :attr:`state_amounts`."""
@@ -450,6 +453,7 @@ class _Cluster:
             for i in self.all_nodes
         ]
         self.frag_milli = sum(frag.state_amounts[state] for state in self.frag_state)
+        self.learnt = _Learnt(models)
 
     def _fit_key(self, node: int) -> float:
         """BestFit's free-resource key: ½ free CPU / max CPU + ½ free GPU milli / max GPU milli."""
@@ -593,14 +597,110 @@ def _fgd(cluster: _Cluster, pod: Pod, feasible: list[int], rng: random.Random) -
     return node, None
 
 
+class _Learnt:
+    """What ``ours`` knows of the workload: the request mix seen so far, and memoised costs.
+
+    Every arrival is counted in a :class:`~gpu_request_router.core.fragmentation.RequestMix`
+    (shape: CPU, GPU milli, GPU count, models) before it is placed; the typical requests are
+    refreshed at 16, 32, 64, … arrivals and every :data:`REFRESH_EVERY` after 512, and the memo
+    of node states is dropped with them.
+    """
+
+    def __init__(self, models: Sequence[str]) -> None:
+        self.mix: RequestMix[tuple[int, int, int, str]] = RequestMix()
+        self.models = list(models)
+        self.next_refresh = 16
+        self.thresholds: list[int] = []
+        self.rows: list[tuple[int, int, float, int, frozenset[str] | None]] = []
+        self.costs: dict[tuple[int, int, int, tuple[int, ...], int, int], tuple[float, int]] = {}
+        self._amounts: dict[tuple[int, int, tuple[int, ...]], float] = {}
+
+    def observe(self, pod: Pod) -> None:
+        """Count ``pod`` in the mix; refresh the typical requests when it is time."""
+        self.mix.observe((pod.cpu_milli, pod.gpu_milli, pod.num_gpu, "|".join(pod.gpu_spec)))
+        if self.mix.total >= self.next_refresh:
+            self.next_refresh = min(2 * self.next_refresh, self.next_refresh + REFRESH_EVERY)
+            typical = self.mix.typical()
+            self.thresholds = sorted({cpu for (cpu, milli, _, _), _ in typical if milli > 0})
+            self.rows = [
+                (
+                    milli,
+                    num,
+                    weight,
+                    self.thresholds.index(cpu) if milli > 0 else -1,
+                    frozenset(spec.split("|")) if spec else None,
+                )
+                for (cpu, milli, num, spec), weight in typical
+            ]
+            self.costs.clear()
+            self._amounts.clear()
+
+    def rank(self, cpu_left: int) -> int:
+        """How many typical CPU requests ``cpu_left`` meets."""
+        return bisect_right(self.thresholds, cpu_left)
+
+    def amount(self, model: int, rank: int, left: tuple[int, ...]) -> float:
+        """The node's fragmentation (:func:`fragmentation`) under the learnt mix, memoised."""
+        key = (model, rank, left)
+        found = self._amounts.get(key)
+        if found is None:
+            name = self.models[model]
+            mix = [
+                Demand(milli, num, weight, (spec is None or name in spec) and cpu_index < rank)
+                for milli, num, weight, cpu_index, spec in self.rows
+            ]
+            found = fragmentation(left, mix)
+            self._amounts[key] = found
+        return found
+
+    def cost(self, model: int, left: tuple[int, ...], cpu_left: int, pod: Pod) -> tuple[float, int]:
+        """The least growth of fragmentation ``pod`` can cause on a node, and the GPU it takes.
+
+        The GPU is given by its free milli before (a fraction: the tightest GPU of that least
+        cost; whole GPUs and CPU-only pods: 0).
+        """
+        before, after = self.rank(cpu_left), self.rank(cpu_left - pod.cpu_milli)
+        key = (pod.gpu_milli, pod.num_gpu, model, left, before, after)
+        found = self.costs.get(key)
+        if found is not None:
+            return found
+        base = self.amount(model, before, left)
+        if pod.num_gpu == 0:
+            found = (round(self.amount(model, after, left) - base, 6), 0)
+        elif pod.gpu_milli >= MILLI:
+            taken = (0,) * pod.num_gpu + left[: len(left) - pod.num_gpu]
+            found = (round(self.amount(model, after, taken) - base, 6), 0)
+        else:
+            found = (math.inf, 0)
+            for index in range(bisect_left(left, pod.gpu_milli), len(left)):
+                value = left[index]
+                if index > 0 and left[index - 1] == value:
+                    continue
+                changed = sorted((*left[:index], value - pod.gpu_milli, *left[index + 1 :]))
+                grown = round(self.amount(model, after, tuple(changed)) - base, 6)
+                if grown < found[0]:
+                    found = (grown, value)
+        self.costs[key] = found
+        return found
+
+
 def _ours(cluster: _Cluster, pod: Pod, feasible: list[int], rng: random.Random) -> Choice:
-    if pod.num_gpu == 0:  # the tightest GPU fit for no GPU: the node with the least GPU room
-        return min(feasible, key=cluster.total_left.__getitem__), None
-    if pod.gpu_milli >= MILLI:
-        return feasible[0], None
-    milli, left = pod.gpu_milli, cluster.sorted_left
-    node = min(feasible, key=lambda i: left[i][bisect_left(left[i], milli)])
-    return node, cluster.tightest_gpu(node, milli)
+    learnt = cluster.learnt
+    model, left, cpu_left, rank = cluster.model, cluster.sorted_left, cluster.cpu_left, cluster.rank
+    fraction = pod.num_gpu == 1 and pod.gpu_milli < MILLI
+    # fragmentation bucket, then the tightest fit (a fraction: the GPU with the least milli that
+    # fits; else the node with the least free GPU milli), then the run's node order
+    tight = cluster.total_left
+    best: tuple[int, int, int] | None = None
+    node, value = -1, 0
+    for i in feasible:
+        grown, taken = learnt.cost(model[i], left[i], cpu_left[i], pod)
+        key = (cost_bucket(grown, MILLI), taken if fraction else tight[i], rank[i])
+        if best is None or key < best:
+            best, node, value = key, i, taken
+    if fraction:
+        return node, cluster.gpus[node].index(value)
+    return node, None
 
 
 _POLICIES: Mapping[str, PolicyFn] = {
@@ -718,6 +818,7 @@ def pack(
     arrived = 0
     for pod in arrivals:
         arrived += pod.total_milli
+        cluster.learnt.observe(pod)
         feasible = cluster.feasible(pod)
         if feasible:
             node, gpu = choose(cluster, pod, feasible, rng)
@@ -842,6 +943,25 @@ class PackingReport:
     runs: dict[str, list[SeedRun]]
     reference: dict[str, ReferenceCurves]
     seconds: float
+    workload: str = ""
+    """The workload's name (the pod file's, e.g. ``openb_pod_list_default``)."""
+
+    def paper_fgd(self) -> float | None:
+        """The paper's FGD at 100 %: the workload's reference curves, else the published figure.
+
+        The published figure is ``openb_pod_list_default``'s.
+        """
+        if "FGD" in self.reference:
+            return self.reference["FGD"].at_100("allocation")
+        return PAPER_ALLOCATION_AT_100["FGD"]
+
+    def _mean_at_100(self, policy: str) -> float | None:
+        values = [
+            value
+            for run in self.runs.get(policy, ())
+            if (value := run.allocation_at_100) is not None
+        ]
+        return round(statistics.fmean(values), 2) if values else None
 
     def summary(self, policy: str) -> dict[str, Any]:
         """Means and standard deviations at 100 % arrived load, and the paper's value."""
@@ -855,6 +975,8 @@ class PackingReport:
             paper_alloc = self.reference[paper].at_100("allocation")
             paper_frag = self.reference[paper].at_100("fragmentation")
         mean_alloc = round(statistics.fmean(alloc), 2) if alloc else None
+        paper_fgd = self.paper_fgd()
+        measured_fgd = self._mean_at_100("fgd") if policy != "fgd" else None
         return {
             "policy": policy,
             "description": POLICY_DESCRIPTIONS[policy],
@@ -871,8 +993,13 @@ class PackingReport:
                 else None
             ),
             "vs_fgd_pct": (
-                round(mean_alloc - PAPER_ALLOCATION_AT_100["FGD"], 2)
-                if mean_alloc is not None
+                round(mean_alloc - paper_fgd, 2)
+                if mean_alloc is not None and paper_fgd is not None
+                else None
+            ),
+            "vs_fgd_measured_pct": (
+                round(mean_alloc - measured_fgd, 2)
+                if mean_alloc is not None and measured_fgd is not None
                 else None
             ),
         }
@@ -882,6 +1009,7 @@ class PackingReport:
         return {
             "benchmark": "packing",
             "protocol": {
+                "workload": self.workload,
                 "nodes": self.nodes,
                 "gpus": self.gpus,
                 "pods": self.pods,
@@ -938,6 +1066,7 @@ def run_benchmark(
     order: str = "shuffle",
     reference: Mapping[str, ReferenceCurves] | None = None,
     jobs: int = 1,
+    workload: str = "",
 ) -> PackingReport:
     """Run every policy on seeds 42, 43, … (``jobs`` processes) and collect the report."""
     unknown = [policy for policy in policies if policy not in _POLICIES]
@@ -964,6 +1093,7 @@ def run_benchmark(
         runs=runs,
         reference=dict(reference or {}),
         seconds=time.perf_counter() - started,
+        workload=workload,
     )
 
 
@@ -1013,7 +1143,8 @@ def write_plot(report: PackingReport, path: Path) -> None:
     alloc_axes.legend(fontsize=7, loc="upper left")
     frag_axes.legend(fontsize=7, loc="lower left")
     figure.suptitle(
-        f"Packing, FGD protocol: {report.nodes} nodes, {report.gpus} GPUs, "
+        f"Packing, FGD protocol, {report.workload or 'workload'}: {report.nodes} nodes, "
+        f"{report.gpus} GPUs, "
         f"{len(report.seeds)} seeds, arrivals in {report.order} order"
     )
     figure.savefig(path, dpi=110)
@@ -1041,10 +1172,12 @@ def _print_table(report: PackingReport, console: Console) -> None:
     if "ours" in report.runs:
         ours = report.summary("ours")
         if ours["vs_fgd_pct"] is not None:
+            measured = ours["vs_fgd_measured_pct"]
             console.print(
                 f"ours: {ours['allocation_pct']:.2f} % allocated at 100 % arrived load, "
                 f"{ours['vs_fgd_pct']:+.2f} points against the paper's FGD "
-                f"({PAPER_ALLOCATION_AT_100['FGD']:.2f} %)"
+                f"({report.paper_fgd():.2f} %)"
+                + ("" if measured is None else f", {measured:+.2f} against fgd measured here")
             )
     runs = [run for runs in report.runs.values() for run in runs]
     console.print(
@@ -1124,6 +1257,7 @@ def command(
             order=order,
             reference=curves,
             jobs=jobs or os.cpu_count() or 1,
+            workload=pods.stem,
         )
     except (OSError, ValueError) as exc:
         console.print(f"[red]packing:[/red] {exc}")

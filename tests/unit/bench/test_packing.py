@@ -176,12 +176,49 @@ def test_cpu_and_memory_constrain_the_node() -> None:
         assert result.scheduled == 2
 
 
-def test_ours_takes_the_tightest_gpu_anywhere() -> None:
-    """The router's best fit: a fraction takes the GPU with the least room left over."""
+def test_ours_takes_the_tightest_gpu_anywhere_before_it_has_learnt_a_mix() -> None:
+    """Before any request mix is learnt, the tightest fit decides.
+
+    Every placement then costs nothing: a fraction takes the GPU with the least room left over.
+    """
     nodes = [_node("a", gpus=1), _node("b", gpus=1)]
     arrivals = [_pod("p600", 600), _pod("p300", 300), _pod("p500", 500), _pod("cpu", 0, cpu=500)]
     result = packing.pack(nodes, arrivals, "ours", random.Random(0))
     assert result.nodes == ["a", "a", "b", "a"]  # the CPU-only pod: the node with least free GPU
+
+
+def test_ours_keeps_a_gpu_usable_for_the_requests_it_has_seen() -> None:
+    """Once 500-milli requests dominate what it saw, a 300 goes to the empty GPU.
+
+    Not to the tightest: on the 600 left it would leave 300 that no typical request can use.
+    """
+    nodes = [_node("a", gpus=1), _node("b", gpus=1)]
+    # seen but placed nowhere (too much memory): they teach the mix and take no room
+    taught = [_pod(f"t{k}", 500, memory=1 << 30) for k in range(20)]
+    arrivals = [_pod("p400", 400), *taught, _pod("p300", 300)]
+    for seed in range(5):
+        result = packing.pack(nodes, arrivals, "ours", random.Random(seed))
+        first, last = result.nodes[0], result.nodes[-1]
+        assert first and last and first != last
+        assert result.frag_milli[-1] == result.frag_milli[0]  # 600 and 700 left: both usable
+
+
+def test_ours_decides_from_the_arrivals_so_far_only() -> None:
+    """A router cannot see the future: ours decides from the arrivals so far.
+
+    Cutting the trace short changes none of the placements made before the cut.
+    """
+    nodes = [_node(f"n{k}", gpus=k % 3 + 1) for k in range(6)]
+    rng = random.Random(7)
+    arrivals = [
+        _pod(f"p{k}", rng.choice([0, 250, 470, 810, 1000]), count=1, cpu=rng.choice([500, 4000]))
+        for k in range(60)
+    ]
+    whole = packing.pack(nodes, arrivals, "ours", random.Random(1))
+    for cut in (10, 25, 40):
+        prefix = packing.pack(nodes, arrivals[:cut], "ours", random.Random(1))
+        assert prefix.nodes == whole.nodes[:cut]
+        assert prefix.gpus == whole.gpus[:cut]
 
 
 def test_fgd_fills_the_partly_used_gpu_and_measures_fragmentation() -> None:
