@@ -10,12 +10,23 @@ the built-in catalog) — it cannot know how long the answer will be. The simula
 row's *true* shape: ``input.simulate`` carries the true peak memory per GPU and the true
 duration, both computed before the run, with a fresh estimator (no learning yet), from
 ``ResourceEstimator.estimate(model, Shape(1, input_tokens, output_tokens))`` — weights plus the KV
-cache of every token actually held, and the duration on the fleet's first GPU type (the
+cache of every token actually held, and the duration alone on each GPU type of the fleet (the
 row's ``gpu_memory_mb`` / ``duration_s`` win where the trace gives them). An answer longer than
 256 tokens therefore needs more memory than was reserved; where a GPU is packed tightly, the
 simulated device runs out of memory, the router grows the estimate and retries: real
 out-of-memory events, as in production. Prompt plus output beyond the model's context is clipped
 (the output first) and the clipped rows counted.
+
+**The service model** (``--service``): ``shared`` (the default) runs the simulated GPUs by
+:class:`~gpu_request_router.core.service_model.ServiceModel` — executions sharing a GPU slow each
+other down, and a model's weights are loaded on demand and cached (``SimulatedFleet``) — so an
+execution takes its true duration alone on its GPU's type, slowed by what shares the GPU, plus
+the load of its weights where the GPU held no copy; ``fixed`` is the earlier model, each
+execution taking its true duration on its GPU's type whatever else runs.
+
+**Models.** Rows that name no model take ``--model``, or with ``--models a,b,...`` a Zipf(1) draw
+over that list, the first the most asked for, keyed by ``blake2b("model:<seed>:<i>")``
+(:func:`assign_models`).
 
 **Users.** A row that names a user keeps it. Otherwise row *i* (0-based, in file order) goes to
 user ``u01`` … ``uNN`` (``--users``, default 16) by a Zipf(1) draw: ``x = blake2b("<seed>:<i>")``
@@ -34,8 +45,10 @@ index, ``--users`` and ``--seed``: the same for every policy, every load scale a
   rows (a request that failed, expired or was rejected missed its objective);
 - ``gpu_memory_utilization``: time-weighted mean of the true peak memory of the running
   executions over the fleet's total memory, ``Σ peak × GPUs × (finished − started) / (fleet
-  memory × makespan)``; ``gpu_memory_reserved_utilization`` is the same with the router's
-  (final) estimate instead of the true peak;
+  memory × makespan)`` (on shared GPUs, which hold a model's weights once however many
+  executions use them: the memory the fleet counted as used, integrated over the makespan);
+  ``gpu_memory_reserved_utilization`` is the same with the router's (final) estimate instead of
+  the true peak;
 - ``oom_events``: out-of-memory failures (retried and final);
 - ``jain_fairness``: Jain's index ``(Σx)² / (n·Σx²)`` over users of ``x_u`` = the user's mean
   *bounded slowdown*, ``latency / max(service, τ)`` with ``service = finished − started`` and
@@ -45,6 +58,8 @@ index, ``--users`` and ``--seed``: the same for every policy, every load scale a
   last request's end;
 - ``completed`` (succeeded), ``failed``, ``expired``, ``cancelled``, ``rejected``, ``submitted``,
   ``clipped_rows``, ``retries``, ``makespan_s``;
+- ``cold_starts``: loads of a model's weights onto a GPU (shared GPUs only; 0 on fixed ones);
+  ``completed_by_gpu_type``: completed requests by the type of GPU they ran on;
 - ``duration_error_by_tenth``: the estimator's duration error, ten figures, one per tenth of the
   trace's rows (in file order): the median over the tenth's completed requests of
   ``|estimated / true − 1|``, the estimate being the duration the router issued at admission on
@@ -70,6 +85,7 @@ import hashlib
 import math
 import time
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -667,6 +683,16 @@ def replay(
         used = simulation.fleet.memory_mb_seconds / (fleet.memory_mb * metrics["makespan_s"])
         metrics["gpu_memory_utilization"] = round(used, _DIGITS)
     gpu_types = {gpu_id: gpu.type for gpu_id, gpu in simulation.router.monitor.gpus.items()}
+    metrics["cold_starts"] = simulation.fleet.loads
+    metrics["completed_by_gpu_type"] = dict(
+        sorted(
+            Counter(
+                gpu_types[record.gpu_ids[0]]
+                for record in report.records
+                if record.status == "succeeded" and record.gpu_ids
+            ).items()
+        )
+    )
     metrics["duration_error_by_tenth"] = duration_errors(report, planned, gpu_types)
     return PolicyResult(policy, load_scale, metrics, waits, time.perf_counter() - started)
 

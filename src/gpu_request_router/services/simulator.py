@@ -317,6 +317,7 @@ class SimulatedFleet:
         self._used_mb = 0  # memory counted as used on every GPU together, since _used_at
         self._used_at = 0.0
         self.memory_mb_seconds = 0.0  # that memory integrated over time
+        self.loads = 0  # weights loaded onto a shared GPU (cold starts), ever
         self.service = service or ServiceModel()
         weights = weights_mb or {}
         for backend in backends:
@@ -448,6 +449,7 @@ class SimulatedFleet:
             if request.model not in gpu.pinned:
                 if key not in gpu.cached:
                     gpu.ready[key] = now + self.service.load_s(key[1])
+                    self.loads += 1
                 gpu.cached[key] = gpu.cached.pop(key, key[1])  # the most recently used now
                 gpu.users[key] = gpu.users.get(key, 0) + 1
                 ready_at = max(ready_at, gpu.ready[key])
