@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -84,28 +85,14 @@ def router() -> Iterator[Registrations]:
         thread.join(5)
 
 
-@pytest.fixture(scope="module")
-def worker(router: Registrations, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``gpurouter worker --simulate 2xH100-80GB`` with a worker token, registering with router."""
-    workdir = tmp_path_factory.mktemp("worker")
-    port = free_port()
-    config = {"auth": {"worker_token": TOKEN}, "worker": {"heartbeat_s": 0.1}}
+@contextlib.contextmanager
+def running_worker(workdir: Path, config: dict[str, Any], *options: str) -> Iterator[str]:
+    """``gpurouter worker`` with ``config`` and ``options`` in ``workdir``, until it answers."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
-    command = [
-        GPUROUTER,
-        "worker",
-        "--config",
-        str(workdir / "config.yaml"),
-        "--simulate",
-        "2xH100-80GB",
-        "--port",
-        str(port),
-        "--name",
-        NAME,
-        "--router-url",
-        router.url,
-    ]
+    port = free_port()
+    command = [GPUROUTER, "worker", "--config", str(workdir / "config.yaml")]
+    command += ["--port", str(port), "--name", NAME, *options]
     log_path = workdir / "worker.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=log, env=env)
@@ -130,6 +117,15 @@ def worker(router: Registrations, tmp_path_factory: pytest.TempPathFactory) -> I
             process.kill()
             process.wait(5)
             raise
+
+
+@pytest.fixture(scope="module")
+def worker(router: Registrations, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``gpurouter worker --simulate 2xH100-80GB`` with a worker token, registering with router."""
+    config = {"auth": {"worker_token": TOKEN}, "worker": {"heartbeat_s": 0.1}}
+    options = ("--simulate", "2xH100-80GB", "--router-url", router.url)
+    with running_worker(tmp_path_factory.mktemp("worker"), config, *options) as url:
+        yield url
 
 
 def execution(execution_id: str, gpu: int = 0, reserved: int = 2000, **spec: Any) -> dict[str, Any]:
@@ -612,53 +608,33 @@ def test_a_shared_worker_loads_a_model_once_reports_the_load_and_keeps_it_cached
     reads; the GPU then lists the model as cached, its weights not counted as used, and the
     next execution starts without a load.
     """
-    port = free_port()
     config = {
         "auth": {"worker_token": TOKEN},
         "worker": {"simulate_service": "shared"},
         "placement": {"service": {"load_gb_s": 100.0}},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
-    command = [GPUROUTER, "worker", "--config", str(tmp_path / "config.yaml")]
-    command += ["--simulate", "1xH100-80GB", "--port", str(port), "--name", NAME]
-    log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=log, env=env)
-    url = f"http://127.0.0.1:{port}"
     load = 15_317 * 2**20 / 100e9
 
-    async def lookup(execution_id: str) -> object:
+    async def lookup(url: str, execution_id: str) -> object:
         client = AgentClient(NAME, url, TOKEN, SystemClock(), reported_id=str)
         try:
             return await client.lookup(execution_id)
         finally:
             await client.aclose()
 
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the worker did not start"
-            time.sleep(0.05)
-        bodies = []
-        for name in ("exe_cold", "exe_warm"):
-            body = execution(name, reserved=17_000, duration_s=0.1, peak_memory_mb=17_000)
-            body["estimate"]["weights_mb"] = 15_317
-            bodies.append(body)
-        with httpx.Client(headers=AUTH, timeout=10) as http:
-            cold = http.post(f"{url}/v1/executions", json=bodies[0]).json()
-            reported = asyncio.run(lookup("exe_cold"))
-            items = http.get(f"{url}/v1/gpus").json()["items"]
-            warm = http.post(f"{url}/v1/executions", json=bodies[1]).json()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(15)
+    bodies = []
+    for name in ("exe_cold", "exe_warm"):
+        body = execution(name, reserved=17_000, duration_s=0.1, peak_memory_mb=17_000)
+        body["estimate"]["weights_mb"] = 15_317
+        bodies.append(body)
+    with (
+        running_worker(tmp_path, config, "--simulate", "1xH100-80GB") as url,
+        httpx.Client(headers=AUTH, timeout=10) as http,
+    ):
+        cold = http.post(f"{url}/v1/executions", json=bodies[0]).json()
+        reported = asyncio.run(lookup(url, "exe_cold"))
+        items = http.get(f"{url}/v1/gpus").json()["items"]
+        warm = http.post(f"{url}/v1/executions", json=bodies[1]).json()
     assert cold["usage"]["load_s"] == pytest.approx(load, abs=0.05)
     assert cold["usage"]["gpu_seconds"] >= 0.1 + load - 0.01
     assert isinstance(reported, ExecutionResult)
