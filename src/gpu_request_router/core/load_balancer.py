@@ -38,6 +38,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gpu_request_router.core.fragmentation import (
+    Demand,
+    RequestMix,
+    cost_bucket,
+    share_breaks,
+    share_cost,
+)
 from gpu_request_router.core.placement_index import Best, PlacementIndex, Shelf
 from gpu_request_router.core.service_model import ServiceModel
 from gpu_request_router.models.gpu_state import GPUHealth, GPUState
@@ -58,6 +65,12 @@ __all__ = [
 
 _GIB = 1024
 _DEGRADED = GPUHealth.DEGRADED
+
+TYPICAL_SHAPES = 16
+"""At most this many typical request shapes score an exact-size placement (the most counted)."""
+
+REFRESH_EVERY = 256
+"""Exact-size placements between two refreshes of the typical shapes, once past that many."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +203,10 @@ class Policy(ABC):
         """What the policy weighed in choosing ``option``, for the placement reason."""
         return ""
 
+    def placed(self, need: Need) -> None:
+        """Learn from ``need``, just placed (most policies learn nothing)."""
+        return None
+
 
 class IndexedPolicy(Policy):
     """A policy whose ranking is a key of one GPU's room, load, health and model affinity.
@@ -207,13 +224,21 @@ class IndexedPolicy(Policy):
         """The shelf's best GPU for ``need`` (reserving ``memory``), with its full ranking key."""
 
 
-def _tightest(option: Option) -> tuple[bool, bool, int, float]:
-    unit, memory, loaded = option
-    return not loaded, unit.health is _DEGRADED, (unit.room_mb - memory) // _GIB, unit.busy
-
-
 class BalancedPolicy(IndexedPolicy):
     """Health first; then exact sizes pack tightly, estimated ones go where they finish first.
+
+    An exact size goes, after model affinity and health, where it fragments least: the GPU
+    whose free memory it leaves least unusable to the typical exact-size requests (the FGD
+    measure, :func:`~gpu_request_router.core.fragmentation.share_cost`, in buckets of
+    :data:`~gpu_request_router.core.fragmentation.DEFAULT_QUANTUM` of the GPU's memory,
+    :func:`~gpu_request_router.core.fragmentation.cost_bucket`), then the tightest fit in whole
+    GiB, then the least busy. The typical requests are learnt from the exact-size needs this
+    policy placed (:meth:`placed`): shapes (per-GPU memory rounded up to whole GiB, GPU count)
+    in a :class:`~gpu_request_router.core.fragmentation.RequestMix` of at most
+    :data:`~gpu_request_router.core.fragmentation.DEFAULT_SHAPES` shapes; the most counted
+    ones covering 95 % of them, at most :data:`TYPICAL_SHAPES`, weights renormalised over
+    those, are taken after the 1st, 2nd, 4th, … placement and every :data:`REFRESH_EVERY`
+    past 256. Until then nothing is typical, every cost is 0, and the tightest fit decides.
 
     The expected finish of an estimated request on a GPU (``service``,
     :class:`~gpu_request_router.core.service_model.ServiceModel`) is its load time where the
@@ -227,11 +252,57 @@ class BalancedPolicy(IndexedPolicy):
 
     def __init__(self, service: ServiceModel | None = None) -> None:
         self.service = service or ServiceModel()
+        self.mix: RequestMix[tuple[int, int]] = RequestMix()
+        self.typical: tuple[Demand, ...] = ()
+        self._refresh_at = 1
+
+    def placed(self, need: Need) -> None:
+        """Count an exact-size need's shape; refresh the typical shapes when it is time."""
+        if not need.exact or need.memory_mb <= 0:
+            return
+        mix = self.mix
+        mix.observe((-(-need.memory_mb // _GIB) * _GIB, need.gpu_count))
+        if mix.total >= self._refresh_at:
+            self._refresh_at = min(2 * self._refresh_at, self._refresh_at + REFRESH_EVERY)
+            typical = mix.typical()
+            total = (
+                1.0
+                if len(typical) <= TYPICAL_SHAPES
+                else sum(w for _, w in typical[:TYPICAL_SHAPES])
+            )
+            self.typical = tuple(
+                Demand(size, count, weight / total)
+                for (size, count), weight in typical[:TYPICAL_SHAPES]
+            )
+
+    def share_bucket(self, unit: GPUState | GPUGroup, memory: int) -> int:
+        """The fragmentation bucket of an exact-size placement on ``unit`` (class docstring)."""
+        typical = self.typical
+        if not typical:
+            return 0
+        if isinstance(unit, GPUGroup):
+            cost = sum(
+                share_cost(gpu.room_mb, taken, typical)
+                for gpu, taken in zip(unit.gpus, unit.reservations, strict=True)
+            )
+            return cost_bucket(cost, unit.gpus[0].memory_total_mb)
+        return cost_bucket(share_cost(unit.room_mb, memory, typical), unit.memory_total_mb)
 
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pack what is known, send the rest where it finishes first (class docstring)."""
         if need.exact:
-            return min(options, key=_tightest)
+
+            def packing(option: Option) -> tuple[bool, bool, int, int, float]:
+                unit, memory, loaded = option
+                return (
+                    not loaded,
+                    unit.health is _DEGRADED,
+                    self.share_bucket(unit, memory),
+                    (unit.room_mb - memory) // _GIB,
+                    unit.busy,
+                )
+
+            return min(options, key=packing)
 
         def finishing(option: Option) -> tuple[bool, float, int, float]:
             unit, memory, _ = option
@@ -259,13 +330,26 @@ class BalancedPolicy(IndexedPolicy):
     def search(
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
     ) -> Best | None:
-        """The shelf's tightest fit in whole GiB (exact) or its soonest finish (estimated).
+        """The shelf's least fragmenting fit (exact) or its soonest finish (estimated).
+
+        Exact: :meth:`Shelf.least_cost_gib
+        <gpu_request_router.core.placement_index.Shelf.least_cost_gib>` with the rooms where the
+        fragmentation cost jumps (:func:`~gpu_request_router.core.fragmentation.share_breaks`).
 
         On one shelf the finish grows with the busy share alone: the least busy GPU with the
         most room is the shelf's best, or the roomiest where sharing costs nothing.
         """
         if need.exact:
-            found = shelf.tightest_gib(memory, skip)
+            typical = self.typical
+            if typical:
+                capacity = shelf.memory_total_mb
+
+                def bucket(room: int) -> int:
+                    return cost_bucket(share_cost(room, memory, typical), capacity)
+
+                found = shelf.least_cost_gib(memory, skip, share_breaks(memory, typical), bucket)
+            else:
+                found = shelf.least_cost_gib(memory, skip)
             if found is None:
                 return None
             key, gpu_id = found
@@ -414,13 +498,20 @@ class LoadBalancer:
         fleet: PlacementIndex,
         held: Collection[str] = (),
     ) -> Chosen | NoFit:
-        """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones."""
+        """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones.
+
+        A need placed is shown to the policy (:meth:`Policy.placed`), which may learn from it.
+        """
         if not fleet.any_free_slot:
             return NoFit(free_slots=False)
         policy = self.policy
         if need.gpu_count == 1 and isinstance(policy, IndexedPolicy):
-            return self._search(policy, need, fleet, held)
-        return self._scan(need, fleet.schedulable.values(), held)
+            chosen = self._search(policy, need, fleet, held)
+        else:
+            chosen = self._scan(need, fleet.schedulable.values(), held)
+        if isinstance(chosen, Chosen):
+            policy.placed(need)
+        return chosen
 
     @staticmethod
     def _search(

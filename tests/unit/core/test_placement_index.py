@@ -6,11 +6,13 @@ out-of-memory cuts), new readings, complete worker reports, staleness, silent wo
 drains and circuits. After every change, each indexed policy's choice for random needs (model,
 size, exact or estimated, durations, task, GPU type, GPUs to avoid, held GPUs) must be the one
 a brute-force oracle written here from the policies' documented rankings picks, scanning every
-GPU.
+GPU. ``balanced`` learns the typical exact sizes from the needs it places; the oracle keeps its
+own count of them (:class:`TypicalSizes`), from the documented rule.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 
 from hypothesis import given, settings
@@ -46,13 +48,58 @@ def expected_finish(need: Need, gpu: GPUState) -> float:
     return load + duration * (1 + alpha * gpu.busy * gpu.slots)
 
 
+class TypicalSizes:
+    """The typical exact sizes as ``BalancedPolicy`` documents them, counted here independently.
+
+    Each exact need placed counts as (memory rounded up to whole GiB, GPU count), if its memory
+    is positive; after the 1st, 2nd, 4th, … count (fewer than 256 here) the most counted shapes
+    (ties: first seen) covering 95 % of the counts, at most 16, weighted by their counts, become
+    the typical ones.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, int], int] = {}
+        self.total = 0
+        self.typical: list[tuple[int, float]] = []  # (size in MiB, weight)
+
+    def count(self, need: Need) -> None:
+        if not need.exact or need.memory_mb <= 0:
+            return
+        shape = (-(-need.memory_mb // GIB) * GIB, need.gpu_count)
+        self.counts[shape] = self.counts.get(shape, 0) + 1
+        self.total += 1
+        if self.total & (self.total - 1) == 0:  # a power of two
+            ranked = sorted(self.counts.items(), key=lambda item: -item[1])
+            chosen: list[tuple[tuple[int, int], int]] = []
+            for shape_count in ranked:
+                if sum(c for _, c in chosen) >= 0.95 * self.total or len(chosen) == 16:
+                    break
+                chosen.append(shape_count)
+            covered = sum(c for _, c in chosen)
+            self.typical = [(size, c / covered) for (size, _), c in chosen]
+
+    def bucket(self, gpu: GPUState, memory: int) -> int:
+        """The fragmentation bucket: the mix-weighted growth of the GPU's unusable free memory.
+
+        Free memory is unusable to a typical size if it is below it; the growth, in units of
+        7 % of the GPU's memory, rounded to the nearest (halves up).
+        """
+        before, after = gpu.room_mb, gpu.room_mb - memory
+        grown = sum(
+            weight * ((after if after < size else 0) - (before if before < size else 0))
+            for size, weight in self.typical
+        )
+        return math.floor(grown / (0.07 * gpu.memory_total_mb) + 0.5)
+
+
 # Each indexed policy's ranking as documented (load_balancer's module docstring), smallest first.
-RANKINGS: dict[str, Callable[[Need], Key]] = {
-    "balanced": lambda need: (
+RANKINGS: dict[str, Callable[[Need, TypicalSizes], Key]] = {
+    "balanced": lambda need, sizes: (
         (
             lambda gpu, memory, loaded: (
                 not loaded,
                 gpu.health is GPUHealth.DEGRADED,
+                sizes.bucket(gpu, memory),
                 (gpu.room_mb - memory) // GIB,
                 gpu.busy,
             )
@@ -67,13 +114,22 @@ RANKINGS: dict[str, Callable[[Need], Key]] = {
             )
         )
     ),
-    "best_fit": lambda need: lambda gpu, memory, loaded: (gpu.room_mb - memory, gpu.busy),
-    "least_loaded": lambda need: lambda gpu, memory, loaded: (gpu.busy, -(gpu.room_mb - memory)),
+    "best_fit": lambda need, sizes: lambda gpu, memory, loaded: (gpu.room_mb - memory, gpu.busy),
+    "least_loaded": lambda need, sizes: (
+        lambda gpu, memory, loaded: (
+            gpu.busy,
+            -(gpu.room_mb - memory),
+        )
+    ),
 }
 
 
 def oracle(
-    policy: str, need: Need, gpus: list[GPUState], held: Collection[str]
+    policy: str,
+    need: Need,
+    gpus: list[GPUState],
+    held: Collection[str],
+    sizes: TypicalSizes | None = None,
 ) -> tuple[str, int] | None:
     """Scan ``gpus`` (schedulable, in the order they became so): the GPU and memory to take."""
     candidates = []
@@ -92,7 +148,7 @@ def oracle(
     preferred = [c for c in candidates if c[0].id not in need.avoid] or candidates
     if not preferred:
         return None
-    rank = RANKINGS[policy](need)
+    rank = RANKINGS[policy](need, sizes or TypicalSizes())
     best = preferred[0]
     for candidate in preferred[1:]:  # the first of equals wins, as in a scan
         if rank(*candidate) < rank(*best):
@@ -253,6 +309,7 @@ def test_indexed_policies_choose_what_a_scan_of_every_gpu_chooses(data: st.DataO
     """
     fleet = Fleet(data.draw(gpu_readings()))
     balancers = {name: LoadBalancer(make_policy(name)) for name in RANKINGS}
+    sizes = TypicalSizes()
     for _ in range(data.draw(st.integers(1, 25))):
         change(data.draw, fleet)
         assert list(fleet.monitor.schedulable) == fleet.order
@@ -276,8 +333,10 @@ def test_indexed_policies_choose_what_a_scan_of_every_gpu_chooses(data: st.DataO
             )
             held = data.draw(st.sets(st.sampled_from(ids), max_size=2))
             for name, balancer in balancers.items():
-                expected = oracle(name, need, gpus, held)
+                expected = oracle(name, need, gpus, held, sizes)
                 assert outcome(balancer.place(need, fleet.monitor.index, held)) == expected, name
+                if name == "balanced" and expected is not None:
+                    sizes.count(need)
 
 
 def test_no_gpu_with_a_free_slot_is_no_fit_without_free_slots() -> None:
