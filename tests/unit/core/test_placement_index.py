@@ -18,8 +18,10 @@ from collections.abc import Callable, Collection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpu_request_router.core.fragmentation import Demand, cost_bucket, share_breaks, share_cost
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit, make_policy
+from gpu_request_router.core.placement_index import Shelf
 from gpu_request_router.models.gpu_state import GPUHealth, GPUReading, GPUState
 from gpu_request_router.models.request import Task
 
@@ -381,3 +383,58 @@ def test_a_gpu_that_comes_back_loses_ties_to_those_that_stayed() -> None:
     fleet.monitor.uncordon("w:0")
     assert list(fleet.monitor.schedulable) == ["w:1", "w:0"]
     assert outcome(balancer.place(need, fleet.monitor.index)) == ("w:1", GIB)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rooms=st.lists(
+        st.tuples(st.integers(0, 40 * GIB), st.sampled_from([0.0, 0.5, 1.0])), max_size=30
+    ),
+    memory=st.integers(1, 12 * GIB),
+    sizes=st.lists(st.tuples(st.integers(1, 30 * GIB), st.integers(1, 5)), min_size=1, max_size=6),
+    skipped=st.sets(st.integers(0, 29), max_size=5),
+)
+def test_a_shelf_finds_the_least_fragmenting_fit_by_looking_at_the_break_points_only(
+    rooms: list[tuple[int, float]],
+    memory: int,
+    sizes: list[tuple[int, int]],
+    skipped: set[int],
+) -> None:
+    """Searching from each break point finds the GPU a scan ranks first by the documented key.
+
+    Key: the growth of the GPU's free memory that is below a typical size (weighted), in buckets
+    of 7 % of 40 GiB; then the whole GiB left; then busy; then order. Rooms spread widely, so
+    that the least fragmenting GPU is often far from the tightest.
+    """
+    total = sum(weight for _, weight in sizes)
+    typical = [Demand(size, 1, weight / total) for size, weight in sizes]
+    shelf = Shelf("A100-40GB", 40 * GIB, ("*",), (), (), 1, False)
+    for order, (room, busy) in enumerate(rooms):
+        shelf.add((room, busy, order, f"g{order}"))
+
+    def bucket(room: int) -> int:
+        left = room - memory
+        grown = sum(
+            d.weight * ((left if left < d.size else 0) - (room if room < d.size else 0))
+            for d in typical
+        )
+        return math.floor(grown / (0.07 * 40 * GIB) + 0.5)
+
+    def skip(gpu_id: str) -> bool:
+        return int(gpu_id[1:]) in skipped
+
+    expected = min(
+        (
+            ((bucket(room), (room - memory) // GIB, busy, order), f"g{order}")
+            for order, (room, busy) in enumerate(rooms)
+            if room >= memory and order not in skipped
+        ),
+        default=None,
+    )
+    found = shelf.least_cost_gib(
+        memory,
+        skip,
+        share_breaks(memory, typical),
+        lambda room: cost_bucket(share_cost(room, memory, typical), 40 * GIB),
+    )
+    assert found == expected
