@@ -10,12 +10,15 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 
 - ``balanced`` (default): model already loaded first, then healthy before degraded, then by
   how sure the request's size is. An exact size (a client's memory hint, or no working memory
-  to guess: weights only) takes the tightest fit (whole GiB), keeping large holes whole for
-  large requests. An estimated size (KV cache and activations of an answer whose length is a
-  guess) spreads: the most room left after it, then the least busy GPU. The room absorbs the
-  estimate's error (and that of the placements the latest reading has not seen yet), so the
-  GPU does not run out of memory. ``gpurouter bench replay`` measures the difference
-  (docs/benchmarks.md);
+  to guess: weights only) goes where it fragments least, as FGD does: the GPU whose free memory
+  it leaves least unusable to the typical exact sizes this policy has placed (learnt online,
+  bounded: :class:`BalancedPolicy`), in buckets of 7 % of the GPU's memory; then the tightest
+  fit (whole GiB), keeping large holes whole for large requests; then the least busy. Before it
+  has placed an exact size, the tightest fit alone decides. An estimated size (KV cache and
+  activations of an answer whose length is a guess) spreads: the most room left after it, then
+  the least busy GPU. The room absorbs the estimate's error (and that of the placements the
+  latest reading has not seen yet), so the GPU does not run out of memory. ``gpurouter bench
+  replay`` measures the difference (docs/benchmarks.md);
 - ``best_fit``: the least memory left over;
 - ``least_loaded``: the fewest busy slots, then the most room;
 - ``power_of_two``: two random candidates, the less loaded of them;
@@ -23,9 +26,15 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 - ``random``: any candidate.
 
 A one-GPU decision of ``balanced``, ``best_fit`` and ``least_loaded`` searches the monitor's
-:class:`~gpu_request_router.core.placement_index.PlacementIndex` (GPUs shelved by type, models,
-loaded models and health, sorted by room and by load) in time logarithmic in the GPUs and
+:class:`~gpu_request_router.core.placement_index.PlacementIndex` (GPUs shelved by type, memory,
+models, loaded models and health, sorted by room and by load) in time logarithmic in the GPUs and
 choosing exactly the GPU a scan would, ties broken by the order in which GPUs became schedulable.
+For an exact size, ``balanced``'s fragmentation cost is one GPU's own (the growth of its free
+memory below each typical size), a function of its room alone, that never decreases between
+the rooms where it jumps (each typical size s and s + the need): so a shelf need only look at
+the tightest fits from the need and from each of those rooms. It equals the growth of the
+worker's fragmentation for one-GPU typical sizes; for a typical size of several GPUs it ignores
+whether the worker keeps enough GPUs that fit (an approximation).
 ``power_of_two``, ``round_robin`` and ``random`` pick by position among all candidates, and a
 multi-GPU request ranks whole workers: those scan every schedulable GPU, O(GPUs).
 ``gpurouter bench decisions`` measures both (docs/architecture.md, "Placement").
