@@ -299,6 +299,22 @@ def test_balanced_keeps_room_a_typical_exact_size_can_use_rather_than_fit_tighte
     assert chosen_ids(place(monitor, small, "best_fit")) == ("a:0",)
 
 
+def test_balanced_weighs_a_multi_gpu_exact_size_by_its_gpus_fragmentation_summed() -> None:
+    """Two GPUs of 2 GiB each go to the worker whose GPUs keep room for the typical 10 GiB."""
+    monitor = fleet(
+        reading("a", 0, used_mb=H100_ROOM - 11 * GIB),
+        reading("a", 1, used_mb=H100_ROOM - 11 * GIB),
+        reading("b", 0, used_mb=H100_ROOM - 13 * GIB),
+        reading("b", 1, used_mb=H100_ROOM - 13 * GIB),
+    )
+    balancer = LoadBalancer(make_policy("balanced"))
+    pair = need(2 * GIB, gpu_count=2, exact=True)
+    assert chosen_ids(balancer.place(pair, monitor.index)) == ("a:0", "a:1")
+    for _ in range(3):
+        balancer.place(need(10 * GIB, exact=True), monitor.index)
+    assert chosen_ids(balancer.place(pair, monitor.index)) == ("b:0", "b:1")
+
+
 def test_balanced_learns_fragmentation_only_from_exact_sizes_it_placed() -> None:
     """Estimated needs and needs that found no GPU teach the policy nothing."""
     monitor = fleet(
