@@ -290,12 +290,15 @@ class BalancedPolicy(IndexedPolicy):
         if not typical:
             return 0
         if isinstance(unit, GPUGroup):
-            cost = sum(
-                share_cost(gpu.room_mb, taken, typical)
-                for gpu, taken in zip(unit.gpus, unit.reservations, strict=True)
-            )
-            return cost_bucket(cost, unit.gpus[0].memory_total_mb)
+            return cost_bucket(self._grown(unit, memory), unit.gpus[0].memory_total_mb)
         return cost_bucket(share_cost(unit.room_mb, memory, typical), unit.memory_total_mb)
+
+    def _grown(self, unit: GPUState | GPUGroup, memory: int) -> float:
+        """The growth of the free memory the typical sizes could not use, over ``unit``'s GPUs."""
+        if isinstance(unit, GPUGroup):
+            pairs = zip(unit.gpus, unit.reservations, strict=True)
+            return sum(share_cost(gpu.room_mb, taken, self.typical) for gpu, taken in pairs)
+        return share_cost(unit.room_mb, memory, self.typical)
 
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pack what is known, send the rest where it finishes first (class docstring)."""
@@ -375,9 +378,12 @@ class BalancedPolicy(IndexedPolicy):
         return (shelf.degraded, finish, spread, busy, key[2]), gpu_id
 
     def explain(self, option: Option, need: Need) -> str:
-        """The expected finish behind an estimated request's placement, and its parts."""
+        """The fragmentation behind an exact size's placement; an estimated one's finish."""
         if need.exact:
-            return ""
+            if not self.typical:
+                return ""
+            grown = self._grown(option[0], option[1]) / _GIB
+            return f"{grown:+.1f} GiB unusable to the typical sizes; "
         unit = option[0]
         first = unit.gpus[0] if isinstance(unit, GPUGroup) else unit
         gpus = unit.gpus if isinstance(unit, GPUGroup) else (unit,)
