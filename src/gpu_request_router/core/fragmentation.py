@@ -33,6 +33,8 @@ __all__ = [
     "cost_bucket",
     "fragmentation",
     "placement_cost",
+    "share_breaks",
+    "share_cost",
     "unusable",
 ]
 
@@ -97,6 +99,45 @@ def placement_cost(
     demands = list(mix_before)
     after_mix = demands if mix_after is None else mix_after
     return fragmentation(after, after_mix) - fragmentation(before, demands)
+
+
+def share_cost(room: int, memory: int, mix: Iterable[Demand]) -> float:
+    """How much taking ``memory`` of one GPU's ``room`` grows what the mix could not use of it.
+
+    Each typical request is taken as one GPU of its size: the GPU's free share is unusable to it
+    before if ``room`` < its size, after if ``room - memory`` < its size (always, for a demand
+    that asks for no GPU or cannot run there). For a mix of one-GPU requests this is exactly
+    :func:`placement_cost` on the GPU's node, whatever the node's other GPUs: what a one-GPU
+    request cannot use of a node is the sum of its GPUs' free shares below its size, GPU by GPU.
+    For a typical request of ``count`` > 1 GPUs it is an approximation: it ignores whether the
+    node keeps ``count`` GPUs that fit (and charges the node's other GPUs nothing).
+    """
+    left = room - memory
+    cost = 0.0
+    for demand in mix:
+        size = demand.size
+        if size <= 0 or not demand.runs:
+            cost -= demand.weight * memory
+        else:
+            cost += demand.weight * ((left if left < size else 0) - (room if room < size else 0))
+    return cost
+
+
+def share_breaks(memory: int, mix: Iterable[Demand]) -> list[int]:
+    """The rooms ≥ ``memory`` where :func:`share_cost` may jump, ascending, ``memory`` first.
+
+    Between two consecutive breaks (and past the last) :func:`share_cost` never decreases as
+    the room grows: for each typical size s it is −``memory`` below s, ``room − memory`` from s
+    to s + ``memory``, and 0 beyond. So the least cost among rooms from a break up to the next
+    is at the smallest of those rooms.
+    """
+    breaks = {memory}
+    for demand in mix:
+        if demand.size > 0 and demand.runs:
+            breaks.add(demand.size + memory)
+            if demand.size > memory:
+                breaks.add(demand.size)
+    return sorted(breaks)
 
 
 def cost_bucket(cost: float, gpu_capacity: int, quantum: float = DEFAULT_QUANTUM) -> int:

@@ -10,12 +10,15 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 
 - ``balanced`` (default): model already loaded first, then healthy before degraded, then by
   how sure the request's size is. An exact size (a client's memory hint, or no working memory
-  to guess: weights only) takes the tightest fit (whole GiB), keeping large holes whole for
-  large requests. An estimated size (KV cache and activations of an answer whose length is a
-  guess) spreads: the most room left after it, then the least busy GPU. The room absorbs the
-  estimate's error (and that of the placements the latest reading has not seen yet), so the
-  GPU does not run out of memory. ``gpurouter bench replay`` measures the difference
-  (docs/benchmarks.md);
+  to guess: weights only) goes where it fragments least, as FGD does: the GPU whose free memory
+  it leaves least unusable to the typical exact sizes this policy has placed (learnt online,
+  bounded: :class:`BalancedPolicy`), in buckets of 7 % of the GPU's memory; then the tightest
+  fit (whole GiB), keeping large holes whole for large requests; then the least busy. Before it
+  has placed an exact size, the tightest fit alone decides. An estimated size (KV cache and
+  activations of an answer whose length is a guess) spreads: the most room left after it, then
+  the least busy GPU. The room absorbs the estimate's error (and that of the placements the
+  latest reading has not seen yet), so the GPU does not run out of memory. ``gpurouter bench
+  replay`` measures the difference (docs/benchmarks.md);
 - ``best_fit``: the least memory left over;
 - ``least_loaded``: the fewest busy slots, then the most room;
 - ``power_of_two``: two random candidates, the less loaded of them;
@@ -23,9 +26,15 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 - ``random``: any candidate.
 
 A one-GPU decision of ``balanced``, ``best_fit`` and ``least_loaded`` searches the monitor's
-:class:`~gpu_request_router.core.placement_index.PlacementIndex` (GPUs shelved by type, models,
-loaded models and health, sorted by room and by load) in time logarithmic in the GPUs and
+:class:`~gpu_request_router.core.placement_index.PlacementIndex` (GPUs shelved by type, memory,
+models, loaded models and health, sorted by room and by load) in time logarithmic in the GPUs and
 choosing exactly the GPU a scan would, ties broken by the order in which GPUs became schedulable.
+For an exact size, ``balanced``'s fragmentation cost is one GPU's own (the growth of its free
+memory below each typical size), a function of its room alone, that never decreases between
+the rooms where it jumps (each typical size s and s + the need): so a shelf need only look at
+the tightest fits from the need and from each of those rooms. It equals the growth of the
+worker's fragmentation for one-GPU typical sizes; for a typical size of several GPUs it ignores
+whether the worker keeps enough GPUs that fit (an approximation).
 ``power_of_two``, ``round_robin`` and ``random`` pick by position among all candidates, and a
 multi-GPU request ranks whole workers: those scan every schedulable GPU, O(GPUs).
 ``gpurouter bench decisions`` measures both (docs/architecture.md, "Placement").
@@ -38,6 +47,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gpu_request_router.core.fragmentation import (
+    Demand,
+    RequestMix,
+    cost_bucket,
+    share_breaks,
+    share_cost,
+)
 from gpu_request_router.core.placement_index import Best, PlacementIndex, Shelf
 from gpu_request_router.core.service_model import ServiceModel
 from gpu_request_router.models.gpu_state import GPUHealth, GPUState
@@ -58,6 +74,12 @@ __all__ = [
 
 _GIB = 1024
 _DEGRADED = GPUHealth.DEGRADED
+
+TYPICAL_SHAPES = 16
+"""At most this many typical request shapes score an exact-size placement (the most counted)."""
+
+REFRESH_EVERY = 256
+"""Exact-size placements between two refreshes of the typical shapes, once past that many."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +212,10 @@ class Policy(ABC):
         """What the policy weighed in choosing ``option``, for the placement reason."""
         return ""
 
+    def placed(self, need: Need) -> None:
+        """Learn from ``need``, just placed (most policies learn nothing)."""
+        return None
+
 
 class IndexedPolicy(Policy):
     """A policy whose ranking is a key of one GPU's room, load, health and model affinity.
@@ -207,13 +233,21 @@ class IndexedPolicy(Policy):
         """The shelf's best GPU for ``need`` (reserving ``memory``), with its full ranking key."""
 
 
-def _tightest(option: Option) -> tuple[bool, bool, int, float]:
-    unit, memory, loaded = option
-    return not loaded, unit.health is _DEGRADED, (unit.room_mb - memory) // _GIB, unit.busy
-
-
 class BalancedPolicy(IndexedPolicy):
     """Health first; then exact sizes pack tightly, estimated ones go where they finish first.
+
+    An exact size goes, after model affinity and health, where it fragments least: the GPU
+    whose free memory it leaves least unusable to the typical exact-size requests (the FGD
+    measure, :func:`~gpu_request_router.core.fragmentation.share_cost`, in buckets of
+    :data:`~gpu_request_router.core.fragmentation.DEFAULT_QUANTUM` of the GPU's memory,
+    :func:`~gpu_request_router.core.fragmentation.cost_bucket`), then the tightest fit in whole
+    GiB, then the least busy. The typical requests are learnt from the exact-size needs this
+    policy placed (:meth:`placed`): shapes (per-GPU memory rounded up to whole GiB, GPU count)
+    in a :class:`~gpu_request_router.core.fragmentation.RequestMix` of at most
+    :data:`~gpu_request_router.core.fragmentation.DEFAULT_SHAPES` shapes; the most counted
+    ones covering 95 % of them, at most :data:`TYPICAL_SHAPES`, weights renormalised over
+    those, are taken after the 1st, 2nd, 4th, … placement and every :data:`REFRESH_EVERY`
+    past 256. Until then nothing is typical, every cost is 0, and the tightest fit decides.
 
     The expected finish of an estimated request on a GPU (``service``,
     :class:`~gpu_request_router.core.service_model.ServiceModel`) is its load time where the
@@ -227,11 +261,60 @@ class BalancedPolicy(IndexedPolicy):
 
     def __init__(self, service: ServiceModel | None = None) -> None:
         self.service = service or ServiceModel()
+        self.mix: RequestMix[tuple[int, int]] = RequestMix()
+        self.typical: tuple[Demand, ...] = ()
+        self._refresh_at = 1
+
+    def placed(self, need: Need) -> None:
+        """Count an exact-size need's shape; refresh the typical shapes when it is time."""
+        if not need.exact or need.memory_mb <= 0:
+            return
+        mix = self.mix
+        mix.observe((-(-need.memory_mb // _GIB) * _GIB, need.gpu_count))
+        if mix.total >= self._refresh_at:
+            self._refresh_at = min(2 * self._refresh_at, self._refresh_at + REFRESH_EVERY)
+            typical = mix.typical()
+            total = (
+                1.0
+                if len(typical) <= TYPICAL_SHAPES
+                else sum(w for _, w in typical[:TYPICAL_SHAPES])
+            )
+            self.typical = tuple(
+                Demand(size, count, weight / total)
+                for (size, count), weight in typical[:TYPICAL_SHAPES]
+            )
+
+    def share_bucket(self, unit: GPUState | GPUGroup, memory: int) -> int:
+        """The fragmentation bucket of an exact-size placement on ``unit`` (class docstring)."""
+        typical = self.typical
+        if not typical:
+            return 0
+        if isinstance(unit, GPUGroup):
+            return cost_bucket(self._grown(unit, memory), unit.gpus[0].memory_total_mb)
+        return cost_bucket(share_cost(unit.room_mb, memory, typical), unit.memory_total_mb)
+
+    def _grown(self, unit: GPUState | GPUGroup, memory: int) -> float:
+        """The growth of the free memory the typical sizes could not use, over ``unit``'s GPUs."""
+        if isinstance(unit, GPUGroup):
+            pairs = zip(unit.gpus, unit.reservations, strict=True)
+            return sum(share_cost(gpu.room_mb, taken, self.typical) for gpu, taken in pairs)
+        return share_cost(unit.room_mb, memory, self.typical)
 
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Pack what is known, send the rest where it finishes first (class docstring)."""
         if need.exact:
-            return min(options, key=_tightest)
+
+            def packing(option: Option) -> tuple[bool, bool, int, int, float]:
+                unit, memory, loaded = option
+                return (
+                    not loaded,
+                    unit.health is _DEGRADED,
+                    self.share_bucket(unit, memory),
+                    (unit.room_mb - memory) // _GIB,
+                    unit.busy,
+                )
+
+            return min(options, key=packing)
 
         def finishing(option: Option) -> tuple[bool, float, int, float]:
             unit, memory, _ = option
@@ -259,13 +342,26 @@ class BalancedPolicy(IndexedPolicy):
     def search(
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
     ) -> Best | None:
-        """The shelf's tightest fit in whole GiB (exact) or its soonest finish (estimated).
+        """The shelf's least fragmenting fit (exact) or its soonest finish (estimated).
+
+        Exact: :meth:`Shelf.least_cost_gib
+        <gpu_request_router.core.placement_index.Shelf.least_cost_gib>` with the rooms where the
+        fragmentation cost jumps (:func:`~gpu_request_router.core.fragmentation.share_breaks`).
 
         On one shelf the finish grows with the busy share alone: the least busy GPU with the
         most room is the shelf's best, or the roomiest where sharing costs nothing.
         """
         if need.exact:
-            found = shelf.tightest_gib(memory, skip)
+            typical = self.typical
+            if typical:
+                capacity = shelf.memory_total_mb
+
+                def bucket(room: int) -> int:
+                    return cost_bucket(share_cost(room, memory, typical), capacity)
+
+                found = shelf.least_cost_gib(memory, skip, share_breaks(memory, typical), bucket)
+            else:
+                found = shelf.least_cost_gib(memory, skip)
             if found is None:
                 return None
             key, gpu_id = found
@@ -282,9 +378,12 @@ class BalancedPolicy(IndexedPolicy):
         return (shelf.degraded, finish, spread, busy, key[2]), gpu_id
 
     def explain(self, option: Option, need: Need) -> str:
-        """The expected finish behind an estimated request's placement, and its parts."""
+        """The fragmentation behind an exact size's placement; an estimated one's finish."""
         if need.exact:
-            return ""
+            if not self.typical:
+                return ""
+            grown = self._grown(option[0], option[1]) / _GIB
+            return f"{grown:+.1f} GiB unusable to the typical sizes; "
         unit = option[0]
         first = unit.gpus[0] if isinstance(unit, GPUGroup) else unit
         gpus = unit.gpus if isinstance(unit, GPUGroup) else (unit,)
@@ -414,13 +513,20 @@ class LoadBalancer:
         fleet: PlacementIndex,
         held: Collection[str] = (),
     ) -> Chosen | NoFit:
-        """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones."""
+        """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones.
+
+        A need placed is shown to the policy (:meth:`Policy.placed`), which may learn from it.
+        """
         if not fleet.any_free_slot:
             return NoFit(free_slots=False)
         policy = self.policy
         if need.gpu_count == 1 and isinstance(policy, IndexedPolicy):
-            return self._search(policy, need, fleet, held)
-        return self._scan(need, fleet.schedulable.values(), held)
+            chosen = self._search(policy, need, fleet, held)
+        else:
+            chosen = self._scan(need, fleet.schedulable.values(), held)
+        if isinstance(chosen, Chosen):
+            policy.placed(need)
+        return chosen
 
     @staticmethod
     def _search(

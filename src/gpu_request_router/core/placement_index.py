@@ -10,15 +10,15 @@ It keeps:
 - :attr:`PlacementIndex.schedulable`: the schedulable GPUs by id, in the order they became
   schedulable (a GPU that leaves and comes back goes to the end), with that position as a number
   (``order``): every policy breaks its last tie by it, as a scan of the mapping does;
-- the schedulable GPUs with a free slot, in *shelves*: one per GPU type, served models, loaded
-  and cached models, slots and health (healthy or degraded). On one shelf a need reserves the
-  same memory on every GPU (the weights are loaded on all or on none), so "fits" is "room ≥ that
-  memory". Each shelf holds two bisect-maintained lists: by ``(room, busy, order)``, and per
-  distinct ``busy`` value by ``(-room, order)``.
+- the schedulable GPUs with a free slot, in *shelves*: one per GPU type and memory, served
+  models, loaded and cached models, slots and health (healthy or degraded). On one shelf a need
+  reserves the same memory on every GPU (the weights are loaded on all or on none), so "fits" is
+  "room ≥ that memory". Each shelf holds two bisect-maintained lists: by
+  ``(room, busy, order)``, and per distinct ``busy`` value by ``(-room, order)``.
 
-A fleet has as many shelves as distinct (type, models, loaded and cached models, slots, health)
-among its GPUs with a free slot, a handful in a fleet of few models and types whatever its size;
-an empty shelf is dropped. The queries are :class:`Shelf`'s methods, their costs in
+A fleet has as many shelves as distinct (type, memory, models, loaded and cached models, slots,
+health) among its GPUs with a free slot, a handful in a fleet of few models and types whatever
+its size; an empty shelf is dropped. The queries are :class:`Shelf`'s methods, their costs in
 docs/architecture.md ("Placement"). Where GPUs load models on demand and keep them, each
 distinct set of resident models is a shelf of its own: a fleet in which every GPU holds another
 set has as many shelves as GPUs, and a search is then as costly as a scan.
@@ -27,7 +27,7 @@ set has as many shelves as GPUs, and a search is then as costly as a scan.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpu_request_router.models.gpu_state import GPUHealth, GPUState
@@ -43,8 +43,8 @@ the entries, so a large index does not slow down collections (and with them ever
 _ByLevel = tuple[int, int, str]
 """``(-room, order, GPU id)`` within one busy level."""
 
-_ShelfKey = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], int, bool]
-"""GPU type, served models, loaded models, cached models, slots, degraded."""
+_ShelfKey = tuple[str, int, tuple[str, ...], tuple[str, ...], tuple[str, ...], int, bool]
+"""GPU type, memory, served models, loaded models, cached models, slots, degraded."""
 
 Best = tuple[tuple[float, ...], str]
 """A shelf's best GPU for a query: its full ranking key (ending in its order) and its id."""
@@ -52,12 +52,13 @@ Best = tuple[tuple[float, ...], str]
 
 @dataclass(slots=True)
 class Shelf:
-    """The schedulable GPUs with a free slot alike in type, models, slots and health.
+    """The schedulable GPUs with a free slot alike in type, memory, models, slots and health.
 
     The models are the served, the loaded and the cached ones.
     """
 
     type: str
+    memory_total_mb: int
     models: tuple[str, ...]
     models_loaded: tuple[str, ...]
     models_cached: tuple[str, ...]
@@ -103,33 +104,48 @@ class Shelf:
                 return (room - memory, busy, order), gpu_id
         return None
 
-    def tightest_gib(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
-        """Least room left after ``memory`` in whole GiB, then least busy, then order.
+    def least_cost_gib(
+        self,
+        memory: int,
+        skip: Callable[[str], bool],
+        breaks: Sequence[int] = (),
+        cost: Callable[[int], int] | None = None,
+    ) -> Best | None:
+        """Least ``cost(room)``, then least room left in whole GiB, then least busy, then order.
 
-        Every GPU left with the same whole GiB as the tightest one is a candidate; within each
-        distinct room the list is in (busy, order), so one look per distinct room suffices.
+        Without ``cost``: the tightest fit in whole GiB. ``breaks`` (ascending, each ≥
+        ``memory``): rooms where ``cost`` may jump; between two of them (and past the last) it
+        must never decrease as the room grows. Then the best GPU is, for one of ``memory`` and
+        the breaks, among those left with the same whole GiB as the tightest room ≥ it; within
+        each distinct room the list is in (busy, order), so one look per distinct room of each
+        such window suffices.
         """
         by_room = self.by_room
         size = len(by_room)
-        position = bisect_left(by_room, (memory,))
-        best: tuple[float, int, int, str] | None = None
-        ceiling = 0
-        while position < size:
-            room, busy, order, gpu_id = by_room[position]
-            if best is not None and room >= ceiling:
-                break
-            if skip(gpu_id):
+        best: tuple[tuple[int, int, float, int], str] | None = None
+        examined = 0  # the windows examined so far end before this position
+        for floor in (memory, *breaks):
+            position = bisect_left(by_room, (floor,))
+            while position < size and skip(by_room[position][3]):
                 position += 1
-                continue
-            if best is None:
-                ceiling = memory + ((room - memory) // _GIB + 1) * _GIB
-            if best is None or (busy, order) < best[:2]:
-                best = (busy, order, room, gpu_id)
-            position = bisect_right(by_room, (room, _ABOVE), position)
-        if best is None:
-            return None
-        busy, order, room, gpu_id = best
-        return ((room - memory) // _GIB, busy, order), gpu_id
+            if position == size:
+                break
+            if position < examined:
+                continue  # in a window already examined
+            ceiling = memory + ((by_room[position][0] - memory) // _GIB + 1) * _GIB
+            while position < size:
+                room, busy, order, gpu_id = by_room[position]
+                if room >= ceiling:
+                    break
+                if skip(gpu_id):
+                    position += 1
+                    continue
+                key = (0 if cost is None else cost(room), (room - memory) // _GIB, busy, order)
+                if best is None or key < best[0]:
+                    best = (key, gpu_id)
+                position = bisect_right(by_room, (room, _ABOVE), position)
+            examined = position
+        return best
 
     def roomiest(self, memory: int, skip: Callable[[str], bool]) -> Best | None:
         """Most room, then least busy, then order."""
@@ -222,10 +238,11 @@ class PlacementIndex:
 
 
 def _shelf_key(state: GPUState) -> _ShelfKey:
-    """The shelf a GPU belongs on: type, served, loaded and cached models, slots, degraded."""
+    """The shelf a GPU belongs on: type, memory, served, loaded and cached models, slots, health."""
     reading = state.reading
     return (
         reading.type,
+        reading.memory_total_mb,
         reading.models,
         reading.models_loaded,
         reading.models_cached,

@@ -14,6 +14,8 @@ from gpu_request_router.core.fragmentation import (
     cost_bucket,
     fragmentation,
     placement_cost,
+    share_breaks,
+    share_cost,
     unusable,
 )
 
@@ -173,3 +175,53 @@ def test_the_mix_is_bounded_and_keeps_every_frequent_shape(stream: list[int], sh
             assert shape in held
     if len(truth) <= shapes:  # nothing evicted: the counts are exact
         assert held == pytest.approx({s: c / len(stream) for s, c in truth.items()})
+
+
+@given(
+    free=free_shares,
+    data=st.data(),
+    mix=st.lists(
+        st.builds(
+            Demand,
+            size=st.sampled_from([0, 100, 250, 470, 500, 810, GPU]),
+            count=st.just(1),
+            weight=st.floats(0.01, 1.0),
+            runs=st.booleans(),
+        ),
+        max_size=5,
+    ),
+)
+def test_one_gpus_share_cost_is_its_nodes_placement_cost_for_one_gpu_requests(
+    free: list[int], data: st.DataObject, mix: list[Demand]
+) -> None:
+    """For typical requests of one GPU, the GPU's own cost is the node's, whatever the others."""
+    index = data.draw(st.integers(0, len(free) - 1))
+    memory = data.draw(st.integers(0, free[index]))
+    after = sorted([*free[:index], free[index] - memory, *free[index + 1 :]])
+    assert share_cost(free[index], memory, mix) == pytest.approx(
+        placement_cost(free, after, mix), abs=1e-6
+    )
+
+
+@given(
+    memory=st.integers(1, GPU),
+    mix=st.lists(
+        st.builds(
+            Demand,
+            size=st.integers(1, 2 * GPU),
+            count=st.integers(1, 3),
+            weight=st.floats(0.01, 1.0),
+        ),
+        max_size=5,
+    ),
+    rooms=st.lists(st.integers(1, 3 * GPU), min_size=2, max_size=2).map(sorted),
+)
+def test_share_cost_never_decreases_between_its_breaks(
+    memory: int, mix: list[Demand], rooms: list[int]
+) -> None:
+    """Two rooms ≥ the memory with no break after the smaller, up to the larger: cost grows."""
+    low, high = max(rooms[0], memory), max(rooms[1], memory)
+    breaks = share_breaks(memory, mix)
+    assert breaks[0] == memory and breaks == sorted(set(breaks))
+    if not any(low < point <= high for point in breaks):
+        assert share_cost(low, memory, mix) <= share_cost(high, memory, mix)

@@ -278,6 +278,60 @@ def test_balanced_with_an_exact_size_within_one_gib_prefers_idle() -> None:
     assert chosen_ids(place(monitor, need(), "best_fit")) == ("a:0",)
 
 
+def test_balanced_keeps_room_a_typical_exact_size_can_use_rather_than_fit_tightest() -> None:
+    """Once 10 GiB requests are typical, 2 GiB skips the GPU it would leave short of 10 GiB.
+
+    Before the policy has placed any exact size it takes the tightest fit, as it always did.
+    """
+    monitor = fleet(
+        reading("a", 0, used_mb=H100_ROOM - 11 * GIB),  # 11 GiB free: 9 GiB left, too little
+        reading("b", 0, used_mb=H100_ROOM - 13 * GIB),  # 13 GiB free: 11 GiB left, enough
+    )
+    balancer = LoadBalancer(make_policy("balanced"))
+    small, typical = need(2 * GIB, exact=True), need(10 * GIB, exact=True)
+    placed = balancer.place(small, monitor.index)
+    assert chosen_ids(placed) == ("a:0",)
+    assert isinstance(placed, Chosen)
+    for _ in range(3):  # placing without reserving changes nothing but what the policy learnt
+        balancer.place(typical, monitor.index)
+    chosen = balancer.place(small, monitor.index)
+    assert chosen_ids(chosen) == ("b:0",)
+    assert isinstance(chosen, Chosen)
+    assert chosen.reason.startswith("balanced: +0.0 GiB unusable to the typical sizes; ")
+    assert placed.reason.startswith("balanced: leaves 9.0 GiB")  # nothing typical yet
+    # The estimated path does not look at it; best_fit still packs tightest.
+    assert chosen_ids(place(monitor, small, "best_fit")) == ("a:0",)
+
+
+def test_balanced_weighs_a_multi_gpu_exact_size_by_its_gpus_fragmentation_summed() -> None:
+    """Two GPUs of 2 GiB each go to the worker whose GPUs keep room for the typical 10 GiB."""
+    monitor = fleet(
+        reading("a", 0, used_mb=H100_ROOM - 11 * GIB),
+        reading("a", 1, used_mb=H100_ROOM - 11 * GIB),
+        reading("b", 0, used_mb=H100_ROOM - 13 * GIB),
+        reading("b", 1, used_mb=H100_ROOM - 13 * GIB),
+    )
+    balancer = LoadBalancer(make_policy("balanced"))
+    pair = need(2 * GIB, gpu_count=2, exact=True)
+    assert chosen_ids(balancer.place(pair, monitor.index)) == ("a:0", "a:1")
+    for _ in range(3):
+        balancer.place(need(10 * GIB, exact=True), monitor.index)
+    assert chosen_ids(balancer.place(pair, monitor.index)) == ("b:0", "b:1")
+
+
+def test_balanced_learns_fragmentation_only_from_exact_sizes_it_placed() -> None:
+    """Estimated needs and needs that found no GPU teach the policy nothing."""
+    monitor = fleet(
+        reading("a", 0, used_mb=H100_ROOM - 11 * GIB),
+        reading("b", 0, used_mb=H100_ROOM - 13 * GIB),
+    )
+    balancer = LoadBalancer(make_policy("balanced"))
+    for _ in range(3):
+        balancer.place(need(10 * GIB), monitor.index)  # estimated
+        assert isinstance(balancer.place(need(70 * GIB, exact=True), monitor.index), NoFit)
+    assert chosen_ids(balancer.place(need(2 * GIB, exact=True), monitor.index)) == ("a:0",)
+
+
 def test_balanced_sends_an_estimated_size_where_the_fewest_share_then_the_most_room() -> None:
     """Alike in type and weights, the GPU running the fewest wins; among equals, the most room."""
     monitor = fleet(

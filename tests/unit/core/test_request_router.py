@@ -559,12 +559,13 @@ def test_model_loaded_gpu_reserves_no_weights() -> None:
 def test_balanced_packs_sized_requests_and_spreads_estimated_ones(harness_for) -> None:
     """A memory hint is a known size, packed; a chat request's size is a guess, spread.
 
-    The guess (the answer's length) goes to the idle GPU, where its error has room.
+    The guess (the answer's length) goes to the idle GPU, where its error has room. (Two known
+    sizes of 10 GB on one H100 leave its hole usable to a third: packing them fragments nothing.)
     """
     h: Harness = harness_for(gpus=[("H100-80GB", 2)], slots=4)
-    first = h.submit(_sized(30_000), user="ann")
+    first = h.submit(_sized(10_000), user="ann")
     gpu = h.dispatch_of(first).placement.gpu_id
-    sized = h.submit(_sized(30_000), user="bob")
+    sized = h.submit(_sized(10_000), user="bob")
     assert h.dispatch_of(sized).placement.gpu_id == gpu
     guessed = h.submit(chat(), user="carol")
     assert h.dispatch_of(guessed).placement.gpu_id != gpu
@@ -573,7 +574,7 @@ def test_balanced_packs_sized_requests_and_spreads_estimated_ones(harness_for) -
     h.fail(sized, FailureKind.OUT_OF_MEMORY, message="CUDA out of memory", peak_memory_mb=None)
     grown = h.router.get(sized.id)
     assert grown is not None
-    assert grown.estimate.gpu_memory_mb > 30_000
+    assert grown.estimate.gpu_memory_mb > 10_000
     assert not need_of(grown).exact
 
 
