@@ -288,7 +288,7 @@ def _service_seeds(documents: Sequence[Document]) -> list[str]:
                 [
                     _code(policy),
                     f"{_fixed(_mean(p99), 2)} ({_fixed(min(p99), 2)}–{_fixed(max(p99), 2)})",
-                    "" if policy == "balanced" else _percent(gain, 1),
+                    "—" if policy == "balanced" else _percent(gain, 1),
                     _fixed(mean(policy, "p50_latency_s"), 2),
                     _fixed(mean(policy, "p99_queue_wait_s"), 2),
                     _fixed(mean(policy, "throughput_rps"), 2),
@@ -296,6 +296,50 @@ def _service_seeds(documents: Sequence[Document]) -> list[str]:
                 ]
             )
         )
+    return lines
+
+
+def _service_where(documents: Sequence[Document]) -> list[str]:
+    """Per fleet and policy: the share of the work each GPU type ran, loads and memory in use."""
+    fleets: dict[str, list[Document]] = {}
+    for document in documents:
+        fleets.setdefault(document["fleet"]["gpus"], []).append(document)
+    kinds = sorted(
+        {
+            kind
+            for d in documents
+            for m in d["policies"].values()
+            for kind in m["completed_by_gpu_type"]
+        }
+    )
+    lines = _head(
+        "fleet",
+        "policy",
+        *(f"on {kind}" for kind in kinds),
+        "cold starts",
+        "memory in use",
+        left=(0, 1),
+    )
+    for fleet, group in fleets.items():
+        _like_for_like(group, "seed")
+        for policy in _shared_policies(group):
+            metrics = [document["policies"][policy] for document in group]
+            done = _mean([sum(m["completed_by_gpu_type"].values()) for m in metrics])
+            shares = [
+                _mean([m["completed_by_gpu_type"].get(kind, 0) for m in metrics]) / done
+                for kind in kinds
+            ]
+            lines.append(
+                _row(
+                    [
+                        fleet,
+                        _code(policy),
+                        *(_percent(share, 1) if share else "" for share in shares),
+                        _fixed(_mean([m["cold_starts"] for m in metrics]), 0),
+                        _percent(_mean([m["gpu_memory_utilization"] for m in metrics]), 0),
+                    ]
+                )
+            )
     return lines
 
 
@@ -446,6 +490,12 @@ TABLES: Mapping[str, Table] = {
     ),
     "service-single": Table(
         tuple(f"service_single_seed{seed}.json" for seed in range(4)), _service_seeds
+    ),
+    "service-where": Table(
+        tuple(
+            f"service_{fleet}_seed{seed}.json" for fleet in ("mixed", "single") for seed in range(4)
+        ),
+        _service_where,
     ),
     "packing": Table(("packing.json",), _packing),
     "packing-gpushare100": Table(("packing_gpushare100.json",), _packing),
