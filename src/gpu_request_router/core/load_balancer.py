@@ -8,17 +8,18 @@ a starving request nor, when others qualify, one the request already failed on. 
 
 Policies (:data:`POLICIES`) only rank the survivors; each is a small class with ``choose()``:
 
-- ``balanced`` (default): model already loaded first, then healthy before degraded, then by
-  how sure the request's size is. An exact size (a client's memory hint, or no working memory
-  to guess: weights only) goes where it fragments least, as FGD does: the GPU whose free memory
-  it leaves least unusable to the typical exact sizes this policy has placed (learnt online,
+- ``balanced`` (default): by how sure the request's size is. An exact size (a client's memory
+  hint, or no working memory to guess: weights only): model already loaded first, then healthy
+  before degraded, then where it fragments least, as FGD does: the GPU whose free memory it
+  leaves least unusable to the typical exact sizes this policy has placed (learnt online,
   bounded: :class:`BalancedPolicy`), in buckets of 7 % of the GPU's memory; then the tightest
   fit (whole GiB), keeping large holes whole for large requests; then the least busy. Before it
   has placed an exact size, the tightest fit alone decides. An estimated size (KV cache and
-  activations of an answer whose length is a guess) spreads: the most room left after it, then
-  the least busy GPU. The room absorbs the estimate's error (and that of the placements the
-  latest reading has not seen yet), so the GPU does not run out of memory. ``gpurouter bench
-  replay`` measures the difference (docs/benchmarks.md);
+  activations of an answer whose length is a guess): healthy before degraded, then the soonest
+  expected finish (a cold start where the GPU holds no copy of the weights, plus the duration on
+  the GPU's type slowed by what shares the GPU: :class:`BalancedPolicy`), then the most room
+  left, which absorbs the estimate's error, then the least busy. ``gpurouter bench replay``
+  measures both (docs/benchmarks.md);
 - ``best_fit``: the least memory left over;
 - ``least_loaded``: the fewest busy slots, then the most room;
 - ``power_of_two``: two random candidates, the less loaded of them;
@@ -27,8 +28,9 @@ Policies (:data:`POLICIES`) only rank the survivors; each is a small class with 
 
 A one-GPU decision of ``balanced``, ``best_fit`` and ``least_loaded`` searches the monitor's
 :class:`~gpu_request_router.core.placement_index.PlacementIndex` (GPUs shelved by type, memory,
-models, loaded models and health, sorted by room and by load) in time logarithmic in the GPUs and
-choosing exactly the GPU a scan would, ties broken by the order in which GPUs became schedulable.
+models, loaded and cached models, slots and health, sorted by room and by load) in time
+logarithmic in the GPUs and choosing exactly the GPU a scan would, ties broken by the order in
+which GPUs became schedulable.
 For an exact size, ``balanced``'s fragmentation cost is one GPU's own (the growth of its free
 memory below each typical size), a function of its room alone, that never decreases between
 the rooms where it jumps (each typical size s and s + the need): so a shelf need only look at
