@@ -262,7 +262,7 @@ class BalancedPolicy(IndexedPolicy):
     name = "balanced"
 
     def __init__(self, service: ServiceModel | None = None) -> None:
-        self.service = service or ServiceModel()
+        self.service = service or ServiceModel.of()
         self.mix: RequestMix[tuple[int, int]] = RequestMix()
         self.typical: tuple[Demand, ...] = ()
         self._refresh_at = 1
@@ -500,7 +500,7 @@ def make_policy(name: str, seed: int = 0, service: ServiceModel | None = None) -
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown placement policy {name!r}") from None
-    return factory(random.Random(seed), service or ServiceModel())
+    return factory(random.Random(seed), service or ServiceModel.of())
 
 
 class LoadBalancer:

@@ -33,13 +33,14 @@ _BYTES_PER_MB = 2**20
 class ServiceModel:
     """The slowdown of sharing a GPU and the bandwidth of loading weights (module docstring)."""
 
-    batch_slowdown: float = 0.03
-    job_slowdown: float = 1.0
-    load_gb_s: float = 1.7
+    batch_slowdown: float
+    job_slowdown: float
+    load_gb_s: float
 
     @classmethod
-    def of(cls, section: ServiceSettings) -> ServiceModel:
-        """The model a configuration's ``placement.service`` section describes."""
+    def of(cls, section: ServiceSettings | None = None) -> ServiceModel:
+        """The model a ``placement.service`` section describes (default: the configuration's)."""
+        section = section or ServiceSettings()
         return cls(section.batch_slowdown, section.job_slowdown, section.load_gb_s)
 
     def slowdown(self, task: Task, sharing: float) -> float:

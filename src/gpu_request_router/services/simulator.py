@@ -318,7 +318,7 @@ class SimulatedFleet:
         self._used_at = 0.0
         self.memory_mb_seconds = 0.0  # that memory integrated over time
         self.loads = 0  # weights loaded onto a shared GPU (cold starts), ever
-        self.service = service or ServiceModel()
+        self.service = service or ServiceModel.of()
         weights = weights_mb or {}
         for backend in backends:
             if backend.kind != "simulated":

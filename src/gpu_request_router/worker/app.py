@@ -162,7 +162,7 @@ def simulated_fleet(
         slots_per_gpu=settings.slots,
         service=settings.simulate_service,
     )
-    return SimulatedFleet([backend], service=ServiceModel.of(service or ServiceSettings()))
+    return SimulatedFleet([backend], service=ServiceModel.of(service))
 
 
 class SimulatedReader:
