@@ -200,8 +200,12 @@ class NotFound(GpuRouterError):
 class InvalidTransition(GpuRouterError):
     """The request status machine forbids moving from ``from_status`` to ``to_status``."""
 
-    def __init__(self, request_id: str, from_status: str, to_status: str) -> None:
-        super().__init__(f"request {request_id}: illegal transition {from_status} -> {to_status}")
+    def __init__(
+        self, request_id: str, from_status: str, to_status: str, message: str | None = None
+    ) -> None:
+        super().__init__(
+            message or f"request {request_id}: illegal transition {from_status} -> {to_status}"
+        )
         self.request_id = request_id
         self.from_status = from_status
         self.to_status = to_status
@@ -211,7 +215,13 @@ class AlreadyTerminal(InvalidTransition):
     """The request has already reached a terminal status and cannot change any more."""
 
     def __init__(self, request_id: str, status: str, to_status: str) -> None:
-        super().__init__(request_id, status, to_status)
+        if to_status == "cancelled":
+            rule = "only queued or running requests can be cancelled"
+        else:
+            rule = f"a finished request cannot become {to_status}"
+        super().__init__(
+            request_id, status, to_status, f"request {request_id} already {status}; {rule}"
+        )
         self.status = status
 
 

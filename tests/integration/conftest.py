@@ -265,3 +265,16 @@ def shared_server() -> Iterator[LiveServer]:
         yield servers.start()
     finally:
         servers.close()
+
+
+@pytest.fixture(scope="module")
+def module_server() -> Iterator[LiveServer]:
+    """One live router for a whole module that its tests may submit work to.
+
+    For tests that look only at their own calls (not at counts or listings of all requests).
+    """
+    servers = _Servers()
+    try:
+        yield servers.start()
+    finally:
+        servers.close()

@@ -20,6 +20,7 @@ BODY_OPERATIONS = {
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
 }
 # The refusals of schema-valid input that depend on more than the call itself (the problem's
 # reason, or the OpenAI error's code):
@@ -35,7 +36,13 @@ ALLOWED_REFUSALS = {
     "quota-forbidden",
     "unschedulable",
 }
-OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+OPENAI_PATHS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/models",
+}
 FOREIGN_IDS = tuple(filter(None, os.environ.get("FUZZ_FOREIGN_IDS", "").split(",")))
 STATUSES = ("queued", "dispatching", "running", "succeeded", "failed", "cancelled", "expired")
 

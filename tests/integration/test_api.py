@@ -541,6 +541,9 @@ def test_cancel_a_finished_request_is_409_with_its_status(server: LiveServer) ->
     until_status(alice, done["id"], "succeeded")
     body = problem(alice.delete(f"/v1/requests/{done['id']}"), 409)
     assert body["request_status"] == "succeeded"
+    assert body["detail"] == (
+        f"request {done['id']} already succeeded; only queued or running requests can be cancelled"
+    )
     cancelled = submit(alice, hang_body())
     assert alice.delete(f"/v1/requests/{cancelled['id']}").status_code == 200
     body = problem(alice.delete(f"/v1/requests/{cancelled['id']}"), 409)
@@ -1237,7 +1240,7 @@ def test_body_over_the_limit_sent_chunked_is_413(serve: Serve) -> None:
     )
     assert "transfer-encoding" in response.request.headers
     body = problem(response, 413)
-    assert "max_body_bytes" in body["detail"]
+    assert "max_body_bytes" in body["detail"] and "limit of 4096 bytes" in body["detail"]
     assert list_ids(alice) == []
     assert submit(alice)["status"] == "dispatching"
 
@@ -1248,7 +1251,7 @@ def test_body_over_the_limit_with_content_length_is_a_413_problem(serve: Serve) 
     alice = server.client("alice")
     response = alice.post("/v1/requests", json=chat_body(text="x" * 5000))
     assert response.status_code == 413
-    problem(response, 413)
+    assert "limit of 4096 bytes" in problem(response, 413)["detail"]
 
 
 def test_body_over_the_limit_with_content_length_is_refused(serve: Serve) -> None:
@@ -1422,6 +1425,30 @@ def test_malformed_bodies_are_422_problems(
     alice = shared_server.client("alice")
     response = alice.post("/v1/requests", content=content, headers={"Content-Type": content_type})
     problem(response, 422)
+    assert list_ids(alice) == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize("path", ["/v1/requests", "/v1/estimate"])
+def test_a_body_not_sent_as_json_is_told_to_be(
+    shared_server: LiveServer, path: str, content_type: str | None
+) -> None:
+    """A JSON body under another content type (or none) is a 422 saying to send it as JSON.
+
+    The same on the hot route and on a route FastAPI serves; nothing is queued.
+    """
+    alice = shared_server.client("alice")
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    content = json.dumps(chat_body()).encode()
+    body = problem(alice.post(path, content=content, headers=headers), 422)
+    assert body["detail"] == "body: send the body as JSON (Content-Type: application/json)"
+    assert body["errors"] == [
+        {
+            "loc": ["body"],
+            "msg": "send the body as JSON (Content-Type: application/json)",
+            "type": "content_type",
+        }
+    ]
     assert list_ids(alice) == []
 
 

@@ -11,7 +11,10 @@ content type and body (but the request id, which only the router gives).
 Valid input gets the same status; its body is the router's answer (a stored request, a
 completion) and the stock route's stand-in, so only the status is compared.
 
-By design the router differs from stock FastAPI in one way: every JSON body is read with the
+By design the router differs from stock FastAPI in two ways. A body sent under another content
+type than JSON (or none) is a 422 of type ``content_type`` that says to send JSON, where stock
+FastAPI hands the unparsed bytes to the model ("Input should be a valid dictionary"). And every
+JSON body is read with the
 app's own rules (``utils/json_values.py``, through ``api/routes/body.py``), which refuse with
 422 — located at the value — what Python's ``json`` reads but the router could not send back:
 ``NaN``, ``Infinity``, nesting deeper than 64 levels. Stock FastAPI accepts the first two and
@@ -34,7 +37,12 @@ from fastapi import FastAPI, Header
 from gpu_request_router.api.app import create_app
 from gpu_request_router.api.models.request_models import SubmitBody
 from gpu_request_router.api.routes.lean import HotPaths
-from gpu_request_router.api.routes.openai_routes import ChatBody, CompletionBody, EmbeddingBody
+from gpu_request_router.api.routes.openai_routes import (
+    ChatBody,
+    CompletionBody,
+    EmbeddingBody,
+    ResponsesBody,
+)
 from gpu_request_router.http.problems import install_error_handlers
 
 if TYPE_CHECKING:
@@ -67,6 +75,10 @@ def stock_app() -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody, priority: Priority = None) -> dict[str, Any]:
+        return {}
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesBody, priority: Priority = None) -> dict[str, Any]:
         return {}
 
     return app
@@ -123,6 +135,14 @@ ROUTES = [
         b'{"model": "all-minilm-l6-v2", "input": "hi", "x": %s}',
         ["x"],
     ),
+    Route(
+        "/v1/responses",
+        "X-Priority",
+        "low",
+        64,
+        b'{"model": "llama-3-8b", "input": "hi", "max_output_tokens": 2, "x": %s}',
+        ["x"],
+    ),
 ]
 
 
@@ -156,8 +176,10 @@ def cases(route: Route) -> dict[str, Case]:
         "no-body": Case(b"", JSON),
         "no-body-no-content-type": Case(b"", {}),
         "malformed-json": Case(b'{"model": ', JSON),
-        "json-under-text-plain": Case(valid, {"Content-Type": "text/plain"}),
-        "json-without-content-type": Case(valid, {}),
+        "json-under-text-plain": Case(
+            valid, {"Content-Type": "text/plain"}, "content_type", located=False
+        ),
+        "json-without-content-type": Case(valid, {}, "content_type", located=False),
         "not-an-object": Case(b"[1, 2]", JSON),
         "null": Case(b"null", JSON),
         "wrong-field-types": Case(_changed(route, model=1, max_tokens="2"), JSON),

@@ -40,14 +40,14 @@ def test_chat_completion_plain_and_streamed(server: LiveServer) -> None:
     text = whole.choices[0].message.content
     assert whole.object == "chat.completion" and text and len(text.split()) == 6
     assert whole.usage is not None and whole.usage.completion_tokens == 6
-    pieces = [
-        chunk.choices[0].delta.content or ""
-        for chunk in client.chat.completions.create(
+    chunks = list(
+        client.chat.completions.create(
             model="llama-3-8b", messages=MESSAGES, max_tokens=6, stream=True
         )
-        if chunk.choices
-    ]
-    assert len(pieces) == 6 and len("".join(pieces).split()) == 6
+    )
+    pieces = [chunk.choices[0].delta.content for chunk in chunks[:-1]]
+    assert len(pieces) == 6 and len("".join(p or "" for p in pieces).split()) == 6
+    assert chunks[-1].choices[0].finish_reason == "length"
     assert [r["status"] for r in server.listed()] == ["succeeded", "succeeded"]
 
 

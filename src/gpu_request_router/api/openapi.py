@@ -28,6 +28,7 @@ _OPENAI_BODIES = {
     "ChatBody": {Task.CHAT},
     "CompletionBody": {Task.COMPLETION},
     "EmbeddingBody": {Task.EMBEDDING},
+    "ResponsesBody": {Task.CHAT},
 }
 _SUBMIT_BODY = "SubmitBody"
 

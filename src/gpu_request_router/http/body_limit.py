@@ -15,8 +15,6 @@ from gpu_request_router.http.problems import problem_response
 
 __all__ = ["BodyLimitMiddleware"]
 
-_DETAIL = "the request body is larger than the limit (server.max_body_bytes)"
-
 
 class BodyLimitMiddleware:
     """Answers 413 for bodies over ``max_bytes``."""
@@ -24,6 +22,10 @@ class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.detail = (
+            f"the request body is larger than the limit of {max_bytes} bytes"
+            " (server.max_body_bytes)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
@@ -32,11 +34,12 @@ class BodyLimitMiddleware:
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = problem_response(Request(scope), 413, _DETAIL)
+            response = problem_response(Request(scope), 413, self.detail)
             await response(scope, receive, send)
             return
         received = 0
         limit = self.max_bytes
+        detail = self.detail
 
         async def counted() -> Message:
             nonlocal received
@@ -44,7 +47,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise HTTPException(413, _DETAIL)
+                    raise HTTPException(413, detail)
             return message
 
         await self.app(scope, counted, send)

@@ -55,7 +55,7 @@ __all__ = [
 PROBLEM_JSON = "application/problem+json"
 # The OpenAI-compatible routes answer errors in OpenAI's shape, which their clients parse.
 OPENAI_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models"}
 )
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "SimulatedBackend",
     "StreamSink",
     "agent_payload",
+    "includes_usage",
     "parse_vllm_load",
 ]
 
@@ -113,28 +114,45 @@ async def _hang() -> NoReturn:
     raise AssertionError("an event nobody sets was set")
 
 
-def _stream_chunks(output: Any) -> list[bytes]:
-    """OpenAI streaming chunks (SSE) of a complete chat or text completion answer."""
+def includes_usage(body: Mapping[str, Any]) -> bool:
+    """Whether a streamed call asked for the usage chunk (``stream_options.include_usage``)."""
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+def _stream_chunks(output: Any, include_usage: bool = False) -> list[bytes]:
+    """OpenAI streaming chunks (SSE) of a complete chat or text completion answer.
+
+    As OpenAI streams: each choice's words, then a chunk with its ``finish_reason``; with
+    ``include_usage``, a last chunk with the answer's ``usage`` and no choices; then
+    ``data: [DONE]``.
+    """
+    if not isinstance(output, dict):
+        return [b"data: [DONE]\n\n"]
+    chat = output.get("object") == "chat.completion"
+    head = {
+        "id": output.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": output.get("created"),
+        "model": output.get("model"),
+    }
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n".encode()
+
     chunks: list[bytes] = []
-    choices = output.get("choices", []) if isinstance(output, dict) else []
-    chat = output.get("object") == "chat.completion" if isinstance(output, dict) else False
-    for choice in choices:
+    for choice in output.get("choices", []):
+        index = choice.get("index", 0)
         text = choice.get("message", {}).get("content", "") if chat else choice.get("text", "")
-        for index, word in enumerate(text.split(" ") if text else []):
-            piece = word if index == 0 else f" {word}"
-            delta = {"content": piece} if chat else None
-            body = {
-                "id": output.get("id"),
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": output.get("created"),
-                "model": output.get("model"),
-                "choices": [
-                    {"index": choice.get("index", 0), "delta": delta, "finish_reason": None}
-                    if chat
-                    else {"index": choice.get("index", 0), "text": piece, "finish_reason": None}
-                ],
-            }
-            chunks.append(f"data: {json.dumps(body)}\n\n".encode())
+        for position, word in enumerate(text.split(" ") if text else []):
+            piece = word if position == 0 else f" {word}"
+            part: dict[str, Any] = {"delta": {"content": piece}} if chat else {"text": piece}
+            chunks.append(chunk([{"index": index, **part, "finish_reason": None}]))
+        end: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+        reason = choice.get("finish_reason") or "stop"
+        chunks.append(chunk([{"index": index, **end, "finish_reason": reason}]))
+    if include_usage and isinstance(output.get("usage"), dict):
+        chunks.append(chunk([], usage=output["usage"]))
     chunks.append(b"data: [DONE]\n\n")
     return chunks
 
@@ -167,7 +185,11 @@ class SimulatedBackend:
             if plan.failure is not None:
                 await asyncio.sleep(duration * FAILS_AFTER)
                 return plan.failure
-            chunks = [] if sink is None else _stream_chunks(plan.output)
+            chunks = (
+                []
+                if sink is None
+                else _stream_chunks(plan.output, includes_usage(dispatch.request.input))
+            )
             marks = [(i + 1) / len(chunks) for i in range(len(chunks))] or [1.0]
             for sent, mark in enumerate(marks):
                 # A chunk (or the end) at its share of the run; on a shared GPU the end moves
@@ -328,7 +350,7 @@ class AgentClient(_HttpBackend):
             usage = {}
         output = body.get("output")
         if sink is not None:
-            for chunk in _stream_chunks(output):
+            for chunk in _stream_chunks(output, includes_usage(dispatch.request.input)):
                 sink.put(chunk)
         return _result(output, usage)
 

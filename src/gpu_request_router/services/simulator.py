@@ -153,9 +153,18 @@ def _embedding(seed: str, dimensions: int = 8) -> list[float]:
     return [round(x / norm, 6) for x in raw]
 
 
+_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
+
+
 def openai_output(request: Request) -> Any:
-    """A well-formed OpenAI-style answer for the request's task (deterministic)."""
+    """A well-formed OpenAI-style answer for the request's task (deterministic).
+
+    A chat or text answer ends for ``length`` when the call set a token limit (its words are
+    that many), and for ``stop`` otherwise.
+    """
     shape = request.shape
+    limited = any(request.input.get(key) is not None for key in _TOKEN_LIMITS)
+    finish = "length" if limited else "stop"
     created = int(request.created_at)
     usage_in = shape.batch_size * shape.input_tokens
     usage_out = shape.batch_size * shape.output_tokens
@@ -177,7 +186,7 @@ def openai_output(request: Request) -> Any:
                         "role": "assistant",
                         "content": _words(f"{request.id}:{index}", shape.output_tokens),
                     },
-                    "finish_reason": "length",
+                    "finish_reason": finish,
                 }
                 for index in range(shape.batch_size)
             ],
@@ -193,7 +202,7 @@ def openai_output(request: Request) -> Any:
                 {
                     "index": index,
                     "text": _words(f"{request.id}:{index}", shape.output_tokens),
-                    "finish_reason": "length",
+                    "finish_reason": finish,
                     "logprobs": None,
                 }
                 for index in range(shape.batch_size)

@@ -31,6 +31,7 @@ OPENAI = {
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
     "/v1/models",
     "/v1/models/{model_id}",
 }
@@ -39,6 +40,7 @@ CONTRACT = {  # SPEC §5 and §6's worker registration, but for the dashboard
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("post", "/v1/embeddings"),
+    ("post", "/v1/responses"),
     ("get", "/v1/models"),
     ("get", "/v1/models/{model_id}"),
     ("post", "/v1/requests"),

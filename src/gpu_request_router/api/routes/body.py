@@ -6,7 +6,8 @@ field is looked at, and alone, as malformed JSON is — when it holds a lone sur
 ``Infinity`` or a number beyond a double, an integer of more than 4,300 digits, or objects and
 arrays nested more than 64 levels deep. Each error names the place by its path
 (``["body", "input", "x"]``); malformed JSON keeps FastAPI's ``json_invalid`` at its character
-position. A body that is not text at all stays a 400.
+position. A body that is not text at all stays a 400. A body sent under another content type
+than JSON (or none) is a 422 of type ``content_type`` that says to send it as JSON.
 
 The hot routes call it from ``lean.json_body``; every other route takes its body through
 :class:`JsonRoute`, which hands FastAPI the body this parser read, so the answers are the same
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpu_request_router.utils.json_values import TOO_DEEP, JsonProblem, LongInteger, first_problem
 
-__all__ = ["JsonRoute", "is_json", "parse", "read_body"]
+__all__ = ["NOT_JSON", "JsonRoute", "is_json", "not_json", "parse", "read_body"]
 
 _UNREADABLE = "There was an error parsing the body"
 
@@ -40,6 +41,15 @@ async def read_body(request: Request) -> bytes:
         raise
     except Exception:  # the client went away while sending it
         raise HTTPException(400, _UNREADABLE) from None
+
+
+NOT_JSON = "send the body as JSON (Content-Type: application/json)"
+
+
+def not_json() -> RequestValidationError:
+    """The 422 for a body sent under another content type than JSON (or none)."""
+    error = {"type": "content_type", "loc": ("body",), "msg": NOT_JSON, "input": None}
+    return RequestValidationError([error])
 
 
 def is_json(request: Request) -> bool:
@@ -111,7 +121,9 @@ class JsonRoute(APIRoute):
         async def checked(request: Request) -> Response:
             parsed = _ParsedRequest(request.scope, request.receive)
             raw = await read_body(parsed)
-            if raw and is_json(parsed):
+            if raw:
+                if not is_json(parsed):
+                    raise not_json()
                 parsed.payload = parse(raw)
             return await handler(parsed)
 

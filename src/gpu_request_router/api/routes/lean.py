@@ -14,7 +14,8 @@ registers two things:
   per call) and its routing, exception middleware and request-response wrapping (another fifth).
 
 The fast handler reads the body, the caller and the headers itself and answers bad input as
-FastAPI would: :func:`json_body` reads the body with the parser every route uses
+FastAPI would (but for a body that is not sent as JSON, which gets a clearer 422 than
+FastAPI's): :func:`json_body` reads the body with the parser every route uses
 (:mod:`~gpu_request_router.api.routes.body`: 422 for malformed JSON or a value against the
 app's JSON rules, 400 for a body that is not text or cannot be read), before anything else is
 checked; then the errors of the headers and of the body are reported together, headers first
@@ -36,7 +37,7 @@ from pydantic import BaseModel, StringConstraints, TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep, caller_of
-from gpu_request_router.api.routes.body import is_json, parse, read_body
+from gpu_request_router.api.routes.body import is_json, not_json, parse, read_body
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.http.problems import HANDLED, answer_error
 
@@ -97,17 +98,18 @@ class OptionalHeader:
 async def json_body(request: Request) -> object:
     """The body as FastAPI would hand it to a body model: JSON only under a JSON content type.
 
-    No body is a 422; one under another content type (or none) stays unparsed, so the model
-    refuses it (422); JSON is read by :func:`~gpu_request_router.api.routes.body.parse`, as on
-    every route (malformed JSON or a value against its rules: 422; not text: 400). A body that
-    cannot be read at all (the client gone while it was sent) is a 400.
+    No body is a 422; one under another content type (or none) is a 422 saying to send JSON
+    (:func:`~gpu_request_router.api.routes.body.not_json`); JSON is read by
+    :func:`~gpu_request_router.api.routes.body.parse`, as on every route (malformed JSON or a
+    value against its rules: 422; not text: 400). A body that cannot be read at all (the client
+    gone while it was sent) is a 400.
     """
     raw = await read_body(request)
     if not raw:
         missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
         raise RequestValidationError([missing])
     if not is_json(request):
-        return raw
+        raise not_json()
     return parse(raw)
 
 
