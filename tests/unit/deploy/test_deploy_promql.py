@@ -4,11 +4,15 @@ Every ``expr`` of the Grafana board (and its ``label_values`` variables) and of 
 parsed by ``promql-parser`` (a port of Prometheus's own parser: a syntax error or an unknown
 function fails), and every metric name its selectors use must be a sample name of the router's
 real registry: a counter's ``_total``, a histogram's ``_bucket`` / ``_sum`` / ``_count``, a gauge's
-own name. Nothing here checks label names or values, or runs the queries against a Prometheus.
+own name. The label names a query uses (in selectors, ``by (...)`` and ``label_replace``) must be
+labels of the metrics it reads, as a real scrape of a collector with a series of every metric
+writes them (or ``job`` / ``instance``, which Prometheus adds). Label values are not checked, and
+no query runs against a Prometheus.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -22,14 +26,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_request_router.core.metric_collector import MetricCollector
+from gpu_request_router.models.gpu_state import GPUReading, GPUState
+from gpu_request_router.models.request import Estimate, Placement, Request, RequestStatus, Task
 
 DEPLOY = Path(__file__).parents[3] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "gpurouter.json"
 SCRAPE = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
-#: Series Prometheus itself adds to every scrape target (not the router's).
+#: Series Prometheus itself adds to every scrape target (not the router's), and its target labels.
 SCRAPE_SERIES = frozenset({"up"})
+TARGET_LABELS = frozenset({"job", "instance"})
 
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 # Grafana's interval variables stand for a duration; a query ranges over them.
@@ -46,6 +53,79 @@ def exported_names() -> frozenset[str]:
         assert family.type in _SUFFIXES, f"{family.name}: a {family.type} is not handled here"
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
     return frozenset(names)
+
+
+@functools.cache
+def exported_labels() -> dict[str, frozenset[str]]:
+    """Sample name -> its label names, from a real scrape once every metric has a series."""
+    registry = CollectorRegistry()
+    collector = MetricCollector(registry)
+    request = Request(
+        id="r1",
+        user="alice",
+        model="llama",
+        task=Task.CHAT,
+        priority="normal",
+        estimate=Estimate(
+            gpu_memory_mb=1, weights_mb=0, kv_cache_mb=1, activations_mb=0, duration_s={"x": 1.0}
+        ),
+        created_at=0.0,
+    )
+    request.transition(RequestStatus.DISPATCHING, 1.0, placement=Placement("w", ("w:0",)))
+    collector.request_dispatched(request, 1.0)
+    request.transition(RequestStatus.RUNNING, 2.0)
+    request.transition(RequestStatus.SUCCEEDED, 3.0, result={})
+    collector.request_finished(request, 3.0)
+    collector.request_rejected("quota", "alice")
+    collector.retry("backend", "alice")
+    collector.set_queue_depth({"normal": 1})
+    collector.decision(0.001)
+    collector.estimate_error("llama", "duration", 1.0)
+    collector.set_gpus_held(0)
+    collector.circuit("w", is_open=False)
+    reading = GPUReading(
+        worker="w", index=0, type="H100-80GB", memory_total_mb=81559, memory_used_mb=1
+    )
+    collector.gpu(GPUState(reading=reading, last_seen=0.0))
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return {name: frozenset(names) for name, names in labels.items()}
+
+
+def unknown_labels(expr: str) -> list[str]:
+    """Label names the query uses that the metrics it reads do not carry."""
+    labels = exported_labels()
+    problems: list[str] = []
+
+    def available(node: Any) -> set[str]:
+        """Labels the series of a subtree can carry: its metrics', target and replaced ones."""
+        found = set(TARGET_LABELS)
+
+        def visit(inner: Any) -> bool:
+            if isinstance(inner, promql_parser.VectorSelector) and inner.name:
+                found.update(labels.get(inner.name, ()))
+            if isinstance(inner, promql_parser.Call) and inner.func.name == "label_replace":
+                found.add(inner.args[1].val)
+            return True
+
+        promql_parser.walk(node, visit)
+        return found
+
+    def check(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            groups = [node.matchers.matchers, *node.matchers.or_matchers]
+            used = {m.name for group in groups for m in group} - {"__name__"}
+            problems.extend(sorted(used - available(node)))
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            problems.extend(sorted(set(node.modifier.labels) - available(node.expr)))
+        elif isinstance(node, promql_parser.Call) and node.func.name == "label_replace":
+            problems.extend(sorted({node.args[3].val} - available(node.args[0])))
+        return True
+
+    promql_parser.walk(promql_parser.parse(_GRAFANA_INTERVALS.sub("5m", expr)), check)
+    return problems
 
 
 def metric_names(expr: str) -> set[str]:
@@ -104,6 +184,32 @@ def unknown_names(exprs: list[tuple[str, str]]) -> list[str]:
     ]
 
 
+def test_labels_come_from_a_series_of_every_metric() -> None:
+    """Every exported name has a series in the populated scrape, with the labels documented."""
+    labels = exported_labels()
+    assert exported_names() <= labels.keys()
+    assert labels["gpurouter_queue_wait_seconds_bucket"] == {"priority", "le"}
+    assert labels["gpurouter_requests_total"] == {"status", "priority", "model"}
+
+
+@pytest.mark.parametrize(
+    ("expr", "wrong"),
+    [
+        ('gpurouter_gpu_healthy{gpus="w:0"}', ["gpus"]),
+        ("sum by (class) (gpurouter_queue_depth)", ["class"]),
+        ('label_replace(gpurouter_circuit_open, "w", "$1", "gpu", "(.+)")', ["gpu"]),
+        (
+            'max by (worker) (label_replace(gpurouter_gpu_healthy, "worker", "$1", "gpu", "(.+)"))',
+            [],
+        ),
+        ('sum by (job) (up{instance="x"})', []),
+    ],
+)
+def test_unknown_labels_are_found(expr: str, wrong: list[str]) -> None:
+    """A label the metric lacks, in a selector, a grouping or label_replace's source, is found."""
+    assert unknown_labels(expr) == wrong
+
+
 def test_exported_names_match_a_real_scrape() -> None:
     """The suffix rules give exactly the names the text exposition writes (unlabelled series)."""
     registry = CollectorRegistry()
@@ -126,6 +232,7 @@ class TestDashboard:
         exprs = list(dashboard_exprs(json.loads(DASHBOARD.read_text())))
         assert len(exprs) >= 20
         assert unknown_names(exprs) == []
+        assert [(where, unknown_labels(e)) for where, e in exprs if unknown_labels(e)] == []
 
     def test_covers_every_exported_metric(self) -> None:
         """Each metric the router exports appears on the board (under one of its sample names)."""
@@ -171,6 +278,7 @@ class TestPrometheus:
         rules = yaml.safe_load(ALERTS.read_text())
         exprs = list(alert_exprs(rules))
         assert unknown_names(exprs) == []
+        assert [(where, unknown_labels(e)) for where, e in exprs if unknown_labels(e)] == []
         for group in rules["groups"]:
             for rule in group["rules"]:
                 assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
