@@ -194,6 +194,13 @@ def test_submit_wait_and_wait_print_the_answer(router: str) -> None:
     assert json.loads(answer) == _json(_cli(router, "status", request_id, "--json"))["result"]
     without_wait = _cli(router, "submit", "llama-3-8b", "--prompt", "Hi", "--max-tokens", "4")
     assert without_wait.stdout.rstrip().endswith("┘"), "no --wait: the table only"
+    failing = json.dumps({"prompt": "x", "simulate": {"failure": "error", "fail_attempts": 99}})
+    failed = _cli(
+        router, "submit", "llama-3-8b", "--task", "completion", "--input", failing, "--wait", "60"
+    )
+    assert failed.returncode == 0, failed.stderr
+    assert "failed" in failed.stdout and failed.stdout.rstrip().endswith("┘"), "no answer"
+    assert "failed" in failed.stderr and "simulated backend error" in failed.stderr
 
 
 def test_url_and_api_key_options_override_the_environment(
