@@ -18,8 +18,8 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.runtime  ## the router on the embedded default: SQLite here, 4 simulated GPUs
-	$(BIN)/gpurouter serve
+run: $(VENV)/.runtime  ## the router on the embedded default: SQLite here, 4 simulated GPUs; PORT=… HOST=… CONFIG=…
+	$(BIN)/gpurouter serve $(if $(CONFIG),--config $(CONFIG)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: lint typecheck unit  ## everything CI runs
 

@@ -1,14 +1,16 @@
 """The ``gpurouter`` command line: the server, client commands, keys and the demo.
 
-Client commands read ``GPUROUTER_URL`` (default ``http://127.0.0.1:8080``) and
-``GPUROUTER_API_KEY``. They print tables, or JSON with ``--json``; an error from the router is
-printed with its problem details and exits 1; a router that cannot be reached exits 2.
+Client commands call the router at ``--url`` and with ``--api-key`` (given after the command or
+before it, ``gpurouter --url URL list``), else ``GPUROUTER_URL`` (default
+``http://127.0.0.1:8080``) and ``GPUROUTER_API_KEY``. They print tables, or JSON with ``--json``;
+an error from the router is printed with its problem details and exits 1; a router that cannot
+be reached exits 2. ``submit --wait`` and ``wait`` also print the answer of a request that
+succeeded. ``-h`` is ``--help`` everywhere.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gpu_request_router import __version__
 from gpu_request_router.bench.cli import bench_app
 from gpu_request_router.client import ApiError, RouterClient
 from gpu_request_router.config.config_loader import (
@@ -31,6 +34,12 @@ from gpu_request_router.config.config_loader import (
     load_settings,
 )
 from gpu_request_router.demo import DEMO_BACKENDS, run_demo
+from gpu_request_router.dev_key import (
+    DevKeyUnusable,
+    dev_key_path,
+    development_key,
+    new_api_key,
+)
 from gpu_request_router.exceptions import ConfigError, StoreInUse, StoreUnavailable
 from gpu_request_router.utils.logging import configure_logging
 
@@ -41,6 +50,8 @@ app = typer.Typer(
     help="gpu-request-router: a GPU-aware, fair and durable router in front of a GPU fleet.",
     no_args_is_help=True,
     add_completion=False,
+    # Inherited by every command and command group below.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -56,11 +67,42 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="A YAML config file (defaults: built in).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="The router's URL (default: $GPUROUTER_URL, else http://127.0.0.1:8080).",
+        show_default=False,
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", help="The API key (default: $GPUROUTER_API_KEY).", show_default=False
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        _out.print(f"gpurouter {__version__}", highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
-def _main() -> None:
+def _main(
+    ctx: typer.Context,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """gpu-request-router: a GPU-aware, fair and durable router in front of a GPU fleet."""
+    ctx.obj = {"url": url, "api_key": api_key}
 
 
 def _load(config: Path | None) -> Settings:
@@ -69,11 +111,6 @@ def _load(config: Path | None) -> Settings:
     except ConfigError as exc:
         _err.print(f"[red]invalid configuration[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
-
-
-def new_api_key() -> str:
-    """A fresh API key (``gr_`` and 43 URL-safe characters, 256 random bits)."""
-    return "gr_" + secrets.token_urlsafe(32)
 
 
 def _refuse(reason: str, error: str, code: int = 1, **context: object) -> NoReturn:
@@ -101,14 +138,10 @@ def serve(
         update={"host": host or settings.server.host, "port": port or settings.server.port}
     )
     settings = settings.model_copy(update={"server": server})
-    dev_key = None
-    if settings.auth.enabled and not settings.auth.users:
-        dev_key = new_api_key()
-        admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
-        settings = settings.model_copy(update={"auth": AuthSettings(enabled=True, users=[admin])})
     configure_logging(settings.logging, cache_loggers=True)
     # The order of a start: the store (and the SQLite file's lock, before anything reads the
-    # file), the port, then recovery (the application's lifespan), then "listening".
+    # file), the development key (kept beside that file), the port, then recovery (the
+    # application's lifespan), then "listening".
     try:
         store = open_store(settings.state)
     except ConfigError as exc:
@@ -117,6 +150,15 @@ def serve(
         _refuse("state_store_in_use", exc.message, path=exc.path, pid=exc.pid)
     except StoreUnavailable as exc:
         _refuse("state_store_unavailable", exc.message)
+    dev_key = None
+    if settings.auth.enabled and not settings.auth.users:
+        try:
+            dev_key = development_key(settings.state)
+        except DevKeyUnusable as exc:
+            store.close()
+            _refuse("development_key_unusable", str(exc), path=str(exc.path))
+        admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
+        settings = settings.model_copy(update={"auth": AuthSettings(enabled=True, users=[admin])})
     try:
         application = create_app(settings, store=store)
     except ConfigError as exc:
@@ -145,9 +187,12 @@ def serve(
         structlog.get_logger().info("listening", url=url)
         _out.print(f"gpu-request-router listening on [bold]{url}[/bold] (API docs: {url}/docs)")
         if dev_key is not None:
+            kept = dev_key_path(settings.state)
+            where = f"kept in {kept}" if kept is not None else "for this run only"
             _out.print(
-                "No users are configured: a development admin key was made for this run.\n"
-                f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}"
+                f"No users are configured: a development admin key ({escape(where)}).\n"
+                f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}",
+                highlight=False,
             )
 
     AnnouncingServer(server_config, announce).run(sockets=[sock])
@@ -260,9 +305,14 @@ def create_key(
 
 
 @contextmanager
-def _client() -> Iterator[RouterClient]:
-    """A client for the router in the environment; errors become messages and exit codes."""
-    client = RouterClient()
+def _client(ctx: typer.Context, url: str | None, api_key: str | None) -> Iterator[RouterClient]:
+    """A client for the router; errors become messages and exit codes.
+
+    The command's own ``--url``/``--api-key`` come first, then those given before the command,
+    then the environment (:class:`RouterClient`).
+    """
+    given = ctx.find_root().obj or {}
+    client = RouterClient(url or given.get("url"), api_key or given.get("api_key"))
     try:
         yield client
     except ApiError as exc:
@@ -271,7 +321,8 @@ def _client() -> Iterator[RouterClient]:
         raise typer.Exit(1) from exc
     except httpx.HTTPError as exc:
         _err.print(
-            f"[red]cannot reach the router[/red] ({escape(str(exc))}); is GPUROUTER_URL right?"
+            f"[red]cannot reach the router[/red] ({escape(str(exc))}); "
+            "is --url (or GPUROUTER_URL) right?"
         )
         raise typer.Exit(2) from exc
     finally:
@@ -300,8 +351,43 @@ def _print_requests(requests: list[dict[str, Any]], as_json: bool) -> None:
     _out.print(table)
 
 
+def answer_text(request: dict[str, Any]) -> str | None:
+    """What a finished request answered: a chat's or completion's text, else its result as JSON.
+
+    ``None`` while it has no result (not finished, failed, cancelled or expired).
+    """
+    result = request.get("result")
+    if request.get("status") != "succeeded" or result is None:
+        return None
+    choices = result.get("choices") if isinstance(result, dict) else None
+    if isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices):
+        texts = [
+            choice["message"].get("content")
+            if isinstance(choice.get("message"), dict)
+            else choice.get("text")
+            for choice in choices
+        ]
+        if all(isinstance(text, str) for text in texts):
+            return "\n\n".join(texts)
+    return json.dumps(result, indent=2, ensure_ascii=False)
+
+
+def _print_answer(request: dict[str, Any]) -> None:
+    """The answer below the table, or on stderr why there is none."""
+    answer = answer_text(request)
+    if answer is not None:
+        _out.print(answer, markup=False, highlight=False, soft_wrap=True)
+    elif request.get("error"):
+        error = request["error"]
+        _err.print(
+            f"[red]{escape(request['status'])}[/red] {escape(error['type'])}: "
+            f"{escape(error['message'])}"
+        )
+
+
 @app.command()
 def submit(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="A model of the catalog.")],
     prompt: Annotated[str | None, typer.Option(help="A chat message to send.")] = None,
     input_json: Annotated[
@@ -314,10 +400,15 @@ def submit(
     gpu_type: Annotated[str | None, typer.Option(help="Only GPUs of this type.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds until it expires.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe key.")] = None,
-    wait: Annotated[float, typer.Option(help="Wait this many seconds for the end.")] = 0.0,
+    wait: Annotated[
+        float,
+        typer.Option(help="Wait this many seconds for the end, then print the answer too."),
+    ] = 0.0,
     as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
-    """Submit a request."""
+    """Submit a request; with --wait, print its answer once it has succeeded."""
     body: dict[str, Any] = {"model": model}
     if input_json is not None:
         try:
@@ -338,51 +429,70 @@ def submit(
         body["resources"] = resources
     options = {"priority": priority, "task": task, "timeout_s": timeout}
     body.update({key: value for key, value in options.items() if value is not None})
-    with _client() as client:
+    with _client(ctx, url, api_key) as client:
         request = client.submit(body, idempotency_key=idempotency_key)
         if wait > 0:
             request = client.wait(request["id"], wait)
     _print_requests([request], as_json)
+    if wait > 0 and not as_json:
+        _print_answer(request)
 
 
 @app.command()
 def status(
-    request_id: Annotated[str, typer.Argument(help="The request id.")], as_json: JsonOption = False
+    ctx: typer.Context,
+    request_id: Annotated[str, typer.Argument(help="The request id.")],
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Show a request."""
-    with _client() as client:
+    with _client(ctx, url, api_key) as client:
         _print_requests([client.get(request_id)], as_json)
 
 
 @app.command("wait")
 def wait_for(
+    ctx: typer.Context,
     request_id: Annotated[str, typer.Argument(help="The request id.")],
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
     as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
-    """Wait until a request has finished, then show it."""
-    with _client() as client:
-        _print_requests([client.wait(request_id, timeout)], as_json)
+    """Wait until a request has finished, then show it and its answer."""
+    with _client(ctx, url, api_key) as client:
+        request = client.wait(request_id, timeout)
+    _print_requests([request], as_json)
+    if not as_json:
+        _print_answer(request)
 
 
 @app.command()
 def cancel(
-    request_id: Annotated[str, typer.Argument(help="The request id.")], as_json: JsonOption = False
+    ctx: typer.Context,
+    request_id: Annotated[str, typer.Argument(help="The request id.")],
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Cancel a request."""
-    with _client() as client:
+    with _client(ctx, url, api_key) as client:
         _print_requests([client.cancel(request_id)], as_json)
 
 
 @app.command("list")
 def list_requests(
+    ctx: typer.Context,
     status_: Annotated[str | None, typer.Option("--status", help="Only this status.")] = None,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 50,
     as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """List your requests, newest first."""
-    with _client() as client:
+    with _client(ctx, url, api_key) as client:
         items = []
         for request in client.requests(limit=min(limit, 500), status=status_, model=model):
             items.append(request)
@@ -392,9 +502,14 @@ def list_requests(
 
 
 @app.command()
-def gpus(as_json: JsonOption = False) -> None:
+def gpus(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
     """Show the GPU inventory."""
-    with _client() as client:
+    with _client(ctx, url, api_key) as client:
         items = client.gpus()
     if as_json:
         _out.print_json(json.dumps(items))

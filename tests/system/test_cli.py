@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from typer.testing import CliRunner, Result
 
+from gpu_request_router.cli import app
 from gpu_request_router.testing import free_port
 
 GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
@@ -72,12 +74,15 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.send_signal(signal.SIGTERM)
     process.wait(20)
     assert "development admin key" not in (workdir / "serve.log").read_text(), "users configured"
+    assert [path.name for path in workdir.iterdir() if path.suffix == ".devkey"] == []
 
 
-def _cli(router: str, *args: str, key: str = KEY) -> subprocess.CompletedProcess[str]:
+def _cli(
+    router: str, *args: str, key: str = KEY, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [GPUROUTER, *args],
-        env=_env(GPUROUTER_URL=router, GPUROUTER_API_KEY=key),
+        env=env if env is not None else _env(GPUROUTER_URL=router, GPUROUTER_API_KEY=key),
         capture_output=True,
         text=True,
         timeout=120,
@@ -167,3 +172,122 @@ def test_keys_create_prints_a_key_and_the_hash_of_that_key() -> None:
         env=_env(),
     )
     assert invalid.returncode == 2 and "invalid user" in invalid.stderr
+
+
+def test_submit_wait_and_wait_print_the_answer(router: str) -> None:
+    """Below the table: a chat's assistant text, or a generic request's result as JSON."""
+    chat = _cli(
+        router, "submit", "llama-3-8b", "--prompt", "Hi", "--max-tokens", "4", "--wait", "30"
+    )
+    assert chat.returncode == 0, chat.stderr
+    request_id = re.search(r"req_\w+", chat.stdout).group(0)
+    done = _json(_cli(router, "status", request_id, "--json"))
+    text = done["result"]["choices"][0]["message"]["content"]
+    assert text and chat.stdout.rstrip().endswith(text), chat.stdout
+    assert text in _cli(router, "wait", request_id).stdout
+    generic = _cli(
+        router, "submit", "llama-3-8b", "--task", "generic", "--input", '{"x": 1}', "--wait", "30"
+    )
+    assert generic.returncode == 0, generic.stderr
+    answer = generic.stdout[generic.stdout.rindex("\n{") :]
+    request_id = re.search(r"req_\w+", generic.stdout).group(0)
+    assert json.loads(answer) == _json(_cli(router, "status", request_id, "--json"))["result"]
+    without_wait = _cli(router, "submit", "llama-3-8b", "--prompt", "Hi", "--max-tokens", "4")
+    assert without_wait.stdout.rstrip().endswith("┘"), "no --wait: the table only"
+    failing = json.dumps({"prompt": "x", "simulate": {"failure": "error", "fail_attempts": 99}})
+    failed = _cli(
+        router, "submit", "llama-3-8b", "--task", "completion", "--input", failing, "--wait", "60"
+    )
+    assert failed.returncode == 0, failed.stderr
+    assert "failed" in failed.stdout and failed.stdout.rstrip().endswith("┘"), "no answer"
+    assert "failed" in failed.stderr and "simulated backend error" in failed.stderr
+
+
+def test_url_and_api_key_options_override_the_environment(
+    router: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--url/--api-key after the command or before it beat GPUROUTER_URL/GPUROUTER_API_KEY.
+
+    In-process (typer's runner, the real router over HTTP), to spare a process start per call.
+    """
+    monkeypatch.setenv("GPUROUTER_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("GPUROUTER_API_KEY", "wrong")
+    runner = CliRunner()
+
+    def run(*args: str) -> Result:
+        return runner.invoke(app, list(args))
+
+    after = run("gpus", "--json", "--url", router, "--api-key", KEY)
+    assert after.exit_code == 0, after.output
+    assert len(json.loads(after.stdout)) == 4
+    before = run("--url", router, "--api-key", KEY, "list", "--json")
+    assert before.exit_code == 0, before.output
+    # The command's own option beats the one given before the command.
+    assert run("--api-key", "wrong", "gpus", "--api-key", KEY, "--url", router).exit_code == 0
+    refused = run("--api-key", KEY, "gpus", "--api-key", "wrong", "--url", router)
+    assert refused.exit_code == 1 and "401" in refused.stderr
+    # Without the options the environment still decides.
+    unreachable = run("gpus")
+    assert unreachable.exit_code == 2 and "--url" in unreachable.stderr
+
+
+def _serve_embedded(workdir: Path, port: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`gpurouter serve` on the embedded default in ``workdir``; the process, URL and dev key."""
+    log_path = workdir / f"serve-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [GPUROUTER, "serve", "--port", str(port)],
+            cwd=workdir,
+            stdout=log,
+            stderr=log,
+            env=_env(),
+        )
+    deadline = time.monotonic() + 20
+    while True:
+        exports = dict(re.findall(r"export (GPUROUTER_\w+)=(\S+)", log_path.read_text()))
+        if len(exports) == 2:
+            return process, exports["GPUROUTER_URL"], exports["GPUROUTER_API_KEY"]
+        assert process.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+
+
+def test_the_development_key_survives_a_restart_on_the_same_state_file(tmp_path: Path) -> None:
+    """The key a user exported still works after a restart; it is kept 0600 beside the file."""
+    keys = []
+    for _ in range(2):
+        process, url, key = _serve_embedded(tmp_path, free_port())
+        try:
+            assert _cli(url, "gpus", "--json", key=key).returncode == 0
+            keys.append(key)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
+    assert keys[0] == keys[1]
+    kept = tmp_path / "gpurouter.db.devkey"
+    assert kept.read_text().strip() == keys[0]
+    assert kept.stat().st_mode & 0o777 == 0o600
+    # A key file that others may read is refused, naming the file, and the router does not start.
+    kept.chmod(0o644)
+    refused = subprocess.run(
+        [GPUROUTER, "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert refused.returncode == 1
+    assert "development_key_unusable" in refused.stderr and "gpurouter.db.devkey" in refused.stderr
+    assert "listening" not in refused.stdout
+
+
+def test_docs_page_is_served_whole_by_the_router(router: str) -> None:
+    """/docs names no other host, and every asset it loads answers 200 from the router process."""
+    page = httpx.get(f"{router}/docs", timeout=10)
+    assert page.status_code == 200
+    assert "http://" not in page.text and "https://" not in page.text
+    assets = re.findall(r'(?:href|src)="(/[^"]+)"', page.text)
+    assert len(assets) == 3, assets  # stylesheet, icon, script
+    for asset in assets:
+        assert httpx.get(f"{router}{asset}", timeout=10).status_code == 200, asset

@@ -33,6 +33,7 @@ from gpu_request_router.api.routes.lean import HotPaths
 from gpu_request_router.config.config_loader import Settings
 from gpu_request_router.core.state_store import StateStore
 from gpu_request_router.http.body_limit import BodyLimitMiddleware
+from gpu_request_router.http.docs_page import install_docs_page
 from gpu_request_router.http.problems import install_error_handlers, is_openai_path
 from gpu_request_router.http.request_context import RequestContextMiddleware
 from gpu_request_router.runtime import Runtime
@@ -102,10 +103,11 @@ def create_app(
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,
         openapi_url="/openapi.json",
         redoc_url=None,
     )
+    install_docs_page(app)
     app.state.service = service
     install_error_handlers(app)
     # Added innermost first: request context, then the header limit, then authentication, then

@@ -68,6 +68,7 @@ from gpu_request_router.core.events import ExecutionResult, Failure, FailureKind
 from gpu_request_router.core.service_model import ServiceModel
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.http.body_limit import BodyLimitMiddleware
+from gpu_request_router.http.docs_page import install_docs_page
 from gpu_request_router.http.keys import bearer_key
 from gpu_request_router.http.problems import (
     install_error_handlers,
@@ -702,10 +703,11 @@ def create_worker_app(
         version=__version__,
         description="The worker agent on a GPU host: its GPUs, and the executions it runs.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,
         openapi_url="/openapi.json",
         redoc_url=None,
     )
+    install_docs_page(app)
     app.state.worker = worker
     install_error_handlers(app)
     # Added innermost first: request context, then the worker token, then the body limit.
