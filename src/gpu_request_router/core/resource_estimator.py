@@ -96,15 +96,18 @@ of observed / estimated *as issued*: ``"duration"`` over all GPU types of the mo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple, assert_never
+from typing import Any, Final, NamedTuple, TypeVar, assert_never
 
 from gpu_request_router.config.config_loader import Architecture, ModelSpec
 from gpu_request_router.exceptions import ContextLengthExceeded, InvalidRequest, UnknownModel
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES, GPUType, gpu_type
 from gpu_request_router.models.request import Estimate, ResourceHints, Shape, Task
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -396,10 +399,13 @@ class ResourceEstimator:
                 factor = self._memory_factors.get(model, 1.0)
                 target = (new - estimate.weights_mb) / base
                 if shape is not None:
-                    key = (model, shape_bucket(shape))
-                    prior = self._memory_buckets.pop(key, factor)
-                    self._memory_buckets[key] = _clamp(max(prior, target), MEMORY_FACTOR_BOUNDS)
-                    _bound(self._memory_buckets, MEMORY_BUCKET_ENTRIES)
+                    _renew(
+                        self._memory_buckets,
+                        (model, shape_bucket(shape)),
+                        factor,
+                        lambda prior: _clamp(max(prior, target), MEMORY_FACTOR_BOUNDS),
+                        MEMORY_BUCKET_ENTRIES,
+                    )
                 self._memory_factors[model] = _clamp(max(factor, target), MEMORY_FACTOR_BOUNDS)
         return grown
 
@@ -431,11 +437,13 @@ class ResourceEstimator:
             if base > 0:
                 sample = duration_s / base
                 if shape is not None:
-                    buckets = self._duration_buckets
-                    bucket_key = (model, gpu_type, shape_bucket(shape))
-                    prior = buckets.pop(bucket_key, factor)  # popped: re-inserted as the newest
-                    buckets[bucket_key] = _ewma(prior, sample, DURATION_FACTOR_BOUNDS)
-                    _bound(buckets, DURATION_BUCKET_ENTRIES)
+                    _renew(
+                        self._duration_buckets,
+                        (model, gpu_type, shape_bucket(shape)),
+                        factor,
+                        lambda prior: _ewma(prior, sample, DURATION_FACTOR_BOUNDS),
+                        DURATION_BUCKET_ENTRIES,
+                    )
                 self._duration_factors[key] = _ewma(factor, sample, DURATION_FACTOR_BOUNDS)
             if issued is not None and issued > 0:
                 self._record_error(model, "duration", duration_s / issued)
@@ -447,10 +455,13 @@ class ResourceEstimator:
             factor = self._memory_factors.get(model, 1.0)
             sample = max(peak_memory_mb - estimate.weights_mb, 0) / base_mb
             if shape is not None:
-                memory_key = (model, shape_bucket(shape))
-                prior = self._memory_buckets.pop(memory_key, factor)
-                self._memory_buckets[memory_key] = _ewma(prior, sample, MEMORY_FACTOR_BOUNDS)
-                _bound(self._memory_buckets, MEMORY_BUCKET_ENTRIES)
+                _renew(
+                    self._memory_buckets,
+                    (model, shape_bucket(shape)),
+                    factor,
+                    lambda prior: _ewma(prior, sample, MEMORY_FACTOR_BOUNDS),
+                    MEMORY_BUCKET_ENTRIES,
+                )
             self._memory_factors[model] = _ewma(factor, sample, MEMORY_FACTOR_BOUNDS)
         if estimate.gpu_memory_mb > 0:
             self._record_error(model, "memory", peak_memory_mb / estimate.gpu_memory_mb)
@@ -464,9 +475,7 @@ class ResourceEstimator:
         return len(self._duration_buckets), len(self._memory_buckets)
 
     def _record_oom_floor(self, key: tuple[str, Shape, int], peak_mb: int) -> None:
-        floors = self._oom_floors
-        floors[key] = max(floors.pop(key, 0), peak_mb)  # popped: re-inserted as the most recent
-        _bound(floors, OOM_FLOOR_ENTRIES)
+        _renew(self._oom_floors, key, 0, lambda floor: max(floor, peak_mb), OOM_FLOOR_ENTRIES)
 
     def _record_error(self, model: str, kind: str, ratio: float) -> None:
         key = (model, kind)
@@ -524,6 +533,18 @@ def _scaled(size: int, factor: float) -> int:
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
     return min(max(value, bounds[0]), bounds[1])
+
+
+def _renew(
+    recent_last: dict[_K, _V], key: _K, missing: _V, step: Callable[[_V], _V], entries: int
+) -> None:
+    """Set ``key`` to ``step`` of its value (``missing`` if none) as the most recent entry.
+
+    The entry is taken out and put back, so the dict stays in order of use; past ``entries``
+    the least recently used go (:func:`_bound`).
+    """
+    recent_last[key] = step(recent_last.pop(key, missing))
+    _bound(recent_last, entries)
 
 
 def _bound(recent_last: dict[Any, Any], entries: int) -> None:
