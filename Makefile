@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The dashboard tests drive Debian's chromium (Playwright's own browser download is not used).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test lint typecheck unit mutation lock clean
 
@@ -23,6 +26,10 @@ run: $(VENV)/.runtime  ## the router on the embedded default: SQLite here, 4 sim
 
 test: lint typecheck unit  ## everything CI runs
 
+$(CHROMIUM):  ## the headless browser of tests/system/test_dashboard.py, from the distribution
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
@@ -30,7 +37,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.dev  ## two workers; the system tests (processes, kills, timing) run one after another on one of them
+unit: $(VENV)/.dev $(CHROMIUM)  ## two workers; the system tests (processes, kills, timing) run one after another on one of them
 	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 MUTATION_SAMPLE ?= 300
