@@ -15,6 +15,7 @@ function niceMax(value) {
 }
 
 function label(value) {
+  if (Number.isInteger(value)) return String(value);
   return value >= 100 ? value.toFixed(0) : value >= 1 ? value.toFixed(1) : value.toFixed(2);
 }
 
@@ -22,10 +23,13 @@ function label(value) {
  * A chart of samples over time.
  *
  * samples: [{t: ms since epoch, values: {series name: number | null}}], oldest first.
- * series: [{name, cls}] (cls colours the line). windowS: seconds the x axis spans.
+ * series: [{name, cls}] (cls colours the line). The x axis spans the samples kept, from 30 s
+ * up to maxWindowS.
  */
-export function lineChart(title, unit, series, samples, windowS) {
+export function lineChart(title, unit, series, samples, maxWindowS) {
   const now = samples.length ? samples[samples.length - 1].t : Date.now();
+  const kept = samples.length ? (now - samples[0].t) / 1000 : 0;
+  const windowS = Math.min(maxWindowS, Math.max(30, Math.ceil(kept / 30) * 30));
   const max = niceMax(
     Math.max(0, ...samples.flatMap((p) => series.map((line) => p.values[line.name] ?? 0))),
   );

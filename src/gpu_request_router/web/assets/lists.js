@@ -96,8 +96,14 @@ export function recentTable(requests, now) {
   );
 }
 
+function compact(value, digits) {
+  if (value >= 1e6) return `${(value / 1e6).toFixed(value >= 1e7 ? 0 : 1)}M`;
+  if (value >= 1e4) return `${(value / 1e3).toFixed(0)}k`;
+  return num(value, Number.isInteger(value) ? 0 : digits);
+}
+
 function against(used, limit, digits = 0) {
-  const text = `${num(used, digits)} / ${limit === null ? "∞" : num(limit, digits)}`;
+  const text = `${compact(used, digits)} / ${limit === null ? "∞" : compact(limit, digits)}`;
   if (limit === null) return h("td", { class: "num" }, text);
   const meter = h("meter", { min: 0, max: limit, value: used, high: limit * 0.8, optimum: 0 });
   return h("td", { class: "num quota" }, meter, " ", text);
@@ -106,7 +112,7 @@ function against(used, limit, digits = 0) {
 /** Each user's live usage against their limits (entries: {name, role, quota, usage}). */
 export function usageTable(entries) {
   return table(
-    ["user", "role", "running", "queued", "requests / min", "GPU-seconds / h", "top class"],
+    ["user", "role", "running", "queued", "req / min", "GPU-s / h", "top class"],
     entries.map((u) =>
       h(
         "tr",

@@ -8,7 +8,7 @@ function row(name, ...value) {
 }
 
 function when(iso) {
-  return iso ? new Date(iso).toLocaleString() : "–";
+  return iso ? `${iso.slice(0, 10)} ${iso.slice(11, 19)} UTC` : "–";
 }
 
 /** The request's fields as a definition list. */
