@@ -100,7 +100,11 @@ def start_router(workdir: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def workload(url: str, seconds: float, seed: int, submitted: list[str]) -> None:
-    """Submit a seeded mix of requests for ``seconds``: several users, models and classes."""
+    """Submit a seeded mix of requests for ``seconds``: several users, models and classes.
+
+    About as many arrive as the fleet finishes, then, in the last 8 s, a burst that the queue
+    takes.
+    """
     rng = random.Random(seed)
     users = [name for name, role in USERS.items() if role == "user"]
     clients = {
@@ -110,21 +114,22 @@ def workload(url: str, seconds: float, seed: int, submitted: list[str]) -> None:
         for user in users
     }
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    burst = end - min(8.0, seconds / 4)
+    while (now := time.monotonic()) < end:
         user = rng.choice(users)
         body: dict[str, Any] = {
             "model": rng.choice(MODELS),
             "priority": rng.choice(CLASSES),
             "input": {
                 "messages": [{"role": "user", "content": "Summarise the report."}],
-                "simulate": {"duration_s": round(rng.uniform(3, 14), 1)},
+                "simulate": {"duration_s": round(rng.uniform(4, 16), 1)},
             },
             "resources": {"gpu_memory_mb": rng.choice([18_000, 24_000, 30_000, 36_000])},
         }
         response = clients[user].post("/v1/requests", json=body)
         if response.status_code == 202:
             submitted.append(response.json()["id"])
-        time.sleep(rng.uniform(0.3, 0.9))
+        time.sleep(rng.uniform(0.1, 0.3) if now > burst else rng.uniform(0.4, 0.9))
     for client in clients.values():
         client.close()
 
@@ -175,7 +180,7 @@ def main() -> None:
                 )
                 load.start()
                 load.join()
-                page.wait_for_timeout(2000)  # one more poll after the last submission
+                page.wait_for_timeout(1600)  # one more poll after the last submission
                 page.screenshot(path=str(args.out / "dashboard.png"), full_page=True)
                 page.goto(f"{url}/ui#/requests/{running_request(url)}")
                 expect(page.locator("#request-details .badge")).to_be_visible()

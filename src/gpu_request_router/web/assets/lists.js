@@ -88,7 +88,7 @@ export function recentTable(requests, now) {
         h("td", {}, badge(r.status)),
         h("td", { class: "mono" }, r.placement ? r.placement.gpu_ids.join(" ") : "–"),
         h("td", { class: "reason" }, r.placement ? r.placement.reason : r.status === "queued" ? `queued, position ${r.queue_position ?? "–"}` : "–"),
-        h("td", { class: "num" }, duration(r.queue_wait_s)),
+        h("td", { class: "num" }, r.status === "queued" ? "–" : duration(r.queue_wait_s)),
         h("td", { class: "num" }, duration(ageOf(r.created_at, now))),
       ),
     ),

@@ -1,7 +1,7 @@
 // A request's page: the request itself and its explanation (GET /v1/requests/{id}/explain).
 
 import { ApiError } from "./api.js";
-import { badge, duration, gib, h } from "./dom.js";
+import { ageOf, badge, duration, gib, h } from "./dom.js";
 
 function row(name, ...value) {
   return [h("dt", {}, name), h("dd", {}, ...value)];
@@ -9,6 +9,17 @@ function row(name, ...value) {
 
 function when(iso) {
   return iso ? `${iso.slice(0, 10)} ${iso.slice(11, 19)} UTC` : "–";
+}
+
+/** How long a running request has run, against its estimate. */
+function progress(r) {
+  const ran = ageOf(r.started_at);
+  const expected = r.estimate.duration_s;
+  return row(
+    "running for",
+    h("meter", { min: 0, max: expected, value: Math.min(ran, expected), class: "progress" }),
+    ` ${duration(ran)} of about ${duration(expected)} expected`,
+  );
 }
 
 /** The request's fields as a definition list. */
@@ -25,6 +36,7 @@ export function requestDetails(r) {
     row("created", when(r.created_at)),
     row("started", when(r.started_at)),
     row("finished", when(r.finished_at)),
+    r.status === "running" && r.started_at ? progress(r) : null,
     row("waited", duration(r.queue_wait_s)),
     row("attempts", r.attempts),
     row("GPU", placement ? h("span", { class: "mono" }, placement.gpu_ids.join(" ")) : "–"),
