@@ -188,6 +188,10 @@ def test_an_admin_watches_work_run_and_cordons_a_gpu(router: str, page: Page) ->
         "balanced"
     )
     expect(page.locator('#usage tr[data-user="alice"]')).to_be_visible()
+    expect(page.locator("#charts figure")).to_have_count(3)
+    expect(page.locator("#charts figure", has_text="Throughput").locator("polyline")).to_have_count(
+        1
+    )
 
     gpu.locator('button[data-action="cordon"]').click()
     expect(gpu.locator(".badge.cordoned")).to_be_visible(timeout=SHOWN_MS)
@@ -196,6 +200,11 @@ def test_an_admin_watches_work_run_and_cordons_a_gpu(router: str, page: Page) ->
         gpu.locator('button[data-action="uncordon"]').click()
         expect(gpu.locator('button[data-action="cordon"]')).to_be_visible(timeout=SHOWN_MS)
         assert client.get("/v1/gpus/sim:1").json()["cordoned"] is False
+        gpu.locator('button[data-action="drain"]').click()  # idle: cordoned, drained at once
+        expect(gpu.locator(".badge.cordoned")).to_be_visible(timeout=SHOWN_MS)
+        assert client.get("/v1/gpus/sim:1").json()["cordoned"] is True
+        gpu.locator('button[data-action="uncordon"]').click()
+        expect(gpu.locator('button[data-action="drain"]')).to_be_visible(timeout=SHOWN_MS)
         explain = client.get(f"/v1/requests/{first}/explain")
 
     page.locator(f'#recent tr[data-request="{first}"] a').click()
@@ -280,5 +289,9 @@ def test_a_user_sees_only_their_own_requests_and_no_gpu_controls(router: str, pa
     expect(page.locator("button[data-action]")).to_have_count(0)
     expect(page.locator("#usage tbody tr")).to_have_count(1)
     expect(page.locator('#usage tr[data-user="alice"]')).to_be_visible()
+    expect(page.locator("#charts figure")).to_have_count(3)
+    expect(page.locator("#charts figure", has_text="Throughput").locator("polyline")).to_have_count(
+        1
+    )
     page.goto(f"{router}/ui#/requests/{theirs}")
     expect(page.locator("#request-details")).to_contain_text("No such request")
