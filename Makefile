@@ -17,7 +17,7 @@ $(VENV)/.runtime: $(BIN)/python requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt | $(CHROMIUM)  ## tools, and the browser the dashboard tests drive
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -37,7 +37,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.dev $(CHROMIUM)  ## two workers; the system tests (processes, kills, timing) run one after another on one of them
+unit: $(VENV)/.dev  ## two workers; the system tests (processes, kills, timing) run one after another on one of them
 	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 MUTATION_SAMPLE ?= 300
