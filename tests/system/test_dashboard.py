@@ -295,3 +295,7 @@ def test_a_user_sees_only_their_own_requests_and_no_gpu_controls(router: str, pa
     )
     page.goto(f"{router}/ui#/requests/{theirs}")
     expect(page.locator("#request-details")).to_contain_text("No such request")
+    page.goto(f"{router}/ui#/requests/{mine}")
+    page.reload()  # the key is kept for the tab
+    expect(page.locator("#user-name")).to_have_text("alice (user)")
+    expect(page.locator("#request-title")).to_have_text(mine)

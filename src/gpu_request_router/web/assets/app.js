@@ -43,6 +43,7 @@ function signOut(message) {
   Object.assign(session, { api: null, user: null, admin: false, history: [] });
   for (const id of ["tiles", "gpus", "charts", "queue", "recent", "usage", "request-details", "explain"]) fill(id);
   fill("login-error", message || "");
+  setStatus("");
   document.getElementById("key").value = "";
   show("login");
 }
@@ -85,7 +86,7 @@ function route() {
 async function tick(round, requestId) {
   try {
     if (!document.hidden) {
-      await (requestId ? pollRequest(requestId) : pollFleet());
+      await (requestId ? pollRequest(round, requestId) : pollFleet(round));
       if (round === session.round) setStatus(`live · updated ${new Date().toLocaleTimeString()}`);
     }
   } catch (error) {
@@ -108,7 +109,9 @@ async function act(gpuId, verb) {
   }
 }
 
-async function pollFleet() {
+// Each poll takes the round it belongs to, and shows nothing if the page moved on meanwhile
+// (signed out, another view): what a signed-out page holds is nothing.
+async function pollFleet(round) {
   const api = session.api;
   const [gpus, queued, running, recent, metrics, usage] = await Promise.all([
     api.get("v1/gpus"),
@@ -118,6 +121,7 @@ async function pollFleet() {
     api.get("v1/metrics"),
     session.admin ? api.get("v1/users") : api.get("v1/quota"),
   ]);
+  if (round !== session.round) return;
   const now = Date.now();
   record(now, metrics);
   const runningById = new Map(running.items.map((r) => [r.id, r]));
@@ -157,12 +161,13 @@ function charts() {
   ];
 }
 
-async function pollRequest(id) {
+async function pollRequest(round, id) {
   const api = session.api;
   let request;
   try {
     request = await api.get(`v1/requests/${encodeURIComponent(id)}`);
   } catch (error) {
+    if (round !== session.round) return;
     if (error instanceof ApiError && error.status === 404) {
       fill("request-title", id);
       fill("request-details", h("p", { class: "notice" }, "No such request visible to this key."));
@@ -179,6 +184,7 @@ async function pollRequest(id) {
     if (!(error instanceof ApiError) || error.status === 401) throw error;
     refusal = error;
   }
+  if (round !== session.round) return;
   fill("request-title", request.id);
   fill("request-details", requestDetails(request));
   fill("explain", explanation(explain, refusal));
