@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sync_playwright
 
 from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
@@ -113,11 +113,21 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    """A fresh browser context (its own sessionStorage) and page; failures of its scripts fail."""
+    """A fresh browser context (its own sessionStorage) and page.
+
+    The test fails if a script of the page throws, or if the page breaks its own
+    Content-Security-Policy (a script, style or connection the policy refuses).
+    """
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     opened = context.new_page()
     errors: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            errors.append(message.text)
+
     opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on("console", on_console)
     yield opened
     context.close()
     assert errors == [], errors
