@@ -297,6 +297,7 @@ def test_a_user_sees_only_their_own_requests_and_no_gpu_controls(router: str, pa
     expect(page.locator(f'[data-request="{theirs}"]')).to_have_count(0)
     expect(page.locator("#gpus .gpu")).to_have_count(2)
     expect(page.locator("button[data-action]")).to_have_count(0)
+    expect(page.locator("#gpus .slots").first).to_contain_text("of yours running")
     expect(page.locator("#usage tbody tr")).to_have_count(1)
     expect(page.locator('#usage tr[data-user="alice"]')).to_be_visible()
     expect(page.locator("#charts figure")).to_have_count(3)

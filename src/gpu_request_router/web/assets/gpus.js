@@ -73,7 +73,8 @@ function actions(gpu, act) {
 
 /**
  * One card per GPU. requests maps ids to the running requests the key may see; act(id, verb)
- * is given for an admin only, and adds the cordon, drain and uncordon buttons.
+ * is given for an admin only, and adds the cordon, drain and uncordon buttons (without it the
+ * cards are a user's: their own requests only).
  */
 export function gpuCards(gpus, requests, act) {
   if (!gpus.length) return [h("p", { class: "dim" }, "No GPU known yet.")];
@@ -101,7 +102,14 @@ export function gpuCards(gpus, requests, act) {
         `free ${gib(gpu.memory_free_mb)} of ${gib(gpu.memory_total_mb)} GiB`,
       ),
       utilisation(gpu),
-      h("p", { class: "slots" }, `running ${gpu.running_requests.length} / ${gpu.slots} slots`),
+      h(
+        "p",
+        { class: "slots" },
+        // A user's key lists only their own requests on a GPU (the API leaves out others' ids).
+        act
+          ? `running ${gpu.running_requests.length} / ${gpu.slots} slots`
+          : `${gpu.running_requests.length} of yours running · ${gpu.slots} slots`,
+      ),
       running(gpu, requests),
       h(
         "p",
