@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The dashboard tests drive Debian's chromium (Playwright's own browser download is not used).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test lint typecheck unit mutation lock clean
 
@@ -14,7 +17,7 @@ $(VENV)/.runtime: $(BIN)/python requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt | $(CHROMIUM)  ## tools, and the browser the dashboard tests drive
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -22,6 +25,10 @@ run: $(VENV)/.runtime  ## the router on the embedded default: SQLite here, 4 sim
 	$(BIN)/gpurouter serve $(if $(CONFIG),--config $(CONFIG)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: lint typecheck unit  ## everything CI runs
+
+$(CHROMIUM):  ## the headless browser of tests/system/test_dashboard.py, from the distribution
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests

@@ -861,6 +861,19 @@ def test_users_list_is_for_admins(server: LiveServer) -> None:
     problem(server.client().get("/v1/users"), 401)
 
 
+def test_users_list_shows_each_users_live_usage(server: LiveServer) -> None:
+    """GET /v1/users gives every user's usage, the same as their own GET /v1/quota says."""
+    alice, root = server.client("alice"), server.client("root")
+    cordon_all(root)
+    submit(alice)
+    submit(alice)
+    users = {item["name"]: item for item in root.get("/v1/users").json()["items"]}
+    assert users["alice"]["usage"] == alice.get("/v1/quota").json()["usage"]
+    assert users["alice"]["usage"]["queued"] == 2
+    assert users["alice"]["usage"]["requests_last_minute"] == 2
+    assert users["bob"]["usage"]["queued"] == 0
+
+
 def test_quota_override_applies_to_the_next_submissions(server: LiveServer) -> None:
     """PUT /v1/users/{user}/quota (admin) is 200 and the new max_priority applies at once."""
     alice, root = server.client("alice"), server.client("root")

@@ -44,6 +44,7 @@ from gpu_request_router.services.logging_service import (
 )
 from gpu_request_router.store import open_store
 from gpu_request_router.utils.clock import Clock, SystemClock
+from gpu_request_router.web import install_dashboard
 
 __all__ = ["create_app"]
 
@@ -108,6 +109,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs_page(app)
+    install_dashboard(app)
     app.state.service = service
     install_error_handlers(app)
     # Added innermost first: request context, then the header limit, then authentication, then
