@@ -344,7 +344,7 @@ class Explainer:
 
     def _waiting(self, request: Request, now: float) -> Explanation:
         waiting = self.waiting(request, now)
-        eta = "" if waiting.eta_s is None else f"; expected to start in about {waiting.eta_s:.0f} s"
+        eta = "" if waiting.eta_s is None else f"; expected to start in about {waiting.eta_s:.1f} s"
         position = "" if waiting.queue_position is None else f" (position {waiting.queue_position})"
         summary = f"It waits{position}: {waiting.detail}{eta}."
         return Explanation(request.id, request.status.value, summary, waiting=waiting)

@@ -63,11 +63,12 @@ class QuotaOut(BaseModel):
 
 
 class UserOut(BaseModel):
-    """A user known to the router, with their effective limits."""
+    """A user known to the router, with their effective limits and live usage."""
 
     name: str
     role: Literal["admin", "user"]
     quota: QuotaLimitsOut
+    usage: UsageOut
 
 
 class QuotaBody(WireModel):

@@ -43,16 +43,19 @@ async def own_quota(caller: CurrentCaller, service: ServiceDep) -> QuotaOut:
     responses=problems(401, 403),
 )
 async def list_users(caller: AdminCaller, service: ServiceDep) -> Page[UserOut]:
-    """Every configured user with their role and effective limits."""
+    """Every configured user with their role, effective limits and live usage."""
     runtime = service.runtime
-    items = [
-        UserOut(
-            name=name,
-            role="admin" if role == "admin" else "user",
-            quota=QuotaLimitsOut.of(runtime.quota(name, admin=role == "admin")),
+    items = []
+    for name, role in sorted(service.auth.roles.items()):
+        quota, usage = runtime.quota_usage(name, admin=role == "admin")
+        items.append(
+            UserOut(
+                name=name,
+                role="admin" if role == "admin" else "user",
+                quota=QuotaLimitsOut.of(quota),
+                usage=UsageOut.of(usage),
+            )
         )
-        for name, role in sorted(service.auth.roles.items())
-    ]
     return Page[UserOut](items=items)
 
 
