@@ -15,13 +15,15 @@ Computed from the core's state alone (no I/O), at the time the driver gives:
 
 **The ETA** (:func:`project_start`) replays the queue forward in the router's own estimates: the
 running executions end at their start plus their estimated duration on their GPU's type (one past
-that is expected to run half as long again as it has, as :mod:`~gpu_request_router.core.holds`
-expects), and the requests ahead of it, then it, start in queue order — skipping what does not
-fit, as the dispatch pass backfills — on the GPUs it could use, each on the fitting GPU with the
-most room, holding its estimated memory for its estimated duration. The ETA is when it starts
-(plus any quota or backoff wait). It knows nothing of arrivals to come at a higher priority, of
-holds, or of answers longer than estimated, so it is a forecast: ``gpurouter bench replay``
-measures its error (docs/benchmarks.md).
+that is expected to run a tenth as long again as it has run: :func:`expected_end`), and the
+queued requests start in queue order on the GPUs the request could use — the ones ahead of it,
+it, and up to :data:`ETA_AHEAD` behind it, which take what fits before it does (backfill) — each
+on the fitting GPU with the most room, holding its estimated memory for its estimated duration.
+GPUs held for a starving request stay its own until it starts, and a request that has waited
+``placement.starvation_bound_s`` without fitting holds the GPU with the most room, as the router
+would. The ETA is when it starts (or when its user's quota frees, if later). It knows nothing of
+arrivals to come, nor of answers longer than estimated: it is a forecast, and ``gpurouter bench
+replay --eta`` measures its error (docs/benchmarks.md, "Explain: how good is the ETA").
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "DecisionLog",
     "Explainer",
     "Explanation",
+    "Queued",
     "Waiting",
     "project_start",
 ]
@@ -166,18 +169,33 @@ class _Release:
 
 
 def expected_end(request: Request, started: float, gpu_type: str, now: float) -> float:
-    """When an execution started at ``started`` is expected to end (module docstring)."""
+    """When an execution started at ``started`` is expected to end, seen at ``now``.
+
+    At its start plus its estimated duration on ``gpu_type``; once past that, a tenth of the time
+    it has run from ``now`` (an answer longer than estimated is likely a long one). The tenth was
+    chosen on the first 3,000 rows of the headline replay among 0, 0.1, 0.25 and 0.5 (median /
+    p90 absolute error 0.09 / 1.59, 0.21 / 1.26, 0.42 / 1.19 and 0.69 / 2.16 s; at 0 nearly
+    every ETA is 0, and 0.5 is the holds' rule).
+    """
     estimate = request.estimate
     duration = estimate.duration_s.get(gpu_type, estimate.typical_duration_s)
-    return started + max(duration, 1.5 * max(0.0, now - started))
+    due = started + duration
+    return max(due, now + 0.1 * (now - started))
 
 
-def _fits(need: Need, slots: Iterable[_Slot]) -> list[_Slot] | None:
-    """The GPUs ``need`` takes now in a projection: the roomiest that fit, on one worker."""
+def _fits(
+    request_id: str, need: Need, slots: Iterable[_Slot], held: Mapping[str, str]
+) -> list[_Slot] | None:
+    """The GPUs ``need`` takes now in a projection: the roomiest that fit, on one worker.
+
+    GPUs ``held`` (GPU id → holder) for another request are left out.
+    """
     by_worker: dict[str, list[_Slot]] = {}
     for slot in slots:
         gpu = slot.gpu
         if slot.free_slots <= 0 or need.memory_on(gpu) > slot.room_mb:
+            continue
+        if held.get(gpu.id, request_id) != request_id:
             continue
         if need.gpu_type is not None and gpu.type != need.gpu_type:
             continue
@@ -195,52 +213,97 @@ def _fits(need: Need, slots: Iterable[_Slot]) -> list[_Slot] | None:
     return best
 
 
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A queued request as a projection sees it: its id, its need, when it was submitted."""
+
+    request_id: str
+    need: Need
+    created_at: float
+
+
+def _hold(entry: Queued, slots: Mapping[str, _Slot], holds: dict[str, str]) -> None:
+    """A starving request holds the free-of-holds GPU that could hold it with the most room."""
+    need = entry.need
+    if need.gpu_count != 1 or entry.request_id in holds.values():
+        return
+    best: _Slot | None = None
+    for slot in slots.values():
+        gpu = slot.gpu
+        if gpu.id in holds or not gpu.serves(need.model):
+            continue
+        if need.gpu_type is not None and gpu.type != need.gpu_type:
+            continue
+        if best is None or slot.room_mb > best.room_mb:
+            best = slot
+    if best is not None:
+        holds[best.gpu.id] = entry.request_id
+
+
 def project_start(
     now: float,
-    ahead: Sequence[Need],
-    target: Need,
+    ahead: Sequence[Queued],
+    target: Queued,
     gpus: Iterable[GPUState],
     releases: Iterable[tuple[float, str, int]],
     depth: int,
+    held: Mapping[str, str] | None = None,
+    bound_s: float = math.inf,
+    behind: Sequence[Queued] = (),
 ) -> float | None:
     """When ``target`` is expected to start, the requests ``ahead`` of it starting first.
 
-    ``gpus``: the GPUs the projection places on (their room and free slots now);
-    ``releases``: (time, GPU id, MiB) of the running executions' expected ends; ``depth``: how
-    many requests that do not fit one pass skips before it stops (``placement.backfill_depth``).
-    ``None`` when it would never start on these GPUs (or the projection runs too long).
+    ``gpus``: the GPUs the projection places on (their room and free slots now); ``releases``:
+    (time, GPU id, MiB) of the running executions' expected ends; ``depth``: how many requests
+    that do not fit one pass skips before it stops (``placement.backfill_depth``); ``held``: GPU
+    id → the request it is held for (a starvation hold), kept from the others until that request
+    starts; ``bound_s``: ``placement.starvation_bound_s``, past which a request that does not
+    fit holds a GPU (the one with the most room) in the projection too; ``behind``: the requests
+    served after it, which take what fits before it does (backfill). ``None`` when it would
+    never start on these GPUs (or the projection runs too long).
     """
     slots = {gpu.id: _Slot(gpu, gpu.room_mb, gpu.free_slots) for gpu in gpus}
     heap = [_Release(at, gpu_id, mb) for at, gpu_id, mb in releases if gpu_id in slots]
     heapq.heapify(heap)
-    pending: list[Need | None] = [*ahead, target]
+    holds = dict(held or {})
+    pending: list[Queued | None] = [*ahead, target, *behind]
+    starving = (
+        sorted(entry.created_at + bound_s for entry in [*ahead, target, *behind])
+        if math.isfinite(bound_s)
+        else []
+    )
     at = now
     steps = 0
     while True:
         misses = 0
-        for position, need in enumerate(pending):
-            if need is None:
+        for position, entry in enumerate(pending):
+            if entry is None:
                 continue
-            taken = _fits(need, slots.values())
+            taken = _fits(entry.request_id, entry.need, slots.values(), holds)
             steps += 1
             if taken is None:
+                if at - entry.created_at >= bound_s:
+                    _hold(entry, slots, holds)
                 misses += 1
                 if misses >= depth:
                     break
                 continue
-            if need is target:
+            if entry is target:
                 return at
             pending[position] = None
+            for gpu_id in [g for g, holder in holds.items() if holder == entry.request_id]:
+                del holds[gpu_id]
             for slot in taken:
-                memory = need.memory_on(slot.gpu)
+                memory = entry.need.memory_on(slot.gpu)
                 slot.room_mb -= memory
                 slot.free_slots -= 1
-                end = at + need.duration_on(slot.gpu.type)
+                end = at + entry.need.duration_on(slot.gpu.type)
                 heapq.heappush(heap, _Release(end, slot.gpu.id, memory))
-        pending = [need for need in pending if need is not None]
-        if not heap or steps > _STEPS:
+        pending = [entry for entry in pending if entry is not None]
+        crossing = next((t for t in starving if t > at), math.inf)
+        if (not heap and crossing == math.inf) or steps > _STEPS:
             return None
-        at = max(at, heap[0].at)
+        at = min(heap[0].at if heap else math.inf, crossing)
         while heap and heap[0].at <= at:
             release = heapq.heappop(heap)
             slot = slots[release.gpu_id]
@@ -252,7 +315,8 @@ def project_start(
 class Explainer:
     """Explains requests from the router's live state, which it reads and never changes.
 
-    ``cost(request)``: the GPU-seconds the quota charges it at dispatch.
+    ``cost(request)``: the GPU-seconds the quota charges it at dispatch; ``depth`` and
+    ``bound_s``: ``placement.backfill_depth`` and ``placement.starvation_bound_s``.
     """
 
     def __init__(
@@ -271,6 +335,7 @@ class Explainer:
         backoff: Sequence[tuple[float, int, str]],
         cost: Callable[[Request], float],
         depth: int,
+        bound_s: float,
     ) -> None:
         self._monitor = monitor
         self._queue = queue
@@ -285,6 +350,7 @@ class Explainer:
         self._backoff = backoff
         self._cost = cost
         self._depth = depth
+        self._bound = bound_s
 
     def explain(self, request: Request, now: float) -> Explanation:
         """Explain ``request`` (live or ended) at ``now``."""
@@ -356,12 +422,12 @@ class Explainer:
                 error = request.error.type if request.error is not None else "a failure"
                 detail = f"retried after {error}, it returns to the queue after a backoff"
                 return Waiting("retry_backoff", detail, None, max(0.0, until - now))
-        ahead = self._ahead(request, now)
+        ahead, behind = self._around(request, now)
         position = len(ahead) if ahead is not None else None
         need = need_of(request, avoid=self._avoid.get(request.id, ()))
         gpus = self._monitor.schedulable
         usable = [gpu for gpu in gpus.values() if self._could_hold(need, gpu)]
-        eta = self._eta(request, need, ahead, usable, now)
+        eta = self._eta(request, need, ahead, behind, usable, now)
         user = request.user
         blocked = self._quotas.blocks_dispatch(user, self._active[user], self._cost(request), now)
         if blocked is not None:
@@ -421,16 +487,27 @@ class Explainer:
             detail += f"; {', '.join(own)} are held for it"
         return Waiting("memory", detail, position, eta)
 
-    def _ahead(self, request: Request, now: float) -> list[Request] | None:
-        """The queued requests served before ``request`` (``None``: more than the limit)."""
+    def _around(self, request: Request, now: float) -> tuple[list[Request] | None, list[Request]]:
+        """The queued requests served before ``request``, and some served after it.
+
+        Before it: ``None`` when more than :data:`POSITION_LIMIT`; after it: up to
+        :data:`ETA_AHEAD` (they backfill what it does not fit).
+        """
         ahead: list[Request] = []
+        behind: list[Request] = []
+        found = False
         for position, queued in enumerate(self._queue.candidates(now, assume_dispatched=True)):
-            if queued.id == request.id:
-                return ahead
-            if position >= POSITION_LIMIT:
-                return None
-            ahead.append(queued)
-        return None
+            if found:
+                behind.append(queued)
+                if len(behind) >= ETA_AHEAD:
+                    break
+            elif queued.id == request.id:
+                found = True
+            elif position >= POSITION_LIMIT:
+                return None, []
+            else:
+                ahead.append(queued)
+        return (ahead if found else None), behind
 
     @staticmethod
     def _could_hold(need: Need, gpu: GPUState) -> bool:
@@ -481,6 +558,7 @@ class Explainer:
         request: Request,
         need: Need,
         ahead: list[Request] | None,
+        behind: list[Request],
         usable: list[GPUState],
         now: float,
     ) -> float | None:
@@ -495,6 +573,35 @@ class Explainer:
                 end = None if execution is None else self._end_of(execution, now)
                 if end is not None and math.isfinite(end):
                     releases.append((end, gpu.id, memory_mb))
-        needs = [need_of(other, avoid=self._avoid.get(other.id, ())) for other in ahead]
-        start = project_start(now, needs, need, usable, releases, self._depth)
+        queue = self._queue
+        level = queue.level(request, now)
+        ahead_ids = {other.id for other in [*ahead, *behind]}
+        # Holders not ahead of it but binding it (of its level or higher) go first on their GPUs.
+        binding = [
+            holder
+            for holder_id in self._holds
+            if holder_id not in ahead_ids
+            and holder_id != request.id
+            and (holder := self._requests.get(holder_id)) is not None
+            and queue.level(holder, now) <= level
+        ]
+        counted = ahead_ids | {holder.id for holder in binding} | {request.id}
+        held = {
+            gpu_id: holder
+            for holder, gpu_ids in self._holds.items()
+            if holder in counted
+            for gpu_id in gpu_ids
+        }
+        queued = [
+            Queued(other.id, need_of(other, avoid=self._avoid.get(other.id, ())), other.created_at)
+            for other in [*ahead, *binding]
+        ]
+        target = Queued(request.id, need, request.created_at)
+        after = [
+            Queued(other.id, need_of(other, avoid=self._avoid.get(other.id, ())), other.created_at)
+            for other in behind
+        ]
+        start = project_start(
+            now, queued, target, usable, releases, self._depth, held, self._bound, after
+        )
         return None if start is None else start - now

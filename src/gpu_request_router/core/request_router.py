@@ -185,6 +185,7 @@ class RequestRouter:
             backoff=self._backoff,
             cost=gpu_seconds,
             depth=settings.placement.backfill_depth,
+            bound_s=settings.placement.starvation_bound_s,
         )
         self._quota_wakeup: float | None = None
         self._keys: dict[tuple[str, str], str] = {}

@@ -6,7 +6,7 @@ from typing import Any
 
 from core_harness import Harness
 
-from gpu_request_router.core.explain import Decided, DecisionLog, project_start
+from gpu_request_router.core.explain import Decided, DecisionLog, Queued, project_start
 from gpu_request_router.core.load_balancer import Need
 from gpu_request_router.models.request import ResourceHints
 from gpu_request_router.testing import chat, make_settings
@@ -124,4 +124,4 @@ def test_a_projection_without_releases_never_starts_what_does_not_fit() -> None:
     h = Harness(make_settings(gpus=[("H100-80GB", 1)]))
     gpu = next(iter(h.router.monitor.gpus.values()))
     too_big = Need(model="llama-3-8b", memory_mb=gpu.room_mb + 1)
-    assert project_start(0.0, [], too_big, [gpu], [], depth=8) is None
+    assert project_start(0.0, [], Queued("r", too_big, 0.0), [gpu], [], depth=8) is None
