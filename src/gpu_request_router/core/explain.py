@@ -371,7 +371,7 @@ class Explainer:
         tense = "is" if request.status.active else "was"
         summary = f"It {tense} placed on {where} by the {policy} policy: {why}."
         if request.status.terminal:
-            summary += f" It {status}."
+            summary += f" It ended {status}."
         return Explanation(
             request.id,
             status,

@@ -40,6 +40,11 @@ whether the worker keeps enough GPUs that fit (an approximation).
 ``power_of_two``, ``round_robin`` and ``random`` pick by position among all candidates, and a
 multi-GPU request ranks whole workers: those scan every schedulable GPU, O(GPUs).
 ``gpurouter bench decisions`` measures both (docs/architecture.md, "Placement").
+
+Each choice comes with the candidates the policy weighed (:class:`Weighed`, at most
+:data:`WEIGHED`, best first, with its ranking key), for ``explain``: a search's best GPU of each
+shelf it looked at, a scan's best options by the policy's key, ``power_of_two``'s sampled pair,
+or the choice alone where a policy does not rank (``random``, ``round_robin``).
 """
 
 from __future__ import annotations
