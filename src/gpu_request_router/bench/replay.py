@@ -668,7 +668,10 @@ class EtaProbe:
 
         ``asked``: requests explained as they queued (and that started later); ``with_eta``: of
         them, those given an ETA; errors are over those, ``eta − actual wait`` (positive: too
-        late a forecast); ``blocked_by``: how many were explained with each cause.
+        late a forecast); ``early_share_of_misses``: of the errors beyond
+        :data:`ETA_TOLERANCE_S`, the share that were too early; ``zero_eta``: what the forecast
+        "it starts at once" would score on the same requests, a baseline; ``blocked_by``: how
+        many were explained with each cause.
         """
         timed = [(eta, actual) for eta, actual, _ in self.samples if eta is not None]
         errors = [eta - actual for eta, actual in timed]
@@ -680,6 +683,8 @@ class EtaProbe:
             if error <= 0.25 * actual
         )
         causes = Counter(blocked_by for _, _, blocked_by in self.samples)
+        misses = [error for error in errors if abs(error) > ETA_TOLERANCE_S]
+        waits = [actual for _, actual in timed]
         return {
             "asked": len(self.samples),
             "with_eta": len(timed),
@@ -691,6 +696,20 @@ class EtaProbe:
             "p90_actual_wait_s": round(percentile([a for _, a in timed], 90), _DIGITS),
             "within_1s": round(within / len(timed), _DIGITS) if timed else None,
             "within_25pct": round(relative / len(timed), _DIGITS) if timed else None,
+            "early_share_of_misses": (
+                round(sum(1 for error in misses if error < 0) / len(misses), _DIGITS)
+                if misses
+                else None
+            ),
+            "zero_eta": {
+                "median_abs_error_s": round(percentile(waits, 50), _DIGITS),
+                "p90_abs_error_s": round(percentile(waits, 90), _DIGITS),
+                "within_1s": (
+                    round(sum(1 for wait in waits if wait <= ETA_TOLERANCE_S) / len(waits), _DIGITS)
+                    if waits
+                    else None
+                ),
+            },
             "blocked_by": dict(sorted(causes.items())),
         }
 
@@ -923,6 +942,7 @@ def _eta_table(results: Mapping[str, PolicyResult]) -> Table:
         "median wait s",
         "within 1 s",
         "within 25 %",
+        "ETA 0: within 1 s",
     ):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for policy, result in results.items():
@@ -937,6 +957,7 @@ def _eta_table(results: Mapping[str, PolicyResult]) -> Table:
             f"{m['median_actual_wait_s']:.3f}",
             "–" if m["within_1s"] is None else f"{m['within_1s']:.1%}",
             "–" if m["within_25pct"] is None else f"{m['within_25pct']:.1%}",
+            "–" if m["zero_eta"]["within_1s"] is None else f"{m['zero_eta']['within_1s']:.1%}",
         )
     return table
 

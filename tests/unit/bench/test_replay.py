@@ -611,6 +611,8 @@ def test_the_eta_of_jobs_of_known_length_in_a_line_is_exact() -> None:
     assert eta["within_1s"] == 1.0 and eta["within_25pct"] == 1.0
     assert eta["median_actual_wait_s"] == pytest.approx(2 * duration)
     assert eta["blocked_by"] == {"memory": 3}
+    assert eta["early_share_of_misses"] is None  # no miss
+    assert eta["zero_eta"]["median_abs_error_s"] == pytest.approx(2 * duration)
 
 
 def test_the_eta_error_shows_when_jobs_run_longer_than_expected() -> None:
@@ -625,6 +627,7 @@ def test_the_eta_error_shows_when_jobs_run_longer_than_expected() -> None:
     assert eta["with_eta"] == 2
     assert eta["median_error_s"] < -0.2 * duration  # too early a forecast
     assert eta["median_abs_error_s"] > 0.2 * duration
+    assert eta["early_share_of_misses"] in (None, 1.0)
 
 
 def test_the_command_reports_the_eta_per_policy(tmp_path: Path) -> None:
