@@ -470,7 +470,8 @@ class Explainer:
                     f"for an older request{waited}"
                 )
                 return Waiting("starvation_hold", detail, position, eta)
-            detail = f"{position} requests ahead of it in the queue are served first"
+            ahead_of_it = f"{position}" if position is not None else f"over {POSITION_LIMIT:,}"
+            detail = f"{ahead_of_it} requests ahead of it in the queue are served first"
             return Waiting("priority", detail, position, eta)
         if fitting:
             detail = (
