@@ -390,7 +390,7 @@ class Explainer:
         for weighed in decided.weighed:
             first = weighed.gpu_ids[0]
             gpu = gpus.get(first)
-            note = weighed.note
+            note = weighed.describe()
             if len(weighed.gpu_ids) > 1:
                 together = f"with {', '.join(weighed.gpu_ids[1:])}"
                 note = f"{together}; {note}" if note else together

@@ -54,6 +54,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gpu_request_router.core.fragmentation import (
     Demand,
@@ -168,23 +169,33 @@ class GPUGroup:
         self.slots = slots
 
 
-@dataclass(frozen=True, slots=True)
-class Weighed:
+class Weighed(NamedTuple):
     """A candidate a policy weighed: its GPUs, its ranking key (lower is better), a note.
 
     The key is the policy's own; :meth:`Policy.scores` names its parts. An empty key: the policy
-    did not rank the candidate (it chose by position or at random).
+    did not rank the candidate (it chose by position or at random). ``note`` may hold
+    ``{count}``, which :meth:`describe` fills with ``among`` (how many it was the best of, or
+    chosen among). A tuple, its note formatted only when asked: made on every decision, it must
+    cost next to nothing.
     """
 
     gpu_ids: tuple[str, ...]
     key: tuple[float, ...]
-    note: str
+    note: str = ""
+    among: int = 0
+
+    def describe(self) -> str:
+        """The note, with ``{count}`` replaced (formatted when asked, not at decision time)."""
+        return self.note.format(count=self.among)
 
 
-def _weighed(option: Option, key: tuple[float, ...], note: str) -> Weighed:
+_ALIKE = "the best of {count} alike with a free slot"
+
+
+def _weighed(option: Option, key: tuple[float, ...], note: str = "", among: int = 0) -> Weighed:
     unit = option[0]
     gpu_ids = tuple(gpu.id for gpu in unit.gpus) if isinstance(unit, GPUGroup) else (unit.id,)
-    return Weighed(gpu_ids, key, note)
+    return Weighed(gpu_ids, key, note, among)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,14 +261,20 @@ class Policy(ABC):
         """What the policy weighed in choosing ``option``, for the placement reason."""
         return ""
 
+    def choose_weighed(self, options: Sequence[Option], need: Need) -> tuple[Option, list[Weighed]]:
+        """:meth:`choose`, with the candidates weighed (:meth:`weigh`)."""
+        chosen = self.choose(options, need)
+        return chosen, self.weigh(options, chosen, need)
+
     def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
         """The candidates weighed in choosing ``chosen`` among ``options``, best first.
 
         By default only the choice, unranked: a policy that picks by position or at random
         weighs no other option.
         """
-        note = f"chosen by {self.name} among {len(options)} feasible"
-        return [_weighed(chosen, (), note)]
+        return [
+            _weighed(chosen, (), f"chosen by {self.name} among {{count}} feasible", len(options))
+        ]
 
     def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
         """The parts of a ranking key of this policy, by name (for ``explain``)."""
@@ -291,12 +308,11 @@ class IndexedPolicy(Policy):
         """Pick the option of the least :meth:`key`."""
         return min(options, key=lambda option: self.key(option, need))
 
-    def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
-        """The best options by :meth:`key` (the choice among them), best first."""
-        best = heapq.nsmallest(WEIGHED, options, key=lambda option: self.key(option, need))
-        if not any(option is chosen for option in best):
-            best[-1] = chosen
-        return [_weighed(option, self.key(option, need), "") for option in best]
+    def choose_weighed(self, options: Sequence[Option], need: Need) -> tuple[Option, list[Weighed]]:
+        """The option of the least :meth:`key` and the best ones, each key computed once."""
+        keyed = [(self.key(option, need), position) for position, option in enumerate(options)]
+        best = heapq.nsmallest(WEIGHED, keyed)  # ties go to the earlier option, as min() does
+        return options[best[0][1]], [_weighed(options[p], key) for key, p in best]
 
 
 class BalancedPolicy(IndexedPolicy):
@@ -534,8 +550,9 @@ class PowerOfTwoPolicy(Policy):
     def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
         """The two options sampled (the choice first)."""
         pair = sorted(self._pair, key=_least_busy) if self._pair else [chosen]
-        note = f"sampled among {len(options)} feasible"
-        return [_weighed(option, _least_busy(option), note) for option in pair]
+        count = len(options)
+        note = "sampled among {count} feasible"
+        return [_weighed(option, _least_busy(option), note, count) for option in pair]
 
     def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
         """The load and the room left."""
@@ -660,10 +677,12 @@ class LoadBalancer:
                         best_memory, best_loaded = memory, loaded
             if best is not None:
                 option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
-                weighed = [
-                    Weighed((gpu_id,), key, f"the best of {alike} alike with a free slot")
-                    for key, gpu_id, alike in heapq.nsmallest(WEIGHED, found_on)
-                ]
+                ranked = (
+                    sorted(found_on)
+                    if len(found_on) <= WEIGHED
+                    else heapq.nsmallest(WEIGHED, found_on)
+                )
+                weighed = [Weighed((gpu_id,), key, _ALIKE, alike) for key, gpu_id, alike in ranked]
                 return Chosen.of(option, policy.name, policy.explain(option, need), weighed)
         return NoFit(free_slots=True)
 
@@ -701,8 +720,7 @@ class LoadBalancer:
         if not options:
             return NoFit(free_slots=free_slots)
         policy = self.policy
-        chosen = policy.choose(options, need)
-        weighed = policy.weigh(options, chosen, need)
+        chosen, weighed = policy.choose_weighed(options, need)
         return Chosen.of(chosen, policy.name, policy.explain(chosen, need), weighed)
 
     @staticmethod

@@ -125,3 +125,26 @@ def test_a_projection_without_releases_never_starts_what_does_not_fit() -> None:
     gpu = next(iter(h.router.monitor.gpus.values()))
     too_big = Need(model="llama-3-8b", memory_mb=gpu.room_mb + 1)
     assert project_start(0.0, [], Queued("r", too_big, 0.0), [gpu], [], depth=8) is None
+
+
+def test_power_of_two_lists_the_pair_it_sampled_and_random_only_its_choice() -> None:
+    """The baselines say what they weighed: two sampled GPUs, or the random choice alone."""
+    sampled = Harness(make_settings(gpus=[("H100-80GB", 4)], placement={"policy": "power_of_two"}))
+    request = sampled.submit(chat())
+    candidates = sampled.router.explain(request, sampled.now).candidates
+    assert len(candidates) == 2 and candidates[0].chosen
+    assert all("busy" in c.score and c.note == "sampled among 4 feasible" for c in candidates)
+    drawn = Harness(make_settings(gpus=[("H100-80GB", 4)], placement={"policy": "random"}))
+    request = drawn.submit(chat())
+    [only] = drawn.router.explain(request, drawn.now).candidates
+    assert only.chosen and only.score == {} and only.note == "chosen by random among 4 feasible"
+
+
+def test_a_two_gpu_request_lists_worker_groups() -> None:
+    """A multi-GPU placement weighs whole groups; the note names the group's other GPUs."""
+    h = Harness(make_settings(gpus=[("H100-80GB", 4)]))
+    request = h.submit(chat(resources=ResourceHints(gpu_count=2)))
+    [group] = h.router.explain(request, h.now).candidates
+    placement = h.dispatch_of(request).placement
+    assert group.chosen and group.gpu_id == placement.gpu_ids[0]
+    assert group.note == f"with {placement.gpu_ids[1]}"
