@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from core_harness import Harness
 
 from gpu_request_router.core.explain import Decided, DecisionLog, Queued, project_start
@@ -148,3 +149,25 @@ def test_a_two_gpu_request_lists_worker_groups() -> None:
     placement = h.dispatch_of(request).placement
     assert group.chosen and group.gpu_id == placement.gpu_ids[0]
     assert group.note == f"with {placement.gpu_ids[1]}"
+
+
+def test_a_request_kept_off_a_gpu_held_for_a_starving_one_says_starvation_hold() -> None:
+    """A small request that would fit, on the GPU held for a large starving one, says so."""
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)], placement={"starvation_bound_s": 30}))
+    running = h.submit(_sized(40_000), user="a")
+    large = h.submit(_sized(60_000), user="b")
+    h.now += 31  # past the bound: the large one holds the GPU from the next pass on
+    small = h.submit(_sized(30_000), user="c")
+    assert h.router.holds.of(large.id) == ("sim:0",)
+    waiting = h.router.explain(small, h.now).waiting
+    assert waiting is not None and waiting.blocked_by == "starvation_hold"
+    assert "held for an older request, queued 31 s ago" in waiting.detail
+    held = h.router.explain(large, h.now).waiting
+    assert (
+        held is not None and held.blocked_by == "memory" and "sim:0 are held for it" in held.detail
+    )
+    # The running one is long overdue (31 s against its estimate): expected to run a tenth as
+    # long again; the large one starts then, the small one once the large one is done.
+    assert running.estimate.typical_duration_s < 31
+    assert held.eta_s == pytest.approx(0.1 * 31)
+    assert waiting.eta_s == pytest.approx(0.1 * 31 + large.estimate.typical_duration_s)
