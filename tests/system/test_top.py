@@ -10,6 +10,7 @@ import json
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -100,6 +101,46 @@ def test_top_shows_the_gpus_and_a_submitted_request_on_a_terminal(router: Router
     assert running in screen and queued in screen
     assert "usage / quota" in screen and "alice" in screen
     assert "queue wait" in screen
+
+
+def test_top_ends_cleanly_on_ctrl_c(router: Router) -> None:
+    """Without --iterations top runs until interrupted; SIGINT (Ctrl-C) ends it with 0, quietly."""
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 80, 220, 0, 0))
+    process = subprocess.Popen(
+        [GPUROUTER, "top", "--interval", "0.1"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=_env(router),
+        close_fds=True,
+    )
+    os.close(terminal)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"sim:1" not in screen and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                screen += os.read(controller, 65536)
+        assert b"sim:1" in screen, screen
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=15)
+        while select.select([controller], [], [], 0.2)[0]:
+            try:
+                data = os.read(controller, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            screen += data
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+    assert code == 0
+    assert b"Traceback" not in screen and b"KeyboardInterrupt" not in screen
 
 
 def test_explain_prints_the_candidates_and_json(router: Router) -> None:
