@@ -67,8 +67,9 @@ POSITION_LIMIT = 1_000
 ETA_AHEAD = 256
 """The ETA is projected for requests at most this many places back (else it is unknown)."""
 
-_STEPS = 20_000
-"""Placements and releases a projection may take before it gives up (no ETA)."""
+_VISITS = 500_000
+"""GPU visits a projection may make before it gives up (no ETA): a bound on explain's time
+(a few tenths of a second at most), however large the fleet and the queue."""
 
 _GIB = 1024
 
@@ -260,7 +261,8 @@ def project_start(
     starts; ``bound_s``: ``placement.starvation_bound_s``, past which a request that does not
     fit holds a GPU (the one with the most room) in the projection too; ``behind``: the requests
     served after it, which take what fits before it does (backfill). ``None`` when it would
-    never start on these GPUs (or the projection runs too long).
+    never start on these GPUs, or when the projection would take more than :data:`_VISITS`
+    GPU visits.
     """
     slots = {gpu.id: _Slot(gpu, gpu.room_mb, gpu.free_slots) for gpu in gpus}
     heap = [_Release(at, gpu_id, mb) for at, gpu_id, mb in releases if gpu_id in slots]
@@ -273,14 +275,14 @@ def project_start(
         else []
     )
     at = now
-    steps = 0
+    visits = 0
     while True:
         misses = 0
         for position, entry in enumerate(pending):
             if entry is None:
                 continue
             taken = _fits(entry.request_id, entry.need, slots.values(), holds)
-            steps += 1
+            visits += len(slots)
             if taken is None:
                 if at - entry.created_at >= bound_s:
                     _hold(entry, slots, holds)
@@ -301,7 +303,7 @@ def project_start(
                 heapq.heappush(heap, _Release(end, slot.gpu.id, memory))
         pending = [entry for entry in pending if entry is not None]
         crossing = next((t for t in starving if t > at), math.inf)
-        if (not heap and crossing == math.inf) or steps > _STEPS:
+        if (not heap and crossing == math.inf) or visits > _VISITS:
             return None
         at = min(heap[0].at if heap else math.inf, crossing)
         while heap and heap[0].at <= at:
@@ -309,7 +311,7 @@ def project_start(
             slot = slots[release.gpu_id]
             slot.room_mb += release.memory_mb
             slot.free_slots += 1
-            steps += 1
+            visits += 1
 
 
 class Explainer:
