@@ -22,12 +22,25 @@ import httpx
 import pytest
 from routers import GPUROUTER, HEADERS, KEY, Router
 
+_COLUMNS, _ROWS = 220, 80
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 def _env(router: Router) -> dict[str, str]:
+    """The client's environment: the router's URL and key; the terminal's size said twice.
+
+    Rich takes ``COLUMNS`` and ``LINES`` over the terminal's own size, so any inherited value
+    would win over the pseudo-terminal's: they are set to its size.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
-    return {**base, "GPUROUTER_URL": router.url, "GPUROUTER_API_KEY": KEY, "TERM": "xterm"}
+    return {
+        **base,
+        "GPUROUTER_URL": router.url,
+        "GPUROUTER_API_KEY": KEY,
+        "TERM": "xterm",
+        "COLUMNS": str(_COLUMNS),
+        "LINES": str(_ROWS),
+    }
 
 
 @pytest.fixture
@@ -57,9 +70,9 @@ def _hanging(memory_mb: int) -> dict[str, object]:
 
 
 def _run_in_pty(args: list[str], env: dict[str, str], timeout_s: float) -> tuple[int, str]:
-    """Run a command on a 220×80 pseudo-terminal; return its exit code and screen output."""
+    """Run a command on a pseudo-terminal (_COLUMNS × _ROWS); return its exit code and output."""
     controller, terminal = os.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 80, 220, 0, 0))
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", _ROWS, _COLUMNS, 0, 0))
     process = subprocess.Popen(
         args, stdin=terminal, stdout=terminal, stderr=terminal, env=env, close_fds=True
     )
@@ -106,7 +119,7 @@ def test_top_shows_the_gpus_and_a_submitted_request_on_a_terminal(router: Router
 def test_top_ends_cleanly_on_ctrl_c(router: Router) -> None:
     """Without --iterations top runs until interrupted; SIGINT (Ctrl-C) ends it with 0, quietly."""
     controller, terminal = os.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 80, 220, 0, 0))
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", _ROWS, _COLUMNS, 0, 0))
     process = subprocess.Popen(
         [GPUROUTER, "top", "--interval", "0.1"],
         stdin=terminal,
