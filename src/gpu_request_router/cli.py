@@ -1,4 +1,4 @@
-"""The ``gpurouter`` command line: the server, client commands, keys and the demo.
+"""The ``gpurouter`` command line: the server, client commands, ``top``, keys and the demo.
 
 Client commands call the router at ``--url`` and with ``--api-key`` (given after the command or
 before it, ``gpurouter --url URL list``), else ``GPUROUTER_URL`` (default
@@ -41,6 +41,8 @@ from gpu_request_router.dev_key import (
     new_api_key,
 )
 from gpu_request_router.exceptions import ConfigError, StoreInUse, StoreUnavailable
+from gpu_request_router.top import run as run_top
+from gpu_request_router.top import take as take_snapshot
 from gpu_request_router.utils.logging import configure_logging
 
 __all__ = ["app"]
@@ -539,6 +541,86 @@ def gpus(
             str(len(gpu["running_requests"])),
         )
     _out.print(table)
+
+
+def _print_explanation(explained: dict[str, Any]) -> None:
+    """An explanation as a sentence, its placement or wait, and the candidates weighed."""
+    _out.print(f"[bold]{escape(explained['id'])}[/bold] {explained['status']}")
+    _out.print(escape(explained["summary"]))
+    waiting = explained.get("waiting")
+    if waiting is not None:
+        eta = waiting["eta_s"]
+        position = waiting["queue_position"]
+        _out.print(
+            f"blocked by [bold]{waiting['blocked_by']}[/bold]; queue position "
+            f"{'-' if position is None else position}; ETA "
+            f"{'unknown' if eta is None else f'{eta:.1f} s'}"
+        )
+    if explained.get("reason"):
+        _out.print(f"reason: {escape(explained['reason'])}")
+    candidates = explained.get("candidates") or []
+    if not candidates:
+        return
+    table = Table(title=f"candidates weighed by {explained.get('policy') or '-'}, best first")
+    for column in ("", "GPU", "worker", "type", "score", "note"):
+        table.add_column(column, overflow="fold")
+    for candidate in candidates:
+        score = ", ".join(f"{name} {value:g}" for name, value in candidate["score"].items())
+        table.add_row(
+            "→" if candidate["chosen"] else "",
+            candidate["gpu_id"],
+            candidate["worker"],
+            candidate["type"],
+            score or "-",
+            escape(candidate["note"]),
+        )
+    _out.print(table)
+
+
+@app.command()
+def explain(
+    ctx: typer.Context,
+    request_id: Annotated[str, typer.Argument(help="The request id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Explain where a request was placed and why, or why it still waits (and its ETA)."""
+    with _client(ctx, url, api_key) as client:
+        explained = client.explain(request_id)
+    if as_json:
+        _out.print_json(json.dumps(explained))
+        return
+    _print_explanation(explained)
+
+
+@app.command()
+def top(
+    ctx: typer.Context,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between refreshes.", min=0.05)
+    ] = 2.0,
+    iterations: Annotated[
+        int | None,
+        typer.Option(
+            "--iterations", help="Stop after this many refreshes (default: Ctrl-C).", min=1
+        ),
+    ] = None,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """A live view: GPUs, queue, latest requests, throughput and usage against quota."""
+    with _client(ctx, url, api_key) as client:
+        base = client.base_url
+        try:
+            run_top(
+                lambda: take_snapshot(client, base),
+                interval_s=interval,
+                iterations=iterations,
+                console=_out,
+            )
+        except KeyboardInterrupt:
+            return
 
 
 @app.command()

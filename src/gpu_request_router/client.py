@@ -58,6 +58,11 @@ class RouterClient:
     ) -> None:
         self.close()
 
+    @property
+    def base_url(self) -> str:
+        """The router's URL."""
+        return str(self._http.base_url).rstrip("/")
+
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -103,6 +108,18 @@ class RouterClient:
         result: dict[str, Any] = self._call("DELETE", f"/v1/requests/{request_id}")
         return result
 
+    def explain(self, request_id: str) -> dict[str, Any]:
+        """Where a request was placed and why, or why it waits (``GET .../explain``)."""
+        result: dict[str, Any] = self._call("GET", f"/v1/requests/{request_id}/explain")
+        return result
+
+    def page(self, *, limit: int = 50, **filters: Any) -> list[dict[str, Any]]:
+        """The first page of requests, newest first (``limit`` ≤ 500)."""
+        params: dict[str, Any] = {key: value for key, value in filters.items() if value}
+        params["limit"] = limit
+        items: list[dict[str, Any]] = self._call("GET", "/v1/requests", params=params)["items"]
+        return items
+
     def requests(self, *, limit: int = 50, **filters: Any) -> Iterator[dict[str, Any]]:
         """Requests newest first, following cursors page by page."""
         params: dict[str, Any] = {key: value for key, value in filters.items() if value}
@@ -117,4 +134,19 @@ class RouterClient:
     def gpus(self) -> list[dict[str, Any]]:
         """Every GPU the router knows."""
         items: list[dict[str, Any]] = self._call("GET", "/v1/gpus")["items"]
+        return items
+
+    def metrics(self) -> dict[str, Any]:
+        """The JSON metrics summary (``GET /v1/metrics``)."""
+        result: dict[str, Any] = self._call("GET", "/v1/metrics")
+        return result
+
+    def quota(self) -> dict[str, Any]:
+        """Your own limits and live usage (``GET /v1/quota``)."""
+        result: dict[str, Any] = self._call("GET", "/v1/quota")
+        return result
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every user with their limits and live usage (admins only: ``GET /v1/users``)."""
+        items: list[dict[str, Any]] = self._call("GET", "/v1/users")["items"]
         return items

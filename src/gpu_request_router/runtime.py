@@ -55,6 +55,7 @@ from gpu_request_router.core.events import (
     Lookup,
     StateChange,
 )
+from gpu_request_router.core.explain import Explanation
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
@@ -493,6 +494,10 @@ class Runtime:
                 if len(positions) == len(wanted):
                     break
         return positions
+
+    def explain(self, request: Request) -> Explanation:
+        """Where ``request`` (as :meth:`get` returned it) was placed and why, or why it waits."""
+        return self.router.explain(request, self.clock.now())
 
     async def watch(self, request_id: str, after: int, timeout_s: float) -> list[Transition]:
         """The request's audit entries after ``after``, waiting up to ``timeout_s`` for one."""

@@ -143,6 +143,9 @@ class Simulation:
         self._events = 0
         # Called with every status change after a request's creation, as the core makes it.
         self.listeners: list[Callable[[Request, Transition], None]] = []
+        # Called with every request admitted, once its admission's decisions are carried out.
+        self.admission_listeners: list[Callable[[Request], None]] = []
+        self._admitted: Request | None = None
         self._poll()
 
     # Scheduling inputs ------------------------------------------------------------------------
@@ -190,6 +193,10 @@ class Simulation:
             self.clock.set(max(event.at, self.clock.now()))
             self._events += 1
             self._apply(self._handle(event))
+            if self._admitted is not None:
+                admitted, self._admitted = self._admitted, None
+                for admission_listener in self.admission_listeners:
+                    admission_listener(admitted)
             self._schedule_tick()
             if not (self.router.live or self._arrivals or self._actions):
                 self._settle()
@@ -254,6 +261,8 @@ class Simulation:
         except RequestRejected as exc:
             self._rejections.append(Rejection(now, caller.user, exc.reason, exc.message))
             return []
+        if admission.created:
+            self._admitted = admission.request
         return admission.decisions
 
     def _poll(self) -> list[Decision]:

@@ -847,7 +847,9 @@ def test_usage_counts_admissions_without_a_rate_limit(serve: Serve) -> None:
 
 
 def test_users_list_is_for_admins(server: LiveServer) -> None:
-    """GET /v1/users is 200 for an admin with every user and role, 403 for a user."""
+    """GET /v1/users is 200 for an admin with every user, role and usage, 403 for a user."""
+    cordon_all(server.client("root"))
+    submit(server.client("alice"))
     response = server.client("root").get("/v1/users")
     assert response.status_code == 200
     users = {item["name"]: item for item in response.json()["items"]}
@@ -857,6 +859,7 @@ def test_users_list_is_for_admins(server: LiveServer) -> None:
         "root": "admin",
     }
     assert users["alice"]["quota"]["max_priority"] == "critical"
+    assert users["alice"]["usage"]["queued"] == 1 and users["bob"]["usage"]["queued"] == 0
     problem(server.client("alice").get("/v1/users"), 403)
     problem(server.client().get("/v1/users"), 401)
 

@@ -18,6 +18,8 @@ CLIENT_COMMANDS = [
     ["cancel", "x"],
     ["list"],
     ["gpus"],
+    ["explain", "x"],
+    ["top"],
 ]
 
 

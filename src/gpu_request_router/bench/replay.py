@@ -112,17 +112,26 @@ from gpu_request_router.core.request_receiver import Caller, Submission
 from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.gpu_types import BUILTIN_GPU_TYPES
-from gpu_request_router.models.request import ResourceHints, Shape, Task
+from gpu_request_router.models.request import (
+    Request,
+    RequestStatus,
+    ResourceHints,
+    Shape,
+    Task,
+    Transition,
+)
 from gpu_request_router.simulation import Simulation, SimulationReport
 from gpu_request_router.testing import UNLIMITED_QUOTA
 
 __all__ = [
     "DEFAULT_POLICIES",
     "DEFAULT_SWEEP",
+    "ETA_TOLERANCE_S",
     "GENERIC_MODEL",
     "REQUIRED_METRICS",
     "SERVICES",
     "SLOWDOWN_FLOOR_S",
+    "EtaProbe",
     "Fleet",
     "PlannedRow",
     "PolicyResult",
@@ -607,6 +616,104 @@ def duration_errors(
 # Replaying -------------------------------------------------------------------------------------
 
 
+ETA_TOLERANCE_S: Final = 1.0
+"""An ETA within this many seconds of the wait that followed counts as right (also: 25 %)."""
+
+
+class EtaProbe:
+    """Asks ``explain`` for every request at the moment it queues; compares with its wait.
+
+    A request queues when it is admitted and does not start at once, or when a failed attempt
+    puts it back for a retry. Its ETA (``waiting.eta_s``) is compared with the time until its
+    next dispatch. Requests that end without starting again (cancelled, expired, failed) have no
+    wait to compare and are counted apart.
+    """
+
+    def __init__(self, simulation: Simulation) -> None:
+        self._simulation = simulation
+        self._pending: dict[str, tuple[float, float | None, str]] = {}
+        self.samples: list[tuple[float | None, float, str]] = []
+        self.unstarted = 0
+        simulation.admission_listeners.append(self._admitted)
+        simulation.listeners.append(self._changed)
+
+    def _ask(self, request_id: str) -> None:
+        router = self._simulation.router
+        live = router.get(request_id)
+        if live is None or live.status is not RequestStatus.QUEUED:
+            return
+        now = self._simulation.clock.now()
+        waiting = router.explain(live, now).waiting
+        assert waiting is not None
+        self._pending[request_id] = (now, waiting.eta_s, waiting.blocked_by)
+
+    def _admitted(self, request: Request) -> None:
+        self._ask(request.id)
+
+    def _changed(self, request: Request, change: Transition) -> None:
+        if change.to_status is RequestStatus.QUEUED:
+            self._ask(request.id)
+            return
+        asked = self._pending.pop(request.id, None)
+        if asked is None:
+            return
+        if change.to_status is RequestStatus.DISPATCHING:
+            at, eta, blocked_by = asked
+            self.samples.append((eta, change.at - at, blocked_by))
+        else:
+            self.unstarted += 1
+
+    def metrics(self) -> dict[str, Any]:
+        """The ETA's error over the samples: absolute error percentiles and shares within bounds.
+
+        ``asked``: requests explained as they queued (and that started later); ``with_eta``: of
+        them, those given an ETA; errors are over those, ``eta − actual wait`` (positive: too
+        late a forecast); ``early_share_of_misses``: of the errors beyond
+        :data:`ETA_TOLERANCE_S`, the share that were too early; ``zero_eta``: what the forecast
+        "it starts at once" would score on the same requests, a baseline; ``blocked_by``: how
+        many were explained with each cause.
+        """
+        timed = [(eta, actual) for eta, actual, _ in self.samples if eta is not None]
+        errors = [eta - actual for eta, actual in timed]
+        absolute = [abs(error) for error in errors]
+        within = sum(1 for error in absolute if error <= ETA_TOLERANCE_S)
+        relative = sum(
+            1
+            for (eta, actual), error in zip(timed, absolute, strict=True)
+            if error <= 0.25 * actual
+        )
+        causes = Counter(blocked_by for _, _, blocked_by in self.samples)
+        misses = [error for error in errors if abs(error) > ETA_TOLERANCE_S]
+        waits = [actual for _, actual in timed]
+        return {
+            "asked": len(self.samples),
+            "with_eta": len(timed),
+            "unstarted": self.unstarted,
+            "median_abs_error_s": round(percentile(absolute, 50), _DIGITS),
+            "p90_abs_error_s": round(percentile(absolute, 90), _DIGITS),
+            "median_error_s": round(percentile(errors, 50), _DIGITS),
+            "median_actual_wait_s": round(percentile([a for _, a in timed], 50), _DIGITS),
+            "p90_actual_wait_s": round(percentile([a for _, a in timed], 90), _DIGITS),
+            "within_1s": round(within / len(timed), _DIGITS) if timed else None,
+            "within_25pct": round(relative / len(timed), _DIGITS) if timed else None,
+            "early_share_of_misses": (
+                round(sum(1 for error in misses if error < 0) / len(misses), _DIGITS)
+                if misses
+                else None
+            ),
+            "zero_eta": {
+                "median_abs_error_s": round(percentile(waits, 50), _DIGITS),
+                "p90_abs_error_s": round(percentile(waits, 90), _DIGITS),
+                "within_1s": (
+                    round(sum(1 for wait in waits if wait <= ETA_TOLERANCE_S) / len(waits), _DIGITS)
+                    if waits
+                    else None
+                ),
+            },
+            "blocked_by": dict(sorted(causes.items())),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyResult:
     """One policy at one load scale: its metrics, every queue wait, and the run's wall time."""
@@ -634,12 +741,15 @@ def replay(
     catalog_duration_scale: float = 1.0,
     known_output: bool = False,
     service: str = "shared",
+    eta: bool = False,
 ) -> PolicyResult:
     """Replay ``rows`` through the real engine in virtual time with one placement policy.
 
     ``model``: the model of rows that name none, or several to draw from (:func:`plan_rows`).
     ``catalog_duration_scale`` and ``known_output``: the module docstring's "A wrong catalog on
     purpose". ``service``: the simulated fleet's service model, ``shared`` or ``fixed``.
+    ``eta``: measure the ETA of ``explain`` against the waits that followed (:class:`EtaProbe`;
+    the metrics' ``eta``).
     """
     started = time.perf_counter()
     fleet = parse_gpus(gpus) if isinstance(gpus, str) else gpus
@@ -663,6 +773,7 @@ def replay(
         known_output=known_output,
     )
     simulation = Simulation(scaled_catalog(settings, fleet, catalog_duration_scale), seed=seed)
+    probe = EtaProbe(simulation) if eta else None
     for item in planned:
         simulation.submit(item.at, item.submission, item.caller)
     report = simulation.run()
@@ -694,6 +805,8 @@ def replay(
         )
     )
     metrics["duration_error_by_tenth"] = duration_errors(report, planned, gpu_types)
+    if probe is not None:
+        metrics["eta"] = probe.metrics()
     return PolicyResult(policy, load_scale, metrics, waits, time.perf_counter() - started)
 
 
@@ -817,6 +930,38 @@ def _error_table(results: Mapping[str, PolicyResult]) -> Table:
     return table
 
 
+def _eta_table(results: Mapping[str, PolicyResult]) -> Table:
+    table = Table(title="explain's ETA against the wait that followed (requests that queued)")
+    for column in (
+        "policy",
+        "asked",
+        "with ETA",
+        "median |err| s",
+        "p90 |err| s",
+        "median err s",
+        "median wait s",
+        "within 1 s",
+        "within 25 %",
+        "ETA 0: within 1 s",
+    ):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for policy, result in results.items():
+        m = result.metrics["eta"]
+        table.add_row(
+            policy,
+            str(m["asked"]),
+            str(m["with_eta"]),
+            f"{m['median_abs_error_s']:.3f}",
+            f"{m['p90_abs_error_s']:.3f}",
+            f"{m['median_error_s']:+.3f}",
+            f"{m['median_actual_wait_s']:.3f}",
+            "–" if m["within_1s"] is None else f"{m['within_1s']:.1%}",
+            "–" if m["within_25pct"] is None else f"{m['within_25pct']:.1%}",
+            "–" if m["zero_eta"]["within_1s"] is None else f"{m['zero_eta']['within_1s']:.1%}",
+        )
+    return table
+
+
 def _sweep_table(
     results: Mapping[tuple[str, float], PolicyResult],
     policies: Sequence[str],
@@ -931,6 +1076,13 @@ def command(
             help="Clients send max_tokens = the true answer length (the router knows shapes).",
         ),
     ] = False,
+    eta: Annotated[
+        bool,
+        typer.Option(
+            "--eta",
+            help="Measure explain's ETA against the wait that followed, per policy (slower).",
+        ),
+    ] = False,
     jobs: Annotated[
         int, typer.Option("--jobs", help="Replays to run in parallel processes.", min=1)
     ] = 1,
@@ -1016,6 +1168,7 @@ def command(
         "catalog_duration_scale": catalog_duration_scale,
         "known_output": known_output,
         "service": service,
+        "eta": eta,
     }
     all_scales = sorted(set(scales) | {load_scale})
     started = time.perf_counter()
@@ -1024,6 +1177,8 @@ def command(
     base = {name: results[(name, load_scale)] for name in names}
     out.print(_base_table(base, f"{trace.name} on {fleet}, load ×{load_scale:g}, SLO {slo_s:g} s"))
     out.print(_error_table(base))
+    if eta:
+        out.print(_eta_table(base))
     if scales:
         out.print(_sweep_table(results, names, scales))
     runs = len(results)
@@ -1054,6 +1209,7 @@ def command(
                 "starvation_bound_s": settings.placement.starvation_bound_s,
                 "catalog_duration_scale": catalog_duration_scale,
                 "known_output": known_output,
+                "eta": eta,
             },
             "policies": {name: result.metrics for name, result in base.items()},
             "sweep": {

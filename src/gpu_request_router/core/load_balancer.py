@@ -40,14 +40,21 @@ whether the worker keeps enough GPUs that fit (an approximation).
 ``power_of_two``, ``round_robin`` and ``random`` pick by position among all candidates, and a
 multi-GPU request ranks whole workers: those scan every schedulable GPU, O(GPUs).
 ``gpurouter bench decisions`` measures both (docs/architecture.md, "Placement").
+
+Each choice comes with the candidates the policy weighed (:class:`Weighed`, at most
+:data:`WEIGHED`, best first, with its ranking key), for ``explain``: a search's best GPU of each
+shelf it looked at, a scan's best options by the policy's key, ``power_of_two``'s sampled pair,
+or the choice alone where a policy does not rank (``random``, ``round_robin``).
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gpu_request_router.core.fragmentation import (
     Demand,
@@ -71,6 +78,7 @@ __all__ = [
     "NoFit",
     "Option",
     "Policy",
+    "Weighed",
     "make_policy",
 ]
 
@@ -82,6 +90,9 @@ TYPICAL_SHAPES = 16
 
 REFRESH_EVERY = 256
 """Exact-size placements between two refreshes of the typical shapes, once past that many."""
+
+WEIGHED = 8
+"""At most this many candidates a placement keeps, best first, for ``explain``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,17 +169,52 @@ class GPUGroup:
         self.slots = slots
 
 
+class Weighed(NamedTuple):
+    """A candidate a policy weighed: its GPUs, its ranking key (lower is better), a note.
+
+    The key is the policy's own; :meth:`Policy.scores` names its parts. An empty key: the policy
+    did not rank the candidate (it chose by position or at random). ``note`` may hold
+    ``{count}``, which :meth:`describe` fills with ``among`` (how many it was the best of, or
+    chosen among). A tuple, its note formatted only when asked: made on every decision, it must
+    cost next to nothing.
+    """
+
+    gpu_ids: tuple[str, ...]
+    key: tuple[float, ...]
+    note: str = ""
+    among: int = 0
+
+    def describe(self) -> str:
+        """The note, with ``{count}`` replaced (formatted when asked, not at decision time)."""
+        return self.note.format(count=self.among)
+
+
+_ALIKE = "the best of {count} alike with a free slot"
+
+
+def _weighed(option: Option, key: tuple[float, ...], note: str = "", among: int = 0) -> Weighed:
+    unit = option[0]
+    gpu_ids = tuple(gpu.id for gpu in unit.gpus) if isinstance(unit, GPUGroup) else (unit.id,)
+    return Weighed(gpu_ids, key, note, among)
+
+
 @dataclass(frozen=True, slots=True)
 class Chosen:
-    """The policy's choice: a worker, its GPUs, the memory to reserve on each, and why."""
+    """The policy's choice: a worker, its GPUs, the memory to reserve on each, and why.
+
+    ``weighed``: the candidates the policy weighed, best first (at most :data:`WEIGHED`).
+    """
 
     worker: str
     gpu_ids: tuple[str, ...]
     reservations: Mapping[str, int]
     reason: str
+    weighed: tuple[Weighed, ...] = ()
 
     @classmethod
-    def of(cls, option: Option, policy: str, why: str = "") -> Chosen:
+    def of(
+        cls, option: Option, policy: str, why: str = "", weighed: Sequence[Weighed] = ()
+    ) -> Chosen:
         """The placement for ``option``, chosen by ``policy``, with the reason in a few words.
 
         ``why``: what the policy weighed, put before the memory and slots the choice leaves.
@@ -191,6 +237,7 @@ class Chosen:
                 f"{policy}: {why}{affinity}leaves {leftover:.1f} GiB, "
                 f"{busy}/{unit.slots} slots busy"
             ),
+            weighed=tuple(weighed),
         )
 
 
@@ -214,6 +261,25 @@ class Policy(ABC):
         """What the policy weighed in choosing ``option``, for the placement reason."""
         return ""
 
+    def choose_weighed(self, options: Sequence[Option], need: Need) -> tuple[Option, list[Weighed]]:
+        """:meth:`choose`, with the candidates weighed (:meth:`weigh`)."""
+        chosen = self.choose(options, need)
+        return chosen, self.weigh(options, chosen, need)
+
+    def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
+        """The candidates weighed in choosing ``chosen`` among ``options``, best first.
+
+        By default only the choice, unranked: a policy that picks by position or at random
+        weighs no other option.
+        """
+        return [
+            _weighed(chosen, (), f"chosen by {self.name} among {{count}} feasible", len(options))
+        ]
+
+    def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
+        """The parts of a ranking key of this policy, by name (for ``explain``)."""
+        return {}
+
     def placed(self, need: Need) -> None:
         """Learn from ``need``, just placed (most policies learn nothing)."""
         return None
@@ -233,6 +299,20 @@ class IndexedPolicy(Policy):
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
     ) -> Best | None:
         """The shelf's best GPU for ``need`` (reserving ``memory``), with its full ranking key."""
+
+    @abstractmethod
+    def key(self, option: Option, need: Need) -> tuple[float, ...]:
+        """The ranking key of ``option`` (lower is better); :meth:`choose` takes the least."""
+
+    def choose(self, options: Sequence[Option], need: Need) -> Option:
+        """Pick the option of the least :meth:`key`."""
+        return min(options, key=lambda option: self.key(option, need))
+
+    def choose_weighed(self, options: Sequence[Option], need: Need) -> tuple[Option, list[Weighed]]:
+        """The option of the least :meth:`key` and the best ones, each key computed once."""
+        keyed = [(self.key(option, need), position) for position, option in enumerate(options)]
+        best = heapq.nsmallest(WEIGHED, keyed)  # ties go to the earlier option, as min() does
+        return options[best[0][1]], [_weighed(options[p], key) for key, p in best]
 
 
 class BalancedPolicy(IndexedPolicy):
@@ -302,32 +382,40 @@ class BalancedPolicy(IndexedPolicy):
             return sum(share_cost(gpu.room_mb, taken, self.typical) for gpu, taken in pairs)
         return share_cost(unit.room_mb, memory, self.typical)
 
-    def choose(self, options: Sequence[Option], need: Need) -> Option:
+    def key(self, option: Option, need: Need) -> tuple[float, ...]:
         """Pack what is known, send the rest where it finishes first (class docstring)."""
+        unit, memory, loaded = option
         if need.exact:
-
-            def packing(option: Option) -> tuple[bool, bool, int, int, float]:
-                unit, memory, loaded = option
-                return (
-                    not loaded,
-                    unit.health is _DEGRADED,
-                    self.share_bucket(unit, memory),
-                    (unit.room_mb - memory) // _GIB,
-                    unit.busy,
-                )
-
-            return min(options, key=packing)
-
-        def finishing(option: Option) -> tuple[bool, float, int, float]:
-            unit, memory, _ = option
             return (
+                not loaded,
                 unit.health is _DEGRADED,
-                self.finish_s(need, unit),
-                memory - unit.room_mb,
+                self.share_bucket(unit, memory),
+                (unit.room_mb - memory) // _GIB,
                 unit.busy,
             )
+        return (
+            unit.health is _DEGRADED,
+            self.finish_s(need, unit),
+            memory - unit.room_mb,
+            unit.busy,
+        )
 
-        return min(options, key=finishing)
+    def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
+        """Exact: affinity, health, fragmentation, GiB left, load; estimated: finish time first."""
+        if need.exact:
+            return {
+                "model_loaded": float(not key[0]),
+                "degraded": float(key[1]),
+                "fragmentation_bucket": float(key[2]),
+                "room_left_gib": float(key[3]),
+                "busy": float(key[4]),
+            }
+        return {
+            "degraded": float(key[0]),
+            "expected_finish_s": round(float(key[1]), 3),
+            "room_left_mb": -float(key[2]),
+            "busy": float(key[3]),
+        }
 
     def finish_s(self, need: Need, unit: GPUState | GPUGroup) -> float:
         """Seconds until ``need`` would finish on ``unit`` if started now (class docstring)."""
@@ -402,9 +490,13 @@ class BestFitPolicy(IndexedPolicy):
 
     name = "best_fit"
 
-    def choose(self, options: Sequence[Option], need: Need) -> Option:
-        """Pick the option with the least room left after placement."""
-        return min(options, key=lambda o: (o[0].room_mb - o[1], o[0].busy))
+    def key(self, option: Option, need: Need) -> tuple[float, ...]:
+        """The room left after placement, then the load."""
+        return option[0].room_mb - option[1], option[0].busy
+
+    def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
+        """The room left and the load."""
+        return {"room_left_mb": float(key[0]), "busy": float(key[1])}
 
     def search(
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
@@ -417,14 +509,22 @@ def _least_busy(option: Option) -> tuple[float, int]:
     return option[0].busy, option[1] - option[0].room_mb
 
 
+def _load_scores(key: tuple[float, ...]) -> dict[str, float]:
+    return {"busy": float(key[0]), "room_left_mb": -float(key[1])}
+
+
 class LeastLoadedPolicy(IndexedPolicy):
     """The fewest busy slots, then the most room."""
 
     name = "least_loaded"
 
-    def choose(self, options: Sequence[Option], need: Need) -> Option:
-        """Pick the least busy option."""
-        return min(options, key=_least_busy)
+    def key(self, option: Option, need: Need) -> tuple[float, ...]:
+        """The load, then the most room."""
+        return _least_busy(option)
+
+    def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
+        """The load and the room left."""
+        return _load_scores(key)
 
     def search(
         self, shelf: Shelf, memory: int, need: Need, skip: Callable[[str], bool]
@@ -440,11 +540,23 @@ class PowerOfTwoPolicy(Policy):
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
+        self._pair: Sequence[Option] = ()
 
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Sample two options and pick the less busy one."""
-        pair = self._rng.sample(options, 2) if len(options) > 1 else options
+        pair = self._pair = self._rng.sample(options, 2) if len(options) > 1 else options
         return min(pair, key=_least_busy)
+
+    def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
+        """The two options sampled (the choice first)."""
+        pair = sorted(self._pair, key=_least_busy) if self._pair else [chosen]
+        count = len(options)
+        note = "sampled among {count} feasible"
+        return [_weighed(option, _least_busy(option), note, count) for option in pair]
+
+    def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
+        """The load and the room left."""
+        return _load_scores(key)
 
 
 class RoundRobinPolicy(Policy):
@@ -555,14 +667,23 @@ class LoadBalancer:
                 candidates.append((shelf, without_weights if loaded else need.memory_mb, loaded))
         for skip in (skip_avoided, skip_held) if avoid else (skip_held,):
             best: Best | None = None
+            found_on: list[tuple[tuple[float, ...], str, int]] = []
             for shelf, memory, loaded in candidates:
                 found = policy.search(shelf, memory, need, skip)
-                if found is not None and (best is None or found[0] < best[0]):
-                    best = found
-                    best_memory, best_loaded = memory, loaded
+                if found is not None:
+                    found_on.append((found[0], found[1], len(shelf.by_room)))
+                    if best is None or found[0] < best[0]:
+                        best = found
+                        best_memory, best_loaded = memory, loaded
             if best is not None:
                 option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
-                return Chosen.of(option, policy.name, policy.explain(option, need))
+                ranked = (
+                    sorted(found_on)
+                    if len(found_on) <= WEIGHED
+                    else heapq.nsmallest(WEIGHED, found_on)
+                )
+                weighed = [Weighed((gpu_id,), key, _ALIKE, alike) for key, gpu_id, alike in ranked]
+                return Chosen.of(option, policy.name, policy.explain(option, need), weighed)
         return NoFit(free_slots=True)
 
     def _scan(self, need: Need, gpus: Iterable[GPUState], held: Collection[str]) -> Chosen | NoFit:
@@ -599,8 +720,8 @@ class LoadBalancer:
         if not options:
             return NoFit(free_slots=free_slots)
         policy = self.policy
-        chosen = policy.choose(options, need)
-        return Chosen.of(chosen, policy.name, policy.explain(chosen, need))
+        chosen, weighed = policy.choose_weighed(options, need)
+        return Chosen.of(chosen, policy.name, policy.explain(chosen, need), weighed)
 
     @staticmethod
     def _groups(options: Iterable[tuple[GPUState, int, bool]], need: Need) -> list[Option]:

@@ -63,10 +63,11 @@ from gpu_request_router.core.events import (
     Recovery,
     StillRunning,
 )
+from gpu_request_router.core.explain import Decided, DecisionLog, Explainer, Explanation
 from gpu_request_router.core.fit import FleetFit, need_of
 from gpu_request_router.core.gpu_state_monitor import GPUStateMonitor
 from gpu_request_router.core.holds import Holds
-from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, NoFit
+from gpu_request_router.core.load_balancer import Chosen, LoadBalancer, Need, NoFit
 from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
@@ -169,6 +170,23 @@ class RequestRouter:
             avoid=self._avoid,
         )
         self._circuits = Circuits(errors.circuits, monitor, metrics)
+        self.decisions = DecisionLog()
+        self._explainer = Explainer(
+            monitor=monitor,
+            queue=self.queue,
+            holds=self.holds,
+            quotas=quotas,
+            policy=balancer.policy,
+            decisions=self.decisions,
+            requests=self._requests,
+            executions=self._executions,
+            active=self._active,
+            avoid=self._avoid,
+            backoff=self._backoff,
+            cost=gpu_seconds,
+            depth=settings.placement.backfill_depth,
+            bound_s=settings.placement.starvation_bound_s,
+        )
         self._quota_wakeup: float | None = None
         self._keys: dict[tuple[str, str], str] = {}
         # Status changes made since the last event returned, to go out with its decisions.
@@ -211,6 +229,13 @@ class RequestRouter:
     def queued_total(self) -> int:
         """How many requests of all users are waiting (including those backing off to retry)."""
         return self._queued_total
+
+    def explain(self, request: Request, now: float) -> Explanation:
+        """Where ``request`` (live or ended) was placed and why, or why it waits, at ``now``.
+
+        See :mod:`~gpu_request_router.core.explain`.
+        """
+        return self._explainer.explain(request, now)
 
     def queue_retry_after(self, now: float) -> float:
         """Seconds until the running request expected to finish first does so (at least 1 s)."""
@@ -804,7 +829,7 @@ class RequestRouter:
                     break
                 continue
             try:
-                decisions.append(self._dispatch(request, chosen, now))
+                decisions.append(self._dispatch(request, chosen, now, need))
             except StateConflict as exc:
                 # A GPU refused the memory (its room changed under the choice); nothing changed
                 # here, and the dispatches already decided still go out.
@@ -832,7 +857,7 @@ class RequestRouter:
         if self._quota_wakeup is None or frees < self._quota_wakeup:
             self._quota_wakeup = frees
 
-    def _dispatch(self, request: Request, chosen: Chosen, now: float) -> Dispatch:
+    def _dispatch(self, request: Request, chosen: Chosen, now: float, need: Need) -> Dispatch:
         attempt = request.attempts + 1
         execution_id = f"exe_{request.id}_{attempt}"
         placement = Placement(chosen.worker, chosen.gpu_ids, chosen.reason)
@@ -856,6 +881,10 @@ class RequestRouter:
             self.errors.budget.first_attempt(now)
         self._circuits.dispatched(backend, chosen.gpu_ids)
         self.metrics.request_dispatched(request, wait)
+        self.decisions.record(
+            request.id,
+            Decided(now, self.balancer.policy.name, need, chosen.gpu_ids, chosen.weighed),
+        )
         return Dispatch(
             request=request.snapshot(),
             execution_id=execution_id,

@@ -49,6 +49,7 @@ CONTRACT = {  # SPEC §5 and §6's worker registration, but for the dashboard
     ("get", "/v1/requests"),
     ("delete", "/v1/requests/{request_id}"),
     ("get", "/v1/requests/{request_id}/events"),
+    ("get", "/v1/requests/{request_id}/explain"),
     ("get", "/v1/gpus"),
     ("get", "/v1/gpus/{gpu_id}"),
     ("post", "/v1/gpus/{gpu_id}/cordon"),

@@ -592,3 +592,56 @@ def test_command_reports_a_malformed_trace(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "replay", "--trace", str(path)])
     assert result.exit_code == 2
     assert "line 2: column 'input_tokens'" in " ".join(result.output.split())
+
+
+def test_the_eta_of_jobs_of_known_length_in_a_line_is_exact() -> None:
+    """One GPU, jobs that take it whole for the duration the router expects: each ETA is exact."""
+    settings = replay_settings(parse_gpus("1xH100-80GB"), "balanced", service="fixed")
+    duration = settings.models["generic"].default_duration_s
+    # One user: the queue is first come, first served (between users fair share may reorder it).
+    rows = [
+        TraceRow(0.0, user="alice", model="generic", duration_s=duration, gpu_memory_mb=60_000)
+        for _ in range(4)
+    ]
+    result = replay(rows, gpus="1xH100-80GB", service="fixed", eta=True)
+    eta = result.metrics["eta"]
+    assert eta["asked"] == 3 and eta["with_eta"] == 3  # the first starts at once
+    assert eta["median_abs_error_s"] == pytest.approx(0.0, abs=1e-6)
+    assert eta["p90_abs_error_s"] == pytest.approx(0.0, abs=1e-6)
+    assert eta["within_1s"] == 1.0 and eta["within_25pct"] == 1.0
+    assert eta["median_actual_wait_s"] == pytest.approx(2 * duration)
+    assert eta["blocked_by"] == {"memory": 3}
+    assert eta["early_share_of_misses"] is None  # no miss
+    assert eta["zero_eta"]["median_abs_error_s"] == pytest.approx(2 * duration)
+
+
+def test_the_eta_error_shows_when_jobs_run_longer_than_expected() -> None:
+    """Jobs twice as long as the router expects: the ETAs come early, and the error says so."""
+    settings = replay_settings(parse_gpus("1xH100-80GB"), "balanced", service="fixed")
+    duration = settings.models["generic"].default_duration_s
+    rows = [
+        TraceRow(0.0, user="alice", model="generic", duration_s=2 * duration, gpu_memory_mb=60_000)
+        for _ in range(3)
+    ]
+    eta = replay(rows, gpus="1xH100-80GB", service="fixed", eta=True).metrics["eta"]
+    assert eta["with_eta"] == 2
+    assert eta["median_error_s"] < -0.2 * duration  # too early a forecast
+    assert eta["median_abs_error_s"] > 0.2 * duration
+    assert eta["early_share_of_misses"] in (None, 1.0)
+
+
+def test_the_command_reports_the_eta_per_policy(tmp_path: Path) -> None:
+    """With --eta the table and the JSON carry the ETA's error for every policy."""
+    out = tmp_path / "replay.json"
+    arguments = ["bench", "replay", "--trace", str(AZURE_CONV), "--limit", "200", "--eta"]
+    arguments += ["--gpus", "1xH100-80GB", "--sweep", "", "--policy", "balanced"]
+    arguments += ["--policy", "best_fit", "--json", str(out)]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "ETA against the wait" in result.output
+    document = json.loads(out.read_text())
+    assert document["settings"]["eta"] is True
+    for metrics in document["policies"].values():
+        eta = metrics["eta"]
+        assert eta["asked"] > 0 and eta["with_eta"] <= eta["asked"]
+        assert 0 <= eta["median_abs_error_s"] <= eta["p90_abs_error_s"]

@@ -1,4 +1,4 @@
-"""Requests: submit, estimate, get (with long-poll), list, cancel, and their status events.
+"""Requests: submit, estimate, get (with long-poll), list, cancel, explain, and status events.
 
 Submitting is a hot route (:mod:`~gpu_request_router.api.routes.lean`), declared once: FastAPI
 documents it, and :data:`HOT_PATHS` serves it before FastAPI's routing.
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gpu_request_router.api.dependencies import CurrentCaller, Service, ServiceDep
 from gpu_request_router.api.models.common import Page, problems
+from gpu_request_router.api.models.explain_models import ExplainOut
 from gpu_request_router.api.models.request_models import (
     EstimateOut,
     RequestOut,
@@ -183,6 +184,24 @@ async def cancel_request(
     service.visible(request_id, caller)
     request = await service.runtime.cancel(request_id, actor=caller.user)
     return service.request_out(request)
+
+
+@router.get(
+    "/requests/{request_id}/explain",
+    response_model=ExplainOut,
+    summary="Explain a request's placement, or why it still waits",
+    responses=problems(401, 404),
+)
+async def explain_request(
+    request_id: RequestId, caller: CurrentCaller, service: ServiceDep
+) -> ExplainOut:
+    """Where it was placed and why, or why it still waits.
+
+    Placed: the candidates the policy weighed and their scores. Waiting: what blocks it
+    (memory, slots, quota, priority, a starvation hold, no GPU), its queue position and an ETA.
+    """
+    request = service.visible(request_id, caller)
+    return ExplainOut.of(service.runtime.explain(request))
 
 
 @router.get(
