@@ -473,7 +473,7 @@ class BalancedPolicy(IndexedPolicy):
             if not self.typical:
                 return ""
             grown = self._grown(option[0], option[1]) / _GIB
-            return f"{grown:+.1f} GiB unusable to the typical sizes; "
+            return f"fragmentation {grown:+.1f} GiB for the typical sizes; "
         unit = option[0]
         first = unit.gpus[0] if isinstance(unit, GPUGroup) else unit
         gpus = unit.gpus if isinstance(unit, GPUGroup) else (unit,)

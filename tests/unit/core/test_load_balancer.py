@@ -297,7 +297,7 @@ def test_balanced_keeps_room_a_typical_exact_size_can_use_rather_than_fit_tighte
     chosen = balancer.place(small, monitor.index)
     assert chosen_ids(chosen) == ("b:0",)
     assert isinstance(chosen, Chosen)
-    assert chosen.reason.startswith("balanced: +0.0 GiB unusable to the typical sizes; ")
+    assert chosen.reason.startswith("balanced: fragmentation +0.0 GiB for the typical sizes; ")
     assert placed.reason.startswith("balanced: leaves 9.0 GiB")  # nothing typical yet
     # The estimated path does not look at it; best_fit still packs tightest.
     assert chosen_ids(place(monitor, small, "best_fit")) == ("a:0",)
