@@ -249,6 +249,7 @@ def test_the_request_page_explains_a_wait_and_then_the_placement(router: str, pa
     placed_on = explained["placement"]["gpu_id"]
     expect(explain.locator(".summary")).to_have_text(explained["summary"], timeout=SHOWN_MS)
     expect(block).to_have_count(0)
+    expect(explain).not_to_contain_text("null")
     expect(explain.locator(f'tr.chosen[data-gpu="{placed_on}"]')).to_be_visible()
     headers = explain.locator("table.candidates th")
     for name in explained["candidates"][0]["score"]:

@@ -28,7 +28,8 @@ export function s(tag, attrs, ...children) {
 
 /** Replace the children of the element with this id. */
 export function fill(id, ...children) {
-  document.getElementById(id).replaceChildren(...children.flat());
+  const shown = children.flat().filter((child) => child !== null && child !== undefined && child !== false);
+  document.getElementById(id).replaceChildren(...shown);
 }
 
 /** MiB as a short GiB figure: 81559 → "79.6". */
