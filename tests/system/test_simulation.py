@@ -411,3 +411,20 @@ def test_demo_command_refuses_a_configuration_without_simulated_backends(tmp_pat
     assert result.returncode == 2
     assert "simulated" in result.stdout
     assert "Simulated fleet" not in result.stdout
+
+
+@pytest.mark.parametrize(("service", "cold"), [("fixed", False), ("shared", True)])
+def test_the_router_expects_a_cold_start_only_where_the_fleet_loads_weights(
+    service: str, cold: bool
+) -> None:
+    """A fixed fleet never loads weights, so no reason promises one; a shared fleet loads once."""
+    simulation = Simulation(make_settings(gpus=[("H100-80GB", 2)], service=service))
+    caller = Caller(user="alice")
+    for at in (0.0, 60.0):
+        simulation.submit(at, chat("llama-3-8b"), caller)
+    first, second = sorted(simulation.run().records, key=lambda record: record.created_at)
+    assert (first.status, second.status) == ("succeeded", "succeeded")
+    assert ("a cold start" in first.reason) is cold, first.reason
+    assert "a cold start" not in second.reason, second.reason
+    estimated_s = float(first.reason.split("expected to finish in ")[1].split(" s")[0])
+    assert (estimated_s > 5.0) is cold  # 15,317 MiB of weights at 1.7 GB/s load in 9.4 s

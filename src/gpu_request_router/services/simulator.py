@@ -298,7 +298,9 @@ class SimulatedFleet:
     A backend's ``service`` says how its GPUs serve (``service`` the constants):
 
     - ``fixed``: an execution takes its planned duration whatever else runs, and holds its whole
-      peak memory, weights included, while it runs;
+      peak memory, weights included, while it runs; no load is ever waited for, so readings list
+      every model of ``weights_mb`` the GPU serves and does not run as ``models_cached`` (ready
+      without a cold start);
     - ``shared``: executions on one GPU share it (:class:`ServiceModel`: each runs
       ``1 + α·(n − 1)`` times slower among ``n``, re-evaluated whenever one starts or ends), and
       weights are loaded on demand and kept: an execution whose model's weights are not on the
@@ -329,6 +331,7 @@ class SimulatedFleet:
         self.loads = 0  # weights loaded onto a shared GPU (cold starts), ever
         self.service = service or ServiceModel.of()
         weights = weights_mb or {}
+        self._catalog = tuple(sorted(weights))
         for backend in backends:
             if backend.kind != "simulated":
                 continue
@@ -383,6 +386,7 @@ class SimulatedFleet:
         busy = len(gpu.running)
         utilization = 0.0 if busy == 0 else min(100.0, 40.0 + 60.0 * busy / gpu.slots)
         board = _POWER_W.get(gpu.type, 700.0)
+        loaded = gpu.pinned + tuple(model for model, _ in gpu.users)
         return GPUReading(
             worker=gpu.worker,
             index=gpu.index,
@@ -400,8 +404,18 @@ class SimulatedFleet:
             ecc_uncorrected=gpu.ecc_uncorrected,
             slots=gpu.slots,
             models=gpu.models,
-            models_loaded=gpu.pinned + tuple(model for model, _ in gpu.users),
-            models_cached=tuple(key[0] for key in gpu.cached if key not in gpu.users),
+            models_loaded=loaded,
+            models_cached=self._cached(gpu, loaded),
+        )
+
+    def _cached(self, gpu: _SimGPU, loaded: tuple[str, ...]) -> tuple[str, ...]:
+        """Weights a GPU can run at once that no execution holds (class docstring)."""
+        if gpu.shared:
+            return tuple(key[0] for key in gpu.cached if key not in gpu.users)
+        return tuple(
+            model
+            for model in self._catalog
+            if model not in loaded and ("*" in gpu.models or model in gpu.models)
         )
 
     def plan(self, dispatch: Dispatch) -> Plan:
