@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ KEY = "startup-test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
-def write_config(workdir: Path, port: int) -> Path:
-    """A router config on ``port`` with JSON logs at info and SQLite in ``workdir``."""
-    config = {
+def write_config(workdir: Path, port: int, config: Mapping[str, Any] | None = None) -> Path:
+    """``config``, by default one on ``port`` with JSON logs at info and SQLite in ``workdir``."""
+    config = config or {
         "server": {"port": port},
         "auth": {"users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]},
         "state": {"backend": "sqlite", "sqlite_path": str(workdir / "router.db")},
@@ -41,14 +42,25 @@ def write_config(workdir: Path, port: int) -> Path:
     return path
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without the ``GPUROUTER_*`` settings a shell may carry."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("GPUROUTER_")}
+
+
 class Router:
     """A `gpurouter serve` process; its stdout and stderr kept apart in ``workdir``."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, config: Mapping[str, Any] | None = None
+    ) -> None:
+        """Start it on ``port`` (a free one by default) with ``config`` (:func:`write_config`).
+
+        The process sees no ``GPUROUTER_*`` variable of the environment the tests run in.
+        """
         self.workdir = workdir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.config = write_config(workdir, self.port)
+        self.config = write_config(workdir, self.port, config)
         self.out = workdir / f"serve-{self.port}.out"
         self.err = workdir / f"serve-{self.port}.err"
         with self.out.open("wb") as out, self.err.open("wb") as err:
@@ -57,7 +69,7 @@ class Router:
                 cwd=workdir,
                 stdout=out,
                 stderr=err,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
             )
 
     def wait_ready(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
+from routers import Router, clean_environment
 from typer.testing import CliRunner, Result
 
 from gpu_request_router.cli import app
@@ -27,8 +26,7 @@ KEY = "cli-test-key"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
-    return {**base, "COLUMNS": "250", **extra}
+    return {**clean_environment(), "COLUMNS": "250", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +48,14 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "state": {"sqlite_path": str(workdir / "router.db")},
         "monitor": {"poll_interval_s": 0.1},
     }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    with (workdir / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [GPUROUTER, "serve", "--config", str(workdir / "config.yaml")],
-            cwd=workdir,
-            stdout=log,
-            stderr=log,
-            env=_env(),
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, (workdir / "serve.log").read_text()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the router did not become ready"
-        time.sleep(0.05)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    process.wait(20)
-    assert "development admin key" not in (workdir / "serve.log").read_text(), "users configured"
+    process = Router(workdir, port, config)
+    try:
+        process.wait_ready()
+        yield process.url
+    finally:
+        process.stop()
+    logs = process.out.read_text() + process.err.read_text()
+    assert "development admin key" not in logs, "users configured"
     assert [path.name for path in workdir.iterdir() if path.suffix == ".devkey"] == []
 
 

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from routers import Router
 
 from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
 
-GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -69,32 +64,12 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `gpurouter serve` process on 127.0.0.1; its URL."""
     workdir = tmp_path_factory.mktemp("dashboard")
     port = free_port()
-    (workdir / "config.yaml").write_text(yaml.safe_dump(router_config(workdir, port)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
-    with (workdir / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [GPUROUTER, "serve", "--config", str(workdir / "config.yaml")],
-            cwd=workdir,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
+    process = Router(workdir, port, router_config(workdir, port))
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, (workdir / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the router did not become ready"
-            time.sleep(0.05)
-        yield url
+        process.wait_ready()
+        yield process.url
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(20)
+        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from routers import GPUROUTER, HEADERS, KEY, Router
+from routers import GPUROUTER, HEADERS, KEY, Router, clean_environment
 
 _COLUMNS, _ROWS = 220, 80
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -32,9 +32,8 @@ def _env(router: Router) -> dict[str, str]:
     Rich takes ``COLUMNS`` and ``LINES`` over the terminal's own size, so any inherited value
     would win over the pseudo-terminal's: they are set to its size.
     """
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUROUTER_")}
     return {
-        **base,
+        **clean_environment(),
         "GPUROUTER_URL": router.url,
         "GPUROUTER_API_KEY": KEY,
         "TERM": "xterm",
