@@ -93,6 +93,7 @@ from gpu_request_router.services.gpu_monitoring import (
 )
 from gpu_request_router.services.simulator import SimulatedFleet
 from gpu_request_router.store.memory import MemoryStore
+from gpu_request_router.utils.budget import TimeBudget
 from gpu_request_router.utils.clock import Clock, SystemClock
 from gpu_request_router.utils.json_values import first_problem, repaired_text
 from gpu_request_router.writer import Writer
@@ -111,6 +112,10 @@ _CANCEL_TIMEOUT_S = 5.0
 _LOOKUP_TIMEOUT_S = 5.0
 # Cancellations kept for a backend not known yet (a worker that registers itself), at most.
 _PENDING_CANCELS = 10_000
+# Explanations may take this share of the event loop's time on average, in bursts of up to
+# this many seconds (Runtime.explain).
+_EXPLAIN_SHARE = 0.1
+_EXPLAIN_BURST_S = 0.25
 
 
 def received(outcome: ExecutionResult | Failure) -> ExecutionResult | Failure:
@@ -176,6 +181,7 @@ class Runtime:
         # backend name -> execution ids to cancel once the backend is known (it registers)
         self._pending_cancels: dict[str, list[str]] = {}
         self._running = False
+        self._explain_budget = TimeBudget(_EXPLAIN_SHARE, _EXPLAIN_BURST_S)
         # Called with every status change after a request's creation, once it is visible
         # (committed, for async requests).
         self.listeners: list[Callable[[Request, Transition], None]] = [self._on_transition]
@@ -496,8 +502,16 @@ class Runtime:
         return positions
 
     def explain(self, request: Request) -> Explanation:
-        """Where ``request`` (as :meth:`get` returned it) was placed and why, or why it waits."""
-        return self.router.explain(request, self.clock.now())
+        """Where ``request`` (as :meth:`get` returned it) was placed and why, or why it waits.
+
+        A waiting request's ETA is projected while explanations have taken less than
+        :data:`_EXPLAIN_SHARE` of the time (burst :data:`_EXPLAIN_BURST_S`); past that it has
+        none, so that callers asking again and again cannot stall the event loop.
+        """
+        now = self.clock.now()
+        return self._explain_budget.spend(
+            lambda project: self.router.explain(request, now, project=project)
+        )
 
     async def watch(self, request_id: str, after: int, timeout_s: float) -> list[Transition]:
         """The request's audit entries after ``after``, waiting up to ``timeout_s`` for one."""

@@ -230,12 +230,12 @@ class RequestRouter:
         """How many requests of all users are waiting (including those backing off to retry)."""
         return self._queued_total
 
-    def explain(self, request: Request, now: float) -> Explanation:
+    def explain(self, request: Request, now: float, *, project: bool = True) -> Explanation:
         """Where ``request`` (live or ended) was placed and why, or why it waits, at ``now``.
 
-        See :mod:`~gpu_request_router.core.explain`.
+        See :mod:`~gpu_request_router.core.explain`; without ``project``, a wait has no ETA.
         """
-        return self._explainer.explain(request, now)
+        return self._explainer.explain(request, now, project=project)
 
     def queue_retry_after(self, now: float) -> float:
         """Seconds until the running request expected to finish first does so (at least 1 s)."""

@@ -48,6 +48,21 @@ def test_a_request_waiting_for_memory_is_blocked_by_memory_with_an_eta() -> None
     assert abs(explained.waiting.eta_s - duration) < 1e-6
 
 
+def test_without_a_projection_a_wait_keeps_its_cause_and_position_and_has_no_eta() -> None:
+    """``project=False`` (the runtime's time budget spent): the same cause, no ETA, and why."""
+    h = Harness(make_settings(gpus=[("H100-80GB", 1)]))
+    h.submit(_sized(60_000))
+    waiting = h.submit(_sized(40_000), user="bob")
+    projected = h.router.explain(waiting, h.now)
+    skipped = h.router.explain(waiting, h.now, project=False)
+    assert projected.waiting is not None and skipped.waiting is not None
+    assert projected.waiting.eta_s is not None and skipped.waiting.eta_s is None
+    assert skipped.waiting.blocked_by == projected.waiting.blocked_by == "memory"
+    assert skipped.waiting.queue_position == projected.waiting.queue_position == 0
+    assert "no ETA now, as the router is busy" in skipped.summary
+    assert "expected to start in about" in projected.summary
+
+
 def test_a_request_behind_another_counts_its_wait_too() -> None:
     """The ETA of the second waiting request includes the run of the first one ahead of it."""
     h = Harness(make_settings(gpus=[("H100-80GB", 1)]))
