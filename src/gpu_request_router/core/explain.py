@@ -76,10 +76,9 @@ _GIB = 1024
 
 @dataclass(frozen=True, slots=True)
 class Decided:
-    """A placement decision as kept for ``explain``: when, by which policy, what it weighed."""
+    """A placement decision as kept for ``explain``: when, for what need, what it weighed."""
 
     at: float
-    policy: str
     need: Need
     gpu_ids: tuple[str, ...]
     weighed: tuple[Weighed, ...]
@@ -196,11 +195,7 @@ def _fits(
         gpu = slot.gpu
         if slot.free_slots <= 0 or need.memory_on(gpu) > slot.room_mb:
             continue
-        if held.get(gpu.id, request_id) != request_id:
-            continue
-        if need.gpu_type is not None and gpu.type != need.gpu_type:
-            continue
-        if not gpu.serves(need.model):
+        if held.get(gpu.id, request_id) != request_id or not need.runs_on(gpu):
             continue
         by_worker.setdefault(gpu.worker, []).append(slot)
     best: list[_Slot] | None = None
@@ -230,10 +225,7 @@ def _hold(entry: Queued, slots: Mapping[str, _Slot], holds: dict[str, str]) -> N
         return
     best: _Slot | None = None
     for slot in slots.values():
-        gpu = slot.gpu
-        if gpu.id in holds or not gpu.serves(need.model):
-            continue
-        if need.gpu_type is not None and gpu.type != need.gpu_type:
+        if slot.gpu.id in holds or not need.runs_on(slot.gpu):
             continue
         if best is None or slot.room_mb > best.room_mb:
             best = slot
@@ -520,9 +512,7 @@ class Explainer:
     @staticmethod
     def _could_hold(need: Need, gpu: GPUState) -> bool:
         """Whether ``gpu`` could hold ``need`` once the router's work on it drains."""
-        if need.gpu_type is not None and gpu.type != need.gpu_type:
-            return False
-        return gpu.serves(need.model) and need.memory_on(gpu) <= gpu.room_mb + gpu.reserved_mb
+        return need.runs_on(gpu) and need.memory_on(gpu) <= gpu.room_mb + gpu.reserved_mb
 
     def _no_gpu(self, need: Need, size: str) -> str:
         gpus = self._monitor.gpus.values()

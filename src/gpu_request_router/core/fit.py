@@ -75,9 +75,7 @@ class FleetFit:
         """
         capacities: dict[str, list[int]] = {}
         for gpu in self._monitor.gpus.values():
-            if need.gpu_type is not None and gpu.type != need.gpu_type:
-                continue
-            if not gpu.serves(need.model):
+            if not need.runs_on(gpu):
                 continue
             capacity = gpu.memory_total_mb - self._margin
             if gpu.has_loaded(need.model):
@@ -99,12 +97,7 @@ class FleetFit:
         """
         by_worker: dict[str, list[str]] = {}
         for gpu in self._monitor.schedulable.values():
-            if (
-                gpu.free_slots > 0
-                and gpu.serves(need.model)
-                and (need.gpu_type is None or gpu.type == need.gpu_type)
-                and need.memory_on(gpu) <= gpu.room_mb
-            ):
+            if gpu.free_slots > 0 and need.runs_on(gpu) and need.memory_on(gpu) <= gpu.room_mb:
                 by_worker.setdefault(gpu.worker, []).append(gpu.id)
         return sorted(
             gpu_id

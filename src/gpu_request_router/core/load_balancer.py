@@ -113,6 +113,10 @@ class Need:
     duration_s: Mapping[str, float] = field(default_factory=dict)
     task: Task = Task.CHAT
 
+    def runs_on(self, gpu: GPUState) -> bool:
+        """Whether ``gpu`` is of the asked type (if any) and its backend serves the model."""
+        return (self.gpu_type is None or gpu.type == self.gpu_type) and gpu.serves(self.model)
+
     def memory_on(self, gpu: GPUState) -> int:
         """Memory to reserve on ``gpu``: no weights where the model is loaded already."""
         return self.memory_mb - self.weights_mb if gpu.has_loaded(self.model) else self.memory_mb
@@ -262,19 +266,14 @@ class Policy(ABC):
         return ""
 
     def choose_weighed(self, options: Sequence[Option], need: Need) -> tuple[Option, list[Weighed]]:
-        """:meth:`choose`, with the candidates weighed (:meth:`weigh`)."""
-        chosen = self.choose(options, need)
-        return chosen, self.weigh(options, chosen, need)
-
-    def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
-        """The candidates weighed in choosing ``chosen`` among ``options``, best first.
+        """:meth:`choose`, with the candidates weighed in choosing, best first.
 
         By default only the choice, unranked: a policy that picks by position or at random
         weighs no other option.
         """
-        return [
-            _weighed(chosen, (), f"chosen by {self.name} among {{count}} feasible", len(options))
-        ]
+        chosen = self.choose(options, need)
+        note = f"chosen by {self.name} among {{count}} feasible"
+        return chosen, [_weighed(chosen, (), note, len(options))]
 
     def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
         """The parts of a ranking key of this policy, by name (for ``explain``)."""
@@ -540,19 +539,17 @@ class PowerOfTwoPolicy(Policy):
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
-        self._pair: Sequence[Option] = ()
 
     def choose(self, options: Sequence[Option], need: Need) -> Option:
         """Sample two options and pick the less busy one."""
-        pair = self._pair = self._rng.sample(options, 2) if len(options) > 1 else options
-        return min(pair, key=_least_busy)
+        return self.choose_weighed(options, need)[0]
 
-    def weigh(self, options: Sequence[Option], chosen: Option, need: Need) -> list[Weighed]:
-        """The two options sampled (the choice first)."""
-        pair = sorted(self._pair, key=_least_busy) if self._pair else [chosen]
-        count = len(options)
-        note = "sampled among {count} feasible"
-        return [_weighed(option, _least_busy(option), note, count) for option in pair]
+    def choose_weighed(self, options: Sequence[Option], need: Need) -> tuple[Option, list[Weighed]]:
+        """The less busy of two options sampled, and the pair as weighed (the choice first)."""
+        pair = self._rng.sample(options, 2) if len(options) > 1 else list(options)
+        pair.sort(key=_least_busy)
+        note, count = "sampled among {count} feasible", len(options)
+        return pair[0], [_weighed(option, _least_busy(option), note, count) for option in pair]
 
     def scores(self, key: tuple[float, ...], need: Need) -> dict[str, float]:
         """The load and the room left."""
@@ -677,11 +674,7 @@ class LoadBalancer:
                         best_memory, best_loaded = memory, loaded
             if best is not None:
                 option: Option = (fleet.schedulable[best[1]], best_memory, best_loaded)
-                ranked = (
-                    sorted(found_on)
-                    if len(found_on) <= WEIGHED
-                    else heapq.nsmallest(WEIGHED, found_on)
-                )
+                ranked = heapq.nsmallest(WEIGHED, found_on)
                 weighed = [Weighed((gpu_id,), key, _ALIKE, alike) for key, gpu_id, alike in ranked]
                 return Chosen.of(option, policy.name, policy.explain(option, need), weighed)
         return NoFit(free_slots=True)
@@ -772,9 +765,7 @@ class LoadBalancer:
         """
         by_worker: dict[str, list[GPUState]] = {}
         for gpu in gpus:
-            if need.gpu_type is not None and gpu.reading.type != need.gpu_type:
-                continue
-            if not gpu.serves(need.model):
+            if not need.runs_on(gpu):
                 continue
             if need.memory_on(gpu) > gpu.room_mb + gpu.reserved_mb:
                 continue

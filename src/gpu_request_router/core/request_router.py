@@ -170,14 +170,14 @@ class RequestRouter:
             avoid=self._avoid,
         )
         self._circuits = Circuits(errors.circuits, monitor, metrics)
-        self.decisions = DecisionLog()
+        self._decisions = DecisionLog()
         self._explainer = Explainer(
             monitor=monitor,
             queue=self.queue,
             holds=self.holds,
             quotas=quotas,
             policy=balancer.policy,
-            decisions=self.decisions,
+            decisions=self._decisions,
             requests=self._requests,
             executions=self._executions,
             active=self._active,
@@ -881,10 +881,7 @@ class RequestRouter:
             self.errors.budget.first_attempt(now)
         self._circuits.dispatched(backend, chosen.gpu_ids)
         self.metrics.request_dispatched(request, wait)
-        self.decisions.record(
-            request.id,
-            Decided(now, self.balancer.policy.name, need, chosen.gpu_ids, chosen.weighed),
-        )
+        self._decisions.record(request.id, Decided(now, need, chosen.gpu_ids, chosen.weighed))
         return Dispatch(
             request=request.snapshot(),
             execution_id=execution_id,

@@ -131,7 +131,7 @@ def test_the_decision_log_keeps_only_the_latest() -> None:
     log = DecisionLog(limit=2)
     need = Need(model="m", memory_mb=1)
     for name in ("a", "b", "c"):
-        log.record(name, Decided(0.0, "best_fit", need, ("w:0",), ()))
+        log.record(name, Decided(0.0, need, ("w:0",), ()))
     assert log.get("a") is None and log.get("c") is not None and len(log) == 2
 
 
