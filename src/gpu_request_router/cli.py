@@ -611,10 +611,9 @@ def top(
 ) -> None:
     """A live view: GPUs, queue, latest requests, throughput and usage against quota."""
     with _client(ctx, url, api_key) as client:
-        base = client.base_url
         try:
             run_top(
-                lambda: take_snapshot(client, base),
+                lambda: take_snapshot(client),
                 interval_s=interval,
                 iterations=iterations,
                 console=_out,

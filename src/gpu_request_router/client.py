@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from itertools import islice
 from types import TracebackType
 from typing import Any, Self
 
@@ -114,11 +115,8 @@ class RouterClient:
         return result
 
     def page(self, *, limit: int = 50, **filters: Any) -> list[dict[str, Any]]:
-        """The first page of requests, newest first (``limit`` ≤ 500)."""
-        params: dict[str, Any] = {key: value for key, value in filters.items() if value}
-        params["limit"] = limit
-        items: list[dict[str, Any]] = self._call("GET", "/v1/requests", params=params)["items"]
-        return items
+        """The first page of requests, newest first (``limit`` ≤ 500): one call."""
+        return list(islice(self.requests(limit=limit, **filters), limit))
 
     def requests(self, *, limit: int = 50, **filters: Any) -> Iterator[dict[str, Any]]:
         """Requests newest first, following cursors page by page."""

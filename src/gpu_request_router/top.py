@@ -50,7 +50,7 @@ class Snapshot:
     at: float
 
 
-def take(client: RouterClient, url: str) -> Snapshot:
+def take(client: RouterClient) -> Snapshot:
     """Read everything the view shows (one call per endpoint)."""
     try:
         users = client.users()
@@ -60,7 +60,7 @@ def take(client: RouterClient, url: str) -> Snapshot:
         own = client.quota()
         users = [{"name": own["user"], "quota": own["limits"], "usage": own["usage"]}]
     return Snapshot(
-        url=url,
+        url=client.base_url,
         gpus=client.gpus(),
         queued=client.page(limit=500, status="queued"),
         recent=client.page(limit=_RECENT),

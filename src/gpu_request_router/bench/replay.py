@@ -676,15 +676,13 @@ class EtaProbe:
         timed = [(eta, actual) for eta, actual, _ in self.samples if eta is not None]
         errors = [eta - actual for eta, actual in timed]
         absolute = [abs(error) for error in errors]
-        within = sum(1 for error in absolute if error <= ETA_TOLERANCE_S)
-        relative = sum(
-            1
-            for (eta, actual), error in zip(timed, absolute, strict=True)
-            if error <= 0.25 * actual
-        )
-        causes = Counter(blocked_by for _, _, blocked_by in self.samples)
-        misses = [error for error in errors if abs(error) > ETA_TOLERANCE_S]
         waits = [actual for _, actual in timed]
+        misses = [error for error in errors if abs(error) > ETA_TOLERANCE_S]
+        causes = Counter(blocked_by for _, _, blocked_by in self.samples)
+
+        def share(count: int, of: int) -> float | None:
+            return round(count / of, _DIGITS) if of else None
+
         return {
             "asked": len(self.samples),
             "with_eta": len(timed),
@@ -692,23 +690,18 @@ class EtaProbe:
             "median_abs_error_s": round(percentile(absolute, 50), _DIGITS),
             "p90_abs_error_s": round(percentile(absolute, 90), _DIGITS),
             "median_error_s": round(percentile(errors, 50), _DIGITS),
-            "median_actual_wait_s": round(percentile([a for _, a in timed], 50), _DIGITS),
-            "p90_actual_wait_s": round(percentile([a for _, a in timed], 90), _DIGITS),
-            "within_1s": round(within / len(timed), _DIGITS) if timed else None,
-            "within_25pct": round(relative / len(timed), _DIGITS) if timed else None,
-            "early_share_of_misses": (
-                round(sum(1 for error in misses if error < 0) / len(misses), _DIGITS)
-                if misses
-                else None
+            "median_actual_wait_s": round(percentile(waits, 50), _DIGITS),
+            "p90_actual_wait_s": round(percentile(waits, 90), _DIGITS),
+            "within_1s": share(sum(error <= ETA_TOLERANCE_S for error in absolute), len(timed)),
+            "within_25pct": share(
+                sum(error <= 0.25 * wait for error, wait in zip(absolute, waits, strict=True)),
+                len(timed),
             ),
+            "early_share_of_misses": share(sum(error < 0 for error in misses), len(misses)),
             "zero_eta": {
                 "median_abs_error_s": round(percentile(waits, 50), _DIGITS),
                 "p90_abs_error_s": round(percentile(waits, 90), _DIGITS),
-                "within_1s": (
-                    round(sum(1 for wait in waits if wait <= ETA_TOLERANCE_S) / len(waits), _DIGITS)
-                    if waits
-                    else None
-                ),
+                "within_1s": share(sum(wait <= ETA_TOLERANCE_S for wait in waits), len(waits)),
             },
             "blocked_by": dict(sorted(causes.items())),
         }
