@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,9 @@ import yaml
 from playwright.sync_api import Page, expect, sync_playwright
 
 from gpu_request_router.http.keys import hash_key
+from gpu_request_router.testing import HEADLESS_CHROMIUM_ARGS, free_port
 
 GPUROUTER = str(Path(sys.executable).parent / "gpurouter")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 USERS = {"ops": "admin", "alice": "user", "bob": "user", "carol": "user"}
 MODELS = ["llama-3-8b", "qwen2.5-7b", "tinyllama-1.1b"]
 CLASSES = ["high", "normal", "normal", "normal", "low", "batch"]
@@ -50,14 +42,6 @@ CLASSES = ["high", "normal", "normal", "normal", "low", "batch"]
 def key_of(user: str) -> str:
     """The demo API key of ``user``."""
     return f"screenshot-{user}-key-0123456789"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_router(workdir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -170,7 +154,7 @@ def main() -> None:
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(
-                    executable_path=args.chromium, args=CHROMIUM_ARGS
+                    executable_path=args.chromium, args=list(HEADLESS_CHROMIUM_ARGS)
                 )
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 sign_in(page, url)

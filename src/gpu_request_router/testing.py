@@ -22,7 +22,15 @@ from gpu_request_router.models.gpu_state import GPUHealth, GPUReading
 from gpu_request_router.models.gpu_types import gpu_type
 from gpu_request_router.models.request import ResourceHints, Shape, Task
 
-__all__ = ["UNLIMITED_QUOTA", "chat", "free_port", "make_settings", "reading", "readings_for"]
+__all__ = [
+    "HEADLESS_CHROMIUM_ARGS",
+    "UNLIMITED_QUOTA",
+    "chat",
+    "free_port",
+    "make_settings",
+    "reading",
+    "readings_for",
+]
 
 UNLIMITED_QUOTA: dict[str, Any] = {
     "requests_per_minute": None,
@@ -146,6 +154,18 @@ def chat(
         timeout_s=timeout_s,
         idempotency_key=idempotency_key,
     )
+
+
+HEADLESS_CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
+"""Flags for a headless chromium driving the dashboard on a machine without internet: no
+sandbox (tests run as root), and none of the background connections it would try at start."""
 
 
 def free_port() -> int:

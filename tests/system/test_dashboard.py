@@ -19,17 +19,9 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 from routers import Router
 
 from gpu_request_router.http.keys import hash_key
-from gpu_request_router.testing import free_port
+from gpu_request_router.testing import HEADLESS_CHROMIUM_ARGS, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 KEYS = {
     "root": "dash-root-key-0123456789",
     "alice": "dash-alice-key-0123",
@@ -81,7 +73,9 @@ def browser() -> Iterator[Browser]:
             pytest.fail(message)
         pytest.skip(message)
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=list(HEADLESS_CHROMIUM_ARGS)
+        )
         yield launched
         launched.close()
 
