@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import structlog
 
+from gpu_request_router.testing import drop_redis_prefix, redis_prefix, require_redis
+
 _SYSTEM = Path(__file__).parent / "system"
 
 
@@ -38,3 +40,17 @@ def _reset_structlog() -> Iterator[None]:
             root.removeHandler(handler)  # the one configure_logging installed
     root.setLevel(levels[0])
     uvicorn.setLevel(levels[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis the tests use (``REDIS_URL``); skipped if unreachable, failed under ``CI=true``."""
+    return require_redis()
+
+
+@pytest.fixture
+def redis_store_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test alone; its keys are deleted afterwards."""
+    prefix = redis_prefix()
+    yield prefix
+    drop_redis_prefix(redis_url, prefix)

@@ -244,17 +244,24 @@ class StoreUnavailable(GpuRouterError):
 
 
 class StoreInUse(StoreUnavailable):
-    """Another live process owns the SQLite file: this one may not open it.
+    """Another live router owns the store (an SQLite file, a Redis prefix): this one may not.
 
-    ``path`` is the database, ``lock_path`` the lock file beside it and ``pid`` the holder's
-    process id as its lock file names it (``None`` if the holder has not written it yet).
+    ``path`` names the store (the database file; a Redis URL and prefix), ``holder`` says who
+    holds it, ``pid`` is the holder's process id where known, and ``lock_path`` the SQLite lock
+    file beside the database.
     """
 
-    def __init__(self, path: str, lock_path: str, pid: int | None, holder: str) -> None:
-        super().__init__(
-            f"SQLite state store {path} is in use by another process ({holder}; lock file "
-            f"{lock_path}): stop that process or point state.sqlite_path at another file"
-        )
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        holder: str,
+        pid: int | None = None,
+        lock_path: str | None = None,
+    ) -> None:
+        super().__init__(message)
         self.path = path
+        self.holder = holder
         self.lock_path = lock_path
         self.pid = pid

@@ -12,9 +12,13 @@ Example::
 
 from __future__ import annotations
 
+import os
 import socket
+import uuid
 from collections.abc import Sequence
 from typing import Any
+
+import redis
 
 from gpu_request_router.config.config_loader import Settings, load_settings
 from gpu_request_router.core.request_receiver import Submission
@@ -24,12 +28,17 @@ from gpu_request_router.models.request import ResourceHints, Shape, Task
 
 __all__ = [
     "HEADLESS_CHROMIUM_ARGS",
+    "REDIS_TEST_URL",
     "UNLIMITED_QUOTA",
     "chat",
+    "drop_redis_prefix",
     "free_port",
     "make_settings",
     "reading",
     "readings_for",
+    "redis_prefix",
+    "redis_test_url",
+    "require_redis",
 ]
 
 UNLIMITED_QUOTA: dict[str, Any] = {
@@ -173,3 +182,49 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+"""The Redis the tests use unless ``REDIS_URL`` names another (SPEC §11)."""
+
+
+def redis_test_url() -> str:
+    """The Redis URL for tests: ``REDIS_URL``, else :data:`REDIS_TEST_URL`."""
+    return os.environ.get("REDIS_URL", REDIS_TEST_URL)
+
+
+def require_redis() -> str:
+    """The Redis URL for tests, once it answers; else skip the test, or fail it under ``CI=true``.
+
+    SPEC §11: CI must not pass by skipping the tests that need Redis.
+    """
+    import pytest  # only tests call this
+
+    url = redis_test_url()
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {url} is unreachable under CI=true: {exc}")
+        pytest.skip(f"Redis at {url} is unreachable: {exc}")
+    finally:
+        client.close()
+    return url
+
+
+def redis_prefix() -> str:
+    """A key prefix no other test uses (drop its keys with :func:`drop_redis_prefix`)."""
+    return f"gpurouter-test-{uuid.uuid4().hex[:12]}"
+
+
+def drop_redis_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` in the Redis at ``url``; return how many."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        return len(keys)
+    finally:
+        client.close()

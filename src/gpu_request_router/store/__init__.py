@@ -2,21 +2,30 @@
 
 from gpu_request_router.config.config_loader import StateSettings
 from gpu_request_router.core.state_store import Page, RequestQuery, StateStore
-from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.store.memory import MemoryStore
+from gpu_request_router.store.redis_store import RedisStore
 from gpu_request_router.store.sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "Page", "RequestQuery", "SQLiteStore", "StateStore", "open_store"]
+__all__ = [
+    "MemoryStore",
+    "Page",
+    "RedisStore",
+    "RequestQuery",
+    "SQLiteStore",
+    "StateStore",
+    "open_store",
+]
 
 
 def open_store(settings: StateSettings) -> StateStore:
     """The store ``settings`` names (``state.backend``).
 
     Raises:
-        ConfigError: the backend is not available in this version.
+        StoreInUse: another router owns the SQLite file or the Redis prefix.
+        StoreUnavailable: the store cannot be opened (see each store).
     """
     if settings.backend == "memory":
         return MemoryStore()
     if settings.backend == "sqlite":
         return SQLiteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous)
-    raise ConfigError("state.backend", f"{settings.backend!r} is not available in this version")
+    return RedisStore(settings.redis_url, prefix=settings.redis_prefix)

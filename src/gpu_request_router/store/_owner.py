@@ -71,7 +71,15 @@ class OwnerLock:
             except BlockingIOError:
                 pid, holder = _holder(fd)
                 os.close(fd)
-                raise StoreInUse(str(database), str(lock_path), pid, holder) from None
+                raise StoreInUse(
+                    f"SQLite state store {database} is in use by another process ({holder}; "
+                    f"lock file {lock_path}): stop that process or point state.sqlite_path at "
+                    "another file",
+                    path=str(database),
+                    holder=holder,
+                    pid=pid,
+                    lock_path=str(lock_path),
+                ) from None
             except OSError as exc:
                 os.close(fd)
                 raise StoreUnavailable(

@@ -1,6 +1,7 @@
 """The state-store contract, run against every store: batches, reads, listing, quota history.
 
-Each test runs once per store kind (``memory``, ``sqlite``) through the ``store`` fixture; the
+Each test runs once per store kind (``memory``, ``sqlite``, ``redis``: the real Redis of
+``REDIS_URL``, each store under a prefix of its own) through the ``store`` fixture; the
 hypothesis tests, which cannot take a function-scoped fixture, build a fresh store of their
 ``kind`` for every example with :func:`fresh_store`.
 
@@ -33,39 +34,50 @@ from gpu_request_router.core.state_store import (
 )
 from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import ErrorInfo, Request, RequestStatus
-from gpu_request_router.store import MemoryStore, RequestQuery, StateStore
+from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore
 from gpu_request_router.store.sqlite import SQLiteStore
+from gpu_request_router.testing import (
+    drop_redis_prefix,
+    redis_prefix,
+    redis_test_url,
+    require_redis,
+)
 
 S = RequestStatus
-KINDS = ["memory", "sqlite"]
+KINDS = ["memory", "sqlite", "redis"]
 # What a store raises for a batch the core could never hand over (a programming error).
 REFUSED = (ValueError, sqlite3.IntegrityError)
 
 
-def make_store(kind: str, directory: Path) -> StateStore:
-    """A new, empty store of ``kind``; an SQLite one keeps its file in ``directory``."""
+def make_store(kind: str, directory: Path, prefix: str) -> StateStore:
+    """A new, empty store of ``kind``: an SQLite one in ``directory``, a Redis one at ``prefix``."""
     if kind == "memory":
         return MemoryStore()
+    if kind == "redis":
+        require_redis()
+        return RedisStore(redis_test_url(), prefix=prefix)
     return SQLiteStore(directory / "state.db")
 
 
 @contextmanager
 def fresh_store(kind: str) -> Iterator[StateStore]:
-    """A new, empty store of ``kind`` in its own temporary directory, closed afterwards."""
+    """A new, empty store of ``kind`` (its own directory or prefix), closed and dropped after."""
+    prefix = redis_prefix()
     with tempfile.TemporaryDirectory() as directory:
-        store = make_store(kind, Path(directory))
+        store = make_store(kind, Path(directory), prefix)
         try:
             yield store
         finally:
             store.close()
+            if kind == "redis":
+                drop_redis_prefix(redis_test_url(), prefix)
 
 
 @pytest.fixture(params=KINDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+def store(request: pytest.FixtureRequest) -> Iterator[StateStore]:
     """A new, empty store of each kind."""
-    made = make_store(request.param, tmp_path)
-    yield made
-    made.close()
+    with fresh_store(request.param) as made:
+        yield made
 
 
 def stored(store: StateStore, request_id: str) -> Request:

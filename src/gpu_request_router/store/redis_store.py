@@ -1,0 +1,644 @@
+"""A durable :class:`StateStore` on Redis (redis-py with hiredis), for one router per key prefix.
+
+Durability promise
+    :meth:`RedisStore.write` runs the whole batch as one Lua script (``redis_write.lua``):
+    Redis runs a script atomically, and writes it to its append-only file as one unit, so a
+    batch is in Redis whole or not at all. What "in Redis" survives is Redis's setting:
+    ``appendfsync always`` syncs the file before the script's reply (accepted = durable, as
+    the SQLite store with ``synchronous=full``); ``everysec`` may lose the last second of
+    commits if the Redis host dies; no AOF loses everything since the last snapshot. The
+    store reads the settings at start and logs what they promise (docs/deployment.md).
+
+One owner per prefix
+    The store holds a lease on ``<prefix>:owner`` (a token with a :data:`LEASE_S` expiry,
+    renewed every :data:`RENEW_S` by a thread of its own), taken before it reads anything, and
+    every write checks it inside its script (a fencing token): a router that lost the lease
+    (paused past it, cut off from Redis while another took over) can never write again; it
+    reports the store unavailable. A second router on the same prefix waits up to one lease for
+    the holder's to lapse (a killed router's does), then is refused with
+    :class:`~gpu_request_router.exceptions.StoreInUse` naming the holder. A clean close gives
+    the lease up at once. Two routers on one prefix would each recover, and run again, the
+    other's work.
+
+A lost reply
+    A write whose connection breaks may or may not have been applied. The router refuses the
+    requests such a batch created (503, as for any failed commit) and tries its other changes
+    again; so the store makes both safe. Every batch that creates requests leaves a marker
+    (``<prefix>:batch:<id>``, an hour); the next write takes back the creations of a batch in
+    doubt whose marker exists. A row is only rewritten by a change of a higher version and an
+    audit entry only appended where the trail has not reached it, so a change written twice is
+    written once.
+
+Keys (``<prefix>`` is ``state.redis_prefix``)::
+
+    <prefix>:schema           the layout version (:data:`SCHEMA_VERSION`); a newer one is refused
+    <prefix>:owner            the owner's token, with its lease as expiry
+    <prefix>:req:<id>         hash: fixed, state (the codec's two texts), status, user, model,
+                              priority, version
+    <prefix>:trail:<id>       list: the audit entries, in order (index = seq)
+    <prefix>:created          zset: every request by creation time (ties by id: the listing)
+    <prefix>:user:<user>      zset: the user's requests by creation time
+    <prefix>:unfinished       zset: unfinished requests in creation order (recovery)
+    <prefix>:idem             hash: JSON [user, key] -> request id
+    <prefix>:admissions       zset: JSON [user, request id] by creation time (pruned to a minute)
+    <prefix>:charges          zset: JSON [user, charge id] by charge time (pruned to an hour)
+    <prefix>:charge_gs        hash: JSON [user, charge id] -> GPU-seconds
+    <prefix>:overrides        hash: user -> JSON quota override
+    <prefix>:override_order   zset: users in the order their override was first set
+    <prefix>:seq              the counter behind the two orders above
+    <prefix>:batch:<id>       a batch that created requests (expires after an hour)
+    <prefix>:probe            written by check_writable
+
+Every call has a short socket timeout (:data:`SOCKET_TIMEOUT_S`) and is not retried by the
+client: while Redis is unreachable a call fails within it with
+:class:`~gpu_request_router.exceptions.StoreUnavailable`, and the router answers 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gpu_request_router.core.state_store import (
+    Change,
+    Charge,
+    OverrideChange,
+    Page,
+    QuotaHistory,
+    RequestQuery,
+    StateStore,
+    check_charge,
+    decode_cursor,
+    encode_cursor,
+)
+from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
+from gpu_request_router.models.request import Request, Transition
+from gpu_request_router.store.codec import (
+    request_fixed_to_json,
+    request_from_json,
+    request_state_to_json,
+    transition_from_json,
+    transition_to_json,
+)
+
+__all__ = ["LEASE_S", "RENEW_S", "SCHEMA_VERSION", "RedisStore"]
+
+_log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+"""The key layout this code writes and reads (``<prefix>:schema``)."""
+
+LEASE_S = 5.0
+"""How long the owner's lease lasts without renewal (a killed router's lapses after it)."""
+
+RENEW_S = 1.0
+"""How often the owner renews its lease."""
+
+SOCKET_TIMEOUT_S = 0.5
+"""The longest one call to Redis may take (connecting included) before it fails."""
+
+WRITE_PROBE_INTERVAL_S = 1.0
+"""The most often :meth:`RedisStore.check_writable` writes to learn whether writes work."""
+
+PRUNE_INTERVAL_S = 30.0
+"""The most often a write deletes the admissions and charges that have left their windows."""
+
+RATE_WINDOW_S = 60.0
+CHARGE_WINDOW_S = 3600.0
+
+_MIN_REDIS = (7, 0)
+_LIST_CHUNK = 256
+
+# The owner's lease: renew it if it is ours, take it if nobody holds it, else report the holder.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] or not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, ARGV[1]}
+end
+return {0, holder}
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_PROBE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this router no longer owns the prefix')
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return 'OK'
+"""
+
+
+def _score(value: float) -> str:
+    """A float as Redis reads it back exactly (``repr`` round-trips a double)."""
+    return repr(float(value))
+
+
+def _pair(a: str, b: str) -> str:
+    """Two texts as one unambiguous member or field."""
+    return json.dumps([a, b], ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Doubt:
+    """A batch whose reply was lost, and what it created (to take back if it was written)."""
+
+    batch: str
+    created: list[list[Any]]
+
+
+class RedisStore(StateStore):
+    """Requests, audit trails, quota windows and overrides under one prefix of one Redis.
+
+    Args:
+        url: ``redis://`` or ``rediss://`` URL (database number, password, TLS as usual).
+        prefix: the keys' prefix; one router owns it.
+        lease_s: the owner's lease (see the module docstring).
+
+    Raises:
+        StoreInUse: another live router holds the prefix's lease.
+        StoreUnavailable: Redis cannot be reached, is older than 7.0, or holds a newer layout.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "gpurouter", lease_s: float = LEASE_S) -> None:
+        if not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"a Redis key prefix is a non-empty word, not {prefix!r}")
+        self.url = url
+        self.prefix = prefix
+        self.lease_s = lease_s
+        self._where = f"Redis state store {_safe_url(url)} (prefix {prefix!r})"
+        # Any: redis-py types every command as "a value or an awaitable" (its sync and asyncio
+        # clients share them), which no caller of the sync client can use.
+        self._redis: Any = redis.Redis.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._write_script = self._redis.register_script(
+            resources.files(__package__).joinpath("redis_write.lua").read_bytes()
+        )
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._probe = self._redis.register_script(_PROBE)
+        self._doubts: list[_Doubt] = []
+        self._lock = threading.Lock()  # writes, probes and their bookkeeping
+        self._write_failure: str | None = None
+        self._fenced: str | None = None
+        self._probed_at: float | None = None
+        self._pruned_at: float | None = None
+        self._closed = threading.Event()
+        self._check_server()
+        self._acquire()
+        self._renewer = threading.Thread(
+            target=self._keep_lease, name="gpurouter-redis-lease", daemon=True
+        )
+        self._renewer.start()
+
+    # Start -------------------------------------------------------------------------------------
+
+    def _check_server(self) -> None:
+        info = self._call("connect", lambda: self._redis.info("server"))
+        version = tuple(int(part) for part in str(info.get("redis_version", "0")).split(".")[:2])
+        if version < _MIN_REDIS:
+            raise StoreUnavailable(
+                f"{self._where}: Redis {info.get('redis_version')} is too old; 7.0 or newer is "
+                "needed (its scripts declare that they write)"
+            )
+        key = self._key("schema")
+        self._call("check the layout", lambda: self._redis.set(key, SCHEMA_VERSION, nx=True))
+        found = int(self._call("check the layout", lambda: self._redis.get(key)) or 0)
+        if found > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self._where}: the keys have layout version {found}, newer than the version "
+                f"{SCHEMA_VERSION} this router knows; upgrade the router or use another prefix"
+            )
+        self._log_persistence()
+
+    def _log_persistence(self) -> None:
+        """Say what Redis's settings promise (CONFIG may be disabled, e.g. on managed Redis)."""
+        try:
+            config = self._redis.config_get("appendonly", "appendfsync", "maxmemory-policy")
+        except redis.RedisError:
+            _log.info("redis_settings_unknown", store=self._where)
+            return
+        values = {_text(k): _text(v) for k, v in config.items()}
+        aof, fsync = values.get("appendonly"), values.get("appendfsync")
+        policy = values.get("maxmemory-policy")
+        if aof != "yes":
+            _log.warning(
+                "redis_not_durable",
+                store=self._where,
+                appendonly=aof,
+                meaning="accepted requests are lost if Redis restarts; set appendonly yes",
+            )
+        elif fsync != "always":
+            _log.info(
+                "redis_durability",
+                store=self._where,
+                appendfsync=fsync,
+                meaning="the last second of commits may be lost if the Redis host fails",
+            )
+        if policy not in (None, "noeviction"):
+            _log.warning(
+                "redis_may_evict",
+                store=self._where,
+                maxmemory_policy=policy,
+                meaning="Redis may delete the router's keys when full; set noeviction",
+            )
+
+    def _acquire(self) -> None:
+        """Take the prefix's lease, waiting up to one lease for a lapsed holder's to expire."""
+        deadline = time.monotonic() + self.lease_s + RENEW_S
+        while True:
+            taken, holder = self._call("take the owner's lease", self._renew_once)
+            if taken:
+                return
+            if time.monotonic() >= deadline:
+                raise StoreInUse(
+                    f"{self._where} is in use by another router ({holder}): stop that router "
+                    "or set state.redis_prefix to another prefix",
+                    path=f"{_safe_url(self.url)} {self.prefix}",
+                    holder=holder,
+                    pid=_pid_of(holder),
+                )
+            time.sleep(0.1)
+
+    def _renew_once(self) -> tuple[bool, str]:
+        taken, holder = self._renew(
+            keys=[self._key("owner")], args=[self._token, int(self.lease_s * 1000)]
+        )
+        return bool(taken), _text(holder)
+
+    def _keep_lease(self) -> None:
+        """Renew the lease until closed; report a lease another router took (fenced for good)."""
+        while not self._closed.wait(RENEW_S):
+            try:
+                taken, holder = self._renew_once()
+            except redis.RedisError:
+                continue  # unreachable: the writes fail meanwhile and say why
+            if not taken:
+                self._fenced = (
+                    f"{self._where}: another router ({holder}) took over the prefix; this "
+                    "router no longer writes (restart it)"
+                )
+                _log.error("redis_lease_lost", store=self._where, holder=holder)
+                return
+
+    # Calls and errors --------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _call(self, action: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            raise self._unavailable(action, exc) from exc
+
+    def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"{self._where}: cannot {action}: {exc}")
+
+    # Writes ------------------------------------------------------------------------------------
+
+    def write(self, changes: Sequence[Change]) -> None:
+        """Persist ``changes`` in one script (see the module docstring)."""
+        batch, created = self._batch(changes)
+        with self._lock:
+            if self._fenced is not None:
+                raise StoreUnavailable(self._fenced)
+            now = max(
+                (c.entry.at for c in changes if not isinstance(c, OverrideChange)), default=None
+            )
+            prune = now is not None and (
+                self._pruned_at is None or not 0 <= now - self._pruned_at < PRUNE_INTERVAL_S
+            )
+            if prune:
+                assert now is not None
+                batch["pr"] = [_score(now - RATE_WINDOW_S), _score(now - CHARGE_WINDOW_S)]
+            batch["d"] = [[doubt.batch, doubt.created] for doubt in self._doubts]
+            batch_id = uuid.uuid4().hex
+            try:
+                self._write_script(
+                    args=[self.prefix, self._token, batch_id, json.dumps(batch, ensure_ascii=False)]
+                )
+            except redis.ResponseError as exc:
+                message = str(exc)
+                if message.startswith("REFUSED"):
+                    self._write_failure = None
+                    raise ValueError(message.removeprefix("REFUSED ")) from exc
+                raise self._write_failed("write changes", exc) from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if created:
+                    self._doubts.append(_Doubt(batch_id, created))
+                raise self._write_failed("write changes", exc) from exc
+            except redis.RedisError as exc:
+                raise self._write_failed("write changes", exc) from exc
+            self._doubts.clear()
+            self._write_failure = None
+            if prune:
+                self._pruned_at = now
+
+    def _write_failed(self, action: str, exc: BaseException) -> StoreUnavailable:
+        error = self._unavailable(action, exc)
+        if str(exc).startswith("FENCED"):
+            error = StoreUnavailable(
+                f"{self._where}: another router took over the prefix; this router no longer "
+                "writes (restart it)"
+            )
+            self._fenced = error.message
+        self._write_failure = error.message
+        return error
+
+    def _batch(self, changes: Sequence[Change]) -> tuple[dict[str, Any], list[list[Any]]]:
+        """The script's batch, and what it creates (for a doubt); refuses what cannot be written.
+
+        Raises:
+            ValueError: a request created twice, two creations under one idempotency key, or a
+                charge no window could hold (nothing is sent).
+        """
+        last: dict[str, Request] = {}
+        created: dict[str, Request] = {}
+        charge_fields: dict[str, list[str]] = {}
+        entries: list[list[str]] = []
+        charges: list[list[str]] = []
+        overrides: list[list[Any]] = []
+        keys: set[str] = set()
+        for change in changes:
+            if isinstance(change, OverrideChange):
+                body = json.dumps(change.values, separators=(",", ":")) if change.values else False
+                overrides.append([change.user, body])
+                continue
+            request, entry = change.request, change.entry
+            if change.created:
+                if request.id in created:
+                    raise ValueError(f"request {request.id} is created twice in one batch")
+                if request.idempotency_key is not None:
+                    field = _pair(request.user, request.idempotency_key)
+                    if field in keys:
+                        raise ValueError(f"idempotency key {field} is taken twice in one batch")
+                    keys.add(field)
+                created[request.id] = request
+            last[request.id] = request
+            entries.append([entry.request_id, str(entry.seq), transition_to_json(entry)])
+            charge = change.charge
+            if charge is not None:
+                check_charge(charge.gpu_seconds)
+                field = _pair(charge.user, charge.charge_id)
+                charges.append([field, _score(charge.at), _score(charge.gpu_seconds)])
+                if request.id in created:
+                    charge_fields.setdefault(request.id, []).append(field)
+        creations: list[list[Any]] = []
+        doubt: list[list[Any]] = []
+        for request_id, request in created.items():
+            final = last[request_id]
+            key = request.idempotency_key
+            key_field: str | bool = False if key is None else _pair(request.user, key)
+            admission = _pair(request.user, request_id)
+            creations.append(
+                [
+                    request_id,
+                    request_fixed_to_json(request),
+                    request_state_to_json(final),
+                    final.status.value,
+                    request.user,
+                    _score(request.created_at),
+                    request.model,
+                    request.priority,
+                    key_field,
+                    final.status.terminal,
+                    admission,
+                    str(final.version),
+                ]
+            )
+            doubt.append(
+                [request_id, request.user, key_field, admission, charge_fields.get(request_id, [])]
+            )
+        updates = [
+            [
+                request_id,
+                final.status.value,
+                request_state_to_json(final),
+                final.status.terminal,
+                str(final.version),
+            ]
+            for request_id, final in last.items()
+            if request_id not in created
+        ]
+        batch = {
+            "c": creations,
+            "u": updates,
+            "t": entries,
+            "ch": charges,
+            "o": overrides,
+            "pr": False,
+        }
+        return batch, doubt
+
+    # Reads -------------------------------------------------------------------------------------
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The stored request, or ``None``."""
+        key = self._key("req", request_id)
+        fixed, state = self._call(
+            "read a request", lambda: self._redis.hmget(key, "fixed", "state")
+        )
+        return None if fixed is None else request_from_json(fixed, state)
+
+    def find_idempotent(self, user: str, key: str) -> Request | None:
+        """The request ``user`` submitted with idempotency key ``key``, or ``None``."""
+        request_id = self._call(
+            "read an idempotency key", lambda: self._redis.hget(self._key("idem"), _pair(user, key))
+        )
+        return None if request_id is None else self.get_request(_text(request_id))
+
+    def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
+        """The request's audit trail, oldest first, after entry ``after``."""
+        start = max(after + 1, 0)
+        bodies = self._call(
+            "read an audit trail",
+            lambda: self._redis.lrange(self._key("trail", request_id), start, -1),
+        )
+        return [entry for entry in map(transition_from_json, bodies) if entry.seq > after]
+
+    def _requests(self, ids: Sequence[bytes | str]) -> list[Request]:
+        """The stored requests of ``ids``, in that order (those gone meanwhile left out)."""
+        if not ids:
+            return []
+
+        def read() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in ids:
+                pipe.hmget(self._key("req", _text(request_id)), "fixed", "state")
+            return pipe.execute()
+
+        rows = self._call("read requests", read)
+        return [request_from_json(fixed, state) for fixed, state in rows if fixed is not None]
+
+    def list_requests(self, query: RequestQuery) -> Page:
+        """Requests matching ``query``, newest first, one page at a time.
+
+        The user's (or everyone's) creation index is walked newest first from the cursor, in
+        chunks, and each request is checked against the other filters.
+        """
+        after = decode_cursor(query.cursor) if query.cursor else None
+        if query.statuses is not None and not query.statuses:
+            return Page(items=[], next_cursor=None)
+        index = self._key("user", query.user) if query.user is not None else self._key("created")
+        top: str = "+inf" if after is None else _score(after[0])
+        items: list[Request] = []
+        for chunk in self._walk(index, top):
+            for request in chunk:
+                if after is not None and (request.created_at, request.id) >= after:
+                    continue
+                if query.matches(request):
+                    items.append(request)
+                    if len(items) > query.limit:
+                        page = items[: query.limit]
+                        return Page(items=page, next_cursor=encode_cursor(page[-1]))
+        return Page(items=items, next_cursor=None)
+
+    def _walk(self, index: str, top: str) -> Iterator[list[Request]]:
+        """The requests of a creation index from score ``top`` down, newest first, in chunks."""
+        offset = 0
+        while True:
+            read = functools.partial(
+                self._redis.zrevrangebyscore, index, top, "-inf", start=offset, num=_LIST_CHUNK
+            )
+            ids = self._call("list requests", read)
+            if not ids:
+                return
+            yield self._requests(ids)
+            if len(ids) < _LIST_CHUNK:
+                return
+            offset += len(ids)
+
+    def unfinished_requests(self) -> list[Request]:
+        """Every request not yet in a terminal status, oldest first, ties in creation order."""
+        ids = self._call(
+            "list unfinished requests", lambda: self._redis.zrange(self._key("unfinished"), 0, -1)
+        )
+        requests = [r for r in self._requests(ids) if not r.status.terminal]
+        return sorted(requests, key=lambda r: r.created_at)  # stable: creation order
+
+    def quota_overrides(self) -> dict[str, dict[str, Any]]:
+        """Per-user quota overrides set at run time (in the order users were first set)."""
+
+        def read() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrange(self._key("override_order"), 0, -1)
+            pipe.hgetall(self._key("overrides"))
+            return pipe.execute()
+
+        order, bodies = self._call("read quota overrides", read)
+        values = {_text(user): json.loads(body) for user, body in bodies.items()}
+        ordered = [_text(user) for user in order if _text(user) in values]
+        return {user: values[user] for user in ordered + sorted(set(values) - set(ordered))}
+
+    def quota_history(
+        self, now: float, rate_window_s: float, charge_window_s: float
+    ) -> QuotaHistory:
+        """The admissions and charges still in their windows at ``now``."""
+
+        def read() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrangebyscore(
+                self._key("admissions"), f"({_score(now - rate_window_s)}", "+inf", withscores=True
+            )
+            pipe.zrangebyscore(
+                self._key("charges"), f"({_score(now - charge_window_s)}", "+inf", withscores=True
+            )
+            pipe.hgetall(self._key("charge_gs"))
+            return pipe.execute()
+
+        admissions, charges, amounts = self._call("read the quota windows", read)
+        kept_admissions = []
+        for member, at in admissions:
+            user, request_id = json.loads(member)
+            kept_admissions.append((user, float(at), request_id))
+        kept_charges = []
+        for field, at in charges:
+            amount = amounts.get(field)
+            if amount is None:
+                continue
+            user, charge_id = json.loads(field)
+            kept_charges.append(Charge(user, charge_id, float(at), float(amount)))
+        return QuotaHistory(kept_admissions, kept_charges)
+
+    # Health and lifetime -----------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Return if Redis answers, else raise ``StoreUnavailable``."""
+        self._call("answer a ping", self._redis.ping)
+
+    def check_writable(self, now: float) -> None:
+        """Raise ``StoreUnavailable`` while writes fail (Redis down, out of memory, fenced).
+
+        The answer is the outcome of the last write, the router's own or a probe; a probe (a
+        fenced write of one key) is made when the last is :data:`WRITE_PROBE_INTERVAL_S` old.
+        """
+        with self._lock:
+            if self._fenced is not None:
+                raise StoreUnavailable(self._fenced)
+            if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
+                self._probed_at = now
+                try:
+                    self._probe(keys=[self._key("owner"), self._key("probe")], args=[self._token])
+                    self._write_failure = None
+                except redis.RedisError as exc:
+                    self._write_failed("write (probe)", exc)
+            if self._write_failure is not None:
+                raise StoreUnavailable(self._write_failure)
+
+    def close(self) -> None:
+        """Stop renewing, give the lease up (a successor starts at once), drop connections."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._renewer.join(timeout=SOCKET_TIMEOUT_S * 4)
+        if self._fenced is None:
+            with contextlib.suppress(redis.RedisError):  # else it lapses by itself
+                self._release(keys=[self._key("owner")], args=[self._token])
+        self._redis.close()
+
+
+def _pid_of(token: str) -> int | None:
+    """The process id in an owner token (``host:pid:nonce``), if it holds one."""
+    parts = token.rsplit(":", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{netloc}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

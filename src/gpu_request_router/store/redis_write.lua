@@ -1,0 +1,116 @@
+#!lua
+-- One batch of the router's changes, all or nothing (RedisStore.write; see store/redis.py).
+--
+-- KEYS: none declared (the store is one Redis primary, not a cluster: every key of a prefix is
+-- written here). ARGV[1] the key prefix, ARGV[2] this router's owner token, ARGV[3] the batch id,
+-- ARGV[4] the batch as JSON (every number as a string, so that no value passes through Lua's
+-- doubles and loses digits):
+--   d  batches in doubt: {batch id, {{id, user, idempotency field|false, admission, charges}}}
+--   c  creations: {id, fixed, state, status, user, created_at, model, priority,
+--                  idempotency field|false, terminal, admission member, version}
+--   u  updates: {id, status, state, terminal, version}
+--   t  audit entries: {id, seq, json}
+--   ch charges: {field, at, gpu_seconds}
+--   o  overrides: {user, json|false}
+--   pr {admissions cutoff, charges cutoff} | false
+-- Everything is checked before anything is written, so a refused batch writes nothing; the
+-- shebang makes Redis refuse the whole script up front when it is out of memory.
+local p, token, batch = ARGV[1], ARGV[2], ARGV[3]
+local b = cjson.decode(ARGV[4])
+
+if redis.call('GET', p .. ':owner') ~= token then
+  return redis.error_reply('FENCED this router no longer owns the prefix ' .. p)
+end
+
+-- A batch whose reply was lost (the connection broke) may have been written: the router
+-- refused its creations (503), so they are taken back here, with their admissions and charges.
+for _, doubt in ipairs(b.d) do
+  local marker = p .. ':batch:' .. doubt[1]
+  if redis.call('EXISTS', marker) == 1 then
+    for _, c in ipairs(doubt[2]) do
+      local id = c[1]
+      redis.call('DEL', p .. ':req:' .. id, p .. ':trail:' .. id)
+      redis.call('ZREM', p .. ':created', id)
+      redis.call('ZREM', p .. ':user:' .. c[2], id)
+      redis.call('ZREM', p .. ':unfinished', id)
+      if c[3] then redis.call('HDEL', p .. ':idem', c[3]) end
+      redis.call('ZREM', p .. ':admissions', c[4])
+      for _, field in ipairs(c[5]) do
+        redis.call('ZREM', p .. ':charges', field)
+        redis.call('HDEL', p .. ':charge_gs', field)
+      end
+    end
+    redis.call('DEL', marker)
+  end
+end
+
+for _, c in ipairs(b.c) do
+  if redis.call('EXISTS', p .. ':req:' .. c[1]) == 1 then
+    return redis.error_reply('REFUSED request ' .. c[1] .. ' is stored already')
+  end
+  if c[9] and redis.call('HEXISTS', p .. ':idem', c[9]) == 1 then
+    return redis.error_reply('REFUSED the idempotency key of request ' .. c[1] .. ' is taken')
+  end
+end
+for _, u in ipairs(b.u) do
+  if redis.call('EXISTS', p .. ':req:' .. u[1]) == 0 then
+    return redis.error_reply('REFUSED request ' .. u[1] .. ' was never created')
+  end
+end
+
+local function next_seq()
+  return redis.call('INCR', p .. ':seq')
+end
+
+for _, c in ipairs(b.c) do
+  local id = c[1]
+  redis.call('HSET', p .. ':req:' .. id, 'fixed', c[2], 'state', c[3], 'status', c[4],
+    'user', c[5], 'model', c[7], 'priority', c[8], 'version', c[12])
+  redis.call('ZADD', p .. ':created', c[6], id)
+  redis.call('ZADD', p .. ':user:' .. c[5], c[6], id)
+  if c[9] then redis.call('HSET', p .. ':idem', c[9], id) end
+  if not c[10] then redis.call('ZADD', p .. ':unfinished', next_seq(), id) end
+  redis.call('ZADD', p .. ':admissions', c[6], c[11])
+end
+
+-- A change carried again after a lost reply is written once: a row only moves forward in
+-- version, an audit entry is appended only where the trail has not reached it.
+for _, u in ipairs(b.u) do
+  local key = p .. ':req:' .. u[1]
+  local version = tonumber(redis.call('HGET', key, 'version'))
+  if version == nil or tonumber(u[5]) > version then
+    redis.call('HSET', key, 'status', u[2], 'state', u[3], 'version', u[5])
+    if u[4] then redis.call('ZREM', p .. ':unfinished', u[1]) end
+  end
+end
+for _, t in ipairs(b.t) do
+  local key = p .. ':trail:' .. t[1]
+  if tonumber(t[2]) >= redis.call('LLEN', key) then redis.call('RPUSH', key, t[3]) end
+end
+
+for _, ch in ipairs(b.ch) do
+  redis.call('ZADD', p .. ':charges', 'NX', ch[2], ch[1])  -- a replaced charge keeps its time
+  redis.call('HSET', p .. ':charge_gs', ch[1], ch[3])
+end
+
+for _, o in ipairs(b.o) do
+  if o[2] then
+    redis.call('HSET', p .. ':overrides', o[1], o[2])
+    if not redis.call('ZSCORE', p .. ':override_order', o[1]) then
+      redis.call('ZADD', p .. ':override_order', next_seq(), o[1])
+    end
+  else
+    redis.call('HDEL', p .. ':overrides', o[1])
+    redis.call('ZREM', p .. ':override_order', o[1])
+  end
+end
+
+if b.pr then
+  redis.call('ZREMRANGEBYSCORE', p .. ':admissions', '-inf', b.pr[1])
+  local old = redis.call('ZRANGEBYSCORE', p .. ':charges', '-inf', b.pr[2], 'LIMIT', 0, 5000)
+  for _, field in ipairs(old) do redis.call('HDEL', p .. ':charge_gs', field) end
+  for _, field in ipairs(old) do redis.call('ZREM', p .. ':charges', field) end
+end
+
+if #b.c > 0 then redis.call('SET', p .. ':batch:' .. batch, '1', 'EX', 3600) end
+return 'OK'
