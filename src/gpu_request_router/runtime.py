@@ -416,6 +416,11 @@ class Runtime:
         )
         return quotas.quota_for(user, admin=admin), usage
 
+    def store_failure(self) -> str | None:
+        """Why the store cannot be used now, as already known (no I/O), or ``None``."""
+        failure = self.writer.failure
+        return failure.message if failure is not None else self.store.failure()
+
     def check_store(self) -> None:
         """Return if the store answers and takes writes, else raise ``StoreUnavailable``."""
         failure = self.writer.failure

@@ -13,9 +13,14 @@ Example::
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -30,6 +35,7 @@ __all__ = [
     "HEADLESS_CHROMIUM_ARGS",
     "REDIS_TEST_URL",
     "UNLIMITED_QUOTA",
+    "RedisServer",
     "chat",
     "drop_redis_prefix",
     "free_port",
@@ -228,3 +234,75 @@ def drop_redis_prefix(url: str, prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, to kill and start again in tests.
+
+    Its data lives in ``directory`` with the append-only file on (``appendfsync`` as given), so
+    a start after a kill reads back what the file holds. Use as a context manager: the server
+    is killed on exit.
+    """
+
+    def __init__(self, directory: Path, *, appendfsync: str = "always") -> None:
+        self.directory = directory
+        self.appendfsync = appendfsync
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's URL (database 0)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the server (on the same port and files) and return once it answers a ping."""
+        self.process = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.appendfsync,
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.BusyLoadingError:
+                    pass
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """``kill -9`` the server and wait for it to be gone."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

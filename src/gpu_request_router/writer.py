@@ -128,11 +128,15 @@ class Writer:
         """Return if new work may be taken, else raise why not.
 
         Raises:
-            StoreUnavailable: the last commit failed (the store is down, the disk full), or
-                more than ``max_pending`` changes wait for a commit.
+            StoreUnavailable: the last commit failed (the store is down, the disk full), the
+                store knows it cannot be used (``StateStore.failure``), or more than
+                ``max_pending`` changes wait for a commit.
         """
         if self._failure is not None:
             raise StoreUnavailable(self._failure.message, retry_after_s=RETRY_MAX_S)
+        known = self._store.failure()
+        if known is not None:
+            raise StoreUnavailable(known, retry_after_s=RETRY_MAX_S)
         if self._pending > self._max_pending:
             raise StoreUnavailable(
                 f"the state store is behind: {self._pending} changes wait for a commit",

@@ -153,14 +153,19 @@ def test_listening_is_printed_once_the_port_answers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("state", "reason", "code", "words"),
     [
-        ({"backend": "redis"}, "invalid_configuration", 2, "state.backend"),
+        (
+            {"backend": "redis", "redis_url": "redis://127.0.0.1:1/0"},
+            "state_store_unavailable",
+            1,
+            "Redis state store redis://127.0.0.1:1/0",
+        ),
         ({"sqlite_path": "/nonexistent-dir/router.db"}, "state_store_unavailable", 1, "lock"),
     ],
 )
 def test_a_store_that_cannot_open_refuses_the_start_in_one_line(
     tmp_path: Path, state: dict[str, str], reason: str, code: int, words: str
 ) -> None:
-    """A store backend not available, or a file that cannot be created: one JSON line, no banner."""
+    """A file that cannot be created, a Redis that does not answer: one JSON line, no banner."""
     config = write_config(tmp_path, free_port())
     settings = yaml.safe_load(config.read_text())
     settings["state"] = state

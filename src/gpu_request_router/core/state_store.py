@@ -225,6 +225,14 @@ class StateStore(ABC):
         to find out.
         """
 
+    def failure(self) -> str | None:
+        """Why the store cannot be used now, as already known (no I/O), or ``None``.
+
+        A store that watches its server in the background (Redis) knows of an outage before
+        any write fails; the router then refuses new work at once.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
         """Release connections and files."""
 

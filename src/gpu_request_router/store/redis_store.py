@@ -108,7 +108,7 @@ LEASE_S = 5.0
 """How long the owner's lease lasts without renewal (a killed router's lapses after it)."""
 
 RENEW_S = 1.0
-"""How often the owner renews its lease."""
+"""How often the owner renews its lease (a third of a shorter lease)."""
 
 SOCKET_TIMEOUT_S = 0.5
 """The longest one call to Redis may take (connecting included) before it fails."""
@@ -184,6 +184,7 @@ class RedisStore(StateStore):
         self.url = url
         self.prefix = prefix
         self.lease_s = lease_s
+        self._renew_s = min(RENEW_S, lease_s / 3)
         self._where = f"Redis state store {_safe_url(url)} (prefix {prefix!r})"
         # Any: redis-py types every command as "a value or an awaitable" (its sync and asyncio
         # clients share them), which no caller of the sync client can use.
@@ -205,6 +206,7 @@ class RedisStore(StateStore):
         self._lock = threading.Lock()  # writes, probes and their bookkeeping
         self._write_failure: str | None = None
         self._fenced: str | None = None
+        self._down: str | None = None  # why Redis is unreachable, until the lease thread reaches it
         self._probed_at: float | None = None
         self._pruned_at: float | None = None
         self._closed = threading.Event()
@@ -269,7 +271,7 @@ class RedisStore(StateStore):
 
     def _acquire(self) -> None:
         """Take the prefix's lease, waiting up to one lease for a lapsed holder's to expire."""
-        deadline = time.monotonic() + self.lease_s + RENEW_S
+        deadline = time.monotonic() + self.lease_s + self._renew_s
         while True:
             taken, holder = self._call("take the owner's lease", self._renew_once)
             if taken:
@@ -292,11 +294,17 @@ class RedisStore(StateStore):
 
     def _keep_lease(self) -> None:
         """Renew the lease until closed; report a lease another router took (fenced for good)."""
-        while not self._closed.wait(RENEW_S):
+        while not self._closed.wait(self._renew_s):
             try:
                 taken, holder = self._renew_once()
-            except redis.RedisError:
-                continue  # unreachable: the writes fail meanwhile and say why
+            except redis.RedisError as exc:
+                if self._down is None:
+                    _log.warning("redis_unreachable", store=self._where, error=str(exc))
+                self._down = f"{self._where}: unreachable: {exc}"
+                continue
+            if self._down is not None:
+                _log.info("redis_reachable", store=self._where)
+                self._down = None
             if not taken:
                 self._fenced = (
                     f"{self._where}: another router ({holder}) took over the prefix; this "
@@ -311,10 +319,26 @@ class RedisStore(StateStore):
         return ":".join((self.prefix, *parts))
 
     def _call(self, action: str, call: Callable[[], Any]) -> Any:
+        """One call to Redis; while Redis is known to be down, fail at once without one.
+
+        A call to a host that drops packets waits out the socket timeout; the event loop makes
+        such calls, so after one has failed the rest fail fast until the lease thread (every
+        :data:`RENEW_S`) reaches Redis again.
+        """
+        down = self._down
+        if down is not None:
+            raise StoreUnavailable(down)
         try:
             return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._down = f"{self._where}: unreachable: {exc}"
+            raise self._unavailable(action, exc) from exc
         except redis.RedisError as exc:
             raise self._unavailable(action, exc) from exc
+
+    def failure(self) -> str | None:
+        """Why the store cannot be used now, as last seen (no call is made), or ``None``."""
+        return self._fenced or self._down
 
     def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"{self._where}: cannot {action}: {exc}")
@@ -340,7 +364,12 @@ class RedisStore(StateStore):
             batch_id = uuid.uuid4().hex
             try:
                 self._write_script(
-                    args=[self.prefix, self._token, batch_id, json.dumps(batch, ensure_ascii=False)]
+                    args=[
+                        self.prefix,
+                        self._token,
+                        batch_id,
+                        json.dumps(batch, ensure_ascii=False, separators=(",", ":")),
+                    ]
                 )
             except redis.ResponseError as exc:
                 message = str(exc)
@@ -598,8 +627,9 @@ class RedisStore(StateStore):
         fenced write of one key) is made when the last is :data:`WRITE_PROBE_INTERVAL_S` old.
         """
         with self._lock:
-            if self._fenced is not None:
-                raise StoreUnavailable(self._fenced)
+            failure = self.failure()
+            if failure is not None:
+                raise StoreUnavailable(failure)
             if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
                 self._probed_at = now
                 try:

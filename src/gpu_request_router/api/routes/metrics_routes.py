@@ -82,9 +82,18 @@ async def prometheus(service: ServiceDep) -> Response:
 
 
 @router.get("/healthz", summary="Liveness", tags=["health"])
-async def healthz() -> dict[str, str]:
-    """The process is up and serving."""
-    return {"status": "ok"}
+async def healthz(service: ServiceDep) -> dict[str, str]:
+    """The process is up and serving (200), and whether its store is known to be failing.
+
+    Always 200 while the process serves, so that a liveness probe never restarts a router that
+    waits for its store; ``status`` is ``degraded`` and ``store`` says why while the store is
+    known to fail (no I/O is made: the writer's last commit, or a Redis store's background
+    check). ``/readyz`` is the check that takes a router out of a load balancer.
+    """
+    failure = service.runtime.store_failure()
+    if failure is None:
+        return {"status": "ok"}
+    return {"status": "degraded", "store": failure}
 
 
 @router.get(

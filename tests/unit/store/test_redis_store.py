@@ -1,0 +1,264 @@
+"""What the Redis store adds to the store contract: one owner, fencing, lost replies, outages.
+
+Everything runs against real Redis servers: the shared one of ``REDIS_URL`` under a prefix of
+each test's own, or a private ``redis-server`` a test kills (``RedisServer``). A lost reply is
+made by a real TCP proxy on loopback that cuts the connection after Redis ran the write.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from changes import T0, add, created, make_request, moved
+
+from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
+from gpu_request_router.models.request import RequestStatus
+from gpu_request_router.store import RedisStore
+from gpu_request_router.testing import RedisServer
+
+S = RequestStatus
+
+
+def wait_until(condition: object, timeout_s: float) -> float:
+    """Poll ``condition()`` every 20 ms until true; return the seconds it took (fail after)."""
+    start = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"not true within {timeout_s} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+# --- one owner per prefix -------------------------------------------------------------------------
+
+
+def test_a_second_router_on_a_prefix_waits_one_lease_then_is_refused(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """The holder is named (its pid), and the holder goes on writing."""
+    holder = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreInUse) as refused:
+            RedisStore(redis_url, prefix=redis_store_prefix, lease_s=0.5)
+        waited = time.monotonic() - started
+        assert waited >= 0.5  # it waited for the lease to lapse: a live holder renews it
+        assert refused.value.pid == os.getpid()
+        assert redis_store_prefix in refused.value.message
+        add(holder, make_request("r1"))
+        assert holder.get_request("r1") is not None
+    finally:
+        holder.close()
+
+
+def test_a_closed_owner_hands_the_prefix_over_at_once(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """Closing gives the lease up: the next router does not wait for it (30 s here)."""
+    first = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=30)
+    add(first, make_request("r1"))
+    first.close()
+    started = time.monotonic()
+    second = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=30)
+    try:
+        assert time.monotonic() - started < 5
+        assert [r.id for r in second.unfinished_requests()] == ["r1"]
+    finally:
+        second.close()
+
+
+_HOLD = """
+import sys, time
+from gpu_request_router.store import RedisStore
+store = RedisStore(sys.argv[1], prefix=sys.argv[2], lease_s=1.0)
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_owners_lease_lapses_and_the_next_router_takes_over(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """``kill -9`` leaves the lease behind; it lapses within a lease and the next one starts."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, redis_url, redis_store_prefix],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        for line in holder.stdout:  # after the store's log lines
+            if line.strip() == "holding":
+                break
+        holder.kill()
+        holder.wait(timeout=10)
+        started = time.monotonic()
+        store = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=1.0)
+        waited = time.monotonic() - started
+        store.close()
+        assert 0 < waited < 1.0 + 1.0 + 1.0  # the lease, a renewal period, and some slack
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_a_router_that_lost_its_lease_never_writes_again(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """Another router took the prefix (this one's lease lapsed): every write is refused."""
+    store = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=30)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        add(store, make_request("r1"))
+        raw.set(f"{redis_store_prefix}:owner", "otherhost:1:abc")
+        with pytest.raises(StoreUnavailable, match="took over"):
+            store.write([created(make_request("r2"))])
+        assert store.get_request("r2") is None
+        with pytest.raises(StoreUnavailable, match="took over"):
+            store.check_writable(T0)
+        assert store.failure() is not None
+        store.close()  # does not delete the new owner's lease
+        assert raw.get(f"{redis_store_prefix}:owner") == b"otherhost:1:abc"
+    finally:
+        raw.close()
+
+
+# --- a lost reply ------------------------------------------------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis that, armed, cuts the next write batch's connection after its answer.
+
+    Redis has run the batch; the client never reads the reply.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            marked = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, marked), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, marked), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, marked: threading.Event) -> None:
+        while data := _recv(client):
+            if self.armed.is_set() and b'"c":[[' in data:
+                self.armed.clear()
+                marked.set()
+            server.sendall(data)
+        server.close()
+
+    def _down(self, server: socket.socket, client: socket.socket, marked: threading.Event) -> None:
+        while data := _recv(server):
+            if marked.is_set():  # Redis ran the batch and answered: the answer is lost
+                self.cut.set()
+                client.shutdown(socket.SHUT_RDWR)
+                client.close()
+                server.close()
+                return
+            client.sendall(data)
+        client.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def test_a_batch_whose_reply_is_lost_is_taken_back_and_changes_carried_again_land_once(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """A lost reply's creations are taken back, and its changes carried again land once.
+
+    The router refused what the lost batch created (503) and carries its other changes again.
+    """
+    upstream = redis.Redis.from_url(redis_url)
+    database = upstream.connection_pool.connection_kwargs.get("db", 0)
+    port = upstream.connection_pool.connection_kwargs.get("port", 6379)
+    proxy = CuttingProxy(port)
+    store = RedisStore(
+        f"redis://127.0.0.1:{proxy.port}/{database}", prefix=redis_store_prefix, lease_s=30
+    )
+    try:
+        first = add(store, make_request("r1"))
+        lost = make_request("r2", key="k2")
+        dispatch = moved(first, S.DISPATCHING, T0 + 1)
+        proxy.armed.set()
+        with pytest.raises(StoreUnavailable):
+            store.write([created(lost), dispatch])
+        assert proxy.cut.is_set()
+        assert upstream.exists(f"{redis_store_prefix}:req:r2")  # Redis did write it
+        store.write([dispatch, created(make_request("r3"))])  # the writer carries r1's change
+        assert store.get_request("r2") is None
+        assert store.find_idempotent("alice", "k2") is None
+        assert [t.seq for t in store.transitions("r1")] == [0, 1]
+        assert store.get_request("r1").status is S.DISPATCHING  # type: ignore[union-attr]
+        assert [r.id for r in store.unfinished_requests()] == ["r1", "r3"]
+        history = store.quota_history(T0 + 2, 60.0, 3600.0)
+        assert sorted(a[2] for a in history.admissions) == ["r1", "r3"]
+    finally:
+        store.close()
+        proxy.close()
+        upstream.close()
+
+
+# --- Redis goes away and comes back --------------------------------------------------------------
+
+
+def test_while_redis_is_down_calls_fail_fast_and_it_is_used_again_once_back(
+    tmp_path: Path,
+) -> None:
+    """Redis killed: calls fail within a second; back: used again within seconds, data kept.
+
+    The outage is known without a call (the lease thread), and the AOF kept what was written.
+    """
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, prefix="p", lease_s=5)
+        try:
+            add(store, make_request("r1"))
+            server.kill()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                store.write([created(make_request("r2"))])
+            with pytest.raises(StoreUnavailable):
+                store.get_request("r1")
+            assert time.monotonic() - started < 1.0
+            wait_until(lambda: store.failure() is not None, 2.0)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                store.ping()  # fails without waiting on a socket
+            assert time.monotonic() - started < 0.1
+            server.start()
+            wait_until(lambda: store.failure() is None, 3.0)
+            store.check_writable(T0)
+            assert store.get_request("r1") is not None
+            add(store, make_request("r3"))
+            assert [r.id for r in store.unfinished_requests()] == ["r1", "r3"]
+        finally:
+            store.close()
