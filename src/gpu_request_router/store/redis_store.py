@@ -33,6 +33,8 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
 
     <prefix>:schema           the layout version (:data:`SCHEMA_VERSION`); a newer one is refused
     <prefix>:owner            the owner's token, with its lease as expiry
+    <prefix>:epoch            counts the takings of the lease (a lapsed one is taken back only
+                              by its holder, and only while nobody took it since)
     <prefix>:req:<id>         hash: fixed, state (the codec's two texts), status, user, model,
                               priority, version
     <prefix>:trail:<id>       list: the audit entries, in order (index = seq)
@@ -125,26 +127,48 @@ CHARGE_WINDOW_S = 3600.0
 _MIN_REDIS = (7, 0)
 _LIST_CHUNK = 256
 
-# The owner's lease: renew it if it is ours, take it if nobody holds it, else report the holder.
-_RENEW = """
+# The owner's lease. Each taking counts an epoch; the holder may take its own lapsed lease back
+# (Redis was down past it) only while the epoch is still its own: nobody took the prefix since.
+_OURS = """
+local function ours(owner_key, epoch_key, token, epoch, px)
+  local holder = redis.call('GET', owner_key)
+  if holder == token then return true end
+  if holder or redis.call('GET', epoch_key) ~= epoch then return false end
+  redis.call('SET', owner_key, token, 'PX', px)
+  return true
+end
+"""
+_ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] or not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if holder then return {0, holder} end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, tostring(epoch)}
+"""
+_RENEW = (
+    _OURS
+    + """
+if ours(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {1, ARGV[1]}
 end
-return {0, holder}
+return {0, redis.call('GET', KEYS[1]) or 'nobody now (Redis lost its data?)'}
 """
+)
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_PROBE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+_PROBE = (
+    _OURS
+    + """
+if not ours(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
   return redis.error_reply('FENCED this router no longer owns the prefix')
 end
-redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
 return 'OK'
 """
+)
 
 
 def _score(value: float) -> str:
@@ -185,6 +209,8 @@ class RedisStore(StateStore):
         self.prefix = prefix
         self.lease_s = lease_s
         self._renew_s = min(RENEW_S, lease_s / 3)
+        self._px = max(1, int(lease_s * 1000))
+        self._epoch = ""  # the lease's epoch, once taken
         self._where = f"Redis state store {_safe_url(url)} (prefix {prefix!r})"
         # Any: redis-py types every command as "a value or an awaitable" (its sync and asyncio
         # clients share them), which no caller of the sync client can use.
@@ -199,6 +225,7 @@ class RedisStore(StateStore):
         self._write_script = self._redis.register_script(
             resources.files(__package__).joinpath("redis_write.lua").read_bytes()
         )
+        self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._probe = self._redis.register_script(_PROBE)
@@ -273,9 +300,16 @@ class RedisStore(StateStore):
         """Take the prefix's lease, waiting up to one lease for a lapsed holder's to expire."""
         deadline = time.monotonic() + self.lease_s + self._renew_s
         while True:
-            taken, holder = self._call("take the owner's lease", self._renew_once)
+            taken, holder = self._call(
+                "take the owner's lease",
+                lambda: self._acquire_script(
+                    keys=[self._key("owner"), self._key("epoch")], args=[self._token, self._px]
+                ),
+            )
             if taken:
+                self._epoch = _text(holder)
                 return
+            holder = _text(holder)
             if time.monotonic() >= deadline:
                 raise StoreInUse(
                     f"{self._where} is in use by another router ({holder}): stop that router "
@@ -287,10 +321,16 @@ class RedisStore(StateStore):
             time.sleep(0.1)
 
     def _renew_once(self) -> tuple[bool, str]:
-        taken, holder = self._renew(
-            keys=[self._key("owner")], args=[self._token, int(self.lease_s * 1000)]
-        )
+        taken, holder = self._renew(keys=self._fence_keys, args=self._fence_args)
         return bool(taken), _text(holder)
+
+    @property
+    def _fence_keys(self) -> list[str]:
+        return [self._key("owner"), self._key("epoch")]
+
+    @property
+    def _fence_args(self) -> list[str | int]:
+        return [self._token, self._epoch, self._px]
 
     def _keep_lease(self) -> None:
         """Renew the lease until closed; report a lease another router took (fenced for good)."""
@@ -369,6 +409,8 @@ class RedisStore(StateStore):
                         self._token,
                         batch_id,
                         json.dumps(batch, ensure_ascii=False, separators=(",", ":")),
+                        self._epoch,
+                        self._px,
                     ]
                 )
             except redis.ResponseError as exc:
@@ -633,7 +675,7 @@ class RedisStore(StateStore):
             if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
                 self._probed_at = now
                 try:
-                    self._probe(keys=[self._key("owner"), self._key("probe")], args=[self._token])
+                    self._probe(keys=[*self._fence_keys, self._key("probe")], args=self._fence_args)
                     self._write_failure = None
                 except redis.RedisError as exc:
                     self._write_failed("write (probe)", exc)

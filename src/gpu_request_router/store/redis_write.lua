@@ -4,7 +4,7 @@
 -- KEYS: none declared (the store is one Redis primary, not a cluster: every key of a prefix is
 -- written here). ARGV[1] the key prefix, ARGV[2] this router's owner token, ARGV[3] the batch id,
 -- ARGV[4] the batch as JSON (every number as a string, so that no value passes through Lua's
--- doubles and loses digits):
+-- doubles and loses digits), ARGV[5] the epoch of this router's lease, ARGV[6] the lease in ms:
 --   d  batches in doubt: {batch id, {{id, user, idempotency field|false, admission, charges}}}
 --   c  creations: {id, fixed, state, status, user, created_at, model, priority,
 --                  idempotency field|false, terminal, admission member, version}
@@ -18,8 +18,14 @@
 local p, token, batch = ARGV[1], ARGV[2], ARGV[3]
 local b = cjson.decode(ARGV[4])
 
-if redis.call('GET', p .. ':owner') ~= token then
-  return redis.error_reply('FENCED this router no longer owns the prefix ' .. p)
+-- The fence: the lease is this router's, or lapsed with nobody having taken the prefix since
+-- (the epoch is still its own: Redis was down past the lease), and then it is taken back.
+local holder = redis.call('GET', p .. ':owner')
+if holder ~= token then
+  if holder or redis.call('GET', p .. ':epoch') ~= ARGV[5] then
+    return redis.error_reply('FENCED this router no longer owns the prefix ' .. p)
+  end
+  redis.call('SET', p .. ':owner', token, 'PX', ARGV[6])
 end
 
 -- A batch whose reply was lost (the connection broke) may have been written: the router

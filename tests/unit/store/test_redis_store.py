@@ -133,6 +133,32 @@ def test_a_router_that_lost_its_lease_never_writes_again(
         raw.close()
 
 
+def test_a_lapsed_lease_is_taken_back_only_while_nobody_took_the_prefix_since(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """A lease lapsed (Redis down past it) is taken back by its holder's next write.
+
+    Had another router taken the prefix meanwhile (and let it go), the holder is fenced.
+    """
+    store = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=30)
+    raw = redis.Redis.from_url(redis_url)
+    owner, epoch = f"{redis_store_prefix}:owner", f"{redis_store_prefix}:epoch"
+    try:
+        token = raw.get(owner)
+        raw.delete(owner)  # lapsed
+        add(store, make_request("r1"))
+        assert raw.get(owner) == token
+        raw.delete(owner)
+        raw.incr(epoch)  # another router took it, and closed
+        with pytest.raises(StoreUnavailable, match="took over"):
+            store.write([created(make_request("r2"))])
+        assert raw.get(owner) is None
+        assert store.get_request("r2") is None
+    finally:
+        store.close()
+        raw.close()
+
+
 # --- a lost reply ------------------------------------------------------------------------------
 
 
