@@ -1,11 +1,15 @@
 """A router on Redis while Redis is killed (``kill -9``) under load, then started again.
 
-A real ``gpurouter serve`` process on a private ``redis-server`` (append-only file,
-``appendfsync always``), clients on both doors. While Redis is down every call is answered within
-a second, and from a second after the kill on, submits and the OpenAI door answer 503 with
-``Retry-After``; once Redis is back the router takes work again within five seconds, by itself.
-Every request acknowledged with 202, before, during or after, ends ``succeeded``, once (lost 0,
-duplicated 0): clients retry a 503 by idempotency key, as real ones do.
+A real ``gpurouter serve`` process on a private ``redis-server`` (append-only file), clients on
+both doors. From a second after the kill on, every submit and OpenAI call is answered within a
+second with 503 and ``Retry-After`` (``/healthz`` says why, ``/readyz`` is 503); once Redis is
+back the router takes work again within five seconds, by itself. Every request acknowledged
+with 202, before, during or after, ends ``succeeded``, once (lost 0, duplicated 0): clients
+retry a 503 by idempotency key, as real ones do.
+
+A call admitted before the outage was known may wait for its end: work dispatched just before
+holds its GPU until the commit that dispatched it succeeds (nothing starts that the store does
+not show).
 """
 
 from __future__ import annotations
@@ -153,7 +157,9 @@ def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
             time.sleep(2.0)
             redis_server.kill()
             killed = time.monotonic()
-            time.sleep(OUTAGE_S)
+            time.sleep(1.0)
+            probe(router.url)
+            time.sleep(max(0.0, killed + OUTAGE_S - time.monotonic()))
             redis_server.start()
             back = time.monotonic()
             time.sleep(6.0)
@@ -173,6 +179,25 @@ def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
             store.close()
 
 
+def probe(url: str) -> None:
+    """A second into the outage, fresh calls on both doors: each a 503 with Retry-After, fast."""
+    chat = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}]}
+    submit = {"model": "llama-3-8b", "input": {"messages": chat["messages"]}}
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=10) as client:
+        for path, body in [("/v1/requests", submit), ("/v1/chat/completions", chat)] * 3:
+            sent = time.monotonic()
+            response = client.post(path, json=body)
+            assert time.monotonic() - sent < 1.0, path
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers.get("Retry-After"), path
+            assert "Redis state store" in response.text, response.text
+        health = client.get("/healthz").json()
+        assert health["status"] == "degraded", health
+        assert "Redis state store" in health["store"], health
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+
+
 def _redis(tmp_path: Path, appendfsync: str) -> RedisServer:
     directory = tmp_path / "redis"
     directory.mkdir()
@@ -184,15 +209,15 @@ def check(load: Load, url: str, killed: float, back: float) -> list[str]:
     answers = load.answers
     during = [a for a in answers if killed <= a.sent < back]
     assert during, "no call was made while Redis was down"
-    assert max(a.took for a in during) < 1.0, max(during, key=lambda a: a.took)
     settled = [a for a in during if a.sent >= killed + 1.0]
-    assert {a.door for a in settled} == {"submit", "openai"}
-    assert all(a.status == 503 and a.retry_after for a in settled), [
-        a for a in settled if a.status != 503 or not a.retry_after
+    assert settled
+    assert all(a.status == 503 and a.retry_after and a.took < 1.0 for a in settled), [
+        a for a in settled if a.status != 503 or not a.retry_after or a.took >= 1.0
     ]
     taken_again = [a for a in answers if a.sent >= back and a.status in (200, 202)]
     assert taken_again, "no call was taken after Redis came back"
-    assert min(a.sent for a in taken_again) - back < 5.0
+    recovered_in = min(a.sent for a in taken_again) - back
+    assert recovered_in < 5.0
     acknowledged: dict[str, str] = {}
     for answer in answers:
         if answer.status == 202:
@@ -214,6 +239,6 @@ def check(load: Load, url: str, killed: float, back: float) -> list[str]:
                 time.sleep(0.05)
     print(
         f"acknowledged={len(acknowledged)} before_kill={before} after_back={after} "
-        f"outage_calls={len(during)} lost=0 duplicated=0"
+        f"outage_calls={len(during)} recovered_in={recovered_in:.2f}s lost=0 duplicated=0"
     )
     return list(acknowledged.values())

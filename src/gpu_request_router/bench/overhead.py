@@ -49,7 +49,7 @@ import yaml
 from gpu_request_router.bench.provenance import capture
 from gpu_request_router.bench.report import parse_counts, print_table, write_json
 from gpu_request_router.http.keys import hash_key
-from gpu_request_router.testing import free_port
+from gpu_request_router.testing import drop_redis_prefix, free_port
 
 __all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_overhead"]
 
@@ -157,6 +157,7 @@ def _router_config(folder: Path, port: int, backend_url: str, key: str, state: s
         store["sqlite_synchronous"] = "full" if state == "sqlite-full" else "normal"
     elif state == "redis":
         store["redis_url"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
+        store["redis_prefix"] = f"gpurouter-bench-{folder.name}"
     config = {
         "server": {"host": "127.0.0.1", "port": port},
         "auth": {
@@ -316,6 +317,9 @@ def run_overhead(
                     elif mode == "chat" and direct_p50 is not None and row.requests:
                         row = Row(**{**asdict(row), "added_p50_ms": row.p50_ms - direct_p50})
                     rows.append(row)
+        if state == "redis":  # the run's keys go with it
+            stored = yaml.safe_load(config.read_text())["state"]
+            drop_redis_prefix(stored["redis_url"], stored["redis_prefix"])
     setup = {
         "state": state,
         "duration_s": duration_s,
