@@ -135,6 +135,12 @@ class StateSettings(_Section):
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("gpurouter", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
+    retention_days: float | None = Field(None, gt=0)
+
+    @property
+    def retention_s(self) -> float | None:
+        """How long finished requests are kept, in seconds (``None``: for ever)."""
+        return None if self.retention_days is None else self.retention_days * 86_400.0
 
 
 class PrioritySettings(_Section):

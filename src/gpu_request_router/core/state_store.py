@@ -27,6 +27,7 @@ from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 
 __all__ = [
+    "RETENTION_BATCH",
     "Change",
     "Charge",
     "OverrideChange",
@@ -235,6 +236,11 @@ class StateStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
         """Release connections and files."""
+
+
+RETENTION_BATCH = 2_000
+"""The most finished requests one prune deletes; a prune that reaches it runs again with the next
+write, so deleting keeps pace with any rate of traffic without making one commit long."""
 
 
 def retry_after(now: float, oldest: float, window_s: float) -> float:

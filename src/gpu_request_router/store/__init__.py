@@ -24,8 +24,13 @@ def open_store(settings: StateSettings) -> StateStore:
         StoreInUse: another router owns the SQLite file or the Redis prefix.
         StoreUnavailable: the store cannot be opened (see each store).
     """
+    retention_s = settings.retention_s
     if settings.backend == "memory":
-        return MemoryStore()
+        return MemoryStore(retention_s=retention_s)
     if settings.backend == "sqlite":
-        return SQLiteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous)
-    return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+        return SQLiteStore(
+            settings.sqlite_path,
+            synchronous=settings.sqlite_synchronous,
+            retention_s=retention_s,
+        )
+    return RedisStore(settings.redis_url, prefix=settings.redis_prefix, retention_s=retention_s)

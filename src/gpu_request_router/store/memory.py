@@ -7,12 +7,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gpu_request_router.core.state_store import (
+    RETENTION_BATCH,
     Change,
     Charge,
     OverrideChange,
     Page,
     QuotaHistory,
     RequestQuery,
+    StateChange,
     StateStore,
     check_charge,
     decode_cursor,
@@ -20,13 +22,24 @@ from gpu_request_router.core.state_store import (
 )
 from gpu_request_router.models.request import Request, Transition
 
-__all__ = ["MemoryStore"]
+__all__ = ["PRUNE_INTERVAL_S", "MemoryStore"]
+
+PRUNE_INTERVAL_S = 30.0
+"""The most often a write drops finished requests past their retention."""
 
 
 class MemoryStore(StateStore):
-    """Keeps everything in dictionaries; nothing survives the process."""
+    """Keeps everything in dictionaries; nothing survives the process.
 
-    def __init__(self) -> None:
+    ``retention_s``: finished requests created longer ago are dropped by the writes (as the
+    durable stores do, at most ``RETENTION_BATCH`` at a time).
+    """
+
+    def __init__(self, *, retention_s: float | None = None) -> None:
+        if retention_s is not None and not retention_s > 0:
+            raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
+        self.retention_s = retention_s
+        self._pruned_at: float | None = None
         self._requests: dict[str, Request] = {}
         self._by_key: dict[tuple[str, str], str] = {}
         self._unfinished: OrderedDict[str, None] = OrderedDict()
@@ -63,6 +76,33 @@ class MemoryStore(StateStore):
                 self._charges[charge.user, charge.charge_id] = Charge(
                     charge.user, charge.charge_id, at, charge.gpu_seconds
                 )
+        times = [c.entry.at for c in changes if isinstance(c, StateChange)]
+        if times:
+            self._forget_old(max(times))
+
+    def _forget_old(self, now: float) -> None:
+        """Drop finished requests past ``retention_s`` (checked every ``PRUNE_INTERVAL_S``)."""
+        if self.retention_s is None or (
+            self._pruned_at is not None and 0 <= now - self._pruned_at < PRUNE_INTERVAL_S
+        ):
+            return
+        self._pruned_at = now
+        cutoff = now - self.retention_s
+        old = sorted(
+            (
+                request
+                for request in self._requests.values()
+                if request.created_at < cutoff and request.status.terminal
+            ),
+            key=lambda request: request.created_at,
+        )[:RETENTION_BATCH]
+        if len(old) == RETENTION_BATCH:
+            self._pruned_at = None  # more to do: again with the next write
+        for request in old:
+            del self._requests[request.id]
+            del self._trails[request.id]
+            if request.idempotency_key is not None:
+                del self._by_key[request.user, request.idempotency_key]
 
     def _check(self, changes: Sequence[Change]) -> None:
         """Refuse a batch the SQLite store would refuse too, before anything is applied.

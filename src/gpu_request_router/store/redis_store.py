@@ -36,7 +36,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:epoch            counts the takings of the lease (a lapsed one is taken back only
                               by its holder, and only while nobody took it since)
     <prefix>:req:<id>         hash: fixed, state (the codec's two texts), status, user, model,
-                              priority, version
+                              priority, version, idem (its idempotency field, if any)
     <prefix>:trail:<id>       list: the audit entries, in order (index = seq)
     <prefix>:created          zset: every request by creation time (ties by id: the listing)
     <prefix>:user:<user>      zset: the user's requests by creation time
@@ -50,6 +50,10 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:seq              the counter behind the two orders above
     <prefix>:batch:<id>       a batch that created requests (expires after an hour)
     <prefix>:probe            written by check_writable
+
+With ``retention_s``, a write at most every :data:`PRUNE_INTERVAL_S` also deletes finished
+requests created longer ago (hash, trail, index entries, idempotency field), up to
+``RETENTION_BATCH`` at a time (a full batch prunes again with the next write).
 
 Every call has a short socket timeout (:data:`SOCKET_TIMEOUT_S`) and is not retried by the
 client: while Redis is unreachable a call fails within it with
@@ -78,6 +82,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gpu_request_router.core.state_store import (
+    RETENTION_BATCH,
     Change,
     Charge,
     OverrideChange,
@@ -90,7 +95,7 @@ from gpu_request_router.core.state_store import (
     encode_cursor,
 )
 from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
-from gpu_request_router.models.request import Request, Transition
+from gpu_request_router.models.request import TERMINAL_STATUSES, Request, Transition
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_from_json,
@@ -125,6 +130,7 @@ RATE_WINDOW_S = 60.0
 CHARGE_WINDOW_S = 3600.0
 
 _MIN_REDIS = (7, 0)
+_TERMINAL = sorted(status.value for status in TERMINAL_STATUSES)
 _LIST_CHUNK = 256
 
 # The owner's lease. Each taking counts an epoch; the holder may take its own lapsed lease back
@@ -196,15 +202,29 @@ class RedisStore(StateStore):
         url: ``redis://`` or ``rediss://`` URL (database number, password, TLS as usual).
         prefix: the keys' prefix; one router owns it.
         lease_s: the owner's lease (see the module docstring).
+        retention_s: finished requests created longer ago than this are deleted, with their
+            audit trail and idempotency key, by the writes; ``None`` keeps them.
+        retention_s: finished requests created longer ago than this are deleted, with their
+            audit trail and idempotency key, by the writes; ``None`` keeps them.
 
     Raises:
         StoreInUse: another live router holds the prefix's lease.
         StoreUnavailable: Redis cannot be reached, is older than 7.0, or holds a newer layout.
     """
 
-    def __init__(self, url: str, *, prefix: str = "gpurouter", lease_s: float = LEASE_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "gpurouter",
+        lease_s: float = LEASE_S,
+        retention_s: float | None = None,
+    ) -> None:
         if not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"a Redis key prefix is a non-empty word, not {prefix!r}")
+        if retention_s is not None and not retention_s > 0:
+            raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
+        self.retention_s = retention_s
         self.url = url
         self.prefix = prefix
         self.lease_s = lease_s
@@ -399,11 +419,18 @@ class RedisStore(StateStore):
             )
             if prune:
                 assert now is not None
-                batch["pr"] = [_score(now - RATE_WINDOW_S), _score(now - CHARGE_WINDOW_S)]
+                retained = self.retention_s
+                batch["pr"] = [
+                    _score(now - RATE_WINDOW_S),
+                    _score(now - CHARGE_WINDOW_S),
+                    False if retained is None else _score(now - retained),
+                    RETENTION_BATCH,
+                    _TERMINAL,
+                ]
             batch["d"] = [[doubt.batch, doubt.created] for doubt in self._doubts]
             batch_id = uuid.uuid4().hex
             try:
-                self._write_script(
+                scanned = self._write_script(
                     args=[
                         self.prefix,
                         self._token,
@@ -428,7 +455,8 @@ class RedisStore(StateStore):
             self._doubts.clear()
             self._write_failure = None
             if prune:
-                self._pruned_at = now
+                # A full batch of old requests: prune again with the next write.
+                self._pruned_at = None if int(scanned) >= RETENTION_BATCH else now
 
     def _write_failed(self, action: str, exc: BaseException) -> StoreUnavailable:
         error = self._unavailable(action, exc)

@@ -12,7 +12,9 @@
 --   t  audit entries: {id, seq, json}
 --   ch charges: {field, at, gpu_seconds}
 --   o  overrides: {user, json|false}
---   pr {admissions cutoff, charges cutoff} | false
+--   pr {admissions cutoff, charges cutoff, retention cutoff|false, retention batch,
+--       terminal statuses} | false
+-- It answers how many old requests the retention looked at (0 without a prune).
 -- Everything is checked before anything is written, so a refused batch writes nothing; the
 -- shebang makes Redis refuse the whole script up front when it is out of memory.
 local p, token, batch = ARGV[1], ARGV[2], ARGV[3]
@@ -70,8 +72,10 @@ end
 
 for _, c in ipairs(b.c) do
   local id = c[1]
-  redis.call('HSET', p .. ':req:' .. id, 'fixed', c[2], 'state', c[3], 'status', c[4],
+  local key = p .. ':req:' .. id
+  redis.call('HSET', key, 'fixed', c[2], 'state', c[3], 'status', c[4],
     'user', c[5], 'model', c[7], 'priority', c[8], 'version', c[12])
+  if c[9] then redis.call('HSET', key, 'idem', c[9]) end
   redis.call('ZADD', p .. ':created', c[6], id)
   redis.call('ZADD', p .. ':user:' .. c[5], c[6], id)
   if c[9] then redis.call('HSET', p .. ':idem', c[9], id) end
@@ -111,12 +115,34 @@ for _, o in ipairs(b.o) do
   end
 end
 
+local scanned = 0
 if b.pr then
   redis.call('ZREMRANGEBYSCORE', p .. ':admissions', '-inf', b.pr[1])
   local old = redis.call('ZRANGEBYSCORE', p .. ':charges', '-inf', b.pr[2], 'LIMIT', 0, 5000)
   for _, field in ipairs(old) do redis.call('HDEL', p .. ':charge_gs', field) end
   for _, field in ipairs(old) do redis.call('ZREM', p .. ':charges', field) end
+  if b.pr[3] then
+    -- Finished requests created before the retention cutoff, oldest first; unfinished ones
+    -- are looked at and kept.
+    local terminal = {}
+    for _, status in ipairs(b.pr[5]) do terminal[status] = true end
+    local ids = redis.call('ZRANGEBYSCORE', p .. ':created', '-inf', '(' .. b.pr[3],
+      'LIMIT', 0, tonumber(b.pr[4]))
+    scanned = #ids
+    for _, id in ipairs(ids) do
+      local key = p .. ':req:' .. id
+      local row = redis.call('HMGET', key, 'status', 'user', 'idem')
+      if not row[1] then
+        redis.call('ZREM', p .. ':created', id)
+      elseif terminal[row[1]] then
+        redis.call('DEL', key, p .. ':trail:' .. id)
+        redis.call('ZREM', p .. ':created', id)
+        redis.call('ZREM', p .. ':user:' .. row[2], id)
+        if row[3] then redis.call('HDEL', p .. ':idem', row[3]) end
+      end
+    end
+  end
 end
 
 if #b.c > 0 then redis.call('SET', p .. ':batch:' .. batch, '1', 'EX', 3600) end
-return 'OK'
+return scanned

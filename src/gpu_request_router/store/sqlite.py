@@ -63,7 +63,8 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; a newer file is refuse
 Admissions and charges are written with the requests and status changes they belong to; the
 core counts them in memory and reads them back only at a restart
 (:meth:`SQLiteStore.quota_history`). Rows that have left their window are deleted by a write at
-most every :data:`PRUNE_INTERVAL_S`.
+most every :data:`PRUNE_INTERVAL_S`, and so are finished requests created longer ago than
+``retention_s`` (with their audit trails), when it is set.
 
 Only ``status``, ``attempts`` and ``state`` change after a request is added; its id, user,
 creation time, model, priority, idempotency key and ``body`` are fixed at creation. Every table
@@ -89,6 +90,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpu_request_router.core.state_store import (
+    RETENTION_BATCH,
     Change,
     Charge,
     OverrideChange,
@@ -246,6 +248,8 @@ class SQLiteStore(StateStore):
     Args:
         path: the database file (created with its schema when missing).
         synchronous: ``"normal"`` survives a crash of the process, ``"full"`` also a power loss.
+        retention_s: finished requests created longer ago than this are deleted, with their
+            audit trail (and so their idempotency key), by the writes; ``None`` keeps them.
 
     Raises:
         StoreInUse: another live process owns the file (see the module docstring).
@@ -254,12 +258,19 @@ class SQLiteStore(StateStore):
     """
 
     def __init__(
-        self, path: str | Path, *, synchronous: Literal["normal", "full"] = "normal"
+        self,
+        path: str | Path,
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        retention_s: float | None = None,
     ) -> None:
         if synchronous not in ("normal", "full"):
             raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+        if retention_s is not None and not retention_s > 0:
+            raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
         self.path = Path(path)
         self.synchronous = synchronous
+        self.retention_s = retention_s
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
         self._closed = False
@@ -457,12 +468,27 @@ class SQLiteStore(StateStore):
         )
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> None:
-        """Delete admissions and charges that have left their windows, every so often."""
+        """Delete what has left its window or its retention, every so often.
+
+        Admissions and charges past their windows; finished requests past ``retention_s``, at
+        most :data:`RETENTION_BATCH` at a time (a full batch prunes again with the next write).
+        """
         if self._pruned_at is not None and 0 <= now - self._pruned_at < PRUNE_INTERVAL_S:
             return
         self._pruned_at = now
         conn.execute("DELETE FROM admissions WHERE at <= ?", (now - RATE_WINDOW_S,))
         conn.execute("DELETE FROM charges WHERE at <= ?", (now - CHARGE_WINDOW_S,))
+        if self.retention_s is None:
+            return
+        old = conn.execute(
+            f"SELECT id FROM requests WHERE created_at < ? AND NOT ({_UNFINISHED_SQL})"
+            " ORDER BY created_at LIMIT ?",
+            (now - self.retention_s, RETENTION_BATCH),
+        ).fetchall()
+        conn.executemany("DELETE FROM transitions WHERE request_id = ?", old)
+        conn.executemany("DELETE FROM requests WHERE id = ?", old)
+        if len(old) == RETENTION_BATCH:
+            self._pruned_at = None
 
     def get_request(self, request_id: str) -> Request | None:
         """The stored request, or ``None``."""

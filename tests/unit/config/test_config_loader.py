@@ -30,6 +30,7 @@ from gpu_request_router.config.config_loader import (
 )
 from gpu_request_router.exceptions import ConfigError
 from gpu_request_router.models.user_quota import UserQuota
+from gpu_request_router.store import MemoryStore, open_store
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "examples" / "config.yaml"
@@ -370,6 +371,8 @@ def test_unparsable_env_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
         pytest.param(
             {"server": {"max_header_bytes": 100}}, "server.max_header_bytes", id="header-cap"
         ),
+        pytest.param({"state": {"retention_days": 0}}, "state.retention_days", id="retention"),
+        pytest.param({"state": {"redis_prefix": "a b"}}, "state.redis_prefix", id="prefix"),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict[str, Any], key: str) -> None:
@@ -523,3 +526,14 @@ def test_every_settings_field_appears_in_the_default_file() -> None:
         assert set(data[name]) == set(section.model_fields), name
     assert set(data["quotas"]["default"]) == set(QuotaLimits.model_fields)
     assert set(data["retries"]["circuit_breaker"]) == set(CircuitBreakerSettings.model_fields)
+
+
+@pytest.mark.parametrize(("days", "seconds"), [(None, None), (0.5, 43_200.0), (30, 2_592_000.0)])
+def test_the_store_opened_keeps_finished_requests_for_the_retention(
+    days: float | None, seconds: float | None
+) -> None:
+    """``state.retention_days`` reaches the store that ``open_store`` opens, in seconds."""
+    settings = load_settings(overrides={"state": {"backend": "memory", "retention_days": days}})
+    store = open_store(settings.state)
+    assert isinstance(store, MemoryStore)
+    assert store.retention_s == seconds

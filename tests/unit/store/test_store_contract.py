@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from gpu_request_router.core.request_router import transition_of
 from gpu_request_router.core.state_store import (
+    RETENTION_BATCH,
     Change,
     Charge,
     OverrideChange,
@@ -49,22 +50,24 @@ KINDS = ["memory", "sqlite", "redis"]
 REFUSED = (ValueError, sqlite3.IntegrityError)
 
 
-def make_store(kind: str, directory: Path, prefix: str) -> StateStore:
+def make_store(
+    kind: str, directory: Path, prefix: str, retention_s: float | None = None
+) -> StateStore:
     """A new, empty store of ``kind``: an SQLite one in ``directory``, a Redis one at ``prefix``."""
     if kind == "memory":
-        return MemoryStore()
+        return MemoryStore(retention_s=retention_s)
     if kind == "redis":
         require_redis()
-        return RedisStore(redis_test_url(), prefix=prefix)
-    return SQLiteStore(directory / "state.db")
+        return RedisStore(redis_test_url(), prefix=prefix, retention_s=retention_s)
+    return SQLiteStore(directory / "state.db", retention_s=retention_s)
 
 
 @contextmanager
-def fresh_store(kind: str) -> Iterator[StateStore]:
+def fresh_store(kind: str, retention_s: float | None = None) -> Iterator[StateStore]:
     """A new, empty store of ``kind`` (its own directory or prefix), closed and dropped after."""
     prefix = redis_prefix()
     with tempfile.TemporaryDirectory() as directory:
-        store = make_store(kind, Path(directory), prefix)
+        store = make_store(kind, Path(directory), prefix, retention_s)
         try:
             yield store
         finally:
@@ -722,6 +725,67 @@ def test_a_page_size_below_one_is_an_invalid_request(limit: int) -> None:
     assert (info.value.field, info.value.location) == ("limit", "query")
     assert info.value.message == "limit: a page holds at least one request"
     assert RequestQuery(limit=1).limit == 1
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+RETAIN_S = 100.0
+
+
+def finished(store: StateStore, rid: str, created_at: float, key: str | None = None) -> None:
+    """Write a request created at ``created_at`` and cancelled a second later."""
+    request = make_request(rid, created_at=created_at, key=key)
+    store.write([created(request), moved(request, S.CANCELLED, created_at + 1)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_finished_requests_past_retention_go_with_their_trail_and_key(kind: str) -> None:
+    """Past ``retention_s`` (by creation), a finished request leaves every read; its key is free.
+
+    Unfinished and younger ones stay.
+    """
+    with fresh_store(kind, retention_s=RETAIN_S) as store:
+        finished(store, "old", T0, key="k1")
+        running = add(store, make_request("old-running", created_at=T0))
+        store.write([moved(running, S.DISPATCHING, T0 + 2)])
+        finished(store, "young", T0 + 50)
+        add(store, make_request("later", created_at=T0 + RETAIN_S + 31))  # a write: it prunes
+        assert store.get_request("old") is None
+        assert store.transitions("old") == []
+        assert store.find_idempotent("alice", "k1") is None
+        listed = [r.id for page in all_pages(store, RequestQuery(limit=2)) for r in page]
+        assert sorted(listed) == ["later", "old-running", "young"]
+        assert [r.id for r in store.unfinished_requests()] == ["old-running", "later"]
+        add(store, make_request("again", created_at=T0 + RETAIN_S + 32, key="k1"))
+        assert store.find_idempotent("alice", "k1").id == "again"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_retention_finished_requests_stay(kind: str) -> None:
+    """The default keeps every request, however old."""
+    with fresh_store(kind) as store:
+        finished(store, "old", T0, key="k1")
+        add(store, make_request("much-later", created_at=T0 + 10 * 365 * 86_400))
+        assert store.get_request("old") is not None
+        assert store.find_idempotent("alice", "k1") is not None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_full_batch_of_old_requests_is_pruned_again_by_the_next_write(kind: str) -> None:
+    """One prune deletes at most RETENTION_BATCH; the next write goes on, not 30 s later."""
+    with fresh_store(kind, retention_s=RETAIN_S) as store:
+        changes: list[Change] = []
+        for index in range(RETENTION_BATCH + 1):
+            request = make_request(f"r{index:05d}", created_at=T0 + index * 1e-3)
+            changes += [created(request), moved(request, S.CANCELLED, T0 + 5)]
+        store.write(changes)
+        add(store, make_request("a", created_at=T0 + RETAIN_S + 40))
+        assert [store.get_request(f"r{i:05d}") is None for i in (0, RETENTION_BATCH)] == [
+            True,
+            False,
+        ]
+        add(store, make_request("b", created_at=T0 + RETAIN_S + 41))
+        assert store.get_request(f"r{RETENTION_BATCH:05d}") is None
 
 
 # --- health --------------------------------------------------------------------------------------
