@@ -33,4 +33,9 @@ def open_store(settings: StateSettings) -> StateStore:
             synchronous=settings.sqlite_synchronous,
             retention_s=retention_s,
         )
-    return RedisStore(settings.redis_url, prefix=settings.redis_prefix, retention_s=retention_s)
+    return RedisStore(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        retention_s=retention_s,
+        standby=settings.standby,
+    )

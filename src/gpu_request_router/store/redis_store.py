@@ -16,9 +16,10 @@ One owner per prefix
     (paused past it, cut off from Redis while another took over) can never write again; it
     reports the store unavailable. A second router on the same prefix waits up to one lease for
     the holder's to lapse (a killed router's does), then is refused with
-    :class:`~gpu_request_router.exceptions.StoreInUse` naming the holder. A clean close gives
-    the lease up at once. Two routers on one prefix would each recover, and run again, the
-    other's work.
+    :class:`~gpu_request_router.exceptions.StoreInUse` naming the holder; a *standby*
+    (``standby=True``) waits for as long as the holder lives and takes over when it dies. A
+    clean close gives the lease up at once. Two routers on one prefix would each recover, and
+    run again, the other's work.
 
 A lost reply
     A write whose connection breaks may or may not have been applied. The router refuses the
@@ -129,6 +130,7 @@ PRUNE_INTERVAL_S = 30.0
 RATE_WINDOW_S = 60.0
 CHARGE_WINDOW_S = 3600.0
 
+_STANDBY_POLL_S = 0.1
 _MIN_REDIS = (7, 0)
 _TERMINAL = sorted(status.value for status in TERMINAL_STATUSES)
 _LIST_CHUNK = 256
@@ -206,9 +208,11 @@ class RedisStore(StateStore):
             audit trail and idempotency key, by the writes; ``None`` keeps them.
         retention_s: finished requests created longer ago than this are deleted, with their
             audit trail and idempotency key, by the writes; ``None`` keeps them.
+        standby: wait for the prefix's lease for as long as its holder lives, instead of being
+            refused: a hot standby that opens (and so recovers and serves) when the holder dies.
 
     Raises:
-        StoreInUse: another live router holds the prefix's lease.
+        StoreInUse: another live router holds the prefix's lease (never for a standby).
         StoreUnavailable: Redis cannot be reached, is older than 7.0, or holds a newer layout.
     """
 
@@ -219,12 +223,14 @@ class RedisStore(StateStore):
         prefix: str = "gpurouter",
         lease_s: float = LEASE_S,
         retention_s: float | None = None,
+        standby: bool = False,
     ) -> None:
         if not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"a Redis key prefix is a non-empty word, not {prefix!r}")
         if retention_s is not None and not retention_s > 0:
             raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
         self.retention_s = retention_s
+        self.standby = standby
         self.url = url
         self.prefix = prefix
         self.lease_s = lease_s
@@ -317,19 +323,35 @@ class RedisStore(StateStore):
             )
 
     def _acquire(self) -> None:
-        """Take the prefix's lease, waiting up to one lease for a lapsed holder's to expire."""
+        """Take the prefix's lease, waiting up to one lease for a lapsed holder's to expire.
+
+        A standby waits for as long as the holder lives (Redis unreachable meanwhile included),
+        and takes the lease within :data:`_STANDBY_POLL_S` of its lapse.
+        """
         deadline = time.monotonic() + self.lease_s + self._renew_s
+        waiting_on: str | None = None
         while True:
-            taken, holder = self._call(
-                "take the owner's lease",
-                lambda: self._acquire_script(
+            try:
+                taken, holder = self._acquire_script(
                     keys=[self._key("owner"), self._key("epoch")], args=[self._token, self._px]
-                ),
-            )
+                )
+            except redis.RedisError as exc:
+                if not self.standby:
+                    raise self._unavailable("take the owner's lease", exc) from exc
+                time.sleep(self._renew_s)
+                continue
             if taken:
                 self._epoch = _text(holder)
+                if waiting_on is not None:
+                    _log.warning("redis_standby_taking_over", store=self._where, after=waiting_on)
                 return
             holder = _text(holder)
+            if self.standby:
+                if holder != waiting_on:
+                    _log.warning("redis_standby", store=self._where, holder=holder)
+                    waiting_on = holder
+                time.sleep(_STANDBY_POLL_S)
+                continue
             if time.monotonic() >= deadline:
                 raise StoreInUse(
                     f"{self._where} is in use by another router ({holder}): stop that router "

@@ -75,6 +75,34 @@ def test_a_closed_owner_hands_the_prefix_over_at_once(
         second.close()
 
 
+def test_a_standby_waits_while_the_holder_lives_and_takes_over_when_it_stops(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """Not refused after a lease, three leases on; the prefix is its own once the holder closes."""
+    holder = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=0.5)
+    add(holder, make_request("r1"))
+    opened: list[RedisStore] = []
+    standby = threading.Thread(
+        target=lambda: opened.append(
+            RedisStore(redis_url, prefix=redis_store_prefix, lease_s=0.5, standby=True)
+        )
+    )
+    standby.start()
+    try:
+        time.sleep(1.5)
+        assert standby.is_alive() and not opened
+        holder.close()
+        standby.join(timeout=2)
+        assert not standby.is_alive()
+        (taken,) = opened
+        assert [r.id for r in taken.unfinished_requests()] == ["r1"]
+        add(taken, make_request("r2"))
+        taken.close()
+    finally:
+        holder.close()
+        standby.join(timeout=5)
+
+
 _HOLD = """
 import sys, time
 from gpu_request_router.store import RedisStore
