@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+import redis
 import typer
 import yaml
 
@@ -73,6 +74,9 @@ class Row:
     router_cpu_ms_per_request: float | None = None
     backend_cpu_ms_per_request: float | None = None
     added_p50_ms: float | None = None
+    # On the Redis store: the scripts (EVALSHA: commits, lease renewals, probes) the router ran
+    # per request sent; group commit makes it less than one under load.
+    redis_scripts_per_request: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +225,23 @@ def _load(
     return result
 
 
+class _ScriptCounter:
+    """The scripts a Redis server has run for its clients (``INFO commandstats``' EVALSHA)."""
+
+    def __init__(self, url: str) -> None:
+        # Any: redis-py types its sync commands as "a value or an awaitable".
+        self._redis: Any = redis.Redis.from_url(url, socket_timeout=5)
+
+    def count(self) -> int:
+        stats: dict[str, dict[str, Any]] = self._redis.info("commandstats")
+        return sum(
+            int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+        )
+
+    def close(self) -> None:
+        self._redis.close()
+
+
 def _row(target: str, result: dict[str, Any], cpu: dict[str, float | None]) -> Row:
     sent = max(int(result["sent"]), 1)
     latency = result["latency_ms"]
@@ -298,11 +319,14 @@ def run_overhead(
             targets += [
                 (f"peer {peer}", peer, "chat", peer_api_key, peer_pids[peer]) for peer in peers
             ]
+            stored = yaml.safe_load(config.read_text())["state"]
+            scripts = _ScriptCounter(stored["redis_url"]) if state == "redis" else None
             for concurrency in concurrencies:
                 direct_p50: float | None = None
                 for target, url, mode, api_key, pid in targets:
                     router_before = _cpu_s(pid) if pid else 0.0
                     backend_before = _cpu_s(backend_process.pid)
+                    scripts_before = scripts.count() if scripts else 0
                     result = _load(url, mode, concurrency, duration_s, warmup_s, api_key)
                     cpu = {
                         "router": _cpu_s(pid) - router_before if pid else None,
@@ -312,13 +336,21 @@ def run_overhead(
                         else _cpu_s(backend_process.pid) - backend_before,
                     }
                     row = _row(target, result, cpu)
+                    if scripts is not None and pid == router_process.pid:
+                        ran = scripts.count() - scripts_before
+                        row = Row(
+                            **{
+                                **asdict(row),
+                                "redis_scripts_per_request": ran / max(int(result["sent"]), 1),
+                            }
+                        )
                     if target == "direct":
                         direct_p50 = row.p50_ms
                     elif mode == "chat" and direct_p50 is not None and row.requests:
                         row = Row(**{**asdict(row), "added_p50_ms": row.p50_ms - direct_p50})
                     rows.append(row)
-        if state == "redis":  # the run's keys go with it
-            stored = yaml.safe_load(config.read_text())["state"]
+        if scripts is not None:  # the run's keys go with it
+            scripts.close()
             drop_redis_prefix(stored["redis_url"], stored["redis_prefix"])
     setup = {
         "state": state,
@@ -348,6 +380,7 @@ def print_overhead(report: OverheadReport) -> None:
             "added p50",
             "router CPU ms/req",
             "backend CPU ms/req",
+            "Redis scripts/req",
             "errors",
         ],
         [
@@ -361,6 +394,7 @@ def print_overhead(report: OverheadReport) -> None:
                 _ms(row.added_p50_ms),
                 _ms(row.router_cpu_ms_per_request),
                 _ms(row.backend_cpu_ms_per_request),
+                _ms(row.redis_scripts_per_request),
                 ", ".join(f"{k}: {v}" for k, v in row.errors.items()) or "0",
             ]
             for row in report.rows
