@@ -11,6 +11,7 @@ succeeded. ``-h`` is ``--help`` everywhere.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,7 +134,7 @@ def serve(
     from gpu_request_router.api import create_app
     from gpu_request_router.http.keys import hash_key
     from gpu_request_router.store import open_store
-    from gpu_request_router.utils.serving import AnnouncingServer, listen
+    from gpu_request_router.utils.serving import AnnouncingServer, StandbyResponder, listen
 
     settings = _load(config)
     server = settings.server.model_copy(
@@ -143,9 +144,25 @@ def serve(
     configure_logging(settings.logging, cache_loggers=True)
     # The order of a start: the store (and the SQLite file's lock, before anything reads the
     # file), the development key (kept beside that file), the port, then recovery (the
-    # application's lifespan), then "listening".
+    # application's lifespan), then "listening". A standby binds the port first and answers
+    # the probes on it while it waits for the store.
+    url = f"http://{server.host}:{server.port}"
+    early: socket.socket | None = None
+    if settings.state.backend == "redis" and settings.state.standby:
+        try:
+            early = listen(server.host, server.port, 2048)  # uvicorn's default backlog
+        except OSError as exc:
+            _refuse("cannot_listen", f"cannot listen on {url}: {exc.strerror or exc}", url=url)
     try:
-        store = open_store(settings.state)
+        if early is None:
+            store = open_store(settings.state)
+        else:
+            waiting = (
+                f"standby: another router holds Redis prefix {settings.state.redis_prefix!r}; "
+                "this one takes over when it stops"
+            )
+            with StandbyResponder(early, waiting):
+                store = open_store(settings.state)
     except ConfigError as exc:
         _refuse("invalid_configuration", f"invalid configuration {exc}", code=2)
     except StoreInUse as exc:
@@ -166,7 +183,6 @@ def serve(
     except ConfigError as exc:
         store.close()
         _refuse("invalid_configuration", f"invalid configuration {exc}", code=2)
-    url = f"http://{server.host}:{server.port}"
     server_config = uvicorn.Config(
         application,
         host=server.host,
@@ -179,11 +195,14 @@ def serve(
         proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
-    try:
-        sock = listen(server.host, server.port, server_config.backlog)
-    except OSError as exc:
-        store.close()
-        _refuse("cannot_listen", f"cannot listen on {url}: {exc.strerror or exc}", url=url)
+    if early is not None:
+        sock = early
+    else:
+        try:
+            sock = listen(server.host, server.port, server_config.backlog)
+        except OSError as exc:
+            store.close()
+            _refuse("cannot_listen", f"cannot listen on {url}: {exc.strerror or exc}", url=url)
 
     def announce() -> None:
         structlog.get_logger().info("listening", url=url)

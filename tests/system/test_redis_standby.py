@@ -1,7 +1,8 @@
 """A hot standby on Redis: ``kill -9`` of the router that holds the prefix, twice, under load.
 
 Two ``gpurouter serve`` processes on one Redis prefix, both with ``state.standby: true``: one
-holds the prefix and serves, the other waits (no port bound). Clients know both addresses and
+holds the prefix and serves, the other waits, answering probes on its port (alive, not ready)
+and 503 to everything else. Clients know both addresses and
 retry a failed or refused submit on the other by idempotency key. The serving one is killed; the
 standby takes the lease within a lease (5 s) of the death, recovers every unfinished request
 and serves within a further 5 s. The killed one is started again as the new standby, and the
@@ -115,17 +116,24 @@ def wait_ready(url: str, since: float) -> float:
 
 
 def wait_standby(router: Router) -> None:
-    """Until the router logs that it waits as a standby (and has bound no port)."""
+    """Until the router logs that it waits as a standby; then its answers on its port.
+
+    Alive (``/healthz`` 200, ``"standby"``) but not ready (``/readyz`` 503), and every other
+    call 503 with ``Retry-After``: a load balancer sends it nothing, a liveness probe keeps it.
+    """
     deadline = time.monotonic() + 20
     while not any(e.get("event") == "redis_standby" for e in json_lines(router.err.read_text())):
         assert router.process.poll() is None, router.err.read_text()
         assert time.monotonic() < deadline, "the second router never became a standby"
         time.sleep(0.05)
-    try:
-        httpx.get(f"{router.url}/healthz", timeout=1)
-    except httpx.ConnectError:
-        return
-    raise AssertionError("a standby must not serve")
+    health = httpx.get(f"{router.url}/healthz", timeout=2)
+    assert (health.status_code, health.json()["status"]) == (200, "standby"), health.text
+    ready = httpx.get(f"{router.url}/readyz", timeout=2)
+    assert ready.status_code == 503
+    assert "standby" in ready.json()["checks"]["store"]
+    refused = httpx.post(f"{router.url}/v1/requests", json={"model": "m"}, timeout=2)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
 
 
 def test_the_standby_takes_over_from_a_killed_router_and_nothing_is_lost(

@@ -5,16 +5,21 @@ start before the application's lifespan (the router's recovery, the worker's reg
 changed anything. The kernel queues connections that arrive meanwhile; they are served once the
 application has started. :class:`AnnouncingServer` calls its ``announce`` callback only once the
 server accepts connections, so "listening" is never said of a port the process does not hold.
+:class:`StandbyResponder` answers the probes on the bound port while a standby router waits for
+its store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import threading
 from collections.abc import Callable
 
 import uvicorn
 
-__all__ = ["AnnouncingServer", "listen"]
+__all__ = ["AnnouncingServer", "StandbyResponder", "listen"]
 
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -46,3 +51,77 @@ class AnnouncingServer(uvicorn.Server):
         """Start the application, then serve the sockets, then announce."""
         await super().startup(sockets=sockets)
         self.announce()
+
+
+class StandbyResponder:
+    """Answers on a bound socket while the router waits to take over as a standby.
+
+    Probes get real answers — ``/healthz`` 200 (the process is alive: ``"status": "standby"``),
+    ``/readyz`` 503 — and every other call 503 with ``Retry-After``, so that a load balancer
+    and a liveness probe treat the standby as alive but not ready. Each connection gets one
+    answer and is closed. Leaving the context stops the thread and leaves the socket, still
+    listening, to the server that follows; connections that arrive meanwhile wait in the
+    kernel's queue.
+    """
+
+    _POLL_S = 0.1
+    _READ_LIMIT = 16 * 1024
+
+    def __init__(self, sock: socket.socket, reason: str) -> None:
+        self._sock = sock
+        self._reason = reason
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="gpurouter-standby", daemon=True)
+
+    def __enter__(self) -> StandbyResponder:
+        self._sock.settimeout(self._POLL_S)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.settimeout(None)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(1.0)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < self._READ_LIMIT:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        body: dict[str, object]
+        line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+        path = line[1].split("?", 1)[0] if len(line) >= 2 else ""
+        if path == "/healthz":
+            status, body = "200 OK", {"status": "standby", "store": self._reason}
+        elif path == "/readyz":
+            body = {"status": "not ready", "checks": {"store": self._reason}}
+            status = "503 Service Unavailable"
+        else:
+            status = "503 Service Unavailable"
+            body = {
+                "type": "/problems/standby",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": self._reason,
+            }
+        payload = json.dumps(body).encode()
+        kind = "application/problem+json" if "detail" in body else "application/json"
+        conn.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(payload)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
