@@ -602,57 +602,112 @@ class RedisStore(StateStore):
         )
         return [entry for entry in map(transition_from_json, bodies) if entry.seq > after]
 
-    def _requests(self, ids: Sequence[bytes | str]) -> list[Request]:
-        """The stored requests of ``ids``, in that order (those gone meanwhile left out)."""
+    def _requests(
+        self, ids: Sequence[bytes | str], query: RequestQuery | None = None
+    ) -> list[Request]:
+        """The stored requests of ``ids``, in that order (those gone meanwhile left out).
+
+        With ``query``, only those its filters (the cursor aside) let through: they are checked
+        on the hash's own fields first, so a request filtered out is never decoded.
+        """
         if not ids:
             return []
 
         def read() -> Any:
             pipe = self._redis.pipeline(transaction=False)
             for request_id in ids:
-                pipe.hmget(self._key("req", _text(request_id)), "fixed", "state")
+                pipe.hmget(
+                    self._key("req", _text(request_id)),
+                    "fixed",
+                    "state",
+                    "status",
+                    "user",
+                    "model",
+                    "priority",
+                )
             return pipe.execute()
 
         rows = self._call("read requests", read)
-        return [request_from_json(fixed, state) for fixed, state in rows if fixed is not None]
+        return [
+            request_from_json(fixed, state)
+            for fixed, state, *fields in rows
+            if fixed is not None and (query is None or _passes(query, fields))
+        ]
 
     def list_requests(self, query: RequestQuery) -> Page:
         """Requests matching ``query``, newest first, one page at a time.
 
-        The user's (or everyone's) creation index is walked newest first from the cursor, in
-        chunks, and each request is checked against the other filters.
+        A listing of unfinished statuses only (the queue, what runs) reads the small index of
+        unfinished requests; any other walks the user's (or everyone's) creation index newest
+        first from the cursor, in chunks, checking the other filters on each request's fields.
         """
         after = decode_cursor(query.cursor) if query.cursor else None
         if query.statuses is not None and not query.statuses:
             return Page(items=[], next_cursor=None)
+        if query.statuses is not None and not any(s.terminal for s in query.statuses):
+            ids = self._call(
+                "list requests", lambda: self._redis.zrange(self._key("unfinished"), 0, -1)
+            )
+            found = sorted(
+                (
+                    r
+                    for r in self._requests(ids, query)
+                    if after is None or (r.created_at, r.id) < after
+                ),
+                key=lambda r: (r.created_at, r.id),
+                reverse=True,
+            )
+            page = found[: query.limit]
+            more = len(found) > query.limit
+            return Page(items=page, next_cursor=encode_cursor(page[-1]) if more else None)
         index = self._key("user", query.user) if query.user is not None else self._key("created")
-        top: str = "+inf" if after is None else _score(after[0])
         items: list[Request] = []
-        for chunk in self._walk(index, top):
-            for request in chunk:
-                if after is not None and (request.created_at, request.id) >= after:
-                    continue
-                if query.matches(request):
-                    items.append(request)
-                    if len(items) > query.limit:
-                        page = items[: query.limit]
-                        return Page(items=page, next_cursor=encode_cursor(page[-1]))
+        for ids in self._walk(index, after):
+            for request in self._requests(ids, query):
+                items.append(request)
+                if len(items) > query.limit:
+                    page = items[: query.limit]
+                    return Page(items=page, next_cursor=encode_cursor(page[-1]))
         return Page(items=items, next_cursor=None)
 
-    def _walk(self, index: str, top: str) -> Iterator[list[Request]]:
-        """The requests of a creation index from score ``top`` down, newest first, in chunks."""
-        offset = 0
+    def _walk(self, index: str, after: tuple[float, str] | None) -> Iterator[list[str]]:
+        """The ids of a creation index after position ``after``, newest first, in chunks.
+
+        Each chunk starts strictly below the last request seen, by (creation time, id): the
+        rest of its creation time's ties, then the next :data:`_LIST_CHUNK` lower times. So
+        requests created meanwhile never shift the walk into repeats or gaps.
+        """
+        position = after
         while True:
-            read = functools.partial(
-                self._redis.zrevrangebyscore, index, top, "-inf", start=offset, num=_LIST_CHUNK
-            )
-            ids = self._call("list requests", read)
-            if not ids:
+            if position is None:
+                read: Callable[[], Any] = functools.partial(
+                    self._redis.zrevrangebyscore,
+                    index,
+                    "+inf",
+                    "-inf",
+                    start=0,
+                    num=_LIST_CHUNK,
+                    withscores=True,
+                )
+                rows = [(float(score), _text(m)) for m, score in self._call("list requests", read)]
+            else:
+                at, seen = position[0], position[1]
+
+                def below(at: float = at) -> Any:
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.zrevrangebyscore(index, _score(at), _score(at))
+                    pipe.zrevrangebyscore(
+                        index, f"({_score(at)}", "-inf", start=0, num=_LIST_CHUNK, withscores=True
+                    )
+                    return pipe.execute()
+
+                ties, lower = self._call("list requests", below)
+                rows = [(at, rid) for rid in map(_text, ties) if rid < seen]
+                rows += [(float(score), _text(member)) for member, score in lower]
+            if not rows:
                 return
-            yield self._requests(ids)
-            if len(ids) < _LIST_CHUNK:
-                return
-            offset += len(ids)
+            yield [rid for _, rid in rows]
+            position = rows[-1]
 
     def unfinished_requests(self) -> list[Request]:
         """Every request not yet in a terminal status, oldest first, ties in creation order."""
@@ -742,6 +797,17 @@ class RedisStore(StateStore):
             with contextlib.suppress(redis.RedisError):  # else it lapses by itself
                 self._release(keys=[self._key("owner")], args=[self._token])
         self._redis.close()
+
+
+def _passes(query: RequestQuery, fields: Sequence[bytes | None]) -> bool:
+    """Whether a request's stored status, user, model and priority pass ``query``'s filters."""
+    status, user, model, priority = (None if f is None else f.decode() for f in fields)
+    return (
+        (query.user is None or user == query.user)
+        and (query.statuses is None or any(s.value == status for s in query.statuses))
+        and (query.model is None or model == query.model)
+        and (query.priority is None or priority == query.priority)
+    )
 
 
 def _pid_of(token: str) -> int | None:

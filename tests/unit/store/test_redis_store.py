@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from changes import T0, add, created, make_request, moved
 
 from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
 from gpu_request_router.models.request import RequestStatus
-from gpu_request_router.store import RedisStore
+from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore, redis_store
 from gpu_request_router.testing import RedisServer
 
 S = RequestStatus
@@ -105,7 +106,8 @@ def test_a_standby_waits_while_the_holder_lives_and_takes_over_when_it_stops(
 
 _HOLD = """
 import sys, time
-from gpu_request_router.store import RedisStore
+from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore
+from gpu_request_router.store import redis_store
 store = RedisStore(sys.argv[1], prefix=sys.argv[2], lease_s=1.0)
 print("holding", flush=True)
 time.sleep(120)
@@ -185,6 +187,49 @@ def test_a_lapsed_lease_is_taken_back_only_while_nobody_took_the_prefix_since(
     finally:
         store.close()
         raw.close()
+
+
+def test_listing_walks_chunks_through_ties_as_the_memory_store_lists(
+    redis_url: str, redis_store_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 3 over many equal creation times: the same pages as the memory store's."""
+    monkeypatch.setattr(redis_store, "_LIST_CHUNK", 3)
+    store = RedisStore(redis_url, prefix=redis_store_prefix)
+    memory = MemoryStore()
+    try:
+        for index in range(25):
+            request = make_request(
+                f"r{index:02d}",
+                created_at=T0 + index // 4,
+                user="alice" if index % 3 else "bob",
+                model="m1" if index % 2 else "m2",
+            )
+            changes = [created(request)]
+            if index % 5 == 0:
+                changes.append(moved(request, S.CANCELLED, T0 + 30))
+            for target in (store, memory):
+                target.write(changes)
+        queries = [
+            RequestQuery(limit=4),
+            RequestQuery(limit=2, user="bob"),
+            RequestQuery(limit=3, model="m1", statuses=frozenset({S.CANCELLED})),
+            RequestQuery(limit=5, statuses=frozenset({S.QUEUED})),
+        ]
+        for query in queries:
+            assert pages(store, query) == pages(memory, query), query
+    finally:
+        store.close()
+
+
+def pages(store: StateStore, query: RequestQuery) -> list[list[str]]:
+    """Every page of ``query``, as ids."""
+    found, cursor = [], None
+    while True:
+        page = store.list_requests(replace(query, cursor=cursor))
+        found.append([r.id for r in page.items])
+        if page.next_cursor is None:
+            return found
+        cursor = page.next_cursor
 
 
 # --- a lost reply ------------------------------------------------------------------------------
