@@ -134,7 +134,7 @@ class StateSettings(_Section):
     sqlite_path: str = "./gpurouter.db"
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_prefix: str = Field("gpurouter", pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")
+    redis_prefix: str = Field("gpurouter", pattern=r"^[A-Za-z0-9_.{}-]{1,64}$")
     retention_days: float | None = Field(None, gt=0)
     standby: bool = False
 

@@ -25,10 +25,14 @@ A lost reply
     A write whose connection breaks may or may not have been applied. The router refuses the
     requests such a batch created (503, as for any failed commit) and tries its other changes
     again; so the store makes both safe. Every batch that creates requests leaves a marker
-    (``<prefix>:batch:<id>``, an hour); the next write takes back the creations of a batch in
-    doubt whose marker exists. A row is only rewritten by a change of a higher version and an
-    audit entry only appended where the trail has not reached it, so a change written twice is
-    written once.
+    (``<prefix>:batch:<id>``), which the next write deletes once the batch's answer arrived
+    (an hour at most); the next write, or the writer's probe (``check_writable``, which is not
+    writable until then) or ``close``, takes back the creations of a batch in doubt whose marker
+    exists. A row is only rewritten by a change of a higher version and an audit entry only
+    appended where the trail has not reached it, so a change written twice is written once.
+    What is left: a router that dies between the lost answer and that next write leaves the
+    batch's requests stored, and its successor runs them although their callers were told 503
+    (a caller retrying by idempotency key gets them, not a second request).
 
 Keys (``<prefix>`` is ``state.redis_prefix``)::
 
@@ -42,6 +46,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:created          zset: every request by creation time (ties by id: the listing)
     <prefix>:user:<user>      zset: the user's requests by creation time
     <prefix>:unfinished       zset: unfinished requests in creation order (recovery)
+    <prefix>:finished         zset: finished requests by creation time (retention)
     <prefix>:idem             hash: JSON [user, key] -> request id
     <prefix>:admissions       zset: JSON [user, request id] by creation time (pruned to a minute)
     <prefix>:charges          zset: JSON [user, charge id] by charge time (pruned to an hour)
@@ -49,7 +54,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:overrides        hash: user -> JSON quota override
     <prefix>:override_order   zset: users in the order their override was first set
     <prefix>:seq              the counter behind the two orders above
-    <prefix>:batch:<id>       a batch that created requests (expires after an hour)
+    <prefix>:batch:<id>       a batch that created requests, until its answer arrived (an hour)
     <prefix>:probe            written by check_writable
 
 With ``retention_s``, a write at most every :data:`PRUNE_INTERVAL_S` also deletes finished
@@ -96,7 +101,7 @@ from gpu_request_router.core.state_store import (
     encode_cursor,
 )
 from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
-from gpu_request_router.models.request import TERMINAL_STATUSES, Request, Transition
+from gpu_request_router.models.request import Request, Transition
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_from_json,
@@ -132,7 +137,6 @@ CHARGE_WINDOW_S = 3600.0
 
 _STANDBY_POLL_S = 0.1
 _MIN_REDIS = (7, 0)
-_TERMINAL = sorted(status.value for status in TERMINAL_STATUSES)
 _LIST_CHUNK = 256
 
 # The owner's lease. Each taking counts an epoch; the holder may take its own lapsed lease back
@@ -225,8 +229,11 @@ class RedisStore(StateStore):
         retention_s: float | None = None,
         standby: bool = False,
     ) -> None:
-        if not prefix or any(c.isspace() for c in prefix):
-            raise ValueError(f"a Redis key prefix is a non-empty word, not {prefix!r}")
+        if not prefix or any(c.isspace() or c == ":" for c in prefix):
+            raise ValueError(
+                f"a Redis key prefix is a non-empty word without ':' (it separates the parts of "
+                f"every key), not {prefix!r}"
+            )
         if retention_s is not None and not retention_s > 0:
             raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
         self.retention_s = retention_s
@@ -256,6 +263,7 @@ class RedisStore(StateStore):
         self._release = self._redis.register_script(_RELEASE)
         self._probe = self._redis.register_script(_PROBE)
         self._doubts: list[_Doubt] = []
+        self._answered: str | None = None  # the last creating batch whose answer arrived
         self._lock = threading.Lock()  # writes, probes and their bookkeeping
         self._write_failure: str | None = None
         self._fenced: str | None = None
@@ -431,8 +439,6 @@ class RedisStore(StateStore):
         """Persist ``changes`` in one script (see the module docstring)."""
         batch, created = self._batch(changes)
         with self._lock:
-            if self._fenced is not None:
-                raise StoreUnavailable(self._fenced)
             now = max(
                 (c.entry.at for c in changes if not isinstance(c, OverrideChange)), default=None
             )
@@ -447,38 +453,61 @@ class RedisStore(StateStore):
                     _score(now - CHARGE_WINDOW_S),
                     False if retained is None else _score(now - retained),
                     RETENTION_BATCH,
-                    _TERMINAL,
                 ]
-            batch["d"] = [[doubt.batch, doubt.created] for doubt in self._doubts]
-            batch_id = uuid.uuid4().hex
-            try:
-                scanned = self._write_script(
-                    args=[
-                        self.prefix,
-                        self._token,
-                        batch_id,
-                        json.dumps(batch, ensure_ascii=False, separators=(",", ":")),
-                        self._epoch,
-                        self._px,
-                    ]
-                )
-            except redis.ResponseError as exc:
-                message = str(exc)
-                if message.startswith("REFUSED"):
-                    self._write_failure = None
-                    raise ValueError(message.removeprefix("REFUSED ")) from exc
-                raise self._write_failed("write changes", exc) from exc
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if created:
-                    self._doubts.append(_Doubt(batch_id, created))
-                raise self._write_failed("write changes", exc) from exc
-            except redis.RedisError as exc:
-                raise self._write_failed("write changes", exc) from exc
-            self._doubts.clear()
-            self._write_failure = None
+            deleted, charges = self._run(batch, created)
             if prune:
-                # A full batch of old requests: prune again with the next write.
-                self._pruned_at = None if int(scanned) >= RETENTION_BATCH else now
+                # A full batch of either: prune again with the next write.
+                full = max(deleted, charges) >= RETENTION_BATCH
+                self._pruned_at = None if full else now
+
+    def _run(self, batch: dict[str, Any], created: list[list[Any]]) -> tuple[int, int]:
+        """Run the write script on ``batch`` (under ``_lock``), with the batches in doubt.
+
+        Returns what its prune deleted: (finished requests, charges).
+        """
+        if self._closed.is_set():
+            raise StoreUnavailable(f"{self._where}: closed")
+        if self._fenced is not None:
+            raise StoreUnavailable(self._fenced)
+        batch["d"] = [[doubt.batch, doubt.created] for doubt in self._doubts]
+        batch_id = uuid.uuid4().hex
+        try:
+            deleted, charges = self._write_script(
+                args=[
+                    self.prefix,
+                    self._token,
+                    batch_id,
+                    json.dumps(batch, ensure_ascii=False, separators=(",", ":")),
+                    self._epoch,
+                    self._px,
+                    self._answered or "",
+                ]
+            )
+        except redis.ResponseError as exc:
+            message = str(exc)
+            if message.startswith("REFUSED"):
+                self._write_failure = None
+                raise ValueError(message.removeprefix("REFUSED ")) from exc
+            raise self._write_failed("write changes", exc) from exc
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if created:
+                self._doubts.append(_Doubt(batch_id, created))
+            raise self._write_failed("write changes", exc) from exc
+        except redis.RedisError as exc:
+            raise self._write_failed("write changes", exc) from exc
+        self._doubts.clear()
+        self._answered = batch_id if created else None
+        self._write_failure = None
+        return int(deleted), int(charges)
+
+    def _settle(self) -> None:
+        """Take back what batches in doubt created, with a write of nothing (under ``_lock``).
+
+        Until it has run, a store that lost an answer is not writable: the router must not take
+        work (or answer an idempotency key from a batch it refused) before they are gone.
+        """
+        if self._doubts:
+            self._run({"c": [], "u": [], "t": [], "ch": [], "o": [], "pr": False}, [])
 
     def _write_failed(self, action: str, exc: BaseException) -> StoreUnavailable:
         error = self._unavailable(action, exc)
@@ -774,9 +803,12 @@ class RedisStore(StateStore):
         fenced write of one key) is made when the last is :data:`WRITE_PROBE_INTERVAL_S` old.
         """
         with self._lock:
+            if self._closed.is_set():
+                raise StoreUnavailable(f"{self._where}: closed")
             failure = self.failure()
             if failure is not None:
                 raise StoreUnavailable(failure)
+            self._settle()
             if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
                 self._probed_at = now
                 try:
@@ -788,10 +820,16 @@ class RedisStore(StateStore):
                 raise StoreUnavailable(self._write_failure)
 
     def close(self) -> None:
-        """Stop renewing, give the lease up (a successor starts at once), drop connections."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        """Take back batches in doubt, stop renewing, give the lease up, drop connections.
+
+        A successor starts at once; later calls raise ``StoreUnavailable``.
+        """
+        with self._lock:
+            if self._closed.is_set():
+                return
+            with contextlib.suppress(StoreUnavailable):  # else the lease lapses with them
+                self._settle()
+            self._closed.set()
         self._renewer.join(timeout=SOCKET_TIMEOUT_S * 4)
         if self._fenced is None:
             with contextlib.suppress(redis.RedisError):  # else it lapses by itself

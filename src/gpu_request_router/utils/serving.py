@@ -15,6 +15,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import uvicorn
@@ -65,12 +66,15 @@ class StandbyResponder:
     """
 
     _POLL_S = 0.1
+    _READ_S = 2.0
     _READ_LIMIT = 16 * 1024
+    _IN_FLIGHT = 64
 
     def __init__(self, sock: socket.socket, reason: str) -> None:
         self._sock = sock
         self._reason = reason
         self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(self._IN_FLIGHT)
         self._thread = threading.Thread(target=self._serve, name="gpurouter-standby", daemon=True)
 
     def __enter__(self) -> StandbyResponder:
@@ -80,7 +84,7 @@ class StandbyResponder:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=self._POLL_S * 10)  # the accept loop; answers finish alone
         self._sock.settimeout(None)
 
     def _serve(self) -> None:
@@ -89,19 +93,36 @@ class StandbyResponder:
                 conn, _ = self._sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError:  # too many files, a connection reset before accept: go on
+                self._stop.wait(self._POLL_S)
+                continue
+            # One thread per connection, so a slow client holds up only its own answer; at most
+            # _IN_FLIGHT at once (more are closed unanswered).
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=self._answer_closing, args=(conn,), daemon=True).start()
+
+    def _answer_closing(self, conn: socket.socket) -> None:
+        try:
             with conn, contextlib.suppress(OSError):
                 self._answer(conn)
+        finally:
+            self._slots.release()
 
     def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(1.0)
+        deadline = time.monotonic() + self._READ_S  # for the whole request head, not per read
         head = b""
         while b"\r\n\r\n" not in head and len(head) < self._READ_LIMIT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn.settimeout(left)
             chunk = conn.recv(4096)
             if not chunk:
                 break
             head += chunk
+        conn.settimeout(self._READ_S)
         body: dict[str, object]
         line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
         path = line[1].split("?", 1)[0] if len(line) >= 2 else ""

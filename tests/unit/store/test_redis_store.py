@@ -232,6 +232,42 @@ def pages(store: StateStore, query: RequestQuery) -> list[list[str]]:
         cursor = page.next_cursor
 
 
+def test_unfinished_old_requests_never_hold_up_the_retention(
+    redis_url: str, redis_store_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More unfinished requests past the cutoff than one prune takes: finished ones still go."""
+    monkeypatch.setattr(redis_store, "RETENTION_BATCH", 2)
+    store = RedisStore(redis_url, prefix=redis_store_prefix, retention_s=100)
+    try:
+        for index in range(3):
+            add(store, make_request(f"waiting{index}", created_at=T0 + index))
+        for index in range(2):
+            done = make_request(f"done{index}", created_at=T0 + 10 + index)
+            store.write([created(done), moved(done, S.CANCELLED, T0 + 20)])
+        add(store, make_request("later", created_at=T0 + 200))
+        assert [store.get_request(f"done{i}") for i in range(2)] == [None, None]
+        assert len(store.unfinished_requests()) == 4
+    finally:
+        store.close()
+
+
+def test_a_closed_store_refuses_writes_and_leaves_the_lease_alone(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """After close, a write is refused and does not take the prefix back."""
+    store = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=30)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        store.close()
+        with pytest.raises(StoreUnavailable, match="closed"):
+            store.write([created(make_request("r1"))])
+        with pytest.raises(StoreUnavailable, match="closed"):
+            store.check_writable(T0)
+        assert raw.get(f"{redis_store_prefix}:owner") is None
+    finally:
+        raw.close()
+
+
 # --- a lost reply ------------------------------------------------------------------------------
 
 
@@ -313,6 +349,8 @@ def test_a_batch_whose_reply_is_lost_is_taken_back_and_changes_carried_again_lan
             store.write([created(lost), dispatch])
         assert proxy.cut.is_set()
         assert upstream.exists(f"{redis_store_prefix}:req:r2")  # Redis did write it
+        store.check_writable(T0)  # the writer's probe: writable only once r2 is taken back
+        assert not upstream.exists(f"{redis_store_prefix}:req:r2")
         store.write([dispatch, created(make_request("r3"))])  # the writer carries r1's change
         assert store.get_request("r2") is None
         assert store.find_idempotent("alice", "k2") is None
