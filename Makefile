@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The dashboard tests drive Debian's chromium (Playwright's own browser download is not used).
+# The dashboard tests drive Debian's chromium (Playwright's own browser download is not used);
+# the load-balancer test runs Debian's haproxy in front of two routers.
 CHROMIUM := /usr/bin/chromium
+HAPROXY := /usr/sbin/haproxy
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test lint typecheck unit mutation lock clean
@@ -17,7 +19,7 @@ $(VENV)/.runtime: $(BIN)/python requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt | $(CHROMIUM)  ## tools, and the browser the dashboard tests drive
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt | $(CHROMIUM) $(HAPROXY)  ## tools, the browser and the load balancer the tests drive
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -29,6 +31,10 @@ test: lint typecheck unit  ## everything CI runs
 $(CHROMIUM):  ## the headless browser of tests/system/test_dashboard.py, from the distribution
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+$(HAPROXY):  ## the load balancer of tests/system/test_haproxy.py, from the distribution
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq haproxy
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests
