@@ -137,6 +137,7 @@ class StateSettings(_Section):
     redis_prefix: str = Field("gpurouter", pattern=r"^[A-Za-z0-9_.{}-]{1,64}$")
     retention_days: float | None = Field(None, gt=0)
     standby: bool = False
+    redis_lease_s: float = Field(5.0, ge=1.0, le=300.0)
 
     @property
     def retention_s(self) -> float | None:

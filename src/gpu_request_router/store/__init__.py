@@ -38,4 +38,5 @@ def open_store(settings: StateSettings) -> StateStore:
         prefix=settings.redis_prefix,
         retention_s=retention_s,
         standby=settings.standby,
+        lease_s=settings.redis_lease_s,
     )

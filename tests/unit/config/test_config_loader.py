@@ -373,6 +373,8 @@ def test_unparsable_env_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
         ),
         pytest.param({"state": {"retention_days": 0}}, "state.retention_days", id="retention"),
         pytest.param({"state": {"redis_prefix": "a b"}}, "state.redis_prefix", id="prefix"),
+        pytest.param({"state": {"redis_prefix": "a:b"}}, "state.redis_prefix", id="prefix-colon"),
+        pytest.param({"state": {"redis_lease_s": 0.5}}, "state.redis_lease_s", id="lease"),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict[str, Any], key: str) -> None:

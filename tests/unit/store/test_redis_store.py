@@ -60,6 +60,34 @@ def test_a_second_router_on_a_prefix_waits_one_lease_then_is_refused(
         holder.close()
 
 
+def test_the_configured_store_takes_its_prefix_lease_and_standby_from_the_settings(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """``state.redis_*`` and ``state.standby`` reach the store ``open_store`` opens."""
+    settings = StateSettings(
+        backend="redis",
+        redis_url=redis_url,
+        redis_prefix=redis_store_prefix,
+        redis_lease_s=2.0,
+        standby=True,
+        retention_days=1,
+    )
+    store = open_store(settings)
+    try:
+        assert isinstance(store, RedisStore)
+        assert (store.prefix, store.lease_s, store.standby, store.retention_s) == (
+            redis_store_prefix,
+            2.0,
+            True,
+            86_400.0,
+        )
+        raw = redis.Redis.from_url(redis_url)
+        assert 0 < raw.pttl(f"{redis_store_prefix}:owner") <= 2000
+        raw.close()
+    finally:
+        store.close()
+
+
 def test_a_closed_owner_hands_the_prefix_over_at_once(
     redis_url: str, redis_store_prefix: str
 ) -> None:
@@ -106,7 +134,8 @@ def test_a_standby_waits_while_the_holder_lives_and_takes_over_when_it_stops(
 
 _HOLD = """
 import sys, time
-from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore
+from gpu_request_router.config.config_loader import StateSettings
+from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore, open_store
 from gpu_request_router.store import redis_store
 store = RedisStore(sys.argv[1], prefix=sys.argv[2], lease_s=1.0)
 print("holding", flush=True)
