@@ -20,9 +20,17 @@ import pytest
 import redis
 from changes import T0, add, created, make_request, moved
 
+from gpu_request_router.config.config_loader import StateSettings
 from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
 from gpu_request_router.models.request import RequestStatus
-from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore, redis_store
+from gpu_request_router.store import (
+    MemoryStore,
+    RedisStore,
+    RequestQuery,
+    StateStore,
+    open_store,
+    redis_store,
+)
 from gpu_request_router.testing import RedisServer
 
 S = RequestStatus
@@ -134,9 +142,7 @@ def test_a_standby_waits_while_the_holder_lives_and_takes_over_when_it_stops(
 
 _HOLD = """
 import sys, time
-from gpu_request_router.config.config_loader import StateSettings
-from gpu_request_router.store import MemoryStore, RedisStore, RequestQuery, StateStore, open_store
-from gpu_request_router.store import redis_store
+from gpu_request_router.store import RedisStore
 store = RedisStore(sys.argv[1], prefix=sys.argv[2], lease_s=1.0)
 print("holding", flush=True)
 time.sleep(120)
