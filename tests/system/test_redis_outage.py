@@ -29,7 +29,7 @@ from gpu_request_router.store import RedisStore
 from gpu_request_router.testing import RedisServer, free_port
 
 KEY = "startup-test-key"
-OUTAGE_S = 4.0
+OUTAGE_S = 3.0
 
 
 @dataclass
@@ -167,7 +167,7 @@ def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
             time.sleep(max(0.0, killed + OUTAGE_S - time.monotonic()))
             redis_server.start()
             back = time.monotonic()
-            time.sleep(6.0)
+            time.sleep(4.0)
             load.stop.set()
             for thread in threads:
                 thread.join(timeout=30)
