@@ -27,7 +27,9 @@ from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 
 __all__ = [
+    "PRUNE_INTERVAL_S",
     "RETENTION_BATCH",
+    "WRITE_PROBE_INTERVAL_S",
     "Change",
     "Charge",
     "OverrideChange",
@@ -36,7 +38,9 @@ __all__ = [
     "RequestQuery",
     "StateChange",
     "StateStore",
+    "batch_time",
     "check_charge",
+    "check_retention",
     "decode_cursor",
     "encode_cursor",
     "retry_after",
@@ -241,6 +245,23 @@ class StateStore(ABC):
 RETENTION_BATCH = 2_000
 """The most finished requests one prune deletes; a prune that reaches it runs again with the next
 write, so deleting keeps pace with any rate of traffic without making one commit long."""
+
+PRUNE_INTERVAL_S = 30.0
+"""The most often a store's write deletes what has left its window or its retention."""
+
+WRITE_PROBE_INTERVAL_S = 1.0
+"""The most often a store's ``check_writable`` writes to learn whether writes work."""
+
+
+def check_retention(retention_s: float | None) -> None:
+    """Refuse a retention that is neither positive nor ``None`` (keep for ever)."""
+    if retention_s is not None and not retention_s > 0:
+        raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
+
+
+def batch_time(changes: Sequence[Change]) -> float | None:
+    """The time of a batch: its newest audit entry's (``None`` for overrides alone)."""
+    return max((c.entry.at for c in changes if isinstance(c, StateChange)), default=None)
 
 
 def retry_after(now: float, oldest: float, window_s: float) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gpu_request_router.core.state_store import (
+    PRUNE_INTERVAL_S,
     RETENTION_BATCH,
     Change,
     Charge,
@@ -14,18 +15,17 @@ from gpu_request_router.core.state_store import (
     Page,
     QuotaHistory,
     RequestQuery,
-    StateChange,
     StateStore,
+    batch_time,
     check_charge,
+    check_retention,
     decode_cursor,
     encode_cursor,
 )
 from gpu_request_router.models.request import Request, Transition
+from gpu_request_router.utils.every import Every
 
-__all__ = ["PRUNE_INTERVAL_S", "MemoryStore"]
-
-PRUNE_INTERVAL_S = 30.0
-"""The most often a write drops finished requests past their retention."""
+__all__ = ["MemoryStore"]
 
 
 class MemoryStore(StateStore):
@@ -36,10 +36,9 @@ class MemoryStore(StateStore):
     """
 
     def __init__(self, *, retention_s: float | None = None) -> None:
-        if retention_s is not None and not retention_s > 0:
-            raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
+        check_retention(retention_s)
         self.retention_s = retention_s
-        self._pruned_at: float | None = None
+        self._prunes = Every(PRUNE_INTERVAL_S)
         self._requests: dict[str, Request] = {}
         self._by_key: dict[tuple[str, str], str] = {}
         self._unfinished: OrderedDict[str, None] = OrderedDict()
@@ -76,18 +75,12 @@ class MemoryStore(StateStore):
                 self._charges[charge.user, charge.charge_id] = Charge(
                     charge.user, charge.charge_id, at, charge.gpu_seconds
                 )
-        times = [c.entry.at for c in changes if isinstance(c, StateChange)]
-        if times:
-            self._forget_old(max(times))
+        now = batch_time(changes)
+        if self.retention_s is not None and now is not None and self._prunes.due(now):
+            self._forget_old(now - self.retention_s)
 
-    def _forget_old(self, now: float) -> None:
-        """Drop finished requests past ``retention_s`` (checked every ``PRUNE_INTERVAL_S``)."""
-        if self.retention_s is None or (
-            self._pruned_at is not None and 0 <= now - self._pruned_at < PRUNE_INTERVAL_S
-        ):
-            return
-        self._pruned_at = now
-        cutoff = now - self.retention_s
+    def _forget_old(self, cutoff: float) -> None:
+        """Drop finished requests created before ``cutoff``, at most ``RETENTION_BATCH``."""
         old = sorted(
             (
                 request
@@ -97,7 +90,7 @@ class MemoryStore(StateStore):
             key=lambda request: request.created_at,
         )[:RETENTION_BATCH]
         if len(old) == RETENTION_BATCH:
-            self._pruned_at = None  # more to do: again with the next write
+            self._prunes.again()  # more to do: again with the next write
         for request in old:
             del self._requests[request.id]
             del self._trails[request.id]

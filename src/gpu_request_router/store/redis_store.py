@@ -87,8 +87,11 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.state_store import (
+    PRUNE_INTERVAL_S,
     RETENTION_BATCH,
+    WRITE_PROBE_INTERVAL_S,
     Change,
     Charge,
     OverrideChange,
@@ -96,7 +99,9 @@ from gpu_request_router.core.state_store import (
     QuotaHistory,
     RequestQuery,
     StateStore,
+    batch_time,
     check_charge,
+    check_retention,
     decode_cursor,
     encode_cursor,
 )
@@ -109,6 +114,7 @@ from gpu_request_router.store.codec import (
     transition_from_json,
     transition_to_json,
 )
+from gpu_request_router.utils.every import Every
 
 __all__ = ["LEASE_S", "RENEW_S", "SCHEMA_VERSION", "RedisStore"]
 
@@ -125,15 +131,6 @@ RENEW_S = 1.0
 
 SOCKET_TIMEOUT_S = 0.5
 """The longest one call to Redis may take (connecting included) before it fails."""
-
-WRITE_PROBE_INTERVAL_S = 1.0
-"""The most often :meth:`RedisStore.check_writable` writes to learn whether writes work."""
-
-PRUNE_INTERVAL_S = 30.0
-"""The most often a write deletes the admissions and charges that have left their windows."""
-
-RATE_WINDOW_S = 60.0
-CHARGE_WINDOW_S = 3600.0
 
 _STANDBY_POLL_S = 0.1
 _MIN_REDIS = (7, 0)
@@ -210,8 +207,6 @@ class RedisStore(StateStore):
         lease_s: the owner's lease (see the module docstring).
         retention_s: finished requests created longer ago than this are deleted, with their
             audit trail and idempotency key, by the writes; ``None`` keeps them.
-        retention_s: finished requests created longer ago than this are deleted, with their
-            audit trail and idempotency key, by the writes; ``None`` keeps them.
         standby: wait for the prefix's lease for as long as its holder lives, instead of being
             refused: a hot standby that opens (and so recovers and serves) when the holder dies.
 
@@ -234,8 +229,7 @@ class RedisStore(StateStore):
                 f"a Redis key prefix is a non-empty word without ':' (it separates the parts of "
                 f"every key), not {prefix!r}"
             )
-        if retention_s is not None and not retention_s > 0:
-            raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
+        check_retention(retention_s)
         self.retention_s = retention_s
         self.standby = standby
         self.url = url
@@ -268,8 +262,8 @@ class RedisStore(StateStore):
         self._write_failure: str | None = None
         self._fenced: str | None = None
         self._down: str | None = None  # why Redis is unreachable, until the lease thread reaches it
-        self._probed_at: float | None = None
-        self._pruned_at: float | None = None
+        self._probes = Every(WRITE_PROBE_INTERVAL_S)
+        self._prunes = Every(PRUNE_INTERVAL_S)
         self._closed = threading.Event()
         self._check_server()
         self._acquire()
@@ -341,7 +335,7 @@ class RedisStore(StateStore):
         while True:
             try:
                 taken, holder = self._acquire_script(
-                    keys=[self._key("owner"), self._key("epoch")], args=[self._token, self._px]
+                    keys=self._fence_keys, args=[self._token, self._px]
                 )
             except redis.RedisError as exc:
                 if not self.standby:
@@ -438,27 +432,21 @@ class RedisStore(StateStore):
     def write(self, changes: Sequence[Change]) -> None:
         """Persist ``changes`` in one script (see the module docstring)."""
         batch, created = self._batch(changes)
+        now = batch_time(changes)
         with self._lock:
-            now = max(
-                (c.entry.at for c in changes if not isinstance(c, OverrideChange)), default=None
-            )
-            prune = now is not None and (
-                self._pruned_at is None or not 0 <= now - self._pruned_at < PRUNE_INTERVAL_S
-            )
+            prune = now is not None and self._prunes.due(now)
             if prune:
                 assert now is not None
                 retained = self.retention_s
                 batch["pr"] = [
-                    _score(now - RATE_WINDOW_S),
-                    _score(now - CHARGE_WINDOW_S),
+                    _score(now - MINUTE_S),
+                    _score(now - HOUR_S),
                     False if retained is None else _score(now - retained),
                     RETENTION_BATCH,
                 ]
             deleted, charges = self._run(batch, created)
-            if prune:
-                # A full batch of either: prune again with the next write.
-                full = max(deleted, charges) >= RETENTION_BATCH
-                self._pruned_at = None if full else now
+            if max(deleted, charges) >= RETENTION_BATCH:
+                self._prunes.again()  # a full batch of either: prune again with the next write
 
     def _run(self, batch: dict[str, Any], created: list[list[Any]]) -> tuple[int, int]:
         """Run the write script on ``batch`` (under ``_lock``), with the batches in doubt.
@@ -809,8 +797,7 @@ class RedisStore(StateStore):
             if failure is not None:
                 raise StoreUnavailable(failure)
             self._settle()
-            if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
-                self._probed_at = now
+            if self._probes.due(now):
                 try:
                     self._probe(keys=[*self._fence_keys, self._key("probe")], args=self._fence_args)
                     self._write_failure = None

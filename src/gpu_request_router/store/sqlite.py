@@ -89,8 +89,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
+from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.state_store import (
+    PRUNE_INTERVAL_S,
     RETENTION_BATCH,
+    WRITE_PROBE_INTERVAL_S,
     Change,
     Charge,
     OverrideChange,
@@ -98,7 +101,9 @@ from gpu_request_router.core.state_store import (
     QuotaHistory,
     RequestQuery,
     StateStore,
+    batch_time,
     check_charge,
+    check_retention,
     decode_cursor,
     encode_cursor,
 )
@@ -112,6 +117,7 @@ from gpu_request_router.store.codec import (
     transition_from_json,
     transition_to_json,
 )
+from gpu_request_router.utils.every import Every
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -121,14 +127,6 @@ SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
 """How long a write waits for another connection's write lock before giving up."""
 
-WRITE_PROBE_INTERVAL_S = 1.0
-"""The most often :meth:`SQLiteStore.check_writable` writes to learn whether writes work."""
-
-PRUNE_INTERVAL_S = 30.0
-"""The most often a write deletes the admissions and charges that have left their windows."""
-
-RATE_WINDOW_S = 60.0
-CHARGE_WINDOW_S = 3600.0
 
 _UNFINISHED = tuple(sorted(s.value for s in RequestStatus if s not in TERMINAL_STATUSES))
 _UNFINISHED_SQL = "status IN ({})".format(", ".join(f"'{status}'" for status in _UNFINISHED))
@@ -266,8 +264,7 @@ class SQLiteStore(StateStore):
     ) -> None:
         if synchronous not in ("normal", "full"):
             raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
-        if retention_s is not None and not retention_s > 0:
-            raise ValueError(f"retention_s is positive or None, not {retention_s!r}")
+        check_retention(retention_s)
         self.path = Path(path)
         self.synchronous = synchronous
         self.retention_s = retention_s
@@ -276,8 +273,8 @@ class SQLiteStore(StateStore):
         self._closed = False
         # Why the last write failed (None once one succeeds), and when a probe last wrote.
         self._write_failure: str | None = None
-        self._probed_at: float | None = None
-        self._pruned_at: float | None = None
+        self._probes = Every(WRITE_PROBE_INTERVAL_S)
+        self._prunes = Every(PRUNE_INTERVAL_S)
         self._owner = OwnerLock.acquire(self.path)  # before the file is read at all
         conns: list[sqlite3.Connection] = []
         try:
@@ -403,7 +400,6 @@ class SQLiteStore(StateStore):
         charges: list[tuple[str, str, float, float]] = []
         admissions: list[tuple[str, float, str]] = []
         overrides: list[OverrideChange] = []
-        newest = None
         for change in changes:
             if isinstance(change, OverrideChange):
                 overrides.append(change)
@@ -418,7 +414,7 @@ class SQLiteStore(StateStore):
             if charge is not None:
                 check_charge(charge.gpu_seconds)
                 charges.append((charge.user, charge.charge_id, charge.at, charge.gpu_seconds))
-            newest = entry.at if newest is None else max(newest, entry.at)
+        now = batch_time(changes)
         with self._write("write changes") as conn:
             # Each request's row as the batch leaves it: a new one inserted whole, others updated.
             conn.executemany(
@@ -453,8 +449,8 @@ class SQLiteStore(StateStore):
             conn.executemany(_UPSERT_CHARGE, charges)
             for override in overrides:
                 self._set_override(conn, override)
-            if newest is not None:
-                self._prune(conn, newest)
+            if now is not None and self._prunes.due(now):
+                self._prune(conn, now)
 
     @staticmethod
     def _set_override(conn: sqlite3.Connection, override: OverrideChange) -> None:
@@ -468,16 +464,13 @@ class SQLiteStore(StateStore):
         )
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> None:
-        """Delete what has left its window or its retention, every so often.
+        """Delete what has left its window or its retention (every :data:`PRUNE_INTERVAL_S`).
 
         Admissions and charges past their windows; finished requests past ``retention_s``, at
         most :data:`RETENTION_BATCH` at a time (a full batch prunes again with the next write).
         """
-        if self._pruned_at is not None and 0 <= now - self._pruned_at < PRUNE_INTERVAL_S:
-            return
-        self._pruned_at = now
-        conn.execute("DELETE FROM admissions WHERE at <= ?", (now - RATE_WINDOW_S,))
-        conn.execute("DELETE FROM charges WHERE at <= ?", (now - CHARGE_WINDOW_S,))
+        conn.execute("DELETE FROM admissions WHERE at <= ?", (now - MINUTE_S,))
+        conn.execute("DELETE FROM charges WHERE at <= ?", (now - HOUR_S,))
         if self.retention_s is None:
             return
         old = conn.execute(
@@ -488,7 +481,7 @@ class SQLiteStore(StateStore):
         conn.executemany("DELETE FROM transitions WHERE request_id = ?", old)
         conn.executemany("DELETE FROM requests WHERE id = ?", old)
         if len(old) == RETENTION_BATCH:
-            self._pruned_at = None
+            self._prunes.again()
 
     def get_request(self, request_id: str) -> Request | None:
         """The stored request, or ``None``."""
@@ -598,8 +591,7 @@ class SQLiteStore(StateStore):
         the schema version the file already has, one page through the WAL, and changes nothing.
         """
         with self._lock:
-            if self._probed_at is None or not 0 <= now - self._probed_at < WRITE_PROBE_INTERVAL_S:
-                self._probed_at = now
+            if self._probes.due(now):
                 # A failure is remembered as the last write's, like any other.
                 with suppress(StoreUnavailable), self._write("write (probe)") as conn:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import gpu_request_router.store.sqlite as sqlite_module
 from gpu_request_router.core.request_router import transition_of
-from gpu_request_router.core.state_store import Change, Charge, OverrideChange
+from gpu_request_router.core.state_store import PRUNE_INTERVAL_S, Change, Charge, OverrideChange
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import (
     TERMINAL_STATUSES,
@@ -40,7 +40,7 @@ from gpu_request_router.store.codec import (
     request_state_to_json,
     transition_to_json,
 )
-from gpu_request_router.store.sqlite import PRUNE_INTERVAL_S, SCHEMA_VERSION, SQLiteStore
+from gpu_request_router.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 S = RequestStatus
 SRC = Path(__file__).resolve().parents[3] / "src"
