@@ -42,6 +42,29 @@ def write_config(workdir: Path, port: int, config: Mapping[str, Any] | None = No
     return path
 
 
+def loaded_config(port: int, state: Mapping[str, Any], **sections: Any) -> dict[str, Any]:
+    """A router for load tests on ``port``: alice's key, no quota in the way, 2 simulated GPUs.
+
+    ``state`` is the store's section; ``sections`` replace whole sections (backends, logging...).
+    JSON logs at warning by default.
+    """
+    unlimited = dict.fromkeys(
+        ("requests_per_minute", "max_queued", "max_concurrent", "gpu_seconds_per_hour")
+    )
+    return {
+        "server": {"port": port},
+        "auth": {"users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]},
+        "state": dict(state),
+        "quotas": {"default": unlimited},
+        "backends": [
+            {"name": "sim", "kind": "simulated", "gpus": [{"type": "H100-80GB", "count": 2}]}
+        ],
+        "monitor": {"poll_interval_s": 0.1},
+        "logging": {"level": "warning", "format": "json"},
+        **sections,
+    }
+
+
 def clean_environment() -> dict[str, str]:
     """This process's environment without the ``GPUROUTER_*`` settings a shell may carry."""
     return {name: value for name, value in os.environ.items() if not name.startswith("GPUROUTER_")}

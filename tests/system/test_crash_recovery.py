@@ -22,11 +22,10 @@ from typing import Any
 
 import httpx
 import yaml
+from routers import KEY, loaded_config
 
-from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
 
-KEY = "crash-test-key"
 KILLS = int(os.environ.get("GPUROUTER_CHAOS_KILLS", "2"))
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 ALLOWED = {
@@ -48,19 +47,10 @@ class Router:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "server": {"port": self.port},
-            "auth": {"users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]},
-            "state": {"backend": "sqlite", "sqlite_path": str(workdir / "router.db")},
-            "quotas": {
-                "default": {
-                    "requests_per_minute": None,
-                    "max_queued": None,
-                    "max_concurrent": None,
-                    "gpu_seconds_per_hour": None,
-                }
-            },
-            "backends": [
+        config = loaded_config(
+            self.port,
+            {"backend": "sqlite", "sqlite_path": str(workdir / "router.db")},
+            backends=[
                 {
                     "name": "sim",
                     "kind": "simulated",
@@ -68,9 +58,9 @@ class Router:
                     "slots_per_gpu": 4,
                 }
             ],
-            "monitor": {"poll_interval_s": 0.1, "stale_after_s": 5},
-            "logging": {"level": "warning"},
-        }
+            monitor={"poll_interval_s": 0.1, "stale_after_s": 5},
+            logging={"level": "warning"},
+        )
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from routers import HEADERS, Router
+from routers import HEADERS, Router, loaded_config
 
-from gpu_request_router.http.keys import hash_key
 from gpu_request_router.store import RedisStore
 from gpu_request_router.testing import RedisServer, free_port
 
-KEY = "startup-test-key"
 OUTAGE_S = 3.0
 
 
@@ -123,34 +121,8 @@ def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
     """
     with _redis(tmp_path, appendfsync) as redis_server:
         port = free_port()
-        router = Router(
-            tmp_path,
-            port,
-            config={
-                "server": {"port": port},
-                "auth": {
-                    "users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]
-                },
-                "state": {"backend": "redis", "redis_url": redis_server.url},
-                "quotas": {
-                    "default": {
-                        "requests_per_minute": None,
-                        "max_queued": None,
-                        "max_concurrent": None,
-                        "gpu_seconds_per_hour": None,
-                    }
-                },
-                "backends": [
-                    {
-                        "name": "sim",
-                        "kind": "simulated",
-                        "gpus": [{"type": "H100-80GB", "count": 2}],
-                    }
-                ],
-                "monitor": {"poll_interval_s": 0.1},
-                "logging": {"level": "warning", "format": "json"},
-            },
-        )
+        state = {"backend": "redis", "redis_url": redis_server.url}
+        router = Router(tmp_path, port, config=loaded_config(port, state))
         try:
             router.wait_ready()
             load = Load(router.url)

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from routers import HEADERS, KEY, Router, json_lines
+from routers import HEADERS, Router, json_lines, loaded_config
 
-from gpu_request_router.http.keys import hash_key
 from gpu_request_router.store import RedisStore
 from gpu_request_router.testing import free_port
 
@@ -34,29 +33,8 @@ TAKEOVER_LIMIT_S = 5.0 + 5.0  # the lease, then recovery and the first ready ans
 
 def config(port: int, redis_url: str, prefix: str) -> dict[str, Any]:
     """A standby-capable router on ``port`` with 2 simulated GPUs, on the shared prefix."""
-    return {
-        "server": {"port": port},
-        "auth": {"users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]},
-        "state": {
-            "backend": "redis",
-            "redis_url": redis_url,
-            "redis_prefix": prefix,
-            "standby": True,
-        },
-        "quotas": {
-            "default": {
-                "requests_per_minute": None,
-                "max_queued": None,
-                "max_concurrent": None,
-                "gpu_seconds_per_hour": None,
-            }
-        },
-        "backends": [
-            {"name": "sim", "kind": "simulated", "gpus": [{"type": "H100-80GB", "count": 2}]}
-        ],
-        "monitor": {"poll_interval_s": 0.1},
-        "logging": {"level": "warning", "format": "json"},
-    }
+    state = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix, "standby": True}
+    return loaded_config(port, state)
 
 
 @dataclass
