@@ -52,6 +52,20 @@ class Load:
     answers: list[Answer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def record(self, door: str, sent: float, response: httpx.Response, key: str) -> None:
+        """Keep one answer (a 202's request id with it)."""
+        answer = Answer(
+            door,
+            sent,
+            time.monotonic() - sent,
+            response.status_code,
+            response.headers.get("Retry-After"),
+            key,
+            response.json()["id"] if response.status_code == 202 else None,
+        )
+        with self.lock:
+            self.answers.append(answer)
+
     def submits(self, name: str) -> None:
         with httpx.Client(base_url=self.url, headers=HEADERS, timeout=10) as client:
             n = 0
@@ -70,17 +84,7 @@ class Load:
                     response = client.post(
                         "/v1/requests", json=body, headers={"Idempotency-Key": key}
                     )
-                    answer = Answer(
-                        "submit",
-                        sent,
-                        time.monotonic() - sent,
-                        response.status_code,
-                        response.headers.get("Retry-After"),
-                        key,
-                        response.json().get("id") if response.status_code == 202 else None,
-                    )
-                    with self.lock:
-                        self.answers.append(answer)
+                    self.record("submit", sent, response, key)
                     if response.status_code == 202:
                         break
                     assert response.status_code == 503, response.text
@@ -92,16 +96,7 @@ class Load:
                 body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}]}
                 sent = time.monotonic()
                 response = client.post("/v1/chat/completions", json=body)
-                answer = Answer(
-                    "openai",
-                    sent,
-                    time.monotonic() - sent,
-                    response.status_code,
-                    response.headers.get("Retry-After"),
-                    "",
-                )
-                with self.lock:
-                    self.answers.append(answer)
+                self.record("openai", sent, response, "")
                 assert response.status_code in (200, 503), response.text
                 time.sleep(0.05)
 
