@@ -209,6 +209,8 @@ class RedisStore(StateStore):
             audit trail and idempotency key, by the writes; ``None`` keeps them.
         standby: wait for the prefix's lease for as long as its holder lives, instead of being
             refused: a hot standby that opens (and so recovers and serves) when the holder dies.
+        timeout_s: the longest one call may take (:data:`SOCKET_TIMEOUT_S`; tests that reach
+            Redis through a proxy of their own give it more).
 
     Raises:
         StoreInUse: another live router holds the prefix's lease (never for a standby).
@@ -223,6 +225,7 @@ class RedisStore(StateStore):
         lease_s: float = LEASE_S,
         retention_s: float | None = None,
         standby: bool = False,
+        timeout_s: float = SOCKET_TIMEOUT_S,
     ) -> None:
         if not prefix or any(c.isspace() or c == ":" for c in prefix):
             raise ValueError(
@@ -243,8 +246,8 @@ class RedisStore(StateStore):
         # clients share them), which no caller of the sync client can use.
         self._redis: Any = redis.Redis.from_url(
             url,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )

@@ -373,7 +373,10 @@ def test_a_batch_whose_reply_is_lost_is_taken_back_and_changes_carried_again_lan
     port = upstream.connection_pool.connection_kwargs.get("port", 6379)
     proxy = CuttingProxy(port)
     store = RedisStore(
-        f"redis://127.0.0.1:{proxy.port}/{database}", prefix=redis_store_prefix, lease_s=30
+        f"redis://127.0.0.1:{proxy.port}/{database}",
+        prefix=redis_store_prefix,
+        lease_s=30,
+        timeout_s=5.0,  # through the test's own proxy, on a busy machine
     )
     try:
         first = add(store, make_request("r1"))

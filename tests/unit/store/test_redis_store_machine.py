@@ -31,6 +31,9 @@ from gpu_request_router.store import RedisStore
 from gpu_request_router.testing import drop_redis_prefix, redis_prefix, require_redis
 
 S = RequestStatus
+# Through the test's own Python proxy, on a machine the whole suite keeps busy, a call can take
+# longer than the store's default half second: the timeout is not what this machine tests.
+PROXIED_TIMEOUT_S = 5.0
 # The next status of a request in this machine, in the order the core moves it.
 NEXT = {
     S.QUEUED: [S.DISPATCHING, S.CANCELLED],
@@ -51,13 +54,18 @@ class RedisStoreMachine(RuleBasedStateMachine):
         self.raw = upstream
         self.proxy = CuttingProxy(int(kwargs.get("port", 6379)))
         self.proxied = f"redis://127.0.0.1:{self.proxy.port}/{kwargs.get('db', 0)}"
-        self.store = RedisStore(self.proxied, prefix=self.prefix, lease_s=30)
+        self.store = RedisStore(
+            self.proxied, prefix=self.prefix, lease_s=30, timeout_s=PROXIED_TIMEOUT_S
+        )
         self.now = T0
         self.count = 0
         self.live: dict[str, Request] = {}  # acknowledged, as acknowledged
         self.refused: set[str] = set()
         self.carried: list[Change] = []
         self.settled = True
+
+    def _open_store(self) -> RedisStore:
+        return RedisStore(self.proxied, prefix=self.prefix, lease_s=30, timeout_s=PROXIED_TIMEOUT_S)
 
     def teardown(self) -> None:
         store = getattr(self, "store", None)
@@ -132,7 +140,9 @@ class RedisStoreMachine(RuleBasedStateMachine):
         answer was lost is what the next router recovers, so the model takes it.
         """
         self.store.close()
-        self.store = RedisStore(self.proxied, prefix=self.prefix, lease_s=30)
+        self.store = RedisStore(
+            self.proxied, prefix=self.prefix, lease_s=30, timeout_s=PROXIED_TIMEOUT_S
+        )
         for change in self.carried:
             stored = self.store.get_request(change.request.id)
             assert stored is not None
