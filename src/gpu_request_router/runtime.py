@@ -24,6 +24,17 @@ On start it reads the store's unfinished requests and quota windows, asks the wo
 executions in flight (all at once, each within five seconds), hands the answers to the core's
 recovery, and waits on the executions it re-attached to like on those it dispatches.
 
+**Routers sharing a store** (``StateStore.shared``: several routers serve at once on one Redis
+prefix). Every request is durable before it runs, the OpenAI door's included (its creation
+and dispatch commit in one script, and its end in the next): the store checks each creation's
+limits and each dispatch's claim against every router, and a refusal comes back as an answer
+(429 or 503) or as a dispatch that goes back to its queue. Every :data:`SHARED_SYNC_S` the
+runtime reads what the other routers hold (GPU reservations, users' slots) into the core,
+carries out the cancellations they passed to it, refreshes the quota overrides, and adopts the
+work of any router whose lease lapsed (recovered as after a restart; a synchronous request of
+a dead router ends, its caller having gone with it). A request another router owns is read,
+waited on and watched through the store, and cancelled through its owner.
+
 Example::
 
     async with Runtime.from_settings(load_settings()) as runtime:
@@ -61,9 +72,11 @@ from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.request_receiver import Caller, EstimateReport, Submission
 from gpu_request_router.core.resource_estimator import ResourceEstimator
 from gpu_request_router.core.state_store import (
+    WRITE_PROBE_INTERVAL_S,
     Change,
     OverrideChange,
     Page,
+    Refusal,
     RequestQuery,
     StateStore,
 )
@@ -71,6 +84,9 @@ from gpu_request_router.exceptions import (
     AlreadyTerminal,
     InvalidRequest,
     NotFound,
+    QueueFull,
+    QuotaExceeded,
+    RequestRejected,
     StoreUnavailable,
 )
 from gpu_request_router.models.gpu_state import GPUReading, GPUState
@@ -98,7 +114,7 @@ from gpu_request_router.utils.clock import Clock, SystemClock
 from gpu_request_router.utils.json_values import first_problem, repaired_text
 from gpu_request_router.writer import Writer
 
-__all__ = ["POSITION_LIMIT", "Runtime", "received"]
+__all__ = ["POSITION_LIMIT", "SHARED_SYNC_S", "Runtime", "received"]
 
 _log = structlog.get_logger(__name__)
 
@@ -116,6 +132,21 @@ _PENDING_CANCELS = 10_000
 # this many seconds (Runtime.explain).
 _EXPLAIN_SHARE = 0.1
 _EXPLAIN_BURST_S = 0.25
+
+SHARED_SYNC_S = 0.25
+"""How often a router of a shared store reads what the others hold (see the module docstring)."""
+# How often it reads other requests' progress while waiting on them, and how long a
+# cancellation passed to another router is waited for.
+_POLL_OTHERS_S = 0.1
+_CANCEL_ELSEWHERE_S = 5.0
+
+
+class _KeyTaken(Exception):
+    """A shared store refused a creation: another router took its idempotency key first."""
+
+    def __init__(self, existing: str) -> None:
+        super().__init__(existing)
+        self.existing = existing
 
 
 def received(outcome: ExecutionResult | Failure) -> ExecutionResult | Failure:
@@ -157,7 +188,11 @@ class Runtime:
         self.store = store
         self.clock = clock if clock is not None else SystemClock()
         self.writer = Writer(
-            store, self.clock.now, on_committed=self._committed, on_refused=self._refused
+            store,
+            self.clock.now,
+            on_committed=self._committed,
+            on_refused=self._refused,
+            on_refusals=self._refusals,
         )
         # Requests as their last committed change left them (synchronous ones: as they are),
         # until the store holds them finished.
@@ -287,6 +322,8 @@ class Runtime:
             self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
         self._loops.append(asyncio.create_task(self._timer_loop()))
         self._loops.extend(asyncio.create_task(self._poll_loop(source)) for source in self._sources)
+        if store.shared:
+            self._loops.append(asyncio.create_task(self._shared_loop()))
         self._running = True
         return self
 
@@ -343,7 +380,12 @@ class Runtime:
         known = None
         if key is not None and self.router.find_live(caller.user, key) is None:
             known = self.store.find_idempotent(caller.user, key)
-        admission = self.engine.receiver.submit(submission, caller, started, known)
+        synchronous = not durable
+        # On a shared store every request is checked there before it runs (module docstring).
+        durable = durable or self.store.shared
+        admission = self.engine.receiver.submit(
+            submission, caller, started, known, synchronous=synchronous
+        )
         request_id = admission.request.id
         if not admission.created:
             pending = self._creations.get(request_id)
@@ -361,6 +403,12 @@ class Runtime:
         if durable:
             try:
                 await asyncio.shield(created)
+            except _KeyTaken as taken:
+                # Another router created it first: answer as a replay of its request.
+                known = self.store.get_request(taken.existing)
+                self._sinks.pop(request_id, None)
+                replay = self.engine.receiver.submit(submission, caller, started, known)
+                return self.get(replay.request.id), False
             finally:
                 self._creations.pop(request_id, None)
         finished = self.clock.now()
@@ -383,11 +431,36 @@ class Runtime:
             # Finished: once its end is committed, the store says how.
             await self.writer.flushed()
             ended = self.get(request_id)
+            if not ended.status.terminal and self.store.shared:
+                return await self._cancel_elsewhere(request_id, actor)
             raise AlreadyTerminal(request_id, ended.status.value, RequestStatus.CANCELLED.value)
         done = self._apply(self.router.cancel(request_id, self.clock.now(), actor))
         self._wake.set()
         await asyncio.shield(done)
         return self.get(request_id)
+
+    async def _cancel_elsewhere(self, request_id: str, actor: str) -> Request:
+        """Cancel a request another router owns: through it, then wait to see it end.
+
+        Returns the request as it is once it ended, or after :data:`_CANCEL_ELSEWHERE_S`.
+
+        Raises:
+            AlreadyTerminal: it ended before the cancellation reached its router.
+        """
+        if not await asyncio.to_thread(self.store.send_cancel, request_id, actor):
+            ended = self.get(request_id)
+            raise AlreadyTerminal(request_id, ended.status.value, RequestStatus.CANCELLED.value)
+        return await self._poll_until_ended(request_id, _CANCEL_ELSEWHERE_S)
+
+    async def _poll_until_ended(self, request_id: str, timeout_s: float) -> Request:
+        """A request another router owns, once the store shows it ended or after ``timeout_s``."""
+        deadline = self.clock.now() + timeout_s
+        while True:
+            request = self.get(request_id)
+            left = deadline - self.clock.now()
+            if request.status.terminal or left <= 0:
+                return request
+            await asyncio.sleep(min(_POLL_OTHERS_S, left))
 
     async def set_quota(self, user: str, values: Mapping[str, object]) -> UserQuota:
         """Replace ``user``'s run-time quota override; return the new quota once committed.
@@ -523,8 +596,23 @@ class Runtime:
         entries = self.transitions(request_id, after)
         if entries or timeout_s <= 0:
             return entries
+        if self._elsewhere(request_id):
+            deadline = self.clock.now() + timeout_s
+            while not entries and (left := deadline - self.clock.now()) > 0:
+                await asyncio.sleep(min(_POLL_OTHERS_S, left))
+                entries = self.transitions(request_id, after)
+            return entries
         await self._signal(self._watchers, request_id, timeout_s)
         return self.transitions(request_id, after)
+
+    def _elsewhere(self, request_id: str) -> bool:
+        """Whether another router sharing the store owns the request (its changes come not here)."""
+        return (
+            self.store.shared
+            and request_id not in self._view
+            and request_id not in self._creations
+            and self.router.get(request_id) is None
+        )
 
     def transitions(self, request_id: str, after: int = -1) -> list[Transition]:
         """The visible audit trail: a synchronous request's from memory until it is written."""
@@ -564,6 +652,8 @@ class Runtime:
         request = self.get(request_id)
         if request.status.terminal or timeout_s <= 0:
             return request
+        if self._elsewhere(request_id):
+            return await self._poll_until_ended(request_id, timeout_s)
         ended = await self._signal(self._waiters, request_id, timeout_s)
         return ended if ended is not None else self.get(request_id)
 
@@ -674,6 +764,47 @@ class Runtime:
                 creation.set_exception(failure)
             self._sinks.pop(request_id, None)
             self._apply(self.router.forget(request_id, now))
+
+    def _refusals(self, refusals: list[Refusal]) -> None:
+        """What a shared store refused in a commit (other routers got there first).
+
+        A refused creation is answered with why (the waiter gets 429, 503, or the request that
+        took its idempotency key) and taken back by the core. A refused claim's dispatch goes
+        back to its queue, after the core learned what the other routers hold.
+        """
+        now = self.clock.now()
+        router = self.router
+        for refusal in refusals:
+            request_id = refusal.request_id
+            live = router.get(request_id)
+            if refusal.creation:
+                creation = self._creations.get(request_id)
+                if creation is not None and not creation.done():
+                    user = live.user if live is not None else ""
+                    creation.set_exception(self._rejection(refusal, user, now))
+                self._sinks.pop(request_id, None)
+                self._apply(router.forget(request_id, now))
+                continue
+            execution_id = router.execution_of(request_id)
+            if live is None or execution_id is None:
+                continue
+            active = {} if refusal.active is None else {live.user: refusal.active}
+            self._apply(router.shared_view(refusal.ledger or {}, active, now))
+            self._apply(router.claim_refused(execution_id, refusal.message, now))
+        self._wake.set()
+
+    def _rejection(self, refusal: Refusal, user: str, now: float) -> Exception:
+        """The error a refused creation's caller (``user``) gets."""
+        if refusal.kind == "idempotency_key" and refusal.existing is not None:
+            return _KeyTaken(refusal.existing)
+        retry_after = refusal.retry_after_s or self.router.queue_retry_after(now)
+        error: RequestRejected
+        if refusal.kind == "max_queued_total":
+            error = QueueFull(refusal.waiting or 0, refusal.limit or 0, retry_after)
+        else:
+            error = QuotaExceeded(refusal.kind, refusal.message, retry_after)
+        self.metrics.request_rejected(error.reason, user)
+        return error
 
     def _announce(self, request: Request, change: Transition) -> None:
         for listener in self.listeners:
@@ -846,6 +977,48 @@ class Runtime:
             lambda now: self.router.readings(readings, now, worker=source.worker, mark=mark)
         )
         self._wake.set()
+
+    async def _shared_loop(self) -> None:
+        """Keep up with the routers sharing the store (see the module docstring)."""
+        overrides_read = self.clock.now()
+        while True:
+            await asyncio.sleep(SHARED_SYNC_S)
+            try:
+                await self._share()
+                if self.clock.now() - overrides_read >= WRITE_PROBE_INTERVAL_S:
+                    overrides = await asyncio.to_thread(self.store.quota_overrides)
+                    self.router.quotas.replace_overrides(overrides)
+                    overrides_read = self.clock.now()
+            except StoreUnavailable as exc:  # the writer reports the outage; try again
+                _log.debug("shared_view_failed", error=exc.message)
+            except Exception:  # a bug must not stop the loop
+                _log.exception("shared_view_failed")
+                await asyncio.sleep(_EVENT_RETRY_S)
+
+    async def _share(self) -> None:
+        """One round: what the others hold, the cancellations passed here, lapsed routers."""
+        router = self.router
+        gpu_ids, users = list(router.monitor.gpus), router.shared_users()
+        view = await asyncio.to_thread(self.store.shared_view, gpu_ids, users)
+        now = self.clock.now()
+        self._apply(router.shared_view(view.ledger, view.active, now))
+        for request_id, actor in view.cancels:
+            if router.get(request_id) is not None:
+                self._apply(router.cancel(request_id, now, actor))
+        for lapsed in view.lapsed:
+            adopted = await asyncio.to_thread(self.store.adopt, lapsed)
+            if adopted:
+                await self._take_over(adopted)
+        self._wake.set()
+
+    async def _take_over(self, adopted: list[Request]) -> None:
+        """Recover the requests adopted from a router that died, as after a restart."""
+        self._view.update((request.id, request) for request in adopted)
+        lookups = await self._look_up(self.router.in_flight(adopted))
+        recovery = self.router.recover(self.clock.now(), adopted, lookups)
+        self._apply(recovery.decisions)
+        for dispatch in recovery.reattached:
+            self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
 
     async def _guarded(self, event: Callable[[float], list[Decision]]) -> None:
         """Feed a background event to the router; a failure is logged, never ends a loop."""

@@ -18,6 +18,10 @@ when they fall together, go in one transaction; the store writes the row once.
   takes writes. While commits fail, and while more than ``max_pending`` changes wait,
   :meth:`Writer.admitting` refuses new work with 503 and ``Retry-After`` (back-pressure): memory
   never grows without bound.
+- **What a shared store refused** (``StateStore.write`` returns it: a creation over a limit
+  across routers, a claim another router's reservations leave no room for) goes to
+  ``on_refusals`` once the rest of the commit is visible; a refused creation's changes are not
+  made visible (none was written).
 - **A batch the store refuses for good** (not ``StoreUnavailable``: a bug, or a row written behind
   the router's back that a change collides with) is logged with its traceback and committed one
   event at a time; what is refused again is dropped (logged, its creations refused), so one bad
@@ -33,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from gpu_request_router.core.state_store import Change, StateChange, StateStore
+from gpu_request_router.core.state_store import Change, Refusal, StateChange, StateStore
 from gpu_request_router.exceptions import StoreUnavailable
 
 __all__ = ["BEHIND_S", "MAX_PENDING", "RETRY_MAX_S", "Writer"]
@@ -69,6 +73,8 @@ class Writer:
             changes and those written behind, each in order (to make them visible).
         on_refused: called with the ids of the requests whose creation a failed commit held,
             and the failure; their changes are dropped.
+        on_refusals: called on the event loop, after ``on_committed`` and before the groups are
+            settled, with what a shared store refused in a commit.
         max_pending: see :meth:`admitting`.
     """
 
@@ -79,12 +85,14 @@ class Writer:
         *,
         on_committed: Callable[[Sequence[Change], Sequence[Change]], None],
         on_refused: Callable[[set[str], StoreUnavailable], None],
+        on_refusals: Callable[[list[Refusal]], None] | None = None,
         max_pending: int = MAX_PENDING,
     ) -> None:
         self._store = store
         self._clock = clock
         self._on_committed = on_committed
         self._on_refused = on_refused
+        self._on_refusals = on_refusals
         self._max_pending = max_pending
         self._groups: list[_Group] = []
         self._behind: list[Change] = []
@@ -224,7 +232,7 @@ class Writer:
         self._groups, self._behind, self._behind_since = [], [], None
         batch = [change for group in groups for change in group.changes] + behind
         try:
-            await self._write(batch)
+            refusals = await self._write(batch)
         except StoreUnavailable as exc:
             if self._failure is None:
                 _log.warning("commit_failed", error=exc.message, changes=len(batch))
@@ -234,21 +242,35 @@ class Writer:
             _log.exception("commit_refused", changes=len(batch))
             await self._one_by_one(groups, behind)
             return
-        self._done(groups, behind)
+        self._done(groups, behind, refusals)
 
-    async def _write(self, changes: list[Change]) -> None:
+    async def _write(self, changes: list[Change]) -> list[Refusal]:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._store.write, changes)
+        return await loop.run_in_executor(self._executor, self._store.write, changes)
 
-    def _done(self, groups: list[_Group], behind: list[Change]) -> None:
-        """A commit succeeded: count it, make its changes visible, settle its groups."""
+    def _done(
+        self, groups: list[_Group], behind: list[Change], refusals: list[Refusal] | None = None
+    ) -> None:
+        """A commit succeeded: count it, make its changes visible, settle its groups.
+
+        The changes of creations the store refused were not written: they stay invisible.
+        """
         durable = [change for group in groups for change in group.changes]
         self.commits += 1
         self._failure = None
         self._pending -= len(durable) + len(behind)
         if not (self._groups or self._behind):
             self._idle.set()
+        dropped = {r.request_id for r in refusals or () if r.creation}
+        if dropped:
+            durable = [
+                change
+                for change in durable
+                if not (isinstance(change, StateChange) and change.request.id in dropped)
+            ]
         self._on_committed(durable, behind)
+        if refusals and self._on_refusals is not None:
+            self._on_refusals(refusals)
         for group in groups:
             if not group.done.done():
                 group.done.set_result(None)
@@ -266,7 +288,7 @@ class Writer:
             parts.append((behind, None))
         for index, (changes, group) in enumerate(parts):
             try:
-                await self._write(changes)
+                refusals = await self._write(changes)
             except StoreUnavailable as exc:
                 rest = [g for _, g in parts[index:] if g is not None]
                 self._failed(rest, behind if parts[-1][1] is None else [], exc)
@@ -274,7 +296,7 @@ class Writer:
             except Exception as exc:
                 self._drop(changes, group, exc)
                 continue
-            self._done([group] if group is not None else [], [] if group else changes)
+            self._done([group] if group is not None else [], [] if group else changes, refusals)
 
     def _drop(self, changes: list[Change], group: _Group | None, exc: Exception) -> None:
         """Give up changes the store refuses for good; refuse the requests they would create."""

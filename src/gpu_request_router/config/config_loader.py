@@ -138,6 +138,20 @@ class StateSettings(_Section):
     retention_days: float | None = Field(None, gt=0)
     standby: bool = False
     redis_lease_s: float = Field(5.0, ge=1.0, le=300.0)
+    shared: bool = False
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Self:
+        if self.shared and self.backend != "redis":
+            raise ValueError(
+                f"shared: routers share state on Redis only (backend: redis), not {self.backend}"
+            )
+        if self.shared and self.standby:
+            raise ValueError(
+                "shared and standby exclude each other: routers sharing a prefix all serve and "
+                "adopt the work of any that dies; a standby waits for a prefix's one owner"
+            )
+        return self
 
     @property
     def retention_s(self) -> float | None:

@@ -114,7 +114,15 @@ class GPUStateMonitor:
         return self._by_worker.get(worker, ())
 
     def limit_mb(self, state: GPUState) -> int:
-        """The most the router may reserve on a GPU in all: total − margin − used by others.
+        """The most this router may reserve on a GPU in all.
+
+        That is the shared limit less what other routers hold there (:meth:`shared_limit_mb`,
+        :meth:`elsewhere`).
+        """
+        return self.shared_limit_mb(state) - state.elsewhere_mb
+
+    def shared_limit_mb(self, state: GPUState) -> int:
+        """The most all routers together may reserve on a GPU: total − margin − used by others.
 
         "Used by others" is what the latest reading showed beyond the router's reservations,
         plus ``hidden_mb`` (see :meth:`release`) until the next reading.
@@ -122,6 +130,21 @@ class GPUStateMonitor:
         return (
             state.memory_total_mb - self._margin - state.reading.external_used_mb - state.hidden_mb
         )
+
+    def elsewhere(self, gpu_id: str, memory_mb: int, slots: int) -> bool:
+        """Record what other routers sharing the state store hold on a GPU; True if it changed.
+
+        Their reservations come off this router's room and their executions off its free slots
+        (a reading that does not attribute their memory to the router counts it twice, which
+        errs on the safe side). An unknown GPU is ignored.
+        """
+        state = self._gpus.get(gpu_id)
+        if state is None or (state.elsewhere_mb, state.elsewhere_slots) == (memory_mb, slots):
+            return False
+        state.elsewhere_mb = memory_mb
+        state.elsewhere_slots = slots
+        self._recompute(state)
+        return True
 
     # Readings and health -------------------------------------------------------------------------
 
@@ -403,7 +426,7 @@ class GPUStateMonitor:
         Every change to a GPU's reading, health, cordon, circuit or reservations ends here.
         """
         state.room_mb = self.limit_mb(state) - state.reserved_mb
-        state.free_slots = state.slots - len(state.running)
+        state.free_slots = state.slots - len(state.running) - state.elsewhere_slots
         state.busy = max(1.0 - state.free_slots / max(state.slots, 1), state.reading.load or 0.0)
         state.schedulable = (
             state.health in _USABLE and not state.cordoned and not state.circuit_open

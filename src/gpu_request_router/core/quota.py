@@ -63,6 +63,12 @@ class QuotaEnforcer:
         self._overrides.update({user: dict(values) for user, values in overrides.items()})
         self._cache.clear()
 
+    def replace_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take the run-time overrides as the store now holds them (set by other routers)."""
+        if overrides != self._overrides:
+            self._overrides = {user: dict(values) for user, values in overrides.items()}
+            self._cache.clear()
+
     @property
     def overrides(self) -> Mapping[str, Mapping[str, Any]]:
         """The run-time overrides, by user."""

@@ -123,24 +123,36 @@ class RequestReceiver:
         return EstimateReport(estimate, shape, self._router.fit.fitting_gpus(need))
 
     def submit(
-        self, submission: Submission, caller: Caller, now: float, known: Request | None = None
+        self,
+        submission: Submission,
+        caller: Caller,
+        now: float,
+        known: Request | None = None,
+        *,
+        synchronous: bool = False,
     ) -> Admission:
         """Admit a submission: queue it, or raise why not.
 
         A repeated idempotency key with the same body returns the request it created first:
         a live one, else ``known`` (what the driver found in the store under the key).
+        ``synchronous``: its caller waits for the answer on an open connection.
 
         Raises:
             RequestRejected: any reason the request is refused (see ``exceptions``).
         """
         try:
-            return self._submit(submission, caller, now, known)
+            return self._submit(submission, caller, now, known, synchronous)
         except RequestRejected as exc:
             self._router.metrics.request_rejected(exc.reason, caller.user)
             raise
 
     def _submit(
-        self, submission: Submission, caller: Caller, now: float, known: Request | None
+        self,
+        submission: Submission,
+        caller: Caller,
+        now: float,
+        known: Request | None,
+        synchronous: bool,
     ) -> Admission:
         task, priority, timeout_s = self._validate(submission)
         fingerprint = ""  # only an idempotent replay is compared with what was stored
@@ -157,6 +169,7 @@ class RequestReceiver:
         request.priority = priority
         request.timeout_s = timeout_s
         request.fingerprint = fingerprint
+        request.synchronous = synchronous
         need = need_of(request)
         if not self._router.fit.could_ever_fit(need):
             raise Unschedulable(

@@ -72,7 +72,7 @@ from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.core.state_store import Charge, StateChange
+from gpu_request_router.core.state_store import Charge, Claim, Limits, StateChange
 from gpu_request_router.exceptions import NotFound, StateConflict
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import (
@@ -155,6 +155,8 @@ class RequestRouter:
         self._executions: dict[str, _Execution] = {}
         self._current: dict[str, str] = {}
         self._active: Counter[str] = Counter()
+        # Requests of each user holding a concurrent slot through other routers (shared store).
+        self._active_elsewhere: Counter[str] = Counter()
         self._queued: Counter[str] = Counter()
         self._queued_total = 0
         self._deadlines: list[tuple[float, str]] = []
@@ -226,6 +228,15 @@ class RequestRouter:
         """How many requests of ``user`` are waiting (including those backing off to retry)."""
         return self._queued[user]
 
+    def shared_users(self) -> list[str]:
+        """The users whose slots across routers matter here (shared store).
+
+        Those with requests waiting, and those holding slots through other routers
+        (:meth:`shared_view`).
+        """
+        waiting = {user for user, count in self._queued.items() if count > 0}
+        return sorted(waiting.union(self._active_elsewhere))
+
     def queued_total(self) -> int:
         """How many requests of all users are waiting (including those backing off to retry)."""
         return self._queued_total
@@ -254,8 +265,14 @@ class RequestRouter:
         """Queue an admitted request and dispatch what fits; its creation goes out first."""
         if request.status is not _S.QUEUED:
             raise ValueError(f"request {request.id} is {request.status}, not queued")
+        quota = self.quotas.quota_for(request.user)
+        limits = Limits(
+            quota.requests_per_minute, quota.max_queued, self._settings.quotas.max_queued_total
+        )
         self._changes.append(
-            StateChange(request.snapshot(), transition_of(request, None, request.user, now))
+            StateChange(
+                request.snapshot(), transition_of(request, None, request.user, now), limits=limits
+            )
         )
         self._track(request)
         self.queue.push(request, fair_share_cost(request))
@@ -340,6 +357,9 @@ class RequestRouter:
         reattached: list[Dispatch] = []
         ended: list[tuple[str, ExecutionResult | Failure]] = []
         for stored in [r.snapshot() for r in unfinished if r.id not in self._requests]:
+            if stored.synchronous:
+                decisions += self._end_orphan(stored, now)
+                continue
             if stored.status.active:
                 placement = stored.placement
                 answer = lookups.get(stored.execution_id)
@@ -422,20 +442,39 @@ class RequestRouter:
         With ``tell`` (its backend did not say it does not know it) the backend is told to stop
         the execution, in case it still runs it.
         """
-        execution_id = stored.execution_id
-        placement = stored.placement
+        stop = self._stop_stored(stored, "router_restarted") if tell else []
         before = stored.status
         stored.transition(_S.QUEUED, now, error=ErrorInfo("router_restarted", "outcome unknown"))
         self._record(stored, before, "router", now)
-        if not tell or placement is None:
+        return stop
+
+    def _end_orphan(self, stored: Request, now: float) -> list[Decision]:
+        """End a synchronous request whose router died: its caller's connection went with it.
+
+        Nobody is left to read its answer, so it is not run (again): a running one fails (its
+        execution is told to stop), a queued one is cancelled.
+        """
+        before = stored.status
+        stop = self._stop_stored(stored, "router_lost") if before.active else []
+        to = _S.FAILED if before.active else _S.CANCELLED
+        error = ErrorInfo("router_lost", "the router holding its caller's connection stopped")
+        stored.transition(to, now, error=error)
+        self._record(stored, before, "router", now)
+        self.metrics.request_finished(stored, now)
+        return stop
+
+    def _stop_stored(self, stored: Request, reason: str) -> list[Decision]:
+        """Tell the backend of a stored in-flight request to stop its execution (best effort)."""
+        placement = stored.placement
+        if placement is None:
             return []
         return [
             CancelExecution(
                 request_id=stored.id,
-                execution_id=execution_id,
+                execution_id=stored.execution_id,
                 backend=self._backend_of(placement),
                 worker=placement.worker,
-                reason="router_restarted",
+                reason=reason,
             )
         ]
 
@@ -697,6 +736,60 @@ class RequestRouter:
         self.monitor.source_failed(worker, now)
         return []
 
+    # Events: other routers sharing the state store ------------------------------------------------
+
+    def claim_refused(self, execution_id: str, message: str, now: float) -> list[Decision]:
+        """The store refused a dispatch's claim: another router holds what it needed.
+
+        The dispatch was stored without its reservation and its execution never started: the
+        request goes back to its queue with the attempt not counted (it ran nowhere). Feed
+        what the store said others hold (:meth:`shared_view`) first, so that the pass this
+        ends with does not choose the same GPU again.
+        """
+        execution = self._executions.get(execution_id)
+        if execution is None or self._current.get(execution.request_id) != execution_id:
+            return []
+        request = self._requests[execution.request_id]
+        charge = Charge(request.user, execution_id, execution.dispatched_at, 0.0)
+        error = ErrorInfo("placement_conflict", message)
+        self._set(
+            request, _S.QUEUED, now, actor="router", error=error, charge=charge, attempt_spent=False
+        )
+        self._end_execution(execution_id, request)
+        self.queue.push(request, fair_share_cost(request))
+        self.metrics.retry("placement_conflict", request.user)
+        return self._emit(self._pass(now))
+
+    def shared_view(
+        self,
+        ledger: Mapping[str, Mapping[str, int]],
+        active: Mapping[str, Iterable[str]],
+        now: float,
+    ) -> list[Decision]:
+        """What every router sharing the state store holds, as the store says.
+
+        ``ledger``: per GPU, the reservations of all routers (request id → MiB); ``active``: per
+        user, the ids of their requests holding a concurrent slot. What this router's own live
+        executions hold is left out; the rest comes off its room, slots and users' concurrency.
+        A GPU or user left out of a map is left as it was.
+        """
+        own = self._current
+        changed = False
+        for gpu_id, held in ledger.items():
+            others = [memory_mb for request_id, memory_mb in held.items() if request_id not in own]
+            if self.monitor.elsewhere(gpu_id, sum(others), len(others)):
+                changed = True
+                self.metrics.gpu(self.monitor.gpus[gpu_id])
+        for user, request_ids in active.items():
+            count = sum(1 for request_id in request_ids if request_id not in own)
+            if self._active_elsewhere[user] != count:
+                changed = True
+                if count:
+                    self._active_elsewhere[user] = count
+                else:
+                    del self._active_elsewhere[user]
+        return self._emit(self._pass(now)) if changed else []
+
     def tick(self, now: float) -> list[Decision]:
         """Apply the passing of time: expiry, staleness, backoffs ending, circuits half-opening."""
         decisions = self._fail_over(self.monitor.refresh(now), now)
@@ -789,8 +882,9 @@ class RequestRouter:
                 # Holds of requests this pass did not reach would keep their GPUs idle.
                 holds.keep_only(examined)
                 break
+            user = request.user
             waiting_for = self.quotas.blocks_dispatch(
-                request.user, self._active[request.user], gpu_seconds(request), now
+                user, self._active[user] + self._active_elsewhere[user], gpu_seconds(request), now
             )
             if waiting_for is not None:
                 misses += 1
@@ -869,7 +963,23 @@ class RequestRouter:
                 self.monitor.release(execution_id)
                 raise StateConflict(request.id, f"room for {memory_mb} MiB on {gpu_id}")
         charge = Charge(request.user, execution_id, now, gpu_seconds(request))
-        self._set(request, _S.DISPATCHING, now, actor="router", placement=placement, charge=charge)
+        monitor = self.monitor
+        claim = Claim(
+            tuple(
+                (gpu_id, memory_mb, monitor.shared_limit_mb(monitor.gpus[gpu_id]))
+                for gpu_id, memory_mb in chosen.reservations.items()
+            ),
+            self.quotas.quota_for(request.user).max_concurrent,
+        )
+        self._set(
+            request,
+            _S.DISPATCHING,
+            now,
+            actor="router",
+            placement=placement,
+            charge=charge,
+            claim=claim,
+        )
         for gpu_id in chosen.gpu_ids:
             self.metrics.gpu(self.monitor.gpus[gpu_id])
         self.queue.dispatched(request.id)
@@ -914,10 +1024,14 @@ class RequestRouter:
         error: ErrorInfo | None = None,
         estimate: Estimate | None = None,
         charge: Charge | None = None,
+        claim: Claim | None = None,
+        attempt_spent: bool = True,
     ) -> None:
         """Move a request to ``to``, with the counts; the change goes out to be persisted.
 
-        ``charge`` (an execution's GPU-seconds) is counted now and persisted with the change.
+        ``charge`` (an execution's GPU-seconds) is counted now and persisted with the change,
+        as is a dispatch's ``claim``. Without ``attempt_spent``, the attempt that ends does not
+        count (its dispatch never happened).
 
         Raises:
             IllegalTransition: ``to`` does not follow the request's status (nothing changed).
@@ -927,10 +1041,12 @@ class RequestRouter:
         if estimate is not None:
             draft.estimate = estimate
         draft.transition(to, now, placement=placement, result=result, error=error)
+        if not attempt_spent:
+            draft.attempts -= 1
         if charge is not None:
             self.quotas.charge(charge)
         request.adopt(draft)
-        self._record(request, before, actor, now, charge)
+        self._record(request, before, actor, now, charge, claim)
         if before is _S.QUEUED:
             self._queued[request.user] -= 1
             self._queued_total -= 1
@@ -954,10 +1070,11 @@ class RequestRouter:
         actor: str,
         now: float,
         charge: Charge | None = None,
+        claim: Claim | None = None,
     ) -> None:
-        """Send out a changed request and its audit entry (and charge) to be persisted."""
+        """Send out a changed request and its audit entry (charge, claim) to be persisted."""
         change = transition_of(request, before, actor, now)
-        self._changes.append(StateChange(request.snapshot(), change, charge))
+        self._changes.append(StateChange(request.snapshot(), change, charge, claim=claim))
 
     def _untrack(self, request: Request) -> None:
         del self._requests[request.id]

@@ -32,10 +32,14 @@ __all__ = [
     "WRITE_PROBE_INTERVAL_S",
     "Change",
     "Charge",
+    "Claim",
+    "Limits",
     "OverrideChange",
     "Page",
     "QuotaHistory",
+    "Refusal",
     "RequestQuery",
+    "SharedView",
     "StateChange",
     "StateStore",
     "batch_time",
@@ -120,22 +124,84 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """The admission limits a creation was checked against (``None``: unlimited).
+
+    A store shared by several routers checks them again across all of them, atomically with
+    the creation (:class:`Refusal`); a store of one router has nothing to add.
+    """
+
+    requests_per_minute: int | None = None
+    max_queued: int | None = None
+    max_queued_total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a dispatch reserves: memory on each GPU, and one of its user's concurrent slots.
+
+    ``gpus`` holds ``(gpu id, MiB reserved, limit)`` where the limit is the most all routers
+    together may reserve on that GPU (total − safety margin − memory used by others, as this
+    router sees it). A store shared by several routers confirms the claim against every
+    router's reservations, atomically with the dispatch, or refuses it (:class:`Refusal`).
+    """
+
+    gpus: tuple[tuple[str, int, int], ...]
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StateChange:
     """A status change to persist: the request as the change left it, and its audit entry.
 
     A creation (``entry.from_status`` is ``None``) writes the whole request and the user's rate
     admission at its creation time; any later change writes its changing part. ``charge``, the
-    GPU-seconds of an execution, is written with it.
+    GPU-seconds of an execution, is written with it. ``limits`` (a creation's) and ``claim`` (a
+    dispatch's) are what a store shared by several routers checks across them.
     """
 
     request: Request
     entry: Transition
     charge: Charge | None = None
+    limits: Limits | None = None
+    claim: Claim | None = None
 
     @property
     def created(self) -> bool:
         """Whether this change creates the request."""
         return self.entry.from_status is None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A change a store shared by several routers did not take as asked (see ``write``).
+
+    ``kind`` says which check refused it:
+
+    - a creation (nothing of the request was written): ``requests_per_minute``, ``max_queued``
+      or ``max_queued_total`` (retry after ``retry_after_s``, or when the router judges if 0;
+      ``limit``, and ``waiting`` the requests waiting), or ``idempotency_key``: another router
+      created ``existing`` under the key first;
+    - a dispatch (written, without its reservation: the request must go back to its queue):
+      ``gpu_memory`` or ``max_concurrent``. ``ledger`` is every router's reservations, as
+      request id → MiB, on each GPU of the claim; ``active`` the ids of the user's requests
+      holding a concurrent slot.
+    """
+
+    request_id: str
+    kind: str
+    message: str
+    retry_after_s: float = 1.0
+    existing: str | None = None
+    limit: int | None = None
+    waiting: int | None = None
+    ledger: dict[str, dict[str, int]] | None = None
+    active: frozenset[str] | None = None
+
+    @property
+    def creation(self) -> bool:
+        """Whether it refused a creation (else a dispatch's reservation)."""
+        return self.kind not in ("gpu_memory", "max_concurrent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +217,22 @@ Change = StateChange | OverrideChange
 
 
 @dataclass(frozen=True, slots=True)
+class SharedView:
+    """What one router of a shared store learns of the others (:meth:`StateStore.shared_view`).
+
+    ``ledger``: every router's reservations on each GPU asked about (request id → MiB);
+    ``active``: the ids of each user's requests holding a concurrent slot; ``cancels``: the
+    cancellations other routers passed to this one, as (request id, actor); ``lapsed``: the
+    routers whose lease has lapsed (their work is to adopt).
+    """
+
+    ledger: dict[str, dict[str, int]]
+    active: dict[str, frozenset[str]]
+    cancels: list[tuple[str, str]]
+    lapsed: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaHistory:
     """The quota windows as stored: each admission as (user, at, request id), and the charges."""
 
@@ -162,14 +244,27 @@ class StateStore(ABC):
     """Where requests, their audit trails, quota counters and overrides are persisted.
 
     Implementations return copies: changing a returned request does not change the store.
+
+    A store is *shared* (``shared``) when several routers serve on it at once: each owns the
+    requests it created, checks its admissions and claims against the others in ``write``,
+    learns what they hold through :meth:`shared_view`, and adopts the work of one that died
+    (:meth:`adopt`). ``unfinished_requests`` of a shared store are the router's own, after it
+    adopted those of every router whose lease had lapsed.
     """
 
+    shared: bool = False
+
     @abstractmethod
-    def write(self, changes: Sequence[Change]) -> None:
+    def write(self, changes: Sequence[Change]) -> list[Refusal]:
         """Persist ``changes``, in order, in one atomic step: all of them or none.
 
         Several changes of one request may come together (its creation and first status
         changes): each audit entry is kept, the request row ends as the last one left it.
+
+        A store shared by several routers also checks, in that step, each creation's
+        ``limits`` and each dispatch's ``claim`` against all the routers; it returns what it
+        refused (a refused creation is not written, with none of the request's other changes
+        of the batch). A store of one router refuses nothing: the core's checks are exact.
 
         Raises:
             StoreUnavailable: nothing was written.
@@ -229,6 +324,29 @@ class StateStore(ABC):
         ``now`` (seconds, any monotonic clock) lets a store rate-limit whatever write it makes
         to find out.
         """
+
+    # Routers sharing the store -----------------------------------------------------------------
+
+    def shared_view(self, gpu_ids: Sequence[str], users: Sequence[str]) -> SharedView:
+        """What the other routers hold on ``gpu_ids`` and of ``users``' slots (shared stores).
+
+        Also takes the cancellations sent to this router, and lists the lapsed routers.
+        """
+        raise NotImplementedError("only a shared store has other routers")
+
+    def adopt(self, router: str) -> list[Request]:
+        """Take over the unfinished requests of a router whose lease lapsed (shared stores).
+
+        Returns them, oldest first (nothing if its lease lives, or another router took them).
+        """
+        raise NotImplementedError("only a shared store has other routers")
+
+    def send_cancel(self, request_id: str, actor: str) -> bool:
+        """Pass a cancellation to the router owning an unfinished request (shared stores).
+
+        Returns False if the request is finished or unknown.
+        """
+        raise NotImplementedError("only a shared store has other routers")
 
     def failure(self) -> str | None:
         """Why the store cannot be used now, as already known (no I/O), or ``None``.

@@ -85,8 +85,9 @@ class GPUState:
     that placement reads plain attributes. ``unseen`` holds the executions placed after the
     latest reading was taken (by the monitor's sequence number of their placement);
     ``hidden_mb`` is memory in use that the latest reading hid, the sum of ``hidden`` (sequence
-    number, MiB, execution; see :meth:`GPUStateMonitor.release`). ``id``
-    (``<worker>:<index>``) is fixed at creation.
+    number, MiB, execution; see :meth:`GPUStateMonitor.release`). ``elsewhere_mb`` and
+    ``elsewhere_slots`` are the memory and slots other routers sharing the state store hold
+    here (:meth:`GPUStateMonitor.elsewhere`). ``id`` (``<worker>:<index>``) is fixed at creation.
     """
 
     reading: GPUReading
@@ -104,6 +105,8 @@ class GPUState:
     unseen: dict[str, int] = field(default_factory=dict)
     hidden: list[tuple[int, int, str]] = field(default_factory=list)
     hidden_mb: int = 0
+    elsewhere_mb: int = 0
+    elsewhere_slots: int = 0
     id: str = field(init=False)
 
     def __post_init__(self) -> None:

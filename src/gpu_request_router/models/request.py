@@ -218,6 +218,7 @@ class Request:
     metadata: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     fingerprint: str = ""  # digest of the body, to tell a replay of its idempotency key; or ""
+    synchronous: bool = False  # its caller waits on an open connection (the OpenAI door)
     status: RequestStatus = RequestStatus.QUEUED
     queued_at: float = 0.0
     dispatched_at: float | None = None
@@ -317,6 +318,7 @@ class Request:
         self.metadata = other.metadata
         self.idempotency_key = other.idempotency_key
         self.fingerprint = other.fingerprint
+        self.synchronous = other.synchronous
         self.status = other.status
         self.queued_at = other.queued_at
         self.dispatched_at = other.dispatched_at

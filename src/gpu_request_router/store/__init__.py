@@ -39,4 +39,5 @@ def open_store(settings: StateSettings) -> StateStore:
         retention_s=retention_s,
         standby=settings.standby,
         lease_s=settings.redis_lease_s,
+        shared=settings.shared,
     )

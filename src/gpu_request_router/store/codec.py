@@ -88,6 +88,7 @@ FIXED_FIELDS = frozenset(
         "metadata",
         "idempotency_key",
         "fingerprint",
+        "synchronous",
     }
 )
 """The fields a request is created with and keeps (:func:`request_fixed_to_json`)."""
@@ -142,6 +143,7 @@ def request_fixed_to_json(request: Request) -> str:
             "metadata": dict(request.metadata),
             "idempotency_key": request.idempotency_key,
             "fingerprint": request.fingerprint,
+            "synchronous": request.synchronous,
         }
     )
 
@@ -232,6 +234,7 @@ def request_from_json(fixed: str | bytes, state: str | bytes | None = None) -> R
             metadata=dict(data["metadata"]),
             idempotency_key=data["idempotency_key"],
             fingerprint=data["fingerprint"],
+            synchronous=data.get("synchronous", False),  # absent from rows written before it
             status=RequestStatus(data["status"]),
             dispatched_at=data["dispatched_at"],
             started_at=data["started_at"],

@@ -14,6 +14,7 @@ from gpu_request_router.core.state_store import (
     OverrideChange,
     Page,
     QuotaHistory,
+    Refusal,
     RequestQuery,
     StateStore,
     batch_time,
@@ -47,8 +48,8 @@ class MemoryStore(StateStore):
         self._trails: dict[str, list[Transition]] = {}
         self._overrides: dict[str, dict[str, Any]] = {}
 
-    def write(self, changes: Sequence[Change]) -> None:
-        """Apply ``changes`` in order (all are checked first: all or none)."""
+    def write(self, changes: Sequence[Change]) -> list[Refusal]:
+        """Apply ``changes`` in order (all are checked first: all or none); refuse nothing."""
         self._check(changes)
         for change in changes:
             if isinstance(change, OverrideChange):
@@ -78,6 +79,7 @@ class MemoryStore(StateStore):
         now = batch_time(changes)
         if self.retention_s is not None and now is not None and self._prunes.due(now):
             self._forget_old(now - self.retention_s)
+        return []
 
     def _forget_old(self, cutoff: float) -> None:
         """Drop finished requests created before ``cutoff``, at most ``RETENTION_BATCH``."""

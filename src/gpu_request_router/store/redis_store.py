@@ -94,10 +94,14 @@ from gpu_request_router.core.state_store import (
     WRITE_PROBE_INTERVAL_S,
     Change,
     Charge,
+    Claim,
+    Limits,
     OverrideChange,
     Page,
     QuotaHistory,
+    Refusal,
     RequestQuery,
+    SharedView,
     StateStore,
     batch_time,
     check_charge,
@@ -106,7 +110,7 @@ from gpu_request_router.core.state_store import (
     encode_cursor,
 )
 from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
-from gpu_request_router.models.request import Request, Transition
+from gpu_request_router.models.request import Request, RequestStatus, Transition
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_from_json,
@@ -133,17 +137,25 @@ SOCKET_TIMEOUT_S = 0.5
 """The longest one call to Redis may take (connecting included) before it fails."""
 
 _STANDBY_POLL_S = 0.1
+_COMMANDS = 1_000  # the most cancellations one shared view takes
 _MIN_REDIS = (7, 0)
 _LIST_CHUNK = 256
 
-# The owner's lease. Each taking counts an epoch; the holder may take its own lapsed lease back
-# (Redis was down past it) only while the epoch is still its own: nobody took the prefix since.
+# The lease (KEYS[1]). One owner: each taking counts an epoch (KEYS[2]); the holder may take its
+# own lapsed lease back (Redis was down past it) only while the epoch is still its own: nobody
+# took the prefix since. Shared (ARGV[4] '1'): a replica may take its lapsed lease back only
+# while nobody adopted its requests (KEYS[2], the adoption marker, absent).
 _OURS = """
-local function ours(owner_key, epoch_key, token, epoch, px)
-  local holder = redis.call('GET', owner_key)
+local function ours(lease_key, other_key, token, epoch, px, shared)
+  local holder = redis.call('GET', lease_key)
   if holder == token then return true end
-  if holder or redis.call('GET', epoch_key) ~= epoch then return false end
-  redis.call('SET', owner_key, token, 'PX', px)
+  if holder then return false end
+  if shared == '1' then
+    if redis.call('EXISTS', other_key) == 1 then return false end
+  elseif redis.call('GET', other_key) ~= epoch then
+    return false
+  end
+  redis.call('SET', lease_key, token, 'PX', px)
   return true
 end
 """
@@ -157,13 +169,56 @@ return {1, tostring(epoch)}
 _RENEW = (
     _OURS
     + """
-if ours(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
+if ours(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {1, ARGV[1]}
 end
-return {0, redis.call('GET', KEYS[1]) or 'nobody now (Redis lost its data?)'}
+return {0, redis.call('GET', KEYS[1]) or 'nobody now (adopted, or Redis lost its data)'}
 """
 )
+# A replica of a shared prefix joins: its lease, and its entry among the replicas (ARGV[3]).
+_JOIN = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+# Adopt the requests of replica ARGV[3] of prefix ARGV[1], unless its lease lives: they become
+# ARGV[2]'s (in their creation order), with the commands sent to it; it is fenced for good.
+_ADOPT = """
+local p, me, dead = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('GET', p .. ':replica:' .. me) ~= ARGV[4] then
+  return redis.error_reply('FENCED this router no longer owns its part of the prefix ' .. p)
+end
+if redis.call('EXISTS', p .. ':replica:' .. dead) == 1 then return {} end
+redis.call('SET', p .. ':adopted:' .. dead, me, 'EX', 86400)
+local ids = redis.call('ZRANGE', p .. ':owned:' .. dead, 0, -1)
+for _, id in ipairs(ids) do
+  redis.call('HSET', p .. ':req:' .. id, 'owner', me)
+  redis.call('ZADD', p .. ':owned:' .. me, redis.call('INCR', p .. ':seq'), id)
+end
+redis.call('DEL', p .. ':owned:' .. dead)
+redis.call('HDEL', p .. ':replicas', dead)
+while redis.call('LMOVE', p .. ':cmd:' .. dead, p .. ':cmd:' .. me, 'LEFT', 'RIGHT') do end
+return ids
+"""
+# What replica ARGV[2] of prefix ARGV[1] must know of the others: the ledger of each GPU of
+# ARGV[4] (JSON list), the concurrent slots of each user of ARGV[5], the commands sent to it
+# (taken), and the replicas whose lease lapsed; ARGV[3] the most commands to take.
+_VIEW = """
+local p, me = ARGV[1], ARGV[2]
+local ledger, active, lapsed = {}, {}, {}
+for _, gpu in ipairs(cjson.decode(ARGV[4])) do
+  table.insert(ledger, redis.call('HGETALL', p .. ':ledger:' .. gpu))
+end
+for _, user in ipairs(cjson.decode(ARGV[5])) do
+  table.insert(active, redis.call('SMEMBERS', p .. ':active:' .. user))
+end
+local commands = redis.call('LPOP', p .. ':cmd:' .. me, ARGV[3]) or {}
+for _, replica in ipairs(redis.call('HKEYS', p .. ':replicas')) do
+  if redis.call('EXISTS', p .. ':replica:' .. replica) == 0 then table.insert(lapsed, replica) end
+end
+return {ledger, active, commands, lapsed}
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -171,7 +226,7 @@ return 0
 _PROBE = (
     _OURS
     + """
-if not ours(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
+if not ours(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then
   return redis.error_reply('FENCED this router no longer owns the prefix')
 end
 redis.call('SET', KEYS[3], ARGV[1])
@@ -211,11 +266,16 @@ class RedisStore(StateStore):
             refused: a hot standby that opens (and so recovers and serves) when the holder dies.
         timeout_s: the longest one call may take (:data:`SOCKET_TIMEOUT_S`; tests that reach
             Redis through a proxy of their own give it more).
+        shared: any number of routers serve on the prefix at once (see "Shared prefix" in the
+            module docstring); all of them must say so.
 
     Raises:
         StoreInUse: another live router holds the prefix's lease (never for a standby).
-        StoreUnavailable: Redis cannot be reached, is older than 7.0, or holds a newer layout.
+        StoreUnavailable: Redis cannot be reached, is older than 7.0, holds a newer layout, or
+            the prefix is used the other way (shared / one owner).
     """
+
+    shared: bool
 
     def __init__(
         self,
@@ -226,15 +286,24 @@ class RedisStore(StateStore):
         retention_s: float | None = None,
         standby: bool = False,
         timeout_s: float = SOCKET_TIMEOUT_S,
+        shared: bool = False,
     ) -> None:
         if not prefix or any(c.isspace() or c == ":" for c in prefix):
             raise ValueError(
                 f"a Redis key prefix is a non-empty word without ':' (it separates the parts of "
                 f"every key), not {prefix!r}"
             )
+        if shared and standby:
+            raise ValueError(
+                "a standby waits for the one owner of a prefix; routers sharing a prefix all "
+                "serve, and adopt the work of any that dies"
+            )
         check_retention(retention_s)
         self.retention_s = retention_s
         self.standby = standby
+        self.shared = shared
+        # A shared prefix's replica id: the key of its lease and of the requests it owns.
+        self.replica = uuid.uuid4().hex[:12] if shared else ""
         self.url = url
         self.prefix = prefix
         self.lease_s = lease_s
@@ -257,6 +326,9 @@ class RedisStore(StateStore):
         )
         self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
+        self._join = self._redis.register_script(_JOIN)
+        self._adopt = self._redis.register_script(_ADOPT)
+        self._view = self._redis.register_script(_VIEW)
         self._release = self._redis.register_script(_RELEASE)
         self._probe = self._redis.register_script(_PROBE)
         self._doubts: list[_Doubt] = []
@@ -292,6 +364,15 @@ class RedisStore(StateStore):
             raise StoreUnavailable(
                 f"{self._where}: the keys have layout version {found}, newer than the version "
                 f"{SCHEMA_VERSION} this router knows; upgrade the router or use another prefix"
+            )
+        mode, key = ("shared" if self.shared else "one owner"), self._key("mode")
+        self._call("check the layout", lambda: self._redis.set(key, mode, nx=True))
+        used = _text(self._call("check the layout", lambda: self._redis.get(key)) or b"")
+        if used != mode:
+            raise StoreUnavailable(
+                f"{self._where}: the prefix is used with state.shared "
+                f"{'true' if used == 'shared' else 'false'}; every router of a prefix must set "
+                "it alike (or use another prefix)"
             )
         self._log_persistence()
 
@@ -333,6 +414,15 @@ class RedisStore(StateStore):
         A standby waits for as long as the holder lives (Redis unreachable meanwhile included),
         and takes the lease within :data:`_STANDBY_POLL_S` of its lapse.
         """
+        if self.shared:
+            self._call(
+                "join the routers of the prefix",
+                lambda: self._join(
+                    keys=[*self._fence_keys[:1], self._key("replicas")],
+                    args=[self._token, self._px, self.replica],
+                ),
+            )
+            return
         deadline = time.monotonic() + self.lease_s + self._renew_s
         waiting_on: str | None = None
         while True:
@@ -373,11 +463,13 @@ class RedisStore(StateStore):
 
     @property
     def _fence_keys(self) -> list[str]:
+        if self.shared:
+            return [self._key("replica", self.replica), self._key("adopted", self.replica)]
         return [self._key("owner"), self._key("epoch")]
 
     @property
     def _fence_args(self) -> list[str | int]:
-        return [self._token, self._epoch, self._px]
+        return [self._token, self._epoch, self._px, "1" if self.shared else "0"]
 
     def _keep_lease(self) -> None:
         """Renew the lease until closed; report a lease another router took (fenced for good)."""
@@ -432,8 +524,8 @@ class RedisStore(StateStore):
 
     # Writes ------------------------------------------------------------------------------------
 
-    def write(self, changes: Sequence[Change]) -> None:
-        """Persist ``changes`` in one script (see the module docstring)."""
+    def write(self, changes: Sequence[Change]) -> list[Refusal]:
+        """Persist ``changes`` in one script (see the module docstring); return its refusals."""
         batch, created = self._batch(changes)
         now = batch_time(changes)
         with self._lock:
@@ -447,14 +539,17 @@ class RedisStore(StateStore):
                     False if retained is None else _score(now - retained),
                     RETENTION_BATCH,
                 ]
-            deleted, charges = self._run(batch, created)
+            deleted, charges, refusals = self._run(batch, created)
             if max(deleted, charges) >= RETENTION_BATCH:
                 self._prunes.again()  # a full batch of either: prune again with the next write
+        return refusals
 
-    def _run(self, batch: dict[str, Any], created: list[list[Any]]) -> tuple[int, int]:
+    def _run(
+        self, batch: dict[str, Any], created: list[list[Any]]
+    ) -> tuple[int, int, list[Refusal]]:
         """Run the write script on ``batch`` (under ``_lock``), with the batches in doubt.
 
-        Returns what its prune deleted: (finished requests, charges).
+        Returns what its prune deleted (finished requests, charges) and what it refused.
         """
         if self._closed.is_set():
             raise StoreUnavailable(f"{self._where}: closed")
@@ -463,7 +558,7 @@ class RedisStore(StateStore):
         batch["d"] = [[doubt.batch, doubt.created] for doubt in self._doubts]
         batch_id = uuid.uuid4().hex
         try:
-            deleted, charges = self._write_script(
+            deleted, charges, refused = self._write_script(
                 args=[
                     self.prefix,
                     self._token,
@@ -472,6 +567,7 @@ class RedisStore(StateStore):
                     self._epoch,
                     self._px,
                     self._answered or "",
+                    self.replica,
                 ]
             )
         except redis.ResponseError as exc:
@@ -489,7 +585,7 @@ class RedisStore(StateStore):
         self._doubts.clear()
         self._answered = batch_id if created else None
         self._write_failure = None
-        return int(deleted), int(charges)
+        return int(deleted), int(charges), _refusals(refused)
 
     def _settle(self) -> None:
         """Take back what batches in doubt created, with a write of nothing (under ``_lock``).
@@ -498,7 +594,7 @@ class RedisStore(StateStore):
         work (or answer an idempotency key from a batch it refused) before they are gone.
         """
         if self._doubts:
-            self._run({"c": [], "u": [], "t": [], "ch": [], "o": [], "pr": False}, [])
+            self._run({"c": [], "u": [], "cl": [], "t": [], "ch": [], "o": [], "pr": False}, [])
 
     def _write_failed(self, action: str, exc: BaseException) -> StoreUnavailable:
         error = self._unavailable(action, exc)
@@ -520,6 +616,8 @@ class RedisStore(StateStore):
         """
         last: dict[str, Request] = {}
         created: dict[str, Request] = {}
+        limits: dict[str, Limits | None] = {}
+        claims: dict[str, Claim] = {}
         charge_fields: dict[str, list[str]] = {}
         entries: list[list[str]] = []
         charges: list[list[str]] = []
@@ -540,13 +638,16 @@ class RedisStore(StateStore):
                         raise ValueError(f"idempotency key {field} is taken twice in one batch")
                     keys.add(field)
                 created[request.id] = request
+                limits[request.id] = change.limits
+            if change.claim is not None:
+                claims[request.id] = change.claim
             last[request.id] = request
             entries.append([entry.request_id, str(entry.seq), transition_to_json(entry)])
             charge = change.charge
             if charge is not None:
                 check_charge(charge.gpu_seconds)
                 field = _pair(charge.user, charge.charge_id)
-                charges.append([field, _score(charge.at), _score(charge.gpu_seconds)])
+                charges.append([field, _score(charge.at), _score(charge.gpu_seconds), request.id])
                 if request.id in created:
                     charge_fields.setdefault(request.id, []).append(field)
         creations: list[list[Any]] = []
@@ -570,6 +671,7 @@ class RedisStore(StateStore):
                     final.status.terminal,
                     admission,
                     str(final.version),
+                    _limits(limits[request_id]),
                 ]
             )
             doubt.append(
@@ -589,6 +691,21 @@ class RedisStore(StateStore):
         batch = {
             "c": creations,
             "u": updates,
+            "cl": [
+                [
+                    request_id,
+                    [
+                        [gpu_id, str(memory_mb), str(limit)]
+                        for gpu_id, memory_mb, limit in claim.gpus
+                    ],
+                    False if claim.max_concurrent is None else str(claim.max_concurrent),
+                    last[request_id].user,
+                ]
+                for request_id, claim in claims.items()
+                if last[request_id].status.active
+            ]
+            if self.shared
+            else [],
             "t": entries,
             "ch": charges,
             "o": overrides,
@@ -752,12 +869,103 @@ class RedisStore(StateStore):
             position = rows[-1]
 
     def unfinished_requests(self) -> list[Request]:
-        """Every request not yet in a terminal status, oldest first, ties in creation order."""
-        ids = self._call(
-            "list unfinished requests", lambda: self._redis.zrange(self._key("unfinished"), 0, -1)
-        )
+        """Every request not yet in a terminal status, oldest first, ties in creation order.
+
+        On a shared prefix: this router's own, once it adopted those of every router whose
+        lease had lapsed (the routers that died while none was left to adopt their work).
+        """
+        if self.shared:
+            lapsed = self.shared_view([], []).lapsed
+            for router in lapsed:
+                self.adopt(router)
+            index = self._key("owned", self.replica)
+        else:
+            index = self._key("unfinished")
+        ids = self._call("list unfinished requests", lambda: self._redis.zrange(index, 0, -1))
         requests = [r for r in self._requests(ids) if not r.status.terminal]
         return sorted(requests, key=lambda r: r.created_at)  # stable: creation order
+
+    # Routers sharing the prefix -----------------------------------------------------------------
+
+    def shared_view(self, gpu_ids: Sequence[str], users: Sequence[str]) -> SharedView:
+        """Every router's reservations on ``gpu_ids`` and ``users``' slots, in one script.
+
+        Also takes up to :data:`_COMMANDS` cancellations sent to this router, and lists the
+        routers whose lease lapsed.
+        """
+        ledger, active, commands, lapsed = self._call(
+            "read what the other routers hold",
+            lambda: self._view(
+                args=[
+                    self.prefix,
+                    self.replica,
+                    _COMMANDS,
+                    json.dumps(list(gpu_ids)),
+                    json.dumps(list(users)),
+                ]
+            ),
+        )
+        cancels = []
+        for command in commands:
+            request_id, actor = json.loads(command)
+            cancels.append((request_id, actor))
+        return SharedView(
+            ledger={
+                gpu_id: {_text(held[i]): int(held[i + 1]) for i in range(0, len(held), 2)}
+                for gpu_id, held in zip(gpu_ids, ledger, strict=True)
+            },
+            active={
+                user: frozenset(map(_text, members))
+                for user, members in zip(users, active, strict=True)
+            },
+            cancels=cancels,
+            lapsed=[_text(router) for router in lapsed if _text(router) != self.replica],
+        )
+
+    def adopt(self, router: str) -> list[Request]:
+        """Take over the unfinished requests of ``router``, whose lease lapsed, oldest first.
+
+        Its lease living, or another router having taken them first, it returns nothing.
+        """
+        if self._fenced is not None:
+            raise StoreUnavailable(self._fenced)
+        try:
+            ids = self._call(
+                "adopt a router's requests",
+                lambda: self._adopt(args=[self.prefix, self.replica, router, self._token]),
+            )
+        except StoreUnavailable as exc:
+            if "FENCED" in exc.message:
+                self._fenced = (
+                    f"{self._where}: another router adopted this router's requests; it no "
+                    "longer writes (restart it)"
+                )
+            raise
+        if ids:
+            _log.warning(
+                "redis_router_adopted", store=self._where, router=router, requests=len(ids)
+            )
+        requests = [r for r in self._requests(ids) if not r.status.terminal]
+        return sorted(requests, key=lambda r: r.created_at)
+
+    def send_cancel(self, request_id: str, actor: str) -> bool:
+        """Pass a cancellation to the router owning an unfinished request."""
+        owner, status = self._call(
+            "find a request's router",
+            lambda: self._redis.hmget(self._key("req", request_id), "owner", "status"),
+        )
+        if owner is None or status is None or RequestStatus(_text(status)).terminal:
+            return False
+        key = self._key("cmd", _text(owner))
+
+        def send() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.rpush(key, json.dumps([request_id, actor]))
+            pipe.expire(key, 3600)
+            pipe.execute()
+
+        self._call("pass a cancellation on", send)
+        return True
 
     def quota_overrides(self) -> dict[str, dict[str, Any]]:
         """Per-user quota overrides set at run time (in the order users were first set)."""
@@ -845,8 +1053,52 @@ class RedisStore(StateStore):
         self._renewer.join(timeout=SOCKET_TIMEOUT_S * 4)
         if self._fenced is None:
             with contextlib.suppress(redis.RedisError):  # else it lapses by itself
-                self._release(keys=[self._key("owner")], args=[self._token])
+                self._release(keys=self._fence_keys[:1], args=[self._token])
         self._redis.close()
+
+
+def _limits(limits: Limits | None) -> list[str | bool]:
+    """A creation's limits as the write script reads them (``false``: none)."""
+    values = (
+        (None, None, None)
+        if limits is None
+        else (
+            limits.requests_per_minute,
+            limits.max_queued,
+            limits.max_queued_total,
+        )
+    )
+    return [False if value is None else str(value) for value in values]
+
+
+def _refusals(answer: bytes | str) -> list[Refusal]:
+    """The refusals of the write script's answer (JSON; empty: none)."""
+    if not answer:
+        return []
+    refusals = []
+    for item in json.loads(answer):
+        ledger = item.get("ledger")
+        active = item.get("active")
+        refusals.append(
+            Refusal(
+                request_id=item["id"],
+                kind=item["kind"],
+                message=item["message"],
+                retry_after_s=float(item["retry_after"]),
+                existing=item.get("existing"),
+                limit=None if item.get("limit") is None else int(item["limit"]),
+                waiting=None if item.get("waiting") is None else int(item["waiting"]),
+                # cjson writes an empty table as {}: a GPU without reservations, no slots
+                ledger=None
+                if ledger is None
+                else {
+                    gpu: {rid: int(mb) for rid, mb in (held or {}).items()}
+                    for gpu, held in ledger.items()
+                },
+                active=None if active is None else frozenset(active or ()),
+            )
+        )
+    return refusals
 
 
 def _passes(query: RequestQuery, fields: Sequence[bytes | None]) -> bool:

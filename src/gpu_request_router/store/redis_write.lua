@@ -5,31 +5,55 @@
 -- written here). ARGV[1] the key prefix, ARGV[2] this router's owner token, ARGV[3] the batch id,
 -- ARGV[4] the batch as JSON (every number as a string, so that no value passes through Lua's
 -- doubles and loses digits), ARGV[5] the epoch of this router's lease, ARGV[6] the lease in ms,
--- ARGV[7] the id of the last batch whose answer arrived ('' if none: its marker goes):
+-- ARGV[7] the id of the last batch whose answer arrived ('' if none: its marker goes),
+-- ARGV[8] the replica id of a router sharing the prefix ('' for the one owner of a prefix):
 --   d  batches in doubt: {batch id, {{id, user, idempotency field|false, admission, charges}}}
 --   c  creations: {id, fixed, state, status, user, created_at, model, priority,
---                  idempotency field|false, terminal, admission member, version}
+--                  idempotency field|false, terminal, admission member, version,
+--                  limits {requests per minute, max queued, max queued total (each |false)}}
 --   u  updates: {id, status, state, terminal, version}
+--   cl claims (shared), of the requests dispatched in the batch that end it dispatching or
+--      running: {id, {{gpu, MiB, limit}...}, max concurrent|false, user}
 --   t  audit entries: {id, seq, json}
---   ch charges: {field, at, gpu_seconds}
+--   ch charges: {field, at, gpu_seconds, request id}
 --   o  overrides: {user, json|false}
 --   pr {admissions cutoff, charges cutoff, retention cutoff|false, batch limit,
 --       terminal statuses} | false
--- It answers {finished requests deleted, charges deleted}: a prune that reached the batch limit
--- in either runs again with the next write.
+-- It answers {finished requests deleted, charges deleted, refusals as JSON}: a prune that
+-- reached the batch limit in either runs again with the next write.
+--
+-- Routers sharing a prefix (ARGV[8] set) are checked against each other here, atomically: a
+-- creation over its user's rate or queue limits, or whose idempotency key another router took,
+-- is refused (none of its changes is written); a dispatch whose GPUs would hold more than their
+-- limit with every router's reservations (the ledger), or whose user would exceed
+-- max_concurrent, is written without its reservation and refused: its router queues it again.
+-- Windows are timed by Redis's own clock (TIME), the same for every router.
 --
 -- Every check comes before the first write, so a refused batch writes nothing; the shebang
 -- makes Redis refuse the whole script up front when it is out of memory.
 local p, token, batch = ARGV[1], ARGV[2], ARGV[3]
+local replica = ARGV[8]
+local shared = replica ~= ''
 local b = cjson.decode(ARGV[4])
 
 -- Checks ------------------------------------------------------------------------------------
 
--- The fence: the lease is this router's, or lapsed with nobody having taken the prefix since
--- (the epoch is still its own: Redis was down past the lease); then it is taken back below.
-local holder = redis.call('GET', p .. ':owner')
-if holder ~= token and (holder or redis.call('GET', p .. ':epoch') ~= ARGV[5]) then
-  return redis.error_reply('FENCED this router no longer owns the prefix ' .. p)
+-- The fence. One owner: the lease is this router's, or lapsed with nobody having taken the
+-- prefix since (the epoch is still its own: Redis was down past the lease). Shared: this
+-- replica's lease is its own, or lapsed with nobody having adopted its requests. A lapsed lease
+-- is taken back below.
+local lease_key = shared and (p .. ':replica:' .. replica) or (p .. ':owner')
+local holder = redis.call('GET', lease_key)
+if holder ~= token then
+  local taken
+  if shared then
+    taken = holder or redis.call('EXISTS', p .. ':adopted:' .. replica) == 1
+  else
+    taken = holder or redis.call('GET', p .. ':epoch') ~= ARGV[5]
+  end
+  if taken then
+    return redis.error_reply('FENCED this router no longer owns its part of the prefix ' .. p)
+  end
 end
 
 -- A batch whose answer was lost (the connection broke) may have been written: the router
@@ -45,12 +69,70 @@ for _, doubt in ipairs(b.d) do
   end
 end
 
+-- refused: by id; dropped: refused creations (none of the request's changes is written)
+local refusals, refused, dropped = {}, {}, {}
+local function refuse(id, kind, message, retry_after, extra)
+  local r = extra or {}
+  r.id, r.kind, r.message, r.retry_after = id, kind, message, tostring(retry_after or 0)
+  table.insert(refusals, r)
+  refused[id] = true
+end
+
+local now
+if shared then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local rate_added, waiting_added, waiting_total_added = {}, {}, 0
+
 for _, c in ipairs(b.c) do
-  if not free_ids[c[1]] and redis.call('EXISTS', p .. ':req:' .. c[1]) == 1 then
-    return redis.error_reply('REFUSED request ' .. c[1] .. ' is stored already')
+  local id, user = c[1], c[5]
+  if not free_ids[id] and redis.call('EXISTS', p .. ':req:' .. id) == 1 then
+    return redis.error_reply('REFUSED request ' .. id .. ' is stored already')
   end
   if c[9] and not free_keys[c[9]] and redis.call('HEXISTS', p .. ':idem', c[9]) == 1 then
-    return redis.error_reply('REFUSED the idempotency key of request ' .. c[1] .. ' is taken')
+    if not shared then
+      return redis.error_reply('REFUSED the idempotency key of request ' .. id .. ' is taken')
+    end
+    refuse(id, 'idempotency_key', 'another router took the idempotency key first', 0,
+      {existing = redis.call('HGET', p .. ':idem', c[9])})
+    dropped[id] = true
+  elseif shared then
+    local limits = c[13]
+    local rpm, max_queued, max_total = limits[1], limits[2], limits[3]
+    if rpm then
+      local key = p .. ':rate:' .. user
+      local window = redis.call('ZRANGEBYSCORE', key, '(' .. (now - 60), '+inf', 'WITHSCORES')
+      local count = #window / 2 + (rate_added[user] or 0)
+      if count >= tonumber(rpm) then
+        local oldest = #window > 0 and tonumber(window[2]) or now
+        refuse(id, 'requests_per_minute',
+          'you sent ' .. count .. ' requests in the last minute; your limit is ' .. rpm,
+          math.max(oldest + 60 - now, 0.001))
+      end
+    end
+    if not refused[id] and max_queued then
+      local count = redis.call('SCARD', p .. ':waiting:' .. user) + (waiting_added[user] or 0)
+      if count >= tonumber(max_queued) then
+        refuse(id, 'max_queued',
+          'you have ' .. count .. ' requests waiting; your limit is ' .. max_queued, 0)
+      end
+    end
+    if not refused[id] and max_total then
+      local count = redis.call('SCARD', p .. ':waiting') + waiting_total_added
+      if count >= tonumber(max_total) then
+        refuse(id, 'max_queued_total',
+          count .. ' requests are waiting; the limit is ' .. max_total, 0,
+          {waiting = tostring(count), limit = tostring(max_total)})
+      end
+    end
+    if refused[id] then
+      dropped[id] = true
+    else
+      if rpm then rate_added[user] = (rate_added[user] or 0) + 1 end
+      waiting_added[user] = (waiting_added[user] or 0) + 1
+      waiting_total_added = waiting_total_added + 1
+    end
   end
 end
 for _, u in ipairs(b.u) do
@@ -59,11 +141,101 @@ for _, u in ipairs(b.u) do
   end
 end
 
+-- Claims (shared): each GPU's ledger, less what this batch releases, plus what it claims
+-- before, must stay within the claim's limit; the user's slots likewise.
+local reserve, claimed = {}, {}  -- claims confirmed; every claim's request
+if shared then
+  for _, claim in ipairs(b.cl) do claimed[claim[1]] = true end
+  local released = {}  -- request id -> true: its reservation goes with this batch
+  for _, u in ipairs(b.u) do
+    if u[2] ~= 'dispatching' and u[2] ~= 'running' then released[u[1]] = true end
+  end
+  for _, claim in ipairs(b.cl) do released[claim[1]] = true end
+  local claimed_mb, claimed_users = {}, {}
+  local function ledger_sum(gpu)
+    local sum = claimed_mb[gpu] or 0
+    local held = redis.call('HGETALL', p .. ':ledger:' .. gpu)
+    for i = 1, #held, 2 do
+      if not released[held[i]] then sum = sum + tonumber(held[i + 1]) end
+    end
+    return sum
+  end
+  local function ledger_of(claim)
+    local out = {}
+    for _, g in ipairs(claim[2]) do
+      local entries, held = {}, redis.call('HGETALL', p .. ':ledger:' .. g[1])
+      for i = 1, #held, 2 do entries[held[i]] = tonumber(held[i + 1]) end
+      out[g[1]] = entries
+    end
+    return out
+  end
+  for _, claim in ipairs(b.cl) do
+    local id = claim[1]
+    if not dropped[id] then
+      local over
+      for _, g in ipairs(claim[2]) do
+        local sum = ledger_sum(g[1])
+        if sum + tonumber(g[2]) > tonumber(g[3]) then
+          over = 'GPU ' .. g[1] .. ' holds ' .. sum .. ' MiB of reservations; ' .. g[2] ..
+            ' more would pass its limit of ' .. g[3] .. ' MiB'
+          break
+        end
+      end
+      local max_concurrent, user = claim[3], claim[4]
+      local slots = p .. ':active:' .. user
+      if over then
+        refuse(id, 'gpu_memory', over, 0, {ledger = ledger_of(claim)})
+      elseif max_concurrent then
+        local count = redis.call('SCARD', slots) + (claimed_users[user] or 0)
+        if redis.call('SISMEMBER', slots, id) == 1 then count = count - 1 end
+        if count >= tonumber(max_concurrent) then
+          refuse(id, 'max_concurrent',
+            'you have ' .. count .. ' requests running; your limit is ' .. max_concurrent, 0,
+            {active = redis.call('SMEMBERS', slots)})
+        end
+      end
+      if not refused[id] then
+        for _, g in ipairs(claim[2]) do
+          claimed_mb[g[1]] = (claimed_mb[g[1]] or 0) + tonumber(g[2])
+        end
+        claimed_users[user] = (claimed_users[user] or 0) + 1
+        reserve[id] = claim
+      end
+    end
+  end
+end
+
 -- Writes ------------------------------------------------------------------------------------
 
-if holder ~= token then redis.call('SET', p .. ':owner', token, 'PX', ARGV[6]) end
+if holder ~= token then redis.call('SET', lease_key, token, 'PX', ARGV[6]) end
+
+-- Shared: which requests wait (the users' queue limits) and who holds what (the claims).
+local function waiting(id, user, status)
+  if status == 'queued' then
+    redis.call('SADD', p .. ':waiting:' .. user, id)
+    redis.call('SADD', p .. ':waiting', id)
+  else
+    redis.call('SREM', p .. ':waiting:' .. user, id)
+    redis.call('SREM', p .. ':waiting', id)
+  end
+end
+local function release(id, user)
+  local held = redis.call('HGET', p .. ':req:' .. id, 'held')
+  if held then
+    for _, gpu in ipairs(cjson.decode(held)) do redis.call('HDEL', p .. ':ledger:' .. gpu, id) end
+    redis.call('HDEL', p .. ':req:' .. id, 'held')
+  end
+  redis.call('SREM', p .. ':active:' .. user, id)
+end
 
 local function forget(id, user, key)
+  if shared then
+    release(id, user)
+    waiting(id, user, 'gone')
+    local owner = redis.call('HGET', p .. ':req:' .. id, 'owner')
+    if owner then redis.call('ZREM', p .. ':owned:' .. owner, id) end
+    redis.call('ZREM', p .. ':rate:' .. user, id)
+  end
   redis.call('DEL', p .. ':req:' .. id, p .. ':trail:' .. id)
   redis.call('ZREM', p .. ':created', id)
   redis.call('ZREM', p .. ':user:' .. user, id)
@@ -91,19 +263,36 @@ end
 
 for _, c in ipairs(b.c) do
   local id = c[1]
-  local key = p .. ':req:' .. id
-  redis.call('HSET', key, 'fixed', c[2], 'state', c[3], 'status', c[4],
-    'user', c[5], 'model', c[7], 'priority', c[8], 'version', c[12])
-  if c[9] then redis.call('HSET', key, 'idem', c[9]) end
-  redis.call('ZADD', p .. ':created', c[6], id)
-  redis.call('ZADD', p .. ':user:' .. c[5], c[6], id)
-  if c[9] then redis.call('HSET', p .. ':idem', c[9], id) end
-  if c[10] then
-    redis.call('ZADD', p .. ':finished', c[6], id)
-  else
-    redis.call('ZADD', p .. ':unfinished', next_seq(), id)
+  if not dropped[id] then
+    local key = p .. ':req:' .. id
+    redis.call('HSET', key, 'fixed', c[2], 'state', c[3], 'status', c[4],
+      'user', c[5], 'model', c[7], 'priority', c[8], 'version', c[12])
+    if c[9] then redis.call('HSET', key, 'idem', c[9]) end
+    redis.call('ZADD', p .. ':created', c[6], id)
+    redis.call('ZADD', p .. ':user:' .. c[5], c[6], id)
+    if c[9] then redis.call('HSET', p .. ':idem', c[9], id) end
+    if c[10] then
+      redis.call('ZADD', p .. ':finished', c[6], id)
+    else
+      local seq = next_seq()
+      redis.call('ZADD', p .. ':unfinished', seq, id)
+      if shared then
+        redis.call('HSET', key, 'owner', replica)
+        redis.call('ZADD', p .. ':owned:' .. replica, seq, id)
+      end
+    end
+    redis.call('ZADD', p .. ':admissions', c[6], c[11])
+    if shared then
+      local rpm = c[13][1]
+      if rpm then
+        local rate = p .. ':rate:' .. c[5]
+        redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - 60)
+        redis.call('ZADD', rate, now, id)
+        redis.call('PEXPIRE', rate, 61000)
+      end
+      waiting(id, c[5], c[4])
+    end
   end
-  redis.call('ZADD', p .. ':admissions', c[6], c[11])
 end
 
 -- A change carried again after a lost answer is written once: a row only moves forward in
@@ -113,20 +302,46 @@ for _, u in ipairs(b.u) do
   local version = tonumber(redis.call('HGET', key, 'version'))
   if version == nil or tonumber(u[5]) > version then
     redis.call('HSET', key, 'status', u[2], 'state', u[3], 'version', u[5])
+    if shared then
+      local user = redis.call('HGET', key, 'user')
+      if claimed[u[1]] or u[2] ~= 'dispatching' and u[2] ~= 'running' then
+        release(u[1], user)
+      end
+      waiting(u[1], user, u[2])
+      if u[4] then
+        local owner = redis.call('HGET', key, 'owner')
+        if owner then redis.call('ZREM', p .. ':owned:' .. owner, u[1]) end
+      end
+    end
     if u[4] then
       redis.call('ZREM', p .. ':unfinished', u[1])
       redis.call('ZADD', p .. ':finished', redis.call('ZSCORE', p .. ':created', u[1]), u[1])
     end
   end
 end
+-- The claims confirmed above: the ledger, each request's GPUs (to release), the user's slots.
+for id, claim in pairs(reserve) do
+  local gpus = {}
+  for _, g in ipairs(claim[2]) do
+    redis.call('HSET', p .. ':ledger:' .. g[1], id, g[2])
+    table.insert(gpus, g[1])
+  end
+  redis.call('HSET', p .. ':req:' .. id, 'held', cjson.encode(gpus))
+  redis.call('SADD', p .. ':active:' .. claim[4], id)
+end
+
 for _, t in ipairs(b.t) do
-  local key = p .. ':trail:' .. t[1]
-  if tonumber(t[2]) >= redis.call('LLEN', key) then redis.call('RPUSH', key, t[3]) end
+  if not dropped[t[1]] then
+    local key = p .. ':trail:' .. t[1]
+    if tonumber(t[2]) >= redis.call('LLEN', key) then redis.call('RPUSH', key, t[3]) end
+  end
 end
 
 for _, ch in ipairs(b.ch) do
-  redis.call('ZADD', p .. ':charges', 'NX', ch[2], ch[1])  -- a replaced charge keeps its time
-  redis.call('HSET', p .. ':charge_gs', ch[1], ch[3])
+  if not dropped[ch[4]] then
+    redis.call('ZADD', p .. ':charges', 'NX', ch[2], ch[1])  -- a replaced charge keeps its time
+    redis.call('HSET', p .. ':charge_gs', ch[1], ch[3])
+  end
 end
 
 for _, o in ipairs(b.o) do
@@ -164,4 +379,4 @@ if b.pr then
 end
 
 if #b.c > 0 then redis.call('SET', p .. ':batch:' .. batch, '1', 'EX', 3600) end
-return {deleted, charges}
+return {deleted, charges, #refusals > 0 and cjson.encode(refusals) or ''}

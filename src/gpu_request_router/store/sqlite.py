@@ -99,6 +99,7 @@ from gpu_request_router.core.state_store import (
     OverrideChange,
     Page,
     QuotaHistory,
+    Refusal,
     RequestQuery,
     StateStore,
     batch_time,
@@ -392,8 +393,8 @@ class SQLiteStore(StateStore):
 
     # Requests ------------------------------------------------------------------------------
 
-    def write(self, changes: Sequence[Change]) -> None:
-        """Persist ``changes`` in one transaction (see the module docstring)."""
+    def write(self, changes: Sequence[Change]) -> list[Refusal]:
+        """Persist ``changes`` in one transaction (see the module docstring); refuse nothing."""
         last: dict[str, Request] = {}
         created: dict[str, Request] = {}
         entries: list[tuple[str, int, str]] = []
@@ -451,6 +452,7 @@ class SQLiteStore(StateStore):
                 self._set_override(conn, override)
             if now is not None and self._prunes.due(now):
                 self._prune(conn, now)
+        return []
 
     @staticmethod
     def _set_override(conn: sqlite3.Connection, override: OverrideChange) -> None:

@@ -337,6 +337,7 @@ def test_adopt_takes_every_field() -> None:
         metadata={"team": "vision"},
         idempotency_key="k1",
         fingerprint="f1",
+        synchronous=True,
         status=S.FAILED,
         queued_at=T0 + 2.0,
         dispatched_at=T0 + 3.0,

@@ -80,6 +80,7 @@ def requests(draw: st.DrawFn) -> Request:
         metadata=draw(st.dictionaries(texts, texts, max_size=3)),
         idempotency_key=draw(st.none() | texts),
         fingerprint=draw(texts),
+        synchronous=draw(st.booleans()),
     )
     # A zero queued_at next to a non-zero created_at must survive (__post_init__ would fill it).
     if draw(st.booleans()):
