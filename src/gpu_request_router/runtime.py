@@ -844,8 +844,12 @@ class Runtime:
         execution_id = dispatch.execution_id
         if after is not None:
             await asyncio.shield(after)
-            if self.router.execution_of(dispatch.request.id) != execution_id:
-                self._executions.pop(execution_id, None)
+            # Taken back meanwhile, or superseded: a dispatch a shared store refused goes back
+            # to the queue with its attempt not counted, so its next one has the same id.
+            mine = self._executions.get(execution_id) is asyncio.current_task()
+            if not mine or self.router.execution_of(dispatch.request.id) != execution_id:
+                if mine:
+                    del self._executions[execution_id]
                 return
         client = self._clients.get(dispatch.backend)
         sink = self._sinks.get(dispatch.request.id)

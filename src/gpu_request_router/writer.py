@@ -263,17 +263,24 @@ class Writer:
             self._idle.set()
         dropped = {r.request_id for r in refusals or () if r.creation}
         if dropped:
-            durable = [
-                change
-                for change in durable
-                if not (isinstance(change, StateChange) and change.request.id in dropped)
-            ]
+            durable = _without(durable, dropped)
+            self._purge(dropped)
         self._on_committed(durable, behind)
         if refusals and self._on_refusals is not None:
             self._on_refusals(refusals)
         for group in groups:
             if not group.done.done():
                 group.done.set_result(None)
+
+    def _purge(self, request_ids: set[str]) -> None:
+        """Drop the waiting changes of requests whose creation was refused (never written)."""
+        for group in self._groups:
+            kept = _without(group.changes, request_ids)
+            self._pending -= len(group.changes) - len(kept)
+            group.changes = kept
+        kept = _without(self._behind, request_ids)
+        self._pending -= len(self._behind) - len(kept)
+        self._behind = kept
 
     async def _one_by_one(self, groups: list[_Group], behind: list[Change]) -> None:
         """Commit a batch the store refused for good, one event at a time.
@@ -348,3 +355,12 @@ class Writer:
         if refused:
             _log.warning("requests_refused", count=len(refused), error=failure.message)
             self._on_refused(refused, failure)
+
+
+def _without(changes: list[Change], request_ids: set[str]) -> list[Change]:
+    """``changes`` less those of the requests ``request_ids``."""
+    return [
+        change
+        for change in changes
+        if not (isinstance(change, StateChange) and change.request.id in request_ids)
+    ]

@@ -966,8 +966,9 @@ class RequestRouter:
         monitor = self.monitor
         claim = Claim(
             tuple(
-                (gpu_id, memory_mb, monitor.shared_limit_mb(monitor.gpus[gpu_id]))
+                (gpu_id, memory_mb, monitor.shared_limit_mb(gpu), gpu.slots)
                 for gpu_id, memory_mb in chosen.reservations.items()
+                for gpu in (monitor.gpus[gpu_id],)
             ),
             self.quotas.quota_for(request.user).max_concurrent,
         )

@@ -138,15 +138,16 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What a dispatch reserves: memory on each GPU, and one of its user's concurrent slots.
+    """What a dispatch reserves: memory and a slot on each GPU, and one of its user's slots.
 
-    ``gpus`` holds ``(gpu id, MiB reserved, limit)`` where the limit is the most all routers
-    together may reserve on that GPU (total − safety margin − memory used by others, as this
-    router sees it). A store shared by several routers confirms the claim against every
-    router's reservations, atomically with the dispatch, or refuses it (:class:`Refusal`).
+    ``gpus`` holds ``(gpu id, MiB reserved, limit, slots)`` where the limit is the most all
+    routers together may reserve on that GPU (total − safety margin − memory used by others, as
+    this router sees it) and ``slots`` the executions it runs at once. A store shared by several
+    routers confirms the claim against every router's reservations, atomically with the
+    dispatch, or refuses it (:class:`Refusal`).
     """
 
-    gpus: tuple[tuple[str, int, int], ...]
+    gpus: tuple[tuple[str, int, int, int], ...]
     max_concurrent: int | None = None
 
 

@@ -213,7 +213,8 @@ end
 for _, user in ipairs(cjson.decode(ARGV[5])) do
   table.insert(active, redis.call('SMEMBERS', p .. ':active:' .. user))
 end
-local commands = redis.call('LPOP', p .. ':cmd:' .. me, ARGV[3]) or {}
+local commands = {}
+if tonumber(ARGV[3]) > 0 then commands = redis.call('LPOP', p .. ':cmd:' .. me, ARGV[3]) or {} end
 for _, replica in ipairs(redis.call('HKEYS', p .. ':replicas')) do
   if redis.call('EXISTS', p .. ':replica:' .. replica) == 0 then table.insert(lapsed, replica) end
 end
@@ -695,8 +696,8 @@ class RedisStore(StateStore):
                 [
                     request_id,
                     [
-                        [gpu_id, str(memory_mb), str(limit)]
-                        for gpu_id, memory_mb, limit in claim.gpus
+                        [gpu_id, str(memory_mb), str(limit), str(slots)]
+                        for gpu_id, memory_mb, limit, slots in claim.gpus
                     ],
                     False if claim.max_concurrent is None else str(claim.max_concurrent),
                     last[request_id].user,
@@ -875,8 +876,7 @@ class RedisStore(StateStore):
         lease had lapsed (the routers that died while none was left to adopt their work).
         """
         if self.shared:
-            lapsed = self.shared_view([], []).lapsed
-            for router in lapsed:
+            for router in self._shared_view([], [], commands=0).lapsed:
                 self.adopt(router)
             index = self._key("owned", self.replica)
         else:
@@ -893,20 +893,26 @@ class RedisStore(StateStore):
         Also takes up to :data:`_COMMANDS` cancellations sent to this router, and lists the
         routers whose lease lapsed.
         """
-        ledger, active, commands, lapsed = self._call(
+        return self._shared_view(gpu_ids, users, commands=_COMMANDS)
+
+    def _shared_view(
+        self, gpu_ids: Sequence[str], users: Sequence[str], *, commands: int
+    ) -> SharedView:
+        """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none)."""
+        ledger, active, taken, lapsed = self._call(
             "read what the other routers hold",
             lambda: self._view(
                 args=[
                     self.prefix,
                     self.replica,
-                    _COMMANDS,
+                    commands,
                     json.dumps(list(gpu_ids)),
                     json.dumps(list(users)),
                 ]
             ),
         )
         cancels = []
-        for command in commands:
+        for command in taken:
             request_id, actor = json.loads(command)
             cancels.append((request_id, actor))
         return SharedView(

@@ -13,7 +13,7 @@
 --                  limits {requests per minute, max queued, max queued total (each |false)}}
 --   u  updates: {id, status, state, terminal, version}
 --   cl claims (shared), of the requests dispatched in the batch that end it dispatching or
---      running: {id, {{gpu, MiB, limit}...}, max concurrent|false, user}
+--      running: {id, {{gpu, MiB, limit, slots}...}, max concurrent|false, user}
 --   t  audit entries: {id, seq, json}
 --   ch charges: {field, at, gpu_seconds, request id}
 --   o  overrides: {user, json|false}
@@ -79,11 +79,19 @@ local function refuse(id, kind, message, retry_after, extra)
 end
 
 local now
+-- What waits counts the batch's own changes: creations add, requests leaving the queue free.
+local rate_added, waiting_added, waiting_total_added = {}, {}, 0
 if shared then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  for _, u in ipairs(b.u) do
+    if u[2] ~= 'queued' and redis.call('SISMEMBER', p .. ':waiting', u[1]) == 1 then
+      local user = redis.call('HGET', p .. ':req:' .. u[1], 'user')
+      waiting_added[user] = (waiting_added[user] or 0) - 1
+      waiting_total_added = waiting_total_added - 1
+    end
+  end
 end
-local rate_added, waiting_added, waiting_total_added = {}, {}, 0
 
 for _, c in ipairs(b.c) do
   local id, user = c[1], c[5]
@@ -151,14 +159,14 @@ if shared then
     if u[2] ~= 'dispatching' and u[2] ~= 'running' then released[u[1]] = true end
   end
   for _, claim in ipairs(b.cl) do released[claim[1]] = true end
-  local claimed_mb, claimed_users = {}, {}
-  local function ledger_sum(gpu)
-    local sum = claimed_mb[gpu] or 0
+  local claimed_mb, claimed_n, claimed_users = {}, {}, {}
+  local function ledger_sum(gpu)  -- MiB and executions
+    local sum, n = claimed_mb[gpu] or 0, claimed_n[gpu] or 0
     local held = redis.call('HGETALL', p .. ':ledger:' .. gpu)
     for i = 1, #held, 2 do
-      if not released[held[i]] then sum = sum + tonumber(held[i + 1]) end
+      if not released[held[i]] then sum, n = sum + tonumber(held[i + 1]), n + 1 end
     end
-    return sum
+    return sum, n
   end
   local function ledger_of(claim)
     local out = {}
@@ -174,10 +182,14 @@ if shared then
     if not dropped[id] then
       local over
       for _, g in ipairs(claim[2]) do
-        local sum = ledger_sum(g[1])
+        local sum, n = ledger_sum(g[1])
         if sum + tonumber(g[2]) > tonumber(g[3]) then
           over = 'GPU ' .. g[1] .. ' holds ' .. sum .. ' MiB of reservations; ' .. g[2] ..
             ' more would pass its limit of ' .. g[3] .. ' MiB'
+          break
+        end
+        if n + 1 > tonumber(g[4]) then
+          over = 'GPU ' .. g[1] .. ' runs ' .. n .. ' executions, as many as its slots'
           break
         end
       end
@@ -186,8 +198,10 @@ if shared then
       if over then
         refuse(id, 'gpu_memory', over, 0, {ledger = ledger_of(claim)})
       elseif max_concurrent then
-        local count = redis.call('SCARD', slots) + (claimed_users[user] or 0)
-        if redis.call('SISMEMBER', slots, id) == 1 then count = count - 1 end
+        local count = claimed_users[user] or 0
+        for _, holder in ipairs(redis.call('SMEMBERS', slots)) do
+          if not released[holder] then count = count + 1 end
+        end
         if count >= tonumber(max_concurrent) then
           refuse(id, 'max_concurrent',
             'you have ' .. count .. ' requests running; your limit is ' .. max_concurrent, 0,
@@ -197,6 +211,7 @@ if shared then
       if not refused[id] then
         for _, g in ipairs(claim[2]) do
           claimed_mb[g[1]] = (claimed_mb[g[1]] or 0) + tonumber(g[2])
+          claimed_n[g[1]] = (claimed_n[g[1]] or 0) + 1
         end
         claimed_users[user] = (claimed_users[user] or 0) + 1
         reserve[id] = claim
