@@ -127,14 +127,18 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.", min=1, max=65535)] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Router processes on the port (state.shared on Redis when more than one); one "
+            "that exits is started again.",
+            min=1,
+            max=64,
+        ),
+    ] = 1,
 ) -> None:
     """Run the router. Without --config: SQLite in this directory and a simulated 4-GPU fleet."""
-    import uvicorn
-
-    from gpu_request_router.api import create_app
-    from gpu_request_router.http.keys import hash_key
-    from gpu_request_router.store import open_store
-    from gpu_request_router.utils.serving import AnnouncingServer, StandbyResponder, listen
+    from gpu_request_router.utils.serving import Supervisor, listen
 
     settings = _load(config)
     server = settings.server.model_copy(
@@ -142,13 +146,48 @@ def serve(
     )
     settings = settings.model_copy(update={"server": server})
     configure_logging(settings.logging, cache_loggers=True)
+    if workers > 1:
+        state = settings.state
+        if not (state.backend == "redis" and state.shared):
+            _refuse(
+                "invalid_configuration",
+                f"--workers {workers} runs {workers} routers on one state: that needs "
+                f"state.backend redis with state.shared true (state.backend is "
+                f"{state.backend}{', shared false' if state.backend == 'redis' else ''}; a "
+                "SQLite file has one owner)",
+                code=2,
+            )
+        url = f"http://{server.host}:{server.port}"
+        try:
+            settings, dev_key = _with_dev_key(settings)  # one key for every process
+        except DevKeyUnusable as exc:
+            _refuse("development_key_unusable", str(exc), path=str(exc.path))
+        try:
+            sock = listen(server.host, server.port, 2048)  # uvicorn's default backlog
+        except OSError as exc:
+            _refuse("cannot_listen", f"cannot listen on {url}: {exc.strerror or exc}", url=url)
+        if dev_key is not None:
+            _show_dev_key(settings, url, dev_key)
+        raise typer.Exit(Supervisor(workers, lambda: _serve(settings, sock)).run())
+    _serve(settings, None)
+
+
+def _serve(settings: Settings, bound: socket.socket | None) -> None:
+    """One router process: the store, recovery, then serving (on ``bound`` if given)."""
+    import uvicorn
+
+    from gpu_request_router.api import create_app
+    from gpu_request_router.store import open_store
+    from gpu_request_router.utils.serving import AnnouncingServer, StandbyResponder, listen
+
+    server = settings.server
     # The order of a start: the store (and the SQLite file's lock, before anything reads the
     # file), the development key (kept beside that file), the port, then recovery (the
     # application's lifespan), then "listening". A standby binds the port first and answers
     # the probes on it while it waits for the store.
     url = f"http://{server.host}:{server.port}"
     early: socket.socket | None = None
-    if settings.state.backend == "redis" and settings.state.standby:
+    if bound is None and settings.state.backend == "redis" and settings.state.standby:
         try:
             early = listen(server.host, server.port, 2048)  # uvicorn's default backlog
         except OSError as exc:
@@ -169,15 +208,11 @@ def serve(
         _refuse("state_store_in_use", exc.message, path=exc.path, pid=exc.pid)
     except StoreUnavailable as exc:
         _refuse("state_store_unavailable", exc.message)
-    dev_key = None
-    if settings.auth.enabled and not settings.auth.users:
-        try:
-            dev_key = development_key(settings.state)
-        except DevKeyUnusable as exc:
-            store.close()
-            _refuse("development_key_unusable", str(exc), path=str(exc.path))
-        admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
-        settings = settings.model_copy(update={"auth": AuthSettings(enabled=True, users=[admin])})
+    try:
+        settings, dev_key = _with_dev_key(settings)
+    except DevKeyUnusable as exc:
+        store.close()
+        _refuse("development_key_unusable", str(exc), path=str(exc.path))
     try:
         application = create_app(settings, store=store)
     except ConfigError as exc:
@@ -195,8 +230,9 @@ def serve(
         proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
-    if early is not None:
-        sock = early
+    if bound is not None or early is not None:
+        sock = bound if bound is not None else early
+        assert sock is not None
     else:
         try:
             sock = listen(server.host, server.port, server_config.backlog)
@@ -208,15 +244,35 @@ def serve(
         structlog.get_logger().info("listening", url=url)
         _out.print(f"gpu-request-router listening on [bold]{url}[/bold] (API docs: {url}/docs)")
         if dev_key is not None:
-            kept = dev_key_path(settings.state)
-            where = f"kept in {kept}" if kept is not None else "for this run only"
-            _out.print(
-                f"No users are configured: a development admin key ({escape(where)}).\n"
-                f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}",
-                highlight=False,
-            )
+            _show_dev_key(settings, url, dev_key)
 
     AnnouncingServer(server_config, announce).run(sockets=[sock])
+
+
+def _with_dev_key(settings: Settings) -> tuple[Settings, str | None]:
+    """With auth on and no users, the settings with a development admin, and its key.
+
+    Raises:
+        DevKeyUnusable: the key's file cannot be used.
+    """
+    if not (settings.auth.enabled and not settings.auth.users):
+        return settings, None
+    from gpu_request_router.http.keys import hash_key
+
+    dev_key = development_key(settings.state)
+    admin = UserEntry(name="admin", role="admin", api_key_sha256=hash_key(dev_key))
+    auth = AuthSettings(enabled=True, users=[admin])
+    return settings.model_copy(update={"auth": auth}), dev_key
+
+
+def _show_dev_key(settings: Settings, url: str, dev_key: str) -> None:
+    kept = dev_key_path(settings.state)
+    where = f"kept in {kept}" if kept is not None else "for this run only"
+    _out.print(
+        f"No users are configured: a development admin key ({escape(where)}).\n"
+        f"  export GPUROUTER_URL={url}\n  export GPUROUTER_API_KEY={dev_key}",
+        highlight=False,
+    )
 
 
 @app.command()

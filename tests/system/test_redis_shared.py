@@ -451,3 +451,95 @@ def test_a_killed_replica_s_work_is_adopted_and_the_others_clients_see_no_error(
         f"kills={KILLS} acknowledged={len(ids)} retried_by_key={load.retried} "
         f"adoption_s={[round(a, 2) for a in adoptions]} lease_s={LEASE_S} lost=0 duplicated=0"
     )
+
+
+def _registered(redis_url: str, prefix: str) -> set[int]:
+    """The pids of the routers registered on ``prefix`` whose lease lives."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        pids = set()
+        for replica, token in client.hgetall(f"{prefix}:replicas").items():
+            if client.exists(f"{prefix}:replica:{replica.decode()}"):
+                pids.add(int(token.decode().split(":")[-2]))
+        return pids
+    finally:
+        client.close()
+
+
+def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
+    tmp_path: Path, redis_url: str, redis_store_prefix: str
+) -> None:
+    """`serve --workers 2`: two routers share the port and the prefix; a killed one comes back.
+
+    SIGTERM to the supervisor stops both (exit 0). The SQLite store is refused (exit 2).
+    """
+    port = free_port()
+    config = {
+        "server": {"port": port},
+        "auth": {"users": [{"name": "alice", "role": "user", "api_key_sha256": hash_key(KEY)}]},
+        "state": {
+            "backend": "redis",
+            "redis_url": redis_url,
+            "redis_prefix": redis_store_prefix,
+            "shared": True,
+            "redis_lease_s": LEASE_S,
+        },
+        "logging": {"level": "warning", "format": "json"},
+    }
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "workers.log"
+    with log.open("ab") as out:
+        supervisor = subprocess.Popen(
+            [GPUROUTER, "serve", "--config", str(path), "--workers", "2"],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=out,
+            env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(url, supervisor, log, "/readyz")
+        deadline = time.monotonic() + 30
+        while len(pids := _registered(redis_url, redis_store_prefix)) < 2:
+            assert time.monotonic() < deadline, pids
+            time.sleep(0.1)
+        assert supervisor.pid not in pids
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        while True:  # the supervisor starts another in its place
+            now = _registered(redis_url, redis_store_prefix)
+            if victim not in now and len(now) == 2:
+                break
+            assert time.monotonic() < deadline + 30, now
+            time.sleep(0.1)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for _ in range(6):  # either process answers, and both see the same requests
+            response = httpx.post(f"{url}/v1/requests", json=_body(0.01, None), headers=headers)
+            assert response.status_code == 202, response.text
+            done = httpx.get(
+                f"{url}/v1/requests/{response.json()['id']}",
+                params={"wait": 10},
+                headers=headers,
+                timeout=15,
+            )
+            assert done.json()["status"] == "succeeded", done.text
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+        assert not _registered(redis_url, redis_store_prefix)  # both left, leases released
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(10)
+    config["state"] = {"backend": "sqlite", "sqlite_path": str(tmp_path / "r.db")}
+    path.write_text(yaml.safe_dump(config))
+    refused = subprocess.run(
+        [GPUROUTER, "serve", "--config", str(path), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=clean_environment(),
+    )
+    assert refused.returncode == 2, refused
+    assert "state.shared true" in refused.stdout + refused.stderr

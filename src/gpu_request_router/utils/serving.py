@@ -6,21 +6,33 @@ changed anything. The kernel queues connections that arrive meanwhile; they are 
 application has started. :class:`AnnouncingServer` calls its ``announce`` callback only once the
 server accepts connections, so "listening" is never said of a port the process does not hold.
 :class:`StandbyResponder` answers the probes on the bound port while a standby router waits for
-its store.
+its store. :class:`Supervisor` runs several router processes on one bound port.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
+import structlog
 import uvicorn
 
-__all__ = ["AnnouncingServer", "StandbyResponder", "listen"]
+__all__ = ["RESTART_S", "AnnouncingServer", "StandbyResponder", "Supervisor", "listen"]
+
+_log = structlog.get_logger(__name__)
+
+RESTART_S = 1.0
+"""The pause before a child process that exited is started again."""
+
+FAILED_START_S = 10.0
+"""A child that fails within this long of its start stops them all: its start cannot succeed."""
 
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -146,3 +158,76 @@ class StandbyResponder:
             "Retry-After: 1\r\nConnection: close\r\n\r\n".encode()
             + payload
         )
+
+
+class Supervisor:
+    """Runs ``count`` child processes of ``target`` (forked) and keeps them running.
+
+    The children inherit what the parent holds, the listening socket among them: the kernel
+    spreads the connections over them. SIGTERM or SIGINT to the supervisor is passed on to every
+    child (each stops gracefully), and :meth:`run` returns once all have exited. A child that
+    exits otherwise (killed, crashed) is started again after :data:`RESTART_S`, unless it exited
+    with an error status within :data:`FAILED_START_S` of its start (a refused start: a store
+    that cannot be used): then the others are stopped too and its exit status returned.
+    """
+
+    def __init__(self, count: int, target: Callable[[], None]) -> None:
+        self.count = count
+        self.target = target
+        self._children: dict[int, tuple[int, float]] = {}  # pid: (slot, started)
+        self._stopping = False
+        self._status = 0
+
+    def run(self) -> int:
+        """Start the children and supervise them until they have all exited; the exit status."""
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for slot in range(self.count):
+                self._spawn(slot)
+            while self._children:
+                pid, status = os.wait()
+                slot, started = self._children.pop(pid, (-1, 0.0))
+                code = os.waitstatus_to_exitcode(status)
+                if self._stopping or slot < 0:
+                    continue
+                if code > 0 and time.monotonic() - started < FAILED_START_S:
+                    _log.error("worker_failed_to_start", slot=slot, pid=pid, exit_code=code)
+                    self._status = code
+                    self._stop(signal.SIGTERM, None)
+                    continue
+                _log.warning("worker_exited", slot=slot, pid=pid, exit_code=code)
+                time.sleep(RESTART_S)
+                if not self._stopping:
+                    self._spawn(slot)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self._status
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _spawn(self, slot: int) -> None:
+        pid = os.fork()
+        if pid:
+            self._children[pid] = (slot, time.monotonic())
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = 0
+        try:
+            self.target()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # the child's end: report it as its exit status
+            exit_code = getattr(exc, "exit_code", None)  # click's Exit (a refused start)
+            if isinstance(exit_code, int):
+                code = exit_code
+            else:
+                _log.exception("worker_crashed", slot=slot)
+                code = 1
+        finally:
+            os._exit(code)
