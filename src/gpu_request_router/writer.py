@@ -264,16 +264,21 @@ class Writer:
         dropped = {r.request_id for r in refusals or () if r.creation}
         if dropped:
             durable = _without(durable, dropped)
-            self._purge(dropped)
         self._on_committed(durable, behind)
         if refusals and self._on_refusals is not None:
             self._on_refusals(refusals)
+        if dropped:
+            self._purge(dropped)
         for group in groups:
             if not group.done.done():
                 group.done.set_result(None)
 
     def _purge(self, request_ids: set[str]) -> None:
-        """Drop the waiting changes of requests whose creation was refused (never written)."""
+        """Drop the waiting changes of requests whose creation was refused (never written).
+
+        Called once the refusal was handed over: what the core decided for them meanwhile (a
+        dispatch by the pass that took back another refused request, say) goes too.
+        """
         for group in self._groups:
             kept = _without(group.changes, request_ids)
             self._pending -= len(group.changes) - len(kept)
@@ -321,6 +326,7 @@ class Writer:
         created = {change.request.id for change in states if change.created}
         if created:
             self._on_refused(created, StoreUnavailable(f"the state store refused it: {exc!r}"))
+            self._purge(created)
 
     def _failed(
         self, groups: list[_Group], behind: list[Change], failure: StoreUnavailable
@@ -355,6 +361,7 @@ class Writer:
         if refused:
             _log.warning("requests_refused", count=len(refused), error=failure.message)
             self._on_refused(refused, failure)
+            self._purge(refused)
 
 
 def _without(changes: list[Change], request_ids: set[str]) -> list[Change]:

@@ -1,0 +1,426 @@
+"""Two (or three) runtimes in one event loop sharing one Redis prefix (``state.shared``).
+
+Each runtime has its own in-process simulated fleet, and every fleet names its GPUs alike
+(``sim:0`` ...), so the store's per-GPU ledger is what keeps the routers off each other's
+reservations. The tests drive the runtimes as the doors do (submit, admit, get, wait, watch,
+cancel) against the real Redis of ``REDIS_URL``, under a prefix of each test's own; every store
+is closed, and the prefix dropped, afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.core.request_receiver import Caller
+from gpu_request_router.core.state_store import RequestQuery
+from gpu_request_router.exceptions import AlreadyTerminal, NotFound, QuotaExceeded
+from gpu_request_router.models.request import Request, RequestStatus, ResourceHints
+from gpu_request_router.runtime import SHARED_SYNC_S, Runtime
+from gpu_request_router.store import RedisStore
+from gpu_request_router.testing import chat, make_settings
+from gpu_request_router.utils.ids import IdFactory
+
+S = RequestStatus
+ALICE = Caller("alice")
+FAST_MONITOR = {"poll_interval_s": 0.05, "stale_after_s": 1.0}
+FAST_RETRIES = {"backoff_s": 0.02, "max_backoff_s": 0.1}
+# Two of these never fit one H100-80GB together: a GPU runs one such request at a time.
+HALF_GPU = ResourceHints(gpu_memory_mb=50_000)
+
+
+def shared_settings(gpus: int = 1, **sections: Any) -> Settings:
+    """``gpus`` H100s on one simulated worker ``sim``, polled every 50 ms, short backoffs."""
+    sections.setdefault("monitor", FAST_MONITOR)
+    sections.setdefault("retries", FAST_RETRIES)
+    return make_settings(gpus=[("H100-80GB", gpus)], **sections)
+
+
+@pytest.fixture
+def open_store(redis_url: str, redis_store_prefix: str) -> Iterator[Callable[[], RedisStore]]:
+    """Opens a router's client of the test's shared prefix; all are closed before it is dropped."""
+    opened: list[RedisStore] = []
+
+    def open_one() -> RedisStore:
+        store = RedisStore(redis_url, prefix=redis_store_prefix, shared=True)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in reversed(opened):
+        store.close()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the same Redis, to read the keys themselves."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@contextlib.asynccontextmanager
+async def two_runtimes(
+    settings: Settings, open_store: Callable[[], RedisStore]
+) -> AsyncIterator[tuple[Runtime, Runtime]]:
+    """Runtimes A and B on one shared prefix, each with its own fleet (distinct id seeds)."""
+    async with (
+        Runtime.from_settings(settings, store=open_store(), seed=1) as a,
+        Runtime.from_settings(settings, store=open_store(), seed=2) as b,
+    ):
+        yield a, b
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    """Yield to the event loop until ``predicate()`` holds (fail after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def same(left: Request, right: Request) -> None:
+    """Assert that two views of a request agree field by field."""
+    for name in Request.__dataclass_fields__:
+        assert getattr(left, name) == getattr(right, name), name
+
+
+class _RecordingIds(IdFactory):
+    """A real id factory that also remembers every id it made."""
+
+    def __init__(self) -> None:
+        super().__init__(random.Random())
+        self.made: list[str] = []
+
+    def new(self, prefix: str, now: float) -> str:
+        """A new id, remembered."""
+        made = super().new(prefix, now)
+        self.made.append(made)
+        return made
+
+
+def record_ids(runtime: Runtime) -> list[str]:
+    """The ids ``runtime``'s receiver gives from now on (refused requests' included)."""
+    ids = _RecordingIds()
+    runtime.engine.receiver._ids = ids
+    return ids.made
+
+
+def overlaps(first: Request, second: Request) -> bool:
+    """Whether two finished requests' runs overlapped in time."""
+    assert first.started_at is not None and first.finished_at is not None
+    assert second.started_at is not None and second.finished_at is not None
+    return first.started_at < second.finished_at and second.started_at < first.finished_at
+
+
+# --- creations ------------------------------------------------------------------------------------
+
+
+async def test_the_rate_limit_counts_the_admissions_of_both_runtimes(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """requests_per_minute 3, submissions alternating A and B: 3 admitted in all, the rest 429.
+
+    Neither runtime reaches the limit on its own (A admits two, B one), so the four later
+    submissions are refused by the store. A refused request exists on neither runtime afterwards.
+    """
+    settings = shared_settings(quota={"requests_per_minute": 3})
+    async with two_runtimes(settings, open_store) as (a, b):
+        made = record_ids(a), record_ids(b)
+        admitted: list[Request] = []
+        refusals: list[QuotaExceeded] = []
+        for i in range(7):
+            runtime = (a, b)[i % 2]
+            try:
+                # Two of B's go through the OpenAI door: refused there alike.
+                request, _ = await runtime.admit(
+                    chat(duration_s=0.01), ALICE, durable=i not in (1, 3)
+                )
+                admitted.append(request)
+            except QuotaExceeded as refused:
+                refusals.append(refused)
+        assert len(admitted) == 3
+        assert len(refusals) == 4
+        for refusal in refusals:
+            assert refusal.quota == "requests_per_minute"
+            assert 0 < refusal.retry_after_s <= 60
+        admitted_ids = {request.id for request in admitted}
+        assert len(admitted_ids) == 3
+        refused_ids = set(made[0] + made[1]) - admitted_ids
+        assert len(refused_ids) == 4
+        for request_id in refused_ids:
+            for runtime in (a, b):
+                assert runtime.router.get(request_id) is None  # taken back by the core
+                with pytest.raises(NotFound):
+                    runtime.get(request_id)
+                assert runtime.transitions(request_id) == []
+        for runtime in (a, b):
+            listed = runtime.list_requests(RequestQuery(user="alice"))
+            assert {request.id for request in listed.items} == admitted_ids
+        # Another user's window is their own.
+        bob = await b.submit(chat(duration_s=0.01), Caller("bob"))
+        done = await asyncio.gather(*(a.wait(r.id, 5) for r in [*admitted, bob]))
+    assert {request.status for request in done} == {S.SUCCEEDED}
+
+
+async def test_one_idempotency_key_submitted_to_both_runtimes_at_once_makes_one_request(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """The same key at A and B concurrently: both answer the one request, one of them as new."""
+    async with two_runtimes(shared_settings(), open_store) as (a, b):
+        submission = chat(duration_s=0.05, idempotency_key="once")
+        (first, first_new), (second, second_new) = await asyncio.gather(
+            a.admit(submission, ALICE), b.admit(submission, ALICE)
+        )
+        assert first.id == second.id
+        assert sorted([first_new, second_new]) == [False, True]
+        found = a.store.find_idempotent("alice", "once")
+        assert found is not None and found.id == first.id
+        listed = b.list_requests(RequestQuery(user="alice"))
+        assert [request.id for request in listed.items] == [first.id]
+        # Later, each runtime answers the key as a replay of it.
+        again = await asyncio.gather(a.admit(submission, ALICE), b.admit(submission, ALICE))
+        assert [(request.id, new) for request, new in again] == [(first.id, False)] * 2
+        done_a, done_b = await asyncio.gather(a.wait(first.id, 5), b.wait(first.id, 5))
+    assert done_a.status is S.SUCCEEDED and done_b.status is S.SUCCEEDED
+    assert done_a.attempts == 1
+
+
+async def test_the_openai_door_returns_once_the_creation_is_stored(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """admit(durable=False) on a shared store: the store has the request when admit returns."""
+    async with two_runtimes(shared_settings(), open_store) as (a, b):
+        request, created = await a.admit(chat(duration_s=0.3), ALICE, durable=False)
+        stored = a.store.get_request(request.id)
+        seen_by_b = b.store.get_request(request.id)
+        assert created
+        assert request.synchronous
+        assert stored is not None and stored.synchronous
+        assert seen_by_b is not None and seen_by_b.id == request.id
+        assert b.get(request.id).synchronous
+        done = await a.wait(request.id, 5)
+        assert done.status is S.SUCCEEDED
+        ended = await b.wait(request.id, 5)
+    assert ended.status is S.SUCCEEDED
+    assert ended.synchronous
+
+
+# --- claims ---------------------------------------------------------------------------------------
+
+
+async def test_a_claim_refused_for_the_other_runtimes_gpu_goes_back_to_its_queue(
+    open_store: Callable[[], RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """A and B place a half-GPU request on the same GPU at once: one claim is refused.
+
+    The refused request goes back to its queue (audit: dispatching -> queued with
+    ``placement_conflict``) without spending its attempt, runs once the other ended, and the
+    two never ran on the GPU at the same time.
+    """
+    async with two_runtimes(shared_settings(), open_store) as (a, b):
+        first, second = await asyncio.gather(
+            a.submit(chat(duration_s=0.3, resources=HALF_GPU), ALICE),
+            b.submit(chat(duration_s=0.3, resources=HALF_GPU), Caller("bob")),
+        )
+        done_a, done_b = await asyncio.gather(a.wait(first.id, 10), b.wait(second.id, 10))
+        trails = {first.id: a.transitions(first.id), second.id: b.transitions(second.id)}
+    assert done_a.status is S.SUCCEEDED, done_a.error
+    assert done_b.status is S.SUCCEEDED, done_b.error
+    assert done_a.placement is not None and done_a.placement.gpu_ids == ("sim:0",)
+    assert done_b.placement is not None and done_b.placement.gpu_ids == ("sim:0",)
+    conflicted = [
+        request
+        for request in (done_a, done_b)
+        if any(
+            entry.from_status is S.DISPATCHING
+            and entry.to_status is S.QUEUED
+            and entry.detail.startswith("placement_conflict")
+            for entry in trails[request.id]
+        )
+    ]
+    assert conflicted, trails
+    for request in conflicted:
+        assert request.attempts == 1, trails[request.id]
+    assert not overlaps(done_a, done_b), (done_a, done_b)
+    assert raw.hgetall(f"{redis_store_prefix}:ledger:sim:0") == {}
+
+
+async def test_three_runtimes_take_turns_on_one_gpu(
+    open_store: Callable[[], RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """Three runtimes place a half-GPU request each on the one GPU at once: all run, in turn.
+
+    Each refusal spends no attempt; no two runs overlap; nothing stays reserved afterwards, in
+    the store or in any runtime's view of what the others hold.
+    """
+    settings = shared_settings()
+    async with (
+        Runtime.from_settings(settings, store=open_store(), seed=1) as a,
+        Runtime.from_settings(settings, store=open_store(), seed=2) as b,
+        Runtime.from_settings(settings, store=open_store(), seed=3) as c,
+    ):
+        runtimes = (a, b, c)
+        submitted = await asyncio.gather(
+            *(
+                runtime.submit(chat(duration_s=0.2, resources=HALF_GPU), Caller(f"user{i}"))
+                for i, runtime in enumerate(runtimes)
+            )
+        )
+        done = await asyncio.gather(
+            *(runtime.wait(r.id, 10) for runtime, r in zip(runtimes, submitted, strict=True))
+        )
+        assert raw.hgetall(f"{redis_store_prefix}:ledger:sim:0") == {}
+        await until(
+            lambda: all(
+                (r.gpu("sim:0").elsewhere_mb, r.gpu("sim:0").elsewhere_slots) == (0, 0)
+                for r in runtimes
+            ),
+            timeout_s=8 * SHARED_SYNC_S,
+        )
+        trails = [runtime.transitions(r.id) for runtime, r in zip(runtimes, done, strict=True)]
+    assert [request.status for request in done] == [S.SUCCEEDED] * 3, [r.error for r in done]
+    assert [request.attempts for request in done] == [1, 1, 1], trails
+    conflicts = sum(
+        entry.detail.startswith("placement_conflict") for trail in trails for entry in trail
+    )
+    assert conflicts >= 2, trails  # two of the three claims made at once were refused
+    for i, first in enumerate(done):
+        for second in done[i + 1 :]:
+            assert not overlaps(first, second), (first, second)
+
+
+# --- reads, waits, watches and cancellations across runtimes --------------------------------------
+
+
+async def test_b_reads_waits_on_and_watches_a_request_a_owns_as_a_does(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """B.get, B.wait and B.watch of A's request give what A's give; B.wait returns it ended."""
+    async with two_runtimes(shared_settings(), open_store) as (a, b):
+        submitted = await a.submit(chat(duration_s=0.6), ALICE)
+        await until(lambda: a.get(submitted.id).status is S.RUNNING)
+        same(a.get(submitted.id), b.get(submitted.id))
+        trail = a.transitions(submitted.id)
+        assert b.transitions(submitted.id) == trail
+        last = trail[-1].seq
+        assert await b.watch(submitted.id, last, timeout_s=0.05) == []
+        started = time.monotonic()
+        still = await b.wait(submitted.id, timeout_s=0.1)
+        assert time.monotonic() - started < 0.4
+        assert still.status is S.RUNNING
+        watched_b, ended_b, ended_a = await asyncio.gather(
+            b.watch(submitted.id, last, timeout_s=5),
+            b.wait(submitted.id, timeout_s=5),
+            a.wait(submitted.id, timeout_s=5),
+        )
+        watched_a = await a.watch(submitted.id, last, timeout_s=0)
+        late_b = await b.watch(submitted.id, last, timeout_s=0)
+    assert ended_a.status is S.SUCCEEDED
+    assert ended_b.status is S.SUCCEEDED
+    same(ended_a, ended_b)
+    assert watched_b
+    assert watched_b[-1].to_status is S.SUCCEEDED
+    assert watched_b == watched_a[: len(watched_b)]
+    assert late_b == watched_a
+
+
+async def test_b_cancels_requests_a_owns_and_not_one_that_finished(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """B.cancel of A's queued and running requests ends them cancelled on both; finished: 409."""
+    async with two_runtimes(shared_settings(), open_store) as (a, b):
+        short = await a.submit(chat(duration_s=0.01), ALICE)
+        finished = await a.wait(short.id, 5)
+        assert finished.status is S.SUCCEEDED
+        long = await a.submit(chat(duration_s=30.0, resources=HALF_GPU), ALICE)
+        queued = await a.submit(chat(duration_s=0.01, resources=HALF_GPU), ALICE)
+        await until(lambda: a.get(long.id).status is S.RUNNING)
+        assert a.get(queued.id).status is S.QUEUED
+        started = time.monotonic()
+        cancelled_queued = await b.cancel(queued.id, actor="admin")
+        cancelled_long = await b.cancel(long.id, actor="admin")
+        assert time.monotonic() - started < 3
+        assert cancelled_queued.status is S.CANCELLED
+        assert cancelled_long.status is S.CANCELLED
+        await until(lambda: a.router.get(long.id) is None and a.router.get(queued.id) is None)
+        for request in (long, queued):
+            on_a = a.get(request.id)
+            assert on_a.status is S.CANCELLED
+            assert on_a.attempts == (1 if request is long else 0)
+            assert a.transitions(request.id)[-1].actor == "admin"
+        assert a.requests_on("sim:0") == []
+        for request in (short, long, queued):
+            with pytest.raises(AlreadyTerminal):
+                await b.cancel(request.id)
+        with pytest.raises(NotFound):
+            await b.cancel("req_nobody")
+
+
+# --- adoption -------------------------------------------------------------------------------------
+
+
+async def test_b_adopts_the_requests_of_a_runtime_that_stopped(
+    open_store: Callable[[], RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """A stops with two requests running and two queued, then gives its lease up; B adopts.
+
+    A's async requests become B's and succeed (the one that was running runs again: A's fleet
+    died with it); its synchronous ones end with ``router_lost``: failed if running, cancelled
+    if queued.
+    """
+    settings = shared_settings(gpus=2)
+    store_a = open_store()
+    async with Runtime.from_settings(settings, store=open_store(), seed=2) as b:
+        async with Runtime.from_settings(settings, store=store_a, seed=1) as a:
+            running = await a.submit(chat(duration_s=0.8, resources=HALF_GPU), ALICE)
+            sync_running, _ = await a.admit(
+                chat(duration_s=30.0, resources=HALF_GPU), ALICE, durable=False
+            )
+            queued = await a.submit(chat(duration_s=0.05, resources=HALF_GPU), ALICE)
+            sync_queued, _ = await a.admit(
+                chat(duration_s=0.05, resources=HALF_GPU), ALICE, durable=False
+            )
+            await until(
+                lambda: (
+                    a.get(running.id).status is S.RUNNING
+                    and a.get(sync_running.id).status is S.RUNNING
+                )
+            )
+            assert a.get(queued.id).status is S.QUEUED
+            assert a.get(sync_queued.id).status is S.QUEUED
+        # A stopped without ending them; closing its store gives its lease up at once.
+        left = store_a.get_request(running.id)
+        assert left is not None and left.status is S.RUNNING
+        store_a.close()
+        stopped = time.monotonic()
+        every = (running, queued, sync_running, sync_queued)
+
+        def owners() -> set[object]:
+            return {raw.hget(f"{redis_store_prefix}:req:{r.id}", "owner") for r in every}
+
+        await until(lambda: owners() == {b.store.replica}, timeout_s=8 * SHARED_SYNC_S)
+        adopted_after = time.monotonic() - stopped
+        ended = await asyncio.gather(*(b.wait(r.id, 10) for r in every))
+    done_running, done_queued, lost_running, lost_queued = ended
+    assert adopted_after < 8 * SHARED_SYNC_S
+    assert done_running.status is S.SUCCEEDED, done_running.error
+    assert done_running.attempts == 2  # its first attempt died with A's fleet
+    assert done_queued.status is S.SUCCEEDED, done_queued.error
+    assert done_queued.attempts == 1
+    assert lost_running.status is S.FAILED
+    assert lost_running.error is not None and lost_running.error.type == "router_lost"
+    assert lost_queued.status is S.CANCELLED
+    assert lost_queued.error is not None and lost_queued.error.type == "router_lost"
+    # A's reservations were not left behind in the ledger.
+    for gpu_id in ("sim:0", "sim:1"):
+        assert raw.hgetall(f"{redis_store_prefix}:ledger:{gpu_id}") == {}, gpu_id
