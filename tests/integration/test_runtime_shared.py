@@ -424,3 +424,38 @@ async def test_b_adopts_the_requests_of_a_runtime_that_stopped(
     # A's reservations were not left behind in the ledger.
     for gpu_id in ("sim:0", "sim:1"):
         assert raw.hgetall(f"{redis_store_prefix}:ledger:{gpu_id}") == {}, gpu_id
+
+
+async def test_refused_creations_of_one_commit_leave_no_change_behind(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """Two creations the store refuses in one commit: nothing of either reaches the store.
+
+    A's own window is empty, so its core admits both: the first runs on the one GPU and the
+    second waits behind it. Taking the first back frees the GPU, and the pass that follows
+    dispatches the second before its own refusal is handled: that dispatch must go with it, not
+    reach the store as a change of a request never created (the writer would refuse the commit
+    holding it, and drop whatever else that commit held).
+    """
+    from structlog.testing import capture_logs
+
+    settings = shared_settings(quota={"requests_per_minute": 2})
+    async with two_runtimes(settings, open_store) as (a, b):
+        for _ in range(2):  # B takes the whole window
+            done = await b.submit(chat(max_tokens=2, duration_s=0.01), ALICE)
+            await b.wait(done.id, 5)
+        with capture_logs() as logs:
+            outcomes = await asyncio.gather(
+                *(
+                    a.submit(chat(max_tokens=2, duration_s=0.01, resources=HALF_GPU), ALICE)
+                    for _ in range(2)
+                ),
+                return_exceptions=True,
+            )
+            await a.writer.flushed()
+            await asyncio.sleep(0.2)
+            await a.writer.flushed()
+    assert [type(outcome) for outcome in outcomes] == [QuotaExceeded, QuotaExceeded]
+    events = [entry["event"] for entry in logs]
+    assert "commit_refused" not in events and "changes_dropped" not in events, logs
+    assert a.writer.pending == 0
