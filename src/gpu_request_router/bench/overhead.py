@@ -20,10 +20,14 @@ concurrency asked for:
   CPU is read when its process is visible in /proc.
 
 The router runs with authentication on, a durable SQLite store (or ``--state``), and quotas that
-are all checked but set high enough never to refuse. Router CPU per request is the growth of the
-router process's (or the pass-through's) user + system time (``/proc/PID/stat``) over the run,
-divided by the requests sent to it; the added p50 is its p50 minus the direct p50 at the same
-concurrency, in the same run.
+are all checked but set high enough never to refuse. ``--state`` may name several stores,
+comma-separated: a router is started on each, and its targets are named after it (``router
+[redis]``), so that one run compares them side by side against one floor. ``redis-shared`` is
+two routers sharing one Redis prefix (``gpurouter serve --workers 2``, ``state.shared``): their
+figures are the two processes' together. Router CPU per request is the growth of the router
+process's (or the pass-through's) user + system time (``/proc/PID/stat``, with its children's for
+``--workers``) over the run, divided by the requests sent to it; the added p50 is its p50 minus
+the direct p50 at the same concurrency, in the same run.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ __all__ = ["OverheadReport", "Row", "print_overhead", "run_overhead", "write_ove
 
 _MODEL = "llama-3-8b"
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_STATES = ("sqlite", "sqlite-full", "memory", "redis")
+_STATES = ("sqlite", "sqlite-full", "memory", "redis", "redis-shared")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +100,24 @@ class OverheadReport:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    """User + system CPU seconds of a process and of its live children so far."""
+    total = 0.0
+    for proc in [Path(f"/proc/{pid}"), *_children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
+
+
+def _children(pid: int) -> list[Path]:
+    """The /proc entries of a process's live children (the routers of ``serve --workers``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(proc)
+    return found
 
 
 def _pid_listening_on(port: int) -> int | None:
@@ -155,13 +174,14 @@ def _process(
 
 
 def _router_config(folder: Path, port: int, backend_url: str, key: str, state: str) -> Path:
-    store: dict[str, Any] = {"backend": "sqlite" if state == "sqlite-full" else state}
+    store: dict[str, Any] = {"backend": state.removesuffix("-full").removesuffix("-shared")}
     if state in ("sqlite", "sqlite-full"):
-        store["sqlite_path"] = str(folder / "state.db")
+        store["sqlite_path"] = str(folder / f"state-{state}.db")
         store["sqlite_synchronous"] = "full" if state == "sqlite-full" else "normal"
-    elif state == "redis":
+    elif state in ("redis", "redis-shared"):
         store["redis_url"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
-        store["redis_prefix"] = f"gpurouter-bench-{folder.name}"
+        store["redis_prefix"] = f"gpurouter-bench-{folder.name}-{state}"
+        store["shared"] = state == "redis-shared"
     config = {
         "server": {"host": "127.0.0.1", "port": port},
         "auth": {
@@ -191,7 +211,7 @@ def _router_config(folder: Path, port: int, backend_url: str, key: str, state: s
             }
         ],
     }
-    path = folder / "router.yaml"
+    path = folder / f"router-{state}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -265,95 +285,114 @@ def run_overhead(
     *,
     duration_s: float = 5.0,
     warmup_s: float = 1.0,
-    state: str = "sqlite",
+    state: str | Sequence[str] = "sqlite",
     peers: Sequence[str] = (),
     peer_api_key: str | None = None,
     async_api: bool = True,
 ) -> OverheadReport:
-    """Start the stand-in and the router, drive every target at every concurrency."""
+    """Start the stand-in and a router per state, drive every target at every concurrency."""
+    states = [state] if isinstance(state, str) else list(state)
     if not concurrencies or min(concurrencies) < 1:
         raise ValueError("concurrencies must be positive")
     if duration_s <= 0 or warmup_s < 0:
         raise ValueError("the duration must be positive and the warm-up not negative")
-    if state not in _STATES:
-        raise ValueError(f"state must be one of {', '.join(_STATES)}")
+    if not states or any(s not in _STATES for s in states) or len(set(states)) < len(states):
+        raise ValueError(f"states are distinct, each one of {', '.join(_STATES)}")
     for peer in peers:
         if not peer.startswith(("http://", "https://")):
             raise ValueError(f"a peer is an http(s) URL, not {peer!r}")
     key = f"gpr_{secrets.token_urlsafe(24)}"
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="gpurouter-bench-") as tmp:
+    redis_states: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="gpurouter-bench-") as tmp,
+        contextlib.ExitStack() as up,
+    ):
         folder = Path(tmp)
-        backend_port, router_port, proxy_port = free_port(), free_port(), free_port()
+        backend_port, proxy_port = free_port(), free_port()
         backend_url = f"http://127.0.0.1:{backend_port}"
-        router_url = f"http://127.0.0.1:{router_port}"
         proxy_url = f"http://127.0.0.1:{proxy_port}"
-        config = _router_config(folder, router_port, backend_url, key, state)
         standin = [sys.executable, "-m", "gpu_request_router.bench.openai_standin"]
-        router = [sys.executable, "-m", "gpu_request_router.cli", "serve", "--config", str(config)]
         proxy = [sys.executable, "-m", "gpu_request_router.bench.passthrough"]
-        with (
+        backend_process = up.enter_context(
             _process(
                 [*standin, "--port", str(backend_port)],
                 f"{backend_url}/health",
                 folder / "standin.log",
-            ) as backend_process,
-            _process(router, f"{router_url}/healthz", folder / "router.log") as router_process,
+            )
+        )
+        proxy_process = up.enter_context(
             _process(
                 [*proxy, "--backend", backend_url, "--port", str(proxy_port)],
                 f"{proxy_url}/health",
                 folder / "passthrough.log",
-            ) as proxy_process,
-        ):
-            peer_pids = {peer: _pid_listening_on(httpx.URL(peer).port or 80) for peer in peers}
-            targets: list[tuple[str, str, str, str | None, int | None]] = [
-                ("direct", backend_url, "chat", None, None),
-                ("passthrough", proxy_url, "chat", None, proxy_process.pid),
-                ("router", router_url, "chat", key, router_process.pid),
-            ]
+            )
+        )
+        targets: list[tuple[str, str, str, str | None, int | None, str | None]] = [
+            ("direct", backend_url, "chat", None, None, None),
+            ("passthrough", proxy_url, "chat", None, proxy_process.pid, None),
+        ]
+        scripts: _ScriptCounter | None = None
+        for each in states:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            config = _router_config(folder, port, backend_url, key, each)
+            router = [sys.executable, "-m", "gpu_request_router.cli", "serve"]
+            router += ["--config", str(config)]
+            if each == "redis-shared":
+                router += ["--workers", "2"]
+            process = up.enter_context(_process(router, f"{url}/readyz", folder / f"{each}.log"))
+            stored = yaml.safe_load(config.read_text())["state"]
+            if each.startswith("redis"):
+                redis_states.append(stored)
+                scripts = scripts or _ScriptCounter(stored["redis_url"])
+            label = "" if len(states) == 1 else f" [{each}]"
+            targets.append((f"router{label}", url, "chat", key, process.pid, each))
             if async_api:
                 targets += [
-                    ("submit", router_url, "submit", key, router_process.pid),
-                    ("submit+wait", router_url, "submit_wait", key, router_process.pid),
+                    (f"submit{label}", url, "submit", key, process.pid, each),
+                    (f"submit+wait{label}", url, "submit_wait", key, process.pid, each),
                 ]
-            targets += [
-                (f"peer {peer}", peer, "chat", peer_api_key, peer_pids[peer]) for peer in peers
-            ]
-            stored = yaml.safe_load(config.read_text())["state"]
-            scripts = _ScriptCounter(stored["redis_url"]) if state == "redis" else None
-            for concurrency in concurrencies:
-                direct_p50: float | None = None
-                for target, url, mode, api_key, pid in targets:
-                    router_before = _cpu_s(pid) if pid else 0.0
-                    backend_before = _cpu_s(backend_process.pid)
-                    scripts_before = scripts.count() if scripts else 0
-                    result = _load(url, mode, concurrency, duration_s, warmup_s, api_key)
-                    cpu = {
-                        "router": _cpu_s(pid) - router_before if pid else None,
-                        # A peer may use another backend: the stand-in's CPU says nothing then.
-                        "backend": None
-                        if target.startswith("peer")
-                        else _cpu_s(backend_process.pid) - backend_before,
-                    }
-                    row = _row(target, result, cpu)
-                    if scripts is not None and pid == router_process.pid:
-                        ran = scripts.count() - scripts_before
-                        row = Row(
-                            **{
-                                **asdict(row),
-                                "redis_scripts_per_request": ran / max(int(result["sent"]), 1),
-                            }
-                        )
-                    if target == "direct":
-                        direct_p50 = row.p50_ms
-                    elif mode == "chat" and direct_p50 is not None and row.requests:
-                        row = Row(**{**asdict(row), "added_p50_ms": row.p50_ms - direct_p50})
-                    rows.append(row)
-        if scripts is not None:  # the run's keys go with it
+        peer_pids = {peer: _pid_listening_on(httpx.URL(peer).port or 80) for peer in peers}
+        targets += [
+            (f"peer {peer}", peer, "chat", peer_api_key, peer_pids[peer], None) for peer in peers
+        ]
+        for concurrency in concurrencies:
+            direct_p50: float | None = None
+            for target, url, mode, api_key, pid, of_state in targets:
+                router_before = _cpu_s(pid) if pid else 0.0
+                backend_before = _cpu_s(backend_process.pid)
+                on_redis = scripts is not None and (of_state or "").startswith("redis")
+                scripts_before = scripts.count() if scripts is not None and on_redis else 0
+                result = _load(url, mode, concurrency, duration_s, warmup_s, api_key)
+                cpu = {
+                    "router": _cpu_s(pid) - router_before if pid else None,
+                    # A peer may use another backend: the stand-in's CPU says nothing then.
+                    "backend": None
+                    if target.startswith("peer")
+                    else _cpu_s(backend_process.pid) - backend_before,
+                }
+                row = _row(target, result, cpu)
+                if scripts is not None and on_redis:
+                    ran = scripts.count() - scripts_before
+                    row = Row(
+                        **{
+                            **asdict(row),
+                            "redis_scripts_per_request": ran / max(int(result["sent"]), 1),
+                        }
+                    )
+                if target == "direct":
+                    direct_p50 = row.p50_ms
+                elif mode == "chat" and direct_p50 is not None and row.requests:
+                    row = Row(**{**asdict(row), "added_p50_ms": row.p50_ms - direct_p50})
+                rows.append(row)
+        up.close()  # the routers stop before their keys go
+        if scripts is not None:
             scripts.close()
+        for stored in redis_states:
             drop_redis_prefix(stored["redis_url"], stored["redis_prefix"])
     setup = {
-        "state": state,
+        "state": states[0] if len(states) == 1 else states,
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "concurrencies": list(concurrencies),
@@ -421,7 +460,9 @@ def command(
         str,
         typer.Option(
             "--state",
-            help="The router's state store: sqlite | sqlite-full | memory | redis.",
+            help="The router's state store: sqlite | sqlite-full | memory | redis | "
+            "redis-shared (two routers, serve --workers 2), or several, comma-separated, each "
+            "its own router measured in the same run.",
         ),
     ] = "sqlite",
     peer: Annotated[
@@ -445,8 +486,11 @@ def command(
         raise typer.BadParameter("must be positive", param_hint="--duration")
     if warmup < 0:
         raise typer.BadParameter("must not be negative", param_hint="--warmup")
-    if state not in _STATES:
-        raise typer.BadParameter(f"expected one of {', '.join(_STATES)}", param_hint="--state")
+    states = [part.strip() for part in state.split(",") if part.strip()]
+    if not states or any(part not in _STATES for part in states) or len(set(states)) < len(states):
+        raise typer.BadParameter(
+            f"expected distinct names among {', '.join(_STATES)}", param_hint="--state"
+        )
     for url in peer or []:
         if not url.startswith(("http://", "https://")):
             raise typer.BadParameter(f"not an http(s) URL: {url!r}", param_hint="--peer")
@@ -455,7 +499,7 @@ def command(
         parse_counts(concurrency, "--concurrency"),
         duration_s=duration,
         warmup_s=warmup,
-        state=state,
+        state=states,
         peers=peer or [],
         peer_api_key=peer_api_key,
         async_api=async_api,
