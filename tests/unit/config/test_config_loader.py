@@ -375,6 +375,12 @@ def test_unparsable_env_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
         pytest.param({"state": {"redis_prefix": "a b"}}, "state.redis_prefix", id="prefix"),
         pytest.param({"state": {"redis_prefix": "a:b"}}, "state.redis_prefix", id="prefix-colon"),
         pytest.param({"state": {"redis_lease_s": 0.5}}, "state.redis_lease_s", id="lease"),
+        pytest.param({"state": {"shared": True}}, "state", id="shared-on-sqlite"),
+        pytest.param(
+            {"state": {"backend": "redis", "shared": True, "standby": True}},
+            "state",
+            id="shared-and-standby",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict[str, Any], key: str) -> None:
@@ -539,3 +545,12 @@ def test_the_store_opened_keeps_finished_requests_for_the_retention(
     store = open_store(settings.state)
     assert isinstance(store, MemoryStore)
     assert store.retention_s == seconds
+
+
+def test_shared_is_a_redis_setting() -> None:
+    """state.shared loads on Redis (default false), and the refusals say why."""
+    assert load_settings().state.shared is False
+    assert load_settings(overrides={"state": {"backend": "redis", "shared": True}}).state.shared
+    assert "backend: redis" in config_error(state={"shared": True}).message
+    both = config_error(state={"backend": "redis", "shared": True, "standby": True})
+    assert "exclude each other" in both.message

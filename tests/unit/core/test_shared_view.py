@@ -1,0 +1,126 @@
+"""The core's side of routers sharing a store: what others hold, and a refused claim.
+
+Driven by hand through :class:`Harness` (the real core, a memory store): the store's refusals
+and views are fed in as the runtime feeds them.
+"""
+
+from __future__ import annotations
+
+from core_harness import Harness
+
+from gpu_request_router.core.events import CancelExecution
+from gpu_request_router.core.request_receiver import Caller
+from gpu_request_router.core.state_store import StateChange
+from gpu_request_router.models.request import RequestStatus, ResourceHints
+from gpu_request_router.testing import chat
+
+S = RequestStatus
+BIG = ResourceHints(gpu_memory_mb=50_000)  # one at a time on an H100-80GB
+ALICE = Caller("alice")
+
+
+def test_a_dispatch_carries_its_claim_and_a_creation_its_limits(harness_for) -> None:
+    """What a shared store checks: the limits at creation, MiB, limit and slots at dispatch."""
+    h: Harness = harness_for(
+        gpus=[("H100-80GB", 1)], slots=3, quota={"requests_per_minute": 7, "max_concurrent": 2}
+    )
+    decisions = h.engine.receiver.submit(chat(resources=BIG), ALICE, h.now).decisions
+    changes = [d for d in decisions if isinstance(d, StateChange)]
+    created, dispatched = changes
+    assert created.limits is not None and created.limits.requests_per_minute == 7
+    assert created.claim is None
+    claim = dispatched.claim
+    assert claim is not None and claim.max_concurrent == 2
+    ((gpu_id, memory_mb, limit, slots),) = claim.gpus
+    gpu = h.router.monitor.gpus[gpu_id]
+    assert memory_mb == 50_000 and slots == 3
+    assert limit == gpu.memory_total_mb - h.settings.placement.memory_safety_margin_mb
+
+
+def test_what_other_routers_hold_comes_off_the_room_and_keeps_work_queued(harness_for) -> None:
+    """Another router's 50 GB on the one GPU: a 50 GB request waits until they are released."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    gpu_id = next(iter(h.router.monitor.gpus))
+    room = h.router.monitor.gpus[gpu_id].room_mb
+    h.apply(h.router.shared_view({gpu_id: {"req_other": 50_000}}, {}, h.now))
+    state = h.router.monitor.gpus[gpu_id]
+    assert (state.room_mb, state.elsewhere_mb, state.elsewhere_slots) == (room - 50_000, 50_000, 1)
+    waiting = h.submit(chat(resources=BIG))
+    assert h.status(waiting) == "queued"
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now))  # released elsewhere
+    assert h.status(waiting) == "dispatching"
+    assert h.router.monitor.gpus[gpu_id].room_mb == room - 50_000  # now its own
+
+
+def test_own_reservations_in_the_ledger_are_not_counted_twice(harness_for) -> None:
+    """The ledger lists this router's own executions too: they are not 'elsewhere'."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    mine = h.submit(chat(resources=BIG))
+    gpu_id = h.dispatch_of(mine).placement.gpu_ids[0]
+    h.apply(h.router.shared_view({gpu_id: {mine.id: 50_000}}, {}, h.now))
+    assert h.router.monitor.gpus[gpu_id].elsewhere_mb == 0
+
+
+def test_slots_held_elsewhere_count_against_max_concurrent(harness_for) -> None:
+    """Two slots of alice held through other routers (max 2): her request here waits for one."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 2)], quota={"max_concurrent": 2})
+    h.apply(h.router.shared_view({}, {"alice": {"req_a", "req_b"}}, h.now))
+    waiting = h.submit(chat())
+    assert h.status(waiting) == "queued"
+    h.apply(h.router.shared_view({}, {"alice": {"req_a"}}, h.now))
+    assert h.status(waiting) == "dispatching"
+
+
+def test_a_refused_claim_requeues_without_counting_the_attempt(harness_for) -> None:
+    """The store refused the dispatch: back to the queue, attempt 0, reservation and slot freed."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    request = h.submit(chat(resources=BIG))
+    dispatch = h.dispatch_of(request)
+    gpu_id = dispatch.placement.gpu_ids[0]
+    # What the refusal says the others hold comes first, so that the pass does not retry there.
+    h.apply(h.router.shared_view({gpu_id: {"req_other": 50_000}}, {}, h.now))
+    decisions = h.apply(h.router.claim_refused(dispatch.execution_id, "GPU full", h.now))
+    assert h.status(request) == "queued"
+    live = h.router.get(request.id)
+    assert live is not None and live.attempts == 0
+    assert live.error is not None and live.error.type == "placement_conflict"
+    assert h.router.execution_of(request.id) is None
+    assert h.router.monitor.gpus[gpu_id].running == {}
+    assert h.router.active_count("alice") == 0
+    changes = [d for d in decisions if isinstance(d, StateChange)]
+    assert changes[0].entry.detail == "placement_conflict: GPU full"
+    assert changes[0].charge is not None and changes[0].charge.gpu_seconds == 0.0
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now))
+    again = h.dispatch_of(request)
+    assert again.attempt == 1 and h.status(request) == "dispatching"
+
+
+def test_a_stale_refusal_changes_nothing(harness_for) -> None:
+    """A refusal for an execution the core no longer runs (ended meanwhile) is ignored."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    request = h.submit(chat())
+    execution_id = h.dispatch_of(request).execution_id
+    h.finish(request)
+    assert h.router.claim_refused(execution_id, "late", h.now) == []
+
+
+def test_a_synchronous_request_of_a_dead_router_ends_instead_of_running(harness_for) -> None:
+    """Recovered (adopted) synchronous requests end router_lost; async ones queue again."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    running = h.engine.receiver.submit(chat(), ALICE, h.now, synchronous=True)
+    h.apply(running.decisions)
+    queued = h.engine.receiver.submit(
+        chat(resources=ResourceHints(gpu_memory_mb=70_000)), ALICE, h.now, synchronous=True
+    )
+    h.apply(queued.decisions)
+    plain = h.submit(chat(resources=ResourceHints(gpu_memory_mb=70_000)))
+    adopter = Harness(h.settings, store=h.store, now=h.now + 10)
+    recovery = adopter.recover()
+    ended = {r.id: adopter.store.get_request(r.id) for r in (running.request, queued.request)}
+    assert ended[running.request.id].status is S.FAILED
+    assert ended[queued.request.id].status is S.CANCELLED
+    assert all(r.error is not None and r.error.type == "router_lost" for r in ended.values())
+    assert adopter.router.get(running.request.id) is None
+    stopped = {d.request_id for d in recovery.decisions if isinstance(d, CancelExecution)}
+    assert running.request.id in stopped  # its execution is told to stop
+    assert adopter.status(plain) in ("queued", "dispatching")
