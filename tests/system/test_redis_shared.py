@@ -198,7 +198,11 @@ class Load:
         key_of = {"alice": KEY, "bob": BOB_KEY}[user]
         urls = [self.fleet.url(r) for r in routers]
         n = 0
-        with httpx.Client(headers={"Authorization": f"Bearer {key_of}"}, timeout=10) as client:
+        # Idle connections are dropped before the routers' 5 s keep-alive ends, so that a
+        # request never races the server closing the connection it is sent on.
+        limits = httpx.Limits(keepalive_expiry=2.0)
+        headers = {"Authorization": f"Bearer {key_of}"}
+        with httpx.Client(headers=headers, timeout=10, limits=limits) as client:
             while not self.stop.is_set():
                 key = f"{name}-{n}"
                 n += 1

@@ -338,6 +338,9 @@ class RedisStore(StateStore):
         self._write_failure: str | None = None
         self._fenced: str | None = None
         self._down: str | None = None  # why Redis is unreachable, until the lease thread reaches it
+        # Since when this router has reached Redis without a break (it adopts nobody for a lease
+        # after an outage: the others' leases lapsed in it too, and they renew within a second).
+        self._up_since = time.monotonic() - lease_s
         self._probes = Every(WRITE_PROBE_INTERVAL_S)
         self._prunes = Every(PRUNE_INTERVAL_S)
         self._closed = threading.Event()
@@ -484,6 +487,7 @@ class RedisStore(StateStore):
                 continue
             if self._down is not None:
                 _log.info("redis_reachable", store=self._where)
+                self._up_since = time.monotonic()
                 self._down = None
             if not taken:
                 self._fenced = (
@@ -891,7 +895,9 @@ class RedisStore(StateStore):
         """Every router's reservations on ``gpu_ids`` and ``users``' slots, in one script.
 
         Also takes up to :data:`_COMMANDS` cancellations sent to this router, and lists the
-        routers whose lease lapsed.
+        routers whose lease lapsed, but for a lease after this router reached Redis again from
+        an outage: the other routers' leases lapsed in it too, and each renews its own (if
+        nobody adopted it) within a second of Redis's return.
         """
         return self._shared_view(gpu_ids, users, commands=_COMMANDS)
 
@@ -925,7 +931,9 @@ class RedisStore(StateStore):
                 for user, members in zip(users, active, strict=True)
             },
             cancels=cancels,
-            lapsed=[_text(router) for router in lapsed if _text(router) != self.replica],
+            lapsed=[_text(router) for router in lapsed if _text(router) != self.replica]
+            if time.monotonic() - self._up_since >= self.lease_s + self._renew_s
+            else [],
         )
 
     def adopt(self, router: str) -> list[Request]:

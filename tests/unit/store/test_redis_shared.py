@@ -14,10 +14,13 @@ itself against a model after every step. Everything runs against the real Redis 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -30,7 +33,12 @@ from gpu_request_router.core.state_store import Claim, Limits, Refusal, StateCha
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import Request, RequestStatus
 from gpu_request_router.store import RedisStore
-from gpu_request_router.testing import drop_redis_prefix, redis_prefix, require_redis
+from gpu_request_router.testing import (
+    RedisServer,
+    drop_redis_prefix,
+    redis_prefix,
+    require_redis,
+)
 
 S = RequestStatus
 # A long lease: nothing here waits for one to lapse (a lapse is made by deleting the key).
@@ -773,3 +781,43 @@ def test_two_routers_sharing_a_prefix_keep_its_limits_and_ledgers() -> None:
         phases=[Phase.explicit, Phase.reuse, Phase.generate],
     )
     run().runTest()
+
+
+def test_after_an_outage_longer_than_the_lease_no_router_adopts_another(tmp_path: Path) -> None:
+    """Redis down past the lease: every lease lapsed in it, and each router takes its own back.
+
+    A router that just reached Redis again adopts nobody for a lease (the others renew within
+    a second), so two live routers never fence each other; neither loses its requests.
+    """
+    with RedisServer(tmp_path) as server:
+        # a reaches Redis again (every 0.5 s) before b does (every second): without the wait,
+        # a would find b's lease lapsed and adopt b's requests.
+        a = RedisStore(server.url, prefix="p", shared=True, lease_s=1.5)
+        b = RedisStore(server.url, prefix="p", shared=True, lease_s=3.0)
+        try:
+            a.write([created(make_request("ra"))])
+            b.write([created(make_request("rb"))])
+            server.kill()
+            time.sleep(3.5)  # past both leases
+
+            def poll() -> None:  # both views, polled as the runtimes poll them
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline:
+                    for store in (a, b):
+                        with contextlib.suppress(StoreUnavailable):
+                            for router in store.shared_view([], []).lapsed:
+                                store.adopt(router)
+                    time.sleep(0.05)
+
+            poller = threading.Thread(target=poll)
+            poller.start()
+            server.start()
+            poller.join()
+            assert a.failure() is None and b.failure() is None
+            assert [r.id for r in a.unfinished_requests()] == ["ra"]
+            assert [r.id for r in b.unfinished_requests()] == ["rb"]
+            a.write([created(make_request("ra2"))])  # neither is fenced
+            b.write([created(make_request("rb2"))])
+        finally:
+            a.close()
+            b.close()
