@@ -15,6 +15,7 @@ itself against a model after every step. Everything runs against the real Redis 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections import Counter
@@ -783,36 +784,105 @@ def test_two_routers_sharing_a_prefix_keep_its_limits_and_ledgers() -> None:
     run().runTest()
 
 
+class Gate:
+    """A TCP forwarder to Redis that can be shut: then every connection through it is dropped.
+
+    One router reaching Redis through it comes back from an outage later than another.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.shut = threading.Event()
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close_gate(self) -> None:
+        self.shut.set()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()  # each pipe's thread closes its sockets as it ends
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.shut.is_set():
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.close_gate()
+
+
 def test_after_an_outage_longer_than_the_lease_no_router_adopts_another(tmp_path: Path) -> None:
     """Redis down past the lease: every lease lapsed in it, and each router takes its own back.
 
-    A router that just reached Redis again adopts nobody for a lease (the others renew within
-    a second), so two live routers never fence each other; neither loses its requests.
+    Router a reaches Redis again 1.5 s before router b (b's way to it stays shut): a finds b's
+    lease lapsed, but a router that just came back adopts nobody for a lease, and b takes its
+    own lease back meanwhile. Neither is fenced, neither loses its requests.
     """
     with RedisServer(tmp_path) as server:
-        # a reaches Redis again (every 0.5 s) before b does (every second): without the wait,
-        # a would find b's lease lapsed and adopt b's requests.
+        gate = Gate(server.port)
         a = RedisStore(server.url, prefix="p", shared=True, lease_s=1.5)
-        b = RedisStore(server.url, prefix="p", shared=True, lease_s=3.0)
+        b = RedisStore(f"redis://127.0.0.1:{gate.port}", prefix="p", shared=True, lease_s=1.5)
         try:
             a.write([created(make_request("ra"))])
             b.write([created(make_request("rb"))])
+            gate.close_gate()
             server.kill()
-            time.sleep(3.5)  # past both leases
+            time.sleep(2.5)  # past the leases
+            saw_b_lapsed = threading.Event()
 
             def poll() -> None:  # both views, polled as the runtimes poll them
-                deadline = time.monotonic() + 8
+                deadline = time.monotonic() + 6
                 while time.monotonic() < deadline:
                     for store in (a, b):
                         with contextlib.suppress(StoreUnavailable):
                             for router in store.shared_view([], []).lapsed:
                                 store.adopt(router)
+                    with contextlib.suppress(redis.RedisError):
+                        if raw.hexists("p:replicas", b.replica) and not raw.exists(
+                            f"p:replica:{b.replica}"
+                        ):
+                            saw_b_lapsed.set()
                     time.sleep(0.05)
 
+            server.start()
+            raw = redis.Redis.from_url(server.url)
             poller = threading.Thread(target=poll)
             poller.start()
-            server.start()
+            time.sleep(1.5)
+            gate.shut.clear()  # b's way to Redis opens
             poller.join()
+            raw.close()
+            assert saw_b_lapsed.is_set()  # the window was there
             assert a.failure() is None and b.failure() is None
             assert [r.id for r in a.unfinished_requests()] == ["ra"]
             assert [r.id for r in b.unfinished_requests()] == ["rb"]
@@ -821,3 +891,4 @@ def test_after_an_outage_longer_than_the_lease_no_router_adopts_another(tmp_path
         finally:
             a.close()
             b.close()
+            gate.close()
