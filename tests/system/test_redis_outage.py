@@ -103,11 +103,14 @@ class Load:
 
 # ``everysec`` too with GPUROUTER_REDIS_EVERYSEC=1 (20 s more; its numbers are in deployment.md).
 FSYNC = ["always", "everysec"] if os.environ.get("GPUROUTER_REDIS_EVERYSEC") == "1" else ["always"]
+# A router of a shared prefix (state.shared) too with GPUROUTER_REDIS_SHARED=1 (20 s more).
+SHARED = [False, True] if os.environ.get("GPUROUTER_REDIS_SHARED") == "1" else [False]
 
 
+@pytest.mark.parametrize("shared", SHARED, ids=lambda shared: "shared" if shared else "owner")
 @pytest.mark.parametrize("appendfsync", FSYNC)
 def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
-    tmp_path: Path, appendfsync: str
+    tmp_path: Path, appendfsync: str, shared: bool
 ) -> None:
     """See the module docstring; ``everysec`` loses nothing to a kill of the Redis process too.
 
@@ -116,7 +119,7 @@ def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
     """
     with _redis(tmp_path, appendfsync) as redis_server:
         port = free_port()
-        state = {"backend": "redis", "redis_url": redis_server.url}
+        state = {"backend": "redis", "redis_url": redis_server.url, "shared": shared}
         router = Router(tmp_path, port, config=loaded_config(port, state))
         try:
             router.wait_ready()
