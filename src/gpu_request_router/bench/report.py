@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpu_request_router.bench.provenance import finished
@@ -34,12 +35,15 @@ def parse_counts(text: str, option: str) -> list[int]:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Print one result table; the first column is left-aligned, the rest right-aligned."""
-    table = Table(title=title, title_justify="left")
+    """Print one result table; the first column is left-aligned, the rest right-aligned.
+
+    Cells are text, never markup (a target such as ``router [redis]`` keeps its brackets).
+    """
+    table = Table(title=escape(title), title_justify="left")
     for number, column in enumerate(columns):
-        table.add_column(column, justify="left" if number == 0 else "right")
+        table.add_column(escape(column), justify="left" if number == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     _console.print(table)
 
 

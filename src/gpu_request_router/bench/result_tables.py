@@ -98,6 +98,28 @@ def _overhead(documents: Sequence[Document]) -> list[str]:
     return lines
 
 
+def _overhead_stores(documents: Sequence[Document]) -> list[str]:
+    (document,) = documents
+    lines = _head(
+        "target", "clients", "req/s", "p50", "added p50", "CPU ms/req", "Redis scripts/req"
+    )
+    lines += [
+        _row(
+            [
+                row["target"],
+                str(row["concurrency"]),
+                _fixed(row["requests_per_s"], 0),
+                _fixed(row["p50_ms"], 2),
+                _fixed(row["added_p50_ms"], 2),
+                _fixed(row["router_cpu_ms_per_request"], 2),
+                _fixed(row.get("redis_scripts_per_request"), 2),
+            ]
+        )
+        for row in document["rows"]
+    ]
+    return lines
+
+
 def _store(documents: Sequence[Document]) -> list[str]:
     (document,) = documents
     keys = (
@@ -471,6 +493,7 @@ _SEEDS = tuple(f"replay_seed{seed}.json" for seed in range(4))
 TABLES: Mapping[str, Table] = {
     "overhead": Table(("overhead.json",), _overhead),
     "overhead-before": Table(("overhead_before.json",), _overhead),
+    "overhead-shared": Table(("overhead_shared.json",), _overhead_stores),
     "store": Table(("store.json",), _store),
     "decisions-placement": Table(("decisions.json",), _decisions_placement),
     "decisions-admission": Table(("decisions.json",), _decisions_admission),
