@@ -118,3 +118,32 @@ def test_the_passthrough_proxy_forwards_status_type_and_body(tmp_path: Path) -> 
 
 def _unstamped(answer: dict[str, object]) -> dict[str, object]:
     return {key: value for key, value in answer.items() if key not in ("id", "created")}
+
+
+def test_one_run_measures_several_stores_side_by_side(tmp_path: Path, redis_url: str) -> None:
+    """--state sqlite,redis-shared: a router per store, each target named after its store.
+
+    The shared pair (serve --workers 2) is measured as one target, with the Redis scripts it ran.
+    """
+    out = tmp_path / "overhead.json"
+    arguments = [
+        *("bench", "overhead", "--concurrency", "2", "--duration", "0.5", "--warmup", "0.1"),
+        *("--state", "sqlite,redis-shared", "--no-async-api", "--json", str(out)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "gpu_request_router.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "COLUMNS": "200", "REDIS_URL": redis_url},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "router [redis-shared]" in done.stdout
+    rows = {row["target"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["direct", "passthrough", "router [sqlite]", "router [redis-shared]"]
+    shared = rows["router [redis-shared]"]
+    assert shared["errors"] == {} and shared["requests"] > 0
+    assert shared["router_cpu_ms_per_request"] > 0
+    assert shared["redis_scripts_per_request"] > 0  # the door commits on a shared prefix
+    assert rows["router [sqlite]"]["redis_scripts_per_request"] is None
