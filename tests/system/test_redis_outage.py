@@ -144,7 +144,7 @@ def test_redis_killed_under_load_answers_503_fast_recovers_and_loses_nothing(
             acknowledged = check(load, router.url, killed, back)
         finally:
             router.stop()
-        store = RedisStore(redis_server.url)  # the router gave its lease up
+        store = RedisStore(redis_server.url, shared=shared)  # the router gave its lease up
         try:
             for request_id in acknowledged:
                 trail = store.transitions(request_id)
