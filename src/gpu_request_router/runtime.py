@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
@@ -789,7 +790,10 @@ class Runtime:
             if live is None or execution_id is None:
                 continue
             active = {} if refusal.active is None else {live.user: refusal.active}
-            self._apply(router.shared_view(refusal.ledger or {}, active, now))
+            held = None
+            if refusal.held is not None:  # how long theirs waits comes with the next view
+                held = {**router.held_elsewhere, **dict.fromkeys(refusal.held, -math.inf)}
+            self._apply(router.shared_view(refusal.ledger or {}, active, now, held))
             self._apply(router.claim_refused(execution_id, refusal.message, now))
         self._wake.set()
 
@@ -1003,9 +1007,10 @@ class Runtime:
         """One round: what the others hold, the cancellations passed here, lapsed routers."""
         router = self.router
         gpu_ids, users = list(router.monitor.gpus), router.shared_users()
-        view = await asyncio.to_thread(self.store.shared_view, gpu_ids, users)
+        holds = router.holds_to_share()
+        view = await asyncio.to_thread(self.store.shared_view, gpu_ids, users, holds)
         now = self.clock.now()
-        self._apply(router.shared_view(view.ledger, view.active, now))
+        self._apply(router.shared_view(view.ledger, view.active, now, view.held))
         for request_id, actor in view.cancels:
             if router.get(request_id) is not None:
                 self._apply(router.cancel(request_id, now, actor))

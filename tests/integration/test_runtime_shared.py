@@ -459,3 +459,37 @@ async def test_refused_creations_of_one_commit_leave_no_change_behind(
     events = [entry["event"] for entry in logs]
     assert "commit_refused" not in events and "changes_dropped" not in events, logs
     assert a.writer.pending == 0
+
+
+async def test_a_starving_request_holds_its_gpu_against_the_other_routers(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """B keeps the one GPU busy with small requests; A's large one still starts.
+
+    Past the starvation bound A's request holds the GPU, the hold is shared through Redis, and
+    B places nothing more there (its claims on it would be refused): the GPU drains and A's
+    request runs, well before B's stream ends.
+    """
+    settings = shared_settings(placement={"starvation_bound_s": 0.5})
+    async with two_runtimes(settings, open_store) as (a, b):
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                # Two fit at once; even one leaves no room for A's request beside it.
+                small = chat(duration_s=0.3, resources=ResourceHints(gpu_memory_mb=30_000))
+                done = await b.submit(small, Caller("bob"))
+                await b.wait(done.id, 10)
+
+        streams = [asyncio.create_task(stream()) for _ in range(8)]  # B's queue never empties
+        try:
+            await until(lambda: b.router.active_count("bob") >= 2)
+            large = await a.submit(chat(duration_s=0.05, resources=HALF_GPU), ALICE)
+            started = time.monotonic()
+            done = await a.wait(large.id, 8)
+            waited = time.monotonic() - started
+        finally:
+            stop.set()
+            await asyncio.gather(*streams)
+    assert done.status is S.SUCCEEDED, (done.status, waited)
+    assert waited < 8

@@ -27,9 +27,13 @@ from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.models.gpu_state import GPUState
 from gpu_request_router.models.request import Request
 
-__all__ = ["Holds", "Running"]
+__all__ = ["ELSEWHERE_S", "Holds", "Running"]
 
 _log = structlog.get_logger(__name__)
+
+ELSEWHERE_S = 3600.0
+"""When other routers' reservations on a GPU are taken to free, after this router's own work
+(their durations are not known here): late enough to rank such a GPU after any this router frees."""
 
 
 class Running(Protocol):
@@ -125,9 +129,11 @@ class Holds(Mapping[str, tuple[str, ...]]):
 
         Its executions are expected to end, soonest first, at their start plus their estimated
         duration on this GPU's type; one already past that is expected to run half as long again
-        as it has (an answer longer than assumed is likely a long one). Memory of executions this
-        router does not drive is not expected to free; if what is expected cannot cover the
-        shortfall, never (infinity).
+        as it has (an answer longer than assumed is likely a long one). What other routers
+        sharing the store hold there (``elsewhere_mb``) frees too, at a time this router cannot
+        know: it counts last, :data:`ELSEWHERE_S` after the rest (so a GPU this router's own
+        work frees is preferred). Memory of anything else is not expected to free; if what is
+        expected cannot cover the shortfall, never (infinity).
         """
         if short_mb <= 0:
             return now
@@ -148,6 +154,8 @@ class Holds(Mapping[str, tuple[str, ...]]):
             short_mb -= memory_mb
             if short_mb <= 0:
                 return max(end, now)
+        if gpu.elsewhere_mb >= short_mb:
+            return max([now, *(end for end, _ in ends)]) + ELSEWHERE_S
         return math.inf
 
     def _still_holds(

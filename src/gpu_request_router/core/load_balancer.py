@@ -767,7 +767,8 @@ class LoadBalancer:
         for gpu in gpus:
             if not need.runs_on(gpu):
                 continue
-            if need.memory_on(gpu) > gpu.room_mb + gpu.reserved_mb:
+            # What drains: this router's reservations, and other routers' (a shared store).
+            if need.memory_on(gpu) > gpu.room_mb + gpu.reserved_mb + gpu.elsewhere_mb:
                 continue
             by_worker.setdefault(gpu.worker, []).append(gpu)
 

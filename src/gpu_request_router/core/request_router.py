@@ -155,8 +155,10 @@ class RequestRouter:
         self._executions: dict[str, _Execution] = {}
         self._current: dict[str, str] = {}
         self._active: Counter[str] = Counter()
-        # Requests of each user holding a concurrent slot through other routers (shared store).
+        # Requests of each user holding a concurrent slot through other routers (shared store),
+        # and the GPUs other routers hold for their starving requests.
         self._active_elsewhere: Counter[str] = Counter()
+        self._held_elsewhere: dict[str, float] = {}  # GPU id -> since when its request waits
         self._queued: Counter[str] = Counter()
         self._queued_total = 0
         self._deadlines: list[tuple[float, str]] = []
@@ -227,6 +229,25 @@ class RequestRouter:
     def queued_count(self, user: str) -> int:
         """How many requests of ``user`` are waiting (including those backing off to retry)."""
         return self._queued[user]
+
+    @property
+    def held_elsewhere(self) -> Mapping[str, float]:
+        """The GPUs other routers hold for starving requests, with their creation times.
+
+        See :meth:`shared_view`.
+        """
+        return self._held_elsewhere
+
+    def holds_to_share(self) -> dict[str, tuple[str, float]]:
+        """The GPUs this router holds for its starving requests: GPU id → (request id, since).
+
+        ``since`` is the request's creation time: across routers the longest waiting wins.
+        """
+        return {
+            gpu_id: (request_id, self._requests[request_id].created_at)
+            for request_id, gpus in self.holds.items()
+            for gpu_id in gpus
+        }
 
     def shared_users(self) -> list[str]:
         """The users whose slots across routers matter here (shared store).
@@ -765,16 +786,23 @@ class RequestRouter:
         ledger: Mapping[str, Mapping[str, int]],
         active: Mapping[str, Iterable[str]],
         now: float,
+        held: Mapping[str, float] | None = None,
     ) -> list[Decision]:
         """What every router sharing the state store holds, as the store says.
 
         ``ledger``: per GPU, the reservations of all routers (request id → MiB); ``active``: per
         user, the ids of their requests holding a concurrent slot. What this router's own live
         executions hold is left out; the rest comes off its room, slots and users' concurrency.
-        A GPU or user left out of a map is left as it was.
+        A GPU or user left out of a map is left as it was. ``held``: the GPUs other routers
+        now hold for their starving requests (:mod:`~gpu_request_router.core.holds`), with the
+        creation time of each one's request (``None``: as they were): this router places
+        nothing there, and holds one only for a request that has waited longer.
         """
         own = self._current
         changed = False
+        if held is not None and dict(held) != self._held_elsewhere:
+            self._held_elsewhere = dict(held)
+            changed = True
         for gpu_id, held in ledger.items():
             others = [memory_mb for request_id, memory_mb in held.items() if request_id not in own]
             if self.monitor.elsewhere(gpu_id, sum(others), len(others)):
@@ -859,6 +887,9 @@ class RequestRouter:
         decisions: list[Decision] = []
         holds = self.holds
         holds.prune(schedulable)
+        for request_id, gpu_ids in list(holds.items()):
+            if any(gpu_id in self._held_elsewhere for gpu_id in gpu_ids):
+                holds.drop(request_id)  # a longer wait elsewhere took it
         # A hold binds the requests of its holder's priority level and below; candidates come
         # level by level, so ``held`` grows along the pass. Room only shrinks during a pass and
         # ``held`` only grows (but for a holder that starts, which clears ``no_fit``), so a need
@@ -869,8 +900,10 @@ class RequestRouter:
             for request_id, gpu_ids in holds.items()
         )
         bound_so_far = 0
-        held: set[str] = set()
+        # GPUs other routers hold (shared store) take nothing of this router's.
+        held: set[str] = set(self._held_elsewhere)
         taken = {gpu_id for gpu_ids in holds.values() for gpu_id in gpu_ids}
+
         no_prospect: set[tuple[object, ...]] = set()
         no_fit: dict[tuple[object, ...], NoFit] = {}
         misses = 0
@@ -914,7 +947,14 @@ class RequestRouter:
                 if not own:
                     no_fit[shape] = chosen
                     if now - request.created_at >= bound and shape not in no_prospect:
-                        own = holds.hold(request, need, schedulable.values(), taken, now)
+                        # A GPU held elsewhere for a request waiting longer is not on offer.
+                        older = {
+                            gpu_id
+                            for gpu_id, since in self._held_elsewhere.items()
+                            if since <= request.created_at
+                        }
+                        own = holds.hold(request, need, schedulable.values(), taken | older, now)
+                        taken.update(own)
                         if not own:
                             no_prospect.add(shape)
                         held.update(own)

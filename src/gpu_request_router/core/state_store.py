@@ -19,8 +19,8 @@ import binascii
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_request_router.exceptions import InvalidRequest
@@ -184,7 +184,8 @@ class Refusal:
       ``limit``, and ``waiting`` the requests waiting), or ``idempotency_key``: another router
       created ``existing`` under the key first;
     - a dispatch (written, without its reservation: the request must go back to its queue):
-      ``gpu_memory`` or ``max_concurrent``. ``ledger`` is every router's reservations, as
+      ``gpu_memory``, ``gpu_held`` (another router holds a GPU of it for a starving request:
+      ``held`` names them) or ``max_concurrent``. ``ledger`` is every router's reservations, as
       request id → MiB, on each GPU of the claim; ``active`` the ids of the user's requests
       holding a concurrent slot.
     """
@@ -198,11 +199,12 @@ class Refusal:
     waiting: int | None = None
     ledger: dict[str, dict[str, int]] | None = None
     active: frozenset[str] | None = None
+    held: frozenset[str] | None = None
 
     @property
     def creation(self) -> bool:
         """Whether it refused a creation (else a dispatch's reservation)."""
-        return self.kind not in ("gpu_memory", "max_concurrent")
+        return self.kind not in ("gpu_memory", "gpu_held", "max_concurrent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,13 +226,15 @@ class SharedView:
     ``ledger``: every router's reservations on each GPU asked about (request id → MiB);
     ``active``: the ids of each user's requests holding a concurrent slot; ``cancels``: the
     cancellations other routers passed to this one, as (request id, actor); ``lapsed``: the
-    routers whose lease has lapsed (their work is to adopt).
+    routers whose lease has lapsed (their work is to adopt); ``held``: the GPUs asked about that
+    other routers hold for a starving request, with that request's creation time.
     """
 
     ledger: dict[str, dict[str, int]]
     active: dict[str, frozenset[str]]
     cancels: list[tuple[str, str]]
     lapsed: list[str]
+    held: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,10 +332,18 @@ class StateStore(ABC):
 
     # Routers sharing the store -----------------------------------------------------------------
 
-    def shared_view(self, gpu_ids: Sequence[str], users: Sequence[str]) -> SharedView:
+    def shared_view(
+        self,
+        gpu_ids: Sequence[str],
+        users: Sequence[str],
+        holds: Mapping[str, tuple[str, float]] | None = None,
+    ) -> SharedView:
         """What the other routers hold on ``gpu_ids`` and of ``users``' slots (shared stores).
 
-        Also takes the cancellations sent to this router, and lists the lapsed routers.
+        Also takes the cancellations sent to this router, lists the lapsed routers, and
+        publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
+        time); ``None``: leave them): a GPU held by two routers goes to the request waiting
+        longest, and a claim of another router on a held GPU is refused.
         """
         raise NotImplementedError("only a shared store has other routers")
 

@@ -76,7 +76,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -138,6 +138,9 @@ SOCKET_TIMEOUT_S = 0.5
 
 _STANDBY_POLL_S = 0.1
 _COMMANDS = 1_000  # the most cancellations one shared view takes
+
+HOLD_S = 1.0
+"""How long a router's starvation hold on a GPU lasts unless its shared view renews it."""
 _MIN_REDIS = (7, 0)
 _LIST_CHUNK = 256
 
@@ -203,12 +206,40 @@ return ids
 """
 # What replica ARGV[2] of prefix ARGV[1] must know of the others: the ledger of each GPU of
 # ARGV[4] (JSON list), the concurrent slots of each user of ARGV[5], the commands sent to it
-# (taken), and the replicas whose lease lapsed; ARGV[3] the most commands to take.
+# (taken), the replicas whose lease lapsed, and which GPUs of ARGV[4] other replicas hold for
+# a starving request; ARGV[3] the most commands to take. ARGV[6] (JSON {gpu: [request id,
+# created at]}, or '' to leave them) are its own holds now, kept ARGV[7] ms unless renewed; a
+# GPU another holds stays theirs unless this one's request has waited longer (a hold's value
+# is "<replica> <created at> <request id>").
 _VIEW = """
 local p, me = ARGV[1], ARGV[2]
-local ledger, active, lapsed = {}, {}, {}
+local mark = me .. ' '
+local function ours(value) return string.sub(value, 1, #mark) == mark end
+local function since(value) return tonumber(string.match(value, '^%S+ (%S+)')) end
+local ledger, active, lapsed, held = {}, {}, {}, {}
+if ARGV[6] ~= '' then
+  local holds, mine = cjson.decode(ARGV[6]), p .. ':holds:' .. me
+  for _, gpu in ipairs(redis.call('SMEMBERS', mine)) do
+    if holds[gpu] == nil then
+      local value = redis.call('GET', p .. ':hold:' .. gpu)
+      if value and ours(value) then redis.call('DEL', p .. ':hold:' .. gpu) end
+      redis.call('SREM', mine, gpu)
+    end
+  end
+  for gpu, request in pairs(holds) do
+    local key = p .. ':hold:' .. gpu
+    local value = redis.call('GET', key)
+    if not value or ours(value) or since(value) > tonumber(request[2]) then
+      redis.call('SET', key, mark .. request[2] .. ' ' .. request[1], 'PX', ARGV[7])
+      redis.call('SADD', mine, gpu)
+    end
+  end
+  redis.call('PEXPIRE', mine, ARGV[7])
+end
 for _, gpu in ipairs(cjson.decode(ARGV[4])) do
   table.insert(ledger, redis.call('HGETALL', p .. ':ledger:' .. gpu))
+  local value = redis.call('GET', p .. ':hold:' .. gpu)
+  if value and not ours(value) then table.insert(held, {gpu, tostring(since(value))}) end
 end
 for _, user in ipairs(cjson.decode(ARGV[5])) do
   table.insert(active, redis.call('SMEMBERS', p .. ':active:' .. user))
@@ -218,7 +249,7 @@ if tonumber(ARGV[3]) > 0 then commands = redis.call('LPOP', p .. ':cmd:' .. me, 
 for _, replica in ipairs(redis.call('HKEYS', p .. ':replicas')) do
   if redis.call('EXISTS', p .. ':replica:' .. replica) == 0 then table.insert(lapsed, replica) end
 end
-return {ledger, active, commands, lapsed}
+return {ledger, active, commands, lapsed, held}
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -340,7 +371,7 @@ class RedisStore(StateStore):
         self._down: str | None = None  # why Redis is unreachable, until the lease thread reaches it
         # Since when this router has reached Redis without a break (it adopts nobody for a lease
         # after an outage: the others' leases lapsed in it too, and they renew within a second).
-        self._up_since = time.monotonic() - lease_s
+        self._up_since = time.monotonic() - lease_s - self._renew_s
         self._probes = Every(WRITE_PROBE_INTERVAL_S)
         self._prunes = Every(PRUNE_INTERVAL_S)
         self._closed = threading.Event()
@@ -891,7 +922,12 @@ class RedisStore(StateStore):
 
     # Routers sharing the prefix -----------------------------------------------------------------
 
-    def shared_view(self, gpu_ids: Sequence[str], users: Sequence[str]) -> SharedView:
+    def shared_view(
+        self,
+        gpu_ids: Sequence[str],
+        users: Sequence[str],
+        holds: Mapping[str, tuple[str, float]] | None = None,
+    ) -> SharedView:
         """Every router's reservations on ``gpu_ids`` and ``users``' slots, in one script.
 
         Also takes up to :data:`_COMMANDS` cancellations sent to this router, and lists the
@@ -899,13 +935,18 @@ class RedisStore(StateStore):
         an outage: the other routers' leases lapsed in it too, and each renews its own (if
         nobody adopted it) within a second of Redis's return.
         """
-        return self._shared_view(gpu_ids, users, commands=_COMMANDS)
+        return self._shared_view(gpu_ids, users, commands=_COMMANDS, holds=holds)
 
     def _shared_view(
-        self, gpu_ids: Sequence[str], users: Sequence[str], *, commands: int
+        self,
+        gpu_ids: Sequence[str],
+        users: Sequence[str],
+        *,
+        commands: int,
+        holds: Mapping[str, tuple[str, float]] | None = None,
     ) -> SharedView:
         """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none)."""
-        ledger, active, taken, lapsed = self._call(
+        ledger, active, taken, lapsed, held = self._call(
             "read what the other routers hold",
             lambda: self._view(
                 args=[
@@ -914,6 +955,10 @@ class RedisStore(StateStore):
                     commands,
                     json.dumps(list(gpu_ids)),
                     json.dumps(list(users)),
+                    ""
+                    if holds is None
+                    else json.dumps({gpu: [rid, _score(at)] for gpu, (rid, at) in holds.items()}),
+                    int(HOLD_S * 1000),
                 ]
             ),
         )
@@ -931,6 +976,7 @@ class RedisStore(StateStore):
                 for user, members in zip(users, active, strict=True)
             },
             cancels=cancels,
+            held={_text(gpu): float(since) for gpu, since in held},
             lapsed=[_text(router) for router in lapsed if _text(router) != self.replica]
             if time.monotonic() - self._up_since >= self.lease_s + self._renew_s
             else [],
@@ -1110,6 +1156,7 @@ def _refusals(answer: bytes | str) -> list[Refusal]:
                     for gpu, held in ledger.items()
                 },
                 active=None if active is None else frozenset(active or ()),
+                held=None if item.get("held") is None else frozenset(item["held"]),
             )
         )
     return refusals

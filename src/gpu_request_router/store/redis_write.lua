@@ -25,7 +25,8 @@
 -- Routers sharing a prefix (ARGV[8] set) are checked against each other here, atomically: a
 -- creation over its user's rate or queue limits, or whose idempotency key another router took,
 -- is refused (none of its changes is written); a dispatch whose GPUs would hold more than their
--- limit with every router's reservations (the ledger), or whose user would exceed
+-- limit with every router's reservations (the ledger), or one another router holds for a
+-- starving request (<prefix>:hold:<gpu>, set by the shared view), or whose user would exceed
 -- max_concurrent, is written without its reservation and refused: its router queues it again.
 -- Windows are timed by Redis's own clock (TIME), the same for every router.
 --
@@ -181,7 +182,18 @@ if shared then
     local id = claim[1]
     if not dropped[id] then
       local over
+      local held = {}
       for _, g in ipairs(claim[2]) do
+        local hold = redis.call('GET', p .. ':hold:' .. g[1])
+        if hold and string.sub(hold, 1, #replica + 1) ~= replica .. ' ' then
+          table.insert(held, g[1])
+        end
+      end
+      if #held > 0 then
+        over = 'GPU ' .. held[1] .. ' is held for a starving request of another router'
+      end
+      for _, g in ipairs(claim[2]) do
+        if over then break end
         local sum, n = ledger_sum(g[1])
         if sum + tonumber(g[2]) > tonumber(g[3]) then
           over = 'GPU ' .. g[1] .. ' holds ' .. sum .. ' MiB of reservations; ' .. g[2] ..
@@ -195,7 +207,9 @@ if shared then
       end
       local max_concurrent, user = claim[3], claim[4]
       local slots = p .. ':active:' .. user
-      if over then
+      if #held > 0 then
+        refuse(id, 'gpu_held', over, 0, {ledger = ledger_of(claim), held = held})
+      elseif over then
         refuse(id, 'gpu_memory', over, 0, {ledger = ledger_of(claim)})
       elseif max_concurrent then
         local count = claimed_users[user] or 0

@@ -124,3 +124,29 @@ def test_a_synchronous_request_of_a_dead_router_ends_instead_of_running(harness_
     stopped = {d.request_id for d in recovery.decisions if isinstance(d, CancelExecution)}
     assert running.request.id in stopped  # its execution is told to stop
     assert adopter.status(plain) in ("queued", "dispatching")
+
+
+def test_a_gpu_held_elsewhere_takes_nothing_here_and_an_older_wait_may_hold_it(
+    harness_for,
+) -> None:
+    """Another router holds the one GPU for a starving request: nothing more is placed there.
+
+    A request here that has waited longer than theirs may hold it in turn (the store then gives
+    the GPU to the longest wait); a younger one may not.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], placement={"starvation_bound_s": 1.0})
+    gpu_id = next(iter(h.router.monitor.gpus))
+    # Others hold 60 GB there: a 50 GB request cannot fit until they drain.
+    h.apply(h.router.shared_view({gpu_id: {"req_other": 60_000}}, {}, h.now))
+    old = h.submit(chat(resources=BIG))
+    h.now += 0.5
+    small = h.submit(chat(resources=ResourceHints(gpu_memory_mb=10_000)))
+    assert h.status(small) == "dispatching"  # room for it, nobody holds the GPU yet
+    h.finish(small)
+    h.apply(h.router.shared_view({}, {}, h.now, held={gpu_id: old.created_at + 0.1}))
+    another = h.submit(chat(resources=ResourceHints(gpu_memory_mb=10_000)))
+    assert h.status(another) == "queued"  # held elsewhere: nothing is placed there
+    h.advance(2.0)  # old has starved past the bound, and waited longer than their request
+    assert h.router.holds_to_share() == {gpu_id: (old.id, old.created_at)}
+    h.apply(h.router.shared_view({}, {}, h.now, held={gpu_id: old.created_at - 0.1}))
+    assert h.router.holds_to_share() == {}  # theirs waits longer: this router gives it up
