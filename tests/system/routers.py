@@ -70,6 +70,46 @@ def clean_environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("GPUROUTER_")}
 
 
+def wait_answering(
+    url: str, process: subprocess.Popen[bytes], log: Path, path: str, timeout_s: float = 20
+) -> None:
+    """Until ``url`` + ``path`` answers 200; fails (with the log's end) if the process ends."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not start: {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+class Processes:
+    """A test's named processes (routers, workers): killed one by one, stopped together."""
+
+    def __init__(self) -> None:
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process and reap it."""
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM whatever still runs, then wait (SIGKILL what does not end in 20 s)."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
 class Router:
     """A `gpurouter serve` process; its stdout and stderr kept apart in ``workdir``."""
 

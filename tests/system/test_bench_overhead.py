@@ -16,6 +16,18 @@ from gpu_request_router.bench.provenance import problems
 from gpu_request_router.testing import free_port
 
 
+def _bench(arguments: list[str], **environment: str) -> subprocess.CompletedProcess[str]:
+    """Run ``gpurouter`` with ``arguments`` (a wide terminal, ``environment`` added)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpu_request_router.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "COLUMNS": "200", **environment},
+        check=False,
+    )
+
+
 def test_percentiles_take_the_nearest_rank() -> None:
     """p50/p90/p99 of 1..101 are 51, 91 and 100; nothing measured gives zeros."""
     assert percentiles([float(n) for n in range(101, 0, -1)]) == {
@@ -36,14 +48,7 @@ def test_a_short_run_measures_direct_passthrough_router_and_async_api(tmp_path: 
         *("bench", "overhead", "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.1"),
         *("--state", "sqlite", "--json", str(out)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "gpu_request_router.cli", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "COLUMNS": "200"},
-        check=False,
-    )
+    done = _bench(arguments)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Overhead (state: sqlite)" in done.stdout
     data = json.loads(out.read_text())
@@ -130,14 +135,7 @@ def test_one_run_measures_several_stores_side_by_side(tmp_path: Path, redis_url:
         *("bench", "overhead", "--concurrency", "2", "--duration", "0.5", "--warmup", "0.1"),
         *("--state", "sqlite,redis-shared", "--no-async-api", "--json", str(out)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "gpu_request_router.cli", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "COLUMNS": "200", "REDIS_URL": redis_url},
-        check=False,
-    )
+    done = _bench(arguments, REDIS_URL=redis_url)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "router [redis-shared]" in done.stdout
     rows = {row["target"]: row for row in json.loads(out.read_text())["rows"]}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from routers import Processes
 
 from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
@@ -33,12 +33,12 @@ GPUS = {"w1": "1xH100-80GB", "w2": "1xL4-24GB", "w3": "1xA100-80GB"}
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 
 
-class Cluster:
+class Cluster(Processes):
     """The router and the three workers, real processes on 127.0.0.1."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__()
         self.ports = {name: free_port() for name in ("router", *GPUS)}
         self.url = f"http://127.0.0.1:{self.ports['router']}"
         common = {
@@ -98,23 +98,6 @@ class Cluster:
         """Start the router (again, on the same database) and wait until it is ready."""
         args = ["serve", "--config", str(self.workdir / "router.yaml")]
         self._start("router", args, self.url, "/readyz")
-
-    def kill(self, name: str) -> None:
-        """SIGKILL one process and reap it."""
-        self.processes[name].send_signal(signal.SIGKILL)
-        self.processes[name].wait(10)
-
-    def stop(self) -> None:
-        """Stop whatever still runs."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
 
 
 @pytest.fixture

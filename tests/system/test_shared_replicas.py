@@ -35,7 +35,7 @@ import httpx
 import pytest
 import redis
 import yaml
-from routers import GPUROUTER, KEY, clean_environment
+from routers import GPUROUTER, KEY, Processes, clean_environment, wait_answering
 
 from gpu_request_router.http.keys import hash_key
 from gpu_request_router.store import RedisStore
@@ -54,27 +54,14 @@ GPUS = ["w1:0", "w1:1", "w2:0", "w2:1"]
 pytestmark = pytest.mark.xdist_group("system")
 
 
-def _wait(url: str, process: subprocess.Popen[bytes], log: Path, path: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not start: {log.read_text()[-3000:]}"
-        time.sleep(0.05)
-
-
-class Fleet:
+class Fleet(Processes):
     """Three routers sharing ``prefix`` and two simulated workers, all real processes."""
 
     def __init__(self, workdir: Path, redis_url: str, prefix: str) -> None:
         self.workdir = workdir
         self.redis_url = redis_url
         self.prefix = prefix
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__()
         self.ports = {name: free_port() for name in ("r0", "r1", "r2", "w1", "w2")}
         common = {
             "auth": {
@@ -137,22 +124,7 @@ class Fleet:
                 stderr=out,
                 env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
             )
-        _wait(self.url(name), self.processes[name], log, path)
-
-    def kill(self, name: str) -> None:
-        self.processes[name].send_signal(signal.SIGKILL)
-        self.processes[name].wait(10)
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        wait_answering(self.url(name), self.processes[name], log, path, timeout_s=30)
 
 
 @pytest.fixture
@@ -509,7 +481,7 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait(url, supervisor, log, "/readyz")
+        wait_answering(url, supervisor, log, "/readyz", timeout_s=30)
         deadline = time.monotonic() + 30
         while len(pids := _registered(redis_url, redis_store_prefix)) < 2:
             assert time.monotonic() < deadline, pids

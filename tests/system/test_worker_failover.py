@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from routers import Processes, wait_answering
 
 from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
@@ -27,20 +27,7 @@ WORKER_TOKEN = "failover-worker-token-0123456789"
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, path: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not start"
-        time.sleep(0.05)
-
-
-class Cluster:
+class Cluster(Processes):
     """One router (`gpurouter serve`) and two workers, w1 and w2, all real processes.
 
     By default w1 is listed in the config and w2 registers itself, each named as the router
@@ -54,7 +41,7 @@ class Cluster:
         self.named = named
         self.gpus = gpus
         self.slots = slots
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__()
         self.ports = {name: free_port() for name in ("router", "w1", "w2")}
         self.url = f"http://127.0.0.1:{self.ports['router']}"
         common = {
@@ -111,7 +98,7 @@ class Cluster:
         if self.named and name == "w2":
             args += ["--router-url", self.url]
         self._start(name, args)
-        _wait_ready(
+        wait_answering(
             self.worker_url(name), self.processes[name], self.workdir / f"{name}.log", "/healthz"
         )
 
@@ -119,22 +106,7 @@ class Cluster:
         for name in ("w1", "w2"):
             self.start_worker(name)
         self._start("router", ["serve", "--config", str(self.workdir / "router.yaml")])
-        _wait_ready(self.url, self.processes["router"], self.workdir / "router.log", "/readyz")
-
-    def kill(self, name: str) -> None:
-        self.processes[name].send_signal(signal.SIGKILL)
-        self.processes[name].wait(10)
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        wait_answering(self.url, self.processes["router"], self.workdir / "router.log", "/readyz")
 
 
 @pytest.fixture
