@@ -139,6 +139,9 @@ SHARED_SYNC_S = 0.25
 # How often it reads other requests' progress while waiting on them, and how long a
 # cancellation passed to another router is waited for.
 _POLL_OTHERS_S = 0.1
+# Every this many shared rounds, what the store says this router owns is checked against what
+# it drives (Runtime._reconcile).
+_RECONCILE_ROUNDS = 20
 _CANCEL_ELSEWHERE_S = 5.0
 
 
@@ -218,6 +221,7 @@ class Runtime:
         self._pending_cancels: dict[str, list[str]] = {}
         self._running = False
         self._explain_budget = TimeBudget(_EXPLAIN_SHARE, _EXPLAIN_BURST_S)
+        self._rounds = 0  # of the shared loop
         # Called with every status change after a request's creation, once it is visible
         # (committed, for async requests).
         self.listeners: list[Callable[[Request, Transition], None]] = [self._on_transition]
@@ -406,8 +410,12 @@ class Runtime:
                 await asyncio.shield(created)
             except _KeyTaken as taken:
                 # Another router created it first: answer as a replay of its request.
-                known = self.store.get_request(taken.existing)
                 self._sinks.pop(request_id, None)
+                known = await asyncio.to_thread(self.store.get_request, taken.existing)
+                if known is None:  # taken back meanwhile (its commit's answer was lost)
+                    raise StoreUnavailable(
+                        "another router is writing the request of this idempotency key; retry"
+                    ) from None
                 replay = self.engine.receiver.submit(submission, caller, started, known)
                 return self.get(replay.request.id), False
             finally:
@@ -1018,7 +1026,24 @@ class Runtime:
             adopted = await asyncio.to_thread(self.store.adopt, lapsed)
             if adopted:
                 await self._take_over(adopted)
+        self._rounds += 1
+        if self._rounds % _RECONCILE_ROUNDS == 0:
+            await self._reconcile()
         self._wake.set()
+
+    async def _reconcile(self) -> None:
+        """Take over what the store says this router owns but it does not drive.
+
+        An adoption whose answer was lost (or whose requests could not be read just after)
+        leaves them so: nobody would run them. What this router drives, or holds changes of
+        that wait for their commit, is noted *before* the store is read: a request that ends
+        meanwhile was among them (its end not yet committed) or is gone from the store's list.
+        """
+        known = set(self.router.live) | set(self._view) | set(self._creations)
+        missing = [r for r in await asyncio.to_thread(self.store.owned) if r.id not in known]
+        if missing:
+            _log.warning("owned_requests_taken_over", count=len(missing))
+            await self._take_over(missing)
 
     async def _take_over(self, adopted: list[Request]) -> None:
         """Recover the requests adopted from a router that died, as after a restart."""

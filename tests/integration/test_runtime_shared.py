@@ -493,3 +493,26 @@ async def test_a_starving_request_holds_its_gpu_against_the_other_routers(
             await asyncio.gather(*streams)
     assert done.status is S.SUCCEEDED, (done.status, waited)
     assert waited < 8
+
+
+async def test_requests_owned_but_not_driven_are_taken_over(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """An adoption the runtime never took over (its answer lost, say) is caught up.
+
+    Router C stops with a request running and one queued; A's *store* adopts them behind A's
+    runtime's back (no await between C's lapse and the adoption, so A's own loop never sees C
+    lapsed). A's runtime finds them among what it owns but does not drive, and runs both.
+    """
+    settings = shared_settings()
+    async with Runtime.from_settings(settings, store=open_store(), seed=1) as a:
+        c_store = open_store()
+        async with Runtime.from_settings(settings, store=c_store, seed=3) as c:
+            running = await c.submit(chat(duration_s=2, resources=HALF_GPU), ALICE)
+            queued = await c.submit(chat(duration_s=0.01, resources=HALF_GPU), ALICE)
+        c_store.close()  # its lease goes at once; it stays listed: lapsed
+        adopted = a.store.adopt(c_store.replica)
+        assert {r.id for r in adopted} == {running.id, queued.id}
+        assert a.router.get(running.id) is None  # the runtime knows nothing of them yet
+        ended = [await a.wait(r.id, 15) for r in (queued, running)]
+    assert [r.status for r in ended] == [S.SUCCEEDED, S.SUCCEEDED]

@@ -888,7 +888,8 @@ class RequestRouter:
         holds = self.holds
         holds.prune(schedulable)
         for request_id, gpu_ids in list(holds.items()):
-            if any(gpu_id in self._held_elsewhere for gpu_id in gpu_ids):
+            since = self._requests[request_id].created_at
+            if any(self._held_elsewhere.get(gpu_id, math.inf) <= since for gpu_id in gpu_ids):
                 holds.drop(request_id)  # a longer wait elsewhere took it
         # A hold binds the requests of its holder's priority level and below; candidates come
         # level by level, so ``held`` grows along the pass. Room only shrinks during a pass and

@@ -354,6 +354,10 @@ class StateStore(ABC):
         """
         raise NotImplementedError("only a shared store has other routers")
 
+    def owned(self) -> list[Request]:
+        """The unfinished requests the store says this router owns, oldest first (shared)."""
+        raise NotImplementedError("only a shared store has other routers")
+
     def send_cancel(self, request_id: str, actor: str) -> bool:
         """Pass a cancellation to the router owning an unfinished request (shared stores).
 

@@ -147,14 +147,15 @@ _LIST_CHUNK = 256
 # The lease (KEYS[1]). One owner: each taking counts an epoch (KEYS[2]); the holder may take its
 # own lapsed lease back (Redis was down past it) only while the epoch is still its own: nobody
 # took the prefix since. Shared (ARGV[4] '1'): a replica may take its lapsed lease back only
-# while nobody adopted its requests (KEYS[2], the adoption marker, absent).
+# while it is still listed among the replicas (KEYS[2], field ``epoch`` = its id): adopting its
+# requests delists it, for good.
 _OURS = """
 local function ours(lease_key, other_key, token, epoch, px, shared)
   local holder = redis.call('GET', lease_key)
   if holder == token then return true end
   if holder then return false end
   if shared == '1' then
-    if redis.call('EXISTS', other_key) == 1 then return false end
+    if redis.call('HGET', other_key, epoch) ~= token then return false end
   elseif redis.call('GET', other_key) ~= epoch then
     return false
   end
@@ -186,10 +187,13 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
 # Adopt the requests of replica ARGV[3] of prefix ARGV[1], unless its lease lives: they become
-# ARGV[2]'s (in their creation order), with the commands sent to it; it is fenced for good.
-_ADOPT = """
+# ARGV[2]'s (in their creation order), with the commands sent to it; it is delisted (fenced for
+# good). The adopter's own lease is checked (taken back if it lapsed while it was listed).
+_ADOPT = (
+    _OURS
+    + """
 local p, me, dead = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('GET', p .. ':replica:' .. me) ~= ARGV[4] then
+if not ours(p .. ':replica:' .. me, p .. ':replicas', ARGV[4], me, ARGV[5], '1') then
   return redis.error_reply('FENCED this router no longer owns its part of the prefix ' .. p)
 end
 if redis.call('EXISTS', p .. ':replica:' .. dead) == 1 then return {} end
@@ -204,6 +208,21 @@ redis.call('HDEL', p .. ':replicas', dead)
 while redis.call('LMOVE', p .. ':cmd:' .. dead, p .. ':cmd:' .. me, 'LEFT', 'RIGHT') do end
 return ids
 """
+)
+# Pass a cancellation (ARGV[2], JSON) of request ARGV[1] to the router owning it, in one step
+# (an adoption cannot slip between finding the owner and the push); 0 if it is finished.
+_CANCEL = """
+local p = KEYS[1]
+local row = redis.call('HMGET', p .. ':req:' .. ARGV[1], 'owner', 'status')
+if not row[1] or not row[2] then return 0 end
+for _, status in ipairs(cjson.decode(ARGV[3])) do
+  if row[2] == status then return 0 end
+end
+local key = p .. ':cmd:' .. row[1]
+redis.call('RPUSH', key, ARGV[2])
+redis.call('EXPIRE', key, 3600)
+return 1
+"""
 # What replica ARGV[2] of prefix ARGV[1] must know of the others: the ledger of each GPU of
 # ARGV[4] (JSON list), the concurrent slots of each user of ARGV[5], the commands sent to it
 # (taken), the replicas whose lease lapsed, and which GPUs of ARGV[4] other replicas hold for
@@ -215,6 +234,9 @@ _VIEW = """
 local p, me = ARGV[1], ARGV[2]
 local mark = me .. ' '
 local function ours(value) return string.sub(value, 1, #mark) == mark end
+if ARGV[6] ~= '' and redis.call('GET', p .. ':replica:' .. me) ~= ARGV[8] then
+  return redis.error_reply('FENCED this router no longer owns its part of the prefix ' .. p)
+end
 local function since(value) return tonumber(string.match(value, '^%S+ (%S+)')) end
 local ledger, active, lapsed, held = {}, {}, {}, {}
 if ARGV[6] ~= '' then
@@ -361,6 +383,7 @@ class RedisStore(StateStore):
         self._join = self._redis.register_script(_JOIN)
         self._adopt = self._redis.register_script(_ADOPT)
         self._view = self._redis.register_script(_VIEW)
+        self._cancel = self._redis.register_script(_CANCEL)
         self._release = self._redis.register_script(_RELEASE)
         self._probe = self._redis.register_script(_PROBE)
         self._doubts: list[_Doubt] = []
@@ -499,12 +522,14 @@ class RedisStore(StateStore):
     @property
     def _fence_keys(self) -> list[str]:
         if self.shared:
-            return [self._key("replica", self.replica), self._key("adopted", self.replica)]
+            return [self._key("replica", self.replica), self._key("replicas")]
         return [self._key("owner"), self._key("epoch")]
 
     @property
     def _fence_args(self) -> list[str | int]:
-        return [self._token, self._epoch, self._px, "1" if self.shared else "0"]
+        if self.shared:
+            return [self._token, self.replica, self._px, "1"]
+        return [self._token, self._epoch, self._px, "0"]
 
     def _keep_lease(self) -> None:
         """Renew the lease until closed; report a lease another router took (fenced for good)."""
@@ -913,12 +938,24 @@ class RedisStore(StateStore):
         if self.shared:
             for router in self._shared_view([], [], commands=0).lapsed:
                 self.adopt(router)
-            index = self._key("owned", self.replica)
-        else:
-            index = self._key("unfinished")
+            return self.owned()
+        index = self._key("unfinished")
         ids = self._call("list unfinished requests", lambda: self._redis.zrange(index, 0, -1))
         requests = [r for r in self._requests(ids) if not r.status.terminal]
         return sorted(requests, key=lambda r: r.created_at)  # stable: creation order
+
+    def owned(self) -> list[Request]:
+        """The unfinished requests this router owns on a shared prefix, oldest first.
+
+        Batches in doubt are settled first: what they created was refused to its callers and
+        must not be listed as this router's work.
+        """
+        with self._lock:
+            self._settle()
+        index = self._key("owned", self.replica)
+        ids = self._call("list owned requests", lambda: self._redis.zrange(index, 0, -1))
+        requests = [r for r in self._requests(ids) if not r.status.terminal]
+        return sorted(requests, key=lambda r: r.created_at)
 
     # Routers sharing the prefix -----------------------------------------------------------------
 
@@ -946,6 +983,8 @@ class RedisStore(StateStore):
         holds: Mapping[str, tuple[str, float]] | None = None,
     ) -> SharedView:
         """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none)."""
+        if self._fenced is not None:
+            raise StoreUnavailable(self._fenced)
         ledger, active, taken, lapsed, held = self._call(
             "read what the other routers hold",
             lambda: self._view(
@@ -959,6 +998,7 @@ class RedisStore(StateStore):
                     if holds is None
                     else json.dumps({gpu: [rid, _score(at)] for gpu, (rid, at) in holds.items()}),
                     int(HOLD_S * 1000),
+                    self._token,
                 ]
             ),
         )
@@ -992,7 +1032,9 @@ class RedisStore(StateStore):
         try:
             ids = self._call(
                 "adopt a router's requests",
-                lambda: self._adopt(args=[self.prefix, self.replica, router, self._token]),
+                lambda: self._adopt(
+                    args=[self.prefix, self.replica, router, self._token, self._px]
+                ),
             )
         except StoreUnavailable as exc:
             if "FENCED" in exc.message:
@@ -1009,23 +1051,16 @@ class RedisStore(StateStore):
         return sorted(requests, key=lambda r: r.created_at)
 
     def send_cancel(self, request_id: str, actor: str) -> bool:
-        """Pass a cancellation to the router owning an unfinished request."""
-        owner, status = self._call(
-            "find a request's router",
-            lambda: self._redis.hmget(self._key("req", request_id), "owner", "status"),
+        """Pass a cancellation to the router owning an unfinished request (one script)."""
+        terminal = [status.value for status in RequestStatus if status.terminal]
+        sent = self._call(
+            "pass a cancellation on",
+            lambda: self._cancel(
+                keys=[self.prefix],
+                args=[request_id, json.dumps([request_id, actor]), json.dumps(terminal)],
+            ),
         )
-        if owner is None or status is None or RequestStatus(_text(status)).terminal:
-            return False
-        key = self._key("cmd", _text(owner))
-
-        def send() -> None:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.rpush(key, json.dumps([request_id, actor]))
-            pipe.expire(key, 3600)
-            pipe.execute()
-
-        self._call("pass a cancellation on", send)
-        return True
+        return bool(sent)
 
     def quota_overrides(self) -> dict[str, dict[str, Any]]:
         """Per-user quota overrides set at run time (in the order users were first set)."""

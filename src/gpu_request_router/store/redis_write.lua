@@ -41,14 +41,14 @@ local b = cjson.decode(ARGV[4])
 
 -- The fence. One owner: the lease is this router's, or lapsed with nobody having taken the
 -- prefix since (the epoch is still its own: Redis was down past the lease). Shared: this
--- replica's lease is its own, or lapsed with nobody having adopted its requests. A lapsed lease
--- is taken back below.
+-- replica's lease is its own, or lapsed while it is still listed among the replicas (adopting
+-- its requests delists it, for good). A lapsed lease is taken back below.
 local lease_key = shared and (p .. ':replica:' .. replica) or (p .. ':owner')
 local holder = redis.call('GET', lease_key)
 if holder ~= token then
   local taken
   if shared then
-    taken = holder or redis.call('EXISTS', p .. ':adopted:' .. replica) == 1
+    taken = holder or redis.call('HGET', p .. ':replicas', replica) ~= token
   else
     taken = holder or redis.call('GET', p .. ':epoch') ~= ARGV[5]
   end
@@ -139,8 +139,10 @@ for _, c in ipairs(b.c) do
       dropped[id] = true
     else
       if rpm then rate_added[user] = (rate_added[user] or 0) + 1 end
-      waiting_added[user] = (waiting_added[user] or 0) + 1
-      waiting_total_added = waiting_total_added + 1
+      if c[4] == 'queued' then  -- one dispatched in the batch waits no more
+        waiting_added[user] = (waiting_added[user] or 0) + 1
+        waiting_total_added = waiting_total_added + 1
+      end
     end
   end
 end

@@ -211,17 +211,23 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
+        # A stop arriving between the fork and the child's record (or before the child has its
+        # own handlers) would miss the child: both wait for it until then.
+        stops = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         pid = os.fork()
         if pid:
             self._children[pid] = (slot, time.monotonic())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         code = 0
         try:
             self.target()
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException as exc:  # the child's end: report it as its exit status
             exit_code = getattr(exc, "exit_code", None)  # click's Exit (a refused start)
             if isinstance(exit_code, int):

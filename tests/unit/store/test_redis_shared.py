@@ -465,6 +465,63 @@ def test_every_router_of_a_prefix_must_share_it_or_none(
         RedisStore(redis_url, prefix=redis_store_prefix, shared=True, standby=True)
 
 
+def test_a_delisted_router_never_takes_its_lease_back(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """Adopted, b is gone from the replicas for good: its lease never comes back.
+
+    Even with the adoption marker expired (it lasts a day), its lapsed lease stays lapsed and
+    its writes are refused.
+    """
+    a, b = stores
+    b.write([creating(make_request("rb"))])
+    lapse_and_adopt(raw, redis_store_prefix, b, a)
+    raw.delete(
+        f"{redis_store_prefix}:adopted:{b.replica}", f"{redis_store_prefix}:replica:{b.replica}"
+    )
+    time.sleep(1.5)  # b's renewal thread tries to take its lease back
+    assert raw.get(f"{redis_store_prefix}:replica:{b.replica}") is None
+    with pytest.raises(StoreUnavailable):
+        b.write([creating(make_request("rb2"))])
+    assert a.get_request("rb2") is None
+
+
+def test_an_adopter_whose_own_lease_lapsed_takes_it_back(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """A lapse of the adopter's own lease (nobody adopted it) does not fence it: it adopts."""
+    a, b = stores
+    b.write([creating(make_request("rb"))])
+    for _ in range(50):
+        raw.delete(f"{redis_store_prefix}:replica:{b.replica}")
+        if b.replica in a.shared_view([], []).lapsed:
+            raw.delete(f"{redis_store_prefix}:replica:{a.replica}")  # a's own lapses too
+            adopted = a.adopt(b.replica)
+            if adopted:
+                break
+    else:
+        pytest.fail("b was never seen lapsed")
+    assert [r.id for r in adopted] == ["rb"]
+    assert a.failure() is None
+    assert raw.get(f"{redis_store_prefix}:replica:{a.replica}") is not None  # taken back
+    a.write([creating(make_request("ra"))])
+
+
+def test_a_creation_dispatched_in_its_batch_takes_no_queue_place(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """max_queued 1: two creations dispatched in the same batch both pass (neither waits)."""
+    a, _ = stores
+    r1, r2 = make_request("r1"), make_request("r2")
+    batch = [creating(r1, max_queued=1), creating(r2, max_queued=1)]
+    batch += [
+        dispatching(r1, T0 + 1, ("g0", 100, 10_000)),
+        dispatching(r2, T0 + 1, ("g1", 100, 10_000)),
+    ]
+    assert a.write(batch) == []
+    assert {a.get_request("r1").status, a.get_request("r2").status} == {S.DISPATCHING}
+
+
 # --- the stateful test ----------------------------------------------------------------------------
 
 GPU_LIMIT = {"g0": 10_000, "g1": 7_000}
