@@ -79,6 +79,7 @@ from gpu_request_router.core.state_store import (
     Page,
     Refusal,
     RequestQuery,
+    SharedStore,
     StateStore,
 )
 from gpu_request_router.exceptions import (
@@ -190,6 +191,8 @@ class Runtime:
         self.metrics = engine.metrics
         self.registry = engine.registry
         self.store = store
+        # The store as shared with other routers, if it is (state.shared).
+        self._peers = store if isinstance(store, SharedStore) and store.shared else None
         self.clock = clock if clock is not None else SystemClock()
         self.writer = Writer(
             store,
@@ -327,8 +330,8 @@ class Runtime:
             self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
         self._loops.append(asyncio.create_task(self._timer_loop()))
         self._loops.extend(asyncio.create_task(self._poll_loop(source)) for source in self._sources)
-        if store.shared:
-            self._loops.append(asyncio.create_task(self._shared_loop()))
+        if self._peers is not None:
+            self._loops.append(asyncio.create_task(self._shared_loop(self._peers)))
         self._running = True
         return self
 
@@ -387,7 +390,7 @@ class Runtime:
             known = self.store.find_idempotent(caller.user, key)
         synchronous = not durable
         # On a shared store every request is checked there before it runs (module docstring).
-        durable = durable or self.store.shared
+        durable = durable or self._peers is not None
         admission = self.engine.receiver.submit(
             submission, caller, started, known, synchronous=synchronous
         )
@@ -440,15 +443,15 @@ class Runtime:
             # Finished: once its end is committed, the store says how.
             await self.writer.flushed()
             ended = self.get(request_id)
-            if not ended.status.terminal and self.store.shared:
-                return await self._cancel_elsewhere(request_id, actor)
+            if not ended.status.terminal and self._peers is not None:
+                return await self._cancel_elsewhere(self._peers, request_id, actor)
             raise AlreadyTerminal(request_id, ended.status.value, RequestStatus.CANCELLED.value)
         done = self._apply(self.router.cancel(request_id, self.clock.now(), actor))
         self._wake.set()
         await asyncio.shield(done)
         return self.get(request_id)
 
-    async def _cancel_elsewhere(self, request_id: str, actor: str) -> Request:
+    async def _cancel_elsewhere(self, peers: SharedStore, request_id: str, actor: str) -> Request:
         """Cancel a request another router owns: through it, then wait to see it end.
 
         Returns the request as it is once it ended, or after :data:`_CANCEL_ELSEWHERE_S`.
@@ -456,7 +459,7 @@ class Runtime:
         Raises:
             AlreadyTerminal: it ended before the cancellation reached its router.
         """
-        if not await asyncio.to_thread(self.store.send_cancel, request_id, actor):
+        if not await asyncio.to_thread(peers.send_cancel, request_id, actor):
             ended = self.get(request_id)
             raise AlreadyTerminal(request_id, ended.status.value, RequestStatus.CANCELLED.value)
         return await self._poll_until_ended(request_id, _CANCEL_ELSEWHERE_S)
@@ -617,7 +620,7 @@ class Runtime:
     def _elsewhere(self, request_id: str) -> bool:
         """Whether another router sharing the store owns the request (its changes come not here)."""
         return (
-            self.store.shared
+            self._peers is not None
             and request_id not in self._view
             and request_id not in self._creations
             and self.router.get(request_id) is None
@@ -994,13 +997,13 @@ class Runtime:
         )
         self._wake.set()
 
-    async def _shared_loop(self) -> None:
+    async def _shared_loop(self, peers: SharedStore) -> None:
         """Keep up with the routers sharing the store (see the module docstring)."""
         overrides_read = self.clock.now()
         while True:
             await asyncio.sleep(SHARED_SYNC_S)
             try:
-                await self._share()
+                await self._share(peers)
                 if self.clock.now() - overrides_read >= WRITE_PROBE_INTERVAL_S:
                     overrides = await asyncio.to_thread(self.store.quota_overrides)
                     self.router.quotas.replace_overrides(overrides)
@@ -1011,27 +1014,27 @@ class Runtime:
                 _log.exception("shared_view_failed")
                 await asyncio.sleep(_EVENT_RETRY_S)
 
-    async def _share(self) -> None:
+    async def _share(self, peers: SharedStore) -> None:
         """One round: what the others hold, the cancellations passed here, lapsed routers."""
         router = self.router
         gpu_ids, users = list(router.monitor.gpus), router.shared_users()
         holds = router.holds_to_share()
-        view = await asyncio.to_thread(self.store.shared_view, gpu_ids, users, holds)
+        view = await asyncio.to_thread(peers.shared_view, gpu_ids, users, holds)
         now = self.clock.now()
         self._apply(router.shared_view(view.ledger, view.active, now, view.held))
         for request_id, actor in view.cancels:
             if router.get(request_id) is not None:
                 self._apply(router.cancel(request_id, now, actor))
         for lapsed in view.lapsed:
-            adopted = await asyncio.to_thread(self.store.adopt, lapsed)
+            adopted = await asyncio.to_thread(peers.adopt, lapsed)
             if adopted:
                 await self._take_over(adopted)
         self._rounds += 1
         if self._rounds % _RECONCILE_ROUNDS == 0:
-            await self._reconcile()
+            await self._reconcile(peers)
         self._wake.set()
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, peers: SharedStore) -> None:
         """Take over what the store says this router owns but it does not drive.
 
         An adoption whose answer was lost (or whose requests could not be read just after)
@@ -1040,7 +1043,7 @@ class Runtime:
         meanwhile was among them (its end not yet committed) or is gone from the store's list.
         """
         known = set(self.router.live) | set(self._view) | set(self._creations)
-        missing = [r for r in await asyncio.to_thread(self.store.owned) if r.id not in known]
+        missing = [r for r in await asyncio.to_thread(peers.owned) if r.id not in known]
         if missing:
             _log.warning("owned_requests_taken_over", count=len(missing))
             await self._take_over(missing)

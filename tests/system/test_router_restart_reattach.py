@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from routers import Processes
+from routers import Processes, wait_answering
 
 from gpu_request_router.http.keys import hash_key
 from gpu_request_router.testing import free_port
@@ -77,16 +77,7 @@ class Cluster(Processes):
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.processes[name] = process
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}{ready}", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"{name} did not start"
-            time.sleep(0.05)
+        wait_answering(url, process, log, ready, timeout_s=30)
 
     def start_worker(self, name: str) -> None:
         """Start worker ``name`` (again) and wait until it answers."""

@@ -39,6 +39,7 @@ __all__ = [
     "QuotaHistory",
     "Refusal",
     "RequestQuery",
+    "SharedStore",
     "SharedView",
     "StateChange",
     "StateStore",
@@ -250,11 +251,12 @@ class StateStore(ABC):
 
     Implementations return copies: changing a returned request does not change the store.
 
-    A store is *shared* (``shared``) when several routers serve on it at once: each owns the
-    requests it created, checks its admissions and claims against the others in ``write``,
-    learns what they hold through :meth:`shared_view`, and adopts the work of one that died
-    (:meth:`adopt`). ``unfinished_requests`` of a shared store are the router's own, after it
-    adopted those of every router whose lease had lapsed.
+    A store is *shared* (``shared``, a :class:`SharedStore` opened so) when several routers
+    serve on it at once: each owns the requests it created, checks its admissions and claims
+    against the others in ``write``, learns what they hold through
+    :meth:`SharedStore.shared_view`, and adopts the work of one that died
+    (:meth:`SharedStore.adopt`). ``unfinished_requests`` of a shared store are the router's
+    own, after it adopted those of every router whose lease had lapsed.
     """
 
     shared: bool = False
@@ -330,41 +332,6 @@ class StateStore(ABC):
         to find out.
         """
 
-    # Routers sharing the store -----------------------------------------------------------------
-
-    def shared_view(
-        self,
-        gpu_ids: Sequence[str],
-        users: Sequence[str],
-        holds: Mapping[str, tuple[str, float]] | None = None,
-    ) -> SharedView:
-        """What the other routers hold on ``gpu_ids`` and of ``users``' slots (shared stores).
-
-        Also takes the cancellations sent to this router, lists the lapsed routers, and
-        publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
-        time); ``None``: leave them): a GPU held by two routers goes to the request waiting
-        longest, and a claim of another router on a held GPU is refused.
-        """
-        raise NotImplementedError("only a shared store has other routers")
-
-    def adopt(self, router: str) -> list[Request]:
-        """Take over the unfinished requests of a router whose lease lapsed (shared stores).
-
-        Returns them, oldest first (nothing if its lease lives, or another router took them).
-        """
-        raise NotImplementedError("only a shared store has other routers")
-
-    def owned(self) -> list[Request]:
-        """The unfinished requests the store says this router owns, oldest first (shared)."""
-        raise NotImplementedError("only a shared store has other routers")
-
-    def send_cancel(self, request_id: str, actor: str) -> bool:
-        """Pass a cancellation to the router owning an unfinished request (shared stores).
-
-        Returns False if the request is finished or unknown.
-        """
-        raise NotImplementedError("only a shared store has other routers")
-
     def failure(self) -> str | None:
         """Why the store cannot be used now, as already known (no I/O), or ``None``.
 
@@ -375,6 +342,46 @@ class StateStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
         """Release connections and files."""
+
+
+class SharedStore(StateStore):
+    """A store several routers may serve on at once, when opened so (``shared``).
+
+    Its operations below are for a store opened shared; the runtime uses them only then.
+    """
+
+    @abstractmethod
+    def shared_view(
+        self,
+        gpu_ids: Sequence[str],
+        users: Sequence[str],
+        holds: Mapping[str, tuple[str, float]] | None = None,
+    ) -> SharedView:
+        """What the other routers hold on ``gpu_ids`` and of ``users``' slots.
+
+        Also takes the cancellations sent to this router, lists the lapsed routers, and
+        publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
+        time); ``None``: leave them): a GPU held by two routers goes to the request waiting
+        longest, and a claim of another router on a held GPU is refused.
+        """
+
+    @abstractmethod
+    def adopt(self, router: str) -> list[Request]:
+        """Take over the unfinished requests of a router whose lease lapsed.
+
+        Returns them, oldest first (nothing if its lease lives, or another router took them).
+        """
+
+    @abstractmethod
+    def owned(self) -> list[Request]:
+        """The unfinished requests the store says this router owns, oldest first."""
+
+    @abstractmethod
+    def send_cancel(self, request_id: str, actor: str) -> bool:
+        """Pass a cancellation to the router owning an unfinished request.
+
+        Returns False if the request is finished or unknown.
+        """
 
 
 RETENTION_BATCH = 2_000

@@ -101,8 +101,8 @@ from gpu_request_router.core.state_store import (
     QuotaHistory,
     Refusal,
     RequestQuery,
+    SharedStore,
     SharedView,
-    StateStore,
     batch_time,
     check_charge,
     check_retention,
@@ -307,7 +307,7 @@ class _Doubt:
     created: list[list[Any]]
 
 
-class RedisStore(StateStore):
+class RedisStore(SharedStore):
     """Requests, audit trails, quota windows and overrides under one prefix of one Redis.
 
     Args:
