@@ -798,13 +798,17 @@ class Runtime:
                 self._apply(router.forget(request_id, now))
                 continue
             execution_id = router.execution_of(request_id)
-            if live is None or execution_id is None:
+            if live is None or execution_id is None or not self._running:
+                # Stopping: the dispatch stays stored without its reservation; whoever recovers
+                # the request retries it (queued again here, it would be placed again, and the
+                # last commits would never end).
                 continue
             active = {} if refusal.active is None else {live.user: refusal.active}
             held = None
             if refusal.held is not None:  # how long theirs waits comes with the next view
                 held = {**router.held_elsewhere, **dict.fromkeys(refusal.held, -math.inf)}
-            self._apply(router.shared_view(refusal.ledger or {}, active, now, held))
+            charges = refusal.charges or ()
+            self._apply(router.shared_view(refusal.ledger or {}, active, now, held, charges))
             self._apply(router.claim_refused(execution_id, refusal.message, now))
         self._wake.set()
 
@@ -1019,9 +1023,10 @@ class Runtime:
         router = self.router
         gpu_ids, users = list(router.monitor.gpus), router.shared_users()
         holds = router.holds_to_share()
-        view = await asyncio.to_thread(peers.shared_view, gpu_ids, users, holds)
+        charged = sorted(router.waiting_for_gpu_seconds)
+        view = await asyncio.to_thread(peers.shared_view, gpu_ids, users, holds, charged)
         now = self.clock.now()
-        self._apply(router.shared_view(view.ledger, view.active, now, view.held))
+        self._apply(router.shared_view(view.ledger, view.active, now, view.held, view.charges))
         for request_id, actor in view.cancels:
             if router.get(request_id) is not None:
                 self._apply(router.cancel(request_id, now, actor))

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -253,6 +254,57 @@ async def test_a_claim_refused_for_the_other_runtimes_gpu_goes_back_to_its_queue
         assert request.attempts == 1, trails[request.id]
     assert not overlaps(done_a, done_b), (done_a, done_b)
     assert raw.hgetall(f"{redis_store_prefix}:ledger:sim:0") == {}
+
+
+async def test_gpu_seconds_per_hour_counts_the_charges_of_both_runtimes(
+    open_store: Callable[[], RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """Alice's hour holds two estimates; two requests on A and two on B: two run, not four.
+
+    Each runtime alone would start both of its own. The store refuses the claim that would
+    pass the hour with the other runtime's charges; its runtime learns those charges from the
+    refusal and keeps the request queued (held back for the quota, not claiming again and
+    again), and tells the same usage as the other runtime.
+    """
+    async with two_runtimes(shared_settings(gpus=2), open_store) as (a, b):
+        probe = await a.submit(chat(duration_s=0.01), Caller("probe"))
+        estimate = probe.estimate.typical_duration_s
+        for runtime in (a, b):
+            await runtime.set_quota("alice", {"gpu_seconds_per_hour": 2.5 * estimate})
+        long = chat(duration_s=30.0)
+        submitted = await asyncio.gather(
+            a.submit(long, ALICE),
+            a.submit(long, ALICE),
+            b.submit(long, ALICE),
+            b.submit(long, ALICE),
+        )
+        active = f"{redis_store_prefix}:active:alice"
+        await until(lambda: raw.scard(active) == 2)
+        deadline = time.monotonic() + 8 * SHARED_SYNC_S
+        while time.monotonic() < deadline:  # and it stays so
+            assert raw.scard(active) == 2
+            await asyncio.sleep(0.02)
+        owners = {r.id: runtime for r, runtime in zip(submitted, (a, a, b, b), strict=True)}
+        statuses = Counter(owners[r.id].get(r.id).status for r in submitted)
+        assert statuses == {S.DISPATCHING: 2, S.QUEUED: 2} or statuses == {
+            S.RUNNING: 2,
+            S.QUEUED: 2,
+        }, statuses
+        waiting = [r.id for r in submitted if owners[r.id].get(r.id).status is S.QUEUED]
+        trails = {request_id: owners[request_id].transitions(request_id) for request_id in waiting}
+        refused = [
+            entry
+            for trail in trails.values()
+            for entry in trail
+            if entry.detail.startswith("placement_conflict")
+        ]
+        assert refused, trails
+        assert all("GPU-seconds" in entry.detail for entry in refused), refused
+        assert len(refused) <= 2, refused  # each learned the other's charges at once
+        used = [r.quota_usage("alice")[1].gpu_seconds_last_hour for r in (a, b)]
+        assert used[0] == pytest.approx(2 * estimate) and used[1] == pytest.approx(2 * estimate)
+        for request in submitted:
+            await owners[request.id].cancel(request.id)
 
 
 async def test_three_runtimes_take_turns_on_one_gpu(

@@ -192,6 +192,7 @@ class RequestRouter:
             bound_s=settings.placement.starvation_bound_s,
         )
         self._quota_wakeup: float | None = None
+        self._gpu_seconds_waits: set[str] = set()  # users the last pass held back for them
         self._keys: dict[tuple[str, str], str] = {}
         # Status changes made since the last event returned, to go out with its decisions.
         self._changes: list[Decision] = []
@@ -237,6 +238,11 @@ class RequestRouter:
         See :meth:`shared_view`.
         """
         return self._held_elsewhere
+
+    @property
+    def waiting_for_gpu_seconds(self) -> frozenset[str]:
+        """The users whose requests the last pass held back for their GPU-seconds quota."""
+        return frozenset(self._gpu_seconds_waits)
 
     def holds_to_share(self) -> dict[str, tuple[str, float]]:
         """The GPUs this router holds for its starving requests: GPU id → (request id, since).
@@ -787,6 +793,7 @@ class RequestRouter:
         active: Mapping[str, Iterable[str]],
         now: float,
         held: Mapping[str, float] | None = None,
+        charges: Iterable[Charge] = (),
     ) -> list[Decision]:
         """What every router sharing the state store holds, as the store says.
 
@@ -796,10 +803,16 @@ class RequestRouter:
         A GPU or user left out of a map is left as it was. ``held``: the GPUs other routers
         now hold for their starving requests (:mod:`~gpu_request_router.core.holds`), with the
         creation time of each one's request (``None``: as they were): this router places
-        nothing there, and holds one only for a request that has waited longer.
+        nothing there, and holds one only for a request that has waited longer. ``charges``:
+        GPU-seconds charges of all routers (counted, or their amounts replaced, in the users'
+        hour windows), for the users waiting on that quota here.
         """
         own = self._current
         changed = False
+        for charge in charges:
+            if charge.charge_id not in self._executions:  # this router's live ones: its own say
+                self.quotas.charge(charge)
+                changed = True
         if held is not None and dict(held) != self._held_elsewhere:
             self._held_elsewhere = dict(held)
             changed = True
@@ -880,6 +893,7 @@ class RequestRouter:
         # A quota wait noted by an earlier pass is this pass's to renew: left in place, a time
         # already past would make next_wakeup() ask for a tick at once, again and again.
         self._quota_wakeup = None
+        self._gpu_seconds_waits.clear()
         if not len(self.queue) or most_room is None:
             self._publish_queue()
             return []
@@ -986,6 +1000,7 @@ class RequestRouter:
         self.metrics.set_gpus_held(sum(len(gpu_ids) for gpu_ids in self.holds.values()))
 
     def _note_quota_wait(self, user: str, now: float) -> None:
+        self._gpu_seconds_waits.add(user)
         frees = self.quotas.gpu_seconds_frees_at(user, now)
         if frees is None or frees <= now:
             return
@@ -1005,13 +1020,16 @@ class RequestRouter:
                 raise StateConflict(request.id, f"room for {memory_mb} MiB on {gpu_id}")
         charge = Charge(request.user, execution_id, now, gpu_seconds(request))
         monitor = self.monitor
+        quota = self.quotas.quota_for(request.user)
         claim = Claim(
             tuple(
                 (gpu_id, memory_mb, monitor.shared_limit_mb(gpu), gpu.slots)
                 for gpu_id, memory_mb in chosen.reservations.items()
                 for gpu in (monitor.gpus[gpu_id],)
             ),
-            self.quotas.quota_for(request.user).max_concurrent,
+            quota.max_concurrent,
+            quota.gpu_seconds_per_hour,
+            charge.gpu_seconds,
         )
         self._set(
             request,

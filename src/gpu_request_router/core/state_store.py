@@ -139,17 +139,21 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What a dispatch reserves: memory and a slot on each GPU, and one of its user's slots.
+    """What a dispatch reserves: memory and slots on GPUs, a user's slot, GPU-seconds.
 
     ``gpus`` holds ``(gpu id, MiB reserved, limit, slots)`` where the limit is the most all
     routers together may reserve on that GPU (total − safety margin − memory used by others, as
-    this router sees it) and ``slots`` the executions it runs at once. A store shared by several
-    routers confirms the claim against every router's reservations, atomically with the
-    dispatch, or refuses it (:class:`Refusal`).
+    this router sees it) and ``slots`` the executions it runs at once. ``gpu_seconds`` is the
+    dispatch's charge (its change's ``charge``), checked against ``gpu_seconds_per_hour`` with
+    every router's charges of the user in the hour. A store shared by several routers confirms
+    the claim against every router's reservations and charges, atomically with the dispatch,
+    or refuses it (:class:`Refusal`).
     """
 
     gpus: tuple[tuple[str, int, int, int], ...]
     max_concurrent: int | None = None
+    gpu_seconds_per_hour: float | None = None
+    gpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +190,10 @@ class Refusal:
       created ``existing`` under the key first;
     - a dispatch (written, without its reservation: the request must go back to its queue):
       ``gpu_memory``, ``gpu_held`` (another router holds a GPU of it for a starving request:
-      ``held`` names them) or ``max_concurrent``. ``ledger`` is every router's reservations, as
-      request id → MiB, on each GPU of the claim; ``active`` the ids of the user's requests
-      holding a concurrent slot.
+      ``held`` names them), ``max_concurrent`` or ``gpu_seconds_per_hour``. ``ledger`` is every
+      router's reservations, as request id → MiB, on each GPU of the claim; ``active`` the ids
+      of the user's requests holding a concurrent slot; ``charges`` every router's charges of
+      the user in the hour window, dated by the store's clock.
     """
 
     request_id: str
@@ -201,11 +206,12 @@ class Refusal:
     ledger: dict[str, dict[str, int]] | None = None
     active: frozenset[str] | None = None
     held: frozenset[str] | None = None
+    charges: tuple[Charge, ...] | None = None
 
     @property
     def creation(self) -> bool:
         """Whether it refused a creation (else a dispatch's reservation)."""
-        return self.kind not in ("gpu_memory", "gpu_held", "max_concurrent")
+        return self.kind not in ("gpu_memory", "gpu_held", "max_concurrent", "gpu_seconds_per_hour")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +234,9 @@ class SharedView:
     ``active``: the ids of each user's requests holding a concurrent slot; ``cancels``: the
     cancellations other routers passed to this one, as (request id, actor); ``lapsed``: the
     routers whose lease has lapsed (their work is to adopt); ``held``: the GPUs asked about that
-    other routers hold for a starving request, with that request's creation time.
+    other routers hold for a starving request, with that request's creation time; ``charges``:
+    every router's GPU-seconds charges in the hour of the users asked about, dated by the
+    store's clock.
     """
 
     ledger: dict[str, dict[str, int]]
@@ -236,6 +244,7 @@ class SharedView:
     cancels: list[tuple[str, str]]
     lapsed: list[str]
     held: dict[str, float] = field(default_factory=dict)
+    charges: list[Charge] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,13 +365,15 @@ class SharedStore(StateStore):
         gpu_ids: Sequence[str],
         users: Sequence[str],
         holds: Mapping[str, tuple[str, float]] | None = None,
+        charged: Sequence[str] = (),
     ) -> SharedView:
         """What the other routers hold on ``gpu_ids`` and of ``users``' slots.
 
-        Also takes the cancellations sent to this router, lists the lapsed routers, and
-        publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
-        time); ``None``: leave them): a GPU held by two routers goes to the request waiting
-        longest, and a claim of another router on a held GPU is refused.
+        Also takes the cancellations sent to this router, lists the lapsed routers, reads the
+        charges in the hour of the ``charged`` users, and publishes ``holds``, this router's
+        starvation holds (GPU id → (request id, its creation time); ``None``: leave them): a GPU
+        held by two routers goes to the request waiting longest, and a claim of another router
+        on a held GPU is refused.
         """
 
     @abstractmethod

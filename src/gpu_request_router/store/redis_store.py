@@ -51,6 +51,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:admissions       zset: JSON [user, request id] by creation time (pruned to a minute)
     <prefix>:charges          zset: JSON [user, charge id] by charge time (pruned to an hour)
     <prefix>:charge_gs        hash: JSON [user, charge id] -> GPU-seconds
+    <prefix>:gsu:<user>       zset (shared): the user's charge fields by Redis time, an hour
     <prefix>:overrides        hash: user -> JSON quota override
     <prefix>:override_order   zset: users in the order their override was first set
     <prefix>:seq              the counter behind the two orders above
@@ -229,7 +230,8 @@ return 1
 # a starving request; ARGV[3] the most commands to take. ARGV[6] (JSON {gpu: [request id,
 # created at]}, or '' to leave them) are its own holds now, kept ARGV[7] ms unless renewed; a
 # GPU another holds stays theirs unless this one's request has waited longer (a hold's value
-# is "<replica> <created at> <request id>").
+# is "<replica> <created at> <request id>"). ARGV[8] is its lease token (the fence, when it
+# publishes holds); ARGV[9] (JSON list) the users whose charges in the hour it reads.
 _VIEW = """
 local p, me = ARGV[1], ARGV[2]
 local mark = me .. ' '
@@ -266,12 +268,25 @@ end
 for _, user in ipairs(cjson.decode(ARGV[5])) do
   table.insert(active, redis.call('SMEMBERS', p .. ':active:' .. user))
 end
+local charges = {}
+local users = cjson.decode(ARGV[9])
+if #users > 0 then
+  local t = redis.call('TIME')
+  local since = '(' .. (tonumber(t[1]) + tonumber(t[2]) / 1000000 - 3600)
+  for _, user in ipairs(users) do
+    local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, since, '+inf', 'WITHSCORES')
+    for i = 1, #window, 2 do
+      local amount = redis.call('HGET', p .. ':charge_gs', window[i])
+      if amount then table.insert(charges, {window[i], window[i + 1], amount}) end
+    end
+  end
+end
 local commands = {}
 if tonumber(ARGV[3]) > 0 then commands = redis.call('LPOP', p .. ':cmd:' .. me, ARGV[3]) or {} end
 for _, replica in ipairs(redis.call('HKEYS', p .. ':replicas')) do
   if redis.call('EXISTS', p .. ':replica:' .. replica) == 0 then table.insert(lapsed, replica) end
 end
-return {ledger, active, commands, lapsed, held}
+return {ledger, active, commands, lapsed, held, charges}
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -678,7 +693,7 @@ class RedisStore(SharedStore):
         last: dict[str, Request] = {}
         created: dict[str, Request] = {}
         limits: dict[str, Limits | None] = {}
-        claims: dict[str, Claim] = {}
+        claims: dict[str, tuple[Claim, str | bool]] = {}  # with the dispatch's charge field
         charge_fields: dict[str, list[str]] = {}
         entries: list[list[str]] = []
         charges: list[list[str]] = []
@@ -701,7 +716,11 @@ class RedisStore(SharedStore):
                 created[request.id] = request
                 limits[request.id] = change.limits
             if change.claim is not None:
-                claims[request.id] = change.claim
+                charged = change.charge
+                claims[request.id] = (
+                    change.claim,
+                    False if charged is None else _pair(charged.user, charged.charge_id),
+                )
             last[request.id] = request
             entries.append([entry.request_id, str(entry.seq), transition_to_json(entry)])
             charge = change.charge
@@ -761,8 +780,13 @@ class RedisStore(SharedStore):
                     ],
                     False if claim.max_concurrent is None else str(claim.max_concurrent),
                     last[request_id].user,
+                    False
+                    if claim.gpu_seconds_per_hour is None
+                    else _score(claim.gpu_seconds_per_hour),
+                    _score(claim.gpu_seconds),
+                    field,
                 ]
-                for request_id, claim in claims.items()
+                for request_id, (claim, field) in claims.items()
                 if last[request_id].status.active
             ]
             if self.shared
@@ -964,15 +988,17 @@ class RedisStore(SharedStore):
         gpu_ids: Sequence[str],
         users: Sequence[str],
         holds: Mapping[str, tuple[str, float]] | None = None,
+        charged: Sequence[str] = (),
     ) -> SharedView:
         """Every router's reservations on ``gpu_ids`` and ``users``' slots, in one script.
 
-        Also takes up to :data:`_COMMANDS` cancellations sent to this router, and lists the
-        routers whose lease lapsed, but for a lease after this router reached Redis again from
-        an outage: the other routers' leases lapsed in it too, and each renews its own (if
-        nobody adopted it) within a second of Redis's return.
+        Also takes up to :data:`_COMMANDS` cancellations sent to this router, reads the
+        ``charged`` users' charges in the hour, and lists the routers whose lease lapsed, but
+        for a lease after this router reached Redis again from an outage: the other routers'
+        leases lapsed in it too, and each renews its own (if nobody adopted it) within a second
+        of Redis's return.
         """
-        return self._shared_view(gpu_ids, users, commands=_COMMANDS, holds=holds)
+        return self._shared_view(gpu_ids, users, commands=_COMMANDS, holds=holds, charged=charged)
 
     def _shared_view(
         self,
@@ -981,11 +1007,12 @@ class RedisStore(SharedStore):
         *,
         commands: int,
         holds: Mapping[str, tuple[str, float]] | None = None,
+        charged: Sequence[str] = (),
     ) -> SharedView:
         """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none)."""
         if self._fenced is not None:
             raise StoreUnavailable(self._fenced)
-        ledger, active, taken, lapsed, held = self._call(
+        ledger, active, taken, lapsed, held, charges = self._call(
             "read what the other routers hold",
             lambda: self._view(
                 args=[
@@ -999,6 +1026,7 @@ class RedisStore(SharedStore):
                     else json.dumps({gpu: [rid, _score(at)] for gpu, (rid, at) in holds.items()}),
                     int(HOLD_S * 1000),
                     self._token,
+                    json.dumps(list(charged)),
                 ]
             ),
         )
@@ -1017,6 +1045,7 @@ class RedisStore(SharedStore):
             },
             cancels=cancels,
             held={_text(gpu): float(since) for gpu, since in held},
+            charges=[_charge(field, at, amount) for field, at, amount in charges],
             lapsed=[_text(router) for router in lapsed if _text(router) != self.replica]
             if time.monotonic() - self._up_since >= self.lease_s + self._renew_s
             else [],
@@ -1166,6 +1195,12 @@ def _limits(limits: Limits | None) -> list[str | bool]:
     return [False if value is None else str(value) for value in values]
 
 
+def _charge(field: bytes | str, at: bytes | str, amount: bytes | str) -> Charge:
+    """A stored charge: its field (JSON [user, charge id]), time and GPU-seconds."""
+    user, charge_id = json.loads(field)
+    return Charge(user, charge_id, float(at), float(amount))
+
+
 def _refusals(answer: bytes | str) -> list[Refusal]:
     """The refusals of the write script's answer (JSON; empty: none)."""
     if not answer:
@@ -1192,6 +1227,12 @@ def _refusals(answer: bytes | str) -> list[Refusal]:
                 },
                 active=None if active is None else frozenset(active or ()),
                 held=None if item.get("held") is None else frozenset(item["held"]),
+                charges=None
+                if item.get("charges") is None
+                else tuple(
+                    Charge(item["user"], charge_id, float(at), float(amount))
+                    for charge_id, at, amount in item["charges"] or ()
+                ),
             )
         )
     return refusals

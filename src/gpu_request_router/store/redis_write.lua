@@ -13,7 +13,8 @@
 --                  limits {requests per minute, max queued, max queued total (each |false)}}
 --   u  updates: {id, status, state, terminal, version}
 --   cl claims (shared), of the requests dispatched in the batch that end it dispatching or
---      running: {id, {{gpu, MiB, limit, slots}...}, max concurrent|false, user}
+--      running: {id, {{gpu, MiB, limit, slots}...}, max concurrent|false, user,
+--      GPU-seconds per hour|false, GPU-seconds charged, charge field|false}
 --   t  audit entries: {id, seq, json}
 --   ch charges: {field, at, gpu_seconds, request id}
 --   o  overrides: {user, json|false}
@@ -27,7 +28,9 @@
 -- is refused (none of its changes is written); a dispatch whose GPUs would hold more than their
 -- limit with every router's reservations (the ledger), or one another router holds for a
 -- starving request (<prefix>:hold:<gpu>, set by the shared view), or whose user would exceed
--- max_concurrent, is written without its reservation and refused: its router queues it again.
+-- max_concurrent or GPU-seconds per hour (every router's charges of the user in the hour,
+-- <prefix>:gsu:<user>), is written without its reservation or charge and refused: its router
+-- queues it again.
 -- Windows are timed by Redis's own clock (TIME), the same for every router.
 --
 -- Every check comes before the first write, so a refused batch writes nothing; the shebang
@@ -162,7 +165,43 @@ if shared then
     if u[2] ~= 'dispatching' and u[2] ~= 'running' then released[u[1]] = true end
   end
   for _, claim in ipairs(b.cl) do released[claim[1]] = true end
-  local claimed_mb, claimed_n, claimed_users = {}, {}, {}
+  local claimed_mb, claimed_n, claimed_users, claimed_gs = {}, {}, {}, {}
+  -- The batch's charges by user (field -> GPU-seconds: the last one of a field wins), except
+  -- the claims' own: those count once confirmed (claimed_gs).
+  local claim_fields, batch_gs = {}, {}
+  for _, claim in ipairs(b.cl) do
+    if claim[7] then claim_fields[claim[7]] = true end
+  end
+  for _, ch in ipairs(b.ch) do
+    if not claim_fields[ch[1]] and not dropped[ch[4]] then
+      local user = cjson.decode(ch[1])[1]
+      batch_gs[user] = batch_gs[user] or {}
+      batch_gs[user][ch[1]] = tonumber(ch[3])
+    end
+  end
+  -- The user's charges in the hour ({field, at, GPU-seconds}, oldest first) and their sum.
+  local function hour_of(user, own)
+    local out, sum, seen = {}, 0, {}
+    local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '(' .. (now - 3600), '+inf',
+      'WITHSCORES')
+    local batch_of = batch_gs[user] or {}
+    for i = 1, #window, 2 do
+      local field = window[i]
+      seen[field] = true
+      if field ~= own then
+        local amount = batch_of[field] or tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+        table.insert(out, {field, tonumber(window[i + 1]), amount})
+        sum = sum + amount
+      end
+    end
+    for field, amount in pairs(batch_of) do
+      if not seen[field] and field ~= own then
+        table.insert(out, {field, now, amount})
+        sum = sum + amount
+      end
+    end
+    return out, sum + (claimed_gs[user] or 0)
+  end
   local function ledger_sum(gpu)  -- MiB and executions
     local sum, n = claimed_mb[gpu] or 0, claimed_n[gpu] or 0
     local held = redis.call('HGETALL', p .. ':ledger:' .. gpu)
@@ -224,7 +263,33 @@ if shared then
             {active = redis.call('SMEMBERS', slots)})
         end
       end
+      local per_hour = claim[5]
+      if not refused[id] and per_hour then
+        local entries, used = hour_of(user, claim[7])
+        local amount, limit = tonumber(claim[6]), tonumber(per_hour)
+        if used + amount > limit then
+          -- Retry once enough of the oldest charges have left the hour (never, alone: 0).
+          local retry, excess = 0, used + amount - limit
+          if amount <= limit then
+            for _, e in ipairs(entries) do
+              excess = excess - e[3]
+              if excess <= 0 then
+                retry = math.max(e[2] + 3600 - now, 0.001)
+                break
+              end
+            end
+          end
+          local charges = {}
+          for _, e in ipairs(entries) do
+            table.insert(charges, {cjson.decode(e[1])[2], tostring(e[2]), tostring(e[3])})
+          end
+          refuse(id, 'gpu_seconds_per_hour',
+            string.format('you used %.0f GPU-seconds in the last hour; %.0f more would pass ' ..
+              'your limit of %.0f', used, amount, limit), retry, {user = user, charges = charges})
+        end
+      end
       if not refused[id] then
+        claimed_gs[user] = (claimed_gs[user] or 0) + tonumber(claim[6])
         for _, g in ipairs(claim[2]) do
           claimed_mb[g[1]] = (claimed_mb[g[1]] or 0) + tonumber(g[2])
           claimed_n[g[1]] = (claimed_n[g[1]] or 0) + 1
@@ -275,14 +340,17 @@ local function forget(id, user, key)
   if key then redis.call('HDEL', p .. ':idem', key) end
 end
 
+local function uncharge(field)
+  redis.call('ZREM', p .. ':charges', field)
+  redis.call('HDEL', p .. ':charge_gs', field)
+  if shared then redis.call('ZREM', p .. ':gsu:' .. cjson.decode(field)[1], field) end
+end
+
 for _, doubt in ipairs(undone) do
   for _, c in ipairs(doubt[2]) do
     forget(c[1], c[2], c[3])
     redis.call('ZREM', p .. ':admissions', c[4])
-    for _, field in ipairs(c[5]) do
-      redis.call('ZREM', p .. ':charges', field)
-      redis.call('HDEL', p .. ':charge_gs', field)
-    end
+    for _, field in ipairs(c[5]) do uncharge(field) end
   end
   redis.call('DEL', p .. ':batch:' .. doubt[1])
 end
@@ -368,10 +436,24 @@ for _, t in ipairs(b.t) do
   end
 end
 
+-- A refused claim's charge is not written (its request charges nothing until dispatched again).
+local refused_fields = {}
+if shared then
+  for _, claim in ipairs(b.cl) do
+    if refused[claim[1]] and claim[7] then refused_fields[claim[7]] = true end
+  end
+end
 for _, ch in ipairs(b.ch) do
-  if not dropped[ch[4]] then
-    redis.call('ZADD', p .. ':charges', 'NX', ch[2], ch[1])  -- a replaced charge keeps its time
+  if not dropped[ch[4]] and not refused_fields[ch[1]] then
+    -- A replaced charge keeps its time; routers sharing the prefix date theirs by Redis's clock.
+    redis.call('ZADD', p .. ':charges', 'NX', shared and now or ch[2], ch[1])
     redis.call('HSET', p .. ':charge_gs', ch[1], ch[3])
+    if shared then
+      local key = p .. ':gsu:' .. cjson.decode(ch[1])[1]
+      redis.call('ZADD', key, 'NX', now, ch[1])
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 3600)
+      redis.call('PEXPIRE', key, 3601000)
+    end
   end
 end
 
@@ -393,10 +475,7 @@ if b.pr then
   redis.call('ZREMRANGEBYSCORE', p .. ':admissions', '-inf', b.pr[1])
   local old = redis.call('ZRANGEBYSCORE', p .. ':charges', '-inf', b.pr[2], 'LIMIT', 0, limit)
   charges = #old
-  for _, field in ipairs(old) do
-    redis.call('HDEL', p .. ':charge_gs', field)
-    redis.call('ZREM', p .. ':charges', field)
-  end
+  for _, field in ipairs(old) do uncharge(field) end
   if b.pr[3] then
     -- Finished requests created before the retention cutoff, oldest first.
     local ids = redis.call('ZRANGEBYSCORE', p .. ':finished', '-inf', '(' .. b.pr[3],

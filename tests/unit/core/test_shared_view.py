@@ -10,7 +10,7 @@ from core_harness import Harness
 
 from gpu_request_router.core.events import CancelExecution
 from gpu_request_router.core.request_receiver import Caller
-from gpu_request_router.core.state_store import StateChange
+from gpu_request_router.core.state_store import Charge, StateChange
 from gpu_request_router.models.request import RequestStatus, ResourceHints
 from gpu_request_router.testing import chat
 
@@ -35,6 +35,39 @@ def test_a_dispatch_carries_its_claim_and_a_creation_its_limits(harness_for) -> 
     gpu = h.router.monitor.gpus[gpu_id]
     assert memory_mb == 50_000 and slots == 3
     assert limit == gpu.memory_total_mb - h.settings.placement.memory_safety_margin_mb
+
+
+def test_a_dispatch_claims_its_gpu_seconds_against_the_users_hour(harness_for) -> None:
+    """The claim carries the dispatch's charge and the user's GPU-seconds per hour."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], quota={"gpu_seconds_per_hour": 500.0})
+    decisions = h.engine.receiver.submit(chat(), ALICE, h.now).decisions
+    created, dispatched = (d for d in decisions if isinstance(d, StateChange))
+    h.apply(decisions)
+    request = created.request
+    assert dispatched.claim is not None and dispatched.charge is not None
+    assert dispatched.claim.gpu_seconds_per_hour == 500.0
+    assert dispatched.claim.gpu_seconds == dispatched.charge.gpu_seconds > 0
+    assert dispatched.charge.charge_id == h.dispatch_of(request).execution_id
+
+
+def test_charges_of_other_routers_hold_work_back_until_they_are_settled_lower(
+    harness_for,
+) -> None:
+    """Alice's hour is full with another router's charge: her request waits, named as waiting.
+
+    The view says the charge was settled lower (same id, new amount): the request starts, and
+    alice no longer waits for the quota.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], quota={"gpu_seconds_per_hour": 100.0})
+    full = Charge("alice", "exe_other_1", h.now, 99.99)  # admitted, but no dispatch fits
+    h.apply(h.router.shared_view({}, {}, h.now, charges=[full]))
+    waiting = h.submit(chat())
+    assert h.status(waiting) == "queued"
+    assert h.router.waiting_for_gpu_seconds == {"alice"}
+    settled = Charge("alice", "exe_other_1", h.now, 1.0)
+    h.apply(h.router.shared_view({}, {}, h.now, charges=[settled]))
+    assert h.status(waiting) == "dispatching"
+    assert h.router.waiting_for_gpu_seconds == frozenset()
 
 
 def test_what_other_routers_hold_comes_off_the_room_and_keeps_work_queued(harness_for) -> None:

@@ -30,7 +30,7 @@ from changes import T0, created, make_request, moved
 from hypothesis import Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gpu_request_router.core.state_store import Claim, Limits, Refusal, StateChange
+from gpu_request_router.core.state_store import Charge, Claim, Limits, Refusal, StateChange
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import Request, RequestStatus
 from gpu_request_router.store import RedisStore
@@ -63,13 +63,20 @@ def dispatching(
     at: float,
     *gpus: tuple[str, int, int] | tuple[str, int, int, int],
     max_concurrent: int | None = None,
+    gpu_seconds: float | None = None,
+    per_hour: float | None = None,
 ) -> StateChange:
     """Move ``request`` to dispatching at ``at``, claiming ``gpus``.
 
     Each GPU as (gpu, MiB, limit, slots), or (gpu, MiB, limit) with :data:`ROOMY_SLOTS`.
+    ``gpu_seconds``: the dispatch's charge (execution ``<id>-x``), checked against ``per_hour``.
     """
     claimed = tuple(g if len(g) == 4 else (*g, ROOMY_SLOTS) for g in gpus)
-    return replace(moved(request, S.DISPATCHING, at), claim=Claim(claimed, max_concurrent))
+    charge = (
+        None if gpu_seconds is None else Charge(request.user, f"{request.id}-x", at, gpu_seconds)
+    )
+    claim = Claim(claimed, max_concurrent, per_hour, gpu_seconds or 0.0)
+    return replace(moved(request, S.DISPATCHING, at, charge=charge), claim=claim)
 
 
 @pytest.fixture
@@ -356,6 +363,72 @@ def test_a_batch_that_frees_a_users_slot_lets_a_claim_of_the_same_batch_take_it(
     assert ledger(raw, redis_store_prefix, "g0") == {"r2": 1000}
 
 
+def test_gpu_seconds_per_hour_counts_the_charges_of_every_router(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """A claim whose charge would pass the user's hour, with every router's charges, is refused.
+
+    The refusal carries the user's charges in the hour (their router learns them) and when
+    enough of them leave it; a refused claim charges nothing; a charge settled lower in the
+    same batch as a claim makes room for it; another user's hour is their own.
+    """
+    a, b = stores
+    r1, r2, r3 = (make_request(f"r{i}", created_at=T0 + i) for i in (1, 2, 3))
+    bob = make_request("b1", user="bob", created_at=T0 + 1)
+    a.write([creating(r1), creating(r3)])
+    b.write([creating(r2), creating(bob)])
+    gpu = ("g0", 1000, 10_000)
+    assert a.write([dispatching(r1, T0 + 4, gpu, gpu_seconds=60.0, per_hour=100.0)]) == []
+    refusal = only(b.write([dispatching(r2, T0 + 5, gpu, gpu_seconds=50.0, per_hour=100.0)]))
+    assert (refusal.request_id, refusal.kind, refusal.creation) == (
+        "r2",
+        "gpu_seconds_per_hour",
+        False,
+    )
+    assert "you used 60 GPU-seconds in the last hour" in refusal.message
+    assert refusal.charges is not None
+    assert [(c.user, c.charge_id, c.gpu_seconds) for c in refusal.charges] == [
+        ("alice", "r1-x", 60.0)
+    ]
+    assert 3590 < refusal.retry_after_s <= 3600  # when r1's charge leaves the hour
+    assert abs(refusal.charges[0].at - time.time()) < 5  # dated by Redis's clock
+    assert raw.hget(f"{redis_store_prefix}:charge_gs", '["alice","r2-x"]') is None
+    assert ledger(raw, redis_store_prefix, "g0") == {"r1": 1000}
+    # The view of a router waiting on alice's hour reads the same charges.
+    assert [c.charge_id for c in b.shared_view([], [], charged=["alice"]).charges] == ["r1-x"]
+    assert b.write([dispatching(bob, T0 + 5, gpu, gpu_seconds=50.0, per_hour=100.0)]) == []
+    b.write([moved(r2, S.QUEUED, T0 + 6)])
+    assert b.write([dispatching(r2, T0 + 7, gpu, gpu_seconds=40.0, per_hour=100.0)]) == []
+    # r1 ends having used 20, settled in the same batch as r3's claim of 40, which then fits:
+    # 20 + 40 + 40 (r2) = 100.
+    a.write([moved(r1, S.RUNNING, T0 + 8)])
+    settle = moved(r1, S.SUCCEEDED, T0 + 9, charge=Charge("alice", "r1-x", T0 + 4, 20.0))
+    assert a.write([settle, dispatching(r3, T0 + 9, gpu, gpu_seconds=40.0, per_hour=100.0)]) == []
+    assert float(raw.hget(f"{redis_store_prefix}:charge_gs", '["alice","r1-x"]')) == 20.0
+    # Full: any more is refused, 1 GPU-second or not.
+    r4 = make_request("r4", created_at=T0 + 12)
+    a.write([creating(r4)])
+    refusal = only(a.write([dispatching(r4, T0 + 13, gpu, gpu_seconds=1.0, per_hour=100.0)]))
+    assert sorted(c.charge_id for c in refusal.charges or ()) == ["r1-x", "r2-x", "r3-x"]
+    assert raw.zcard(f"{redis_store_prefix}:gsu:alice") == 3
+    assert 3500 < raw.pttl(f"{redis_store_prefix}:gsu:alice") / 1000 <= 3601
+
+
+def test_a_claim_larger_than_the_whole_hour_is_refused_with_no_time_to_retry(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Waiting frees nothing for a charge over the limit on its own: retry_after is 0."""
+    a, _ = stores
+    r1 = make_request("r1")
+    a.write([creating(r1)])
+    refusal = only(a.write([dispatching(r1, T0 + 1, ("g0", 1, 10), gpu_seconds=7.0, per_hour=5.0)]))
+    assert (refusal.kind, refusal.retry_after_s, refusal.charges) == (
+        "gpu_seconds_per_hour",
+        0.0,
+        (),
+    )
+
+
 # --- adoption, cancellations, modes ---------------------------------------------------------------
 
 
@@ -531,6 +604,8 @@ SIZES = st.integers(1, 12).map(lambda n: n * 500)
 RATE = 6
 MAX_QUEUED = 3
 MAX_CONCURRENT = 2
+GPU_SECONDS_PER_HOUR = 150.0
+CHARGES = st.sampled_from([10.0, 25.0, 40.0])
 USERS = ("alice", "bob")
 KEYS = ("k1", "k2", "k3")
 # Where a request goes from where it is (cancellations have a rule of their own).
@@ -547,7 +622,8 @@ class SharedStoresMachine(RuleBasedStateMachine):
     - I2: no GPU's ledger holds more than its limit, and it holds exactly the reservations of
       the requests the model says hold one (dispatching or running with a confirmed claim);
     - I4: no user holds more than ``max_concurrent`` slots, nor was admitted more than the
-      rate limit (which the machine reaches: refusals happen);
+      rate limit, nor charged more GPU-seconds in the hour than the limit (which the machine
+      reaches: refusals happen); a refused claim charges nothing;
     - every admitted request is stored once, as the model says; a refused one never is;
     - each router recovers its own unfinished requests, oldest first.
 
@@ -568,6 +644,7 @@ class SharedStoresMachine(RuleBasedStateMachine):
         self.refused: set[str] = set()
         self.admitted: Counter[str] = Counter()
         self.keys: dict[tuple[str, str], str] = {}
+        self.charged: dict[str, dict[str, float]] = {user: {} for user in USERS}  # id -> GPU-s
 
     def teardown(self) -> None:
         for store in getattr(self, "stores", []):
@@ -606,6 +683,7 @@ class SharedStoresMachine(RuleBasedStateMachine):
         """The claims of a batch of moves refused (id -> kind): the ledger less what it frees."""
         freed = {r.id for r, to, claim in moves if not to.active or claim is not None}
         left = {rid: gpus for rid, gpus in self.held.items() if rid not in freed}
+        used = {user: sum(charges.values()) for user, charges in self.charged.items()}
         refused: dict[str, str] = {}
         for request, _, claim in moves:
             if claim is None:
@@ -621,8 +699,11 @@ class SharedStoresMachine(RuleBasedStateMachine):
                 and len(self._slots(request.user, left)) >= claim.max_concurrent
             ):
                 refused[request.id] = "max_concurrent"
+            elif used[request.user] + claim.gpu_seconds > GPU_SECONDS_PER_HOUR:
+                refused[request.id] = "gpu_seconds_per_hour"
             else:
                 left[request.id] = {gpu: mb for gpu, mb, _, _ in claim.gpus}
+                used[request.user] += claim.gpu_seconds
         return refused
 
     def _move(self, client: int, moves: list[Move]) -> None:
@@ -630,13 +711,26 @@ class SharedStoresMachine(RuleBasedStateMachine):
         expected = self._claims(moves)
         before = {gpu: self._ledger(gpu) for gpu in GPU_LIMIT}
         slots = {user: self._slots(user) for user in USERS}
+        charged = {user: dict(charges) for user, charges in self.charged.items()}
         self.now += 1
-        batch = [replace(moved(r, to, self.now), claim=claim) for r, to, claim in moves]
+        batch = []
+        for r, to, claim in moves:
+            charge = None
+            if claim is not None:
+                charge = Charge(r.user, f"{r.id}-{self.now:g}", self.now, claim.gpu_seconds)
+            batch.append(replace(moved(r, to, self.now, charge=charge), claim=claim))
+            if charge is not None and r.id not in expected:
+                self.charged[r.user][charge.charge_id] = charge.gpu_seconds
         refusals = self.stores[client].write(batch)
         assert {f.request_id: f.kind for f in refusals} == expected
         for refusal in refusals:
             request = self.requests[refusal.request_id]
-            if refusal.kind == "gpu_memory":
+            if refusal.kind == "gpu_seconds_per_hour":
+                assert refusal.charges is not None
+                # The hour as stored before the batch (claims of the batch count, unlisted).
+                listed = {c.charge_id: c.gpu_seconds for c in refusal.charges}
+                assert listed == charged[request.user]
+            elif refusal.kind == "gpu_memory":
                 assert refusal.ledger is not None
                 assert set(refusal.ledger) <= set(GPU_LIMIT)
                 assert refusal.ledger == {gpu: before[gpu] for gpu in refusal.ledger}
@@ -653,6 +747,8 @@ class SharedStoresMachine(RuleBasedStateMachine):
         return Claim(
             tuple((gpu, data.draw(SIZES), GPU_LIMIT[gpu], GPU_SLOTS[gpu]) for gpu in gpus),
             MAX_CONCURRENT,
+            GPU_SECONDS_PER_HOUR,
+            data.draw(CHARGES),
         )
 
     def _pick(self, data: st.DataObject, among: list[Request]) -> Request:
@@ -792,6 +888,13 @@ class SharedStoresMachine(RuleBasedStateMachine):
             assert len(slots) <= MAX_CONCURRENT  # I4
             assert slots == self._slots(user)
             assert self.raw.zcard(f"{self.prefix}:rate:{user}") == self.admitted[user] <= RATE
+            fields = self.raw.zrange(f"{self.prefix}:gsu:{user}", 0, -1)
+            amounts = [float(self.raw.hget(f"{self.prefix}:charge_gs", f) or -1) for f in fields]
+            assert sum(amounts) <= GPU_SECONDS_PER_HOUR
+            assert dict(zip(fields, amounts, strict=True)) == {
+                f'["{user}","{charge_id}"]': amount
+                for charge_id, amount in self.charged[user].items()
+            }
             waiting = {r.id for r in self._with(S.QUEUED) if r.user == user}
             assert self.raw.smembers(f"{self.prefix}:waiting:{user}") == waiting
 
