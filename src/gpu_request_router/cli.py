@@ -178,7 +178,12 @@ def _serve(settings: Settings, bound: socket.socket | None) -> None:
 
     from gpu_request_router.api import create_app
     from gpu_request_router.store import open_store
-    from gpu_request_router.utils.serving import AnnouncingServer, StandbyResponder, listen
+    from gpu_request_router.utils.serving import (
+        EXIT_FENCED,
+        AnnouncingServer,
+        StandbyResponder,
+        listen,
+    )
 
     server = settings.server
     # The order of a start: the store (and the SQLite file's lock, before anything reads the
@@ -246,7 +251,10 @@ def _serve(settings: Settings, bound: socket.socket | None) -> None:
         if dev_key is not None:
             _show_dev_key(settings, url, dev_key)
 
-    AnnouncingServer(server_config, announce).run(sockets=[sock])
+    serving = AnnouncingServer(server_config, announce, stop_when=store.fenced)
+    serving.run(sockets=[sock])
+    if serving.stopped_because is not None:  # another router took over: restart to serve again
+        raise typer.Exit(EXIT_FENCED)
 
 
 def _with_dev_key(settings: Settings) -> tuple[Settings, str | None]:

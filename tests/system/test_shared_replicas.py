@@ -435,17 +435,26 @@ def test_a_killed_replica_s_work_is_adopted_and_the_others_clients_see_no_error(
     )
 
 
-def _registered(redis_url: str, prefix: str) -> set[int]:
-    """The pids of the routers registered on ``prefix`` whose lease lives."""
+def _registered(redis_url: str, prefix: str, *, listed_only: bool = False) -> set[int]:
+    """The pids of the routers registered on ``prefix`` whose lease lives (or listed at all)."""
     client = redis.Redis.from_url(redis_url)
     try:
         pids = set()
         for replica, token in client.hgetall(f"{prefix}:replicas").items():
-            if client.exists(f"{prefix}:replica:{replica.decode()}"):
+            if listed_only or client.exists(f"{prefix}:replica:{replica.decode()}"):
                 pids.add(int(token.decode().split(":")[-2]))
         return pids
     finally:
         client.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a child the supervisor has not reaped counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
@@ -453,7 +462,8 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
 ) -> None:
     """`serve --workers 2`: two routers share the port and the prefix; a killed one comes back.
 
-    SIGTERM to the supervisor stops both (exit 0). The SQLite store is refused (exit 2).
+    So does one that was paused past its lease (its work adopted, it is fenced). SIGTERM to the
+    supervisor stops both (exit 0). The SQLite store is refused (exit 2).
     """
     port = free_port()
     config = {
@@ -495,6 +505,23 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
                 break
             assert time.monotonic() < deadline + 30, now
             time.sleep(0.1)
+        # A child paused past its lease is adopted by the other (fenced); resumed, it stops
+        # with EXIT_FENCED and the supervisor starts another in its place.
+        paused = min(now)
+        os.kill(paused, signal.SIGSTOP)
+        try:
+            while paused in _registered(redis_url, redis_store_prefix, listed_only=True):
+                assert time.monotonic() < deadline + 60
+                time.sleep(0.1)
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        while True:
+            now = _registered(redis_url, redis_store_prefix)
+            if paused not in now and len(now) == 2 and not _alive(paused):
+                break
+            assert time.monotonic() < deadline + 90, now
+            time.sleep(0.1)
+        assert "router_stopping" in log.read_text()
         headers = {"Authorization": f"Bearer {KEY}"}
         for _ in range(6):  # either process answers, and both see the same requests
             response = httpx.post(f"{url}/v1/requests", json=_body(0.01, None), headers=headers)

@@ -349,6 +349,14 @@ class StateStore(ABC):
         """
         return None
 
+    def fenced(self) -> str | None:
+        """Why this store will never take this router's writes again, or ``None``.
+
+        A store another router took over (its lease lapsed and was taken) is fenced for good:
+        the process must be restarted to serve again (as a new router, or a standby).
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to close
         """Release connections and files."""
 

@@ -595,6 +595,10 @@ class RedisStore(SharedStore):
         """Why the store cannot be used now, as last seen (no call is made), or ``None``."""
         return self._fenced or self._down
 
+    def fenced(self) -> str | None:
+        """Why another router took over this router's part of the prefix, or ``None``."""
+        return self._fenced
+
     def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"{self._where}: cannot {action}: {exc}")
 

@@ -28,6 +28,10 @@ __all__ = ["RESTART_S", "AnnouncingServer", "StandbyResponder", "Supervisor", "l
 
 _log = structlog.get_logger(__name__)
 
+# A router's exit status when another took over its work (its store is fenced): it must be
+# started again to serve (as a new router, or a standby), and a supervisor always restarts it.
+EXIT_FENCED = 3
+
 RESTART_S = 1.0
 """The pause before a child process that exited is started again."""
 
@@ -54,16 +58,36 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class AnnouncingServer(uvicorn.Server):
-    """A uvicorn server that calls ``announce`` once it accepts connections."""
+    """A uvicorn server that calls ``announce`` once it accepts connections.
 
-    def __init__(self, config: uvicorn.Config, announce: Callable[[], None]) -> None:
+    ``stop_when`` is asked every second: a reason (not ``None``) stops the server gracefully,
+    and stays in ``stopped_because``.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        announce: Callable[[], None],
+        stop_when: Callable[[], str | None] = lambda: None,
+    ) -> None:
         super().__init__(config)
         self.announce = announce
+        self.stop_when = stop_when
+        self.stopped_because: str | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start the application, then serve the sockets, then announce."""
         await super().startup(sockets=sockets)
         self.announce()
+
+    async def on_tick(self, counter: int) -> bool:
+        """Each tick of the server (0.1 s); once a second, whether to stop by ``stop_when``."""
+        if counter % 10 == 0 and self.stopped_because is None:
+            self.stopped_because = self.stop_when()
+            if self.stopped_because is not None:
+                _log.error("router_stopping", reason=self.stopped_because)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 class StandbyResponder:
@@ -166,9 +190,10 @@ class Supervisor:
     The children inherit what the parent holds, the listening socket among them: the kernel
     spreads the connections over them. SIGTERM or SIGINT to the supervisor is passed on to every
     child (each stops gracefully), and :meth:`run` returns once all have exited. A child that
-    exits otherwise (killed, crashed) is started again after :data:`RESTART_S`, unless it exited
-    with an error status within :data:`FAILED_START_S` of its start (a refused start: a store
-    that cannot be used): then the others are stopped too and its exit status returned.
+    exits otherwise (killed, crashed, fenced) is started again after :data:`RESTART_S`, unless it
+    exited with an error status other than :data:`EXIT_FENCED` within :data:`FAILED_START_S` of
+    its start (a refused start: a store that cannot be used): then the others are stopped too
+    and its exit status returned.
     """
 
     def __init__(self, count: int, target: Callable[[], None]) -> None:
@@ -190,7 +215,8 @@ class Supervisor:
                 code = os.waitstatus_to_exitcode(status)
                 if self._stopping or slot < 0:
                     continue
-                if code > 0 and time.monotonic() - started < FAILED_START_S:
+                failed = code > 0 and code != EXIT_FENCED
+                if failed and time.monotonic() - started < FAILED_START_S:
                     _log.error("worker_failed_to_start", slot=slot, pid=pid, exit_code=code)
                     self._status = code
                     self._stop(signal.SIGTERM, None)
