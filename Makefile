@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # the load-balancer test runs Debian's haproxy in front of two routers.
 CHROMIUM := /usr/bin/chromium
 HAPROXY := /usr/sbin/haproxy
+STRACE := /usr/bin/strace
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test lint typecheck unit mutation lock clean
@@ -19,7 +20,7 @@ $(VENV)/.runtime: $(BIN)/python requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt | $(CHROMIUM) $(HAPROXY)  ## tools, the browser and the load balancer the tests drive
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt | $(CHROMIUM) $(HAPROXY) $(STRACE)  ## tools, the browser, the load balancer and the tracer the tests drive
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -35,6 +36,10 @@ $(CHROMIUM):  ## the headless browser of tests/system/test_dashboard.py, from th
 $(HAPROXY):  ## the load balancer of tests/system/test_haproxy.py, from the distribution
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq haproxy
+
+$(STRACE):  ## the tracer of scripts/aof_window.py (Redis's fsyncs), from the distribution
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq strace
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests
