@@ -580,6 +580,8 @@ class RedisStore(SharedStore):
         such calls, so after one has failed the rest fail fast until the lease thread (every
         :data:`RENEW_S`) reaches Redis again.
         """
+        if self._closed.is_set():  # a call now would open a connection nobody closes
+            raise StoreUnavailable(f"{self._where}: closed")
         down = self._down
         if down is not None:
             raise StoreUnavailable(down)

@@ -303,6 +303,27 @@ def test_a_closed_store_refuses_writes_and_leaves_the_lease_alone(
         raw.close()
 
 
+def test_a_closed_store_refuses_reads_without_opening_a_connection(
+    redis_url: str, redis_store_prefix: str
+) -> None:
+    """A read after close is refused: it would open a connection that nobody closes.
+
+    (A thread the runtime left running may still read; the store's pool stays empty.)
+    """
+    store = RedisStore(redis_url, prefix=redis_store_prefix, lease_s=30)
+    store.write([created(make_request("r1"))])
+    assert store.get_request("r1") is not None
+    store.close()
+    pool = store._redis.connection_pool
+    opened = pool._created_connections
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.get_request("r1")
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.unfinished_requests()
+    assert pool._created_connections == opened
+    assert all(c._sock is None for c in pool._available_connections)  # every socket closed
+
+
 # --- a lost reply ------------------------------------------------------------------------------
 
 
