@@ -193,6 +193,7 @@ class Runtime:
         self.store = store
         # The store as shared with other routers, if it is (state.shared).
         self._peers = store if isinstance(store, SharedStore) and store.shared else None
+        self._heard: dict[str, str] = {}  # workers registered here since the last shared view
         self.clock = clock if clock is not None else SystemClock()
         self.writer = Writer(
             store,
@@ -278,8 +279,16 @@ class Runtime:
 
         A new worker gets a client and a GPU source polled like a configured one; a known one
         that moved to another URL is followed there. Cancellations meant for it while it was not
-        known (work it ran before a router restart, retried since) are delivered now.
+        known (work it ran before a router restart, retried since) are delivered now. On a
+        shared store the registration is published to the other routers with the next view.
         """
+        new = self._add_worker(name, url)
+        if self._peers is not None:
+            self._heard[name] = url
+        return new
+
+    def _add_worker(self, name: str, url: str) -> bool:
+        """:meth:`register_worker`, without publishing it."""
         known = self._clients.get(name)
         if isinstance(known, AgentClient) and known.url == url.rstrip("/"):
             return False
@@ -1024,7 +1033,13 @@ class Runtime:
         gpu_ids, users = list(router.monitor.gpus), router.shared_users()
         holds = router.holds_to_share()
         charged = sorted(router.waiting_for_gpu_seconds)
-        view = await asyncio.to_thread(peers.shared_view, gpu_ids, users, holds, charged)
+        heard, self._heard = self._heard, {}
+        view = await asyncio.to_thread(peers.shared_view, gpu_ids, users, holds, charged, heard)
+        for name, url in (view.workers or {}).items():  # registered with another router
+            try:
+                self._add_worker(name, url)
+            except InvalidRequest as exc:
+                _log.warning("shared_worker_refused", worker=name, url=url, error=exc.message)
         now = self.clock.now()
         self._apply(router.shared_view(view.ledger, view.active, now, view.held, view.charges))
         for request_id, actor in view.cancels:

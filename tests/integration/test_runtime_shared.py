@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 import redis
+from fastapi import FastAPI
 
-from gpu_request_router.config.config_loader import Settings
+from gpu_request_router.config.config_loader import Settings, load_settings
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.core.state_store import RequestQuery
 from gpu_request_router.exceptions import AlreadyTerminal, NotFound, QuotaExceeded
@@ -29,6 +30,7 @@ from gpu_request_router.runtime import SHARED_SYNC_S, Runtime
 from gpu_request_router.store import RedisStore
 from gpu_request_router.testing import chat, make_settings
 from gpu_request_router.utils.ids import IdFactory
+from gpu_request_router.worker.app import create_worker_app
 
 S = RequestStatus
 ALICE = Caller("alice")
@@ -36,6 +38,20 @@ FAST_MONITOR = {"poll_interval_s": 0.05, "stale_after_s": 1.0}
 FAST_RETRIES = {"backoff_s": 0.02, "max_backoff_s": 0.1}
 # Two of these never fit one H100-80GB together: a GPU runs one such request at a time.
 HALF_GPU = ResourceHints(gpu_memory_mb=50_000)
+
+
+WORKER_TOKEN = "worker-token-for-the-shared-tests"
+
+
+def agent_app() -> FastAPI:
+    """A `gpurouter worker` named w1 with one simulated H100, served in-process."""
+    settings = load_settings(
+        overrides={
+            "auth": {"worker_token": WORKER_TOKEN},
+            "worker": {"name": "w1", "simulate": "1xH100-80GB"},
+        }
+    )
+    return create_worker_app(settings)
 
 
 def shared_settings(gpus: int = 1, **sections: Any) -> Settings:
@@ -305,6 +321,36 @@ async def test_gpu_seconds_per_hour_counts_the_charges_of_both_runtimes(
         assert used[0] == pytest.approx(2 * estimate) and used[1] == pytest.approx(2 * estimate)
         for request in submitted:
             await owners[request.id].cancel(request.id)
+
+
+async def test_a_worker_registered_with_one_runtime_serves_the_other_too(
+    open_store: Callable[[], RedisStore],
+    serve_app: Callable[[FastAPI], str],
+    raw: redis.Redis,
+    redis_store_prefix: str,
+) -> None:
+    """A worker registered with A only is polled and used by B, and by a runtime started later.
+
+    A `gpurouter worker` heartbeats through a balancer, to any one router: B learns it from
+    Redis within a view, polls it and places its own requests there; a runtime started later
+    learns it at its first view, with no heartbeat of its own.
+    """
+    url = serve_app(agent_app())
+    settings = make_settings(
+        auth={"enabled": False, "worker_token": WORKER_TOKEN},
+        backends=[],
+        monitor=FAST_MONITOR,
+        retries=FAST_RETRIES,
+    )
+    async with two_runtimes(settings, open_store) as (a, b):
+        assert a.register_worker("w1", url) is True
+        await until(lambda: "w1:0" in b.router.monitor.gpus, timeout_s=8 * SHARED_SYNC_S)
+        assert raw.hgetall(f"{redis_store_prefix}:workers") == {"w1": url}
+        done = await b.wait((await b.submit(chat(duration_s=0.01), ALICE)).id, 10)
+        assert done.status is S.SUCCEEDED and done.placement is not None
+        assert done.placement.worker == "w1"
+        async with Runtime.from_settings(settings, store=open_store(), seed=3) as c:
+            await until(lambda: "w1:0" in c.router.monitor.gpus, timeout_s=8 * SHARED_SYNC_S)
 
 
 async def test_three_runtimes_take_turns_on_one_gpu(

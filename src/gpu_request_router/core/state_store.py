@@ -236,7 +236,8 @@ class SharedView:
     routers whose lease has lapsed (their work is to adopt); ``held``: the GPUs asked about that
     other routers hold for a starving request, with that request's creation time; ``charges``:
     every router's GPU-seconds charges in the hour of the users asked about, dated by the
-    store's clock.
+    store's clock; ``workers``: every worker registered with any router (name → URL), when that
+    list changed since this router's last view (else ``None``).
     """
 
     ledger: dict[str, dict[str, int]]
@@ -245,6 +246,7 @@ class SharedView:
     lapsed: list[str]
     held: dict[str, float] = field(default_factory=dict)
     charges: list[Charge] = field(default_factory=list)
+    workers: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,14 +376,16 @@ class SharedStore(StateStore):
         users: Sequence[str],
         holds: Mapping[str, tuple[str, float]] | None = None,
         charged: Sequence[str] = (),
+        heard: Mapping[str, str] | None = None,
     ) -> SharedView:
         """What the other routers hold on ``gpu_ids`` and of ``users``' slots.
 
         Also takes the cancellations sent to this router, lists the lapsed routers, reads the
-        charges in the hour of the ``charged`` users, and publishes ``holds``, this router's
-        starvation holds (GPU id → (request id, its creation time); ``None``: leave them): a GPU
-        held by two routers goes to the request waiting longest, and a claim of another router
-        on a held GPU is refused.
+        charges in the hour of the ``charged`` users, publishes ``heard`` (the workers that
+        registered or heartbeat with this router since its last view: name → URL), and
+        publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
+        time); ``None``: leave them): a GPU held by two routers goes to the request waiting
+        longest, and a claim of another router on a held GPU is refused.
         """
 
     @abstractmethod

@@ -52,6 +52,9 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:charges          zset: JSON [user, charge id] by charge time (pruned to an hour)
     <prefix>:charge_gs        hash: JSON [user, charge id] -> GPU-seconds
     <prefix>:gsu:<user>       zset (shared): the user's charge fields by Redis time, an hour
+    <prefix>:workers          hash (shared): registered workers, name -> URL
+    <prefix>:workers_seen     zset (shared): when a router last heard from each (a day kept)
+    <prefix>:workers_v        counts the changes of the worker list
     <prefix>:overrides        hash: user -> JSON quota override
     <prefix>:override_order   zset: users in the order their override was first set
     <prefix>:seq              the counter behind the two orders above
@@ -231,7 +234,10 @@ return 1
 # created at]}, or '' to leave them) are its own holds now, kept ARGV[7] ms unless renewed; a
 # GPU another holds stays theirs unless this one's request has waited longer (a hold's value
 # is "<replica> <created at> <request id>"). ARGV[8] is its lease token (the fence, when it
-# publishes holds); ARGV[9] (JSON list) the users whose charges in the hour it reads.
+# publishes holds); ARGV[9] (JSON list) the users whose charges in the hour it reads; ARGV[10]
+# (JSON {name: URL}) the workers that registered with it since, ARGV[11] the version of the
+# worker list it last read (the list comes back only when it changed; a worker no router heard
+# from for a day is forgotten).
 _VIEW = """
 local p, me = ARGV[1], ARGV[2]
 local mark = me .. ' '
@@ -270,9 +276,10 @@ for _, user in ipairs(cjson.decode(ARGV[5])) do
 end
 local charges = {}
 local users = cjson.decode(ARGV[9])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if #users > 0 then
-  local t = redis.call('TIME')
-  local since = '(' .. (tonumber(t[1]) + tonumber(t[2]) / 1000000 - 3600)
+  local since = '(' .. (now - 3600)
   for _, user in ipairs(users) do
     local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, since, '+inf', 'WITHSCORES')
     for i = 1, #window, 2 do
@@ -286,7 +293,24 @@ if tonumber(ARGV[3]) > 0 then commands = redis.call('LPOP', p .. ':cmd:' .. me, 
 for _, replica in ipairs(redis.call('HKEYS', p .. ':replicas')) do
   if redis.call('EXISTS', p .. ':replica:' .. replica) == 0 then table.insert(lapsed, replica) end
 end
-return {ledger, active, commands, lapsed, held, charges}
+local workers, seen, changed = p .. ':workers', p .. ':workers_seen', false
+for name, url in pairs(cjson.decode(ARGV[10])) do
+  if redis.call('HGET', workers, name) ~= url then
+    redis.call('HSET', workers, name, url)
+    changed = true
+  end
+  redis.call('ZADD', seen, now, name)
+end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', seen, '-inf', now - 86400, 'LIMIT', 0, 100)) do
+  redis.call('HDEL', workers, name)
+  redis.call('ZREM', seen, name)
+  changed = true
+end
+if changed then redis.call('INCR', p .. ':workers_v') end
+local version = redis.call('GET', p .. ':workers_v') or '0'
+local listed = {}
+if version ~= ARGV[11] then listed = redis.call('HGETALL', workers) end
+return {ledger, active, commands, lapsed, held, charges, version, listed}
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -410,6 +434,7 @@ class RedisStore(SharedStore):
         # Since when this router has reached Redis without a break (it adopts nobody for a lease
         # after an outage: the others' leases lapsed in it too, and they renew within a second).
         self._up_since = time.monotonic() - lease_s - self._renew_s
+        self._workers_version = ""  # of the worker list last read (none yet)
         self._probes = Every(WRITE_PROBE_INTERVAL_S)
         self._prunes = Every(PRUNE_INTERVAL_S)
         self._closed = threading.Event()
@@ -995,6 +1020,7 @@ class RedisStore(SharedStore):
         users: Sequence[str],
         holds: Mapping[str, tuple[str, float]] | None = None,
         charged: Sequence[str] = (),
+        heard: Mapping[str, str] | None = None,
     ) -> SharedView:
         """Every router's reservations on ``gpu_ids`` and ``users``' slots, in one script.
 
@@ -1004,7 +1030,15 @@ class RedisStore(SharedStore):
         leases lapsed in it too, and each renews its own (if nobody adopted it) within a second
         of Redis's return.
         """
-        return self._shared_view(gpu_ids, users, commands=_COMMANDS, holds=holds, charged=charged)
+        return self._shared_view(
+            gpu_ids,
+            users,
+            commands=_COMMANDS,
+            holds=holds,
+            charged=charged,
+            heard=heard,
+            read_workers=True,
+        )
 
     def _shared_view(
         self,
@@ -1014,11 +1048,17 @@ class RedisStore(SharedStore):
         commands: int,
         holds: Mapping[str, tuple[str, float]] | None = None,
         charged: Sequence[str] = (),
+        heard: Mapping[str, str] | None = None,
+        read_workers: bool = False,
     ) -> SharedView:
-        """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none)."""
+        """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none).
+
+        The worker list is read only with ``read_workers`` (else a change of it would be
+        counted as read and never reach the runtime's view).
+        """
         if self._fenced is not None:
             raise StoreUnavailable(self._fenced)
-        ledger, active, taken, lapsed, held, charges = self._call(
+        ledger, active, taken, lapsed, held, charges, version, listed = self._call(
             "read what the other routers hold",
             lambda: self._view(
                 args=[
@@ -1033,6 +1073,8 @@ class RedisStore(SharedStore):
                     int(HOLD_S * 1000),
                     self._token,
                     json.dumps(list(charged)),
+                    json.dumps(dict(heard or {})),
+                    self._workers_version if read_workers else "",
                 ]
             ),
         )
@@ -1052,10 +1094,18 @@ class RedisStore(SharedStore):
             cancels=cancels,
             held={_text(gpu): float(since) for gpu, since in held},
             charges=[_charge(field, at, amount) for field, at, amount in charges],
+            workers=self._workers_read(version, listed) if read_workers else None,
             lapsed=[_text(router) for router in lapsed if _text(router) != self.replica]
             if time.monotonic() - self._up_since >= self.lease_s + self._renew_s
             else [],
         )
+
+    def _workers_read(self, version: bytes, listed: list[bytes]) -> dict[str, str] | None:
+        """The worker list of a view (name → URL), if it changed since the last one read."""
+        if _text(version) == self._workers_version:
+            return None
+        self._workers_version = _text(version)
+        return {_text(listed[i]): _text(listed[i + 1]) for i in range(0, len(listed), 2)}
 
     def adopt(self, router: str) -> list[Request]:
         """Take over the unfinished requests of ``router``, whose lease lapsed, oldest first.

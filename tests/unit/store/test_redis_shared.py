@@ -429,6 +429,27 @@ def test_a_claim_larger_than_the_whole_hour_is_refused_with_no_time_to_retry(
     )
 
 
+def test_workers_heard_by_one_router_reach_the_others_once_and_a_silent_one_is_forgotten(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """The worker list comes back when it changed; a worker unheard of for a day leaves it."""
+    a, b = stores
+    assert a.shared_view([], [], heard={"w1": "http://h1:9000"}).workers == {"w1": "http://h1:9000"}
+    assert b.shared_view([], []).workers == {"w1": "http://h1:9000"}
+    assert b.shared_view([], []).workers is None  # unchanged since
+    assert a.shared_view([], [], heard={"w1": "http://h1:9000"}).workers is None  # a heartbeat
+    assert a.shared_view([], [], heard={"w1": "http://h2:9000"}).workers == {"w1": "http://h2:9000"}
+    assert b.shared_view([], [], heard={"w2": "http://h3:9000"}).workers == {
+        "w1": "http://h2:9000",
+        "w2": "http://h3:9000",
+    }
+    seen = f"{redis_store_prefix}:workers_seen"
+    raw.zadd(seen, {"w1": time.time() - 86_401})  # silent for a day
+    assert a.shared_view([], []).workers == {"w2": "http://h3:9000"}
+    assert raw.hgetall(f"{redis_store_prefix}:workers") == {"w2": "http://h3:9000"}
+    assert raw.zrange(seen, 0, -1) == ["w2"]
+
+
 # --- adoption, cancellations, modes ---------------------------------------------------------------
 
 
