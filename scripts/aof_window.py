@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import bisect
 import itertools
-import json
 import re
 import shutil
 import statistics
@@ -35,9 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
+from gpu_request_router.bench.provenance import capture
+from gpu_request_router.bench.report import print_table, write_json
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.runtime import Runtime
 from gpu_request_router.store import RedisStore
@@ -123,6 +121,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
+    provenance = capture()
     strace = shutil.which("strace")
     if strace is None:
         print("strace is not installed (apt-get install strace)", file=sys.stderr)
@@ -164,15 +163,13 @@ def main() -> int:
         "window_max_s": round(max(waits), 3),
         "at_risk_max": most_at_risk(acks, synced),
     }
-    table = Table(title="appendfsync everysec: acknowledged requests a host crash could lose")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in figures.items():
-        table.add_row(name.replace("_", " "), str(value))
-    Console().print(table)
+    print_table(
+        "appendfsync everysec: acknowledged requests a host crash could lose",
+        ["figure", "value"],
+        [[name.replace("_", " "), str(value)] for name, value in figures.items()],
+    )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures, provenance)
     return 0
 
 
