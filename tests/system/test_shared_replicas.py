@@ -463,7 +463,8 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
     """`serve --workers 2`: two routers share the port and the prefix; a killed one comes back.
 
     So does one that was paused past its lease (its work adopted, it is fenced). SIGTERM to the
-    supervisor stops both (exit 0). The SQLite store is refused (exit 2).
+    supervisor stops both (exit 0); SIGKILL to it ends them too. The SQLite store is refused
+    (exit 2).
     """
     port = free_port()
     config = {
@@ -536,6 +537,25 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(30) == 0
         assert not _registered(redis_url, redis_store_prefix)  # both left, leases released
+        # A supervisor killed outright takes its routers with it (nothing serves unsupervised).
+        with log.open("ab") as out:
+            supervisor = subprocess.Popen(
+                [GPUROUTER, "serve", "--config", str(path), "--workers", "2"],
+                cwd=tmp_path,
+                stdout=out,
+                stderr=out,
+                env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
+            )
+        wait_answering(url, supervisor, log, "/readyz", timeout_s=30)
+        deadline = time.monotonic() + 30
+        while len(children := _registered(redis_url, redis_store_prefix)) < 2:
+            assert time.monotonic() < deadline, children
+            time.sleep(0.1)
+        supervisor.kill()
+        supervisor.wait(10)
+        while any(_alive(child) for child in children):
+            assert time.monotonic() < deadline + 30, [c for c in children if _alive(c)]
+            time.sleep(0.1)
     finally:
         if supervisor.poll() is None:
             supervisor.kill()

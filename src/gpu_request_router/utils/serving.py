@@ -12,10 +12,12 @@ its store. :class:`Supervisor` runs several router processes on one bound port.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +29,8 @@ import uvicorn
 __all__ = ["RESTART_S", "AnnouncingServer", "StandbyResponder", "Supervisor", "listen"]
 
 _log = structlog.get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 # A router's exit status when another took over its work (its store is fenced): it must be
 # started again to serve (as a new router, or a standby), and a supervisor always restarts it.
@@ -184,6 +188,19 @@ class StandbyResponder:
         )
 
 
+def _stop_with_parent(parent: int) -> None:
+    """In a forked child: be sent SIGTERM when ``parent`` dies (Linux), or end if it already has.
+
+    A supervisor killed outright (SIGKILL, OOM) must not leave its routers serving, unsupervised,
+    on its port.
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request above took effect
+        os._exit(0)
+
+
 class Supervisor:
     """Runs ``count`` child processes of ``target`` (forked) and keeps them running.
 
@@ -241,11 +258,13 @@ class Supervisor:
         # own handlers) would miss the child: both wait for it until then.
         stops = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        supervisor = os.getpid()
         pid = os.fork()
         if pid:
             self._children[pid] = (slot, time.monotonic())
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             return
+        _stop_with_parent(supervisor)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
