@@ -804,13 +804,14 @@ class RequestRouter:
         now hold for their starving requests (:mod:`~gpu_request_router.core.holds`), with the
         creation time of each one's request (``None``: as they were): this router places
         nothing there, and holds one only for a request that has waited longer. ``charges``:
-        GPU-seconds charges of all routers (counted, or their amounts replaced, in the users'
-        hour windows), for the users waiting on that quota here.
+        the store's account of the hour of users waiting on their GPU-seconds here (every
+        router's, as charges; each replaces the one of its id, time included).
         """
         own = self._current
         changed = False
         for charge in charges:
             if charge.charge_id not in self._executions:  # this router's live ones: its own say
+                self.quotas.undo_charge(charge.user, charge.charge_id)
                 self.quotas.charge(charge)
                 changed = True
         if held is not None and dict(held) != self._held_elsewhere:

@@ -192,8 +192,8 @@ class Refusal:
       ``gpu_memory``, ``gpu_held`` (another router holds a GPU of it for a starving request:
       ``held`` names them), ``max_concurrent`` or ``gpu_seconds_per_hour``. ``ledger`` is every
       router's reservations, as request id → MiB, on each GPU of the claim; ``active`` the ids
-      of the user's requests holding a concurrent slot; ``charges`` every router's charges of
-      the user in the hour window, dated by the store's clock.
+      of the user's requests holding a concurrent slot; ``charges`` the store's account of the
+      user's hour (every router's GPU-seconds in it, as charges dated by the store's clock).
     """
 
     request_id: str
@@ -235,9 +235,9 @@ class SharedView:
     cancellations other routers passed to this one, as (request id, actor); ``lapsed``: the
     routers whose lease has lapsed (their work is to adopt); ``held``: the GPUs asked about that
     other routers hold for a starving request, with that request's creation time; ``charges``:
-    every router's GPU-seconds charges in the hour of the users asked about, dated by the
-    store's clock; ``workers``: every worker registered with any router (name → URL), when that
-    list changed since this router's last view (else ``None``).
+    the store's account of the hour of each user asked about (every router's GPU-seconds in
+    it, as charges dated by the store's clock); ``workers``: every worker registered with any
+    router (name → URL), when that list changed since this router's last view (else ``None``).
     """
 
     ledger: dict[str, dict[str, int]]

@@ -52,6 +52,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:charges          zset: JSON [user, charge id] by charge time (pruned to an hour)
     <prefix>:charge_gs        hash: JSON [user, charge id] -> GPU-seconds
     <prefix>:gsu:<user>       zset (shared): the user's charge fields by Redis time, an hour
+    <prefix>:gst:<user>       (shared) their running total of GPU-seconds
     <prefix>:workers          hash (shared): registered workers, name -> URL
     <prefix>:workers_seen     zset (shared): when a router last heard from each (a day kept)
     <prefix>:workers_v        counts the changes of the worker list
@@ -278,15 +279,15 @@ local charges = {}
 local users = cjson.decode(ARGV[9])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if #users > 0 then
-  local since = '(' .. (now - 3600)
-  for _, user in ipairs(users) do
-    local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, since, '+inf', 'WITHSCORES')
-    for i = 1, #window, 2 do
-      local amount = redis.call('HGET', p .. ':charge_gs', window[i])
-      if amount then table.insert(charges, {window[i], window[i + 1], amount}) end
-    end
+for _, user in ipairs(users) do  -- the hour's total (less what left it) and its oldest charge
+  local key = p .. ':gsu:' .. user
+  local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
+  for _, field in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now - 3600)) do
+    used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
   end
+  local oldest = redis.call('ZRANGEBYSCORE', key, '(' .. (now - 3600), '+inf', 'WITHSCORES',
+    'LIMIT', 0, 1)
+  if #oldest > 0 then table.insert(charges, {user, tostring(used), oldest[2]}) end
 end
 local commands = {}
 if tonumber(ARGV[3]) > 0 then commands = redis.call('LPOP', p .. ':cmd:' .. me, ARGV[3]) or {} end
@@ -1093,7 +1094,10 @@ class RedisStore(SharedStore):
             },
             cancels=cancels,
             held={_text(gpu): float(since) for gpu, since in held},
-            charges=[_charge(field, at, amount) for field, at, amount in charges],
+            charges=[
+                hour_charge(_text(user), used, float(oldest) + HOUR_S)
+                for user, used, oldest in charges
+            ],
             workers=self._workers_read(version, listed) if read_workers else None,
             lapsed=[_text(router) for router in lapsed if _text(router) != self.replica]
             if time.monotonic() - self._up_since >= self.lease_s + self._renew_s
@@ -1251,10 +1255,17 @@ def _limits(limits: Limits | None) -> list[str | bool]:
     return [False if value is None else str(value) for value in values]
 
 
-def _charge(field: bytes | str, at: bytes | str, amount: bytes | str) -> Charge:
-    """A stored charge: its field (JSON [user, charge id]), time and GPU-seconds."""
-    user, charge_id = json.loads(field)
-    return Charge(user, charge_id, float(at), float(amount))
+HOUR_CHARGE_ID = "shared-hour"
+
+
+def hour_charge(user: str, used: bytes | str | float, leaves_at: bytes | str | float) -> Charge:
+    """A user's hour on a shared prefix as one charge, which leaves the hour at ``leaves_at``.
+
+    Its amount is every router's GPU-seconds in the hour; ``leaves_at`` is when the hour has
+    room again, or when its oldest charge leaves it. A router counts it instead of the others'
+    charges one by one.
+    """
+    return Charge(user, HOUR_CHARGE_ID, float(leaves_at) - HOUR_S, max(float(used), 0.0))
 
 
 def _refusals(answer: bytes | str) -> list[Refusal]:
@@ -1284,11 +1295,8 @@ def _refusals(answer: bytes | str) -> list[Refusal]:
                 active=None if active is None else frozenset(active or ()),
                 held=None if item.get("held") is None else frozenset(item["held"]),
                 charges=None
-                if item.get("charges") is None
-                else tuple(
-                    Charge(item["user"], charge_id, float(at), float(amount))
-                    for charge_id, at, amount in item["charges"] or ()
-                ),
+                if item.get("used") is None
+                else (hour_charge(item["user"], item["used"], item["until_at"]),),
             )
         )
     return refusals

@@ -29,8 +29,8 @@
 -- limit with every router's reservations (the ledger), or one another router holds for a
 -- starving request (<prefix>:hold:<gpu>, set by the shared view), or whose user would exceed
 -- max_concurrent or GPU-seconds per hour (every router's charges of the user in the hour,
--- <prefix>:gsu:<user>), is written without its reservation or charge and refused: its router
--- queues it again.
+-- <prefix>:gsu:<user>, and their running total <prefix>:gst:<user>), is written without its
+-- reservation or charge and refused: its router queues it again.
 -- Windows are timed by Redis's own clock (TIME), the same for every router.
 --
 -- Every check comes before the first write, so a refused batch writes nothing; the shebang
@@ -179,28 +179,39 @@ if shared then
       batch_gs[user][ch[1]] = tonumber(ch[3])
     end
   end
-  -- The user's charges in the hour ({field, at, GPU-seconds}, oldest first) and their sum.
+  -- The user's GPU-seconds in the hour: the running total (<prefix>:gst:<user>) less what has
+  -- left the hour since (pruned by the next write), with this batch's charges and confirmed
+  -- claims, less the claim's own charge if stored (a batch carried again). O(what expired).
   local function hour_of(user, own)
-    local out, sum, seen = {}, 0, {}
+    local key, cutoff = p .. ':gsu:' .. user, now - 3600
+    local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
+    for _, field in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', cutoff)) do
+      used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+    end
+    local function stored(field)  -- its GPU-seconds if counted in the hour, else nil
+      local at = redis.call('ZSCORE', key, field)
+      if at and tonumber(at) > cutoff then
+        return tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+      end
+    end
+    for field, amount in pairs(batch_gs[user] or {}) do
+      if field ~= own then used = used + amount - (stored(field) or 0) end
+    end
+    if own then used = used - (stored(own) or 0) end
+    return math.max(used, 0) + (claimed_gs[user] or 0)
+  end
+  -- When the user's hour will have room for ``excess`` more GPU-seconds: the oldest charges
+  -- leave it first (the first 1000 looked at; past them, when the 1000th leaves). 0: never.
+  local function frees_in(user, excess)
     local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '(' .. (now - 3600), '+inf',
-      'WITHSCORES')
-    local batch_of = batch_gs[user] or {}
+      'WITHSCORES', 'LIMIT', 0, 1000)
+    local last = now
     for i = 1, #window, 2 do
-      local field = window[i]
-      seen[field] = true
-      if field ~= own then
-        local amount = batch_of[field] or tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
-        table.insert(out, {field, tonumber(window[i + 1]), amount})
-        sum = sum + amount
-      end
+      last = tonumber(window[i + 1])
+      excess = excess - tonumber(redis.call('HGET', p .. ':charge_gs', window[i]) or 0)
+      if excess <= 0 then break end
     end
-    for field, amount in pairs(batch_of) do
-      if not seen[field] and field ~= own then
-        table.insert(out, {field, now, amount})
-        sum = sum + amount
-      end
-    end
-    return out, sum + (claimed_gs[user] or 0)
+    return math.max(last + 3600 - now, 0.001)
   end
   local function ledger_sum(gpu)  -- MiB and executions
     local sum, n = claimed_mb[gpu] or 0, claimed_n[gpu] or 0
@@ -265,27 +276,15 @@ if shared then
       end
       local per_hour = claim[5]
       if not refused[id] and per_hour then
-        local entries, used = hour_of(user, claim[7])
+        local used = hour_of(user, claim[7])
         local amount, limit = tonumber(claim[6]), tonumber(per_hour)
         if used + amount > limit then
           -- Retry once enough of the oldest charges have left the hour (never, alone: 0).
-          local retry, excess = 0, used + amount - limit
-          if amount <= limit then
-            for _, e in ipairs(entries) do
-              excess = excess - e[3]
-              if excess <= 0 then
-                retry = math.max(e[2] + 3600 - now, 0.001)
-                break
-              end
-            end
-          end
-          local charges = {}
-          for _, e in ipairs(entries) do
-            table.insert(charges, {cjson.decode(e[1])[2], tostring(e[2]), tostring(e[3])})
-          end
+          local retry = amount <= limit and frees_in(user, used + amount - limit) or 0
           refuse(id, 'gpu_seconds_per_hour',
             string.format('you used %.0f GPU-seconds in the last hour; %.0f more would pass ' ..
-              'your limit of %.0f', used, amount, limit), retry, {user = user, charges = charges})
+              'your limit of %.0f', used, amount, limit), retry,
+            {user = user, used = tostring(used), until_at = tostring(now + retry)})
         end
       end
       if not refused[id] then
@@ -340,10 +339,39 @@ local function forget(id, user, key)
   if key then redis.call('HDEL', p .. ':idem', key) end
 end
 
+-- Shared: each user's charges of the hour (<prefix>:gsu:<user>, by Redis time) and their running
+-- total (<prefix>:gst:<user>); a charge leaves both once older than the hour or taken back.
+local function hour_drop(user, field)
+  local key = p .. ':gsu:' .. user
+  if redis.call('ZREM', key, field) == 1 then
+    local amount = tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+    redis.call('INCRBYFLOAT', p .. ':gst:' .. user, -amount)
+  end
+end
+local function hour_prune(user)
+  local key = p .. ':gsu:' .. user
+  for _, field in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now - 3600)) do
+    hour_drop(user, field)
+  end
+  if redis.call('EXISTS', key) == 0 then redis.call('DEL', p .. ':gst:' .. user) end
+end
+local function hour_charge(user, field, amount)
+  local key, total = p .. ':gsu:' .. user, p .. ':gst:' .. user
+  hour_prune(user)
+  if redis.call('ZSCORE', key, field) then  -- replaced: keeps its time
+    amount = amount - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+  else
+    redis.call('ZADD', key, now, field)
+  end
+  redis.call('INCRBYFLOAT', total, amount)
+  redis.call('PEXPIRE', key, 3601000)
+  redis.call('PEXPIRE', total, 3601000)
+end
+
 local function uncharge(field)
+  if shared then hour_drop(cjson.decode(field)[1], field) end
   redis.call('ZREM', p .. ':charges', field)
   redis.call('HDEL', p .. ':charge_gs', field)
-  if shared then redis.call('ZREM', p .. ':gsu:' .. cjson.decode(field)[1], field) end
 end
 
 for _, doubt in ipairs(undone) do
@@ -447,13 +475,8 @@ for _, ch in ipairs(b.ch) do
   if not dropped[ch[4]] and not refused_fields[ch[1]] then
     -- A replaced charge keeps its time; routers sharing the prefix date theirs by Redis's clock.
     redis.call('ZADD', p .. ':charges', 'NX', shared and now or ch[2], ch[1])
+    if shared then hour_charge(cjson.decode(ch[1])[1], ch[1], tonumber(ch[3])) end
     redis.call('HSET', p .. ':charge_gs', ch[1], ch[3])
-    if shared then
-      local key = p .. ':gsu:' .. cjson.decode(ch[1])[1]
-      redis.call('ZADD', key, 'NX', now, ch[1])
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 3600)
-      redis.call('PEXPIRE', key, 3601000)
-    end
   end
 end
 

@@ -34,6 +34,7 @@ from gpu_request_router.core.state_store import Charge, Claim, Limits, Refusal, 
 from gpu_request_router.exceptions import StoreUnavailable
 from gpu_request_router.models.request import Request, RequestStatus
 from gpu_request_router.store import RedisStore
+from gpu_request_router.store.redis_store import HOUR_CHARGE_ID
 from gpu_request_router.testing import (
     RedisServer,
     drop_redis_prefix,
@@ -386,16 +387,18 @@ def test_gpu_seconds_per_hour_counts_the_charges_of_every_router(
         False,
     )
     assert "you used 60 GPU-seconds in the last hour" in refusal.message
+    # The hour as one charge of every router's 60 GPU-seconds, leaving when r1's charge leaves.
     assert refusal.charges is not None
-    assert [(c.user, c.charge_id, c.gpu_seconds) for c in refusal.charges] == [
-        ("alice", "r1-x", 60.0)
-    ]
+    (hour,) = refusal.charges
+    assert (hour.user, hour.charge_id, hour.gpu_seconds) == ("alice", HOUR_CHARGE_ID, 60.0)
     assert 3590 < refusal.retry_after_s <= 3600  # when r1's charge leaves the hour
-    assert abs(refusal.charges[0].at - time.time()) < 5  # dated by Redis's clock
+    assert abs(hour.at + 3600 - (time.time() + refusal.retry_after_s)) < 5  # by Redis's clock
     assert raw.hget(f"{redis_store_prefix}:charge_gs", '["alice","r2-x"]') is None
     assert ledger(raw, redis_store_prefix, "g0") == {"r1": 1000}
     # The view of a router waiting on alice's hour reads the same charges.
-    assert [c.charge_id for c in b.shared_view([], [], charged=["alice"]).charges] == ["r1-x"]
+    (viewed,) = b.shared_view([], [], charged=["alice"]).charges
+    assert (viewed.charge_id, viewed.gpu_seconds) == (HOUR_CHARGE_ID, 60.0)
+    assert abs(viewed.at - hour.at) < 5  # it leaves the hour with r1's charge
     assert b.write([dispatching(bob, T0 + 5, gpu, gpu_seconds=50.0, per_hour=100.0)]) == []
     b.write([moved(r2, S.QUEUED, T0 + 6)])
     assert b.write([dispatching(r2, T0 + 7, gpu, gpu_seconds=40.0, per_hour=100.0)]) == []
@@ -409,9 +412,28 @@ def test_gpu_seconds_per_hour_counts_the_charges_of_every_router(
     r4 = make_request("r4", created_at=T0 + 12)
     a.write([creating(r4)])
     refusal = only(a.write([dispatching(r4, T0 + 13, gpu, gpu_seconds=1.0, per_hour=100.0)]))
-    assert sorted(c.charge_id for c in refusal.charges or ()) == ["r1-x", "r2-x", "r3-x"]
+    assert [c.gpu_seconds for c in refusal.charges or ()] == [100.0]
     assert raw.zcard(f"{redis_store_prefix}:gsu:alice") == 3
+    assert float(raw.get(f"{redis_store_prefix}:gst:alice")) == 100.0  # 20 + 40 + 40
     assert 3500 < raw.pttl(f"{redis_store_prefix}:gsu:alice") / 1000 <= 3601
+
+
+def test_a_charge_leaves_the_users_running_hour_total_once_an_hour_old(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """The check reads a running total, not every charge: one over an hour old leaves it."""
+    a, _ = stores
+    r1, r2, r3 = (make_request(f"r{i}", created_at=T0 + i) for i in (1, 2, 3))
+    a.write([creating(r1), creating(r2), creating(r3)])
+    gpu = ("g0", 1000, 10_000)
+    assert a.write([dispatching(r1, T0 + 4, gpu, gpu_seconds=70.0, per_hour=100.0)]) == []
+    assert only(a.write([dispatching(r2, T0 + 5, gpu, gpu_seconds=40.0, per_hour=100.0)]))
+    a.write([moved(r2, S.QUEUED, T0 + 6)])
+    # r1's charge an hour old (as if the hour had passed): the hour has room for r2 again.
+    raw.zadd(f"{redis_store_prefix}:gsu:alice", {'["alice","r1-x"]': time.time() - 3601})
+    assert a.write([dispatching(r2, T0 + 7, gpu, gpu_seconds=40.0, per_hour=100.0)]) == []
+    assert raw.zrange(f"{redis_store_prefix}:gsu:alice", 0, -1) == ['["alice","r2-x"]']
+    assert float(raw.get(f"{redis_store_prefix}:gst:alice")) == 40.0  # pruned by the write
 
 
 def test_a_claim_larger_than_the_whole_hour_is_refused_with_no_time_to_retry(
@@ -422,11 +444,8 @@ def test_a_claim_larger_than_the_whole_hour_is_refused_with_no_time_to_retry(
     r1 = make_request("r1")
     a.write([creating(r1)])
     refusal = only(a.write([dispatching(r1, T0 + 1, ("g0", 1, 10), gpu_seconds=7.0, per_hour=5.0)]))
-    assert (refusal.kind, refusal.retry_after_s, refusal.charges) == (
-        "gpu_seconds_per_hour",
-        0.0,
-        (),
-    )
+    assert (refusal.kind, refusal.retry_after_s) == ("gpu_seconds_per_hour", 0.0)
+    assert [c.gpu_seconds for c in refusal.charges or ()] == [0.0]
 
 
 def test_workers_heard_by_one_router_reach_the_others_once_and_a_silent_one_is_forgotten(
@@ -747,10 +766,18 @@ class SharedStoresMachine(RuleBasedStateMachine):
         for refusal in refusals:
             request = self.requests[refusal.request_id]
             if refusal.kind == "gpu_seconds_per_hour":
+                # The hour as stored before the batch, and the batch's claims confirmed
+                # before this one.
                 assert refusal.charges is not None
-                # The hour as stored before the batch (claims of the batch count, unlisted).
-                listed = {c.charge_id: c.gpu_seconds for c in refusal.charges}
-                assert listed == charged[request.user]
+                (hour,) = refusal.charges
+                earlier = 0.0
+                for r, _, claim in moves:
+                    if r.id == request.id:
+                        break
+                    if claim is not None and r.user == request.user and r.id not in expected:
+                        earlier += claim.gpu_seconds
+                stored_gs = sum(charged[request.user].values())
+                assert hour.gpu_seconds == pytest.approx(stored_gs + earlier)
             elif refusal.kind == "gpu_memory":
                 assert refusal.ledger is not None
                 assert set(refusal.ledger) <= set(GPU_LIMIT)
@@ -912,6 +939,8 @@ class SharedStoresMachine(RuleBasedStateMachine):
             fields = self.raw.zrange(f"{self.prefix}:gsu:{user}", 0, -1)
             amounts = [float(self.raw.hget(f"{self.prefix}:charge_gs", f) or -1) for f in fields]
             assert sum(amounts) <= GPU_SECONDS_PER_HOUR
+            total = self.raw.get(f"{self.prefix}:gst:{user}")
+            assert float(total or 0) == pytest.approx(sum(amounts))
             assert dict(zip(fields, amounts, strict=True)) == {
                 f'["{user}","{charge_id}"]': amount
                 for charge_id, amount in self.charged[user].items()
