@@ -810,10 +810,9 @@ class RequestRouter:
         own = self._current
         changed = False
         for charge in charges:
-            if charge.charge_id not in self._executions:  # this router's live ones: its own say
-                self.quotas.undo_charge(charge.user, charge.charge_id)
-                self.quotas.charge(charge)
-                changed = True
+            self.quotas.undo_charge(charge.user, charge.charge_id)
+            self.quotas.charge(charge)
+            changed = True
         if held is not None and dict(held) != self._held_elsewhere:
             self._held_elsewhere = dict(held)
             changed = True
@@ -1030,7 +1029,6 @@ class RequestRouter:
             ),
             quota.max_concurrent,
             quota.gpu_seconds_per_hour,
-            charge.gpu_seconds,
         )
         self._set(
             request,

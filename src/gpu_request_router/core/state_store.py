@@ -143,9 +143,9 @@ class Claim:
 
     ``gpus`` holds ``(gpu id, MiB reserved, limit, slots)`` where the limit is the most all
     routers together may reserve on that GPU (total − safety margin − memory used by others, as
-    this router sees it) and ``slots`` the executions it runs at once. ``gpu_seconds`` is the
-    dispatch's charge (its change's ``charge``), checked against ``gpu_seconds_per_hour`` with
-    every router's charges of the user in the hour. A store shared by several routers confirms
+    this router sees it) and ``slots`` the executions it runs at once. The dispatch's charge
+    (its change's ``charge``) is checked against ``gpu_seconds_per_hour`` with every router's
+    charges of the user in the hour. A store shared by several routers confirms
     the claim against every router's reservations and charges, atomically with the dispatch,
     or refuses it (:class:`Refusal`).
     """
@@ -153,7 +153,6 @@ class Claim:
     gpus: tuple[tuple[str, int, int, int], ...]
     max_concurrent: int | None = None
     gpu_seconds_per_hour: float | None = None
-    gpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -725,7 +725,7 @@ class RedisStore(SharedStore):
         last: dict[str, Request] = {}
         created: dict[str, Request] = {}
         limits: dict[str, Limits | None] = {}
-        claims: dict[str, tuple[Claim, str | bool]] = {}  # with the dispatch's charge field
+        claims: dict[str, tuple[Claim, Charge | None]] = {}  # with the dispatch's charge
         charge_fields: dict[str, list[str]] = {}
         entries: list[list[str]] = []
         charges: list[list[str]] = []
@@ -748,11 +748,7 @@ class RedisStore(SharedStore):
                 created[request.id] = request
                 limits[request.id] = change.limits
             if change.claim is not None:
-                charged = change.charge
-                claims[request.id] = (
-                    change.claim,
-                    False if charged is None else _pair(charged.user, charged.charge_id),
-                )
+                claims[request.id] = (change.claim, change.charge)
             last[request.id] = request
             entries.append([entry.request_id, str(entry.seq), transition_to_json(entry)])
             charge = change.charge
@@ -815,10 +811,10 @@ class RedisStore(SharedStore):
                     False
                     if claim.gpu_seconds_per_hour is None
                     else _score(claim.gpu_seconds_per_hour),
-                    _score(claim.gpu_seconds),
-                    field,
+                    _score(0.0 if charge is None else charge.gpu_seconds),
+                    False if charge is None else _pair(charge.user, charge.charge_id),
                 ]
-                for request_id, (claim, field) in claims.items()
+                for request_id, (claim, charge) in claims.items()
                 if last[request_id].status.active
             ]
             if self.shared
@@ -1075,7 +1071,7 @@ class RedisStore(SharedStore):
                     self._token,
                     json.dumps(list(charged)),
                     json.dumps(dict(heard or {})),
-                    self._workers_version if read_workers else "",
+                    self._workers_version,
                 ]
             ),
         )

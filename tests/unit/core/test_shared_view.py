@@ -38,7 +38,7 @@ def test_a_dispatch_carries_its_claim_and_a_creation_its_limits(harness_for) -> 
 
 
 def test_a_dispatch_claims_its_gpu_seconds_against_the_users_hour(harness_for) -> None:
-    """The claim carries the dispatch's charge and the user's GPU-seconds per hour."""
+    """The claim carries the user's GPU-seconds per hour; the dispatch's change, its charge."""
     h: Harness = harness_for(gpus=[("H100-80GB", 1)], quota={"gpu_seconds_per_hour": 500.0})
     decisions = h.engine.receiver.submit(chat(), ALICE, h.now).decisions
     created, dispatched = (d for d in decisions if isinstance(d, StateChange))
@@ -46,7 +46,7 @@ def test_a_dispatch_claims_its_gpu_seconds_against_the_users_hour(harness_for) -
     request = created.request
     assert dispatched.claim is not None and dispatched.charge is not None
     assert dispatched.claim.gpu_seconds_per_hour == 500.0
-    assert dispatched.claim.gpu_seconds == dispatched.charge.gpu_seconds > 0
+    assert dispatched.charge.gpu_seconds > 0  # what the store checks against the hour
     assert dispatched.charge.charge_id == h.dispatch_of(request).execution_id
 
 

@@ -76,7 +76,7 @@ def dispatching(
     charge = (
         None if gpu_seconds is None else Charge(request.user, f"{request.id}-x", at, gpu_seconds)
     )
-    claim = Claim(claimed, max_concurrent, per_hour, gpu_seconds or 0.0)
+    claim = Claim(claimed, max_concurrent, per_hour)
     return replace(moved(request, S.DISPATCHING, at, charge=charge), claim=claim)
 
 
@@ -685,6 +685,9 @@ class SharedStoresMachine(RuleBasedStateMachine):
         self.admitted: Counter[str] = Counter()
         self.keys: dict[tuple[str, str], str] = {}
         self.charged: dict[str, dict[str, float]] = {user: {} for user in USERS}  # id -> GPU-s
+        self.charges_of: dict[
+            str, float
+        ] = {}  # request id -> what its last claim's dispatch charges
 
     def teardown(self) -> None:
         for store in getattr(self, "stores", []):
@@ -739,11 +742,11 @@ class SharedStoresMachine(RuleBasedStateMachine):
                 and len(self._slots(request.user, left)) >= claim.max_concurrent
             ):
                 refused[request.id] = "max_concurrent"
-            elif used[request.user] + claim.gpu_seconds > GPU_SECONDS_PER_HOUR:
+            elif used[request.user] + self.charges_of[request.id] > GPU_SECONDS_PER_HOUR:
                 refused[request.id] = "gpu_seconds_per_hour"
             else:
                 left[request.id] = {gpu: mb for gpu, mb, _, _ in claim.gpus}
-                used[request.user] += claim.gpu_seconds
+                used[request.user] += self.charges_of[request.id]
         return refused
 
     def _move(self, client: int, moves: list[Move]) -> None:
@@ -757,7 +760,7 @@ class SharedStoresMachine(RuleBasedStateMachine):
         for r, to, claim in moves:
             charge = None
             if claim is not None:
-                charge = Charge(r.user, f"{r.id}-{self.now:g}", self.now, claim.gpu_seconds)
+                charge = Charge(r.user, f"{r.id}-{self.now:g}", self.now, self.charges_of[r.id])
             batch.append(replace(moved(r, to, self.now, charge=charge), claim=claim))
             if charge is not None and r.id not in expected:
                 self.charged[r.user][charge.charge_id] = charge.gpu_seconds
@@ -775,7 +778,7 @@ class SharedStoresMachine(RuleBasedStateMachine):
                     if r.id == request.id:
                         break
                     if claim is not None and r.user == request.user and r.id not in expected:
-                        earlier += claim.gpu_seconds
+                        earlier += self.charges_of[r.id]
                 stored_gs = sum(charged[request.user].values())
                 assert hour.gpu_seconds == pytest.approx(stored_gs + earlier)
             elif refusal.kind == "gpu_memory":
@@ -790,13 +793,14 @@ class SharedStoresMachine(RuleBasedStateMachine):
             if claim is not None and request.id not in expected:
                 self.held[request.id] = {gpu: mb for gpu, mb, _, _ in claim.gpus}
 
-    def _claim(self, data: st.DataObject) -> Claim:
+    def _claim(self, data: st.DataObject, request: Request) -> Claim:
+        """A claim for dispatching ``request``; what its dispatch charges is drawn with it."""
         gpus = data.draw(st.sampled_from(GPU_SETS))
+        self.charges_of[request.id] = data.draw(CHARGES)
         return Claim(
             tuple((gpu, data.draw(SIZES), GPU_LIMIT[gpu], GPU_SLOTS[gpu]) for gpu in gpus),
             MAX_CONCURRENT,
             GPU_SECONDS_PER_HOUR,
-            data.draw(CHARGES),
         )
 
     def _pick(self, data: st.DataObject, among: list[Request]) -> Request:
@@ -843,7 +847,7 @@ class SharedStoresMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def dispatch(self, data: st.DataObject) -> None:
         request = self._pick(data, self._with(S.QUEUED))
-        self._move(self.owner[request.id], [(request, S.DISPATCHING, self._claim(data))])
+        self._move(self.owner[request.id], [(request, S.DISPATCHING, self._claim(data, request))])
 
     def _two_queued(self) -> list[int]:
         """The routers with two queued requests or more."""
@@ -860,7 +864,10 @@ class SharedStoresMachine(RuleBasedStateMachine):
         second = self._pick(data, [r for r in queued if r is not first])
         self._move(
             client,
-            [(first, S.DISPATCHING, self._claim(data)), (second, S.DISPATCHING, self._claim(data))],
+            [
+                (first, S.DISPATCHING, self._claim(data, first)),
+                (second, S.DISPATCHING, self._claim(data, second)),
+            ],
         )
 
     @precondition(lambda self: self._with(S.DISPATCHING))
@@ -892,7 +899,9 @@ class SharedStoresMachine(RuleBasedStateMachine):
         same_user = [r for r in queued if r.user == ending.user]
         following = self._pick(data, same_user or queued)
         to = data.draw(st.sampled_from(ENDS[S.RUNNING]))
-        self._move(client, [(ending, to, None), (following, S.DISPATCHING, self._claim(data))])
+        self._move(
+            client, [(ending, to, None), (following, S.DISPATCHING, self._claim(data, following))]
+        )
 
     @precondition(lambda self: self._with(S.QUEUED, S.DISPATCHING, S.RUNNING))
     @rule(data=st.data(), sender=st.sampled_from([0, 1]))
