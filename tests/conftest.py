@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import structlog
 
 from gpu_request_router.testing import drop_redis_prefix, redis_prefix, require_redis
@@ -54,3 +55,11 @@ def redis_store_prefix(redis_url: str) -> Iterator[str]:
     prefix = redis_prefix()
     yield prefix
     drop_redis_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the tests' Redis (answers decoded), to read the keys themselves."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()

@@ -76,14 +76,6 @@ def open_store(redis_url: str, redis_store_prefix: str) -> Iterator[Callable[[],
         store.close()
 
 
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client of the same Redis, to read the keys themselves."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
 @contextlib.asynccontextmanager
 async def two_runtimes(
     settings: Settings, open_store: Callable[[], RedisStore]

@@ -482,14 +482,19 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
     path = tmp_path / "workers.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "workers.log"
-    with log.open("ab") as out:
-        supervisor = subprocess.Popen(
-            [GPUROUTER, "serve", "--config", str(path), "--workers", "2"],
-            cwd=tmp_path,
-            stdout=out,
-            stderr=out,
-            env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
-        )
+
+    def start() -> subprocess.Popen[bytes]:
+        """`gpurouter serve --workers 2` on the configuration, logging to ``log``."""
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [GPUROUTER, "serve", "--config", str(path), "--workers", "2"],
+                cwd=tmp_path,
+                stdout=out,
+                stderr=out,
+                env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
+            )
+
+    supervisor = start()
     try:
         url = f"http://127.0.0.1:{port}"
         wait_answering(url, supervisor, log, "/readyz", timeout_s=30)
@@ -538,14 +543,7 @@ def test_serve_workers_runs_n_routers_on_one_port_and_restarts_one_that_dies(
         assert supervisor.wait(30) == 0
         assert not _registered(redis_url, redis_store_prefix)  # both left, leases released
         # A supervisor killed outright takes its routers with it (nothing serves unsupervised).
-        with log.open("ab") as out:
-            supervisor = subprocess.Popen(
-                [GPUROUTER, "serve", "--config", str(path), "--workers", "2"],
-                cwd=tmp_path,
-                stdout=out,
-                stderr=out,
-                env={**clean_environment(), "PYTHONUNBUFFERED": "1"},
-            )
+        supervisor = start()
         wait_answering(url, supervisor, log, "/readyz", timeout_s=30)
         deadline = time.monotonic() + 30
         while len(children := _registered(redis_url, redis_store_prefix)) < 2:

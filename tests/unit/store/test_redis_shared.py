@@ -90,14 +90,6 @@ def stores(redis_url: str, redis_store_prefix: str) -> Iterator[tuple[RedisStore
     a.close()
 
 
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client of the same Redis, to read the keys themselves."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
 def ledger(raw: redis.Redis, prefix: str, gpu: str) -> dict[str, int]:
     """The reservations on ``gpu`` as stored: request id -> MiB."""
     return {rid: int(mb) for rid, mb in raw.hgetall(f"{prefix}:ledger:{gpu}").items()}
@@ -644,7 +636,7 @@ SIZES = st.integers(1, 12).map(lambda n: n * 500)
 RATE = 6
 MAX_QUEUED = 3
 MAX_CONCURRENT = 2
-GPU_SECONDS_PER_HOUR = 150.0
+GPU_SECONDS_PER_HOUR = 90.0
 CHARGES = st.sampled_from([10.0, 25.0, 40.0])
 USERS = ("alice", "bob")
 KEYS = ("k1", "k2", "k3")
