@@ -32,7 +32,9 @@ limits and each dispatch's claim against every router, and a refusal comes back 
 runtime reads what the other routers hold (GPU reservations, users' slots) into the core,
 carries out the cancellations they passed to it, refreshes the quota overrides, and adopts the
 work of any router whose lease lapsed (recovered as after a restart; a synchronous request of
-a dead router ends, its caller having gone with it). A request another router owns is read,
+a dead router ends, its caller having gone with it). The agent workers are read in turns: one
+router per poll interval reads each and publishes what it read for the others
+(:meth:`Runtime._take_turns`). A request another router owns is read,
 waited on and watched through the store, and cancelled through its owner.
 
 Example::
@@ -45,12 +47,13 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import structlog
 
@@ -79,6 +82,7 @@ from gpu_request_router.core.state_store import (
     Page,
     Refusal,
     RequestQuery,
+    SharedReading,
     SharedStore,
     StateStore,
 )
@@ -212,6 +216,15 @@ class Runtime:
         self._clients = dict(clients)
         self._sources = list(sources)
         self._poll_s = engine.settings.monitor.poll_interval_s
+        self._stale_s = engine.settings.monitor.stale_after_s
+        # On a shared store the agent workers are read in turns with the other routers
+        # (_take_turns): by name, the latest source of each, the stamp of the last shared reading
+        # of each taken in, and this router's marks by the time they were taken.
+        self._agents: dict[str, AgentSource] = (
+            {s.worker: s for s in sources if isinstance(s, AgentSource)} if self._peers else {}
+        )
+        self._stamps: dict[str, int] = {}
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()
         self._wake = asyncio.Event()
         self._executions: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -308,7 +321,9 @@ class Runtime:
         if old is not None:
             old.cancel()
         self._sources.append(source)  # closed on leaving, like the configured ones
-        if self._running:
+        if self._peers is not None:
+            self._agents[name] = source  # read in turns (_take_turns)
+        elif self._running:
             task = asyncio.create_task(self._poll_loop(source))
             self._worker_loops[name] = task
             self._loops.append(task)
@@ -338,9 +353,14 @@ class Runtime:
         for dispatch in recovery.reattached:
             self._executions[dispatch.execution_id] = asyncio.create_task(self._attach(dispatch))
         self._loops.append(asyncio.create_task(self._timer_loop()))
-        self._loops.extend(asyncio.create_task(self._poll_loop(source)) for source in self._sources)
+        self._loops.extend(
+            asyncio.create_task(self._poll_loop(source))
+            for source in self._sources
+            if not (self._peers is not None and isinstance(source, AgentSource))
+        )
         if self._peers is not None:
             self._loops.append(asyncio.create_task(self._shared_loop(self._peers)))
+            self._loops.append(asyncio.create_task(self._turns_loop(self._peers)))
         self._running = True
         return self
 
@@ -995,20 +1015,112 @@ class Runtime:
             await asyncio.sleep(self._poll_s)
             await self._poll_once(source)
 
-    async def _poll_once(self, source: GpuSource) -> None:
+    async def _poll_once(self, source: GpuSource) -> list[Any] | str | None:
+        """Read one source and take the readings in.
+
+        Returns what an agent worker sent (its items), or why reading the source failed: what a
+        router of a shared store publishes (:meth:`_take_turns`).
+        """
         # What changes while the reading is on its way, the reading does not show.
         mark = self.router.monitor.mark()
+        items: list[Any] | None = None
         try:
             async with asyncio.timeout(self._poll_s * 2):
-                readings = await source.read()
+                if isinstance(source, AgentSource):
+                    items = await source.read_items()
+                    readings = source.parse(items)
+                else:
+                    readings = await source.read()
         except Exception as exc:  # any failure to read counts as the worker not answering
             _log.warning("gpu_source_failed", worker=source.worker, error=repr(exc))
             self.router.source_failed(source.worker, self.clock.now())
-            return
+            return repr(exc)
         await self._guarded(
             lambda now: self.router.readings(readings, now, worker=source.worker, mark=mark)
         )
         self._wake.set()
+        return items
+
+    async def _turns_loop(self, peers: SharedStore) -> None:
+        """Read the agent workers in turns with the other routers sharing the store."""
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self._take_turns(peers)
+            except Exception:  # a bug must not stop the loop
+                _log.exception("gpu_turns_failed")
+                await asyncio.sleep(_EVENT_RETRY_S)
+
+    async def _take_turns(self, peers: SharedStore) -> None:
+        """One round: read the workers whose turn this router takes, take in the others' readings.
+
+        Each worker is read by one router per poll interval, which publishes what it read (or
+        its failure) for the others (``SharedStore.poll_turns``). While the store cannot be
+        reached, this router reads every worker itself.
+
+        A shared reading that lists the executions it saw is taken in as this router's own
+        would be (the list, not the time, says what it shows). One that does not (a worker
+        without that field) is taken in with this router's mark of no later than its stamp, and
+        with all its used memory counted as used by others: its netting of the executions'
+        memory against their reservations was right for the publisher's mark, not this one's,
+        so it is dropped (conservative, as for plain NVML).
+        """
+        agents = dict(self._agents)
+        if not agents:
+            return
+        sent = self.clock.now()
+        self._marks.append((sent, self.router.monitor.mark()))
+        while self._marks[0][0] < sent - self._stale_s - self._poll_s:
+            self._marks.popleft()
+        stamps = {name: self._stamps.get(name, 0) for name in agents}
+        try:
+            turns = await asyncio.to_thread(peers.poll_turns, stamps, self._poll_s)
+        except StoreUnavailable:
+            await asyncio.gather(*(self._poll_once(source) for source in agents.values()))
+            return
+        for shared in turns.readings:
+            source = agents.get(shared.worker)
+            if source is not None and shared.age_s < self._stale_s:
+                self._stamps[shared.worker] = shared.stamp
+                await self._take_shared(source, shared, self._mark_at(sent - shared.age_s))
+        mine = [name for name in turns.mine if name in agents]
+        reports = await asyncio.gather(*(self._poll_once(agents[name]) for name in mine))
+        published = {}
+        for name, report in zip(mine, reports, strict=True):
+            self._stamps[name] = turns.stamp
+            if report is not None:
+                published[name] = report
+        with contextlib.suppress(StoreUnavailable):  # the others read the worker when it lapses
+            await asyncio.to_thread(peers.publish_readings, turns.stamp, published, self._stale_s)
+        self._wake.set()
+
+    async def _take_shared(self, source: AgentSource, shared: SharedReading, mark: int) -> None:
+        """Take in another router's reading of a worker (see :meth:`_take_turns`)."""
+        now = self.clock.now()
+        try:
+            if shared.items is None:
+                raise ValueError(shared.error)
+            readings = source.parse(shared.items)
+        except ValueError as exc:
+            _log.warning("gpu_source_failed", worker=source.worker, error=str(exc), shared=True)
+            self.router.source_failed(source.worker, now)
+            return
+        if all(reading.running is not None for reading in readings):
+            await self._guarded(
+                lambda now: self.router.readings(readings, now, worker=source.worker)
+            )
+        else:
+            unnetted = [replace(reading, memory_reserved_mb=0) for reading in readings]
+            await self._guarded(
+                lambda now: self.router.readings(unnetted, now, worker=source.worker, mark=mark)
+            )
+
+    def _mark_at(self, when: float) -> int:
+        """This router's monitor mark as it was at ``when`` or a little before (0: earlier)."""
+        for at, mark in reversed(self._marks):
+            if at <= when:
+                return mark
+        return 0
 
     async def _shared_loop(self, peers: SharedStore) -> None:
         """Keep up with the routers sharing the store (see the module docstring)."""

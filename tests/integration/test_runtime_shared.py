@@ -15,8 +15,10 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi import FastAPI
@@ -25,10 +27,11 @@ from gpu_request_router.config.config_loader import Settings, load_settings
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.core.state_store import RequestQuery
 from gpu_request_router.exceptions import AlreadyTerminal, NotFound, QuotaExceeded
+from gpu_request_router.models.gpu_state import GPUState
 from gpu_request_router.models.request import Request, RequestStatus, ResourceHints
 from gpu_request_router.runtime import SHARED_SYNC_S, Runtime
 from gpu_request_router.store import RedisStore
-from gpu_request_router.testing import chat, make_settings
+from gpu_request_router.testing import RedisServer, chat, make_settings
 from gpu_request_router.utils.ids import IdFactory
 from gpu_request_router.worker.app import create_worker_app
 
@@ -330,12 +333,7 @@ async def test_a_worker_registered_with_one_runtime_serves_the_other_too(
     learns it at its first view, with no heartbeat of its own.
     """
     url = serve_app(agent_app())
-    settings = make_settings(
-        auth={"enabled": False, "worker_token": WORKER_TOKEN},
-        backends=[],
-        monitor=FAST_MONITOR,
-        retries=FAST_RETRIES,
-    )
+    settings = agent_settings()
     async with two_runtimes(settings, open_store) as (a, b):
         assert a.register_worker("w1", url) is True
         await until(lambda: "w1:0" in b.router.monitor.gpus, timeout_s=8 * SHARED_SYNC_S)
@@ -345,6 +343,148 @@ async def test_a_worker_registered_with_one_runtime_serves_the_other_too(
         assert done.placement.worker == "w1"
         async with Runtime.from_settings(settings, store=open_store(), seed=3) as c:
             await until(lambda: "w1:0" in c.router.monitor.gpus, timeout_s=8 * SHARED_SYNC_S)
+
+
+def count_gpu_reads(app: FastAPI) -> list[float]:
+    """The times at which ``app`` (a worker, not yet started) is asked for its GPUs, from now."""
+    reads: list[float] = []
+
+    @app.middleware("http")
+    async def count(request: Any, call_next: Any) -> Any:
+        if request.method == "GET" and request.url.path == "/v1/gpus":
+            reads.append(time.monotonic())
+        return await call_next(request)
+
+    return reads
+
+
+def agent_settings(stale_after_s: float = FAST_MONITOR["stale_after_s"]) -> Settings:
+    """No configured backend: the worker of the test registers; fast polls and retries."""
+    return make_settings(
+        auth={"enabled": False, "worker_token": WORKER_TOKEN},
+        backends=[],
+        monitor={**FAST_MONITOR, "stale_after_s": stale_after_s},
+        retries=FAST_RETRIES,
+    )
+
+
+async def test_three_runtimes_read_a_worker_once_per_interval_between_them(
+    open_store: Callable[[], RedisStore], serve_app: Callable[[FastAPI], str]
+) -> None:
+    """Readings are shared: a worker is read about once per poll interval, not once per router.
+
+    Every router's view of it stays about as fresh as that.
+    """
+    app = agent_app()
+    reads = count_gpu_reads(app)
+    url = serve_app(app)
+    settings = agent_settings()
+    async with (
+        two_runtimes(settings, open_store) as (a, b),
+        Runtime.from_settings(settings, store=open_store(), seed=3) as c,
+    ):
+        a.register_worker("w1", url)
+        runtimes = (a, b, c)
+        await until(
+            lambda: all("w1:0" in r.router.monitor.gpus for r in runtimes), 8 * SHARED_SYNC_S
+        )
+        start = time.monotonic()
+        await asyncio.sleep(1.0)
+        window = [at for at in reads if at >= start]
+        for runtime in runtimes:
+            seen = runtime.router.monitor.gpus["w1:0"].last_seen
+            assert runtime.clock.now() - seen < 0.5
+    interval = FAST_MONITOR["poll_interval_s"]
+    # One router per interval (with an overlap where a read outlives its turn): about 20 reads;
+    # three routers each reading it would make about 60.
+    assert 0.5 / interval <= len(window) <= 1.6 / interval
+
+
+async def test_while_redis_is_down_a_router_reads_its_workers_itself(
+    tmp_path: Path, serve_app: Callable[[FastAPI], str]
+) -> None:
+    """The turns are in Redis; without it every router reads every worker, as alone."""
+    app = agent_app()
+    reads = count_gpu_reads(app)
+    url = serve_app(app)
+    with RedisServer(tmp_path) as server:
+        other = RedisStore(server.url, prefix="p", shared=True)
+        store = RedisStore(server.url, prefix="p", shared=True)
+        try:
+            # Another router holds w1's turn, and publishes nothing.
+            assert other.poll_turns({"w1": 0}, 3600).mine == ["w1"]
+            async with Runtime.from_settings(agent_settings(), store=store, seed=1) as b:
+                b.register_worker("w1", url)
+                await asyncio.sleep(0.5)
+                assert reads == [] and "w1:0" not in b.router.monitor.gpus
+                server.kill()
+                await until(lambda: "w1:0" in b.router.monitor.gpus)
+                await asyncio.sleep(0.5)
+                assert len(reads) >= 5
+                assert b.clock.now() - b.router.monitor.gpus["w1:0"].last_seen < 0.5
+                server.start()
+        finally:
+            store.close()
+            other.close()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["lists-executions", "lists-none"])
+async def test_a_reading_taken_before_a_release_and_shared_after_it_keeps_what_it_hid(
+    open_store: Callable[[], RedisStore], serve_app: Callable[[FastAPI], str], listed: bool
+) -> None:
+    """Another router's reading is as old as its turn, not as its arrival (SPEC §2 I2).
+
+    A reading nets the router's executions' memory against their reservations, so when one
+    ends having used less than it reserved, the memory of others it hid counts as used until a
+    reading taken *after* the release. Here router B's execution ends between a publisher's
+    reading of the worker and B taking that reading in: B must keep the hidden memory, and drop
+    it only with a reading taken later. A worker that lists its executions says which it saw;
+    for one that does not (``lists-none``), B uses its own mark of the reading's turn and
+    counts all the reading's used memory as used by others.
+    """
+    url = serve_app(agent_app())
+    publisher = open_store()  # another router that holds w1's turn for the whole test
+    assert publisher.poll_turns({"w1": 0}, 3600).mine == ["w1"]
+    headers = {"Authorization": f"Bearer {WORKER_TOKEN}"}
+
+    async with (
+        httpx.AsyncClient(base_url=url, headers=headers) as worker,
+        # Readings up to 5 s old are taken in: the one taken before the release is 1.5 s old.
+        Runtime.from_settings(agent_settings(5.0), store=open_store(), seed=1) as b,
+    ):
+
+        async def snapshot() -> tuple[int, list[dict[str, Any]]]:
+            stamp = publisher.poll_turns({}, 3600).stamp  # the store's time, before reading
+            items = (await worker.get("/v1/gpus")).json()["items"]
+            for item in items if not listed else ():
+                del item["running"]
+            return stamp, items
+
+        async def publish(stamp: int, items: list[dict[str, Any]]) -> GPUState:
+            before = b.clock.now()
+            publisher.publish_readings(stamp, {"w1": items}, 30.0)
+            gpus = b.router.monitor.gpus
+            await until(lambda: "w1:0" in gpus and gpus["w1:0"].last_seen > before)
+            return gpus["w1:0"]
+
+        b.register_worker("w1", url)
+        await publish(*await snapshot())
+        request = await b.submit(
+            chat(duration_s=1.5, peak_memory_mb=4_000, resources=HALF_GPU), ALICE
+        )
+        await until(lambda: b.get(request.id).status is S.RUNNING)
+        await asyncio.sleep(0.3)  # B's turns pass the dispatch: its marks count it
+        state = await publish(*await snapshot())  # sees the execution
+        assert state.reading.memory_reserved_mb == (50_000 if listed else 0)
+        taken_before_release = await snapshot()
+        assert (await b.wait(request.id, 10)).status is S.SUCCEEDED
+        hidden, room = state.hidden_mb, state.room_mb
+        assert hidden > 0
+        state = await publish(*taken_before_release)
+        assert (state.hidden_mb, state.room_mb) == (hidden, room)
+        await asyncio.sleep(0.3)  # B's turns pass the release
+        state = await publish(*await snapshot())
+        assert state.hidden_mb == 0 and state.room_mb > room
 
 
 async def test_three_runtimes_take_turns_on_one_gpu(

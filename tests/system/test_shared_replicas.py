@@ -1,7 +1,8 @@
 """Three `gpurouter serve` replicas on one Redis prefix (``state.shared``), two real workers.
 
 Every process is real: three routers and two ``gpurouter worker --simulate 2xH100-80GB``
-agents on loopback, one Redis. Each router polls both workers and places from its own view;
+agents on loopback, one Redis. The routers read the workers in turns (each about once per poll
+interval between them) and each places from its own view;
 the write script confirms every creation's limits and every dispatch's claim across the three.
 
 - **Load** (SPEC I2, I4 across replicas): clients submit to the three routers in turn, a

@@ -36,9 +36,11 @@ __all__ = [
     "Limits",
     "OverrideChange",
     "Page",
+    "PollTurns",
     "QuotaHistory",
     "Refusal",
     "RequestQuery",
+    "SharedReading",
     "SharedStore",
     "SharedView",
     "StateChange",
@@ -249,6 +251,36 @@ class SharedView:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedReading:
+    """A worker's report as the router whose turn it was published it (:class:`PollTurns`).
+
+    ``stamp``: the store's time (ms) when that router took its turn, before it asked the worker
+    (the report is no older); ``age_s``: how long before this router's call the stamp was, by
+    the store's clock. ``items``: the worker's ``GET /v1/gpus`` items, or ``None`` with
+    ``error``: why reading it failed.
+    """
+
+    worker: str
+    stamp: int
+    age_s: float
+    items: list[dict[str, Any]] | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PollTurns:
+    """Which workers a router of a shared store reads now (:meth:`SharedStore.poll_turns`).
+
+    ``mine``: the workers whose turn it took, at the store's time ``stamp`` (ms; it publishes
+    its readings of them with it); ``readings``: the others' newer readings of the rest.
+    """
+
+    stamp: int
+    mine: list[str]
+    readings: list[SharedReading]
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaHistory:
     """The quota windows as stored: each admission as (user, at, request id), and the charges."""
 
@@ -385,6 +417,26 @@ class SharedStore(StateStore):
         publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
         time); ``None``: leave them): a GPU held by two routers goes to the request waiting
         longest, and a claim of another router on a held GPU is refused.
+        """
+
+    @abstractmethod
+    def poll_turns(self, workers: Mapping[str, int], interval_s: float) -> PollTurns:
+        """Take the turn to read each of ``workers`` for ``interval_s`` where nobody holds it.
+
+        ``workers``: name → the stamp of the last shared reading of it this router took in (0:
+        none); the readings other routers published since come back for the workers whose turn
+        another router holds. So each worker is read once per interval, whatever the number
+        of routers.
+        """
+
+    @abstractmethod
+    def publish_readings(
+        self, stamp: int, reports: Mapping[str, list[dict[str, Any]] | str], keep_s: float
+    ) -> None:
+        """Publish what this router read of the workers whose turn it took at ``stamp``.
+
+        ``reports``: name → the worker's items, or why reading it failed; each is kept
+        ``keep_s``, unless a newer one of the worker was published first (it stays).
         """
 
     @abstractmethod

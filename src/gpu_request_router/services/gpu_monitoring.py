@@ -379,11 +379,24 @@ class AgentSource:
 
     async def read(self) -> list[GPUReading]:
         """The worker's GPUs as it reports them now."""
+        return self.parse(await self.read_items())
+
+    async def read_items(self) -> list[Any]:
+        """The worker's ``GET /v1/gpus`` items as it sent them (:meth:`parse` reads them)."""
         response = await self._client.get(f"{self.url}/v1/gpus")
         response.raise_for_status()
-        items = response.json().get("items")
+        answer = response.json()
+        items = answer.get("items") if isinstance(answer, dict) else None
         if not isinstance(items, list):
             raise ValueError(f"worker {self.worker} sent no GPU list")
+        return items
+
+    def parse(self, items: list[Any]) -> list[GPUReading]:
+        """Readings from the worker's items (this router's read, or another's shared one).
+
+        Raises:
+            ValueError: an item is not a well-formed GPU reading.
+        """
         return [reading_from_worker(item, self.worker, self.worker) for item in items]
 
     async def aclose(self) -> None:

@@ -56,6 +56,9 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:workers          hash (shared): registered workers, name -> URL
     <prefix>:workers_seen     zset (shared): when a router last heard from each (a day kept)
     <prefix>:workers_v        counts the changes of the worker list
+    <prefix>:poll:<worker>    (shared) the router whose turn it is to read the worker (an interval)
+    <prefix>:reading:<worker> (shared) "<stamp> <JSON>": its latest reading, or why it failed
+                              (kept for monitor.stale_after_s)
     <prefix>:overrides        hash: user -> JSON quota override
     <prefix>:override_order   zset: users in the order their override was first set
     <prefix>:seq              the counter behind the two orders above
@@ -103,9 +106,11 @@ from gpu_request_router.core.state_store import (
     Limits,
     OverrideChange,
     Page,
+    PollTurns,
     QuotaHistory,
     Refusal,
     RequestQuery,
+    SharedReading,
     SharedStore,
     SharedView,
     batch_time,
@@ -313,6 +318,38 @@ local listed = {}
 if version ~= ARGV[11] then listed = redis.call('HGETALL', workers) end
 return {ledger, active, commands, lapsed, held, charges, version, listed}
 """
+# Turns to read the workers of ARGV[4] (JSON {name: stamp}) for replica ARGV[2] of prefix
+# ARGV[1], each taken for ARGV[3] ms where nobody holds it; for the others, the reading last
+# published if its stamp is newer than the one given. Returns the store's TIME first.
+_TURNS = """
+local p, me = ARGV[1], ARGV[2]
+local mine, found = {}, {}
+for name, stamp in pairs(cjson.decode(ARGV[4])) do
+  if redis.call('SET', p .. ':poll:' .. name, me, 'NX', 'PX', ARGV[3]) then
+    table.insert(mine, name)
+  else
+    local value = redis.call('GET', p .. ':reading:' .. name)
+    if value and tonumber(string.match(value, '^(%d+) ')) > stamp then
+      table.insert(found, {name, value})
+    end
+  end
+end
+local t = redis.call('TIME')
+return {t[1], t[2], mine, found}
+"""
+# Readings of prefix ARGV[1]'s workers taken in turns stamped ARGV[2], kept ARGV[3] ms: name,
+# body pairs from ARGV[4] on. A reading with a newer stamp already there stays.
+_PUBLISH = """
+local p, stamp = ARGV[1], tonumber(ARGV[2])
+for i = 4, #ARGV, 2 do
+  local key = p .. ':reading:' .. ARGV[i]
+  local value = redis.call('GET', key)
+  if not value or tonumber(string.match(value, '^(%d+) ')) < stamp then
+    redis.call('SET', key, ARGV[2] .. ' ' .. ARGV[i + 1], 'PX', ARGV[3])
+  end
+end
+return 1
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -424,6 +461,8 @@ class RedisStore(SharedStore):
         self._adopt = self._redis.register_script(_ADOPT)
         self._view = self._redis.register_script(_VIEW)
         self._cancel = self._redis.register_script(_CANCEL)
+        self._turns = self._redis.register_script(_TURNS)
+        self._publish = self._redis.register_script(_PUBLISH)
         self._release = self._redis.register_script(_RELEASE)
         self._probe = self._redis.register_script(_PROBE)
         self._doubts: list[_Doubt] = []
@@ -1106,6 +1145,51 @@ class RedisStore(SharedStore):
             return None
         self._workers_version = _text(version)
         return {_text(listed[i]): _text(listed[i + 1]) for i in range(0, len(listed), 2)}
+
+    def poll_turns(self, workers: Mapping[str, int], interval_s: float) -> PollTurns:
+        """Take the turns to read ``workers`` nobody holds, and the others' readings (a script)."""
+        seconds, micros, mine, found = self._call(
+            "take turns to read the workers",
+            lambda: self._turns(
+                args=[
+                    self.prefix,
+                    self.replica,
+                    max(1, round(interval_s * 1000)),
+                    json.dumps(dict(workers)),
+                ]
+            ),
+        )
+        now = int(seconds) * 1000 + int(micros) // 1000
+        readings = []
+        for name, value in found:
+            stamp, _, body = _text(value).partition(" ")
+            report = json.loads(body)
+            readings.append(
+                SharedReading(
+                    worker=_text(name),
+                    stamp=int(stamp),
+                    age_s=max(0, now - int(stamp)) / 1000,
+                    items=report.get("items"),
+                    error=str(report.get("error") or ""),
+                )
+            )
+        return PollTurns(stamp=now, mine=[_text(name) for name in mine], readings=readings)
+
+    def publish_readings(
+        self, stamp: int, reports: Mapping[str, list[dict[str, Any]] | str], keep_s: float
+    ) -> None:
+        """Publish this router's readings of its turns (one script)."""
+        pairs: list[str] = []
+        for name, report in reports.items():
+            body = {"error": report} if isinstance(report, str) else {"items": report}
+            pairs += [name, json.dumps(body, ensure_ascii=False, separators=(",", ":"))]
+        if pairs:
+            self._call(
+                "publish readings of the workers",
+                lambda: self._publish(
+                    args=[self.prefix, stamp, max(1, round(keep_s * 1000)), *pairs]
+                ),
+            )
 
     def adopt(self, router: str) -> list[Request]:
         """Take over the unfinished requests of ``router``, whose lease lapsed, oldest first.

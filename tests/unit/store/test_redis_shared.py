@@ -461,6 +461,33 @@ def test_workers_heard_by_one_router_reach_the_others_once_and_a_silent_one_is_f
     assert raw.zrange(seen, 0, -1) == ["w2"]
 
 
+def test_one_router_at_a_time_takes_a_workers_turn_and_the_others_get_its_reading(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """A turn is one router's for an interval; its reading reaches the others once, newest wins."""
+    a, b = stores
+    first = a.poll_turns({"w1": 0, "w2": 0}, 60.0)
+    assert sorted(first.mine) == ["w1", "w2"] and first.readings == []
+    assert b.poll_turns({"w1": 0, "w2": 0}, 60.0).mine == []  # a holds both turns
+    items = [{"id": "w1:0", "index": 0, "memory_total_mb": 81_559, "running": ["exe_1"]}]
+    a.publish_readings(first.stamp, {"w1": items, "w2": "ConnectError('refused')"}, 30.0)
+    shared = {r.worker: r for r in b.poll_turns({"w1": 0, "w2": 0}, 60.0).readings}
+    assert shared["w1"].items == items and shared["w1"].stamp == first.stamp
+    assert 0 <= shared["w1"].age_s < 5
+    assert shared["w2"].items is None and shared["w2"].error == "ConnectError('refused')"
+    # Asked with the stamp it took in, b gets nothing new; a stale publication never overwrites.
+    assert b.poll_turns({"w1": first.stamp}, 60.0).readings == []
+    a.publish_readings(first.stamp - 1, {"w1": []}, 30.0)
+    assert b.poll_turns({"w1": 0}, 60.0).readings[0].items == items
+    assert 29_000 < raw.pttl(f"{redis_store_prefix}:reading:w1") <= 30_000
+    # When a's turn lapses, the next router to ask takes it.
+    raw.delete(f"{redis_store_prefix}:poll:w1")
+    second = b.poll_turns({"w1": first.stamp, "w2": 0}, 0.5)
+    assert second.mine == ["w1"] and second.stamp >= first.stamp
+    assert 0 < raw.pttl(f"{redis_store_prefix}:poll:w1") <= 500
+    assert raw.get(f"{redis_store_prefix}:poll:w1") == b.replica
+
+
 # --- adoption, cancellations, modes ---------------------------------------------------------------
 
 
