@@ -1146,14 +1146,19 @@ class Runtime:
         holds = router.holds_to_share()
         charged = sorted(router.waiting_for_gpu_seconds)
         heard, self._heard = self._heard, {}
-        view = await asyncio.to_thread(peers.shared_view, gpu_ids, users, holds, charged, heard)
+        heads = router.heads_to_share()
+        view = await asyncio.to_thread(
+            peers.shared_view, gpu_ids, users, holds, charged, heard, heads
+        )
         for name, url in (view.workers or {}).items():  # registered with another router
             try:
                 self._add_worker(name, url)
             except InvalidRequest as exc:
                 _log.warning("shared_worker_refused", worker=name, url=url, error=exc.message)
         now = self.clock.now()
-        self._apply(router.shared_view(view.ledger, view.active, now, view.held, view.charges))
+        self._apply(
+            router.shared_view(view.ledger, view.active, now, view.held, view.charges, view.heads)
+        )
         for request_id, actor in view.cancels:
             if router.get(request_id) is not None:
                 self._apply(router.cancel(request_id, now, actor))

@@ -727,6 +727,41 @@ async def test_a_starving_request_holds_its_gpu_against_the_other_routers(
     assert waited < 8
 
 
+async def test_a_higher_class_waiting_on_one_router_gets_the_gpu_the_other_frees(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """B keeps the one GPU busy with low-class requests, one at a time; A's high one starts next.
+
+    B learns first of what its own executions free, so alone it would refill the GPU at once,
+    every time, and A's request would wait for the starvation bound (a minute here). A shares
+    its request waiting for room; B's next pass keeps the GPU for it, and A places it.
+    """
+    settings = shared_settings(placement={"starvation_bound_s": 60.0})
+    async with two_runtimes(settings, open_store) as (a, b):
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                # One at a time on the GPU, and none beside A's request.
+                low = chat(duration_s=0.3, priority="low", resources=ResourceHints(45_000))
+                done = await b.submit(low, Caller("bob"))
+                await b.wait(done.id, 10)
+
+        streams = [asyncio.create_task(stream()) for _ in range(4)]  # B's queue never empties
+        try:
+            await until(lambda: b.router.active_count("bob") >= 1)
+            await until(lambda: b.router.queued_count("bob") >= 2)
+            high = chat(duration_s=0.05, priority="high", resources=HALF_GPU)
+            large = await a.submit(high, ALICE)
+            done = await a.wait(large.id, 4)
+            b_queued = b.router.queued_count("bob")
+        finally:
+            stop.set()
+            await asyncio.gather(*streams)
+    assert done.status is S.SUCCEEDED
+    assert b_queued >= 1  # B still had its own work waiting when A's ran
+
+
 async def test_requests_owned_but_not_driven_are_taken_over(
     open_store: Callable[[], RedisStore],
 ) -> None:

@@ -623,10 +623,13 @@ class LoadBalancer:
         need: Need,
         fleet: PlacementIndex,
         held: Collection[str] = (),
+        *,
+        learn: bool = True,
     ) -> Chosen | NoFit:
         """Choose GPUs for ``need`` among ``fleet``'s schedulable GPUs, skipping ``held`` ones.
 
-        A need placed is shown to the policy (:meth:`Policy.placed`), which may learn from it.
+        A need placed is shown to the policy (:meth:`Policy.placed`), which may learn from it;
+        without ``learn`` (a choice that places nothing) it is not.
         """
         if not fleet.any_free_slot:
             return NoFit(free_slots=False)
@@ -635,7 +638,7 @@ class LoadBalancer:
             chosen = self._search(policy, need, fleet, held)
         else:
             chosen = self._scan(need, fleet.schedulable.values(), held)
-        if isinstance(chosen, Chosen):
+        if learn and isinstance(chosen, Chosen):
             policy.placed(need)
         return chosen
 

@@ -129,9 +129,10 @@ class PriorityManager:
 
     def level(self, request: Request, now: float) -> int:
         """The effective class of ``request`` at ``now`` (lower goes first; may be negative)."""
-        return self._level(self.key(request), now)
+        return self.level_of_key(self.key(request), now)
 
-    def _level(self, key: float, now: float) -> int:
+    def level_of_key(self, key: float, now: float) -> int:
+        """The effective class at ``now`` of a request of sort key ``key`` (:meth:`key`)."""
         return math.ceil((key - now) / self._aging_s - 1e-9)
 
     def _crossing(self, key: float, level: int) -> float:
@@ -239,7 +240,7 @@ class PriorityManager:
         if head is None:
             return
         key, seq, _ = head
-        level = user.level = self._level(key, now)
+        level = user.level = self.level_of_key(key, now)
         bucket = self._buckets.get(level)
         if bucket is None:
             bucket = self._buckets[level] = []
@@ -323,7 +324,14 @@ class PriorityManager:
             for key, _, request_id in cursor:
                 if request_id in entries:
                     counter = self._users[name].counter + charged.get(name, 0.0)
-                    item = (self._level(key, now), counter, key, next(tiebreak), request_id, cursor)
+                    item = (
+                        self.level_of_key(key, now),
+                        counter,
+                        key,
+                        next(tiebreak),
+                        request_id,
+                        cursor,
+                    )
                     heapq.heappush(merge, item)
                     return
 

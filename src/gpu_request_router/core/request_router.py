@@ -72,7 +72,7 @@ from gpu_request_router.core.metric_collector import MetricCollector
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
 from gpu_request_router.core.resource_estimator import ResourceEstimator
-from gpu_request_router.core.state_store import Charge, Claim, Limits, StateChange
+from gpu_request_router.core.state_store import Charge, Claim, Limits, QueueHead, StateChange
 from gpu_request_router.exceptions import NotFound, StateConflict
 from gpu_request_router.models.gpu_state import GPUReading
 from gpu_request_router.models.request import (
@@ -88,6 +88,9 @@ __all__ = ["RequestRouter", "fair_share_cost", "gpu_seconds", "transition_of"]
 
 _log = structlog.get_logger(__name__)
 _S = RequestStatus
+
+SHARED_HEADS = 8
+"""The most requests waiting for room a pass notes for the other routers (one per shape)."""
 
 
 def gpu_seconds(request: Request) -> float:
@@ -159,6 +162,10 @@ class RequestRouter:
         # and the GPUs other routers hold for their starving requests.
         self._active_elsewhere: Counter[str] = Counter()
         self._held_elsewhere: dict[str, float] = {}  # GPU id -> since when its request waits
+        # Other routers' requests waiting for room (best ranked first), and this router's, as
+        # its last pass found them.
+        self._heads_elsewhere: list[QueueHead] = []
+        self._heads: list[QueueHead] = []
         self._queued: Counter[str] = Counter()
         self._queued_total = 0
         self._deadlines: list[tuple[float, str]] = []
@@ -254,6 +261,15 @@ class RequestRouter:
             for request_id, gpus in self.holds.items()
             for gpu_id in gpus
         }
+
+    def heads_to_share(self) -> list[QueueHead]:
+        """The requests the last pass found waiting for room, best ranked first (shared store).
+
+        At most :data:`SHARED_HEADS`, one per shape of need, still queued; those waiting for a
+        quota are not among them. The other routers keep room for them before their own
+        requests of a lower rank (:meth:`shared_view`).
+        """
+        return [head for head in self._heads if head.request_id in self.queue]
 
     def shared_users(self) -> list[str]:
         """The users whose slots across routers matter here (shared store).
@@ -794,6 +810,7 @@ class RequestRouter:
         now: float,
         held: Mapping[str, float] | None = None,
         charges: Iterable[Charge] = (),
+        heads: Iterable[QueueHead] | None = None,
     ) -> list[Decision]:
         """What every router sharing the state store holds, as the store says.
 
@@ -805,10 +822,22 @@ class RequestRouter:
         creation time of each one's request (``None``: as they were): this router places
         nothing there, and holds one only for a request that has waited longer. ``charges``:
         the store's account of the hour of users waiting on their GPU-seconds here (every
-        router's, as charges; each replaces the one of its id, time included).
+        router's, as charges; each replaces the one of its id, time included). ``heads``: the
+        requests other routers now find waiting for room (``None``: as they were); a pass
+        keeps a GPU for each that fits one, in rank order, before requests of its own that rank
+        lower (a later priority level, or the same level and a later key). One that already
+        holds a reservation in ``ledger`` was placed since and is left out.
         """
         own = self._current
         changed = False
+        if heads is not None:
+            placed = {request_id for held in ledger.values() for request_id in held}
+            waiting = sorted(
+                (head for head in heads if head.request_id not in placed), key=lambda h: h.key
+            )
+            if waiting != self._heads_elsewhere:
+                self._heads_elsewhere = waiting
+                changed = True
         for charge in charges:
             self.quotas.undo_charge(charge.user, charge.charge_id)
             self.quotas.charge(charge)
@@ -894,6 +923,7 @@ class RequestRouter:
         # already past would make next_wakeup() ask for a tick at once, again and again.
         self._quota_wakeup = None
         self._gpu_seconds_waits.clear()
+        self._heads = []
         if not len(self.queue) or most_room is None:
             self._publish_queue()
             return []
@@ -925,7 +955,19 @@ class RequestRouter:
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
         examined: set[str] = set()
+        # Other routers' requests waiting for room keep a GPU each from those ranked below them.
+        heads, next_head = self._heads_elsewhere, 0
+        queue = self.queue
         for request in self.queue.candidates(now):
+            if next_head < len(heads):
+                rank = (queue.level(request, now), queue.key(request))
+                while next_head < len(heads) and (
+                    (queue.level_of_key(heads[next_head].key, now), heads[next_head].key) < rank
+                ):
+                    kept = self.balancer.place(heads[next_head].need, fleet, held, learn=False)
+                    if isinstance(kept, Chosen):
+                        held.update(kept.gpu_ids)
+                    next_head += 1
             if misses >= depth:
                 # Holds of requests this pass did not reach would keep their GPUs idle.
                 holds.keep_only(examined)
@@ -960,6 +1002,8 @@ class RequestRouter:
                 chosen = self.balancer.place(need, fleet, held.difference(own) if own else held)
             if isinstance(chosen, NoFit):
                 if not own:
+                    if shape not in no_fit and len(self._heads) < SHARED_HEADS:
+                        self._heads.append(QueueHead(request.id, queue.key(request), need))
                     no_fit[shape] = chosen
                     if now - request.created_at >= bound and shape not in no_prospect:
                         # A GPU held elsewhere for a request waiting longer is not on offer.

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_request_router.core.load_balancer import Need
 from gpu_request_router.exceptions import InvalidRequest
 from gpu_request_router.models.request import Request, RequestStatus, Transition
 
@@ -37,6 +38,7 @@ __all__ = [
     "OverrideChange",
     "Page",
     "PollTurns",
+    "QueueHead",
     "QuotaHistory",
     "Refusal",
     "RequestQuery",
@@ -228,6 +230,20 @@ Change = StateChange | OverrideChange
 
 
 @dataclass(frozen=True, slots=True)
+class QueueHead:
+    """A request that a router's last pass found waiting for room (shared with the others).
+
+    ``key``: its static sort key (class rank × aging period + creation time, as
+    :meth:`~gpu_request_router.core.priority_manager.PriorityManager.key` gives it): with the
+    time, its effective priority level; ``need``: what it needs from the fleet.
+    """
+
+    request_id: str
+    key: float
+    need: Need
+
+
+@dataclass(frozen=True, slots=True)
 class SharedView:
     """What one router of a shared store learns of the others (:meth:`StateStore.shared_view`).
 
@@ -238,7 +254,8 @@ class SharedView:
     other routers hold for a starving request, with that request's creation time; ``charges``:
     the store's account of the hour of each user asked about (every router's GPU-seconds in
     it, as charges dated by the store's clock); ``workers``: every worker registered with any
-    router (name → URL), when that list changed since this router's last view (else ``None``).
+    router (name → URL), when that list changed since this router's last view (else ``None``);
+    ``heads``: the requests the other routers' last passes found waiting for room.
     """
 
     ledger: dict[str, dict[str, int]]
@@ -248,6 +265,7 @@ class SharedView:
     held: dict[str, float] = field(default_factory=dict)
     charges: list[Charge] = field(default_factory=list)
     workers: dict[str, str] | None = None
+    heads: list[QueueHead] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +426,7 @@ class SharedStore(StateStore):
         holds: Mapping[str, tuple[str, float]] | None = None,
         charged: Sequence[str] = (),
         heard: Mapping[str, str] | None = None,
+        heads: Sequence[QueueHead] | None = None,
     ) -> SharedView:
         """What the other routers hold on ``gpu_ids`` and of ``users``' slots.
 
@@ -416,7 +435,9 @@ class SharedStore(StateStore):
         registered or heartbeat with this router since its last view: name → URL), and
         publishes ``holds``, this router's starvation holds (GPU id → (request id, its creation
         time); ``None``: leave them): a GPU held by two routers goes to the request waiting
-        longest, and a claim of another router on a held GPU is refused.
+        longest, and a claim of another router on a held GPU is refused. ``heads``: this
+        router's requests waiting for room (``None``: leave them), published for the others,
+        whose heads come back (:class:`QueueHead`).
         """
 
     @abstractmethod

@@ -56,6 +56,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:workers          hash (shared): registered workers, name -> URL
     <prefix>:workers_seen     zset (shared): when a router last heard from each (a day kept)
     <prefix>:workers_v        counts the changes of the worker list
+    <prefix>:heads:<router>   (shared) the requests its last pass found waiting for room (a second)
     <prefix>:poll:<worker>    (shared) the router whose turn it is to read the worker (an interval)
     <prefix>:reading:<worker> (shared) "<stamp> <JSON>": its latest reading, or why it failed
                               (kept for monitor.stale_after_s)
@@ -95,6 +96,7 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gpu_request_router.core.load_balancer import Need
 from gpu_request_router.core.quota import HOUR_S, MINUTE_S
 from gpu_request_router.core.state_store import (
     PRUNE_INTERVAL_S,
@@ -107,6 +109,7 @@ from gpu_request_router.core.state_store import (
     OverrideChange,
     Page,
     PollTurns,
+    QueueHead,
     QuotaHistory,
     Refusal,
     RequestQuery,
@@ -120,7 +123,7 @@ from gpu_request_router.core.state_store import (
     encode_cursor,
 )
 from gpu_request_router.exceptions import StoreInUse, StoreUnavailable
-from gpu_request_router.models.request import Request, RequestStatus, Transition
+from gpu_request_router.models.request import Request, RequestStatus, Task, Transition
 from gpu_request_router.store.codec import (
     request_fixed_to_json,
     request_from_json,
@@ -243,7 +246,8 @@ return 1
 # publishes holds); ARGV[9] (JSON list) the users whose charges in the hour it reads; ARGV[10]
 # (JSON {name: URL}) the workers that registered with it since, ARGV[11] the version of the
 # worker list it last read (the list comes back only when it changed; a worker no router heard
-# from for a day is forgotten).
+# from for a day is forgotten); ARGV[12] (JSON list, or '' to leave them) its queue heads, kept
+# ARGV[7] ms unless renewed. The other replicas' heads come back.
 _VIEW = """
 local p, me = ARGV[1], ARGV[2]
 local mark = me .. ' '
@@ -296,8 +300,14 @@ for _, user in ipairs(users) do  -- the hour's total (less what left it) and its
 end
 local commands = {}
 if tonumber(ARGV[3]) > 0 then commands = redis.call('LPOP', p .. ':cmd:' .. me, ARGV[3]) or {} end
+if ARGV[12] ~= '' then redis.call('SET', p .. ':heads:' .. me, ARGV[12], 'PX', ARGV[7]) end
+local heads = {}
 for _, replica in ipairs(redis.call('HKEYS', p .. ':replicas')) do
   if redis.call('EXISTS', p .. ':replica:' .. replica) == 0 then table.insert(lapsed, replica) end
+  if replica ~= me then
+    local value = redis.call('GET', p .. ':heads:' .. replica)
+    if value then table.insert(heads, value) end
+  end
 end
 local workers, seen, changed = p .. ':workers', p .. ':workers_seen', false
 for name, url in pairs(cjson.decode(ARGV[10])) do
@@ -316,7 +326,7 @@ if changed then redis.call('INCR', p .. ':workers_v') end
 local version = redis.call('GET', p .. ':workers_v') or '0'
 local listed = {}
 if version ~= ARGV[11] then listed = redis.call('HGETALL', workers) end
-return {ledger, active, commands, lapsed, held, charges, version, listed}
+return {ledger, active, commands, lapsed, held, charges, version, listed, heads}
 """
 # Turns to read the workers of ARGV[4] (JSON {name: stamp}) for replica ARGV[2] of prefix
 # ARGV[1], each taken for ARGV[3] ms where nobody holds it; for the others, the reading last
@@ -1057,6 +1067,7 @@ class RedisStore(SharedStore):
         holds: Mapping[str, tuple[str, float]] | None = None,
         charged: Sequence[str] = (),
         heard: Mapping[str, str] | None = None,
+        heads: Sequence[QueueHead] | None = None,
     ) -> SharedView:
         """Every router's reservations on ``gpu_ids`` and ``users``' slots, in one script.
 
@@ -1073,6 +1084,7 @@ class RedisStore(SharedStore):
             holds=holds,
             charged=charged,
             heard=heard,
+            heads=heads,
             read_workers=True,
         )
 
@@ -1085,6 +1097,7 @@ class RedisStore(SharedStore):
         holds: Mapping[str, tuple[str, float]] | None = None,
         charged: Sequence[str] = (),
         heard: Mapping[str, str] | None = None,
+        heads: Sequence[QueueHead] | None = None,
         read_workers: bool = False,
     ) -> SharedView:
         """:meth:`shared_view`, taking up to ``commands`` cancellations (0: none).
@@ -1094,7 +1107,7 @@ class RedisStore(SharedStore):
         """
         if self._fenced is not None:
             raise StoreUnavailable(self._fenced)
-        ledger, active, taken, lapsed, held, charges, version, listed = self._call(
+        ledger, active, taken, lapsed, held, charges, version, listed, others = self._call(
             "read what the other routers hold",
             lambda: self._view(
                 args=[
@@ -1111,6 +1124,7 @@ class RedisStore(SharedStore):
                     json.dumps(list(charged)),
                     json.dumps(dict(heard or {})),
                     self._workers_version,
+                    "" if heads is None else json.dumps([_head_to_json(h) for h in heads]),
                 ]
             ),
         )
@@ -1134,6 +1148,7 @@ class RedisStore(SharedStore):
                 for user, used, oldest in charges
             ],
             workers=self._workers_read(version, listed) if read_workers else None,
+            heads=[_head_from_json(item) for value in others for item in json.loads(value)],
             lapsed=[_text(router) for router in lapsed if _text(router) != self.replica]
             if time.monotonic() - self._up_since >= self.lease_s + self._renew_s
             else [],
@@ -1346,6 +1361,39 @@ def hour_charge(user: str, used: bytes | str | float, leaves_at: bytes | str | f
     charges one by one.
     """
     return Charge(user, HOUR_CHARGE_ID, float(leaves_at) - HOUR_S, max(float(used), 0.0))
+
+
+def _head_to_json(head: QueueHead) -> list[Any]:
+    need = head.need
+    return [
+        head.request_id,
+        head.key,
+        need.model,
+        need.memory_mb,
+        need.weights_mb,
+        need.gpu_count,
+        need.gpu_type,
+        need.exact,
+        dict(need.duration_s),
+        need.task.value,
+        sorted(need.avoid),
+    ]
+
+
+def _head_from_json(item: list[Any]) -> QueueHead:
+    request_id, key, model, memory, weights, count, gpu_type, exact, durations, task, avoid = item
+    need = Need(
+        model=model,
+        memory_mb=memory,
+        weights_mb=weights,
+        gpu_count=count,
+        gpu_type=gpu_type,
+        avoid=frozenset(avoid),
+        exact=exact,
+        duration_s=durations,
+        task=Task(task),
+    )
+    return QueueHead(request_id, key, need)
 
 
 def _refusals(answer: bytes | str) -> list[Refusal]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from core_harness import Harness
 
 from gpu_request_router.core.events import CancelExecution
+from gpu_request_router.core.load_balancer import Need
 from gpu_request_router.core.request_receiver import Caller
-from gpu_request_router.core.state_store import Charge, StateChange
+from gpu_request_router.core.state_store import Charge, QueueHead, StateChange
 from gpu_request_router.models.request import RequestStatus, ResourceHints
 from gpu_request_router.testing import chat
 
@@ -183,3 +184,66 @@ def test_a_gpu_held_elsewhere_takes_nothing_here_and_an_older_wait_may_hold_it(
     assert h.router.holds_to_share() == {gpu_id: (old.id, old.created_at)}
     h.apply(h.router.shared_view({}, {}, h.now, held={gpu_id: old.created_at - 0.1}))
     assert h.router.holds_to_share() == {}  # theirs waits longer: this router gives it up
+
+
+def waiting_head(request_id: str, key: float, memory_mb: int) -> QueueHead:
+    """Another router's request of sort key ``key`` waiting for ``memory_mb`` on one GPU."""
+    return QueueHead(request_id, key, Need(model="llama-3-8b", memory_mb=memory_mb, exact=True))
+
+
+def test_a_better_ranked_request_waiting_elsewhere_keeps_the_gpu_from_lower_ones(
+    harness_for,
+) -> None:
+    """The one GPU frees; another router's 50 GB request ranks first: room is left for it.
+
+    Ranked by priority level (class with aging), then sort key: a class above wins even if
+    submitted later; one below, or of the same level and later, does not. A head that holds a
+    reservation in the ledger was placed since, and keeps nothing.
+    """
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    gpu_id = next(iter(h.router.monitor.gpus))
+    h.apply(h.router.shared_view({gpu_id: {"req_busy": 70_000}}, {}, h.now))
+    mine = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="low"))
+    assert h.status(mine) == "queued"
+    key = h.router.queue.key(mine)
+    aging = h.settings.priorities.aging_seconds
+    higher_but_later = waiting_head("req_high", key - aging + 5.0, 50_000)
+    # The GPU frees: their better-ranked request would fit there; this router leaves it.
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[higher_but_later]))
+    assert h.status(mine) == "queued"
+    assert h.router.monitor.gpus[gpu_id].room_mb >= 50_000
+    # Their request was placed: it holds a reservation, and keeps nothing more.
+    placed = {gpu_id: {"req_high": 50_000}}
+    h.apply(h.router.shared_view(placed, {}, h.now, heads=[higher_but_later]))
+    assert h.status(mine) == "dispatching"
+    h.finish(mine)
+
+    lower = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="high"))
+    assert h.status(lower) == "dispatching"  # nothing ranked above it waits anywhere
+    h.finish(lower)
+    later_same_level = waiting_head("req_later", h.router.queue.key(lower) + 1.0, 50_000)
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[later_same_level]))
+    again = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="high"))
+    assert h.status(again) == "dispatching"  # it ranks first: theirs waits
+    earlier = waiting_head("req_earlier", h.router.queue.key(again) - 30.0, 50_000)
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[earlier]))
+    h.finish(again)
+    last = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="high"))
+    assert h.status(last) == "queued"  # same level, theirs submitted first
+
+
+def test_a_pass_shares_its_requests_waiting_for_room_one_per_shape(harness_for) -> None:
+    """What the others keep room for: requests that fit nowhere now, not those held by quota."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)], quota={"max_concurrent": 1})
+    running = h.submit(chat(resources=BIG))
+    capped = h.submit(chat())  # alice's second waits for her quota, not for room
+    first = h.submit(chat(resources=BIG), user="bob")
+    h.submit(chat(resources=BIG), user="bob")  # the same shape: one head stands for both
+    other = h.submit(chat(resources=ResourceHints(gpu_memory_mb=40_000)), user="bob")
+    assert h.status(capped) == h.status(first) == "queued"
+    heads = h.router.heads_to_share()
+    assert [head.request_id for head in heads] == [first.id, other.id]
+    assert heads[0].key == h.router.queue.key(first) and heads[0].need.memory_mb == 50_000
+    h.finish(running)
+    assert h.status(first) == "dispatching"
+    assert first.id not in [head.request_id for head in h.router.heads_to_share()]

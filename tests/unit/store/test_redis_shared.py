@@ -30,9 +30,17 @@ from changes import T0, created, make_request, moved
 from hypothesis import Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gpu_request_router.core.state_store import Charge, Claim, Limits, Refusal, StateChange
+from gpu_request_router.core.load_balancer import Need
+from gpu_request_router.core.state_store import (
+    Charge,
+    Claim,
+    Limits,
+    QueueHead,
+    Refusal,
+    StateChange,
+)
 from gpu_request_router.exceptions import StoreUnavailable
-from gpu_request_router.models.request import Request, RequestStatus
+from gpu_request_router.models.request import Request, RequestStatus, Task
 from gpu_request_router.store import RedisStore
 from gpu_request_router.store.redis_store import HOUR_CHARGE_ID
 from gpu_request_router.testing import (
@@ -459,6 +467,32 @@ def test_workers_heard_by_one_router_reach_the_others_once_and_a_silent_one_is_f
     assert a.shared_view([], []).workers == {"w2": "http://h3:9000"}
     assert raw.hgetall(f"{redis_store_prefix}:workers") == {"w2": "http://h3:9000"}
     assert raw.zrange(seen, 0, -1) == ["w2"]
+
+
+def test_queue_heads_published_by_one_router_reach_the_others_until_they_lapse(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """A router's heads come back to the others, whole, not to itself; a second unrenewed, gone."""
+    a, b = stores
+    need = Need(
+        model="llama-3-8b",
+        memory_mb=50_000,
+        weights_mb=15_360,
+        gpu_count=2,
+        gpu_type="H100-80GB",
+        avoid=frozenset({"w1:0"}),
+        exact=True,
+        duration_s={"H100-80GB": 2.5},
+        task=Task.EMBEDDING,
+    )
+    heads = [QueueHead("req_1", 60.125, need), QueueHead("req_2", 1e9 + 0.1, Need("m", 1))]
+    assert a.shared_view([], [], heads=heads).heads == []
+    assert b.shared_view([], []).heads == heads
+    assert b.shared_view([], [], heads=[]).heads == heads  # b has none; a's stay
+    assert a.shared_view([], []).heads == []
+    assert 0 < raw.pttl(f"{redis_store_prefix}:heads:{a.replica}") <= 1_000
+    raw.delete(f"{redis_store_prefix}:heads:{a.replica}")  # a stopped renewing them
+    assert b.shared_view([], []).heads == []
 
 
 def test_one_router_at_a_time_takes_a_workers_turn_and_the_others_get_its_reading(
