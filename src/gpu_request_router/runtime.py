@@ -825,6 +825,8 @@ class Runtime:
                     creation.set_exception(self._rejection(refusal, user, now))
                 self._sinks.pop(request_id, None)
                 self._apply(router.forget(request_id, now))
+                if refusal.charges:  # the user's hour, spent: admission refuses it here too
+                    self._apply(router.shared_view({}, {}, now, charges=refusal.charges))
                 continue
             execution_id = router.execution_of(request_id)
             if live is None or execution_id is None or not self._running:

@@ -320,6 +320,33 @@ async def test_gpu_seconds_per_hour_counts_the_charges_of_both_runtimes(
             await owners[request.id].cancel(request.id)
 
 
+async def test_a_submit_is_refused_once_the_users_hour_is_spent_through_another_runtime(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """Alice's hour holds one estimate, spent on A: B refuses her next submission (429).
+
+    B alone knows none of her charges; the store checks the creation against every runtime's,
+    and B learns the hour from the refusal, so the submissions after it are refused at once.
+    """
+    async with two_runtimes(shared_settings(gpus=2), open_store) as (a, b):
+        probe = await a.submit(chat(duration_s=0.01), Caller("probe"))
+        estimate = probe.estimate.typical_duration_s
+        for runtime in (a, b):
+            await runtime.set_quota("alice", {"gpu_seconds_per_hour": estimate})
+        spent = await a.submit(chat(duration_s=30.0), ALICE)
+        await until(lambda: a.get(spent.id).status in (S.DISPATCHING, S.RUNNING))
+        assert b.quota_usage("alice")[1].gpu_seconds_last_hour == 0
+        with pytest.raises(QuotaExceeded) as refused:
+            await b.submit(chat(), ALICE)
+        assert refused.value.reason == "quota_gpu_seconds_per_hour"
+        assert 3500 < refused.value.retry_after_s <= 3600
+        assert b.quota_usage("alice")[1].gpu_seconds_last_hour >= estimate - 1e-6
+        with pytest.raises(QuotaExceeded):
+            await b.submit(chat(), ALICE)
+        await b.submit(chat(), Caller("bob"))  # bob's hour is his own
+        await a.cancel(spent.id)
+
+
 async def test_a_worker_registered_with_one_runtime_serves_the_other_too(
     open_store: Callable[[], RedisStore],
     serve_app: Callable[[FastAPI], str],

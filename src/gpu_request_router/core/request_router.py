@@ -310,7 +310,10 @@ class RequestRouter:
             raise ValueError(f"request {request.id} is {request.status}, not queued")
         quota = self.quotas.quota_for(request.user)
         limits = Limits(
-            quota.requests_per_minute, quota.max_queued, self._settings.quotas.max_queued_total
+            quota.requests_per_minute,
+            quota.max_queued,
+            self._settings.quotas.max_queued_total,
+            quota.gpu_seconds_per_hour,
         )
         self._changes.append(
             StateChange(

@@ -139,6 +139,7 @@ class Limits:
     requests_per_minute: int | None = None
     max_queued: int | None = None
     max_queued_total: int | None = None
+    gpu_seconds_per_hour: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +188,11 @@ class Refusal:
 
     ``kind`` says which check refused it:
 
-    - a creation (nothing of the request was written): ``requests_per_minute``, ``max_queued``
-      or ``max_queued_total`` (retry after ``retry_after_s``, or when the router judges if 0;
-      ``limit``, and ``waiting`` the requests waiting), or ``idempotency_key``: another router
-      created ``existing`` under the key first;
+    - a creation (``creation``; nothing of the request was written): ``requests_per_minute``,
+      ``max_queued``, ``max_queued_total`` or ``gpu_seconds_per_hour`` (the user's hour is
+      spent) (retry after ``retry_after_s``, or when the router judges if 0; ``limit``, and
+      ``waiting`` the requests waiting), or ``idempotency_key``: another router created
+      ``existing`` under the key first;
     - a dispatch (written, without its reservation: the request must go back to its queue):
       ``gpu_memory``, ``gpu_held`` (another router holds a GPU of it for a starving request:
       ``held`` names them), ``max_concurrent`` or ``gpu_seconds_per_hour``. ``ledger`` is every
@@ -202,6 +204,7 @@ class Refusal:
     request_id: str
     kind: str
     message: str
+    creation: bool = False
     retry_after_s: float = 1.0
     existing: str | None = None
     limit: int | None = None
@@ -210,11 +213,6 @@ class Refusal:
     active: frozenset[str] | None = None
     held: frozenset[str] | None = None
     charges: tuple[Charge, ...] | None = None
-
-    @property
-    def creation(self) -> bool:
-        """Whether it refused a creation (else a dispatch's reservation)."""
-        return self.kind not in ("gpu_memory", "gpu_held", "max_concurrent", "gpu_seconds_per_hour")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1339,12 +1339,13 @@ class RedisStore(SharedStore):
 def _limits(limits: Limits | None) -> list[str | bool]:
     """A creation's limits as the write script reads them (``false``: none)."""
     values = (
-        (None, None, None)
+        (None, None, None, None)
         if limits is None
         else (
             limits.requests_per_minute,
             limits.max_queued,
             limits.max_queued_total,
+            None if limits.gpu_seconds_per_hour is None else repr(limits.gpu_seconds_per_hour),
         )
     )
     return [False if value is None else str(value) for value in values]
@@ -1409,6 +1410,7 @@ def _refusals(answer: bytes | str) -> list[Refusal]:
                 request_id=item["id"],
                 kind=item["kind"],
                 message=item["message"],
+                creation=bool(item.get("creation")),
                 retry_after_s=float(item["retry_after"]),
                 existing=item.get("existing"),
                 limit=None if item.get("limit") is None else int(item["limit"]),

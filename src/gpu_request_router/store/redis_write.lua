@@ -10,7 +10,8 @@
 --   d  batches in doubt: {batch id, {{id, user, idempotency field|false, admission, charges}}}
 --   c  creations: {id, fixed, state, status, user, created_at, model, priority,
 --                  idempotency field|false, terminal, admission member, version,
---                  limits {requests per minute, max queued, max queued total (each |false)}}
+--                  limits {requests per minute, max queued, max queued total, GPU-seconds per
+--                  hour (each |false)}}
 --   u  updates: {id, status, state, terminal, version}
 --   cl claims (shared), of the requests dispatched in the batch that end it dispatching or
 --      running: {id, {{gpu, MiB, limit, slots}...}, max concurrent|false, user,
@@ -24,8 +25,9 @@
 -- reached the batch limit in either runs again with the next write.
 --
 -- Routers sharing a prefix (ARGV[8] set) are checked against each other here, atomically: a
--- creation over its user's rate or queue limits, or whose idempotency key another router took,
--- is refused (none of its changes is written); a dispatch whose GPUs would hold more than their
+-- creation over its user's rate or queue limits, or whose user's GPU-seconds in the hour (every
+-- router's) reached the hourly limit, or whose idempotency key another router took, is refused
+-- (none of its changes is written); a dispatch whose GPUs would hold more than their
 -- limit with every router's reservations (the ledger), or one another router holds for a
 -- starving request (<prefix>:hold:<gpu>, set by the shared view), or whose user would exceed
 -- max_concurrent or GPU-seconds per hour (every router's charges of the user in the hour,
@@ -81,8 +83,35 @@ local function refuse(id, kind, message, retry_after, extra)
   table.insert(refusals, r)
   refused[id] = true
 end
+local function refuse_creation(id, kind, message, retry_after, extra)
+  local r = extra or {}
+  r.creation = true
+  refuse(id, kind, message, retry_after, r)
+end
 
 local now
+-- The user's GPU-seconds in the hour as stored: the running total (<prefix>:gst:<user>) less
+-- what has left the hour since (pruned by the next write). O(what expired).
+local function hour_stored(user)
+  local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
+  for _, field in ipairs(redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '-inf', now - 3600)) do
+    used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+  end
+  return used
+end
+-- When the user's hour will have room for ``excess`` more GPU-seconds: the oldest charges
+-- leave it first (the first 1000 looked at; past them, when the 1000th leaves). 0: never.
+local function frees_in(user, excess)
+  local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '(' .. (now - 3600), '+inf',
+    'WITHSCORES', 'LIMIT', 0, 1000)
+  local last = now
+  for i = 1, #window, 2 do
+    last = tonumber(window[i + 1])
+    excess = excess - tonumber(redis.call('HGET', p .. ':charge_gs', window[i]) or 0)
+    if excess <= 0 then break end
+  end
+  return math.max(last + 3600 - now, 0.001)
+end
 -- What waits counts the batch's own changes: creations add, requests leaving the queue free.
 local rate_added, waiting_added, waiting_total_added = {}, {}, 0
 if shared then
@@ -106,19 +135,19 @@ for _, c in ipairs(b.c) do
     if not shared then
       return redis.error_reply('REFUSED the idempotency key of request ' .. id .. ' is taken')
     end
-    refuse(id, 'idempotency_key', 'another router took the idempotency key first', 0,
+    refuse_creation(id, 'idempotency_key', 'another router took the idempotency key first', 0,
       {existing = redis.call('HGET', p .. ':idem', c[9])})
     dropped[id] = true
   elseif shared then
     local limits = c[13]
-    local rpm, max_queued, max_total = limits[1], limits[2], limits[3]
+    local rpm, max_queued, max_total, per_hour = limits[1], limits[2], limits[3], limits[4]
     if rpm then
       local key = p .. ':rate:' .. user
       local window = redis.call('ZRANGEBYSCORE', key, '(' .. (now - 60), '+inf', 'WITHSCORES')
       local count = #window / 2 + (rate_added[user] or 0)
       if count >= tonumber(rpm) then
         local oldest = #window > 0 and tonumber(window[2]) or now
-        refuse(id, 'requests_per_minute',
+        refuse_creation(id, 'requests_per_minute',
           'you sent ' .. count .. ' requests in the last minute; your limit is ' .. rpm,
           math.max(oldest + 60 - now, 0.001))
       end
@@ -126,16 +155,26 @@ for _, c in ipairs(b.c) do
     if not refused[id] and max_queued then
       local count = redis.call('SCARD', p .. ':waiting:' .. user) + (waiting_added[user] or 0)
       if count >= tonumber(max_queued) then
-        refuse(id, 'max_queued',
+        refuse_creation(id, 'max_queued',
           'you have ' .. count .. ' requests waiting; your limit is ' .. max_queued, 0)
       end
     end
     if not refused[id] and max_total then
       local count = redis.call('SCARD', p .. ':waiting') + waiting_total_added
       if count >= tonumber(max_total) then
-        refuse(id, 'max_queued_total',
+        refuse_creation(id, 'max_queued_total',
           count .. ' requests are waiting; the limit is ' .. max_total, 0,
           {waiting = tostring(count), limit = tostring(max_total)})
+      end
+    end
+    if not refused[id] and per_hour then
+      local used = hour_stored(user)
+      if used >= tonumber(per_hour) then
+        local retry = frees_in(user, used - tonumber(per_hour) + 1e-6)
+        refuse_creation(id, 'gpu_seconds_per_hour',
+          string.format('you used %.0f of %.0f GPU-seconds in the last hour', used,
+            tonumber(per_hour)), retry,
+          {user = user, used = tostring(used), until_at = tostring(now + retry)})
       end
     end
     if refused[id] then
@@ -179,15 +218,11 @@ if shared then
       batch_gs[user][ch[1]] = tonumber(ch[3])
     end
   end
-  -- The user's GPU-seconds in the hour: the running total (<prefix>:gst:<user>) less what has
-  -- left the hour since (pruned by the next write), with this batch's charges and confirmed
-  -- claims, less the claim's own charge if stored (a batch carried again). O(what expired).
+  -- The user's GPU-seconds in the hour (hour_stored), with this batch's charges and confirmed
+  -- claims, less the claim's own charge if stored (a batch carried again).
   local function hour_of(user, own)
     local key, cutoff = p .. ':gsu:' .. user, now - 3600
-    local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
-    for _, field in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', cutoff)) do
-      used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
-    end
+    local used = hour_stored(user)
     local function stored(field)  -- its GPU-seconds if counted in the hour, else nil
       local at = redis.call('ZSCORE', key, field)
       if at and tonumber(at) > cutoff then
@@ -199,19 +234,6 @@ if shared then
     end
     if own then used = used - (stored(own) or 0) end
     return math.max(used, 0) + (claimed_gs[user] or 0)
-  end
-  -- When the user's hour will have room for ``excess`` more GPU-seconds: the oldest charges
-  -- leave it first (the first 1000 looked at; past them, when the 1000th leaves). 0: never.
-  local function frees_in(user, excess)
-    local window = redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '(' .. (now - 3600), '+inf',
-      'WITHSCORES', 'LIMIT', 0, 1000)
-    local last = now
-    for i = 1, #window, 2 do
-      last = tonumber(window[i + 1])
-      excess = excess - tonumber(redis.call('HGET', p .. ':charge_gs', window[i]) or 0)
-      if excess <= 0 then break end
-    end
-    return math.max(last + 3600 - now, 0.001)
   end
   local function ledger_sum(gpu)  -- MiB and executions
     local sum, n = claimed_mb[gpu] or 0, claimed_n[gpu] or 0

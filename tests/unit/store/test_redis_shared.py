@@ -418,6 +418,34 @@ def test_gpu_seconds_per_hour_counts_the_charges_of_every_router(
     assert 3500 < raw.pttl(f"{redis_store_prefix}:gsu:alice") / 1000 <= 3601
 
 
+def test_a_creation_is_refused_once_the_users_hour_is_spent_on_every_router(
+    stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
+) -> None:
+    """Admission counts every router's GPU-seconds of the user in the hour, as dispatch does.
+
+    The refusal is a creation's (nothing written), says when the hour has room again, and hands
+    the router the user's hour; another user's hour is their own.
+    """
+    a, b = stores
+    r1 = make_request("r1", created_at=T0 + 1)
+    a.write([creating(r1)])
+    assert a.write([dispatching(r1, T0 + 2, ("g0", 1000, 10_000), gpu_seconds=60.0)]) == []
+    r2, r3 = make_request("r2", created_at=T0 + 3), make_request("r3", created_at=T0 + 4)
+    assert b.write([creating(r2, gpu_seconds_per_hour=100.0)]) == []  # 60 of 100: room left
+    refusal = only(b.write([creating(r3, gpu_seconds_per_hour=60.0)]))
+    assert (refusal.request_id, refusal.kind, refusal.creation) == (
+        "r3",
+        "gpu_seconds_per_hour",
+        True,
+    )
+    assert "you used 60 of 60 GPU-seconds in the last hour" in refusal.message
+    assert 3590 < refusal.retry_after_s <= 3600  # when r1's charge leaves the hour
+    assert [(c.charge_id, c.gpu_seconds) for c in refusal.charges or ()] == [(HOUR_CHARGE_ID, 60.0)]
+    assert raw.exists(f"{redis_store_prefix}:req:r3") == 0
+    bob = make_request("b1", user="bob", created_at=T0 + 5)
+    assert b.write([creating(bob, gpu_seconds_per_hour=60.0)]) == []
+
+
 def test_a_charge_leaves_the_users_running_hour_total_once_an_hour_old(
     stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
 ) -> None:
@@ -698,6 +726,8 @@ RATE = 6
 MAX_QUEUED = 3
 MAX_CONCURRENT = 2
 GPU_SECONDS_PER_HOUR = 90.0
+# The hour a creation is checked against: lower than the dispatches', so that runs reach it.
+CREATION_HOUR = 60.0
 CHARGES = st.sampled_from([10.0, 25.0, 40.0])
 USERS = ("alice", "bob")
 KEYS = ("k1", "k2", "k3")
@@ -716,7 +746,8 @@ class SharedStoresMachine(RuleBasedStateMachine):
       the requests the model says hold one (dispatching or running with a confirmed claim);
     - I4: no user holds more than ``max_concurrent`` slots, nor was admitted more than the
       rate limit, nor charged more GPU-seconds in the hour than the limit (which the machine
-      reaches: refusals happen); a refused claim charges nothing;
+      reaches: refusals happen), nor admitted once the hour is spent; a refused claim charges
+      nothing;
     - every admitted request is stored once, as the model says; a refused one never is;
     - each router recovers its own unfinished requests, oldest first.
 
@@ -773,6 +804,8 @@ class SharedStoresMachine(RuleBasedStateMachine):
             return "requests_per_minute", None
         if sum(r.user == request.user for r in self._with(S.QUEUED)) >= MAX_QUEUED:
             return "max_queued", None
+        if sum(self.charged[request.user].values()) >= CREATION_HOUR:
+            return "gpu_seconds_per_hour", None
         return None
 
     def _claims(self, moves: list[Move]) -> dict[str, str]:
@@ -878,7 +911,12 @@ class SharedStoresMachine(RuleBasedStateMachine):
         self.now += 1
         request = make_request(f"r{self.count:03d}", user=user, created_at=self.now, key=key)
         expected = self._admission(request)
-        change = creating(request, requests_per_minute=RATE, max_queued=MAX_QUEUED)
+        change = creating(
+            request,
+            requests_per_minute=RATE,
+            max_queued=MAX_QUEUED,
+            gpu_seconds_per_hour=CREATION_HOUR,
+        )
         refusals = self.stores[client].write([change])
         if expected is None:
             assert refusals == []
@@ -894,6 +932,10 @@ class SharedStoresMachine(RuleBasedStateMachine):
             assert refusal.existing == expected[1]
         elif refusal.kind == "requests_per_minute":
             assert 0 < refusal.retry_after_s <= 60
+        elif refusal.kind == "gpu_seconds_per_hour":
+            assert refusal.creation and 0 < refusal.retry_after_s <= 3600
+            (hour,) = refusal.charges or ()
+            assert hour.gpu_seconds == pytest.approx(sum(self.charged[user].values()))
         self.refused.add(request.id)
 
     @precondition(lambda self: self._with(S.QUEUED))
