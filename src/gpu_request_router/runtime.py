@@ -1149,9 +1149,13 @@ class Runtime:
         charged = sorted(router.waiting_for_gpu_seconds)
         heard, self._heard = self._heard, {}
         heads = router.heads_to_share()
-        view = await asyncio.to_thread(
-            peers.shared_view, gpu_ids, users, holds, charged, heard, heads
-        )
+        try:
+            view = await asyncio.to_thread(
+                peers.shared_view, gpu_ids, users, holds, charged, heard, heads
+            )
+        except StoreUnavailable:  # published with the next round that reaches Redis
+            self._heard = {**heard, **self._heard}
+            raise
         for name, url in (view.workers or {}).items():  # registered with another router
             try:
                 self._add_worker(name, url)

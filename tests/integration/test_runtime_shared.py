@@ -455,6 +455,30 @@ async def test_while_redis_is_down_a_router_reads_its_workers_itself(
             other.close()
 
 
+async def test_a_worker_registered_while_redis_is_down_is_published_when_it_is_back(
+    tmp_path: Path, serve_app: Callable[[FastAPI], str]
+) -> None:
+    """A registration heard during an outage reaches the other routers once Redis is back.
+
+    The worker heartbeats only now and then; the router keeps what it heard until a shared
+    view succeeds, rather than until the next heartbeat.
+    """
+    url = serve_app(agent_app())
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, prefix="p", shared=True)
+        raw = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            async with Runtime.from_settings(agent_settings(), store=store, seed=1) as b:
+                server.kill()
+                b.register_worker("w1", url)
+                await asyncio.sleep(4 * SHARED_SYNC_S)  # views fail meanwhile
+                server.start()
+                await until(lambda: raw.hget("p:workers", "w1") == url, timeout_s=5.0)
+        finally:
+            raw.close()
+            store.close()
+
+
 @pytest.mark.parametrize("listed", [True, False], ids=["lists-executions", "lists-none"])
 async def test_a_reading_taken_before_a_release_and_shared_after_it_keeps_what_it_hid(
     open_store: Callable[[], RedisStore], serve_app: Callable[[FastAPI], str], listed: bool
