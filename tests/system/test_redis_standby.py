@@ -15,6 +15,7 @@ runs inside the router, so work a killed router was running is retried by the ne
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,9 +32,15 @@ KILLS = int(os.environ.get("GPUROUTER_STANDBY_KILLS", "1"))
 TAKEOVER_LIMIT_S = 5.0 + 5.0  # the lease, then recovery and the first ready answer
 
 
-def config(port: int, redis_url: str, prefix: str) -> dict[str, Any]:
+def config(port: int, redis_url: str, prefix: str, **state: Any) -> dict[str, Any]:
     """A standby-capable router on ``port`` with 2 simulated GPUs, on the shared prefix."""
-    state = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix, "standby": True}
+    state = {
+        "backend": "redis",
+        "redis_url": redis_url,
+        "redis_prefix": prefix,
+        "standby": True,
+        **state,
+    }
     return loaded_config(port, state)
 
 
@@ -178,6 +185,39 @@ def test_the_standby_takes_over_from_a_killed_router_and_nothing_is_lost(
         f"retried_attempts={sum(1 for a in attempts if a > 1)} "
         f"takeover_s={[round(t, 2) for t in takeovers]} lost=0 duplicated=0"
     )
+
+
+def test_a_paused_holder_whose_lease_was_taken_stops_with_exit_3(
+    tmp_path: Path, redis_url: str, redis_store_prefix: str
+) -> None:
+    """The serving router is paused past its lease; the standby takes over; resumed, it stops.
+
+    It no longer holds the prefix and can never write again: it exits 3 (``router_stopping``)
+    for its supervisor to start it again, as a standby now, instead of answering 503 for ever.
+    """
+    lease = {"redis_lease_s": 2.0}
+    ports = [free_port(), free_port()]
+    holder = Router(tmp_path, ports[0], config(ports[0], redis_url, redis_store_prefix, **lease))
+    standby: Router | None = None
+    try:
+        holder.wait_ready()
+        standby = Router(
+            tmp_path, ports[1], config(ports[1], redis_url, redis_store_prefix, **lease)
+        )
+        wait_standby(standby)
+        holder.process.send_signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        wait_ready(standby.url, paused)
+        holder.process.send_signal(signal.SIGCONT)
+        assert holder.process.wait(15) == 3
+        events = [e.get("event") for e in json_lines(holder.err.read_text())]
+        assert "router_stopping" in events
+        assert _serves(standby.url)
+    finally:
+        holder.process.send_signal(signal.SIGCONT)
+        holder.stop()
+        if standby is not None:
+            standby.stop()
 
 
 def _serves(url: str) -> bool:
