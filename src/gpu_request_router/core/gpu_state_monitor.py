@@ -72,6 +72,7 @@ class GPUStateMonitor:
         self._holders: dict[str, list[str]] = {}
         self._fleet_version = 0
         self._seq = 0  # placements and releases, numbered (see mark)
+        self._aside: set[str] = set()  # GPUs with memory set aside (set_aside)
 
     # Views ---------------------------------------------------------------------------------------
 
@@ -338,6 +339,26 @@ class GPUStateMonitor:
         self._holders.setdefault(holder, []).append(gpu_id)
         self._recompute(state)
 
+    def set_aside(self, gpu_id: str, memory_mb: int) -> None:
+        """Keep ``memory_mb`` and a slot of a GPU from placement until :meth:`clear_aside`.
+
+        A pass keeps them for a better-ranked request of another router that would go there;
+        nothing is reserved, and no reading is asked to show it.
+        """
+        state = self.get(gpu_id)
+        state.aside_mb += memory_mb
+        state.aside_slots += 1
+        self._aside.add(gpu_id)
+        self._recompute(state)
+
+    def clear_aside(self) -> None:
+        """Give back what :meth:`set_aside` kept."""
+        for gpu_id in self._aside:
+            state = self._gpus[gpu_id]
+            state.aside_mb = state.aside_slots = 0
+            self._recompute(state)
+        self._aside.clear()
+
     def release(
         self,
         holder: str,
@@ -425,8 +446,10 @@ class GPUStateMonitor:
 
         Every change to a GPU's reading, health, cordon, circuit or reservations ends here.
         """
-        state.room_mb = self.limit_mb(state) - state.reserved_mb
-        state.free_slots = state.slots - len(state.running) - state.elsewhere_slots
+        state.room_mb = self.limit_mb(state) - state.reserved_mb - state.aside_mb
+        state.free_slots = (
+            state.slots - len(state.running) - state.elsewhere_slots - state.aside_slots
+        )
         state.busy = max(1.0 - state.free_slots / max(state.slots, 1), state.reading.load or 0.0)
         state.schedulable = (
             state.health in _USABLE and not state.cordoned and not state.circuit_open

@@ -266,8 +266,8 @@ class RequestRouter:
         """The requests the last pass found waiting for room, best ranked first (shared store).
 
         At most :data:`SHARED_HEADS`, one per shape of need, still queued; those waiting for a
-        quota are not among them. The other routers keep room for them before their own
-        requests of a lower rank (:meth:`shared_view`).
+        quota are not among them. The other routers keep room for them from their own
+        requests of a lower priority level (:meth:`shared_view`).
         """
         return [head for head in self._heads if head.request_id in self.queue]
 
@@ -827,9 +827,9 @@ class RequestRouter:
         the store's account of the hour of users waiting on their GPU-seconds here (every
         router's, as charges; each replaces the one of its id, time included). ``heads``: the
         requests other routers now find waiting for room (``None``: as they were); a pass
-        keeps a GPU for each that fits one, in rank order, before requests of its own that rank
-        lower (a later priority level, or the same level and a later key). One that already
-        holds a reservation in ``ledger`` was placed since and is left out.
+        keeps what each needs, where it would go, from requests of its own of a lower priority
+        level (class with aging; within a level each router keeps its own order). One that
+        already holds a reservation in ``ledger`` was placed since and is left out.
         """
         own = self._current
         changed = False
@@ -958,85 +958,97 @@ class RequestRouter:
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
         examined: set[str] = set()
-        # Other routers' requests waiting for room keep a GPU each from those ranked below them.
+        # Other routers' requests waiting for room keep what they need, where they would go, from
+        # those of a lower priority level.
         heads, next_head = self._heads_elsewhere, 0
         queue = self.queue
-        for request in self.queue.candidates(now):
-            if next_head < len(heads):
-                rank = (queue.level(request, now), queue.key(request))
-                while next_head < len(heads) and (
-                    (queue.level_of_key(heads[next_head].key, now), heads[next_head].key) < rank
-                ):
-                    kept = self.balancer.place(heads[next_head].need, fleet, held, learn=False)
-                    if isinstance(kept, Chosen):
-                        held.update(kept.gpu_ids)
-                    next_head += 1
-            if misses >= depth:
-                # Holds of requests this pass did not reach would keep their GPUs idle.
-                holds.keep_only(examined)
-                break
-            user = request.user
-            waiting_for = self.quotas.blocks_dispatch(
-                user, self._active[user] + self._active_elsewhere[user], gpu_seconds(request), now
-            )
-            if waiting_for is not None:
-                misses += 1
-                # Held GPUs wait for the request, not for its quota.
-                dropped = holds.drop(request.id)
-                if dropped:
-                    taken.difference_update(dropped)
-                    no_prospect.clear()
-                if waiting_for == "gpu_seconds_per_hour":
-                    self._note_quota_wait(request.user, now)
-                continue
-            if bound_so_far < len(binding):
-                level = self.queue.level(request, now)
-                while bound_so_far < len(binding) and binding[bound_so_far][0] <= level:
-                    held.update(binding[bound_so_far][1])
-                    bound_so_far += 1
-            need = need_of(request, avoid=self._avoid.get(request.id, ()))
-            shape = (need.model, need.memory_mb, need.weights_mb, need.gpu_count, need.gpu_type)
-            own = holds.of(request.id)
-            examined.add(request.id)
-            chosen: Chosen | NoFit | None = None if own else no_fit.get(shape)
-            if chosen is None and need.memory_mb - need.weights_mb > most_room:
-                chosen = NoFit(free_slots=True)
-            if chosen is None:
-                chosen = self.balancer.place(need, fleet, held.difference(own) if own else held)
-            if isinstance(chosen, NoFit):
-                if not own:
-                    if shape not in no_fit and len(self._heads) < SHARED_HEADS:
-                        self._heads.append(QueueHead(request.id, queue.key(request), need))
-                    no_fit[shape] = chosen
-                    if now - request.created_at >= bound and shape not in no_prospect:
-                        # A GPU held elsewhere for a request waiting longer is not on offer.
-                        older = {
-                            gpu_id
-                            for gpu_id, since in self._held_elsewhere.items()
-                            if since <= request.created_at
-                        }
-                        own = holds.hold(request, need, schedulable.values(), taken | older, now)
-                        taken.update(own)
-                        if not own:
-                            no_prospect.add(shape)
-                        held.update(own)
-                misses += 1
-                if not chosen.free_slots:
+        try:
+            for request in self.queue.candidates(now):
+                if next_head < len(heads):
+                    level = queue.level(request, now)
+                    while (
+                        next_head < len(heads)
+                        and queue.level_of_key(heads[next_head].key, now) < level
+                    ):
+                        need = heads[next_head].need
+                        kept = self.balancer.place(need, fleet, held, learn=False)
+                        if isinstance(kept, Chosen):
+                            for gpu_id, memory_mb in kept.reservations.items():
+                                self.monitor.set_aside(gpu_id, memory_mb)
+                        next_head += 1
+                if misses >= depth:
+                    # Holds of requests this pass did not reach would keep their GPUs idle.
+                    holds.keep_only(examined)
                     break
-                continue
-            try:
-                decisions.append(self._dispatch(request, chosen, now, need))
-            except StateConflict as exc:
-                # A GPU refused the memory (its room changed under the choice); nothing changed
-                # here, and the dispatches already decided still go out.
-                _log.warning("dispatch_conflict", request_id=request.id, error=str(exc))
-                misses += 1
-                continue
-            if own:  # the dispatch ended the hold
-                held.difference_update(own)
-                taken.difference_update(own)
-                no_fit.clear()  # what the hold kept out may fit now
-                no_prospect.clear()
+                user = request.user
+                waiting_for = self.quotas.blocks_dispatch(
+                    user,
+                    self._active[user] + self._active_elsewhere[user],
+                    gpu_seconds(request),
+                    now,
+                )
+                if waiting_for is not None:
+                    misses += 1
+                    # Held GPUs wait for the request, not for its quota.
+                    dropped = holds.drop(request.id)
+                    if dropped:
+                        taken.difference_update(dropped)
+                        no_prospect.clear()
+                    if waiting_for == "gpu_seconds_per_hour":
+                        self._note_quota_wait(request.user, now)
+                    continue
+                if bound_so_far < len(binding):
+                    level = self.queue.level(request, now)
+                    while bound_so_far < len(binding) and binding[bound_so_far][0] <= level:
+                        held.update(binding[bound_so_far][1])
+                        bound_so_far += 1
+                need = need_of(request, avoid=self._avoid.get(request.id, ()))
+                shape = (need.model, need.memory_mb, need.weights_mb, need.gpu_count, need.gpu_type)
+                own = holds.of(request.id)
+                examined.add(request.id)
+                chosen: Chosen | NoFit | None = None if own else no_fit.get(shape)
+                if chosen is None and need.memory_mb - need.weights_mb > most_room:
+                    chosen = NoFit(free_slots=True)
+                if chosen is None:
+                    chosen = self.balancer.place(need, fleet, held.difference(own) if own else held)
+                if isinstance(chosen, NoFit):
+                    if not own:
+                        if shape not in no_fit and len(self._heads) < SHARED_HEADS:
+                            self._heads.append(QueueHead(request.id, queue.key(request), need))
+                        no_fit[shape] = chosen
+                        if now - request.created_at >= bound and shape not in no_prospect:
+                            # A GPU held elsewhere for a request waiting longer is not on offer.
+                            older = {
+                                gpu_id
+                                for gpu_id, since in self._held_elsewhere.items()
+                                if since <= request.created_at
+                            }
+                            own = holds.hold(
+                                request, need, schedulable.values(), taken | older, now
+                            )
+                            taken.update(own)
+                            if not own:
+                                no_prospect.add(shape)
+                            held.update(own)
+                    misses += 1
+                    if not chosen.free_slots:
+                        break
+                    continue
+                try:
+                    decisions.append(self._dispatch(request, chosen, now, need))
+                except StateConflict as exc:
+                    # A GPU refused the memory (its room changed under the choice); nothing changed
+                    # here, and the dispatches already decided still go out.
+                    _log.warning("dispatch_conflict", request_id=request.id, error=str(exc))
+                    misses += 1
+                    continue
+                if own:  # the dispatch ended the hold
+                    held.difference_update(own)
+                    taken.difference_update(own)
+                    no_fit.clear()  # what the hold kept out may fit now
+                    no_prospect.clear()
+        finally:
+            self.monitor.clear_aside()  # what the heads kept is for this pass only
         self.metrics.decision(self._perf() - started)
         self._publish_queue()
         return decisions

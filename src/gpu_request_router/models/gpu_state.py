@@ -87,7 +87,9 @@ class GPUState:
     ``hidden_mb`` is memory in use that the latest reading hid, the sum of ``hidden`` (sequence
     number, MiB, execution; see :meth:`GPUStateMonitor.release`). ``elsewhere_mb`` and
     ``elsewhere_slots`` are the memory and slots other routers sharing the state store hold
-    here (:meth:`GPUStateMonitor.elsewhere`). ``id`` (``<worker>:<index>``) is fixed at creation.
+    here (:meth:`GPUStateMonitor.elsewhere`); ``aside_mb`` and ``aside_slots`` what a
+    placement pass keeps for another router's better-ranked request (only during the pass).
+    ``id`` (``<worker>:<index>``) is fixed at creation.
     """
 
     reading: GPUReading
@@ -107,6 +109,8 @@ class GPUState:
     hidden_mb: int = 0
     elsewhere_mb: int = 0
     elsewhere_slots: int = 0
+    aside_mb: int = 0
+    aside_slots: int = 0
     id: str = field(init=False)
 
     def __post_init__(self) -> None:

@@ -191,45 +191,49 @@ def waiting_head(request_id: str, key: float, memory_mb: int) -> QueueHead:
     return QueueHead(request_id, key, Need(model="llama-3-8b", memory_mb=memory_mb, exact=True))
 
 
-def test_a_better_ranked_request_waiting_elsewhere_keeps_the_gpu_from_lower_ones(
+def test_a_better_ranked_request_waiting_elsewhere_keeps_its_room_from_lower_ones(
     harness_for,
 ) -> None:
-    """The one GPU frees; another router's 50 GB request ranks first: room is left for it.
+    """The one GPU frees; another router's 50 GB request ranks first: its room is kept for it.
 
-    Ranked by priority level (class with aging), then sort key: a class above wins even if
-    submitted later; one below, or of the same level and later, does not. A head that holds a
-    reservation in the ledger was placed since, and keeps nothing.
+    What it needs is kept, where it would go; the rest of the GPU still takes work. Only a
+    better priority level (class with aging) keeps room: not one of the same level, however
+    long it waited, nor one below. A head that holds a reservation in the ledger
+    was placed since, and keeps nothing more.
     """
     h: Harness = harness_for(gpus=[("H100-80GB", 1)])
     gpu_id = next(iter(h.router.monitor.gpus))
+    forty, twenty = ResourceHints(gpu_memory_mb=40_000), ResourceHints(gpu_memory_mb=20_000)
     h.apply(h.router.shared_view({gpu_id: {"req_busy": 70_000}}, {}, h.now))
-    mine = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="low"))
+    mine = h.submit(chat(resources=forty, priority="low"))
     assert h.status(mine) == "queued"
     key = h.router.queue.key(mine)
     aging = h.settings.priorities.aging_seconds
-    higher_but_later = waiting_head("req_high", key - aging + 5.0, 50_000)
-    # The GPU frees: their better-ranked request would fit there; this router leaves it.
-    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[higher_but_later]))
+    higher = waiting_head("req_high", key - aging, 50_000)  # one class above, as old
+    # The GPU frees: their better-ranked request would fit there; 40 GB more would not.
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[higher]))
     assert h.status(mine) == "queued"
-    assert h.router.monitor.gpus[gpu_id].room_mb >= 50_000
-    # Their request was placed: it holds a reservation, and keeps nothing more.
-    placed = {gpu_id: {"req_high": 50_000}}
-    h.apply(h.router.shared_view(placed, {}, h.now, heads=[higher_but_later]))
+    state = h.router.monitor.gpus[gpu_id]
+    assert state.room_mb >= 50_000 and state.aside_mb == 0  # kept during the pass only
+    beside = h.submit(chat(resources=twenty, priority="low"))
+    assert h.status(beside) == "dispatching"  # 20 GB fits beside what is kept
+    h.finish(beside)
+    # Their request was placed (30 GB in the ledger): it keeps nothing more, and 40 GB fits.
+    placed = {gpu_id: {"req_high": 30_000}}
+    h.apply(h.router.shared_view(placed, {}, h.now, heads=[higher]))
     assert h.status(mine) == "dispatching"
     h.finish(mine)
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[]))
 
-    lower = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="high"))
-    assert h.status(lower) == "dispatching"  # nothing ranked above it waits anywhere
-    h.finish(lower)
-    later_same_level = waiting_head("req_later", h.router.queue.key(lower) + 1.0, 50_000)
-    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[later_same_level]))
-    again = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="high"))
-    assert h.status(again) == "dispatching"  # it ranks first: theirs waits
+    # A head of the same level keeps nothing, however long it waited (each router keeps its
+    # own order within a level); nor does one of a lower level.
+    again = h.submit(chat(resources=forty, priority="low"))
     earlier = waiting_head("req_earlier", h.router.queue.key(again) - 30.0, 50_000)
-    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[earlier]))
+    lower = waiting_head("req_lower", h.router.queue.key(again) + aging, 50_000)
     h.finish(again)
-    last = h.submit(chat(resources=ResourceHints(gpu_memory_mb=20_000), priority="high"))
-    assert h.status(last) == "queued"  # same level, theirs submitted first
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, heads=[earlier, lower]))
+    last = h.submit(chat(resources=forty, priority="low"))
+    assert h.status(last) == "dispatching"
 
 
 def test_a_pass_shares_its_requests_waiting_for_room_one_per_shape(harness_for) -> None:
