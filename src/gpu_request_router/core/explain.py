@@ -41,6 +41,7 @@ from gpu_request_router.core.holds import Holds
 from gpu_request_router.core.load_balancer import Need, Policy, Weighed
 from gpu_request_router.core.priority_manager import PriorityManager
 from gpu_request_router.core.quota import QuotaEnforcer
+from gpu_request_router.core.state_store import QueueHead
 from gpu_request_router.models.gpu_state import GPUState
 from gpu_request_router.models.request import Request, RequestStatus
 
@@ -310,7 +311,9 @@ class Explainer:
     """Explains requests from the router's live state, which it reads and never changes.
 
     ``cost(request)``: the GPU-seconds the quota charges it at dispatch; ``depth`` and
-    ``bound_s``: ``placement.backfill_depth`` and ``placement.starvation_bound_s``.
+    ``bound_s``: ``placement.backfill_depth`` and ``placement.starvation_bound_s``;
+    ``held_elsewhere`` and ``heads_elsewhere`` (a shared store): the GPUs other routers hold for
+    their starving requests and their requests waiting for room, kept current by the router.
     """
 
     def __init__(
@@ -330,8 +333,12 @@ class Explainer:
         cost: Callable[[Request], float],
         depth: int,
         bound_s: float,
+        held_elsewhere: Mapping[str, float] | None = None,
+        heads_elsewhere: Sequence[QueueHead] = (),
     ) -> None:
         self._monitor = monitor
+        self._held_elsewhere = held_elsewhere if held_elsewhere is not None else {}
+        self._heads_elsewhere = heads_elsewhere
         self._queue = queue
         self._holds = holds
         self._quotas = quotas
@@ -461,16 +468,28 @@ class Explainer:
                 if holder != request.id
                 for gpu_id in gpu_ids
             }
-            if all(gpu.id in held for gpu in free):
-                holder = self._requests.get(held[free[0].id])
+            elsewhere = self._held_elsewhere
+            if all(gpu.id in held or gpu.id in elsewhere for gpu in free):
+                holder = self._requests.get(held.get(free[0].id, ""))
                 waited = "" if holder is None else f", queued {now - holder.created_at:.0f} s ago"
+                where = "" if free[0].id in held else " of another router"
                 detail = (
                     f"the GPUs that fit it ({', '.join(gpu.id for gpu in free[:4])}) are held "
-                    f"for an older request{waited}"
+                    f"for an older request{where}{waited}"
                 )
                 return Waiting("starvation_hold", detail, position, eta)
             ahead_of_it = f"{position}" if position is not None else f"over {POSITION_LIMIT:,}"
             detail = f"{ahead_of_it} requests ahead of it in the queue are served first"
+            level = self._queue.level(request, now)
+            above = sum(
+                1
+                for head in self._heads_elsewhere
+                if self._queue.level_of_key(head.key, now) < level
+            )
+            if above:
+                detail += (
+                    f", and other routers keep room for {above} of a higher priority waiting there"
+                )
             return Waiting("priority", detail, position, eta)
         if fitting:
             detail = (

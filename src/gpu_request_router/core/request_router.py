@@ -197,6 +197,8 @@ class RequestRouter:
             cost=gpu_seconds,
             depth=settings.placement.backfill_depth,
             bound_s=settings.placement.starvation_bound_s,
+            held_elsewhere=self._held_elsewhere,
+            heads_elsewhere=self._heads_elsewhere,
         )
         self._quota_wakeup: float | None = None
         self._gpu_seconds_waits: set[str] = set()  # users the last pass held back for them
@@ -839,14 +841,15 @@ class RequestRouter:
                 (head for head in heads if head.request_id not in placed), key=lambda h: h.key
             )
             if waiting != self._heads_elsewhere:
-                self._heads_elsewhere = waiting
+                self._heads_elsewhere[:] = waiting  # in place: the explainer reads it
                 changed = True
         for charge in charges:
             self.quotas.undo_charge(charge.user, charge.charge_id)
             self.quotas.charge(charge)
             changed = True
         if held is not None and dict(held) != self._held_elsewhere:
-            self._held_elsewhere = dict(held)
+            self._held_elsewhere.clear()  # in place: the explainer reads it
+            self._held_elsewhere.update(held)
             changed = True
         for gpu_id, held in ledger.items():
             others = [memory_mb for request_id, memory_mb in held.items() if request_id not in own]

@@ -251,3 +251,22 @@ def test_a_pass_shares_its_requests_waiting_for_room_one_per_shape(harness_for) 
     h.finish(running)
     assert h.status(first) == "dispatching"
     assert first.id not in [head.request_id for head in h.router.heads_to_share()]
+
+
+def test_explain_names_what_other_routers_keep_from_a_waiting_request(harness_for) -> None:
+    """A request kept off the GPU by another router's hold, or by its higher class, says so."""
+    h: Harness = harness_for(gpus=[("H100-80GB", 1)])
+    gpu_id = next(iter(h.router.monitor.gpus))
+    forty = ResourceHints(gpu_memory_mb=40_000)
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, held={gpu_id: h.now - 100.0}))
+    held = h.submit(chat(resources=forty, priority="low"))
+    waiting = h.router.explain(held, h.now).waiting
+    assert waiting is not None and waiting.blocked_by == "starvation_hold"
+    assert "held for an older request of another router" in waiting.detail
+    key = h.router.queue.key(held)
+    above = waiting_head("req_high", key - h.settings.priorities.aging_seconds, 50_000)
+    h.apply(h.router.shared_view({gpu_id: {}}, {}, h.now, held={}, heads=[above]))
+    assert h.status(held) == "queued"
+    waiting = h.router.explain(held, h.now).waiting
+    assert waiting is not None and waiting.blocked_by == "priority"
+    assert "other routers keep room for 1 of a higher priority" in waiting.detail
