@@ -603,8 +603,18 @@ class Runtime:
         """How many queued requests go before each of these now, in one walk of the queue.
 
         Requests not in the queue, or more than :data:`POSITION_LIMIT` places back, are left
-        out (the walk costs O(position × log n)).
+        out (the walk costs O(position × log n)). On a shared store it is their place among
+        every router's queued requests, as the store orders them (priority class with aging,
+        then submission time), so that every router gives the same answer; while the store
+        cannot be reached, their place in this router's queue.
         """
+        if self._peers is not None:
+            try:
+                ranks = self._peers.queue_positions(request_ids)
+            except StoreUnavailable:
+                pass
+            else:
+                return {rid: rank for rid, rank in ranks.items() if rank < POSITION_LIMIT}
         queue = self.router.queue
         wanted = {request_id for request_id in request_ids if request_id in queue}
         positions: dict[str, int] = {}
@@ -625,8 +635,17 @@ class Runtime:
 
         A waiting request's ETA is projected while explanations have taken less than
         :data:`_EXPLAIN_SHARE` of the time (burst :data:`_EXPLAIN_BURST_S`); past that it has
-        none, so that callers asking again and again cannot stall the event loop.
+        none, so that callers asking again and again cannot stall the event loop. A request
+        queued at another router sharing the store is explained there; here it is said so.
         """
+        if request.status is RequestStatus.QUEUED and self._elsewhere(request.id):
+            position = self.queue_positions([request.id]).get(request.id)
+            where = "" if position is None else f" (position {position} among all routers')"
+            return Explanation(
+                request.id,
+                request.status.value,
+                f"It waits in the queue of another router{where}; that router places it.",
+            )
         now = self.clock.now()
         return self._explain_budget.spend(
             lambda project: self.router.explain(request, now, project=project)

@@ -617,6 +617,35 @@ async def test_b_reads_waits_on_and_watches_a_request_a_owns_as_a_does(
     assert late_b == watched_a
 
 
+async def test_both_runtimes_give_queued_requests_the_same_place_in_one_order(
+    open_store: Callable[[], RedisStore],
+) -> None:
+    """Positions are ranks among both runtimes' queued requests: class with aging, then age.
+
+    Alice's requests wait on both while the one GPU runs a long one; A and B say the same of
+    each; B explains A's request as waiting at A.
+    """
+    async with two_runtimes(shared_settings(), open_store) as (a, b):
+        busy = await a.submit(chat(duration_s=30.0, resources=HALF_GPU), Caller("bob"))
+        await until(lambda: a.get(busy.id).status is S.RUNNING)
+        low_a = await a.submit(chat(resources=HALF_GPU, priority="low"), ALICE)
+        normal_b = await b.submit(chat(resources=HALF_GPU), ALICE)
+        high_a = await a.submit(chat(resources=HALF_GPU, priority="high"), ALICE)
+        normal_a = await a.submit(chat(resources=HALF_GPU), ALICE)
+        ids = [low_a.id, normal_b.id, high_a.id, normal_a.id]
+        expected = {high_a.id: 0, normal_b.id: 1, normal_a.id: 2, low_a.id: 3}
+        assert a.queue_positions(ids) == b.queue_positions(ids) == expected
+        explained = b.explain(b.get(normal_a.id))
+        assert explained.summary.startswith("It waits in the queue of another router")
+        assert "position 2" in explained.summary
+        assert a.explain(a.get(normal_a.id)).waiting is not None  # its router says why
+        await a.cancel(high_a.id)
+        assert b.queue_positions(ids) == {normal_b.id: 0, normal_a.id: 1, low_a.id: 2}
+        for request_id in (busy.id, low_a.id, normal_a.id):
+            await a.cancel(request_id)
+        await b.cancel(normal_b.id)
+
+
 async def test_b_cancels_requests_a_owns_and_not_one_that_finished(
     open_store: Callable[[], RedisStore],
 ) -> None:

@@ -319,7 +319,10 @@ class RequestRouter:
         )
         self._changes.append(
             StateChange(
-                request.snapshot(), transition_of(request, None, request.user, now), limits=limits
+                request.snapshot(),
+                transition_of(request, None, request.user, now),
+                limits=limits,
+                queue_key=self.queue.key(request),
             )
         )
         self._track(request)

@@ -19,7 +19,7 @@ import binascii
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +167,9 @@ class StateChange:
     A creation (``entry.from_status`` is ``None``) writes the whole request and the user's rate
     admission at its creation time; any later change writes its changing part. ``charge``, the
     GPU-seconds of an execution, is written with it. ``limits`` (a creation's) and ``claim`` (a
-    dispatch's) are what a store shared by several routers checks across them.
+    dispatch's) are what a store shared by several routers checks across them; ``queue_key`` (a
+    creation's) is the request's static sort key in the queue (class rank × aging period +
+    creation time), by which such a store orders every router's queued requests.
     """
 
     request: Request
@@ -175,6 +177,7 @@ class StateChange:
     charge: Charge | None = None
     limits: Limits | None = None
     claim: Claim | None = None
+    queue_key: float | None = None
 
     @property
     def created(self) -> bool:
@@ -436,6 +439,14 @@ class SharedStore(StateStore):
         longest, and a claim of another router on a held GPU is refused. ``heads``: this
         router's requests waiting for room (``None``: leave them), published for the others,
         whose heads come back (:class:`QueueHead`).
+        """
+
+    @abstractmethod
+    def queue_positions(self, request_ids: Collection[str]) -> dict[str, int]:
+        """Where each of these queued requests stands among every router's queued requests.
+
+        The number queued before it by sort key (``StateChange.queue_key``: priority class with
+        aging, then submission time); requests not queued are left out.
         """
 
     @abstractmethod

@@ -56,6 +56,7 @@ Keys (``<prefix>`` is ``state.redis_prefix``)::
     <prefix>:workers          hash (shared): registered workers, name -> URL
     <prefix>:workers_seen     zset (shared): when a router last heard from each (a day kept)
     <prefix>:workers_v        counts the changes of the worker list
+    <prefix>:queue            zset (shared): every router's queued requests by sort key
     <prefix>:heads:<router>   (shared) the requests its last pass found waiting for room (a second)
     <prefix>:poll:<worker>    (shared) the router whose turn it is to read the worker (an interval)
     <prefix>:reading:<worker> (shared) "<stamp> <JSON>": its latest reading, or why it failed
@@ -85,7 +86,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -774,6 +775,7 @@ class RedisStore(SharedStore):
         last: dict[str, Request] = {}
         created: dict[str, Request] = {}
         limits: dict[str, Limits | None] = {}
+        queue_keys: dict[str, float | None] = {}
         claims: dict[str, tuple[Claim, Charge | None]] = {}  # with the dispatch's charge
         charge_fields: dict[str, list[str]] = {}
         entries: list[list[str]] = []
@@ -796,6 +798,7 @@ class RedisStore(SharedStore):
                     keys.add(field)
                 created[request.id] = request
                 limits[request.id] = change.limits
+                queue_keys[request.id] = change.queue_key
             if change.claim is not None:
                 claims[request.id] = (change.claim, change.charge)
             last[request.id] = request
@@ -829,6 +832,7 @@ class RedisStore(SharedStore):
                     admission,
                     str(final.version),
                     _limits(limits[request_id]),
+                    False if (qkey := queue_keys[request_id]) is None else _score(qkey),
                 ]
             )
             doubt.append(
@@ -1160,6 +1164,21 @@ class RedisStore(SharedStore):
             return None
         self._workers_version = _text(version)
         return {_text(listed[i]): _text(listed[i + 1]) for i in range(0, len(listed), 2)}
+
+    def queue_positions(self, request_ids: Collection[str]) -> dict[str, int]:
+        """Each queued request's rank in ``<prefix>:queue`` (one pipelined round trip)."""
+        ids = list(request_ids)
+        if not ids:
+            return {}
+
+        def read() -> list[int | None]:
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in ids:
+                pipe.zrank(self._key("queue"), request_id)
+            return list(pipe.execute())
+
+        ranks = self._call("read queue positions", read)
+        return {rid: int(rank) for rid, rank in zip(ids, ranks, strict=True) if rank is not None}
 
     def poll_turns(self, workers: Mapping[str, int], interval_s: float) -> PollTurns:
         """Take the turns to read ``workers`` nobody holds, and the others' readings (a script)."""

@@ -11,7 +11,7 @@
 --   c  creations: {id, fixed, state, status, user, created_at, model, priority,
 --                  idempotency field|false, terminal, admission member, version,
 --                  limits {requests per minute, max queued, max queued total, GPU-seconds per
---                  hour (each |false)}}
+--                  hour (each |false)}, sort key in the queue|false}
 --   u  updates: {id, status, state, terminal, version}
 --   cl claims (shared), of the requests dispatched in the batch that end it dispatching or
 --      running: {id, {{gpu, MiB, limit, slots}...}, max concurrent|false, user,
@@ -327,13 +327,17 @@ end
 if holder ~= token then redis.call('SET', lease_key, token, 'PX', ARGV[6]) end
 
 -- Shared: which requests wait (the users' queue limits) and who holds what (the claims).
+-- <prefix>:queue orders every router's queued requests by their sort key (queue positions).
 local function waiting(id, user, status)
   if status == 'queued' then
     redis.call('SADD', p .. ':waiting:' .. user, id)
     redis.call('SADD', p .. ':waiting', id)
+    local key = redis.call('HGET', p .. ':req:' .. id, 'qkey')
+    if key then redis.call('ZADD', p .. ':queue', key, id) end
   else
     redis.call('SREM', p .. ':waiting:' .. user, id)
     redis.call('SREM', p .. ':waiting', id)
+    redis.call('ZREM', p .. ':queue', id)
   end
 end
 local function release(id, user)
@@ -439,6 +443,7 @@ for _, c in ipairs(b.c) do
         redis.call('ZADD', rate, now, id)
         redis.call('PEXPIRE', rate, 61000)
       end
+      if c[14] then redis.call('HSET', key, 'qkey', c[14]) end
       waiting(id, c[5], c[4])
     end
   end

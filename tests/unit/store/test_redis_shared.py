@@ -62,9 +62,13 @@ def open_shared(url: str, prefix: str) -> RedisStore:
     return RedisStore(url, prefix=prefix, shared=True, lease_s=LEASE_S)
 
 
-def creating(request: Request, **limits: int) -> StateChange:
-    """The creation of ``request``, checked against ``limits`` (Limits' fields)."""
-    return replace(created(request), limits=Limits(**limits))
+def creating(request: Request, queue_key: float | None = None, **limits: float) -> StateChange:
+    """The creation of ``request``, checked against ``limits`` (Limits' fields).
+
+    Its sort key in the queue is ``queue_key``, by default its creation time.
+    """
+    key = request.created_at if queue_key is None else queue_key
+    return replace(created(request), limits=Limits(**limits), queue_key=key)
 
 
 def dispatching(
@@ -495,6 +499,25 @@ def test_workers_heard_by_one_router_reach_the_others_once_and_a_silent_one_is_f
     assert a.shared_view([], []).workers == {"w2": "http://h3:9000"}
     assert raw.hgetall(f"{redis_store_prefix}:workers") == {"w2": "http://h3:9000"}
     assert raw.zrange(seen, 0, -1) == ["w2"]
+
+
+def test_every_routers_queued_requests_are_ranked_in_one_order(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Both routers give each queued request the same place: by sort key, whoever owns it."""
+    a, b = stores
+    r1, r2, r3 = (make_request(f"r{i}", created_at=T0 + i) for i in (1, 2, 3))
+    a.write([creating(r1, queue_key=100.0), creating(r3, queue_key=75.0)])
+    b.write([creating(r2, queue_key=50.0)])
+    ids = ["r1", "r2", "r3", "nobody"]
+    assert a.queue_positions(ids) == b.queue_positions(ids) == {"r2": 0, "r3": 1, "r1": 2}
+    b.write([dispatching(r2, T0 + 4, ("g0", 1000, 10_000))])
+    assert b.queue_positions(ids) == {"r3": 0, "r1": 1}
+    b.write([moved(r2, S.QUEUED, T0 + 5)])  # back in the queue, at its own place
+    assert a.queue_positions(ids) == {"r2": 0, "r3": 1, "r1": 2}
+    a.write([moved(r3, S.CANCELLED, T0 + 6)])
+    assert b.queue_positions(ids) == {"r2": 0, "r1": 1}
+    assert a.queue_positions([]) == {}
 
 
 def test_queue_heads_published_by_one_router_reach_the_others_until_they_lapse(
@@ -1070,6 +1093,8 @@ class SharedStoresMachine(RuleBasedStateMachine):
             assert answers[2 * i] == [request.status.value, str(request.version)], rid
             assert answers[2 * i + 1] == request.version + 1, rid
         assert answers[2 * len(ids) :] == [0] * len(self.refused)
+        queued = sorted(self._with(S.QUEUED), key=lambda r: (r.created_at, r.id))
+        assert self.raw.zrange(f"{self.prefix}:queue", 0, -1) == [r.id for r in queued]
         for client, store in enumerate(self.stores):
             mine = sorted(
                 (
