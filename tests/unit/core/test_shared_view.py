@@ -1,19 +1,22 @@
 """The core's side of routers sharing a store: what others hold, and a refused claim.
 
 Driven by hand through :class:`Harness` (the real core, a memory store): the store's refusals
-and views are fed in as the runtime feeds them.
+and views are fed in as the runtime feeds them. A hypothesis property checks what another
+router's waiting request of a higher class keeps against any of this router's lower ones.
 """
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 from core_harness import Harness
+from hypothesis import given, settings
 
 from gpu_request_router.core.events import CancelExecution
-from gpu_request_router.core.load_balancer import Need
+from gpu_request_router.core.load_balancer import Chosen, Need
 from gpu_request_router.core.request_receiver import Caller
 from gpu_request_router.core.state_store import Charge, QueueHead, StateChange
 from gpu_request_router.models.request import RequestStatus, ResourceHints
-from gpu_request_router.testing import chat
+from gpu_request_router.testing import chat, make_settings
 
 S = RequestStatus
 BIG = ResourceHints(gpu_memory_mb=50_000)  # one at a time on an H100-80GB
@@ -270,3 +273,44 @@ def test_explain_names_what_other_routers_keep_from_a_waiting_request(harness_fo
     waiting = h.router.explain(held, h.now).waiting
     assert waiting is not None and waiting.blocked_by == "priority"
     assert "other routers keep room for 1 of a higher priority" in waiting.detail
+
+
+MIB = st.sampled_from([10_000, 20_000, 30_000, 40_000, 50_000])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gpus=st.integers(1, 3),
+    busy=st.lists(st.sampled_from([0, 20_000, 40_000, 70_000]), min_size=3, max_size=3),
+    head_mb=MIB,
+    own=st.lists(MIB, max_size=6),
+)
+def test_requests_of_a_lower_level_never_take_the_room_a_waiting_head_needs(
+    gpus: int, busy: list[int], head_mb: int, own: list[int]
+) -> None:
+    """Property: a higher-class head that fits the fleet still fits it after any own passes.
+
+    Whatever this router's lower-class requests and whatever the others hold, what it places
+    leaves the head its room, and nothing stays set aside once a pass ends.
+    """
+    h = Harness(make_settings(gpus=[("H100-80GB", gpus)]))
+    ledger = {
+        gpu_id: {f"req_busy_{gpu_id}": mb} if mb else {}
+        for gpu_id, mb in zip(h.router.monitor.gpus, busy, strict=False)
+    }
+    need = Need(model="llama-3-8b", memory_mb=head_mb, exact=True)
+    # A head of the "high" class submitted now: it ranks above any "low" request.
+    rank = h.settings.priorities.classes.index("high")
+    head = QueueHead("req_head", rank * h.settings.priorities.aging_seconds + h.now, need)
+    h.apply(h.router.shared_view(ledger, {}, h.now, heads=[head]))
+    fits_at_first = fits(h, need)
+    for mb in own:
+        h.submit(chat(resources=ResourceHints(gpu_memory_mb=mb), priority="low"))
+        assert all(g.aside_mb == g.aside_slots == 0 for g in h.router.monitor.gpus.values())
+    if fits_at_first:
+        assert fits(h, need)
+
+
+def fits(h: Harness, need: Need) -> bool:
+    """Whether ``need`` fits a GPU of the harness's fleet now (as the balancer places it)."""
+    return isinstance(h.router.balancer.place(need, h.router.monitor.index, learn=False), Chosen)
