@@ -116,15 +116,17 @@ class UsageLedger:
     def admit(self, admission: Admission, limit: int | None) -> float | None:
         """Record an admission unless ``limit`` are in the window; else the seconds to wait.
 
-        The wait is positive and enough: an admission that much later is accepted. Admissions
-        that have left the window are dropped either way.
+        The wait is positive and enough: an admission that much later is accepted (it waits for
+        as many admissions to leave as are over the limit, one more than that: a limit lowered
+        since may leave more than one to wait for). Admissions that have left the window are
+        dropped either way.
         """
         window = self._admissions.setdefault(admission.user, _Window())
         window.prune(admission.at - self._rate_window_s)
-        if limit is not None and len(window.entries) >= limit:
-            oldest = window.oldest()
-            assert oldest is not None
-            return retry_after(admission.at, oldest, self._rate_window_s)
+        entries = window.entries
+        if limit is not None and len(entries) >= limit:
+            # The limit is at least 1 (the quota's validation).
+            return retry_after(admission.at, entries[len(entries) - limit].at, self._rate_window_s)
         window.add(admission.at, admission.request_id, 1.0)
         return None
 

@@ -146,10 +146,13 @@ for _, c in ipairs(b.c) do
       local window = redis.call('ZRANGEBYSCORE', key, '(' .. (now - 60), '+inf', 'WITHSCORES')
       local count = #window / 2 + (rate_added[user] or 0)
       if count >= tonumber(rpm) then
-        local oldest = #window > 0 and tonumber(window[2]) or now
+        -- As many must leave the window as are over the limit, and one more (a limit lowered
+        -- since may leave several to wait for); this batch's own are the newest.
+        local k = count - tonumber(rpm) + 1
+        local leaving = k <= #window / 2 and tonumber(window[2 * k]) or now
         refuse_creation(id, 'requests_per_minute',
           'you sent ' .. count .. ' requests in the last minute; your limit is ' .. rpm,
-          math.max(oldest + 60 - now, 0.001))
+          math.max(leaving + 60 - now, 0.001))
       end
     end
     if not refused[id] and max_queued then

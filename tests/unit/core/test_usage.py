@@ -327,6 +327,9 @@ _ops = st.lists(
         ("read", "u", EPOCH + 4000),
     ]
 )
+@example(  # the limit lowered after two admissions: both must leave, not just the oldest
+    [("admit", "u", EPOCH + 0.5, 1), ("admit", "u", EPOCH, 2), ("admit", "u", EPOCH + 0.5, 1)]
+)
 def test_the_ledger_answers_as_the_model(ops: list[tuple[object, ...]]) -> None:
     """Any sequence of admissions, charges, undos and reads, clock jumps included.
 
@@ -348,9 +351,10 @@ def test_the_ledger_answers_as_the_model(ops: list[tuple[object, ...]]) -> None:
                 model.admissions[user].append((at, rid))
             else:
                 assert wait is not None
-                oldest = min(t for t, _ in recent)
+                # As many must leave as are over the limit, and one more.
+                leaving = sorted(t for t, _ in recent)[len(recent) - limit]
                 assert wait > 0
-                assert wait == pytest.approx(oldest + RATE_S - at, abs=1e-6)
+                assert wait == pytest.approx(leaving + RATE_S - at, abs=1e-6)
                 if all(t <= at for t, _ in recent):  # enough, on a clock that went forward
                     assert len([t for t, _ in recent if t > at + wait - RATE_S]) < limit
         elif op[0] == "undo_admission":

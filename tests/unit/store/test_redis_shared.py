@@ -147,6 +147,20 @@ def test_the_rate_limit_counts_the_creations_of_every_router(
     assert b.write([creating(make_request("bob1", user="bob"), requests_per_minute=limit)]) == []
 
 
+def test_a_lowered_rate_limit_waits_for_every_admission_over_it_to_leave(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Three admissions half a second apart, then a limit of 1: the wait is for the newest."""
+    a, b = stores
+    for i in range(3):
+        assert a.write([creating(make_request(f"r{i}"), requests_per_minute=3)]) == []
+        time.sleep(0.5)
+    refusal = only(b.write([creating(make_request("r3"), requests_per_minute=1)]))
+    assert refusal.kind == "requests_per_minute"
+    # r0 leaves in ~58.5 s, but r1 and r2 would still be two over a limit of 1.
+    assert 59.0 < refusal.retry_after_s <= 60
+
+
 def test_a_refused_creation_takes_its_other_changes_of_the_batch_with_it(
     stores: tuple[RedisStore, RedisStore], raw: redis.Redis, redis_store_prefix: str
 ) -> None:
