@@ -1126,15 +1126,13 @@ class Runtime:
             _log.warning("gpu_source_failed", worker=source.worker, error=str(exc), shared=True)
             self.router.source_failed(source.worker, now)
             return
-        if all(reading.running is not None for reading in readings):
-            await self._guarded(
-                lambda now: self.router.readings(readings, now, worker=source.worker)
-            )
-        else:
-            unnetted = [replace(reading, memory_reserved_mb=0) for reading in readings]
-            await self._guarded(
-                lambda now: self.router.readings(unnetted, now, worker=source.worker, mark=mark)
-            )
+        shown: int | None = None  # what the readings' execution lists say they show
+        if any(reading.running is None for reading in readings):
+            readings = [replace(reading, memory_reserved_mb=0) for reading in readings]
+            shown = mark
+        await self._guarded(
+            lambda now: self.router.readings(readings, now, worker=source.worker, mark=shown)
+        )
 
     def _mark_at(self, when: float) -> int:
         """This router's monitor mark as it was at ``when`` or a little before (0: earlier)."""

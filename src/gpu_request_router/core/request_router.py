@@ -42,7 +42,7 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -964,24 +964,14 @@ class RequestRouter:
         depth = self._settings.placement.backfill_depth
         bound = self._settings.placement.starvation_bound_s
         examined: set[str] = set()
-        # Other routers' requests waiting for room keep what they need, where they would go, from
-        # those of a lower priority level.
-        heads, next_head = self._heads_elsewhere, 0
+        # Other routers' requests waiting for room, best ranked first (_set_aside_for).
+        heads = iter(self._heads_elsewhere)
+        head = next(heads, None)
         queue = self.queue
         try:
             for request in self.queue.candidates(now):
-                if next_head < len(heads):
-                    level = queue.level(request, now)
-                    while (
-                        next_head < len(heads)
-                        and queue.level_of_key(heads[next_head].key, now) < level
-                    ):
-                        need = heads[next_head].need
-                        kept = self.balancer.place(need, fleet, held, learn=False)
-                        if isinstance(kept, Chosen):
-                            for gpu_id, memory_mb in kept.reservations.items():
-                                self.monitor.set_aside(gpu_id, memory_mb)
-                        next_head += 1
+                if head is not None:
+                    head = self._set_aside_for(head, heads, queue.level(request, now), now, held)
                 if misses >= depth:
                     # Holds of requests this pass did not reach would keep their GPUs idle.
                     holds.keep_only(examined)
@@ -1058,6 +1048,29 @@ class RequestRouter:
         self.metrics.decision(self._perf() - started)
         self._publish_queue()
         return decisions
+
+    def _set_aside_for(
+        self,
+        head: QueueHead,
+        heads: Iterator[QueueHead],
+        level: int,
+        now: float,
+        held: Collection[str],
+    ) -> QueueHead | None:
+        """Set aside what ``head`` and the next of ``heads`` need while of a better level.
+
+        Each is kept where the policy would place it (off ``held`` GPUs), until the pass ends,
+        from this router's requests of priority level ``level``. Returns the first head not
+        better, or ``None``.
+        """
+        current: QueueHead | None = head
+        while current is not None and self.queue.level_of_key(current.key, now) < level:
+            kept = self.balancer.place(current.need, self.monitor.index, held, learn=False)
+            if isinstance(kept, Chosen):
+                for gpu_id, memory_mb in kept.reservations.items():
+                    self.monitor.set_aside(gpu_id, memory_mb)
+            current = next(heads, None)
+        return current
 
     def _publish_queue(self) -> None:
         """Queue depth per priority class and the GPUs held, as a pass leaves them."""

@@ -87,7 +87,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -158,6 +158,18 @@ HOLD_S = 1.0
 _MIN_REDIS = (7, 0)
 _LIST_CHUNK = 256
 
+# A user's GPU-seconds in the hour on a shared prefix p, as stored at Redis time ``now``: the
+# running total (<prefix>:gst:<user>) less what has left the hour since (pruned by the next
+# write). O(what expired). Put before the scripts that read it (the write script and the view).
+_HOUR_STORED = """
+local function hour_stored(p, user, now)
+  local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
+  for _, field in ipairs(redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '-inf', now - 3600)) do
+    used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
+  end
+  return used
+end
+"""
 # The lease (KEYS[1]). One owner: each taking counts an epoch (KEYS[2]); the holder may take its
 # own lapsed lease back (Redis was down past it) only while the epoch is still its own: nobody
 # took the prefix since. Shared (ARGV[4] '1'): a replica may take its lapsed lease back only
@@ -249,7 +261,9 @@ return 1
 # worker list it last read (the list comes back only when it changed; a worker no router heard
 # from for a day is forgotten); ARGV[12] (JSON list, or '' to leave them) its queue heads, kept
 # ARGV[7] ms unless renewed. The other replicas' heads come back.
-_VIEW = """
+_VIEW = (
+    _HOUR_STORED
+    + """
 local p, me = ARGV[1], ARGV[2]
 local mark = me .. ' '
 local function ours(value) return string.sub(value, 1, #mark) == mark end
@@ -289,12 +303,9 @@ local charges = {}
 local users = cjson.decode(ARGV[9])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, user in ipairs(users) do  -- the hour's total (less what left it) and its oldest charge
+for _, user in ipairs(users) do  -- the hour's total and its oldest charge
   local key = p .. ':gsu:' .. user
-  local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
-  for _, field in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now - 3600)) do
-    used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
-  end
+  local used = hour_stored(p, user, now)
   local oldest = redis.call('ZRANGEBYSCORE', key, '(' .. (now - 3600), '+inf', 'WITHSCORES',
     'LIMIT', 0, 1)
   if #oldest > 0 then table.insert(charges, {user, tostring(used), oldest[2]}) end
@@ -329,6 +340,7 @@ local listed = {}
 if version ~= ARGV[11] then listed = redis.call('HGETALL', workers) end
 return {ledger, active, commands, lapsed, held, charges, version, listed, heads}
 """
+)
 # Turns to read the workers of ARGV[4] (JSON {name: stamp}) for replica ARGV[2] of prefix
 # ARGV[1], each taken for ARGV[3] ms where nobody holds it; for the others, the reading last
 # published if its stamp is newer than the one given. Returns the store's TIME first.
@@ -375,6 +387,13 @@ redis.call('SET', KEYS[3], ARGV[1])
 return 'OK'
 """
 )
+
+
+def _write_script() -> bytes:
+    """``redis_write.lua`` with :data:`_HOUR_STORED` after its first line (its flags)."""
+    text = resources.files(__package__).joinpath("redis_write.lua").read_bytes()
+    flags, rest = text.split(b"\n", 1)
+    return flags + _HOUR_STORED.encode() + rest
 
 
 def _score(value: float) -> str:
@@ -463,9 +482,7 @@ class RedisStore(SharedStore):
             decode_responses=False,
         )
         self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        self._write_script = self._redis.register_script(
-            resources.files(__package__).joinpath("redis_write.lua").read_bytes()
-        )
+        self._write_script = self._redis.register_script(_write_script())
         self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._join = self._redis.register_script(_JOIN)
@@ -1384,36 +1401,16 @@ def hour_charge(user: str, used: bytes | str | float, leaves_at: bytes | str | f
 
 
 def _head_to_json(head: QueueHead) -> list[Any]:
-    need = head.need
-    return [
-        head.request_id,
-        head.key,
-        need.model,
-        need.memory_mb,
-        need.weights_mb,
-        need.gpu_count,
-        need.gpu_type,
-        need.exact,
-        dict(need.duration_s),
-        need.task.value,
-        sorted(need.avoid),
-    ]
+    need = {field.name: getattr(head.need, field.name) for field in fields(Need)}
+    need.update(avoid=sorted(head.need.avoid), duration_s=dict(head.need.duration_s))
+    need.update(task=head.need.task.value)
+    return [head.request_id, head.key, need]
 
 
 def _head_from_json(item: list[Any]) -> QueueHead:
-    request_id, key, model, memory, weights, count, gpu_type, exact, durations, task, avoid = item
-    need = Need(
-        model=model,
-        memory_mb=memory,
-        weights_mb=weights,
-        gpu_count=count,
-        gpu_type=gpu_type,
-        avoid=frozenset(avoid),
-        exact=exact,
-        duration_s=durations,
-        task=Task(task),
-    )
-    return QueueHead(request_id, key, need)
+    request_id, key, need = item
+    need.update(avoid=frozenset(need["avoid"]), task=Task(need["task"]))
+    return QueueHead(request_id, key, Need(**need))
 
 
 def _refusals(answer: bytes | str) -> list[Refusal]:

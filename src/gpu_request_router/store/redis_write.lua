@@ -90,15 +90,8 @@ local function refuse_creation(id, kind, message, retry_after, extra)
 end
 
 local now
--- The user's GPU-seconds in the hour as stored: the running total (<prefix>:gst:<user>) less
--- what has left the hour since (pruned by the next write). O(what expired).
-local function hour_stored(user)
-  local used = tonumber(redis.call('GET', p .. ':gst:' .. user) or 0)
-  for _, field in ipairs(redis.call('ZRANGEBYSCORE', p .. ':gsu:' .. user, '-inf', now - 3600)) do
-    used = used - tonumber(redis.call('HGET', p .. ':charge_gs', field) or 0)
-  end
-  return used
-end
+-- hour_stored(p, user, now), the user's GPU-seconds in the hour as stored, is defined before
+-- this script's first line (redis_store.py's _HOUR_STORED, which the shared view runs too).
 -- When the user's hour will have room for ``excess`` more GPU-seconds: the oldest charges
 -- leave it first (the first 1000 looked at; past them, when the 1000th leaves). 0: never.
 local function frees_in(user, excess)
@@ -171,7 +164,7 @@ for _, c in ipairs(b.c) do
       end
     end
     if not refused[id] and per_hour then
-      local used = hour_stored(user)
+      local used = hour_stored(p, user, now)
       if used >= tonumber(per_hour) then
         local retry = frees_in(user, used - tonumber(per_hour) + 1e-6)
         refuse_creation(id, 'gpu_seconds_per_hour',
@@ -225,7 +218,7 @@ if shared then
   -- claims, less the claim's own charge if stored (a batch carried again).
   local function hour_of(user, own)
     local key, cutoff = p .. ':gsu:' .. user, now - 3600
-    local used = hour_stored(user)
+    local used = hour_stored(p, user, now)
     local function stored(field)  -- its GPU-seconds if counted in the hour, else nil
       local at = redis.call('ZSCORE', key, field)
       if at and tonumber(at) > cutoff then
